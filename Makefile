@@ -1,0 +1,32 @@
+# Two commands do everything: `make demo` and `make test`. Each creates the
+# virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+DEMO_OUT ?= demo-output
+
+.PHONY: install demo test test-all clean
+
+$(BIN)/diffcolor: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# Install the pinned torch first when none is present: an unpinned torch
+	# would pull the CUDA build (gigabytes) on machines that do not need it.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(BIN)/diffcolor
+
+install: $(BIN)/diffcolor
+
+demo: install
+	$(BIN)/python -m diffcolor.demo --out $(DEMO_OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

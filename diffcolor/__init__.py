@@ -1,0 +1,4 @@
+"""DiffColor Archive: text-guided colourisation of archival photographs."""
+
+__version__ = "0.1.0"
+

@@ -1,0 +1,5 @@
+import sys
+
+from diffcolor.cli import main
+
+sys.exit(main())

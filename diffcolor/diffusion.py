@@ -1,0 +1,161 @@
+"""Small, shared operations on the loaded models: encode, decode, noise, sample, CLIP.
+
+These are the building blocks the stages are written in. They follow the
+diffusers Stable Diffusion pipeline (prompt encoding, VAE scaling,
+img2img-style DDIM sampling with classifier-free guidance) but work on
+tensors the stages already hold, so latents and embeddings are computed once
+per item and reused by every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffcolor.models import Models
+
+
+def tokenize(models: Models, prompts: list[str]) -> torch.Tensor:
+    """Token ids of ``prompts`` padded to the text encoder's length (77 for SD)."""
+    return models.tokenizer(
+        prompts, padding="max_length", max_length=models.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
+    """SD text-encoder hidden states, (len(prompts), 77, D), for UNet conditioning."""
+    ids = tokenize(models, prompts).to(models.device)
+    return models.text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def encode_latent(models: Models, rgb: torch.Tensor) -> torch.Tensor:
+    """VAE latent (mean of the posterior, scaled) of an sRGB image (N, 3, H, W) in [0, 1]."""
+    posterior = models.vae.encode(rgb.to(models.device) * 2.0 - 1.0).latent_dist
+    return posterior.mean * models.vae.config.scaling_factor
+
+
+def decode_latent(models: Models, latent: torch.Tensor) -> torch.Tensor:
+    """sRGB image in [0, 1] of a scaled latent; differentiable (stage 1 trains through it)."""
+    image = models.vae.decode(latent / models.vae.config.scaling_factor).sample
+    return (image / 2.0 + 0.5).clamp(0.0, 1.0)
+
+
+def noise_scheduler(models: Models):
+    """The training-time noise schedule of the bundle (DDPM form of its scheduler config)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(models.scheduler_config)
+
+
+def sampling_scheduler(models: Models):
+    """A deterministic DDIM sampler (eta = 0) built from the bundle's scheduler config."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(models.scheduler_config)
+
+
+def predicted_x0(scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    """The clean latent implied by the UNet's output at ``timesteps`` (epsilon or v prediction)."""
+    alphas = scheduler.alphas_cumprod.to(noisy.device, noisy.dtype)[timesteps].view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "epsilon":
+        return (noisy - (1 - alphas).sqrt() * model_output) / alphas.sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        return alphas.sqrt() * noisy - (1 - alphas).sqrt() * model_output
+    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+
+
+def denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict (the standard denoising loss's target)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    return scheduler.get_velocity(clean, noise, timesteps)
+
+
+def draw_noise_and_timesteps(like: torch.Tensor, t_range: tuple[int, int], generator: torch.Generator):
+    """Noise shaped like ``like`` and one timestep in ``[t_range[0], t_range[1])``, both from ``generator``.
+
+    Drawn on the CPU so the same seed gives the same numbers on any device.
+    """
+    timesteps = torch.randint(t_range[0], t_range[1], (like.shape[0],), generator=generator)
+    noise = torch.randn(like.shape, generator=generator, dtype=torch.float32)
+    return noise.to(like.device, like.dtype), timesteps.to(like.device)
+
+
+def clip_preprocess(models: Models, rgb: torch.Tensor) -> torch.Tensor:
+    """Differentiable CLIP input: resize the short side, centre-crop, normalise (as CLIP's processor)."""
+    size = models.clip_image_size
+    height, width = rgb.shape[-2:]
+    scale = size / min(height, width)
+    resized = F.interpolate(rgb, size=(max(size, round(height * scale)), max(size, round(width * scale))),
+                            mode="bicubic", align_corners=False, antialias=True)
+    top = (resized.shape[-2] - size) // 2
+    left = (resized.shape[-1] - size) // 2
+    cropped = resized[..., top : top + size, left : left + size]
+    mean = torch.tensor(models.clip_mean, device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(models.clip_std, device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    return (cropped - mean) / std
+
+
+def clip_image_features(models: Models, rgb: torch.Tensor) -> torch.Tensor:
+    """Unit-norm CLIP image embeddings of sRGB images (N, 3, H, W) in [0, 1]; differentiable."""
+    pooled = models.clip.vision_model(pixel_values=clip_preprocess(models, rgb)).pooler_output
+    return F.normalize(models.clip.visual_projection(pooled), dim=-1)
+
+
+@torch.no_grad()
+def clip_text_features(models: Models, prompts: list[str]) -> torch.Tensor:
+    """Unit-norm CLIP text embeddings, (len(prompts), P)."""
+    ids = models.clip_tokenizer(
+        prompts, padding="max_length", max_length=models.clip_tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(models.device)
+    pooled = models.clip.text_model(input_ids=ids).pooler_output
+    return F.normalize(models.clip.text_projection(pooled), dim=-1)
+
+
+@torch.no_grad()
+def clip_score(models: Models, rgb: torch.Tensor, prompt: str) -> float:
+    """CLIP score of an image and a prompt: 100 * max(cosine, 0), as torchmetrics defines it."""
+    image = clip_image_features(models, rgb.to(models.device))
+    text = clip_text_features(models, [prompt])
+    return float(100.0 * (image * text).sum(-1).clamp(min=0).mean())
+
+
+@torch.no_grad()
+def sample_from(
+    models: Models,
+    unet: torch.nn.Module,
+    start: torch.Tensor,
+    *,
+    strength: float,
+    steps: int,
+    guidance: float,
+    condition: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DDIM sampling from ``start`` noised to ``strength`` (img2img), with classifier-free guidance.
+
+    ``condition`` is a (1, 77, D) text embedding; the unconditional branch uses
+    the empty prompt. Returns the final latent. Deterministic given ``generator``.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    # 1. Timesteps: the last `strength` fraction of the DDIM schedule.
+    scheduler = sampling_scheduler(models)
+    scheduler.set_timesteps(steps, device=start.device)
+    first = steps - max(1, min(steps, int(round(steps * strength))))
+    timesteps = scheduler.timesteps[first:]
+
+    # 2. Noise the start latent to the first timestep.
+    noise = torch.randn(start.shape, generator=generator, dtype=torch.float32).to(start.device, start.dtype)
+    latent = scheduler.add_noise(start, noise, timesteps[:1])
+
+    # 3. Denoise with guidance.
+    unconditional = encode_prompts(models, [""])
+    context = torch.cat([unconditional, condition.to(unconditional.dtype)])
+    for t in timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latent, latent]), t)
+        uncond, cond = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+        latent = scheduler.step(uncond + guidance * (cond - uncond), t, latent).prev_sample
+    return latent

@@ -1,0 +1,70 @@
+"""Exception classes of DiffColor Archive.
+
+The orchestration layer decides whether to retry an item from the class of the
+exception alone, so every error raised on purpose is either *permanent* (the
+same input will fail again: bad image, bad manifest row, bad colour map) or
+*transient* (storage hiccup, lost worker, out of memory). Each carries a short
+``error_class`` string that goes into result records.
+"""
+
+from __future__ import annotations
+
+
+class DiffColorError(Exception):
+    """Base class for every error DiffColor raises on purpose."""
+
+    error_class = "error"
+
+
+class PermanentError(DiffColorError):
+    """Retrying cannot help: the input or the configuration is wrong."""
+
+    error_class = "permanent"
+
+
+class TransientError(DiffColorError):
+    """Retrying may help: storage, worker or memory trouble."""
+
+    error_class = "transient"
+
+
+class ModelNotFoundError(PermanentError):
+    """A model folder or hub id could not be resolved without the network."""
+
+    error_class = "model_not_found"
+
+
+class BadImageError(PermanentError):
+    """An input image is truncated, corrupt, too large or of a disallowed format."""
+
+    error_class = "bad_image"
+
+
+class InputUnavailableError(PermanentError):
+    """An input object is missing or cannot be read (permission denied)."""
+
+    error_class = "input_unavailable"
+
+
+class NotGrayscaleError(PermanentError):
+    """A colour photograph was given where a gray one is expected."""
+
+    error_class = "not_grayscale"
+
+
+class PromptError(PermanentError):
+    """A caption, target prompt or colour map cannot be used as given."""
+
+    error_class = "bad_prompt"
+
+
+class StateError(PermanentError):
+    """A stored colour state or checkpoint is missing, corrupt or incompatible."""
+
+    error_class = "bad_state"
+
+
+class StorageError(TransientError):
+    """A read or write on the storage backend failed in a way worth retrying."""
+
+    error_class = "storage"

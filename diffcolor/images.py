@@ -1,0 +1,569 @@
+"""Archival image I/O on bytes: read sources, classify their tone, write derivatives.
+
+SPEC section 4, "Images in" and "Images out". No filesystem access: callers hand
+over the bytes they read through storage and get bytes back to write.
+
+Reading keeps Pillow's decompression-bomb guard on, decodes only an allowlist of
+formats, rejects truncated files, applies EXIF orientation, converts embedded ICC
+profiles of RGB/CMYK images to sRGB, keeps 16-bit at 16 bit (16-bit RGB TIFFs are
+decoded with tifffile because Pillow would drop them to 8 bits) and composites
+alpha over white (how the image looks on a page). The gray image handed to the
+method keeps the perceived lightness of the source: for images with colour
+channels it is the neutral gray level having the pixel's CIE L*, so a neutral
+pixel keeps its exact value and a sepia or cyanotype print keeps its tonal scale.
+
+Writing gives the archival master (lossless TIFF, 8 or 16 bit) and the access
+copy (8-bit JPEG/PNG/WebP), both with an sRGB ICC profile and optional XMP.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tifffile
+import torch
+from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from diffcolor import __version__
+from diffcolor.color import gray_from_lightness, lightness, rgb_to_lab
+from diffcolor.errors import BadImageError
+
+# Pillow format names we decode (SPEC section 4). MPO is how Pillow names camera
+# JPEGs that carry extra preview frames: a JPEG all the same.
+ALLOWED_FORMATS = frozenset({"TIFF", "PNG", "JPEG", "MPO", "JPEG2000", "WEBP"})
+ACCESS_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
+
+# Largest XMP packet a JPEG APP1 segment can hold (65535 minus length field and
+# the 29-byte namespace header); longer packets would need Extended XMP.
+_JPEG_MAX_XMP_BYTES = 65535 - 2 - 29
+
+# ICC conversion: relative colorimetric keeps in-gamut colours exact, which is
+# what an archival reading of the pixels wants (ours; perceptual would remap).
+_ICC_INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
+# Lattice for converting 16-bit RGB through LittleCMS, which Pillow drives at
+# 8 bits only: nodes every 5 code values (0, 5, ..., 255), trilinear in between.
+_ICC_LATTICE_STEP = 5
+# Pixels per batch in the float64 colour conversions (bounds working memory).
+_CHUNK_PIXELS = 1 << 20
+
+
+@dataclass(frozen=True)
+class ToneConfig:
+    """Thresholds of :func:`classify_tone` (all ours; CIE Lab units)."""
+
+    # C*ab below which a pixel counts as neutral. About two just-noticeable
+    # differences (JND ~2.3); JPEG chroma noise of gray scans stays below it.
+    neutral_chroma: float = 4.0
+    # An image is gray when at most this fraction of its pixels is chromatic.
+    gray_max_chromatic_fraction: float = 0.02
+    # Toned when the chroma-weighted circular standard deviation of the hue of the
+    # chromatic pixels is at most this (sepia drifts ~10-20 deg from shadows to
+    # highlights; a colour photograph spreads over 60 deg and more).
+    toned_max_hue_spread_deg: float = 30.0
+    # A chromatic pixel further than this from the dominant hue is "off hue".
+    toned_off_hue_deg: float = 60.0
+    # Toned only when off-hue pixels carry at most this fraction of the chroma.
+    toned_max_off_hue_fraction: float = 0.05
+    # Pixels looked at (a regular subsample of larger images); plenty for statistics.
+    max_samples: int = 1 << 18
+
+
+@dataclass
+class SourceImage:
+    """A decoded source image, ready for the method."""
+
+    gray: np.ndarray  # (H, W) float64 in [0, 1], sRGB-encoded gray levels
+    bit_depth: int  # 8 or 16: the bit depth of the source and of the master
+    width: int  # pixels, after EXIF orientation
+    height: int  # pixels, after EXIF orientation
+    format: str  # Pillow format name, e.g. "TIFF"
+    tone: str  # "gray", "toned" (sepia, cyanotype...) or "color"
+    mode: str  # the Pillow mode the file decoded to, e.g. "I;16", "RGB", "P"
+    rgb: np.ndarray | None  # (H, W, 3) float32 sRGB in [0, 1] when the source had colour channels
+
+
+def read_image(data: bytes, name: str, *, max_pixels: int | None = None) -> SourceImage:
+    """Decode an archival source image from bytes.
+
+    Multi-frame files (TIFF pages, animations) give their first frame. Alpha is
+    composited over white. ICC profiles of RGB/CMYK images are converted to sRGB
+    (relative colorimetric); a gray image's profile is not applied.
+
+    Args:
+        data: the file's bytes.
+        name: how to name the image in errors (its URI or item id).
+        max_pixels: largest width * height accepted; default Pillow's
+            ``Image.MAX_IMAGE_PIXELS``. Pillow's own guard (an error above twice
+            that global) stays on, so this can lower the limit; raising it past
+            that needs the operator to set ``Image.MAX_IMAGE_PIXELS`` at start-up.
+
+    Returns:
+        :class:`SourceImage`.
+
+    Raises:
+        BadImageError: for data that is not an image, a format outside
+            TIFF/PNG/JPEG/JPEG 2000/WebP, too many pixels (decompression bomb),
+            truncated or corrupt data, an unsupported mode or pixel range, or an
+            unreadable ICC profile. The message is one line and names ``name``.
+        RuntimeError: if ``ImageFile.LOAD_TRUNCATED_IMAGES`` was switched on in this
+            process, which would let truncated files through.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; "
+            "DiffColor refuses to decode images that way (truncated files would pass)"
+        )
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+
+    # 1. Read the header only: format and size, before any pixel is decoded.
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise _bad(name, f"decompression bomb refused by Pillow ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _bad(name, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+    # 2. Allowlist of formats and the pixel budget.
+    if image.format not in ALLOWED_FORMATS:
+        raise _bad(name, f"format {image.format!r} is not allowed (allowed: TIFF, PNG, JPEG, JPEG2000, WEBP)")
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise _bad(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} (decompression bomb guard)")
+
+    # 3. Decode everything now, so truncation and corruption surface here.
+    try:
+        # Read before decoding: Pillow's TIFF decoder may apply and drop the tag.
+        orientation = int(image.getexif().get(0x0112, 1) or 1)
+        image.load()
+        oriented = ImageOps.exif_transpose(image)
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise many types; all mean a bad file
+        raise _bad(name, f"truncated or corrupt {image.format} data ({type(exc).__name__}: {exc})") from exc
+
+    # 4. Pixels as an array in [0, 1], colour-managed, alpha composited.
+    if _is_16bit_rgb_tiff(image):
+        rgb16 = _read_16bit_rgb_tiff(data, name, orientation)
+        rgb16 = _convert_icc_16bit(rgb16, image.info.get("icc_profile"), name)
+        return _from_rgb(rgb16, 16, image.format, image.mode)
+    return _from_pillow(oriented, image.format, image.mode, name)
+
+
+def classify_tone(rgb: np.ndarray, config: ToneConfig = ToneConfig()) -> str:
+    """Class a photograph as gray, toned monochrome or colour from its chroma.
+
+    Args:
+        rgb: (H, W, 3) sRGB image: float in [0, 1], uint8 or uint16.
+        config: thresholds.
+
+    Returns:
+        ``"gray"`` when (nearly) all pixels are neutral; ``"toned"`` when the
+        chromatic pixels share one hue (sepia, selenium, cyanotype); ``"color"``
+        when they spread over several hues.
+
+    Raises:
+        ValueError: on a wrong shape or dtype.
+    """
+    # 1. A regular subsample is enough for statistics.
+    unit = _as_unit_rgb(rgb)
+    step = max(1, math.ceil(math.sqrt(unit.shape[0] * unit.shape[1] / config.max_samples)))
+    sample = torch.from_numpy(np.ascontiguousarray(unit[::step, ::step], dtype=np.float32))
+
+    # 2. Chroma and hue of every sampled pixel.
+    lab = rgb_to_lab(sample.permute(2, 0, 1)).reshape(3, -1)
+    a, b = lab[1].double(), lab[2].double()
+    chroma = torch.hypot(a, b)
+    chromatic = chroma > config.neutral_chroma
+
+    # 3. Gray: almost no chromatic pixels.
+    if float(chromatic.double().mean()) <= config.gray_max_chromatic_fraction:
+        return "gray"
+
+    # 4. Toned: the chromatic pixels' hues concentrate around one direction.
+    a, b, chroma = a[chromatic], b[chromatic], chroma[chromatic]
+    resultant = float(torch.hypot(a.sum(), b.sum()) / chroma.sum())  # 1 for a single hue
+    spread_deg = math.degrees(math.sqrt(-2.0 * math.log(max(resultant, 1e-12))))
+    dominant = math.atan2(float(b.sum()), float(a.sum()))
+    off_hue_deg = torch.rad2deg(torch.remainder(torch.atan2(b, a) - dominant + math.pi, 2 * math.pi) - math.pi).abs()
+    off_hue_fraction = float(chroma[off_hue_deg > config.toned_off_hue_deg].sum() / chroma.sum())
+    if spread_deg <= config.toned_max_hue_spread_deg and off_hue_fraction <= config.toned_max_off_hue_fraction:
+        return "toned"
+    return "color"
+
+
+def encode_master(rgb: np.ndarray, xmp: bytes | None = None) -> bytes:
+    """Encode the archival master: a lossless RGB TIFF at the image's bit depth.
+
+    Deflate (zlib) compression with horizontal differencing, photometric RGB, an
+    embedded sRGB ICC profile (tag 34675) and, when given, the XMP packet in tag
+    700.
+
+    Args:
+        rgb: (H, W, 3) uint8 (8-bit master) or uint16 (16-bit master).
+        xmp: an XMP packet (UTF-8 bytes) or None.
+
+    Returns:
+        The TIFF file's bytes.
+
+    Raises:
+        ValueError: on a wrong shape or dtype, or ``xmp`` that is not bytes.
+    """
+    # 1. Check inputs.
+    _check_output_rgb(rgb)
+    if xmp is not None and not isinstance(xmp, (bytes, bytearray)):
+        raise ValueError(f"xmp must be bytes, got {type(xmp).__name__}")
+
+    # 2. Extra tags: the colour space, and provenance when given.
+    extratags = [(34675, 7, len(_srgb_icc()), _srgb_icc(), True)]
+    if xmp:
+        extratags.append((700, 1, len(xmp), bytes(xmp), True))
+
+    # 3. Write.
+    buffer = io.BytesIO()
+    tifffile.imwrite(
+        buffer,
+        np.ascontiguousarray(rgb),
+        photometric="rgb",
+        compression="zlib",
+        predictor=True,
+        metadata=None,
+        software=f"DiffColor Archive {__version__}",
+        extratags=extratags,
+    )
+    return buffer.getvalue()
+
+
+def encode_access(
+    rgb: np.ndarray,
+    format: str = "JPEG",
+    quality: int = 92,
+    max_side: int | None = None,
+    xmp: bytes | None = None,
+) -> bytes:
+    """Encode the access copy: an 8-bit JPEG, PNG or WebP with sRGB profile and XMP.
+
+    Args:
+        rgb: (H, W, 3) uint8 or uint16 (scaled to 8 bit with rounding).
+        format: "JPEG", "PNG" or "WEBP" (case-insensitive; "JPG" accepted).
+        quality: JPEG/WebP quality, 1..100 (ignored for PNG).
+        max_side: when given and smaller than the longer side, downscale (Lanczos)
+            so that the longer side is ``max_side``, keeping the aspect ratio.
+        xmp: an XMP packet (UTF-8 bytes) or None. JPEG holds at most 65504 bytes
+            of XMP (one APP1 segment).
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        ValueError: on a wrong shape/dtype, unknown format, quality out of range,
+            non-positive ``max_side``, or XMP that is not bytes or too long for JPEG.
+    """
+    # 1. Check inputs.
+    _check_output_rgb(rgb)
+    pillow_format = "JPEG" if format.upper() == "JPG" else format.upper()
+    if pillow_format not in ACCESS_FORMATS:
+        raise ValueError(f"access format must be one of {sorted(ACCESS_FORMATS)}, got {format!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+        raise ValueError(f"max_side must be a positive int or None, got {max_side!r}")
+    if xmp is not None and not isinstance(xmp, (bytes, bytearray)):
+        raise ValueError(f"xmp must be bytes, got {type(xmp).__name__}")
+    if xmp and pillow_format == "JPEG" and len(xmp) > _JPEG_MAX_XMP_BYTES:
+        raise ValueError(
+            f"XMP packet of {len(xmp)} bytes does not fit a JPEG APP1 segment (max {_JPEG_MAX_XMP_BYTES}); "
+            "shorten it or use PNG/WEBP for the access copy"
+        )
+
+    # 2. 8 bits with rounding (v * 255 / 65535 rounded, in integers).
+    if rgb.dtype == np.uint16:
+        rgb = ((rgb.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(rgb))
+
+    # 3. Downscale keeping the aspect ratio.
+    if max_side is not None and max(image.size) > max_side:
+        factor = max_side / max(image.size)
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+
+    # 4. Save with the sRGB profile and the XMP packet.
+    options: dict = {"icc_profile": _srgb_icc()}
+    if pillow_format == "JPEG":
+        options.update(quality=quality, optimize=True)
+    elif pillow_format == "WEBP":
+        options.update(quality=quality)
+    if xmp:
+        if pillow_format == "PNG":
+            # Pillow writes no XMP for PNG itself; iTXt "XML:com.adobe.xmp" is the
+            # XMP specification's PNG embedding, and what Pillow reads back.
+            info = PngImagePlugin.PngInfo()
+            info.add_itxt("XML:com.adobe.xmp", bytes(xmp).decode("utf-8"), zip=False)
+            options["pnginfo"] = info
+        else:
+            options["xmp"] = bytes(xmp)
+    buffer = io.BytesIO()
+    image.save(buffer, format=pillow_format, **options)
+    return buffer.getvalue()
+
+
+def resize_for_model(gray: np.ndarray, target_pixels: int, multiple: int) -> np.ndarray:
+    """Resize a gray image to about ``target_pixels`` pixels for the model.
+
+    Both sides are rounded to the nearest multiple of ``multiple`` (at least one
+    multiple) after scaling by ``sqrt(target_pixels / (H * W))``, which keeps the
+    aspect ratio as closely as that rounding allows; e.g. 900x1200 with
+    512*512 and 8 gives 440x592. Resampling is Pillow's Lanczos on 32-bit float
+    data (antialiased when downscaling), clipped back to [0, 1].
+
+    Args:
+        gray: (H, W) float array in [0, 1].
+        target_pixels: the pixel count the model expects (e.g. 512 * 512).
+        multiple: the factor both sides must be a multiple of (e.g. 8).
+
+    Returns:
+        (h, w) float32 array in [0, 1].
+
+    Raises:
+        ValueError: for a gray that is not a non-empty 2-D float array in [0, 1],
+            or non-positive ``target_pixels`` / ``multiple``.
+    """
+    # 1. Check inputs.
+    if not isinstance(gray, np.ndarray) or gray.ndim != 2 or gray.size == 0 or not np.issubdtype(gray.dtype, np.floating):
+        raise ValueError(f"gray must be a non-empty 2-D float array, got {_describe(gray)}")
+    low, high = float(gray.min()), float(gray.max())
+    if not (0.0 <= low and high <= 1.0):
+        raise ValueError(f"gray values must lie in [0, 1], got range [{low}, {high}]")
+    for label, value in (("target_pixels", target_pixels), ("multiple", multiple)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+
+    # 2. Target size: same aspect, about target_pixels, sides multiples of `multiple`.
+    height, width = gray.shape
+    scale = math.sqrt(target_pixels / (height * width))
+    new_height = max(multiple, round(height * scale / multiple) * multiple)
+    new_width = max(multiple, round(width * scale / multiple) * multiple)
+
+    # 3. Resample.
+    image = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32))
+    resized = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+# --- reading helpers -------------------------------------------------------------
+
+
+def _from_pillow(image: Image.Image, format_name: str, original_mode: str, name: str) -> SourceImage:
+    """SourceImage from a decoded, oriented Pillow image (all but 16-bit RGB TIFF)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return _from_gray(np.asarray(image).astype(np.float64) / 65535.0, 16, format_name, original_mode)
+    if mode == "I":
+        values = np.asarray(image)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise _bad(name, f"32-bit integer pixels in [{low}, {high}] are outside the 16-bit range")
+        return _from_gray(values.astype(np.float64) / 65535.0, 16, format_name, original_mode)
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        if not (0.0 <= low and high <= 1.0):
+            raise _bad(name, f"floating-point pixels in [{low}, {high}] are outside [0, 1]")
+        return _from_gray(values, 16, format_name, original_mode)
+    if mode in ("1", "L"):
+        return _from_gray(np.asarray(image.convert("L")).astype(np.float64) / 255.0, 8, format_name, original_mode)
+    if mode in ("LA", "La"):
+        gray_alpha = np.asarray(image.convert("LA")).astype(np.float64) / 255.0
+        gray = _over_white(gray_alpha[..., :1], gray_alpha[..., 1:])[..., 0]
+        return _from_gray(gray, 8, format_name, original_mode)
+    if mode in ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "P", "PA", "YCbCr"):
+        image = _to_srgb(image, name)
+        values = np.asarray(image).astype(np.float64) / 255.0
+        if values.shape[-1] == 4:
+            values = _over_white(values[..., :3], values[..., 3:])
+        return _from_rgb(values, 8, format_name, original_mode)
+    raise _bad(name, f"pixel mode {mode!r} is not supported")
+
+
+def _to_srgb(image: Image.Image, name: str) -> Image.Image:
+    """RGB or RGBA in sRGB: ICC profile applied when present, palette expanded."""
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    has_alpha = image.mode in ("RGBA", "RGBa")
+    target_mode = "RGBA" if has_alpha else "RGB"
+    if image.mode in ("RGBa", "RGBX", "YCbCr"):
+        image = image.convert(target_mode)
+    icc = image.info.get("icc_profile")
+    if icc and image.mode in ("RGB", "RGBA", "CMYK"):
+        try:
+            source_profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            return ImageCms.profileToProfile(
+                image, source_profile, _srgb_profile(), renderingIntent=_ICC_INTENT, outputMode=target_mode
+            )
+        except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+            raise _bad(name, f"embedded ICC profile cannot be applied ({exc})") from exc
+    # No profile: sRGB is assumed (the web's default); CMYK uses Pillow's naive conversion.
+    return image.convert(target_mode) if image.mode != target_mode else image
+
+
+def _is_16bit_rgb_tiff(image: Image.Image) -> bool:
+    if image.format != "TIFF":
+        return False
+    tags = image.tag_v2
+    bits = tags.get(258, (8,))
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return tags.get(262) == 2 and tags.get(277, 1) >= 3 and all(b == 16 for b in bits)
+
+
+def _read_16bit_rgb_tiff(data: bytes, name: str, orientation: int) -> np.ndarray:
+    """First page of a 16-bit RGB(A) TIFF as (H, W, 3) float64 in [0, 1], oriented."""
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            page = tiff.pages.first
+            values = page.asarray()
+            axes = page.axes
+    except ValueError as exc:
+        if "imagecodecs" in str(exc):
+            # A deployment problem, not a bad image: fail loudly, do not class the item.
+            raise RuntimeError(f"{name}: decoding this TIFF needs the 'imagecodecs' package ({exc})") from exc
+        raise _bad(name, f"corrupt 16-bit RGB TIFF ({exc})") from exc
+    except Exception as exc:  # tifffile/zlib raise many types on corrupt data
+        raise _bad(name, f"corrupt 16-bit RGB TIFF ({type(exc).__name__}: {exc})") from exc
+    if axes.startswith("S"):  # planar configuration: samples first
+        values = np.moveaxis(values, 0, -1)
+    if values.ndim != 3 or values.shape[-1] not in (3, 4) or values.dtype != np.uint16:
+        raise _bad(name, f"16-bit RGB TIFF decoded to an unexpected {values.dtype} array of shape {values.shape}")
+    unit = values.astype(np.float64) / 65535.0
+    if unit.shape[-1] == 4:
+        unit = _over_white(unit[..., :3], unit[..., 3:])
+    return _apply_orientation(unit, orientation)
+
+
+def _convert_icc_16bit(rgb: np.ndarray, icc: bytes | None, name: str) -> np.ndarray:
+    """Apply an embedded ICC profile to float RGB through an 8-bit LittleCMS lattice.
+
+    Pillow drives LittleCMS at 8 bits per channel, so the transform is sampled on
+    a lattice of 8-bit codes and interpolated trilinearly for the 16-bit pixels:
+    smooth (no 8-bit banding), within about half an 8-bit step of a direct
+    16-bit transform.
+    """
+    if not icc:
+        return rgb
+    from scipy.interpolate import RegularGridInterpolator  # scikit-image's own dependency
+
+    # 1. Transform every lattice node once.
+    nodes = np.arange(0, 256, _ICC_LATTICE_STEP, dtype=np.uint8)
+    grid = np.stack(np.meshgrid(nodes, nodes, nodes, indexing="ij"), axis=-1)  # (n, n, n, 3)
+    lattice = Image.fromarray(np.ascontiguousarray(grid.reshape(-1, len(nodes), 3)))
+    try:
+        converted = ImageCms.profileToProfile(
+            lattice, ImageCms.ImageCmsProfile(io.BytesIO(icc)), _srgb_profile(),
+            renderingIntent=_ICC_INTENT, outputMode="RGB",
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:
+        raise _bad(name, f"embedded ICC profile cannot be applied ({exc})") from exc
+    table = np.asarray(converted).reshape(grid.shape).astype(np.float64) / 255.0
+
+    # 2. Interpolate the pixels, in chunks of rows.
+    axis = nodes.astype(np.float64) / 255.0
+    interpolate = RegularGridInterpolator((axis, axis, axis), table, method="linear")
+    out = np.empty_like(rgb)
+    rows = max(1, _CHUNK_PIXELS // rgb.shape[1])
+    for top in range(0, rgb.shape[0], rows):
+        block = rgb[top : top + rows]
+        out[top : top + rows] = interpolate(block.reshape(-1, 3)).reshape(block.shape)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _from_gray(gray: np.ndarray, bit_depth: int, format_name: str, mode: str) -> SourceImage:
+    height, width = gray.shape
+    return SourceImage(
+        gray=np.ascontiguousarray(gray, dtype=np.float64), bit_depth=bit_depth, width=width, height=height,
+        format=format_name, tone="gray", mode=mode, rgb=None,
+    )
+
+
+def _from_rgb(rgb: np.ndarray, bit_depth: int, format_name: str, mode: str) -> SourceImage:
+    height, width = rgb.shape[:2]
+    return SourceImage(
+        gray=_gray_keeping_lightness(rgb), bit_depth=bit_depth, width=width, height=height,
+        format=format_name, tone=classify_tone(rgb), mode=mode, rgb=rgb.astype(np.float32),
+    )
+
+
+def _gray_keeping_lightness(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) neutral gray levels with the L* of each sRGB pixel (float64)."""
+    out = np.empty(rgb.shape[:2], dtype=np.float64)
+    rows = max(1, _CHUNK_PIXELS // rgb.shape[1])
+    for top in range(0, rgb.shape[0], rows):
+        block = torch.from_numpy(np.ascontiguousarray(rgb[top : top + rows], dtype=np.float64))
+        levels = gray_from_lightness(lightness(block.permute(2, 0, 1))[0])
+        out[top : top + rows] = levels.clamp(0.0, 1.0).numpy()
+    return out
+
+
+def _over_white(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Composite straight-alpha values over white, in the encoded values as viewers do."""
+    return color * alpha + (1.0 - alpha)
+
+
+def _apply_orientation(values: np.ndarray, orientation: int) -> np.ndarray:
+    """numpy equivalent of ImageOps.exif_transpose for EXIF/TIFF orientation 1..8."""
+    if orientation == 2:
+        return values[:, ::-1]
+    if orientation == 3:
+        return values[::-1, ::-1]
+    if orientation == 4:
+        return values[::-1]
+    if orientation == 5:
+        return values.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(values, k=-1)
+    if orientation == 7:
+        return values[::-1, ::-1].swapaxes(0, 1)
+    if orientation == 8:
+        return np.rot90(values, k=1)
+    return values
+
+
+def _as_unit_rgb(rgb: np.ndarray) -> np.ndarray:
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise ValueError(f"rgb must be a non-empty (H, W, 3) array, got {_describe(rgb)}")
+    if rgb.dtype == np.uint8:
+        return rgb / 255.0
+    if rgb.dtype == np.uint16:
+        return rgb / 65535.0
+    if np.issubdtype(rgb.dtype, np.floating):
+        return rgb
+    raise ValueError(f"rgb must be float, uint8 or uint16, got dtype {rgb.dtype}")
+
+
+# --- writing helpers -------------------------------------------------------------
+
+
+def _check_output_rgb(rgb: np.ndarray) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise ValueError(f"rgb must be a non-empty (H, W, 3) array, got {_describe(rgb)}")
+    if rgb.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"rgb must be uint8 or uint16, got dtype {rgb.dtype}")
+
+
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _srgb_icc() -> bytes:
+    return _srgb_profile().tobytes()
+
+
+def _bad(name: str, reason: str) -> BadImageError:
+    """A one-line BadImageError naming the image."""
+    return BadImageError(" ".join(f"{name}: {reason}".split()))
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array of dtype {value.dtype} and shape {value.shape}"
+    return type(value).__name__

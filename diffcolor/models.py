@@ -1,0 +1,260 @@
+"""Loading the Stable Diffusion bundle and the CLIP model, offline by default.
+
+A model is named by a local folder in the diffusers layout, a Hugging Face hub
+id (with an optional pinned revision), or ``tiny`` (the tiny random bundle of
+:mod:`diffcolor.tiny`, written to a cache folder on first use). Every name is
+first resolved to a local folder; then each component is loaded from that
+folder with ``from_pretrained``. The network is only used when the caller
+allows downloads; otherwise a missing model is a :class:`ModelNotFoundError`
+with one line saying what is missing and how to get it, raised before any item
+is touched.
+
+The sha256 of every weight file that is loaded goes into provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from diffcolor.errors import ModelNotFoundError
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # ours: CLIP ViT-L/14, the family of SD 1.x's text encoder
+TINY = "tiny"
+TINY_MARKER = "TINY_RANDOM_BUNDLE.txt"
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_VARIANT_INFIXES = (".fp16.", ".bf16.", ".non_ema.", ".ema.")
+
+
+@dataclass
+class Models:
+    """Everything the method needs, loaded once per worker and reused across items."""
+
+    model_id: str  # as the user named it: "tiny", a folder or a hub id
+    clip_id: str
+    folder: Path  # the resolved local folder of the SD bundle
+    clip_folder: Path
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict  # the bundle's scheduler config; stages build their schedulers from it
+    clip: torch.nn.Module
+    clip_tokenizer: object
+    clip_image_size: int  # CLIP's input side, pixels
+    clip_mean: tuple[float, float, float]
+    clip_std: tuple[float, float, float]
+    device: torch.device
+    weight_sha256: dict[str, str] = field(default_factory=dict)  # "component/file" -> sha256
+    model_hash: str = ""  # sha256 over weight hashes and component configs
+    random_weights: bool = False  # True for the tiny bundle: outputs are a smoke run, not colourisations
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """How many pixels one latent cell covers along a side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def provenance(self) -> dict:
+        """Model ids and hashes as they go into result records and image metadata."""
+        return {
+            "model_id": self.model_id,
+            "clip_model_id": self.clip_id,
+            "model_hash": self.model_hash,
+            "weight_sha256": dict(self.weight_sha256),
+            "random_weights": self.random_weights,
+        }
+
+
+def default_cache_dir() -> Path:
+    """Where DiffColor keeps its own cached files (``DIFFCOLOR_CACHE`` overrides)."""
+    root = os.environ.get("DIFFCOLOR_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffcolor"
+
+
+def tiny_bundle_folder(cache_dir: Path | None = None) -> Path:
+    """The cached tiny bundle, written on first use (atomically: a half-written one is never used)."""
+    from diffcolor import __version__
+    from diffcolor.tiny import write_tiny_bundle
+
+    folder = (cache_dir or default_cache_dir()) / f"tiny-bundle-{__version__}"
+    if (folder / TINY_MARKER).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    try:
+        write_tiny_bundle(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process won the race: its bundle is as good as ours
+            if not (folder / TINY_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _resolve_folder(name: str, *, revision: str | None, allow_download: bool, what: str, check: str) -> Path:
+    """Turns a folder path or hub id into a local folder containing ``check``, or raises."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / check).exists():
+            raise ModelNotFoundError(f"{what} folder '{name}' has no {check}: it is not a {what} in the expected layout")
+        return path
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{what} folder '{name}' does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(
+            snapshot_download(
+                name,
+                revision=revision,
+                local_files_only=not allow_download,
+                allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+            )
+        )
+    except Exception as error:  # the hub raises several classes for "not available offline"
+        hint = (
+            f"download it once with `huggingface-cli download {name}` on a connected machine and copy the cache, "
+            "point at a local folder, or pass --allow-download"
+        )
+        if allow_download:
+            hint = f"the download failed ({type(error).__name__})"
+        raise ModelNotFoundError(f"{what} '{name}' is not available locally: {hint}") from None
+    if not (folder / check).exists():
+        raise ModelNotFoundError(f"{what} '{name}' has no {check}: it is not a {what} in the expected layout")
+    return folder
+
+
+@lru_cache(maxsize=256)
+def _sha256_file(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, cached per (path, size, mtime) within the process."""
+    stat = path.stat()
+    return _sha256_file(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _hash_components(folders: dict[str, Path]) -> tuple[dict[str, str], str]:
+    """Per-file sha256 of the default-variant weight files, and one hash over them and the configs."""
+    weights: dict[str, str] = {}
+    combined = hashlib.sha256()
+    for label, folder in sorted(folders.items()):
+        for path in sorted(folder.iterdir()):
+            if not path.is_file():
+                continue
+            if path.suffix == ".json":
+                combined.update(f"{label}/{path.name}".encode())
+                combined.update(path.read_bytes())
+            elif path.name.endswith(WEIGHT_SUFFIXES) and not any(v in path.name for v in _VARIANT_INFIXES):
+                weights[f"{label}/{path.name}"] = sha256_file(path)
+    for key, value in sorted(weights.items()):
+        combined.update(f"{key}={value}".encode())
+    return weights, combined.hexdigest()
+
+
+def _read_clip_preprocessing(folder: Path) -> tuple[int, tuple, tuple]:
+    """CLIP's input size, mean and std from its preprocessor config (no torchvision needed)."""
+    config_path = folder / "preprocessor_config.json"
+    if not config_path.exists():
+        raise ModelNotFoundError(f"CLIP folder '{folder}' has no preprocessor_config.json")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    crop = config.get("crop_size", 224)
+    size = crop.get("height", 224) if isinstance(crop, dict) else int(crop)
+    return int(size), tuple(config["image_mean"]), tuple(config["image_std"])
+
+
+def load_models(
+    model: str,
+    *,
+    clip: str | None = None,
+    revision: str | None = None,
+    clip_revision: str | None = None,
+    device: str | torch.device = "cpu",
+    allow_download: bool = False,
+    cache_dir: Path | None = None,
+) -> Models:
+    """Loads the SD bundle and CLIP, frozen and in eval mode, onto ``device``.
+
+    ``model`` is a folder, a hub id or ``"tiny"``. ``clip`` defaults to the
+    bundle's ``clip/`` subfolder when it has one, else :data:`DEFAULT_CLIP`.
+    Raises :class:`ModelNotFoundError` (one line, no network touched unless
+    ``allow_download``) when anything is missing.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+    # 1. Resolve every name to a local folder before loading anything.
+    folder = (
+        tiny_bundle_folder(cache_dir)
+        if model == TINY
+        else _resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model", check="unet/config.json")
+    )
+    for component in SD_COMPONENTS:
+        if not (folder / component).is_dir():
+            raise ModelNotFoundError(f"Stable Diffusion model '{model}' has no {component}/ folder")
+    if clip is None:
+        clip = str(folder / "clip") if (folder / "clip" / "config.json").exists() else DEFAULT_CLIP
+    clip_folder = _resolve_folder(clip, revision=clip_revision, allow_download=allow_download, what="CLIP model", check="config.json")
+
+    # 2. Load through from_pretrained, the same path for real and tiny weights.
+    device = torch.device(device)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    clip_model = CLIPModel.from_pretrained(clip_folder)
+    clip_tokenizer = CLIPTokenizer.from_pretrained(clip_folder)
+    clip_size, clip_mean, clip_std = _read_clip_preprocessing(clip_folder)
+
+    # 3. Freeze: only adapters or embeddings created by the stages ever train.
+    for module in (unet, vae, text_encoder, clip_model):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+
+    # 4. Provenance: hashes of exactly the files loaded.
+    weights, model_hash = _hash_components(
+        {"unet": folder / "unet", "vae": folder / "vae", "text_encoder": folder / "text_encoder", "clip": clip_folder}
+    )
+    return Models(
+        model_id=model,
+        clip_id=clip if model != TINY or clip != str(folder / "clip") else "tiny/clip",
+        folder=folder,
+        clip_folder=clip_folder,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        clip=clip_model,
+        clip_tokenizer=clip_tokenizer,
+        clip_image_size=clip_size,
+        clip_mean=clip_mean,
+        clip_std=clip_std,
+        device=device,
+        weight_sha256=weights,
+        model_hash=model_hash,
+        random_weights=(folder / TINY_MARKER).exists(),
+    )

@@ -1,0 +1,217 @@
+"""Stage 1: colorization with a generative colour prior (DiffColor, section 3.1).
+
+The gray image ``G`` is encoded once to ``z_g``. For ``steps`` iterations the
+UNet (a LoRA adapter by default) is fine-tuned so that its one-step estimate of
+the clean image from ``z_g`` noised to a random timestep, decoded by the VAE,
+
+- is closer in CLIP space to the context prompt ``c`` than to anti-colour
+  prompts ``C-`` (contrastive loss ``L_con``, the paper's key term),
+- keeps the luminance of ``G`` (``L_lum``, L1 on CIE L*/100),
+- while the standard denoising loss ``L_diff`` keeps the UNet a denoiser.
+
+``L = w_con * L_con + l_lum * L_lum + l_diff * L_diff``. Then the primary
+colourisation ``x_pri`` is sampled from ``z_g`` noised to ``primary_strength``
+with the fine-tuned UNet. Which parts are the paper's and which are ours is
+said per field of :class:`Stage1Config`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from diffcolor.color import gray_lightness, lightness
+from diffcolor.diffusion import (
+    clip_image_features,
+    clip_text_features,
+    decode_latent,
+    denoising_target,
+    draw_noise_and_timesteps,
+    encode_latent,
+    encode_prompts,
+    noise_scheduler,
+    predicted_x0,
+    sample_from,
+)
+from diffcolor.errors import PromptError
+from diffcolor.models import Models
+from diffcolor.training import (
+    AdapterConfig,
+    CheckpointPolicy,
+    LoopResult,
+    make_trainable_unet,
+    phase_generator,
+    run_resumable_loop,
+)
+
+ANTI_COLOR_PROMPTS = (  # the paper's examples, plus two of ours for archival material
+    "a grayscale photograph",
+    "a picture with scratches",
+    "brownish average colors for objects",
+    "a faded, desaturated photo",
+    "a sepia-toned photo",
+)
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    """Stage 1 hyper-parameters. The paper gives the losses, not their values."""
+
+    steps: int = 500  # recipe R (spec section 8); the paper's pseudo-code uses up to 1500
+    learning_rate: float = 1e-4  # ours: AdamW on the LoRA adapter
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # paper: fine-tune the UNet; ours: LoRA by default
+    timestep_range: tuple[int, int] = (200, 700)  # ours: of 1000 training timesteps; high enough to let colour change
+    temperature: float = 0.07  # ours: tau of L_con, CLIP's learned temperature at init
+    w_con: float = 1.0  # paper: L_con is the main term
+    l_lum: float = 2.0  # ours: weight of L_lum (L*/100 units)
+    l_diff: float = 1.0  # ours: weight of L_diff
+    anti_prompts: tuple[str, ...] = ANTI_COLOR_PROMPTS  # paper's C-
+    max_grad_norm: float = 1.0  # ours
+    primary_strength: float = 0.6  # ours: how far z_g is noised before sampling x_pri
+    primary_steps: int = 30  # ours: DDIM steps for x_pri
+    primary_guidance: float = 5.0  # ours: classifier-free guidance for x_pri
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+
+
+@dataclass
+class Stage1Result:
+    """The primary colourisation and how the fit went."""
+
+    primary: torch.Tensor  # (1, 3, h, w) sRGB in [0, 1] at model resolution, not yet aligned
+    loop: LoopResult
+
+
+@dataclass
+class Stage1Inputs:
+    """Everything a stage-1 step needs, computed once per item."""
+
+    latent: torch.Tensor  # z_g
+    gray_l: torch.Tensor  # L*/100 of G, (1, 1, h, w)
+    condition: torch.Tensor  # SD text embedding of c
+    clip_text: torch.Tensor  # CLIP features of [c, *C-]
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``-log(exp(s+/tau) / (exp(s+/tau) + sum_k exp(s-_k/tau)))``; row 0 of ``text_features`` is positive."""
+    logits = image_features @ text_features.T / temperature
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
+def check_inputs(gray: torch.Tensor, caption: str, config: Stage1Config) -> None:
+    """Raises on inputs stage 1 cannot use, naming the bad value."""
+    if gray.ndim != 4 or gray.shape[:2] != (1, 1):
+        raise ValueError(f"gray must be (1, 1, h, w), got {tuple(gray.shape)}")
+    if not caption or not caption.strip():
+        raise PromptError("the caption is empty: stage 1 needs a context prompt")
+    if not config.anti_prompts:
+        raise ValueError("anti_prompts is empty: L_con needs at least one negative prompt")
+    low, high = config.timestep_range
+    if not 0 <= low < high <= 1000:
+        raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1000, got {config.timestep_range}")
+
+
+def prepare_inputs(models: Models, gray: torch.Tensor, caption: str, config: Stage1Config) -> Stage1Inputs:
+    """Encodes G, c and C- once (the loop never re-encodes them)."""
+    gray = gray.to(models.device)
+    return Stage1Inputs(
+        latent=encode_latent(models, gray.expand(-1, 3, -1, -1)),
+        gray_l=gray_lightness(gray) / 100.0,
+        condition=encode_prompts(models, [caption]),
+        clip_text=clip_text_features(models, [caption, *config.anti_prompts]),
+    )
+
+
+def stage1_losses(models: Models, unet: torch.nn.Module, inputs: Stage1Inputs, noise: torch.Tensor,
+                  timesteps: torch.Tensor, config: Stage1Config) -> dict[str, torch.Tensor]:
+    """The stage-1 loss terms for one noise draw; differentiable in the UNet's trainable tensors."""
+    scheduler = noise_scheduler(models)
+    noisy = scheduler.add_noise(inputs.latent, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=inputs.condition).sample
+    decoded = decode_latent(models, predicted_x0(scheduler, noisy, timesteps, prediction))
+    con = contrastive_loss(clip_image_features(models, decoded), inputs.clip_text, config.temperature)
+    lum = (lightness(decoded) / 100.0 - inputs.gray_l).abs().mean()
+    diff = F.mse_loss(prediction.float(), denoising_target(scheduler, inputs.latent, noise, timesteps).float())
+    total = config.w_con * con + config.l_lum * lum + config.l_diff * diff
+    return {"total": total, "con": con, "lum": lum, "diff": diff}
+
+
+def fingerprint(models: Models, gray: torch.Tensor, caption: str, config: Stage1Config, seed: int) -> str:
+    """Identifies a stage-1 fit: a checkpoint of another fit is never resumed."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([asdict(config), caption, seed, models.model_hash], sort_keys=True, default=str).encode())
+    digest.update(gray.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fit_color_prior(
+    models: Models,
+    gray: torch.Tensor,
+    caption: str,
+    config: Stage1Config = Stage1Config(),
+    *,
+    seed: int,
+    checkpoint_prefix: str | None = None,
+    progress: Callable[[int, dict], None] | None = None,
+    stop_after: int | None = None,
+) -> Stage1Result:
+    """Stage 1: fine-tunes a colour prior on ``gray`` and samples the primary colourisation.
+
+    ``gray`` is (1, 1, h, w) in [0, 1] at model resolution (sides multiples of
+    the VAE factor). Returns the unaligned primary image and the loop's history.
+    The base UNet is left unchanged. Raises PromptError on an empty caption.
+    """
+    # 1. Check inputs.
+    check_inputs(gray, caption, config)
+
+    # 2. Encode G, c and C- once.
+    inputs = prepare_inputs(models, gray, caption, config)
+
+    # 3. A trainable UNet: a fresh LoRA adapter on the shared base (default) or a private copy.
+    generator = phase_generator(seed, "stage1")
+    trainable = make_trainable_unet(models.unet, config.adapter, name="diffcolor_stage1", generator=generator)
+    try:
+        optimizer = torch.optim.AdamW(trainable.parameters.values(), lr=config.learning_rate)
+
+        # 4. Fine-tune with L = w_con L_con + l_lum L_lum + l_diff L_diff, resumably.
+        def step(_: int) -> dict[str, torch.Tensor]:
+            noise, timesteps = draw_noise_and_timesteps(inputs.latent, config.timestep_range, generator)
+            return stage1_losses(models, trainable.unet, inputs, noise, timesteps, config)
+
+        trainable.unet.train()
+        loop = run_resumable_loop(
+            steps=config.steps,
+            step_fn=step,
+            parameters=trainable.parameters,
+            optimizer=optimizer,
+            generator=generator,
+            checkpoint_prefix=checkpoint_prefix,
+            fingerprint=fingerprint(models, gray, caption, config, seed),
+            policy=config.checkpoints,
+            max_grad_norm=config.max_grad_norm,
+            progress=progress,
+            stop_after=stop_after,
+        )
+        trainable.unet.eval()
+
+        # 5. Sample the primary colourisation x_pri from z_g with the fine-tuned UNet.
+        latent = sample_from(
+            models,
+            trainable.unet,
+            inputs.latent,
+            strength=config.primary_strength,
+            steps=config.primary_steps,
+            guidance=config.primary_guidance,
+            condition=inputs.condition,
+            generator=phase_generator(seed, "primary"),
+        )
+        with torch.no_grad():
+            primary = decode_latent(models, latent)
+    finally:
+        # 6. Release the stage-1 adapter: the base UNet goes back to how it was loaded.
+        trainable.release()
+    return Stage1Result(primary=primary.float().cpu(), loop=loop)

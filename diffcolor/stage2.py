@@ -1,0 +1,227 @@
+"""Stage 2: in-context controllable colorization (DiffColor section 3.2, Imagic-style).
+
+1. Rewrite the caption ``c`` into ``c'`` by putting an identifier token in
+   front of each content word ("a dog on a bench" -> "a sks dog on a sks
+   bench"). A later target that puts a colour word in an identifier's slot
+   ("a brown dog on a sks bench") has the same token positions as ``c'``, so
+   interpolating the two embeddings position by position is meaningful.
+2. Optimise the text embedding ``e_opt`` of ``c'`` so that the frozen UNet
+   reconstructs the aligned primary colourisation.
+3. Fine-tune the UNet (a LoRA adapter by default) on the fixed ``e_opt`` to
+   reconstruct it.
+
+The result is the item's colour state (:mod:`diffcolor.state`): everything a
+render needs without any further fine-tuning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from diffcolor.diffusion import (
+    denoising_target,
+    draw_noise_and_timesteps,
+    encode_latent,
+    encode_prompts,
+    noise_scheduler,
+    tokenize,
+)
+from diffcolor.errors import PromptError
+from diffcolor.models import Models
+from diffcolor.training import (
+    AdapterConfig,
+    CheckpointPolicy,
+    LoopResult,
+    make_trainable_unet,
+    phase_generator,
+    run_resumable_loop,
+)
+
+# ours: words that never get an identifier (function words); everything else alphabetic is a content word
+FUNCTION_WORDS = frozenset(
+    """a an the of on in at with and or nor but to by for from under over near beside behind between
+    into onto upon up down off out about above below across along among around against through during
+    before after its it his her their our your my this that these those is are was were be been being
+    has have had as some any each every all both no not while who whom which what where when there here
+    one two three four five six seven eight nine ten""".split()
+)
+_WORD = re.compile(r"[^\W\d_][\w'-]*|\d+|[^\w\s]", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage 2 hyper-parameters."""
+
+    identifier: str = "sks"  # ours: a rare single token, as DreamBooth's; must tokenize to one token
+    embed_steps: int = 500  # paper: 500 embedding-optimisation steps
+    embed_learning_rate: float = 1e-3  # ours (Imagic uses 1e-3 on its embedding)
+    finetune_steps: int = 1000  # paper: 1000 fine-tune steps
+    finetune_learning_rate: float = 1e-4  # ours: AdamW on the LoRA adapter
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # ours: LoRA by default
+    timestep_range: tuple[int, int] = (0, 1000)  # ours: the full range, as a denoising loss normally uses
+    max_grad_norm: float = 1.0  # ours
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+
+
+@dataclass(frozen=True)
+class RewrittenCaption:
+    """``c'``: the caption with an identifier before each content word."""
+
+    caption: str  # c, as given
+    text: str  # c'
+    identifier: str
+    slots: tuple[str, ...]  # the content words that got an identifier, lower-case, in order
+
+
+def rewrite_caption(caption: str, identifier: str = "sks") -> RewrittenCaption:
+    """Puts ``identifier`` before every content word of ``caption``.
+
+    Raises PromptError when the caption has no content word.
+    """
+    words = _WORD.findall(caption)
+    pieces: list[str] = []
+    slots: list[str] = []
+    for word in words:
+        if word[0].isalpha() and word.lower() not in FUNCTION_WORDS and word.lower() != identifier:
+            pieces.append(identifier)
+            slots.append(word.lower())
+        pieces.append(word)
+    if not slots:
+        raise PromptError(f"caption {caption!r} has no content word to attach colours to")
+    return RewrittenCaption(caption=caption, text=" ".join(pieces), identifier=identifier, slots=tuple(slots))
+
+
+def build_target_prompt(rewritten: RewrittenCaption, color_map: dict[str, str]) -> str:
+    """The target prompt of a colour map: each mapped word's identifier replaced by its colour.
+
+    ``{"dog": "brown"}`` on "a sks dog on a sks bench" gives "a brown dog on a
+    sks bench". Raises PromptError naming a key that is not a content word of
+    the caption, or an empty colour.
+    """
+    wanted = {key.strip().lower(): value.strip() for key, value in color_map.items()}
+    for key, value in wanted.items():
+        if key not in rewritten.slots:
+            raise PromptError(f"colour map key {key!r} is not a content word of the caption; use one of {sorted(set(rewritten.slots))}")
+        if not value:
+            raise PromptError(f"colour map gives an empty colour for {key!r}")
+    pieces = rewritten.text.split(" ")
+    for index in range(len(pieces) - 1):
+        if pieces[index] == rewritten.identifier and pieces[index + 1].lower() in wanted:
+            pieces[index] = wanted[pieces[index + 1].lower()]
+    return " ".join(pieces)
+
+
+def check_token_alignment(models: Models, rewritten: RewrittenCaption, target: str) -> None:
+    """Raises PromptError unless ``target`` differs from ``c'`` only in identifier slots, token for token."""
+    ids = tokenize(models, [rewritten.text, target])
+    identifier = tokenize(models, [rewritten.identifier])[0]
+    identifier_id = int(identifier[1])
+    if int(identifier[2]) != models.tokenizer.eos_token_id:
+        raise PromptError(f"identifier {rewritten.identifier!r} is not a single token for this tokenizer")
+    differ = (ids[0] != ids[1]).nonzero().flatten().tolist()
+    if any(int(ids[0][i]) != identifier_id for i in differ):
+        raise PromptError(
+            f"target {target!r} is not token-aligned with {rewritten.text!r}: "
+            "each colour must be a single token placed in an identifier slot (e.g. 'red', not 'light red')"
+        )
+
+
+def fingerprint(models: Models, primary: torch.Tensor, rewritten: RewrittenCaption, config: Stage2Config, seed: int, phase: str) -> str:
+    """Identifies an embedding optimisation or fine-tune: a checkpoint of another is never resumed."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([phase, asdict(config), rewritten.text, seed, models.model_hash], sort_keys=True, default=str).encode())
+    digest.update(primary.detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _reconstruction_loss(models, unet, latent, embedding, generator, t_range) -> dict[str, torch.Tensor]:
+    scheduler = noise_scheduler(models)
+    noise, timesteps = draw_noise_and_timesteps(latent, t_range, generator)
+    noisy = scheduler.add_noise(latent, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=embedding).sample
+    loss = F.mse_loss(prediction.float(), denoising_target(scheduler, latent, noise, timesteps).float())
+    return {"total": loss, "diff": loss}
+
+
+@dataclass
+class Stage2Result:
+    """The optimised embedding, the trained adapter and how the loops went."""
+
+    embedding: torch.Tensor  # e_opt, (1, 77, D), CPU
+    adapter: dict[str, torch.Tensor]  # trained tensors (LoRA or full UNet), CPU
+    embed_loop: LoopResult
+    finetune_loop: LoopResult
+
+
+def fit_in_context(
+    models: Models,
+    primary: torch.Tensor,
+    rewritten: RewrittenCaption,
+    config: Stage2Config = Stage2Config(),
+    *,
+    seed: int,
+    checkpoint_prefix: str | None = None,
+    progress: Callable[[str, int, dict], None] | None = None,
+    stop_after: dict[str, int] | None = None,
+) -> Stage2Result:
+    """Stage 2: optimises ``e_opt`` for ``c'`` and fine-tunes the UNet to reconstruct ``primary``.
+
+    ``primary`` is the aligned primary colourisation, (1, 3, h, w) in [0, 1].
+    ``checkpoint_prefix`` gets ``embedding/`` and ``finetune/`` sub-prefixes.
+    ``stop_after`` (tests) interrupts a loop: ``{"embedding": 3}``.
+    """
+    stop_after = stop_after or {}
+    # 1. Encode the aligned primary image and c' once.
+    latent = encode_latent(models, primary)
+    initial = encode_prompts(models, [rewritten.text]).float()
+
+    # 2. Optimise the embedding of c' with the frozen UNet (the base, no adapter).
+    embedding = torch.nn.Parameter(initial.clone())
+    embed_generator = phase_generator(seed, "embedding")
+    embed_optimizer = torch.optim.AdamW([embedding], lr=config.embed_learning_rate, weight_decay=0.0)
+    embed_loop = run_resumable_loop(
+        steps=config.embed_steps,
+        step_fn=lambda _: _reconstruction_loss(models, models.unet, latent, embedding, embed_generator, config.timestep_range),
+        parameters={"embedding": embedding},
+        optimizer=embed_optimizer,
+        generator=embed_generator,
+        checkpoint_prefix=None if checkpoint_prefix is None else f"{checkpoint_prefix}/embedding",
+        fingerprint=fingerprint(models, primary, rewritten, config, seed, "embedding"),
+        policy=config.checkpoints,
+        max_grad_norm=config.max_grad_norm,
+        progress=None if progress is None else (lambda step, record: progress("embedding", step, record)),
+        stop_after=stop_after.get("embedding"),
+    )
+    optimized = embedding.detach()
+
+    # 3. Fine-tune the UNet on the fixed e_opt to reconstruct the primary image.
+    tune_generator = phase_generator(seed, "finetune")
+    trainable = make_trainable_unet(models.unet, config.adapter, name="diffcolor_stage2", generator=tune_generator)
+    try:
+        optimizer = torch.optim.AdamW(trainable.parameters.values(), lr=config.finetune_learning_rate)
+        trainable.unet.train()
+        finetune_loop = run_resumable_loop(
+            steps=config.finetune_steps,
+            step_fn=lambda _: _reconstruction_loss(models, trainable.unet, latent, optimized, tune_generator, config.timestep_range),
+            parameters=trainable.parameters,
+            optimizer=optimizer,
+            generator=tune_generator,
+            checkpoint_prefix=None if checkpoint_prefix is None else f"{checkpoint_prefix}/finetune",
+            fingerprint=fingerprint(models, primary, rewritten, config, seed, "finetune"),
+            policy=config.checkpoints,
+            max_grad_norm=config.max_grad_norm,
+            progress=None if progress is None else (lambda step, record: progress("finetune", step, record)),
+            stop_after=stop_after.get("finetune"),
+        )
+        adapter = trainable.trained_state()
+    finally:
+        # 4. Leave the shared base UNet as it was loaded.
+        trainable.release()
+    return Stage2Result(embedding=optimized.cpu(), adapter=adapter, embed_loop=embed_loop, finetune_loop=finetune_loop)

@@ -1,0 +1,230 @@
+"""The tiny random model bundle: real layouts, random weights, for tests and smoke runs.
+
+``write_tiny_bundle(folder)`` builds, offline and in seconds, a Stable Diffusion
+bundle in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) plus a CLIP model in
+``clip/`` (transformers layout with its tokenizer and ``preprocessor_config.json``).
+Everything is written with ``save_pretrained`` and read back by
+:func:`diffcolor.models.load_models` through ``from_pretrained``: exactly the path
+real weights take. Nothing in the method knows this bundle exists.
+
+The shapes mirror Stable Diffusion 1.x where it matters to the code: the VAE
+downsamples by 8 with 4 latent channels, the UNet has cross-attention blocks
+named like SD's (so LoRA targets the same modules), the text encoder has 77
+positions. The tokenizer is a small byte-level BPE in CLIP's format whose merges
+cover the words of typical captions, colour words and the anti-colour prompts,
+so those words are single tokens as they are in CLIP's real vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Words that become single tokens in the tiny vocabulary. Real CLIP has these as
+# single tokens too, which keeps token-alignment behaviour the same in tests.
+TINY_WORDS = """
+a an the of on in at with and or to by for from under over near beside behind
+photo photograph photographs picture image portrait scene view grayscale greyscale
+scratches scratchy brownish average colors colours objects faded desaturated
+sepia toned sepia-toned black white gray grey red green blue yellow brown orange
+purple pink violet cyan teal navy olive golden silver beige tan maroon crimson
+dark light pale bright vivid colorful colourful old historic vintage
+dog cat horse cow sheep bird man woman men women child children boy girl people
+person family soldier soldiers uniform uniforms coat hat dress shirt suit car
+cars truck bus train tram ship boat street road house houses building church
+tower bridge river lake sea sky clouds tree trees grass grassland field garden
+flowers flower bench wooden stone brick wall window door table chair sitting
+standing walking riding posing group crowd market shop sign rocket astronaut
+camera coffee cup chelsea moon city town village mountain mountains snow beach
+sks
+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def _bpe_segments(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's greedy BPE on one word: repeatedly merge the lowest-ranked pair."""
+    symbols = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def build_tiny_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-format BPE vocabulary in which each of ``words`` is a single token.
+
+    Returns ``(vocab, merges)``: the 256 byte symbols, the same with ``</w>``,
+    one token per merge, then the two special tokens, as in CLIP's ``vocab.json``.
+    Each word's merges are appended after segmenting it with the merges so far,
+    so greedy BPE (lowest rank first) reproduces every word as one token.
+    """
+    byte_symbols = list(_bytes_to_unicode().values())
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
+    known = set(tokens)
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        symbols = _bpe_segments(word, ranks)
+        while len(symbols) > 1:
+            merged = symbols[0] + symbols[1]
+            ranks.setdefault((symbols[0], symbols[1]), len(ranks))
+            if merged not in known:
+                tokens.append(merged)
+                known.add(merged)
+            symbols = [merged] + symbols[2:]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    merges = [f"{left} {right}" for (left, right), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """Writes a CLIP tokenizer to ``folder`` and returns its vocabulary size."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_tiny_vocab(sorted(set(TINY_WORDS.split())))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Writes the tiny random bundle to ``folder`` (created; existing files replaced).
+
+    Returns the folder. Needs no network; takes a few seconds on a CPU.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # 1. Tokenizer shared by the text encoder and CLIP (as SD 1.x shares CLIP's).
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    vocab_size = _write_tokenizer(root / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        # 2. UNet: two resolutions, cross-attention in both, SD's module names.
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        # 3. VAE: four blocks, so it downsamples by 8 like SD's.
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.18215,
+        )
+        # 4. Text encoder with SD's 77 positions.
+        text_config = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text_encoder = CLIPTextModel(text_config)
+        # 5. CLIP for the contrastive loss and the CLIP score.
+        clip_config = CLIPConfig(
+            text_config=text_config.to_dict(),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=16,
+        )
+        clip = CLIPModel(clip_config)
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+    # 6. Save in the diffusers and transformers layouts.
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(root, safe_serialization=True)
+    clip.save_pretrained(root / "clip", safe_serialization=True)
+    tokenizer.save_pretrained(root / "clip")
+    (root / "clip" / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": 32},
+                "do_center_crop": True,
+                "crop_size": {"height": 32, "width": 32},
+                "do_normalize": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "resample": 3,
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
+    (root / "TINY_RANDOM_BUNDLE.txt").write_text(
+        "Random weights for tests and smoke runs only. Outputs are noise-coloured, not colourisations.\n",
+        encoding="utf-8",
+    )
+    return root

@@ -1,0 +1,287 @@
+"""What every fine-tune loop of the method shares: trainable UNets and resumable loops.
+
+Two ways to make the UNet trainable (spec section 3): a LoRA adapter on the
+attention projections (default; the base weights stay frozen and shared by
+all items of a worker) or a full fine-tune of a private copy (the loaded base
+is never modified either way).
+
+:func:`run_resumable_loop` is the loop all three optimisations use (stage 1,
+embedding optimisation, stage 2 fine-tune), following the checkpoint contract
+of the diffusers training examples: every ``checkpoint_every`` steps it
+publishes one safetensors object holding the trained tensors, the optimiser
+state, the step, the RNG state and the loss history; a restarted loop resumes
+from the newest checkpoint whose fingerprint matches, and older ones are
+pruned. All randomness of a step must come from the loop's generator, so a
+resumed loop ends bit-identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from diffcolor import storage
+from diffcolor.errors import StateError
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # ours: attention projections, as diffusers' LoRA examples
+_CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.safetensors$")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How a UNet is made trainable."""
+
+    mode: str = "lora"  # "lora" (default, paper-compatible and light) or "full" (private copy of the UNet)
+    rank: int = 8  # ours: LoRA rank
+    alpha: float = 8.0  # ours: LoRA scale numerator (scale = alpha / rank)
+    targets: tuple[str, ...] = LORA_TARGETS
+
+
+@dataclass
+class TrainableUNet:
+    """A UNet ready to train and the tensors that train."""
+
+    unet: torch.nn.Module
+    parameters: dict[str, torch.nn.Parameter]
+    adapter_name: str | None  # the LoRA adapter's name, None for a full fine-tune
+
+    def release(self) -> None:
+        """Removes the adapter from the shared base UNet (a full copy is simply dropped)."""
+        if self.adapter_name is not None:
+            self.unet.delete_adapters(self.adapter_name)
+        for parameter in self.parameters.values():
+            parameter.requires_grad_(False)
+        self.unet.eval()
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, detached, on CPU, keyed independently of the adapter's name."""
+        return {
+            _portable_key(key, self.adapter_name): parameter.detach().to("cpu", copy=True).contiguous()
+            for key, parameter in self.parameters.items()
+        }
+
+
+def _portable_key(key: str, adapter_name: str | None) -> str:
+    return key if adapter_name is None else key.replace(f".{adapter_name}.", ".adapter.")
+
+
+def make_trainable_unet(base: torch.nn.Module, config: AdapterConfig, *, name: str, generator: torch.Generator) -> TrainableUNet:
+    """Adds a fresh adapter named ``name`` to ``base`` (LoRA) or copies ``base`` (full).
+
+    LoRA's A matrices are initialised from ``generator`` (B is zero, so the
+    adapted UNet starts equal to the base), which keeps fits reproducible.
+    """
+    if config.mode == "full":
+        unet = copy.deepcopy(base)
+        unet.requires_grad_(True)
+        unet.train()
+        return TrainableUNet(unet, dict(unet.named_parameters()), None)
+    if config.mode != "lora":
+        raise ValueError(f"adapter mode must be 'lora' or 'full', got {config.mode!r}")
+    from peft import LoraConfig
+
+    if name in getattr(base, "peft_config", {}):
+        base.delete_adapters(name)
+    base.add_adapter(
+        LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets), init_lora_weights=True),
+        adapter_name=name,
+    )
+    base.set_adapter(name)
+    parameters = {key: value for key, value in base.named_parameters() if "lora_" in key and f".{name}." in key}
+    for key, parameter in parameters.items():
+        if "lora_A" in key:
+            with torch.no_grad():
+                cpu = torch.empty(parameter.shape, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=generator)
+                parameter.copy_(cpu)
+        parameter.requires_grad_(True)
+    return TrainableUNet(base, parameters, name)
+
+
+def load_trained_unet(base: torch.nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor], *, name: str) -> TrainableUNet:
+    """A UNet carrying stored trained tensors (the inverse of :meth:`TrainableUNet.trained_state`)."""
+    trainable = make_trainable_unet(base, config, name=name, generator=torch.Generator().manual_seed(0))
+    keys = {key: _portable_key(key, trainable.adapter_name) for key in trainable.parameters}
+    missing = set(keys.values()) - set(state)
+    if missing:
+        trainable.release()
+        raise StateError(f"stored adapter lacks {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
+    with torch.no_grad():
+        for key, parameter in trainable.parameters.items():
+            parameter.copy_(state[keys[key]].to(parameter.device, parameter.dtype))
+            parameter.requires_grad_(False)
+    trainable.unet.eval()
+    return trainable
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: one safetensors object per checkpoint, nothing pickled.
+
+
+def _pack_checkpoint(step: int, parameters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                     generator: torch.Generator, history: list[dict], fingerprint: str) -> bytes:
+    tensors: dict[str, torch.Tensor] = {f"param.{k}": v.detach().to("cpu").contiguous() for k, v in parameters.items()}
+    optimizer_state = optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for index, slots in optimizer_state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tensors["rng.generator"] = generator.get_state()
+    meta = {
+        "step": step,
+        "fingerprint": fingerprint,
+        "param_groups": optimizer_state["param_groups"],
+        "optimizer_scalars": scalars,
+        "history": history,
+    }
+    return save_safetensors(tensors, metadata={"diffcolor": json.dumps(meta)})
+
+
+def _unpack_checkpoint(data: bytes, parameters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                       generator: torch.Generator) -> tuple[int, list[dict]]:
+    tensors = load_safetensors(data)
+    meta = _checkpoint_meta(data)
+    with torch.no_grad():
+        for key, parameter in parameters.items():
+            parameter.copy_(tensors[f"param.{key}"].to(parameter.device, parameter.dtype))
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, slot = key.split(".", 2)
+            state.setdefault(int(index), {})[slot] = value
+    for index, slots in meta["optimizer_scalars"].items():
+        state.setdefault(int(index), {}).update(slots)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    generator.set_state(tensors["rng.generator"])
+    return int(meta["step"]), list(meta["history"])
+
+
+def _checkpoint_meta(data: bytes) -> dict:
+    """The JSON metadata of a checkpoint, read from the safetensors header alone."""
+    header_length = int.from_bytes(data[:8], "little")
+    return json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"]["diffcolor"])
+
+
+def _read_fingerprint(data: bytes) -> str | None:
+    try:
+        return _checkpoint_meta(data)["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When loops checkpoint and how many checkpoints they keep."""
+
+    every: int = 50  # ours: steps between checkpoints (a lost worker repeats at most this many)
+    keep: int = 2  # ours: newest checkpoints kept per loop; older ones are pruned
+
+
+@dataclass
+class LoopResult:
+    """What a finished loop reports."""
+
+    history: list[dict] = field(default_factory=list)  # per step: the loss terms as floats
+    steps_run: int = 0  # steps computed in this call (not restored from a checkpoint)
+    resumed_from: int | None = None  # the checkpoint step this call resumed from
+
+
+class LoopInterrupted(RuntimeError):
+    """Raised by ``stop_after`` to simulate a worker lost in the middle of a loop (tests)."""
+
+
+def run_resumable_loop(
+    *,
+    steps: int,
+    step_fn: Callable[[int], dict[str, torch.Tensor]],
+    parameters: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    checkpoint_prefix: str | None,
+    fingerprint: str,
+    policy: CheckpointPolicy = CheckpointPolicy(),
+    max_grad_norm: float | None = 1.0,
+    progress: Callable[[int, dict], None] | None = None,
+    stop_after: int | None = None,
+) -> LoopResult:
+    """Runs ``steps`` optimisation steps of ``step_fn``, resuming from the newest checkpoint.
+
+    ``step_fn(step)`` returns a dict of scalar losses whose ``"total"`` is
+    back-propagated; it must draw every random number from ``generator``.
+    ``checkpoint_prefix`` is a storage URI prefix (None: no checkpoints).
+    Checkpoints with another ``fingerprint`` (another config or input) are
+    ignored. ``stop_after`` raises :class:`LoopInterrupted` after that many
+    steps of this call, once their checkpoint (if due) is published.
+    """
+    # 1. Resume from the newest matching checkpoint.
+    result = LoopResult()
+    start = 0
+    if checkpoint_prefix is not None:
+        for uri in reversed(storage.list_files(checkpoint_prefix)):
+            if not _CHECKPOINT_NAME.search(uri):
+                continue
+            data = storage.read_bytes(uri)
+            if _read_fingerprint(data) != fingerprint:
+                continue
+            start, result.history = _unpack_checkpoint(data, parameters, optimizer, generator)
+            result.resumed_from = start
+            break
+
+    # 2. Optimise.
+    trainable = [p for p in parameters.values() if p.requires_grad]
+    for step in range(start + 1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        losses = step_fn(step)
+        losses["total"].backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+        optimizer.step()
+        record = {key: float(value.detach()) for key, value in losses.items()}
+        result.history.append(record)
+        result.steps_run += 1
+        if progress is not None:
+            progress(step, record)
+
+        # 3. Checkpoint every K steps and at the end (a restart after the loop
+        #    then runs no step), and prune the old ones.
+        if checkpoint_prefix is not None and (step % policy.every == 0 or step == steps):
+            data = _pack_checkpoint(step, parameters, optimizer, generator, result.history, fingerprint)
+            storage.write_bytes(storage.join(checkpoint_prefix, f"step-{step:08d}.safetensors"), data)
+            existing = [uri for uri in storage.list_files(checkpoint_prefix) if _CHECKPOINT_NAME.search(uri)]
+            for old in existing[: max(0, len(existing) - policy.keep)]:
+                storage.remove(old)
+        if stop_after is not None and result.steps_run >= stop_after and step < steps:
+            raise LoopInterrupted(f"interrupted after step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def clear_checkpoints(checkpoint_prefix: str) -> None:
+    """Removes a loop's checkpoints once its result is safely stored."""
+    for uri in storage.list_files(checkpoint_prefix):
+        if _CHECKPOINT_NAME.search(uri):
+            storage.remove(uri)
+
+
+def phase_generator(seed: int, phase: str) -> torch.Generator:
+    """A CPU generator for one phase of an item, derived from the item's seed.
+
+    Each phase (stage 1, primary sampling, embedding, fine-tune, each render)
+    has its own stream, so changing one phase's step count never shifts
+    another phase's random numbers.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}:{phase}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

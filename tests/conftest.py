@@ -1,0 +1,60 @@
+"""Shared fixtures: the tiny random bundle, loaded once per session, and small gray images."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One cache folder for the session, shared with CLI subprocesses through DIFFCOLOR_CACHE."""
+    folder = tmp_path_factory.mktemp("diffcolor-cache")
+    os.environ["DIFFCOLOR_CACHE"] = str(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def models(cache_dir):
+    """The tiny bundle, written to the cache and loaded through from_pretrained like real weights."""
+    from diffcolor.models import load_models
+
+    return load_models("tiny", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def smoke():
+    from diffcolor.presets import get_preset
+
+    return get_preset("smoke")
+
+
+def gray_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A gray test scene in [0, 1]: a lightness ramp, a disc and a little texture."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    scene = 0.15 + 0.6 * xs / max(width - 1, 1)
+    disc = (ys - height * 0.5) ** 2 + (xs - width * 0.4) ** 2 < (min(height, width) * 0.25) ** 2
+    scene = np.where(disc, 0.85 - 0.3 * ys / max(height - 1, 1), scene)
+    return np.clip(scene + rng.normal(0, 0.02, scene.shape), 0.0, 1.0)
+
+
+@pytest.fixture
+def gray_png(tmp_path):
+    """An 8-bit gray PNG, 96x72."""
+    path = tmp_path / "inputs" / "bench.png"
+    path.parent.mkdir()
+    Image.fromarray(np.round(gray_scene(72, 96) * 255).astype(np.uint8), mode="L").save(path)
+    return path
+
+
+@pytest.fixture
+def gray_tiff16(tmp_path):
+    """A 16-bit gray TIFF, 1200x900 (width x height)."""
+    path = tmp_path / "inputs" / "scan16.tif"
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(np.round(gray_scene(900, 1200, seed=3) * 65535).astype(np.uint16)).save(path)
+    return path

@@ -1,0 +1,73 @@
+"""Model loading: the tiny bundle's real layout, provenance hashes, and offline errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from diffcolor.errors import ModelNotFoundError
+from diffcolor.models import load_models
+from diffcolor.tiny import write_tiny_bundle
+
+
+def test_tiny_bundle_has_the_diffusers_layout_and_loads_from_its_folder(tmp_path, models):
+    folder = write_tiny_bundle(tmp_path / "bundle")
+    for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "clip"):
+        assert (folder / component).is_dir(), component
+    assert (folder / "model_index.json").exists()
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+    loaded = load_models(str(folder))
+    assert loaded.random_weights
+    assert loaded.vae_scale_factor == 8
+    assert set(loaded.weight_sha256) == {
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "clip/model.safetensors",
+    }
+    assert all(len(value) == 64 for value in loaded.weight_sha256.values())
+    # Same seed, same weights: the folder written here hashes like the cached one.
+    assert loaded.model_hash == models.model_hash
+    assert not any(p.requires_grad for p in loaded.unet.parameters())
+
+
+def test_models_are_frozen_and_the_tokenizer_keeps_caption_words_whole(models):
+    assert not any(p.requires_grad for module in (models.unet, models.vae, models.text_encoder, models.clip)
+                   for p in module.parameters())
+    tokens = models.tokenizer.tokenize("a sks dog on a wooden bench")
+    assert tokens == ["a</w>", "sks</w>", "dog</w>", "on</w>", "a</w>", "wooden</w>", "bench</w>"]
+
+
+def test_missing_model_folder_is_a_one_line_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist") as info:
+        load_models(str(tmp_path / "no-such-model"))
+    assert "\n" not in str(info.value)
+
+
+def test_folder_that_is_not_a_bundle_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="unet/config.json"):
+        load_models(str(tmp_path / "empty"))
+
+
+def test_uncached_hub_id_fails_offline_with_a_hint(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(ModelNotFoundError, match="not available locally") as info:
+        load_models("example-org/not-cached-model")
+    assert "--allow-download" in str(info.value)
+
+
+def test_cli_missing_model_prints_one_line_and_no_traceback(tmp_path, gray_png, cache_dir):
+    completed = subprocess.run(
+        [sys.executable, "-m", "diffcolor", "colorize", str(gray_png), "--caption", "a dog", "--model",
+         str(tmp_path / "missing-model"), "--out", str(tmp_path / "out"), "--preset", "smoke"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("diffcolor: error:")]
+    assert len(errors) == 1 and "missing-model" in errors[0] and "does not exist" in errors[0]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,99 @@
+"""Stage 1: every loss term trains, and only what is meant to train changes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffcolor.diffusion import draw_noise_and_timesteps
+from diffcolor.stage1 import Stage1Config, contrastive_loss, fit_color_prior, prepare_inputs, stage1_losses
+from diffcolor.training import AdapterConfig, make_trainable_unet, phase_generator
+
+from conftest import gray_scene
+
+
+def _gray(height=64, width=64):
+    return torch.from_numpy(gray_scene(height, width)).float()[None, None]
+
+
+def _snapshot(*modules):
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _unchanged(before, *modules):
+    return all(
+        before_state.keys() == module.state_dict().keys()
+        and all(torch.equal(before_state[k], v) for k, v in module.state_dict().items())
+        for before_state, module in zip(before, modules)
+    )
+
+
+def test_contrastive_loss_matches_the_formula():
+    image = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    tau = 0.07
+    s = (image @ texts.T)[0]
+    expected = -math.log(math.exp(s[0] / tau) / sum(math.exp(v / tau) for v in s))
+    assert float(contrastive_loss(image, texts, tau)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("term, weights", [
+    ("con", dict(w_con=1.0, l_lum=0.0, l_diff=0.0)),
+    ("lum", dict(w_con=0.0, l_lum=1.0, l_diff=0.0)),
+    ("diff", dict(w_con=0.0, l_lum=0.0, l_diff=1.0)),
+])
+def test_each_loss_term_goes_down_over_a_short_fit(models, term, weights):
+    config = Stage1Config(learning_rate=2e-2, timestep_range=(300, 400), **weights)
+    inputs = prepare_inputs(models, _gray(), "a dog sitting on a wooden bench", config)
+    generator = phase_generator(0, "test")
+    trainable = make_trainable_unet(models.unet, config.adapter, name="test_terms", generator=generator)
+    try:
+        optimizer = torch.optim.AdamW(trainable.parameters.values(), lr=config.learning_rate)
+        probes = [draw_noise_and_timesteps(inputs.latent, config.timestep_range, torch.Generator().manual_seed(i)) for i in range(4)]
+
+        def probe_loss():
+            with torch.no_grad():
+                return sum(float(stage1_losses(models, trainable.unet, inputs, n, t, config)[term]) for n, t in probes) / len(probes)
+
+        before = probe_loss()
+        for _ in range(30):
+            optimizer.zero_grad()
+            noise, timesteps = draw_noise_and_timesteps(inputs.latent, config.timestep_range, generator)
+            stage1_losses(models, trainable.unet, inputs, noise, timesteps, config)["total"].backward()
+            optimizer.step()
+        after = probe_loss()
+    finally:
+        trainable.release()
+    assert after < 0.95 * before, (term, before, after)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_fit_trains_only_its_adapter_and_leaves_base_weights_untouched(models, smoke, mode):
+    from dataclasses import replace
+
+    config = replace(smoke.stage1, adapter=AdapterConfig(mode=mode), steps=3)
+    before = _snapshot(models.unet, models.vae, models.text_encoder, models.clip)
+    trained = {}
+
+    def capture(step, record):
+        trained["step"] = step
+
+    result = fit_color_prior(models, _gray(64, 48), "a dog on a bench", config, seed=1, progress=capture)
+    assert trained["step"] == 3 and result.loop.steps_run == 3
+    assert result.primary.shape == (1, 3, 64, 48)
+    assert float(result.primary.min()) >= 0.0 and float(result.primary.max()) <= 1.0
+    assert _unchanged(before, models.unet, models.vae, models.text_encoder, models.clip)
+    assert not getattr(models.unet, "peft_config", {}), "the stage-1 adapter must be removed after the fit"
+
+
+def test_lora_adapter_is_the_only_trainable_part(models):
+    trainable = make_trainable_unet(models.unet, AdapterConfig(), name="test_only", generator=torch.Generator().manual_seed(0))
+    try:
+        names = {name for name, p in models.unet.named_parameters() if p.requires_grad}
+        assert names == set(trainable.parameters) and names
+        assert all("lora_" in name for name in names)
+    finally:
+        trainable.release()
+    assert not any(p.requires_grad for p in models.unet.parameters())
