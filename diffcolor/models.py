@@ -203,6 +203,9 @@ def load_models(
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
 
     # 1. Resolve every name to a local folder before loading anything.
     folder = (

@@ -118,7 +118,17 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
 
     Returns the folder. Needs no network; takes a few seconds on a CPU.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    # Importing the SD pipeline class warns that CLIP's image processor wants
+    # torchvision; the bundle needs neither, so keep the output clean.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     # 1. Tokenizer shared by the text encoder and CLIP (as SD 1.x shares CLIP's).
