@@ -85,7 +85,13 @@ class SourceImage:
     rgb: np.ndarray | None  # (H, W, 3) float32 sRGB in [0, 1] when the source had colour channels
 
 
-def read_image(data: bytes, name: str, *, max_pixels: int | None = None) -> SourceImage:
+def read_image(
+    data: bytes,
+    name: str,
+    *,
+    max_pixels: int | None = None,
+    tone_config: ToneConfig = ToneConfig(),
+) -> SourceImage:
     """Decode an archival source image from bytes.
 
     Multi-frame files (TIFF pages, animations) give their first frame. Alpha is
@@ -99,6 +105,7 @@ def read_image(data: bytes, name: str, *, max_pixels: int | None = None) -> Sour
             ``Image.MAX_IMAGE_PIXELS``. Pillow's own guard (an error above twice
             that global) stays on, so this can lower the limit; raising it past
             that needs the operator to set ``Image.MAX_IMAGE_PIXELS`` at start-up.
+        tone_config: thresholds for the gray / toned / colour class.
 
     Returns:
         :class:`SourceImage`.
@@ -131,7 +138,10 @@ def read_image(data: bytes, name: str, *, max_pixels: int | None = None) -> Sour
         raise _bad(name, f"format {image.format!r} is not allowed (allowed: TIFF, PNG, JPEG, JPEG2000, WEBP)")
     width, height = image.size
     if limit is not None and width * height > limit:
-        raise _bad(name, f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} (decompression bomb guard)")
+        raise _bad(
+            name,
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} (decompression bomb guard)",
+        )
 
     # 3. Decode everything now, so truncation and corruption surface here.
     try:
@@ -148,8 +158,8 @@ def read_image(data: bytes, name: str, *, max_pixels: int | None = None) -> Sour
     if _is_16bit_rgb_tiff(image):
         rgb16 = _read_16bit_rgb_tiff(data, name, orientation)
         rgb16 = _convert_icc_16bit(rgb16, image.info.get("icc_profile"), name)
-        return _from_rgb(rgb16, 16, image.format, image.mode)
-    return _from_pillow(oriented, image.format, image.mode, name)
+        return _from_rgb(rgb16, 16, image.format, image.mode, tone_config)
+    return _from_pillow(oriented, image.format, image.mode, name, tone_config)
 
 
 def classify_tone(rgb: np.ndarray, config: ToneConfig = ToneConfig()) -> str:
@@ -168,9 +178,10 @@ def classify_tone(rgb: np.ndarray, config: ToneConfig = ToneConfig()) -> str:
         ValueError: on a wrong shape or dtype.
     """
     # 1. A regular subsample is enough for statistics.
-    unit = _as_unit_rgb(rgb)
-    step = max(1, math.ceil(math.sqrt(unit.shape[0] * unit.shape[1] / config.max_samples)))
-    sample = torch.from_numpy(np.ascontiguousarray(unit[::step, ::step], dtype=np.float32))
+    _as_unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) else rgb)  # type check only
+    step = max(1, math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / config.max_samples)))
+    unit = _as_unit_rgb(rgb[::step, ::step])
+    sample = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))
 
     # 2. Chroma and hue of every sampled pixel.
     lab = rgb_to_lab(sample.permute(2, 0, 1)).reshape(3, -1)
@@ -331,7 +342,12 @@ def resize_for_model(gray: np.ndarray, target_pixels: int, multiple: int) -> np.
             or non-positive ``target_pixels`` / ``multiple``.
     """
     # 1. Check inputs.
-    if not isinstance(gray, np.ndarray) or gray.ndim != 2 or gray.size == 0 or not np.issubdtype(gray.dtype, np.floating):
+    if (
+        not isinstance(gray, np.ndarray)
+        or gray.ndim != 2
+        or gray.size == 0
+        or not np.issubdtype(gray.dtype, np.floating)
+    ):
         raise ValueError(f"gray must be a non-empty 2-D float array, got {_describe(gray)}")
     low, high = float(gray.min()), float(gray.max())
     if not (0.0 <= low and high <= 1.0):
@@ -355,7 +371,9 @@ def resize_for_model(gray: np.ndarray, target_pixels: int, multiple: int) -> np.
 # --- reading helpers -------------------------------------------------------------
 
 
-def _from_pillow(image: Image.Image, format_name: str, original_mode: str, name: str) -> SourceImage:
+def _from_pillow(
+    image: Image.Image, format_name: str, original_mode: str, name: str, tone_config: ToneConfig
+) -> SourceImage:
     """SourceImage from a decoded, oriented Pillow image (all but 16-bit RGB TIFF)."""
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -383,7 +401,7 @@ def _from_pillow(image: Image.Image, format_name: str, original_mode: str, name:
         values = np.asarray(image).astype(np.float64) / 255.0
         if values.shape[-1] == 4:
             values = _over_white(values[..., :3], values[..., 3:])
-        return _from_rgb(values, 8, format_name, original_mode)
+        return _from_rgb(values, 8, format_name, original_mode, tone_config)
     raise _bad(name, f"pixel mode {mode!r} is not supported")
 
 
@@ -485,11 +503,11 @@ def _from_gray(gray: np.ndarray, bit_depth: int, format_name: str, mode: str) ->
     )
 
 
-def _from_rgb(rgb: np.ndarray, bit_depth: int, format_name: str, mode: str) -> SourceImage:
+def _from_rgb(rgb: np.ndarray, bit_depth: int, format_name: str, mode: str, tone_config: ToneConfig) -> SourceImage:
     height, width = rgb.shape[:2]
     return SourceImage(
         gray=_gray_keeping_lightness(rgb), bit_depth=bit_depth, width=width, height=height,
-        format=format_name, tone=classify_tone(rgb), mode=mode, rgb=rgb.astype(np.float32),
+        format=format_name, tone=classify_tone(rgb, tone_config), mode=mode, rgb=rgb.astype(np.float32),
     )
 
 

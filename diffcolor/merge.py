@@ -48,8 +48,10 @@ class MergeConfig:
     eps: float = 1e-3
     # Bisection steps of the chroma-only gamut mapping (scale found to 2**-16). Ours.
     gamut_iterations: int = 16
-    # Rows per processing strip (plus a halo); bounds working memory. Ours.
-    strip_rows: int = 512
+    # Source pixels per processing strip, before its halo rows. The working set is
+    # roughly 400 bytes per strip pixel (float32 Lab, filter and gamut-mapping
+    # temporaries), so the default bounds it near 200 MB whatever the image size. Ours.
+    strip_pixels: int = 1 << 19
 
 
 @dataclass
@@ -102,10 +104,13 @@ def merge_full_resolution(
     radius = min(radius, height - 1, width - 1)  # reflect padding needs a window inside the image
     halo = 2 * radius + 1  # a guided filter's output depends on pixels up to 2r away
 
+    # At least two halos of own rows per strip, so the halos never dominate.
+    strip_rows = max(2 * halo, config.strip_pixels // width, 1)
+
     rgb = np.empty((height, width, 3), dtype=out_dtype)
     reduced = np.empty((height, width), dtype=bool)
-    for top in range(0, height, config.strip_rows):
-        bottom = min(height, top + config.strip_rows)
+    for top in range(0, height, strip_rows):
+        bottom = min(height, top + strip_rows)
         lo, hi = max(0, top - halo), min(height, bottom + halo)
 
         # 3. Source L* of the strip plus halo, at full resolution.
@@ -131,7 +136,7 @@ def merge_full_resolution(
     fidelity = lightness_fidelity(gray, rgb, ignore=reduced)
     return MergedImage(
         rgb=rgb,
-        gamut_clipped_fraction=float(reduced.mean()),
+        gamut_clipped_fraction=float(np.count_nonzero(reduced) / reduced.size),
         max_delta_l=fidelity["max_delta_l"],
         mean_delta_l=fidelity["mean_delta_l"],
         ssim_l=fidelity["ssim_l"],
@@ -180,5 +185,5 @@ def _check_inputs(gray: np.ndarray, chroma_ab: torch.Tensor, bit_depth: int, con
         raise ValueError(f"chroma_ab must be a (2, h, w) float tensor, got {described}")
     if not bool(torch.isfinite(chroma_ab).all()):
         raise ValueError("chroma_ab contains NaN or infinite values")
-    if config.strip_rows < 1 or config.min_radius < 1 or config.eps <= 0 or config.radius_per_scale < 0:
+    if config.strip_pixels < 1 or config.min_radius < 1 or config.eps <= 0 or config.radius_per_scale < 0:
         raise ValueError(f"invalid MergeConfig: {config}")

@@ -21,9 +21,10 @@ from diffcolor.color import gray_lightness, lightness
 class FidelityConfig:
     """How luminance fidelity is computed."""
 
-    # Pixels converted to L* per batch; bounds the float64 working memory to a few
-    # times this many values whatever the image size (ours).
-    chunk_pixels: int = 1 << 20
+    # Pixels per strip of rows. The working set is roughly 400 bytes per strip
+    # pixel (float64 L*, SSIM's filtered maps), about 100 MB at this default,
+    # whatever the image size (ours).
+    chunk_pixels: int = 1 << 18
     # SSIM window side in pixels, skimage's default for data without a Gaussian
     # window (Wang et al. 2004 use 11 with a Gaussian; skimage defaults to 7).
     ssim_window: int = 7
@@ -76,8 +77,9 @@ def lightness_fidelity(
     Returns:
         ``{"max_delta_l", "mean_delta_l", "ssim_l"}``: max and mean of
         ``|L*(rgb) - L*(gray)|`` over the pixels not ignored (NaN when all are
-        ignored) and SSIM of the two L* channels (data_range 100; NaN for images
-        smaller than 3x3).
+        ignored) and SSIM of the two L* channels (skimage, data_range 100, mean
+        over the image less half a window at the border; NaN for images smaller
+        than 3x3). Computed strip by strip, equal to one full-image pass.
 
     Raises:
         ValueError: on wrong shapes, dtypes or ranges, or a mask that is not a bool
@@ -85,31 +87,59 @@ def lightness_fidelity(
     """
     # 1. Check inputs.
     gray = _gray_as_float(gray, "gray")
+    _rgb_as_unit_float(rgb[:1, :1] if isinstance(rgb, np.ndarray) else rgb, "rgb")  # type check, no full copy
     if rgb.shape[:2] != gray.shape:
         raise ValueError(f"rgb shape {rgb.shape} does not match gray shape {gray.shape}")
-    if ignore is not None and (ignore.dtype != np.bool_ or ignore.shape != gray.shape):
-        raise ValueError(
-            f"ignore must be a bool array of shape {gray.shape}, got {ignore.dtype} {ignore.shape}"
-        )
-    _rgb_as_unit_float(rgb[:1, :1], "rgb")  # dtype / shape check without a full copy
+    if ignore is not None and (
+        not isinstance(ignore, np.ndarray) or ignore.dtype != np.bool_ or ignore.shape != gray.shape
+    ):
+        raise ValueError(f"ignore must be a bool array of shape {gray.shape}, got {_describe(ignore)}")
 
-    # 2. L* of both images, in float64 chunks of rows.
-    source_l = _lightness_of_gray(gray, config.chunk_pixels)
-    output_l = _lightness_of_rgb(rgb, config.chunk_pixels)
+    # 2. Walk strips of rows: L* of both images in float64, delta statistics on
+    #    the strip's own rows, the SSIM map on the strip plus a halo of half a
+    #    window (so every window is whole and the result equals one full pass).
+    height, width = gray.shape
+    side = min(config.ssim_window, height, width)
+    side -= 1 - side % 2  # skimage wants an odd window no larger than the image
+    pad = max(side, 1) // 2
+    rows = max(1, config.chunk_pixels // width)
+    delta_max, delta_sum, delta_count = -math.inf, 0.0, 0
+    ssim_sum, ssim_count = 0.0, 0
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        lo, hi = max(0, top - pad), min(height, bottom + pad)
+        hi = min(height, max(hi, lo + side))  # at least one whole window tall
+        lo = max(0, min(lo, hi - side))
+        source_l = _lightness_of_gray(gray[lo:hi])
+        output_l = _lightness_of_rgb(rgb[lo:hi])
 
-    # 3. Delta statistics over the kept pixels.
-    delta = np.abs(output_l - source_l)
-    kept = delta if ignore is None else delta[~ignore]
-    if kept.size:
-        max_delta, mean_delta = float(kept.max()), float(kept.mean())
-    else:
-        max_delta = mean_delta = float("nan")
+        core = slice(top - lo, bottom - lo)
+        delta = np.abs(output_l[core] - source_l[core])
+        if ignore is not None:
+            delta = delta[~ignore[top:bottom]]
+        if delta.size:
+            delta_max = max(delta_max, float(delta.max()))
+            delta_sum += float(delta.sum())
+            delta_count += delta.size
 
-    # 4. Structural similarity of the L* channels.
+        # 3. SSIM map, cropped by half a window at the image border as skimage does.
+        if side >= 3:
+            ssim_map = structural_similarity(
+                source_l.astype(np.float32), output_l.astype(np.float32),
+                data_range=100.0, win_size=side, full=True,
+            )[1]
+            first, last = max(top, pad), min(bottom, height - pad)
+            if last > first:
+                kept_map = ssim_map[first - lo : last - lo, pad : width - pad]
+                ssim_sum += float(kept_map.sum(dtype=np.float64))
+                ssim_count += kept_map.size
+
+    # 4. Totals (NaN where there was nothing to measure).
+    nan = float("nan")
     return {
-        "max_delta_l": max_delta,
-        "mean_delta_l": mean_delta,
-        "ssim_l": _ssim_of_lightness(source_l, output_l, config.ssim_window),
+        "max_delta_l": delta_max if delta_count else nan,
+        "mean_delta_l": delta_sum / delta_count if delta_count else nan,
+        "ssim_l": ssim_sum / ssim_count if ssim_count else nan,
     }
 
 
@@ -146,36 +176,12 @@ def summarise(values: list[float]) -> dict:
     }
 
 
-def _lightness_of_gray(gray: np.ndarray, chunk_pixels: int) -> np.ndarray:
-    rows = max(1, chunk_pixels // max(1, gray.shape[1]))
-    out = np.empty(gray.shape, dtype=np.float64)
-    for top in range(0, gray.shape[0], rows):
-        block = torch.from_numpy(np.ascontiguousarray(gray[top : top + rows], dtype=np.float64))
-        out[top : top + rows] = gray_lightness(block).numpy()
-    return out
+def _lightness_of_gray(gray: np.ndarray) -> np.ndarray:
+    return gray_lightness(torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float64))).numpy()
 
 
-def _lightness_of_rgb(rgb: np.ndarray, chunk_pixels: int) -> np.ndarray:
-    rows = max(1, chunk_pixels // max(1, rgb.shape[1]))
-    out = np.empty(rgb.shape[:2], dtype=np.float64)
-    for top in range(0, rgb.shape[0], rows):
-        block = torch.from_numpy(_rgb_as_unit_float(rgb[top : top + rows], "rgb"))
-        out[top : top + rows] = lightness(block.permute(2, 0, 1))[0].numpy()
-    return out
-
-
-def _ssim_of_lightness(source_l: np.ndarray, output_l: np.ndarray, window: int) -> float:
-    # skimage needs an odd window no larger than the image.
-    side = min(window, *source_l.shape)
-    side -= 1 - side % 2
-    if side < 3:
-        return float("nan")
-    # float32 keeps skimage's working arrays at half the size; SSIM needs no more.
-    return float(
-        structural_similarity(
-            source_l.astype(np.float32), output_l.astype(np.float32), data_range=100.0, win_size=side
-        )
-    )
+def _lightness_of_rgb(rgb: np.ndarray) -> np.ndarray:
+    return lightness(torch.from_numpy(_rgb_as_unit_float(rgb, "rgb")).permute(2, 0, 1))[0].numpy()
 
 
 def _gray_as_float(gray: np.ndarray, name: str) -> np.ndarray:
