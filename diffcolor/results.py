@@ -1,0 +1,97 @@
+"""Result records compacted into one Parquet table per run.
+
+Each item version has a JSON record (see :mod:`diffcolor.pipeline`); a run
+collects the records it produced or skipped into ``results.parquet`` with a
+fixed schema: the contract fields of spec section 10 as typed columns, the
+role-keyed fields (``outputs``, ``output_sha256``, ``seconds``) as maps, and the
+whole record as JSON text so nothing is lost. Records are written in batches,
+so the table is built in bounded memory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from diffcolor import storage
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("version", pa.int64()),
+        ("status", pa.string()),
+        ("error_class", pa.string()),
+        ("error_message", pa.string()),
+        ("cache_key", pa.string()),
+        ("source_uri", pa.string()),
+        ("source_sha256", pa.string()),
+        ("outputs", pa.map_(pa.string(), pa.string())),
+        ("output_sha256", pa.map_(pa.string(), pa.string())),
+        ("clip_score", pa.float64()),
+        ("colorfulness", pa.float64()),
+        ("max_delta_l", pa.float64()),
+        ("mean_delta_l", pa.float64()),
+        ("ssim_l", pa.float64()),
+        ("gamut_clipped_fraction", pa.float64()),
+        ("alignment_confidence", pa.float64()),
+        ("seconds", pa.map_(pa.string(), pa.float64())),
+        ("finetune_steps_run", pa.int64()),
+        ("peak_memory_bytes", pa.int64()),
+        ("seed", pa.int64()),
+        ("model_id", pa.string()),
+        ("model_hash", pa.string()),
+        ("software_version", pa.string()),
+        ("preset", pa.string()),
+        ("caption", pa.string()),
+        ("target_prompt", pa.string()),
+        ("smoke_run", pa.bool_()),
+        ("created_at", pa.string()),
+        ("record_json", pa.string()),  # the whole record, for fields without a column
+    ]
+)
+_MAPS = {"outputs", "output_sha256", "seconds"}
+
+
+def _row(record: dict) -> dict:
+    row = {}
+    for name in RESULTS_SCHEMA.names:
+        if name == "record_json":
+            row[name] = json.dumps(record, sort_keys=True, default=str)
+        elif name in _MAPS:
+            row[name] = list((record.get(name) or {}).items())
+        else:
+            row[name] = record.get(name)
+    return row
+
+
+def results_table(records: Iterable[dict]) -> pa.Table:
+    """The records as a table with :data:`RESULTS_SCHEMA`."""
+    return pa.Table.from_pylist([_row(r) for r in records], schema=RESULTS_SCHEMA)
+
+
+def write_results(records: Iterable[dict], uri: str, *, batch_size: int = 10_000) -> int:
+    """Writes ``records`` as one Parquet object at ``uri`` (published whole); returns the row count."""
+    buffer = io.BytesIO()
+    count = 0
+    with pq.ParquetWriter(buffer, RESULTS_SCHEMA, compression="zstd") as writer:
+        batch: list[dict] = []
+        for record in records:
+            batch.append(_row(record))
+            if len(batch) >= batch_size:
+                writer.write_table(pa.Table.from_pylist(batch, schema=RESULTS_SCHEMA))
+                count += len(batch)
+                batch = []
+        if batch or count == 0:
+            writer.write_table(pa.Table.from_pylist(batch, schema=RESULTS_SCHEMA))
+            count += len(batch)
+    storage.write_bytes(uri, buffer.getvalue())
+    return count
+
+
+def read_results(uri: str) -> pa.Table:
+    """A results table written by :func:`write_results`."""
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
