@@ -208,13 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     recolor.add_argument("--seed", type=int, help="default: the item's seed")
     _add_model_options(recolor, required=False)
     recolor.set_defaults(handler=cmd_recolor)
+
+    from diffcolor.manifest import add_manifest_commands
+
+    add_manifest_commands(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Runs the command line; ``parser`` lets the orchestration layer add its commands."""
     from diffcolor.errors import DiffColorError
 
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return args.handler(args)
     except (DiffColorError, ValueError) as error:
