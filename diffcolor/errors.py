@@ -68,3 +68,15 @@ class StorageError(TransientError):
     """A read or write on the storage backend failed in a way worth retrying."""
 
     error_class = "storage"
+
+
+class WorkerLostError(TransientError):
+    """The worker process running an item died (killed, crashed, node lost)."""
+
+    error_class = "worker_lost"
+
+
+class DeviceOutOfMemoryError(TransientError):
+    """The device ran out of memory; a retry on a freshly started worker may fit."""
+
+    error_class = "out_of_memory"

@@ -58,3 +58,12 @@ def gray_tiff16(tmp_path):
     path.parent.mkdir(exist_ok=True)
     Image.fromarray(np.round(gray_scene(900, 1200, seed=3) * 65535).astype(np.uint16)).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect server (SQLite) for the whole session, started once (~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

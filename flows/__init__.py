@@ -1,0 +1,1 @@
+"""Prefect flows over the DiffColor engine: collection runs, reprocessing, the device pool."""

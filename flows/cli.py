@@ -1,0 +1,91 @@
+"""The ``diffcolor`` console command: the engine's commands plus ``run`` and ``reprocess``.
+
+``diffcolor.cli`` holds the commands that need no orchestration (colorize,
+recolor, manifest, tiny-bundle); this module adds the two that start Prefect
+flows, so the engine package itself never imports Prefect. With no
+``PREFECT_API_URL`` set, Prefect runs the flow against a temporary local
+server: nothing to install or start beyond the package.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from diffcolor import cli as engine_cli
+
+
+def _print_summary(summary: dict) -> None:
+    counts = ", ".join(f"{status} {count}" for status, count in sorted(summary["counts"].items()))
+    print(f"run {summary['run_id']}: {counts}")
+    print(f"results: {summary['results']}")
+    print(f"report:  {summary['report']}")
+    if summary["failed_items"]:
+        shown = ", ".join(summary["failed_items"][:20])
+        print(f"failed items: {shown}{' ...' if len(summary['failed_items']) > 20 else ''}")
+
+
+def _finish(state) -> int:
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, dict):
+        _print_summary(summary)
+        return 1 if summary["counts"].get("failed") else 0
+    print(f"diffcolor: error: {state.message or summary}", file=sys.stderr)
+    return 2
+
+
+def cmd_run(args) -> int:
+    from flows.collection import RunOptions, colorize_collection
+
+    options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
+                         force=args.force, device=args.device, allow_download=args.allow_download)
+    return _finish(colorize_collection(args.manifest, args.out, args.model, options, return_state=True))
+
+
+def cmd_reprocess(args) -> int:
+    from diffcolor.errors import PromptError
+    from flows.reprocess import ReprocessOptions, Retarget, read_targets, reprocess
+
+    if args.targets:
+        targets = read_targets(args.targets)
+    else:
+        if not args.items or not (args.target or args.color_map):
+            raise PromptError("give --items with --target or --color-map, or a --targets file")
+        color_map = engine_cli._parse_color_map(args.color_map) or None
+        targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in args.items.split(",")]
+    options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
+                               allow_download=args.allow_download)
+    return _finish(reprocess(args.out, targets, options, return_state=True))
+
+
+def build_parser():
+    parser = engine_cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+
+    run = commands.add_parser("run", help="run the collection flow over a manifest (local Prefect, local device pool)")
+    run.add_argument("manifest", help="Parquet manifest path or URI")
+    run.add_argument("--out", required=True, help="collection output root (path or URI)")
+    run.add_argument("--preset", default="default")
+    run.add_argument("--items", help="comma-separated item ids to run (default: all)")
+    run.add_argument("--force", action="store_true", help="redo done items; colourise colour photographs too")
+    engine_cli._add_model_options(run, required=True)
+    run.set_defaults(handler=cmd_run)
+
+    again = commands.add_parser("reprocess", help="render new targets for selected items from their colour states")
+    again.add_argument("out", metavar="OUTPUT", help="collection output root")
+    again.add_argument("--items", help="comma-separated item ids")
+    again.add_argument("--target", help="new target prompt for every selected item")
+    again.add_argument("--color-map", help="JSON colour map for every selected item")
+    again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map")
+    again.add_argument("--seed", type=int)
+    engine_cli._add_model_options(again, required=False)
+    again.set_defaults(handler=cmd_reprocess)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return engine_cli.main(argv, parser=build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

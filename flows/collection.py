@@ -1,0 +1,214 @@
+"""The collection run: manifest in, derivatives, results and report out.
+
+The flow body reads as the script it is: validate, plan, start the device
+pool, submit the items in bounded windows, collect, write the run's results
+and report. Item work happens in :func:`colorize_item_task`, a thin task
+around :func:`diffcolor.pipeline.colorize_item` run on a pool worker that keeps
+the models loaded. Transient faults (storage, lost worker, out of memory) are
+retried with backoff and resume from the item's checkpoints; permanent ones
+(bad image, bad prompt) fail the item at once. One failed item never fails
+the others; the flow ends Failed, with the summary, when any item failed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from diffcolor import storage
+from diffcolor.errors import DiffColorError, PermanentError, TransientError
+from diffcolor.manifest import ManifestError, read_items, validate_manifest
+from diffcolor.pipeline import ItemRequest, failure_record
+from diffcolor.planning import (
+    config_hash,
+    item_prefix,
+    plan_items,
+    read_done_index,
+    run_prefix,
+    update_done_index,
+)
+from diffcolor.presets import get_preset
+from diffcolor.report import write_report
+from diffcolor.results import write_results
+from flows import worker
+from flows.pool import DevicePool, ModelSpec
+
+RETRY_DELAYS = [5, 30, 120]  # seconds: storage blips and restarted workers recover within these
+_POOLS: dict[str, DevicePool] = {}  # run id -> pool; tasks look their pool up here (pools do not pickle)
+
+
+class RunOptions(BaseModel):
+    """How a collection run is carried out (shown as a form in the Prefect UI)."""
+
+    preset: str = Field("default", description="smoke, default or paper-scale")
+    clip: str | None = Field(None, description="CLIP folder or hub id (default: the bundle's clip/ or ViT-L/14)")
+    items: list[str] | None = Field(None, description="only these item ids")
+    force: bool = Field(False, description="redo done items and colourise colour photographs too")
+    device: str = Field("auto", description="auto (every visible GPU, else CPU), cuda or cpu")
+    window: int | None = Field(None, description="items in flight at once (default: 2 per worker)")
+    retries: int = Field(3, description="retries of an item after a transient fault")
+    allow_download: bool = Field(False, description="let models be fetched from the hub")
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry only transient faults (storage, lost worker, out of memory)."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="colorize-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
+      task_run_name="colorize {request.item_id}")
+def colorize_item_task(run_id: str, request: ItemRequest, prefix: str, config_dict: dict, preset: str) -> list[dict]:
+    """Runs one item on a pool worker; raises the item's error for Prefect's retry decision."""
+    return _POOLS[run_id].run(worker.run_colorize, request, prefix, config_dict, preset)
+
+
+def _record_of_failure(request: ItemRequest, error: BaseException, preset: str) -> dict:
+    record = failure_record(request, error, preset=preset)
+    if not isinstance(error, DiffColorError):
+        record["error_class"] = "internal"
+        record["error_message"] = f"{type(error).__name__}: {error}"
+    return record
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_items(run_id: str, pool: DevicePool, planned, output: str, config_dict: dict, preset: str,
+              window: int, retries: int, on_record) -> None:
+    """Submits the planned items at most ``window`` at a time; calls ``on_record`` per record."""
+    item_task = colorize_item_task.with_options(retries=retries, retry_delay_seconds=RETRY_DELAYS[:max(retries, 1)])
+    in_flight: dict = {}
+
+    def collect(future) -> None:
+        request = in_flight.pop(future)
+        try:
+            records = future.result()
+        except Exception as error:  # the item failed for good: its record says why
+            records = [_record_of_failure(request, error, preset)]
+        for record in records:
+            on_record(record)
+
+    for item in planned:
+        if item.skip:
+            on_record({"item_id": item.request.item_id, "status": "skipped_done", "plan_key": item.plan_key,
+                       "source_uri": item.request.source_uri, "caption": item.request.caption})
+            continue
+        while len(in_flight) >= window:
+            collect(next(as_completed(list(in_flight))))
+        future = item_task.submit(run_id, item.request, item_prefix(output, item.request.item_id), config_dict, preset)
+        in_flight[future] = item.request
+    for future in as_completed(list(in_flight)):
+        collect(future)
+
+
+@flow(name="colorize-collection", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+def colorize_collection(manifest: str, output: str, model: str, options: RunOptions = RunOptions()) -> dict:
+    """Colourises every pending item of ``manifest`` into ``output`` (fsspec URIs).
+
+    Returns the run summary. The flow run ends Failed when any item failed.
+    """
+    logger = get_run_logger()
+    run_id = new_run_id()
+    config = get_preset(options.preset)
+    config_dict = config.to_dict()
+
+    # 1. Validate the manifest before any GPU work.
+    problems = validate_manifest(manifest)
+    if problems:
+        raise ManifestError(problems, manifest)
+
+    # 2. Start the pool: one long-lived worker per GPU, models loaded once.
+    pool = DevicePool(ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download), device=options.device)
+    _POOLS[run_id] = pool
+    try:
+        model_hash = pool.describe()[0]["model_hash"]
+
+        # 3. Plan: skip what the done-index lists as done, stream the rest.
+        requests = read_items(manifest, items=set(options.items) if options.items else None, force=options.force)
+        planned = plan_items(requests, read_done_index(output), config_hash=config_hash(config_dict),
+                             model_hash=model_hash, force=options.force)
+
+        # 4. Run the items, windowed, and follow progress.
+        records: list[dict] = []
+        index_entries: list[tuple] = []
+        total = _count(manifest, options.items)
+        progress = create_progress_artifact(0.0, key="colorize-collection-progress", description=f"run {run_id}")
+        keys: dict[str, str] = {}
+
+        def on_record(record: dict) -> None:
+            records.append(record)
+            if record["status"] in ("done", "skipped_done"):
+                keys.setdefault(record["item_id"], record.get("plan_key", ""))
+            if len(records) % max(1, total // 100) == 0 or len(records) == total:
+                update_progress_artifact(progress, min(100.0, 100.0 * len(records) / max(total, 1)))
+
+        run_items(run_id, pool, _with_keys(planned, keys), output, config_dict, options.preset,
+                  options.window or 2 * pool.size, options.retries, on_record)
+    finally:
+        _POOLS.pop(run_id, None)
+        pool.close()
+
+    # 5. Results, done-index, report and summary.
+    for record in records:
+        if record["status"] in ("done", "skipped_done", "not_grayscale") and record["item_id"] in keys:
+            index_entries.append((record["item_id"], keys[record["item_id"]], "done" if record["status"] != "not_grayscale" else "not_grayscale", record.get("version")))
+    prefix = run_prefix(output, run_id)
+    write_results(records, storage.join(prefix, "results.parquet"))
+    update_done_index(output, index_entries)
+    write_report(records, storage.join(prefix, "report.html"), run_id=run_id)
+    summary = _summary(records, run_id, prefix)
+    _publish_summary(summary, records)
+    logger.info("run %s: %s", run_id, summary["counts"])
+    if summary["counts"].get("failed"):
+        return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
+    return Completed(message=f"run {run_id} done", data=summary)
+
+
+def _with_keys(planned, keys: dict[str, str]):
+    for item in planned:
+        keys[item.request.item_id] = item.plan_key
+        yield item
+
+
+def _count(manifest: str, items: list[str] | None) -> int:
+    from diffcolor.manifest import count_rows
+
+    return len(items) if items else count_rows(manifest)
+
+
+def _summary(records: list[dict], run_id: str, prefix: str) -> dict:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    return {"run_id": run_id, "counts": counts, "results": storage.join(prefix, "results.parquet"),
+            "report": storage.join(prefix, "report.html"),
+            "failed_items": [r["item_id"] for r in records if r["status"] == "failed"]}
+
+
+def _publish_summary(summary: dict, records: list[dict]) -> None:
+    rows = [{"item": r["item_id"], "status": r["status"], "version": r.get("version"),
+             "max dL*": None if r.get("max_delta_l") is None else round(r["max_delta_l"], 3),
+             "colourfulness": None if r.get("colorfulness") is None else round(r["colorfulness"], 1),
+             "error": r.get("error_message")} for r in records[:1000]]
+    create_table_artifact(rows, key="colorize-collection-items", description=f"run {summary['run_id']} (first 1000 items)")
+    create_markdown_artifact(
+        f"### Run {summary['run_id']}\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in sorted(summary["counts"].items()))
+        + f"\n\nResults: `{summary['results']}`  \nReport: `{summary['report']}`",
+        key="colorize-collection-summary",
+    )

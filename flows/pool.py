@@ -1,0 +1,143 @@
+"""The device pool: one long-lived worker process per GPU (one CPU worker without GPUs).
+
+Each worker is a single-process ``ProcessPoolExecutor`` started with the
+``spawn`` method, its GPU pinned through ``CUDA_VISIBLE_DEVICES``, and its models
+loaded once by the initializer (:mod:`flows.worker`). Tasks borrow a free
+worker, run one item on it and give it back, so a worker never holds two items
+and models stay loaded between items. A worker that dies (killed, crashed,
+node lost) surfaces as :class:`WorkerLostError`, a transient error the flow
+retries; the slot is restarted with a fresh process first, and the retried
+item resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+from diffcolor.errors import WorkerLostError
+from flows import worker
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every worker loads."""
+
+    model: str
+    clip: str | None = None
+    allow_download: bool = False
+
+
+class _Slot:
+    def __init__(self, index: int, device: str, visible: str | None, spec: ModelSpec, threads: int | None):
+        self.index, self.device, self.visible, self.spec, self.threads = index, device, visible, spec, threads
+        self.executor: ProcessPoolExecutor | None = None
+        self.start()
+
+    def start(self) -> None:
+        env = {} if self.visible is None else {"CUDA_VISIBLE_DEVICES": self.visible}
+        self.executor = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=worker.init_worker,
+            initargs=(self.spec.model, self.spec.clip, self.device, self.spec.allow_download, self.threads, env),
+        )
+
+    def restart(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        self.start()
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the GPUs this process may use."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+class _InlineSlot:
+    """Runs items in the calling process (``device='inline'``): for debugging and fault-injection tests."""
+
+    index, device = 0, "inline"
+
+    def __init__(self, spec: ModelSpec):
+        worker.init_worker(spec.model, spec.clip, "cpu", spec.allow_download, None, {})
+        self.executor = self
+
+    def submit(self, function, *args):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # handed to the caller through the future, as a process pool would
+            future.set_exception(error)
+        return future
+
+    def shutdown(self, **_):
+        pass
+
+    _processes: dict = {}
+
+
+class DevicePool:
+    """A fixed set of worker slots, one per device."""
+
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", cpu_threads: int | None = None):
+        if device == "inline":
+            self._setup([_InlineSlot(spec)])
+            return
+        gpus = visible_gpus() if device in ("auto", "cuda") else []
+        if device == "cuda" and not gpus:
+            raise WorkerLostError("device 'cuda' requested but no GPU is visible")
+        if gpus:
+            slots = [_Slot(i, "cuda", str(gpu), spec, None) for i, gpu in enumerate(gpus)]
+        else:
+            slots = [_Slot(0, "cpu", None, spec, cpu_threads or max(1, (os.cpu_count() or 1)))]
+        self._setup(slots)
+
+    def _setup(self, slots) -> None:
+        self.slots = slots
+        self._free: queue.Queue[_Slot] = queue.Queue()
+        for slot in slots:
+            self._free.put(slot)
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def run(self, function, *args):
+        """Runs ``function(*args)`` on a free worker and returns its result.
+
+        Raises WorkerLostError (transient) when the worker died meanwhile, after
+        restarting that slot; the function's own exceptions pass through.
+        """
+        slot = self._free.get()
+        try:
+            try:
+                return slot.executor.submit(function, *args).result()
+            except BrokenProcessPool:
+                with self._lock:
+                    slot.restart()
+                raise WorkerLostError(f"the worker on slot {slot.index} ({slot.device}) died while running the item") from None
+        finally:
+            self._free.put(slot)
+
+    def describe(self) -> list[dict]:
+        """Each worker's pid and device (starts the workers if they are not yet up)."""
+        return [self.run(worker.describe) for _ in self.slots]
+
+    def worker_pids(self) -> list[int]:
+        return [pid for slot in self.slots for pid in (slot.executor._processes or {}).keys()]
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot.executor is not None:
+                slot.executor.shutdown(wait=True, cancel_futures=True)

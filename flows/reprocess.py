@@ -1,0 +1,149 @@
+"""Reprocessing: new target prompts for selected items, rendered from stored colour states.
+
+A curator names items and new targets (one target or colour map for all of
+them, or a Parquet file of ``item_id`` plus ``target_prompt`` and/or
+``color_map`` rows). Items with a colour state render in seconds, with no
+fine-tuning; an item without a state falls back to a full fit from its last
+record (source, caption, seed). Each render adds a version; nothing is
+overwritten.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from diffcolor import storage
+from diffcolor.errors import PromptError, StateError
+from diffcolor.pipeline import ItemLayout, ItemRequest
+from diffcolor.planning import item_prefix, run_prefix
+from diffcolor.presets import get_preset
+from diffcolor.report import write_report
+from diffcolor.results import write_results
+from flows import worker
+from flows.collection import RETRY_DELAYS, _POOLS, _publish_summary, _record_of_failure, _summary, is_transient, new_run_id
+from flows.pool import DevicePool, ModelSpec
+
+
+class Retarget(BaseModel):
+    """One new target for one item."""
+
+    item_id: str
+    target_prompt: str | None = None
+    color_map: dict[str, str] | None = None
+
+
+class ReprocessOptions(BaseModel):
+    """Shown as a form in the Prefect UI."""
+
+    model: str | None = Field(None, description="default: the model recorded for the first item")
+    clip: str | None = None
+    device: str = "auto"
+    retries: int = 3
+    seed: int | None = Field(None, description="default: each item's seed")
+    preset: str = Field("default", description="preset of the full fit for items without a colour state")
+    allow_download: bool = False
+
+
+def read_targets(uri: str) -> list[Retarget]:
+    """Targets from a Parquet file with ``item_id`` and ``target_prompt`` and/or ``color_map`` columns."""
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    if "item_id" not in table.column_names or not {"target_prompt", "color_map"} & set(table.column_names):
+        raise PromptError(f"targets file '{uri}' needs item_id and target_prompt or color_map columns")
+    targets = []
+    for row in table.to_pylist():
+        color_map = row.get("color_map")
+        if isinstance(color_map, list):  # pyarrow map columns come back as key/value pairs
+            color_map = dict(color_map)
+        elif isinstance(color_map, str):
+            color_map = json.loads(color_map)
+        targets.append(Retarget(item_id=row["item_id"], target_prompt=row.get("target_prompt"), color_map=color_map or None))
+    return targets
+
+
+@task(name="recolor-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient, task_run_name="recolor {prefix}")
+def recolor_item_task(run_id: str, prefix: str, target: str | None, color_map: dict | None, seed: int | None) -> list[dict]:
+    return [_POOLS[run_id].run(worker.run_recolor, prefix, target, color_map, seed)]
+
+
+@task(name="refit-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient, task_run_name="refit {request.item_id}")
+def refit_item_task(run_id: str, request: ItemRequest, prefix: str, config_dict: dict, preset: str) -> list[dict]:
+    return _POOLS[run_id].run(worker.run_colorize, request, prefix, config_dict, preset)
+
+
+@flow(name="reprocess", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = ReprocessOptions()) -> dict:
+    """Renders ``targets`` for their items under the collection ``output``; returns the run summary."""
+    logger = get_run_logger()
+    run_id = new_run_id()
+
+    # 1. What each item is: its latest record (source, caption, seed, model).
+    previous = {}
+    for target in targets:
+        layout = ItemLayout(item_prefix(output, target.item_id))
+        if target.item_id not in previous:
+            previous[target.item_id] = storage.read_json(layout.result) if storage.exists(layout.result) else None
+    known = [r for r in previous.values() if r and r.get("model_id")]
+    model = options.model or (known[0]["model_id"] if known else None)
+
+    records: list[dict] = []
+    if model is None:
+        records = [{"item_id": t.item_id, "status": "failed", "error_class": "bad_state",
+                    "error_message": "the item has never been colourised in this output"} for t in targets]
+    else:
+        # 2. The device pool, models loaded once.
+        pool = DevicePool(ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download), device=options.device)
+        _POOLS[run_id] = pool
+        try:
+            futures = {}
+            config_dict = get_preset(options.preset).to_dict()
+            for target in targets:
+                prefix = item_prefix(output, target.item_id)
+                record = previous[target.item_id]
+                if record is None or not record.get("source_uri"):
+                    records.append({"item_id": target.item_id, "status": "failed", "error_class": StateError.error_class,
+                                    "error_message": "the item has never been colourised in this output"})
+                    continue
+                # 3. Render from the state, or fit again where there is none.
+                has_state = storage.exists(storage.join(ItemLayout(prefix).state, "color-state.safetensors"))
+                if has_state:
+                    future = recolor_item_task.with_options(retries=options.retries, retry_delay_seconds=RETRY_DELAYS).submit(
+                        run_id, prefix, target.target_prompt, target.color_map, options.seed)
+                else:
+                    request = ItemRequest(
+                        item_id=target.item_id, source_uri=record["source_uri"], caption=record["caption"],
+                        targets=(target.target_prompt,) if target.target_prompt else (), color_map=target.color_map or {},
+                        seed=record.get("seed", 0) if options.seed is None else options.seed,
+                        catalogue=record.get("catalogue") or {},
+                    )
+                    future = refit_item_task.with_options(retries=options.retries, retry_delay_seconds=RETRY_DELAYS).submit(
+                        run_id, request, prefix, config_dict, options.preset)
+                futures[future] = target
+            for future in as_completed(list(futures)):
+                try:
+                    records += future.result()
+                except Exception as error:
+                    target = futures[future]
+                    records.append(_record_of_failure(ItemRequest(item_id=target.item_id, source_uri="", caption=""), error, ""))
+        finally:
+            _POOLS.pop(run_id, None)
+            pool.close()
+
+    # 4. The run's results and report.
+    prefix = run_prefix(output, run_id)
+    write_results(records, storage.join(prefix, "results.parquet"))
+    write_report(records, storage.join(prefix, "report.html"), run_id=run_id)
+    summary = _summary(records, run_id, prefix)
+    _publish_summary(summary, records)
+    logger.info("reprocess %s: %s", run_id, summary["counts"])
+    if summary["counts"].get("failed"):
+        return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
+    return Completed(message=f"reprocess {run_id} done", data=summary)

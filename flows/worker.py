@@ -1,0 +1,67 @@
+"""What runs inside a long-lived pool worker process: models loaded once, items one by one.
+
+This module is imported in fresh worker processes; it holds the loaded models
+in a module global, so every item a worker runs reuses them (no per-item
+model load). It imports no Prefect: the worker is plain DiffColor.
+"""
+
+from __future__ import annotations
+
+import os
+
+_MODELS = None
+_DESCRIPTION: dict = {}
+
+
+def init_worker(model: str, clip: str | None, device: str, allow_download: bool, threads: int | None,
+                env: dict[str, str]) -> None:
+    """Process initializer: pins the device (CUDA_VISIBLE_DEVICES is in ``env``) and loads the models."""
+    global _MODELS, _DESCRIPTION
+    os.environ.update(env)
+    import torch
+
+    from diffcolor.models import load_models
+
+    if threads:
+        torch.set_num_threads(threads)
+    _MODELS = load_models(model, clip=clip, device=device, allow_download=allow_download)
+    _DESCRIPTION = {"pid": os.getpid(), "device": device, "visible": env.get("CUDA_VISIBLE_DEVICES"),
+                    "model_hash": _MODELS.model_hash}
+
+
+def describe() -> dict:
+    """Which process and device this worker is, and the models it holds."""
+    return dict(_DESCRIPTION)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[dict]:
+    """Colourises one item with the worker's models (see diffcolor.pipeline.colorize_item)."""
+    from diffcolor.errors import DeviceOutOfMemoryError
+    from diffcolor.pipeline import colorize_item
+    from diffcolor.presets import PipelineConfig
+
+    try:
+        return colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset)
+    except RuntimeError as error:
+        if _out_of_memory(error):
+            raise DeviceOutOfMemoryError(f"item '{request.item_id}': device out of memory") from None
+        raise
+
+
+def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: int | None) -> dict:
+    """Renders a new target from an item's stored colour state (no fine-tuning)."""
+    from diffcolor.errors import DeviceOutOfMemoryError
+    from diffcolor.pipeline import recolor_item
+
+    try:
+        return recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed)
+    except RuntimeError as error:
+        if _out_of_memory(error):
+            raise DeviceOutOfMemoryError(f"'{prefix}': device out of memory") from None
+        raise
