@@ -34,9 +34,10 @@ from diffcolor import __version__, storage
 from diffcolor.align import Alignment, align_chroma
 from diffcolor.color import rgb_to_lab
 from diffcolor.diffusion import clip_score
-from diffcolor.errors import DiffColorError, InputUnavailableError, NotGrayscaleError, StateError
+from diffcolor.errors import DiffColorError, NotGrayscaleError, StateError
 from diffcolor.images import SourceImage, encode_access, encode_master, read_image, resize_for_model
 from diffcolor.merge import merge_full_resolution
+from diffcolor.metadata import xmp_for_format
 from diffcolor.metrics import colorfulness
 from diffcolor.models import Models
 from diffcolor.presets import PipelineConfig
@@ -143,6 +144,7 @@ def _base_record(request: ItemRequest, models: Models | None, preset: str, sourc
         "model_id": None if models is None else models.model_id,
         "clip_model_id": None if models is None else models.clip_id,
         "model_hash": None if models is None else models.model_hash,
+        "weight_sha256": {} if models is None else dict(models.weight_sha256),
         "smoke_run": None if models is None else models.random_weights,
         "software": SOFTWARE,
         "software_version": __version__,
@@ -255,9 +257,12 @@ def _write_version(models: Models, source: SourceImage, layout: ItemLayout, vers
     record["seconds"]["merge"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    master = encode_master(merged.rgb)
-    access_ext = "png" if config.access_format.upper() == "PNG" else "jpg"
-    access = encode_access(merged.rgb, format=config.access_format.upper(), max_side=config.access_max_side)
+    # Provenance embedded in both files (spec section 4); a JPEG gets shortened free texts if they do not fit.
+    access_format = config.access_format.upper()
+    master = encode_master(merged.rgb, xmp=xmp_for_format(record, "TIFF"))
+    access = encode_access(merged.rgb, format=access_format, max_side=config.access_max_side,
+                           xmp=xmp_for_format(record, access_format))
+    access_ext = {"JPEG": "jpg", "JPG": "jpg", "PNG": "png", "WEBP": "webp"}[access_format]
     outputs = {"master": layout.output(version, "master.tif"), "access": layout.output(version, f"access.{access_ext}")}
     storage.write_bytes(outputs["master"], master)
     storage.write_bytes(outputs["access"], access)

@@ -9,7 +9,7 @@ server: nothing to install or start beyond the package.
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 
 from diffcolor import cli as engine_cli
@@ -84,6 +84,8 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Archives run air-gapped: Prefect's usage telemetry has nowhere to go.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return engine_cli.main(argv, parser=build_parser())
 
 

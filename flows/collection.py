@@ -12,7 +12,7 @@ the others; the flow ends Failed, with the summary, when any item failed.
 
 from __future__ import annotations
 
-import os
+import itertools
 import uuid
 from datetime import datetime, timezone
 
@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from diffcolor import storage
 from diffcolor.errors import DiffColorError, PermanentError, TransientError
-from diffcolor.manifest import ManifestError, read_items, validate_manifest
+from diffcolor.manifest import read_items
 from diffcolor.pipeline import ItemRequest, failure_record
 from diffcolor.planning import (
     config_hash,
@@ -128,10 +128,12 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     config = get_preset(options.preset)
     config_dict = config.to_dict()
 
-    # 1. Validate the manifest before any GPU work.
-    problems = validate_manifest(manifest)
-    if problems:
-        raise ManifestError(problems, manifest)
+    # 1. Validate the manifest (and the selected ids) before any GPU work.
+    #    read_items validates the whole manifest on its first read and raises
+    #    ManifestError naming every bad row; unknown --items are refused too.
+    requests = read_items(manifest, items=set(options.items) if options.items else None, force=options.force)
+    first = next(requests, None)
+    requests = itertools.chain([first] if first is not None else [], requests)
 
     # 2. Start the pool: one long-lived worker per GPU, models loaded once.
     pool = DevicePool(ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download), device=options.device)
@@ -140,7 +142,6 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         model_hash = pool.describe()[0]["model_hash"]
 
         # 3. Plan: skip what the done-index lists as done, stream the rest.
-        requests = read_items(manifest, items=set(options.items) if options.items else None, force=options.force)
         planned = plan_items(requests, read_done_index(output), config_hash=config_hash(config_dict),
                              model_hash=model_hash, force=options.force)
 

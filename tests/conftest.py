@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from s3server import s3_bucket, s3_endpoint  # noqa: F401  (real S3 API on loopback)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,14 @@ def test_16bit_scan_gives_16bit_master_of_the_same_size_with_the_same_lightness(
     assert _sha256(gray_tiff16) == source_sha == record["source_sha256"]
     assert record["target_prompt"].startswith("a brown dog")
     assert record["output_sha256"]["master"] == _sha256(record["outputs"]["master"])
+    # Both files carry the provenance, labelled as AI-composited and as a smoke run.
+    from diffcolor.metadata import DIGITAL_SOURCE_TYPE, read_xmp
+
+    for role in ("master", "access"):
+        xmp = read_xmp(open(record["outputs"][role], "rb").read())
+        assert xmp["digital_source_type"] == DIGITAL_SOURCE_TYPE
+        assert xmp["source_sha256"] == source_sha and xmp["seed"] == 0 and xmp["smoke_run"] is True
+        assert xmp["target_prompt"] == record["target_prompt"] and xmp["model_hash"] == models.model_hash
 
 
 def test_same_seed_same_pixels_other_seed_other_chroma(models, smoke, tmp_path, gray_png):

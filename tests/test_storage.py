@@ -1,0 +1,349 @@
+"""Storage publishes whole objects only, on local disk, memory:// and a real S3 API (moto)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from diffcolor import storage
+from diffcolor.errors import InputUnavailableError, StorageError
+from s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, s3_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures)
+
+MIB = 2**20
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    """S3 transfers with 5 MiB parts (S3's minimum) above 6 MiB, so a 12 MB object goes in 3 parts."""
+    monkeypatch.setattr(storage, "S3_MULTIPART_THRESHOLD", 6 * MIB)
+    monkeypatch.setattr(storage, "S3_PART_SIZE", 5 * MIB)
+
+
+def _wrap_s3_calls(monkeypatch, before) -> None:
+    """Runs ``before(method, kwargs)`` ahead of every S3 API call s3fs makes.
+
+    s3fs reaches the API through ``_call_s3`` (its async methods) or the sync
+    ``call_s3`` (which holds its own reference to the original coroutine), so both
+    are wrapped: every call passes through ``before`` exactly once.
+    """
+    import s3fs
+
+    original_async, original_sync = s3fs.S3FileSystem._call_s3, s3fs.S3FileSystem.call_s3
+
+    async def wrapped_async(self, method, *args, **kwargs):
+        before(method, kwargs)
+        return await original_async(self, method, *args, **kwargs)
+
+    def wrapped_sync(self, method, *args, **kwargs):
+        before(method, kwargs)
+        return original_sync(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", wrapped_async)
+    monkeypatch.setattr(s3fs.S3FileSystem, "call_s3", wrapped_sync)
+
+
+@pytest.fixture
+def s3_calls(monkeypatch):
+    """Records every S3 API call: (method, PartNumber or None)."""
+    calls: list[tuple[str, int | None]] = []
+    _wrap_s3_calls(monkeypatch, lambda method, kwargs: calls.append((method, kwargs.get("PartNumber"))))
+    return calls
+
+
+def _fail_s3_call(monkeypatch, method: str, part_number: int | None, error: BaseException) -> None:
+    """Makes the S3 API call ``method`` (that part only, when given) raise ``error``, as a network fault would."""
+
+    def before(called, kwargs):
+        if called == method and part_number in (None, kwargs.get("PartNumber")):
+            raise error
+
+    _wrap_s3_calls(monkeypatch, before)
+
+
+def _open_uploads(endpoint: str, bucket_uri: str) -> list:
+    return s3_client(endpoint).list_multipart_uploads(Bucket=bucket_uri.removeprefix("s3://")).get("Uploads", [])
+
+
+def _payload(size: int, seed: int) -> bytes:
+    return os.urandom(16) + bytes([seed]) * (size - 16)
+
+
+# ---------------------------------------------------------------------------
+# S3 (moto server on loopback).
+
+
+def test_s3_small_and_large_objects_round_trip(s3_bucket, s3_endpoint, small_parts, s3_calls):
+    small, large = _payload(1000, 1), _payload(12 * 10**6, 2)
+
+    storage.write_bytes(storage.join(s3_bucket, "item", "small.bin"), small)
+    storage.write_bytes(storage.join(s3_bucket, "item", "large.bin"), large)
+
+    assert storage.read_bytes(storage.join(s3_bucket, "item", "small.bin")) == small
+    assert storage.read_bytes(storage.join(s3_bucket, "item", "large.bin")) == large
+    # The small one is one PUT; the large one three parts, committed.
+    methods = [method for method, _ in s3_calls]
+    assert methods.count("put_object") == 1
+    assert sorted(part for method, part in s3_calls if method == "upload_part") == [1, 2, 3]
+    assert methods.count("complete_multipart_upload") == 1
+    assert _open_uploads(s3_endpoint, s3_bucket) == []
+
+
+def test_s3_json_round_trip(s3_bucket):
+    uri = storage.join(s3_bucket, "records", "v1.json")
+    storage.write_json(uri, {"prompt": "a <red> barn & sky, é"})
+    assert storage.read_json(uri) == {"prompt": "a <red> barn & sky, é"}
+
+
+def test_s3_failure_mid_multipart_leaves_no_object_and_no_open_upload(s3_bucket, s3_endpoint, small_parts, s3_calls,
+                                                                      monkeypatch):
+    uri = storage.join(s3_bucket, "item", "master.tif")
+    _fail_s3_call(monkeypatch, "upload_part", 2, OSError("connection reset (injected) on part 2"))
+
+    with pytest.raises(StorageError, match="writing 's3://.*master.tif' failed"):
+        storage.write_bytes(uri, _payload(12 * 10**6, 3))
+
+    # An upload was opened and part 1 stored (moto lists such uploads), then aborted.
+    assert [call for call in s3_calls if call[0] != "head_object"][:3] == [
+        ("create_multipart_upload", None), ("upload_part", 1), ("abort_multipart_upload", None)]
+    assert not storage.exists(uri)
+    assert storage.list_files(storage.join(s3_bucket, "item")) == []
+    assert _open_uploads(s3_endpoint, s3_bucket) == []
+
+
+def test_s3_failed_rewrite_keeps_the_previous_object_whole(s3_bucket, s3_endpoint, small_parts, monkeypatch):
+    uri = storage.join(s3_bucket, "item", "master.tif")
+    previous = _payload(7 * 10**6, 4)
+    storage.write_bytes(uri, previous)
+    _fail_s3_call(monkeypatch, "complete_multipart_upload", None, OSError("endpoint went away (injected)"))
+
+    with pytest.raises(StorageError):
+        storage.write_bytes(uri, _payload(12 * 10**6, 5))
+
+    assert storage.read_bytes(uri) == previous
+    assert _open_uploads(s3_endpoint, s3_bucket) == []
+
+
+def test_s3_interrupt_mid_multipart_aborts_the_upload(s3_bucket, s3_endpoint, small_parts, monkeypatch):
+    # A KeyboardInterrupt (or a cancelled task) arriving while part 2 is sent.
+    _fail_s3_call(monkeypatch, "upload_part", 2, KeyboardInterrupt())
+    uri = storage.join(s3_bucket, "item", "access.jpg")
+
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes(uri, _payload(12 * 10**6, 6))
+
+    assert not storage.exists(uri)
+    assert _open_uploads(s3_endpoint, s3_bucket) == []
+
+
+def test_s3_concurrent_writers_of_one_key_leave_exactly_one_payload(s3_bucket, s3_endpoint, small_parts):
+    uri = storage.join(s3_bucket, "item", "result.json")
+    payloads = [_payload(12 * 10**6, 7), _payload(12 * 10**6, 8)]
+    barrier = threading.Barrier(len(payloads))
+    errors: list[BaseException] = []
+
+    def write(payload: bytes) -> None:
+        try:
+            barrier.wait()
+            storage.write_bytes(uri, payload)
+        except BaseException as error:  # handed to the main thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(payload,)) for payload in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert storage.read_bytes(uri) in payloads
+    assert _open_uploads(s3_endpoint, s3_bucket) == []
+
+
+def test_s3_exists_and_listing_see_objects_written_by_another_filesystem(s3_bucket, s3_endpoint):
+    import s3fs
+
+    prefix = storage.join(s3_bucket, "item")
+    storage.write_bytes(storage.join(prefix, "a.txt"), b"a")
+    assert storage.list_files(prefix) == [storage.join(prefix, "a.txt")]
+    assert not storage.exists(storage.join(prefix, "b.txt"))
+    fs, path = storage.filesystem(prefix)
+    fs.ls(path)  # the shared instance now holds a listing of the prefix in its cache
+
+    # Another worker (a separate filesystem instance, own cache) writes b.txt.
+    other = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=s3_endpoint)
+    other.pipe_file(f"{path}/b.txt", b"b")
+
+    assert f"{path}/b.txt" not in fs.ls(path)  # the cache really is stale ...
+    assert storage.exists(storage.join(prefix, "b.txt"))  # ... and storage does not trust it
+    assert storage.list_files(prefix) == [storage.join(prefix, "a.txt"), storage.join(prefix, "b.txt")]
+    storage.remove(storage.join(prefix, "a.txt"))
+    assert storage.list_files(prefix) == [storage.join(prefix, "b.txt")]
+
+
+def test_s3_missing_object_or_bucket_is_input_unavailable(s3_bucket):
+    with pytest.raises(InputUnavailableError, match="does-not-exist.tif' does not exist"):
+        storage.read_bytes(storage.join(s3_bucket, "does-not-exist.tif"))
+    with pytest.raises(InputUnavailableError, match="does not exist"):
+        storage.read_bytes("s3://diffcolor-no-such-bucket/x.tif")
+    assert storage.list_files(storage.join(s3_bucket, "nothing-here")) == []
+
+
+def test_s3_access_denied_is_input_unavailable_and_shows_no_credentials(s3_bucket, monkeypatch):
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    # What S3 answers on a 403, with the credentials planted in the text to prove redaction.
+    denied = ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": f"Access Denied for {FAKE_ACCESS_KEY}/{FAKE_SECRET_KEY}"}},
+        "GetObject",
+    )
+    uri = storage.join(s3_bucket, "private", "scan.tif")
+    storage.write_bytes(uri, b"scan")
+    _fail_s3_call(monkeypatch, "get_object", None, translate_boto_error(denied))
+
+    with pytest.raises(InputUnavailableError) as caught:
+        storage.read_bytes(uri)
+
+    message = str(caught.value)
+    assert uri in message and "permission denied" in message
+    assert FAKE_SECRET_KEY not in message and FAKE_ACCESS_KEY not in message
+
+
+def test_s3_other_backend_errors_are_transient_storage_errors(s3_bucket, monkeypatch):
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    busy = ClientError({"Error": {"Code": "InternalError", "Message": "We encountered an internal error"}}, "PutObject")
+    uri = storage.join(s3_bucket, "item", "result.json")
+
+    with pytest.MonkeyPatch.context() as patch:
+        _fail_s3_call(patch, "put_object", None, translate_boto_error(busy))
+        with pytest.raises(StorageError, match="internal error") as caught:
+            storage.write_bytes(uri, b"{}")
+
+    assert caught.value.error_class == "storage"
+    assert not storage.exists(uri)
+
+
+# ---------------------------------------------------------------------------
+# Storage options.
+
+
+def test_storage_options_come_from_the_environment(monkeypatch):
+    for name in ("DIFFCOLOR_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert storage.storage_options_for("s3://bucket/key") == {}
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:9000")
+    assert storage.storage_options_for("s3://bucket/key") == {"endpoint_url": "http://generic:9000"}
+    monkeypatch.setenv("DIFFCOLOR_S3_ENDPOINT_URL", "http://minio:9000")
+    assert storage.storage_options_for("s3://bucket/key") == {"endpoint_url": "http://minio:9000"}
+    assert storage.storage_options_for("s3a://bucket/key") == {"endpoint_url": "http://minio:9000"}
+
+    assert storage.storage_options_for("/data/out") == {}
+    assert storage.storage_options_for("file:///data/out") == {}
+    assert storage.storage_options_for("memory://out") == {}
+
+
+def test_messages_never_show_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekret-value-1234")
+    text = storage._redact("failed with sekret-value-1234 at http://user:pass@minio:9000/bucket")
+    assert "sekret-value-1234" not in text and "user:pass" not in text
+
+
+# ---------------------------------------------------------------------------
+# Local disk.
+
+
+def test_local_write_is_published_whole(tmp_path):
+    uri = str(tmp_path / "out" / "item" / "master.tif")
+    storage.write_bytes(uri, b"first")
+    storage.write_bytes(uri, b"second version")
+    assert storage.read_bytes(uri) == b"second version"
+    assert os.listdir(tmp_path / "out" / "item") == ["master.tif"]
+    assert storage.list_files(str(tmp_path / "out" / "item")) == [uri]
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+@pytest.mark.parametrize("previous", [None, b"previous version"])
+def test_local_failure_mid_write_leaves_no_partial_file(tmp_path, monkeypatch, failing, previous):
+    folder = tmp_path / "item"
+    folder.mkdir()
+    uri = str(folder / "master.tif")
+    if previous is not None:
+        storage.write_bytes(uri, previous)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(os, failing, broken)
+    with pytest.raises(StorageError, match="No space left"):
+        storage.write_bytes(uri, b"new version " * 1000)
+    monkeypatch.undo()
+
+    # The old object (or none) and no staging file.
+    assert os.listdir(folder) == ([] if previous is None else ["master.tif"])
+    if previous is not None:
+        assert storage.read_bytes(uri) == previous
+
+
+def test_local_interrupt_mid_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes(str(tmp_path / "master.tif"), b"x" * 100)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+def test_local_missing_and_denied_are_input_unavailable(tmp_path, monkeypatch):
+    with pytest.raises(InputUnavailableError, match="does not exist"):
+        storage.read_bytes(str(tmp_path / "missing.tif"))
+
+    # Injected, since tests may run as root, for whom file modes deny nothing.
+    from fsspec.implementations.local import LocalFileSystem
+
+    def denied(self, path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", denied)
+    with pytest.raises(InputUnavailableError, match="locked.tif' cannot be read: permission denied"):
+        storage.read_bytes(str(tmp_path / "locked.tif"))
+
+
+# ---------------------------------------------------------------------------
+# memory://
+
+
+def test_memory_filesystem_round_trip():
+    prefix = f"memory://diffcolor-test-{os.getpid()}/item"
+    uri = storage.join(prefix, "result.json")
+    assert not storage.exists(uri)
+    assert storage.list_files(prefix) == []
+
+    storage.write_json(uri, {"status": "done"})
+    storage.write_bytes(storage.join(prefix, "access.jpg"), b"jpeg")
+
+    assert storage.read_json(uri) == {"status": "done"}
+    assert storage.exists(uri)
+    assert storage.list_files(prefix) == [storage.join(prefix, "access.jpg"), uri]
+    storage.remove(uri)
+    storage.remove(uri)  # removing twice is fine
+    assert not storage.exists(uri)
+    with pytest.raises(InputUnavailableError):
+        storage.read_bytes(uri)
+
+
+def test_local_objects_are_published_with_the_umask_mode_not_0600(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "out" / "record.json"
+    storage.write_bytes(str(target), b"{}")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
