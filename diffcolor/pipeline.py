@@ -324,7 +324,8 @@ def colorize_item(
         if reuse and storage.exists(layout.result):
             previous = storage.read_json(layout.result)
             if previous.get("cache_key") == key and previous.get("status") == "done":
-                return [dict(previous, status="skipped_done")]
+                # The record of this run: nothing was computed, nothing written.
+                return [dict(previous, status="skipped_done", finetune_steps_run=0, seconds={})]
 
         # 3. Check prompts before any GPU work.
         rewritten = rewrite_caption(request.caption, config.stage2.identifier)

@@ -78,6 +78,30 @@ PRESETS: dict[str, PipelineConfig] = {
 }
 
 
+def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> PipelineConfig:
+    """``config`` with dotted fields replaced, e.g. ``{"stage1.steps": 200, "render.eta": 0.8}``.
+
+    Raises ValueError naming an unknown field.
+    """
+    for dotted, value in overrides.items():
+        path = dotted.split(".")
+        parents = [config]
+        for name in path[:-1]:
+            if not dataclasses.is_dataclass(parents[-1]) or name not in {f.name for f in dataclasses.fields(parents[-1])}:
+                raise ValueError(f"unknown configuration field {dotted!r}")
+            parents.append(getattr(parents[-1], name))
+        if not dataclasses.is_dataclass(parents[-1]) or path[-1] not in {f.name for f in dataclasses.fields(parents[-1])}:
+            raise ValueError(f"unknown configuration field {dotted!r}")
+        current = getattr(parents[-1], path[-1])
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        updated = replace(parents[-1], **{path[-1]: value})
+        for parent, name in zip(reversed(parents[:-1]), reversed(path[:-1])):
+            updated = replace(parent, **{name: updated})
+        config = updated
+    return config
+
+
 def get_preset(name: str) -> PipelineConfig:
     """The named preset; raises ValueError naming the known ones."""
     try:
@@ -86,4 +110,4 @@ def get_preset(name: str) -> PipelineConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-__all__ = ["PRESETS", "PipelineConfig", "get_preset", "replace"]
+__all__ = ["PRESETS", "PipelineConfig", "apply_overrides", "get_preset", "replace"]

@@ -9,6 +9,7 @@ server: nothing to install or start beyond the package.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -34,11 +35,26 @@ def _finish(state) -> int:
     return 2
 
 
+def _overrides(pairs: list[str] | None) -> dict:
+    """``["stage1.steps=200", "render.eta=0.8"]`` -> ``{"stage1.steps": 200, "render.eta": 0.8}``."""
+    overrides = {}
+    for pair in pairs or ():
+        field, _, text = pair.partition("=")
+        if not field or not text:
+            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
+        try:
+            overrides[field.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[field.strip()] = text
+    return overrides
+
+
 def cmd_run(args) -> int:
     from flows.collection import RunOptions, colorize_collection
 
     options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
-                         force=args.force, device=args.device, allow_download=args.allow_download)
+                         force=args.force, device=args.device, allow_download=args.allow_download,
+                         overrides=_overrides(args.set))
     return _finish(colorize_collection(args.manifest, args.out, args.model, options, return_state=True))
 
 
@@ -68,6 +84,7 @@ def build_parser():
     run.add_argument("--preset", default="default")
     run.add_argument("--items", help="comma-separated item ids to run (default: all)")
     run.add_argument("--force", action="store_true", help="redo done items; colourise colour photographs too")
+    run.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset field, e.g. stage1.steps=200")
     engine_cli._add_model_options(run, required=True)
     run.set_defaults(handler=cmd_run)
 

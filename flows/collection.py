@@ -36,13 +36,12 @@ from diffcolor.planning import (
     run_prefix,
     update_done_index,
 )
-from diffcolor.presets import get_preset
+from diffcolor.presets import apply_overrides, get_preset
 from diffcolor.report import write_report
 from diffcolor.results import write_results
 from flows import worker
 from flows.pool import DevicePool, ModelSpec
 
-RETRY_DELAYS = [5, 30, 120]  # seconds: storage blips and restarted workers recover within these
 _POOLS: dict[str, DevicePool] = {}  # run id -> pool; tasks look their pool up here (pools do not pickle)
 
 
@@ -56,6 +55,9 @@ class RunOptions(BaseModel):
     device: str = Field("auto", description="auto (every visible GPU, else CPU), cuda or cpu")
     window: int | None = Field(None, description="items in flight at once (default: 2 per worker)")
     retries: int = Field(3, description="retries of an item after a transient fault")
+    retry_delay_seconds: list[float] = Field([5, 30, 120], description="backoff before each retry")
+    overrides: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description='preset fields to change, e.g. {"stage1.steps": 200}')
     allow_download: bool = Field(False, description="let models be fetched from the hub")
 
 
@@ -89,10 +91,10 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def run_items(run_id: str, pool: DevicePool, planned, output: str, config_dict: dict, preset: str,
-              window: int, retries: int, on_record) -> None:
+def run_items(run_id: str, planned, output: str, config_dict: dict, preset: str, window: int, retries: int,
+              retry_delays: list[float], on_record) -> None:
     """Submits the planned items at most ``window`` at a time; calls ``on_record`` per record."""
-    item_task = colorize_item_task.with_options(retries=retries, retry_delay_seconds=RETRY_DELAYS[:max(retries, 1)])
+    item_task = colorize_item_task.with_options(retries=retries, retry_delay_seconds=list(retry_delays) or [0])
     in_flight: dict = {}
 
     def collect(future) -> None:
@@ -125,7 +127,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     """
     logger = get_run_logger()
     run_id = new_run_id()
-    config = get_preset(options.preset)
+    config = apply_overrides(get_preset(options.preset), options.overrides)
     config_dict = config.to_dict()
 
     # 1. Validate the manifest (and the selected ids) before any GPU work.
@@ -159,8 +161,8 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
             if len(records) % max(1, total // 100) == 0 or len(records) == total:
                 update_progress_artifact(progress, min(100.0, 100.0 * len(records) / max(total, 1)))
 
-        run_items(run_id, pool, _with_keys(planned, keys), output, config_dict, options.preset,
-                  options.window or 2 * pool.size, options.retries, on_record)
+        run_items(run_id, _with_keys(planned, keys), output, config_dict, options.preset,
+                  options.window or 2 * pool.size, options.retries, options.retry_delay_seconds, on_record)
     finally:
         _POOLS.pop(run_id, None)
         pool.close()

@@ -29,7 +29,7 @@ from diffcolor.presets import get_preset
 from diffcolor.report import write_report
 from diffcolor.results import write_results
 from flows import worker
-from flows.collection import RETRY_DELAYS, _POOLS, _publish_summary, _record_of_failure, _summary, is_transient, new_run_id
+from flows.collection import _POOLS, _publish_summary, _record_of_failure, _summary, is_transient, new_run_id
 from flows.pool import DevicePool, ModelSpec
 
 
@@ -48,6 +48,7 @@ class ReprocessOptions(BaseModel):
     clip: str | None = None
     device: str = "auto"
     retries: int = 3
+    retry_delay_seconds: list[float] = Field([5, 30, 120], description="backoff before each retry")
     seed: int | None = Field(None, description="default: each item's seed")
     preset: str = Field("default", description="preset of the full fit for items without a colour state")
     allow_download: bool = False
@@ -115,7 +116,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                 # 3. Render from the state, or fit again where there is none.
                 has_state = storage.exists(storage.join(ItemLayout(prefix).state, "color-state.safetensors"))
                 if has_state:
-                    future = recolor_item_task.with_options(retries=options.retries, retry_delay_seconds=RETRY_DELAYS).submit(
+                    future = recolor_item_task.with_options(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds).submit(
                         run_id, prefix, target.target_prompt, target.color_map, options.seed)
                 else:
                     request = ItemRequest(
@@ -124,7 +125,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                         seed=record.get("seed", 0) if options.seed is None else options.seed,
                         catalogue=record.get("catalogue") or {},
                     )
-                    future = refit_item_task.with_options(retries=options.retries, retry_delay_seconds=RETRY_DELAYS).submit(
+                    future = refit_item_task.with_options(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds).submit(
                         run_id, request, prefix, config_dict, options.preset)
                 futures[future] = target
             for future in as_completed(list(futures)):

@@ -46,8 +46,11 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[d
     from diffcolor.pipeline import colorize_item
     from diffcolor.presets import PipelineConfig
 
+    from diffcolor.locks import item_lease
+
     try:
-        return colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset)
+        with item_lease(prefix):  # another run working on this item: wait, then find it done
+            return colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset)
     except RuntimeError as error:
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"item '{request.item_id}': device out of memory") from None
@@ -59,8 +62,11 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
     from diffcolor.errors import DeviceOutOfMemoryError
     from diffcolor.pipeline import recolor_item
 
+    from diffcolor.locks import item_lease
+
     try:
-        return recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed)
+        with item_lease(prefix):
+            return recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed)
     except RuntimeError as error:
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"'{prefix}': device out of memory") from None

@@ -62,7 +62,7 @@ def gray_tiff16(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
+def prefect_server(cache_dir):
     """A real Prefect server (SQLite) for the whole session, started once (~10 s)."""
     from prefect.testing.utilities import prefect_test_harness
 

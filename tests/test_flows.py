@@ -73,3 +73,169 @@ def test_mixed_manifest_gets_statuses_results_report_and_nonzero_exit(prefect_se
     assert by_id["good"]["status"] == by_id["good2"]["status"] == "skipped_done"
     assert sum(row["finetune_steps_run"] or 0 for row in second) == 0
     assert json.loads((out / "items" / "good" / "result.json").read_text())["version"] == 1
+
+
+def _collection(tmp_path, count=3):
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    rows = []
+    for index in range(count):
+        Image.fromarray(np.round(gray_scene(48, 64, seed=index) * 255).astype(np.uint8)).save(images / f"p{index}.png")
+        rows.append({"item_id": f"p{index}", "image_uri": f"images/p{index}.png", "caption": CAPTION, "seed": index,
+                     "accession_number": f"B.{index}"})
+    return write_manifest(tmp_path / "manifest.parquet", rows)
+
+
+def test_two_runs_at_once_do_each_item_once_and_lose_no_record(prefect_server, tmp_path):
+    import threading
+
+    from flows.collection import RunOptions, colorize_collection
+
+    manifest, out = _collection(tmp_path), tmp_path / "out"
+    states = []
+
+    def start():
+        states.append(colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", device="cpu"),
+                                          return_state=True))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert len(states) == 2 and all(state.is_completed() for state in states)
+    runs = [read_results(str(run / "results.parquet")).to_pylist() for run in _run_dirs(out)]
+    assert len(runs) == 2
+    for item in ("p0", "p1", "p2"):
+        rows = [row for run in runs for row in run if row["item_id"] == item]
+        assert len(rows) == 2, "each run records every item"
+        assert sorted(row["status"] for row in rows) == ["done", "skipped_done"]
+        assert sum(1 for row in rows if (row["finetune_steps_run"] or 0) > 0) == 1
+        assert [p.name for p in sorted((out / "items" / item / "versions").glob("*.json"))] == ["v0001.json"]
+        assert not (out / "items" / item / "lock.json").exists()
+
+
+def test_worker_killed_mid_fit_is_retried_and_ends_identical(prefect_server, models, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    import tifffile
+
+    from flows import collection
+    from flows.collection import RunOptions, colorize_collection
+
+    from diffcolor.manifest import read_items
+    from diffcolor.pipeline import colorize_item
+    from diffcolor.presets import apply_overrides, get_preset
+
+    manifest = _collection(tmp_path, count=1)
+    overrides = {"stage1.steps": 40, "stage1.checkpoints.every": 4}
+    options = RunOptions(preset="smoke", device="cpu", overrides=overrides, retry_delay_seconds=[0.5])
+    # The uninterrupted reference, computed in this process with the same models and configuration.
+    [request] = list(read_items(str(manifest)))
+    [expected] = colorize_item(models, request, str(tmp_path / "reference"), apply_overrides(get_preset("smoke"), overrides))
+
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_when_a_checkpoint_appears():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            checkpoints = list((out / "items" / "p0" / "checkpoints" / "stage1").glob("step-*.safetensors"))
+            pools = list(collection._POOLS.values())
+            if checkpoints and pools:
+                for pid in pools[0].worker_pids():
+                    os.kill(pid, signal.SIGKILL)  # a real kill, in the middle of stage 1
+                    killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_a_checkpoint_appears)
+    killer.start()
+    state = colorize_collection(str(manifest), str(out), "tiny", options, return_state=True)
+    killer.join()
+    assert killed, "the worker was never killed"
+    assert state.is_completed()
+    [row] = read_results(str(_run_dirs(out)[0] / "results.parquet")).to_pylist()
+    assert row["status"] == "done"
+    assert 0 < row["finetune_steps_run"] < 40 + 4 + 4, "the retried item resumed from its checkpoint"
+    done = json.loads((out / "items" / "p0" / "result.json").read_text())
+    assert done["output_sha256"]["state"] == expected["output_sha256"]["state"]
+    assert np.array_equal(tifffile.imread(done["outputs"]["master"]), tifffile.imread(expected["outputs"]["master"]))
+
+
+def test_transient_storage_error_is_retried_and_a_bad_image_is_not(prefect_server, tmp_path, monkeypatch):
+    from diffcolor.errors import StorageError
+    from flows import worker
+    from flows.collection import RunOptions, colorize_collection
+
+    manifest = _collection(tmp_path, count=1)
+    (tmp_path / "images" / "bad.png").write_bytes(b"not an image at all")
+    table = pq.read_table(manifest).to_pylist()
+    table.append({"item_id": "bad", "image_uri": "images/bad.png", "caption": CAPTION, "seed": 9, "accession_number": "B.9"})
+    write_manifest(manifest, table)
+
+    calls: dict[str, int] = {}
+    real_run = worker.run_colorize
+    monkeypatch.setattr(worker, "run_colorize", lambda request, *a: (
+        calls.__setitem__(request.item_id, calls.get(request.item_id, 0) + 1), real_run(request, *a))[1])
+    failures = {"left": 1}
+    real_write = storage.write_bytes
+
+    def flaky_write(uri, data):
+        if uri.endswith("master.tif") and failures["left"]:
+            failures["left"] -= 1
+            raise StorageError(f"writing '{uri}' failed: 503 Slow Down")
+        return real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", flaky_write)
+    options = RunOptions(preset="smoke", device="inline", retry_delay_seconds=[0.2])
+    state = colorize_collection(str(manifest), str(tmp_path / "out"), "tiny", options, return_state=True)
+    assert state.is_failed()  # the bad image fails the run...
+    rows = {row["item_id"]: row for row in read_results(str(_run_dirs(tmp_path / "out")[0] / "results.parquet")).to_pylist()}
+    assert rows["p0"]["status"] == "done" and calls["p0"] == 2  # ...the storage blip was retried once
+    assert rows["bad"]["error_class"] == "bad_image" and calls["bad"] == 1  # ...a bad image never is
+
+
+def test_the_same_run_against_a_real_s3_api(prefect_server, s3_bucket, tmp_path):
+    from flows.collection import RunOptions, colorize_collection
+
+    local = tmp_path / "local"
+    local.mkdir()
+    manifest = _collection(local, count=2)
+    for path in sorted((local / "images").iterdir()):
+        storage.write_bytes(f"{s3_bucket}/incoming/images/{path.name}", path.read_bytes())
+    storage.write_bytes(f"{s3_bucket}/incoming/manifest.parquet", manifest.read_bytes())
+
+    output = f"{s3_bucket}/archive"
+    options = RunOptions(preset="smoke", device="inline")
+    state = colorize_collection(f"{s3_bucket}/incoming/manifest.parquet", output, "tiny", options, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    table = read_results(summary["results"]).to_pylist()
+    assert sorted((row["item_id"], row["status"]) for row in table) == [("p0", "done"), ("p1", "done")]
+    record = storage.read_json(f"{output}/items/p0/result.json")
+    assert record["outputs"]["master"].startswith(f"{s3_bucket}/archive/items/p0/versions/v0001/")
+    import hashlib
+
+    assert hashlib.sha256(storage.read_bytes(record["outputs"]["master"])).hexdigest() == record["output_sha256"]["master"]
+    assert storage.exists(summary["report"]) and not storage.exists(f"{output}/items/p0/lock.json")
+    # The nightly rerun skips both from the done-index, without GPU work.
+    again = colorize_collection(f"{s3_bucket}/incoming/manifest.parquet", output, "tiny", options, return_state=True)
+    assert {row["status"] for row in read_results(again.result()["results"]).to_pylist()} == {"skipped_done"}
+
+
+def test_reprocess_renders_new_targets_from_colour_states(prefect_server, tmp_path):
+    from flows.collection import RunOptions, colorize_collection
+
+    manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
+    assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", device="inline"),
+                               return_state=True).is_completed()
+    code = main(["reprocess", str(out), "--items", "p0,p1", "--color-map", '{"dog": "red"}', "--device", "cpu"])
+    assert code == 0
+    for item in ("p0", "p1"):
+        record = json.loads((out / "items" / item / "result.json").read_text())
+        assert record["version"] == 2 and record["finetune_steps_run"] == 0
+        assert record["target_prompt"].startswith("a red dog")
+        assert (out / "items" / item / "versions" / "v0001" / "master.tif").exists()
