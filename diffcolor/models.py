@@ -184,6 +184,40 @@ def _read_clip_preprocessing(folder: Path) -> tuple[int, tuple, tuple]:
     return int(size), tuple(config["image_mean"]), tuple(config["image_std"])
 
 
+def _resolve_bundle(model: str, clip: str | None, revision: str | None, clip_revision: str | None,
+                    allow_download: bool, cache_dir: Path | None) -> tuple[Path, str, Path]:
+    """Local folders of the SD bundle and of CLIP (and CLIP's name), or ModelNotFoundError."""
+    folder = (
+        tiny_bundle_folder(cache_dir)
+        if model == TINY
+        else _resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model", check="unet/config.json")
+    )
+    for component in SD_COMPONENTS:
+        if not (folder / component).is_dir():
+            raise ModelNotFoundError(f"Stable Diffusion model '{model}' has no {component}/ folder")
+    if clip is None:
+        clip = str(folder / "clip") if (folder / "clip" / "config.json").exists() else DEFAULT_CLIP
+    clip_folder = _resolve_folder(clip, revision=clip_revision, allow_download=allow_download, what="CLIP model", check="config.json")
+    return folder, clip, clip_folder
+
+
+def _hash_bundle(folder: Path, clip_folder: Path) -> tuple[dict[str, str], str]:
+    return _hash_components(
+        {"unet": folder / "unet", "vae": folder / "vae", "text_encoder": folder / "text_encoder", "clip": clip_folder}
+    )
+
+
+def resolve_model_hash(model: str, *, clip: str | None = None, revision: str | None = None,
+                       clip_revision: str | None = None, allow_download: bool = False,
+                       cache_dir: Path | None = None) -> str:
+    """The ``model_hash`` that :func:`load_models` would report, without loading any weights.
+
+    Orchestrators use it to plan (cache keys) without holding models themselves.
+    """
+    folder, _, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download, cache_dir)
+    return _hash_bundle(folder, clip_folder)[1]
+
+
 def load_models(
     model: str,
     *,
@@ -208,17 +242,7 @@ def load_models(
     transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
 
     # 1. Resolve every name to a local folder before loading anything.
-    folder = (
-        tiny_bundle_folder(cache_dir)
-        if model == TINY
-        else _resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model", check="unet/config.json")
-    )
-    for component in SD_COMPONENTS:
-        if not (folder / component).is_dir():
-            raise ModelNotFoundError(f"Stable Diffusion model '{model}' has no {component}/ folder")
-    if clip is None:
-        clip = str(folder / "clip") if (folder / "clip" / "config.json").exists() else DEFAULT_CLIP
-    clip_folder = _resolve_folder(clip, revision=clip_revision, allow_download=allow_download, what="CLIP model", check="config.json")
+    folder, clip, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download, cache_dir)
 
     # 2. Load through from_pretrained, the same path for real and tiny weights.
     device = torch.device(device)
@@ -238,9 +262,7 @@ def load_models(
         module.to(device)
 
     # 4. Provenance: hashes of exactly the files loaded.
-    weights, model_hash = _hash_components(
-        {"unet": folder / "unet", "vae": folder / "vae", "text_encoder": folder / "text_encoder", "clip": clip_folder}
-    )
+    weights, model_hash = _hash_bundle(folder, clip_folder)
     return Models(
         model_id=model,
         clip_id=clip if model != TINY or clip != str(folder / "clip") else "tiny/clip",

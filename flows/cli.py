@@ -54,8 +54,13 @@ def cmd_run(args) -> int:
 
     options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
                          force=args.force, device=args.device, allow_download=args.allow_download,
-                         overrides=_overrides(args.set))
-    return _finish(colorize_collection(args.manifest, args.out, args.model, options, return_state=True))
+                         overrides=_overrides(args.set), pool=args.pool)
+    flow_to_run = colorize_collection
+    if args.pool == "ray":
+        from flows.collection import ray_runner
+
+        flow_to_run = colorize_collection.with_options(task_runner=ray_runner(args.ray_address))
+    return _finish(flow_to_run(args.manifest, args.out, args.model, options, return_state=True))
 
 
 def cmd_reprocess(args) -> int:
@@ -84,6 +89,9 @@ def build_parser():
     run.add_argument("--preset", default="default")
     run.add_argument("--items", help="comma-separated item ids to run (default: all)")
     run.add_argument("--force", action="store_true", help="redo done items; colourise colour photographs too")
+    run.add_argument("--pool", choices=("local", "ray"), default="local",
+                     help="local: a worker process per GPU here; ray: one GPU per item task on a Ray cluster")
+    run.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 (default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset field, e.g. stage1.steps=200")
     engine_cli._add_model_options(run, required=True)
     run.set_defaults(handler=cmd_run)

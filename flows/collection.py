@@ -13,6 +13,7 @@ the others; the flow ends Failed, with the summary, when any item failed.
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -36,6 +37,7 @@ from diffcolor.planning import (
     run_prefix,
     update_done_index,
 )
+from diffcolor.models import resolve_model_hash
 from diffcolor.presets import apply_overrides, get_preset
 from diffcolor.report import write_report
 from diffcolor.results import write_results
@@ -59,6 +61,8 @@ class RunOptions(BaseModel):
     overrides: dict[str, float | int | str | bool] = Field(
         default_factory=dict, description='preset fields to change, e.g. {"stage1.steps": 200}')
     allow_download: bool = Field(False, description="let models be fetched from the hub")
+    pool: str = Field("local", description="local (one worker process per GPU on this machine) or ray")
+    gpus_per_item: float = Field(1.0, description="Ray only: GPUs each item task reserves")
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -72,11 +76,20 @@ def is_transient(task, task_run, state) -> bool:
     return False
 
 
+def run_on_worker(run_id: str, spec: ModelSpec, function, *args):
+    """On the local pool when this process holds the run's pool; else here, in a Ray task worker."""
+    pool = _POOLS.get(run_id)
+    if pool is not None:
+        return pool.run(function, *args)
+    return worker.run_here(spec.model, spec.clip, spec.allow_download, function, *args)
+
+
 @task(name="colorize-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
       task_run_name="colorize {request.item_id}")
-def colorize_item_task(run_id: str, request: ItemRequest, prefix: str, config_dict: dict, preset: str) -> list[dict]:
-    """Runs one item on a pool worker; raises the item's error for Prefect's retry decision."""
-    return _POOLS[run_id].run(worker.run_colorize, request, prefix, config_dict, preset)
+def colorize_item_task(run_id: str, spec: ModelSpec, request: ItemRequest, prefix: str, config_dict: dict,
+                       preset: str) -> list[dict]:
+    """Runs one item on a worker that keeps the models; raises the item's error for Prefect's retry decision."""
+    return run_on_worker(run_id, spec, worker.run_colorize, request, prefix, config_dict, preset)
 
 
 def _record_of_failure(request: ItemRequest, error: BaseException, preset: str) -> dict:
@@ -91,8 +104,8 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
-def run_items(run_id: str, planned, output: str, config_dict: dict, preset: str, window: int, retries: int,
-              retry_delays: list[float], on_record) -> None:
+def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: dict, preset: str, window: int,
+              retries: int, retry_delays: list[float], on_record, ray_options: dict | None = None) -> None:
     """Submits the planned items at most ``window`` at a time; calls ``on_record`` per record."""
     item_task = colorize_item_task.with_options(retries=retries, retry_delay_seconds=list(retry_delays) or [0])
     in_flight: dict = {}
@@ -113,7 +126,14 @@ def run_items(run_id: str, planned, output: str, config_dict: dict, preset: str,
             continue
         while len(in_flight) >= window:
             collect(next(as_completed(list(in_flight))))
-        future = item_task.submit(run_id, item.request, item_prefix(output, item.request.item_id), config_dict, preset)
+        arguments = (run_id, spec, item.request, item_prefix(output, item.request.item_id), config_dict, preset)
+        if ray_options:
+            from prefect_ray.context import remote_options
+
+            with remote_options(**ray_options):  # Ray places the task on a free GPU and pins it
+                future = item_task.submit(*arguments)
+        else:
+            future = item_task.submit(*arguments)
         in_flight[future] = item.request
     for future in as_completed(list(in_flight)):
         collect(future)
@@ -137,11 +157,19 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     first = next(requests, None)
     requests = itertools.chain([first] if first is not None else [], requests)
 
-    # 2. Start the pool: one long-lived worker per GPU, models loaded once.
-    pool = DevicePool(ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download), device=options.device)
-    _POOLS[run_id] = pool
+    # 2. Start the pool: one long-lived worker per GPU, models loaded once (Ray: its task workers).
+    timings = {"started": time.perf_counter()}
+    spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download)
+    pool = None
+    if options.pool == "local":
+        pool = DevicePool(spec, device=options.device)
+        _POOLS[run_id] = pool
+    elif options.pool != "ray":
+        raise ValueError(f"pool must be 'local' or 'ray', got {options.pool!r}")
     try:
-        model_hash = pool.describe()[0]["model_hash"]
+        model_hash = pool.describe()[0]["model_hash"] if pool else resolve_model_hash(
+            model, clip=options.clip, allow_download=options.allow_download)
+        timings["pool_ready"] = time.perf_counter()
 
         # 3. Plan: skip what the done-index lists as done, stream the rest.
         planned = plan_items(requests, read_done_index(output), config_hash=config_hash(config_dict),
@@ -161,11 +189,15 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
             if len(records) % max(1, total // 100) == 0 or len(records) == total:
                 update_progress_artifact(progress, min(100.0, 100.0 * len(records) / max(total, 1)))
 
-        run_items(run_id, _with_keys(planned, keys), output, config_dict, options.preset,
-                  options.window or 2 * pool.size, options.retries, options.retry_delay_seconds, on_record)
+        window = options.window or 2 * (pool.size if pool else _ray_gpu_count(options.gpus_per_item))
+        ray_options = {"num_gpus": options.gpus_per_item} if options.pool == "ray" else None
+        run_items(run_id, spec, _with_keys(planned, keys), output, config_dict, options.preset, window,
+                  options.retries, options.retry_delay_seconds, on_record, ray_options)
+        timings["items_done"] = time.perf_counter()
     finally:
-        _POOLS.pop(run_id, None)
-        pool.close()
+        if pool is not None:
+            _POOLS.pop(run_id, None)
+            pool.close()
 
     # 5. Results, done-index, report and summary.
     for record in records:
@@ -176,11 +208,34 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     update_done_index(output, index_entries)
     write_report(records, storage.join(prefix, "report.html"), run_id=run_id)
     summary = _summary(records, run_id, prefix)
+    summary["seconds"] = {
+        "pool_start": timings["pool_ready"] - timings["started"],
+        "items": timings["items_done"] - timings["pool_ready"],
+        "finish": time.perf_counter() - timings["items_done"],
+    }
     _publish_summary(summary, records)
     logger.info("run %s: %s", run_id, summary["counts"])
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
     return Completed(message=f"run {run_id} done", data=summary)
+
+
+def _ray_gpu_count(gpus_per_item: float) -> int:
+    """How many items the connected Ray cluster can run at once (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("GPU", 0) // max(gpus_per_item, 1e-9)))
+
+
+def ray_runner(address: str | None = None, init_kwargs: dict | None = None):
+    """The task runner of Ray mode: ``colorize_collection.with_options(task_runner=ray_runner(...))``.
+
+    ``address`` is the Ray cluster (``ray://head:10001``; None starts a local
+    one). Ray's workers must reach the same Prefect API as the flow.
+    """
+    from prefect_ray import RayTaskRunner
+
+    return RayTaskRunner(address=address, init_kwargs=init_kwargs)
 
 
 def _with_keys(planned, keys: dict[str, str]):

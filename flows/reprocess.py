@@ -29,7 +29,7 @@ from diffcolor.presets import get_preset
 from diffcolor.report import write_report
 from diffcolor.results import write_results
 from flows import worker
-from flows.collection import _POOLS, _publish_summary, _record_of_failure, _summary, is_transient, new_run_id
+from flows.collection import _POOLS, _publish_summary, _record_of_failure, _summary, is_transient, new_run_id, run_on_worker
 from flows.pool import DevicePool, ModelSpec
 
 
@@ -71,13 +71,15 @@ def read_targets(uri: str) -> list[Retarget]:
 
 
 @task(name="recolor-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient, task_run_name="recolor {prefix}")
-def recolor_item_task(run_id: str, prefix: str, target: str | None, color_map: dict | None, seed: int | None) -> list[dict]:
-    return [_POOLS[run_id].run(worker.run_recolor, prefix, target, color_map, seed)]
+def recolor_item_task(run_id: str, spec: ModelSpec, prefix: str, target: str | None, color_map: dict | None,
+                      seed: int | None) -> list[dict]:
+    return [run_on_worker(run_id, spec, worker.run_recolor, prefix, target, color_map, seed)]
 
 
 @task(name="refit-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient, task_run_name="refit {request.item_id}")
-def refit_item_task(run_id: str, request: ItemRequest, prefix: str, config_dict: dict, preset: str) -> list[dict]:
-    return _POOLS[run_id].run(worker.run_colorize, request, prefix, config_dict, preset)
+def refit_item_task(run_id: str, spec: ModelSpec, request: ItemRequest, prefix: str, config_dict: dict,
+                    preset: str) -> list[dict]:
+    return run_on_worker(run_id, spec, worker.run_colorize, request, prefix, config_dict, preset)
 
 
 @flow(name="reprocess", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
@@ -101,7 +103,8 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                     "error_message": "the item has never been colourised in this output"} for t in targets]
     else:
         # 2. The device pool, models loaded once.
-        pool = DevicePool(ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download), device=options.device)
+        spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download)
+        pool = DevicePool(spec, device=options.device)
         _POOLS[run_id] = pool
         try:
             futures = {}
@@ -117,7 +120,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                 has_state = storage.exists(storage.join(ItemLayout(prefix).state, "color-state.safetensors"))
                 if has_state:
                     future = recolor_item_task.with_options(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds).submit(
-                        run_id, prefix, target.target_prompt, target.color_map, options.seed)
+                        run_id, spec, prefix, target.target_prompt, target.color_map, options.seed)
                 else:
                     request = ItemRequest(
                         item_id=target.item_id, source_uri=record["source_uri"], caption=record["caption"],
@@ -126,7 +129,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                         catalogue=record.get("catalogue") or {},
                     )
                     future = refit_item_task.with_options(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds).submit(
-                        run_id, request, prefix, config_dict, options.preset)
+                        run_id, spec, request, prefix, config_dict, options.preset)
                 futures[future] = target
             for future in as_completed(list(futures)):
                 try:

@@ -34,6 +34,37 @@ def describe() -> dict:
     return dict(_DESCRIPTION)
 
 
+def placement() -> dict:
+    """Where the current item runs: process, device and, on Ray, the GPU ids Ray assigned."""
+    where = {"pid": os.getpid(), "device": _DESCRIPTION.get("device"),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            where["ray_gpu_ids"] = [int(i) for i in ray.get_gpu_ids()]
+            where["ray_node"] = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return where
+
+
+def run_here(model: str, clip: str | None, allow_download: bool, function, *args):
+    """Runs ``function(*args)`` in this process with models cached per process (Ray task workers).
+
+    Ray pins each task's GPU through CUDA_VISIBLE_DEVICES; the cache is keyed
+    by it, so a worker process reused for another GPU loads its models again.
+    """
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    key = (model, clip, allow_download, visible)
+    if _DESCRIPTION.get("key") != key:
+        init_worker(model, clip, "cuda" if torch.cuda.is_available() else "cpu", allow_download, None, {})
+        _DESCRIPTION["key"] = key
+    return function(*args)
+
+
 def _out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -50,7 +81,8 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[d
 
     try:
         with item_lease(prefix):  # another run working on this item: wait, then find it done
-            return colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset)
+            records = colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset)
+        return [dict(record, placement=placement()) for record in records]
     except RuntimeError as error:
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"item '{request.item_id}': device out of memory") from None
@@ -66,7 +98,7 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
 
     try:
         with item_lease(prefix):
-            return recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed)
+            return dict(recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed), placement=placement())
     except RuntimeError as error:
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"'{prefix}': device out of memory") from None

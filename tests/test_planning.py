@@ -1,0 +1,53 @@
+"""Planning as plain functions: plan keys, the done-index, windows, preset overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffcolor.pipeline import ItemRequest
+from diffcolor.planning import config_hash, plan_items, plan_key, read_done_index, update_done_index, windows
+from diffcolor.presets import apply_overrides, get_preset
+
+
+def _requests(count):
+    return [ItemRequest(item_id=f"i{n}", source_uri=f"s3://b/{n}.tif", caption="a dog on a bench", seed=n)
+            for n in range(count)]
+
+
+def test_done_items_are_skipped_and_changed_ones_are_not(tmp_path):
+    output = str(tmp_path / "out")
+    key = config_hash(get_preset("smoke").to_dict())
+    requests = _requests(4)
+    update_done_index(output, [(r.item_id, plan_key(r, key, "m"), "done", 1) for r in requests[:3]])
+    update_done_index(output, [("i2", plan_key(requests[2], key, "m"), "failed", None)])  # newest entry wins
+    changed = ItemRequest(item_id="i1", source_uri="s3://b/1.tif", caption="a red dog on a bench", seed=1)
+    planned = list(plan_items([requests[0], changed, requests[2], requests[3]], read_done_index(output),
+                              config_hash=key, model_hash="m"))
+    assert [p.skip for p in planned] == [True, False, False, False]
+    # Another model or configuration makes every key new; force redoes done items.
+    assert not any(p.skip for p in plan_items(requests, read_done_index(output), config_hash=key, model_hash="other"))
+    assert not any(p.skip for p in plan_items(requests, read_done_index(output), config_hash=key, model_hash="m", force=True))
+
+
+def test_planning_is_lazy_and_windows_are_bounded():
+    pulled = []
+
+    def stream():
+        for request in _requests(10_000):
+            pulled.append(request.item_id)
+            yield request
+
+    planned = plan_items(stream(), {}, config_hash="c", model_hash="m")
+    first = next(windows(planned, 16))
+    assert len(first) == 16 and len(pulled) <= 17  # nothing beyond the window was read
+    assert [len(w) for w in windows(range(10), 4)] == [4, 4, 2]
+    with pytest.raises(ValueError, match="at least 1"):
+        next(windows(range(3), 0))
+
+
+def test_overrides_change_nested_fields_and_name_unknown_ones():
+    config = apply_overrides(get_preset("smoke"), {"stage1.steps": 40, "stage1.checkpoints.every": 4, "render.eta": 0.5})
+    assert config.stage1.steps == 40 and config.stage1.checkpoints.every == 4 and config.render.eta == 0.5
+    assert get_preset("smoke").stage1.steps == 4  # presets are not modified
+    with pytest.raises(ValueError, match="'stage1.nope'"):
+        apply_overrides(config, {"stage1.nope": 1})
