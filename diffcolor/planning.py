@@ -124,16 +124,3 @@ def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | 
     storage.write_bytes(uri, buffer.getvalue())
     return table.num_rows
 
-
-def windows(items: Iterable, size: int) -> Iterator[list]:
-    """Consecutive lists of at most ``size`` items, pulled lazily from ``items``."""
-    if size < 1:
-        raise ValueError(f"window size must be at least 1, got {size}")
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

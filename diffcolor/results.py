@@ -95,3 +95,43 @@ def write_results(records: Iterable[dict], uri: str, *, batch_size: int = 10_000
 def read_results(uri: str) -> pa.Table:
     """A results table written by :func:`write_results`."""
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+class RecordSpool:
+    """A run's records, spooled to a local temporary file as JSON lines.
+
+    A run over a million items must not hold a million records in memory: the
+    spool keeps only the counts by status, the first ``keep_head`` records (for
+    summaries and the report's contact sheet) and up to ``keep_failures``
+    failures; iterating re-reads every record from the file.
+    """
+
+    def __init__(self, keep_head: int = 2000, keep_failures: int = 10_000):
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        self.counts: dict[str, int] = {}
+        self.head: list[dict] = []
+        self.failures: list[dict] = []
+        self._keep_head, self._keep_failures = keep_head, keep_failures
+
+    def add(self, record: dict) -> None:
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self.counts[record["status"]] = self.counts.get(record["status"], 0) + 1
+        if len(self.head) < self._keep_head:
+            self.head.append(record)
+        if record["status"] in ("failed", "not_grayscale") and len(self.failures) < self._keep_failures:
+            self.failures.append(record)
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def __iter__(self):
+        self._file.flush()
+        self._file.seek(0)
+        for line in self._file:
+            yield json.loads(line)
+        self._file.seek(0, 2)
+
+    def close(self) -> None:
+        self._file.close()

@@ -40,7 +40,7 @@ from diffcolor.planning import (
 from diffcolor.models import resolve_model_hash
 from diffcolor.presets import apply_overrides, get_preset
 from diffcolor.report import write_report
-from diffcolor.results import write_results
+from diffcolor.results import RecordSpool, write_results
 from flows import worker
 from flows.pool import DevicePool, ModelSpec
 
@@ -159,6 +159,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
 
     # 2. Start the pool: one long-lived worker per GPU, models loaded once (Ray: its task workers).
     timings = {"started": time.perf_counter()}
+    records = RecordSpool()
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download)
     pool = None
     if options.pool == "local":
@@ -175,17 +176,14 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         planned = plan_items(requests, read_done_index(output), config_hash=config_hash(config_dict),
                              model_hash=model_hash, force=options.force)
 
-        # 4. Run the items, windowed, and follow progress.
-        records: list[dict] = []
-        index_entries: list[tuple] = []
+        # 4. Run the items, windowed, and follow progress; records are spooled to disk.
         total = _count(manifest, options.items)
         progress = create_progress_artifact(0.0, key="colorize-collection-progress", description=f"run {run_id}")
-        keys: dict[str, str] = {}
+        keys: dict[str, str] = {}  # plan keys of the items in flight only
 
         def on_record(record: dict) -> None:
-            records.append(record)
-            if record["status"] in ("done", "skipped_done"):
-                keys.setdefault(record["item_id"], record.get("plan_key", ""))
+            record["plan_key"] = keys.pop(record["item_id"], record.get("plan_key"))
+            records.add(record)
             if len(records) % max(1, total // 100) == 0 or len(records) == total:
                 update_progress_artifact(progress, min(100.0, 100.0 * len(records) / max(total, 1)))
 
@@ -200,13 +198,13 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
             pool.close()
 
     # 5. Results, done-index, report and summary.
-    for record in records:
-        if record["status"] in ("done", "skipped_done", "not_grayscale") and record["item_id"] in keys:
-            index_entries.append((record["item_id"], keys[record["item_id"]], "done" if record["status"] != "not_grayscale" else "not_grayscale", record.get("version")))
     prefix = run_prefix(output, run_id)
     write_results(records, storage.join(prefix, "results.parquet"))
-    update_done_index(output, index_entries)
-    write_report(records, storage.join(prefix, "report.html"), run_id=run_id)
+    update_done_index(output, (
+        (r["item_id"], r["plan_key"], "done" if r["status"] in ("done", "skipped_done") else r["status"], r.get("version"))
+        for r in records if r["status"] in ("done", "skipped_done", "not_grayscale") and r.get("plan_key")
+    ))
+    write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id)
     summary = _summary(records, run_id, prefix)
     summary["seconds"] = {
         "pool_start": timings["pool_ready"] - timings["started"],
@@ -244,22 +242,32 @@ def _with_keys(planned, keys: dict[str, str]):
         yield item
 
 
+def _report_records(records: RecordSpool) -> list[dict]:
+    """The records the contact sheet shows: the first ones, plus every kept failure."""
+    seen = {(r["item_id"], r.get("version")) for r in records.head}
+    return records.head + [r for r in records.failures if (r["item_id"], r.get("version")) not in seen]
+
+
 def _count(manifest: str, items: list[str] | None) -> int:
     from diffcolor.manifest import count_rows
 
     return len(items) if items else count_rows(manifest)
 
 
-def _summary(records: list[dict], run_id: str, prefix: str) -> dict:
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
-    return {"run_id": run_id, "counts": counts, "results": storage.join(prefix, "results.parquet"),
+def _summary(records, run_id: str, prefix: str) -> dict:
+    """Counts by status and where the results are; ``records`` is a RecordSpool or a list."""
+    if not isinstance(records, RecordSpool):
+        spool = RecordSpool()
+        for record in records:
+            spool.add(record)
+        records = spool
+    return {"run_id": run_id, "counts": dict(records.counts), "results": storage.join(prefix, "results.parquet"),
             "report": storage.join(prefix, "report.html"),
-            "failed_items": [r["item_id"] for r in records if r["status"] == "failed"]}
+            "failed_items": [r["item_id"] for r in records.failures if r["status"] == "failed"]}
 
 
-def _publish_summary(summary: dict, records: list[dict]) -> None:
+def _publish_summary(summary: dict, records) -> None:
+    records = records.head if isinstance(records, RecordSpool) else records
     rows = [{"item": r["item_id"], "status": r["status"], "version": r.get("version"),
              "max dL*": None if r.get("max_delta_l") is None else round(r["max_delta_l"], 3),
              "colourfulness": None if r.get("colorfulness") is None else round(r["colorfulness"], 1),

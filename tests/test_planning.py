@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diffcolor.pipeline import ItemRequest
-from diffcolor.planning import config_hash, plan_items, plan_key, read_done_index, update_done_index, windows
+from diffcolor.planning import config_hash, plan_items, plan_key, read_done_index, update_done_index
 from diffcolor.presets import apply_overrides, get_preset
 
 
@@ -29,7 +29,12 @@ def test_done_items_are_skipped_and_changed_ones_are_not(tmp_path):
     assert not any(p.skip for p in plan_items(requests, read_done_index(output), config_hash=key, model_hash="m", force=True))
 
 
-def test_planning_is_lazy_and_windows_are_bounded():
+def test_planning_streams_and_submission_is_windowed(monkeypatch):
+    import itertools
+    from concurrent.futures import Future
+
+    from flows import collection
+
     pulled = []
 
     def stream():
@@ -38,11 +43,33 @@ def test_planning_is_lazy_and_windows_are_bounded():
             yield request
 
     planned = plan_items(stream(), {}, config_hash="c", model_hash="m")
-    first = next(windows(planned, 16))
-    assert len(first) == 16 and len(pulled) <= 17  # nothing beyond the window was read
-    assert [len(w) for w in windows(range(10), 4)] == [4, 4, 2]
-    with pytest.raises(ValueError, match="at least 1"):
-        next(windows(range(3), 0))
+    assert len(list(itertools.islice(planned, 16))) == 16 and len(pulled) == 16  # nothing read ahead
+
+    # run_items never holds more than `window` submitted items, however long the manifest.
+    in_flight, peak = set(), [0]
+
+    class FakeTask:
+        def with_options(self, **_):
+            return self
+
+        def submit(self, run_id, spec, request, *rest):
+            future = Future()
+            future.set_result([{"item_id": request.item_id, "status": "done"}])
+            in_flight.add(future)
+            peak[0] = max(peak[0], len(in_flight))
+            return future
+
+    def as_completed(futures):
+        for future in futures:
+            in_flight.discard(future)
+            yield future
+
+    monkeypatch.setattr(collection, "colorize_item_task", FakeTask())
+    monkeypatch.setattr(collection, "as_completed", as_completed)
+    seen = []
+    collection.run_items("run", None, plan_items(stream(), {}, config_hash="c", model_hash="m"), "out", {}, "smoke",
+                         window=8, retries=0, retry_delays=[], on_record=seen.append)
+    assert len(seen) == 10_000 and peak[0] <= 8
 
 
 def test_overrides_change_nested_fields_and_name_unknown_ones():
