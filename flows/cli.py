@@ -31,7 +31,11 @@ def _finish(state) -> int:
     if isinstance(summary, dict):
         _print_summary(summary)
         return 1 if summary["counts"].get("failed") else 0
-    print(f"diffcolor: error: {state.message or summary}", file=sys.stderr)
+    if isinstance(summary, BaseException):
+        message = str(summary).splitlines()[0] if str(summary) else type(summary).__name__
+    else:
+        message = state.message or str(summary)
+    print(f"diffcolor: error: {message}", file=sys.stderr)
     return 2
 
 

@@ -157,7 +157,9 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     first = next(requests, None)
     requests = itertools.chain([first] if first is not None else [], requests)
 
-    # 2. Start the pool: one long-lived worker per GPU, models loaded once (Ray: its task workers).
+    # 2. The models exist (a clear error before any item is touched), then the pool:
+    #    one long-lived worker per GPU, models loaded once (Ray: its task workers).
+    model_hash = resolve_model_hash(model, clip=options.clip, allow_download=options.allow_download)
     timings = {"started": time.perf_counter()}
     records = RecordSpool()
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download)
@@ -168,8 +170,8 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     elif options.pool != "ray":
         raise ValueError(f"pool must be 'local' or 'ray', got {options.pool!r}")
     try:
-        model_hash = pool.describe()[0]["model_hash"] if pool else resolve_model_hash(
-            model, clip=options.clip, allow_download=options.allow_download)
+        if pool is not None:
+            pool.describe()  # every worker up, its models loaded
         timings["pool_ready"] = time.perf_counter()
 
         # 3. Plan: skip what the done-index lists as done, stream the rest.

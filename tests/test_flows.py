@@ -239,3 +239,16 @@ def test_reprocess_renders_new_targets_from_colour_states(prefect_server, tmp_pa
         assert record["version"] == 2 and record["finetune_steps_run"] == 0
         assert record["target_prompt"].startswith("a red dog")
         assert (out / "items" / item / "versions" / "v0001" / "master.tif").exists()
+
+
+def test_run_with_a_missing_model_or_bad_manifest_stops_before_any_item(prefect_server, mixed_collection, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(mixed_collection), "--out", str(out), "--model", str(tmp_path / "no-model")]) == 2
+    assert "no-model' does not exist" in capsys.readouterr().err
+    bad = write_manifest(tmp_path / "bad.parquet", [
+        {"item_id": "../../etc", "image_uri": "x.png", "caption": CAPTION, "seed": 1, "accession_number": "1"},
+        {"item_id": "a", "image_uri": "x.png", "caption": " ", "seed": 1, "accession_number": "2"},
+    ])
+    assert main(["run", str(bad), "--out", str(out), "--model", "tiny", "--preset", "smoke"]) == 2
+    error = capsys.readouterr().err
+    assert "row 1" in error and not (out / "items").exists()
