@@ -17,6 +17,7 @@ from the stored state only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import resource
@@ -44,7 +45,7 @@ from diffcolor.presets import PipelineConfig
 from diffcolor.render import RenderConfig, render_target, resolve_target
 from diffcolor.stage1 import fit_color_prior
 from diffcolor.stage2 import fit_in_context, rewrite_caption
-from diffcolor.state import ColorState, load_state, save_state
+from diffcolor.state import ColorState, load_state, safetensors_metadata, save_state
 from diffcolor.training import clear_checkpoints
 
 SOFTWARE = "diffcolor-archive"
@@ -189,7 +190,7 @@ def _fit_state(models: Models, gray: torch.Tensor, request: ItemRequest, config:
     if storage.exists(primary_uri):
         stored = storage.read_bytes(primary_uri)
         tensors = load_safetensors(stored)
-        if json.loads(json.loads(stored[8 : 8 + int.from_bytes(stored[:8], "little")])["__metadata__"]["key"]) == key:
+        if json.loads(safetensors_metadata(stored).get("key", "null")) == key:
             primary = Alignment(chroma=tensors["chroma"], confidence=tensors["confidence"], rgb=tensors["rgb"])
     if primary is None:
         stage1 = fit_color_prior(
@@ -436,7 +437,7 @@ def recolor_item(
 
     # 4. A new version, the previous ones kept.
     version = layout.next_version()
-    key = _hash_json([source_sha256, state.config.get("state_key"), prompt, json.dumps(render.__dict__), request.seed])
+    key = _hash_json([source_sha256, state.config.get("state_key"), prompt, dataclasses.asdict(render), request.seed])
     record = _base_record(request, models, previous.get("preset", ""), source_sha256, key)
     state_uri = storage.join(layout.state, "color-state.safetensors")
     record.update(version=version, status="done", kind="render", target_prompt=prompt, color_map=color_map or None,

@@ -60,6 +60,12 @@ class ColorState:
         }
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors object, read from its JSON header alone."""
+    header_length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
+
+
 def save_state(state: ColorState, prefix: str) -> str:
     """Publishes ``state`` under the storage prefix ``prefix``; returns the state object's URI."""
     tensors = {
@@ -85,8 +91,7 @@ def load_state(prefix: str) -> ColorState:
         raise StateError(f"no colour state at '{uri}'") from error
     try:
         tensors = load_safetensors(data)
-        header_length = int.from_bytes(data[:8], "little")
-        meta = json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"]["diffcolor"])
+        meta = json.loads(safetensors_metadata(data)["diffcolor"])
     except Exception as error:  # safetensors raises several classes on a corrupt file
         raise StateError(f"colour state '{uri}' is unreadable: {error}") from error
     if meta.get("format") != STATE_FORMAT:
