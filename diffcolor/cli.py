@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     from diffcolor.manifest import add_manifest_commands
 
     add_manifest_commands(commands)
+    from diffcolor.evaluate import add_eval_commands
+
+    add_eval_commands(commands)
     return parser
 
 
