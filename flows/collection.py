@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -169,6 +170,9 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         _POOLS[run_id] = pool
     elif options.pool != "ray":
         raise ValueError(f"pool must be 'local' or 'ray', got {options.pool!r}")
+    elif "Ray" not in type(FlowRunContext.get().task_runner).__name__:
+        raise ValueError("pool 'ray' needs the Ray task runner: run flows/ray_collection.py:colorize_collection_ray "
+                         "(or diffcolor run --pool ray)")
     try:
         if pool is not None:
             pool.describe()  # every worker up, its models loaded

@@ -97,7 +97,10 @@ class DevicePool:
         if device == "cuda" and not gpus:
             raise WorkerLostError("device 'cuda' requested but no GPU is visible")
         if gpus:
-            slots = [_Slot(i, "cuda", str(gpu), spec, None) for i, gpu in enumerate(gpus)]
+            # Children see one GPU each; name it as the operator's CUDA_VISIBLE_DEVICES does, if set.
+            inherited = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            slots = [_Slot(i, "cuda", inherited[gpu] if gpu < len(inherited) else str(gpu), spec, None)
+                     for i, gpu in enumerate(gpus)]
         else:
             slots = [_Slot(0, "cpu", None, spec, cpu_threads or max(1, (os.cpu_count() or 1)))]
         self._setup(slots)

@@ -63,7 +63,13 @@ def gray_tiff16(tmp_path):
 
 @pytest.fixture(scope="session")
 def prefect_server(cache_dir):
-    """A real Prefect server (SQLite) for the whole session, started once (~10 s)."""
+    """A real Prefect server (SQLite) for the whole session, started once (~10 s).
+
+    Importing Prefect here, outside any test, binds its console log handler to
+    pytest's session-wide capture; bound inside a test using ``capsys`` it would
+    keep writing to that test's closed stream and break every later flow.
+    """
+    import prefect  # noqa: F401  (configures Prefect's logging now)
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
