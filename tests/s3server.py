@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-FAKE_ACCESS_KEY = "AKIADIFFCOLORTESTKEY"
+FAKE_ACCESS_KEY = "FAKEDIFFCOLORTESTKEY"
 FAKE_SECRET_KEY = "diffcolor-fake-secret-never-shown"
 _bucket_numbers = itertools.count()
 
