@@ -122,6 +122,11 @@ def clip_score(models: Models, rgb: torch.Tensor, prompt: str) -> float:
     return float(100.0 * (image * text).sum(-1).clamp(min=0).mean())
 
 
+def denoising_steps(steps: int, strength: float) -> int:
+    """How many of ``steps`` DDIM steps an img2img sample at ``strength`` runs (at least one)."""
+    return max(1, min(steps, int(round(steps * strength))))
+
+
 @torch.no_grad()
 def sample_from(
     models: Models,
@@ -144,7 +149,7 @@ def sample_from(
     # 1. Timesteps: the last `strength` fraction of the DDIM schedule.
     scheduler = sampling_scheduler(models)
     scheduler.set_timesteps(steps, device=start.device)
-    first = steps - max(1, min(steps, int(round(steps * strength))))
+    first = steps - denoising_steps(steps, strength)
     timesteps = scheduler.timesteps[first:]
 
     # 2. Noise the start latent to the first timestep.
@@ -156,6 +161,7 @@ def sample_from(
     context = torch.cat([unconditional, condition.to(unconditional.dtype)])
     for t in timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latent, latent]), t)
-        uncond, cond = unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+        # .float(): guidance and the DDIM update in fp32 even when the UNet ran under bf16 autocast.
+        uncond, cond = unet(model_input, t, encoder_hidden_states=context).sample.float().chunk(2)
         latent = scheduler.step(uncond + guidance * (cond - uncond), t, latent).prev_sample
     return latent

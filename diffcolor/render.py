@@ -17,6 +17,7 @@ from diffcolor.align import AlignConfig, Alignment, align_chroma
 from diffcolor.diffusion import decode_latent, encode_latent, encode_prompts, sample_from
 from diffcolor.errors import PromptError, StateError
 from diffcolor.models import Models
+from diffcolor.performance import PerformanceConfig, apply_memory_format, autocast_context, check_performance
 from diffcolor.stage2 import build_target_prompt, check_token_alignment
 from diffcolor.state import ColorState
 from diffcolor.training import load_trained_unet, phase_generator
@@ -30,6 +31,9 @@ class RenderConfig:
     steps: int = 50  # recipe R: 50 DDIM steps
     guidance: float = 7.5  # ours: SD's usual classifier-free guidance
     strength: float = 0.8  # ours: how far the gray latent is noised before sampling
+    # Speed only (flat fields, not a PerformanceConfig, so the config stays a JSON-able flat record):
+    autocast: str = "auto"  # "auto": bf16 autocast on CUDA, off elsewhere; "bf16"; "off" (see diffcolor.performance)
+    channels_last: bool | None = None  # UNet/VAE convolutions in NHWC; None: on CUDA only
 
 
 @dataclass
@@ -74,6 +78,9 @@ def render_target(
         raise StateError("the colour state was made with other model weights (model hash differs)")
     if not 0.0 <= config.eta <= 1.0:
         raise PromptError(f"eta must be in [0, 1], got {config.eta}")
+    performance = PerformanceConfig(autocast=config.autocast, channels_last=config.channels_last)
+    check_performance(performance)
+    apply_memory_format([models.unet, models.vae], performance, models.device)
 
     # 2. Interpolate the target's embedding with the optimised one.
     target = encode_prompts(models, [target_prompt])
@@ -83,17 +90,19 @@ def render_target(
     trainable = load_trained_unet(models.unet, state.adapter_config, state.adapter, name="diffcolor_render")
     try:
         gray = state.gray.to(models.device)
-        latent = sample_from(
-            models,
-            trainable.unet,
-            encode_latent(models, gray.expand(-1, 3, -1, -1)),
-            strength=config.strength,
-            steps=config.steps,
-            guidance=config.guidance,
-            condition=embedding,
-            generator=phase_generator(seed, f"render:{target_prompt}"),
-        )
-        rgb = decode_latent(models, latent).float()
+        start = encode_latent(models, gray.expand(-1, 3, -1, -1))  # fp32, outside autocast: it is encoded once
+        with autocast_context(performance.autocast, models.device):
+            latent = sample_from(
+                models,
+                trainable.unet,
+                start,
+                strength=config.strength,
+                steps=config.steps,
+                guidance=config.guidance,
+                condition=embedding,
+                generator=phase_generator(seed, f"render:{target_prompt}"),
+            )
+            rgb = decode_latent(models, latent).float()
     finally:
         trainable.release()
 

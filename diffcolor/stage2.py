@@ -35,6 +35,14 @@ from diffcolor.diffusion import (
 )
 from diffcolor.errors import PromptError
 from diffcolor.models import Models
+from diffcolor.performance import (
+    PerformanceConfig,
+    apply_memory_format,
+    autocast_context,
+    check_performance,
+    make_adamw,
+    maybe_compile,
+)
 from diffcolor.training import (
     AdapterConfig,
     CheckpointPolicy,
@@ -68,6 +76,7 @@ class Stage2Config:
     timestep_range: tuple[int, int] = (0, 1000)  # ours: the full range, as a denoising loss normally uses
     max_grad_norm: float = 1.0  # ours
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)  # ours: speed only; CPU defaults = plain fp32
 
 
 @dataclass(frozen=True)
@@ -141,13 +150,24 @@ def fingerprint(models: Models, primary: torch.Tensor, rewritten: RewrittenCapti
     return digest.hexdigest()
 
 
-def _reconstruction_loss(models, unet, latent, embedding, generator, t_range) -> dict[str, torch.Tensor]:
-    scheduler = noise_scheduler(models)
-    noise, timesteps = draw_noise_and_timesteps(latent, t_range, generator)
+def reconstruction_losses(models: Models, unet, latent: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor,
+                          timesteps: torch.Tensor, *, scheduler=None) -> dict[str, torch.Tensor]:
+    """The denoising loss of both stage-2 loops for one noise draw (``scheduler`` built once by the loop, or here)."""
+    scheduler = scheduler if scheduler is not None else noise_scheduler(models)
     noisy = scheduler.add_noise(latent, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=embedding).sample
     loss = F.mse_loss(prediction.float(), denoising_target(scheduler, latent, noise, timesteps).float())
     return {"total": loss, "diff": loss}
+
+
+def reconstruction_step(models: Models, unet, latent: torch.Tensor, primary: torch.Tensor, embedding: torch.Tensor,
+                        generator: torch.Generator, config: Stage2Config, scheduler) -> dict[str, torch.Tensor]:
+    """One loop step: draw noise and timestep, (re-encode the primary when caching is off), the loss under autocast."""
+    noise, timesteps = draw_noise_and_timesteps(latent, config.timestep_range, generator)
+    if not config.performance.cache_latents:
+        latent = encode_latent(models, primary)  # the naive baseline: same value, one VAE encode more per step
+    with autocast_context(config.performance.autocast, models.device):
+        return reconstruction_losses(models, unet, latent, embedding, noise, timesteps, scheduler=scheduler)
 
 
 @dataclass
@@ -178,17 +198,23 @@ def fit_in_context(
     ``stop_after`` (tests) interrupts a loop: ``{"embedding": 3}``.
     """
     stop_after = stop_after or {}
-    # 1. Encode the aligned primary image and c' once.
+    performance = config.performance
+    check_performance(performance)
+    # 1. Encode the aligned primary image and c' once (c' is only the embedding's start: never re-encoded);
+    #    build the noise schedule once; put the convolutions in this device's fast layout.
+    apply_memory_format([models.unet, models.vae], performance, models.device)
+    scheduler = noise_scheduler(models)
     latent = encode_latent(models, primary)
     initial = encode_prompts(models, [rewritten.text]).float()
 
     # 2. Optimise the embedding of c' with the frozen UNet (the base, no adapter).
     embedding = torch.nn.Parameter(initial.clone())
     embed_generator = phase_generator(seed, "embedding")
-    embed_optimizer = torch.optim.AdamW([embedding], lr=config.embed_learning_rate, weight_decay=0.0)
+    embed_optimizer = make_adamw([embedding], lr=config.embed_learning_rate, config=performance, device=models.device, weight_decay=0.0)
+    base_unet = maybe_compile(models.unet, performance)
     embed_loop = run_resumable_loop(
         steps=config.embed_steps,
-        step_fn=lambda _: _reconstruction_loss(models, models.unet, latent, embedding, embed_generator, config.timestep_range),
+        step_fn=lambda _: reconstruction_step(models, base_unet, latent, primary, embedding, embed_generator, config, scheduler),
         parameters={"embedding": embedding},
         optimizer=embed_optimizer,
         generator=embed_generator,
@@ -205,11 +231,12 @@ def fit_in_context(
     tune_generator = phase_generator(seed, "finetune")
     trainable = make_trainable_unet(models.unet, config.adapter, name="diffcolor_stage2", generator=tune_generator)
     try:
-        optimizer = torch.optim.AdamW(trainable.parameters.values(), lr=config.finetune_learning_rate)
+        optimizer = make_adamw(trainable.parameters.values(), lr=config.finetune_learning_rate, config=performance, device=models.device)
         trainable.unet.train()
+        tuned_unet = maybe_compile(trainable.unet, performance)
         finetune_loop = run_resumable_loop(
             steps=config.finetune_steps,
-            step_fn=lambda _: _reconstruction_loss(models, trainable.unet, latent, optimized, tune_generator, config.timestep_range),
+            step_fn=lambda _: reconstruction_step(models, tuned_unet, latent, primary, optimized, tune_generator, config, scheduler),
             parameters=trainable.parameters,
             optimizer=optimizer,
             generator=tune_generator,

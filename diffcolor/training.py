@@ -80,7 +80,8 @@ def make_trainable_unet(base: torch.nn.Module, config: AdapterConfig, *, name: s
     adapted UNet starts equal to the base), which keeps fits reproducible.
     """
     if config.mode == "full":
-        unet = copy.deepcopy(base)
+        # fp32 master weights: at fine-tune learning rates a bf16 weight would not move (diffcolor.performance).
+        unet = copy.deepcopy(base).float()
         unet.requires_grad_(True)
         unet.train()
         return TrainableUNet(unet, dict(unet.named_parameters()), None)
