@@ -41,6 +41,7 @@ from diffcolor.merge import merge_full_resolution
 from diffcolor.metadata import xmp_for_format
 from diffcolor.metrics import colorfulness
 from diffcolor.models import Models
+from diffcolor.performance import apply_memory_format
 from diffcolor.presets import PipelineConfig
 from diffcolor.render import RenderConfig, render_target, resolve_target
 from diffcolor.stage1 import fit_color_prior
@@ -335,8 +336,10 @@ def colorize_item(
 
             check_token_alignment(models, rewritten, build_target_prompt(rewritten, request.color_map))
 
-        # 4. The gray image at model resolution.
+        # 4. The gray image at model resolution, and the convolutions in stage 1's memory layout before any
+        #    model runs: a resumed item (stage 1 restored) then aligns in the same layout as an uninterrupted one.
         gray = torch.from_numpy(resize_for_model(source.gray, config.model_pixels, models.vae_scale_factor))[None, None].float()
+        apply_memory_format([models.unet, models.vae], config.stage1.performance, models.device)
 
         # 5. The colour state: reuse a matching stored one, else fit it.
         if device_is_cuda := models.device.type == "cuda":

@@ -210,11 +210,12 @@ def fit_color_prior(
     check_inputs(gray, caption, config)
 
     # 2. Encode G, c and C- once.
+    # (The convolutions' memory layout first: every encode of the fit then runs in it, whatever ran before.)
+    performance = config.performance
+    apply_memory_format([models.unet, models.vae], performance, models.device)
     inputs = prepare_inputs(models, gray, caption, config)
 
     # 3. A trainable UNet: a fresh LoRA adapter on the shared base (default) or a private copy.
-    performance = config.performance
-    apply_memory_format([models.unet, models.vae], performance, models.device)
     generator = phase_generator(seed, "stage1")
     trainable = make_trainable_unet(models.unet, config.adapter, name="diffcolor_stage1", generator=generator)
     try:

@@ -164,8 +164,23 @@ def _unpack_checkpoint(data: bytes, parameters: dict[str, torch.Tensor], optimiz
     for index, slots in meta["optimizer_scalars"].items():
         state.setdefault(int(index), {}).update(slots)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    _match_parameter_layouts(optimizer)
     generator.set_state(tensors["rng.generator"])
     return int(meta["step"]), list(meta["history"])
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Gives each restored moment buffer its parameter's memory layout (strides).
+
+    Checkpoints store contiguous tensors. A parameter in channels_last (a full
+    fine-tune copy of a channels_last UNet) with contiguous moments would make
+    a fused optimiser, which walks all of them as flat memory, pair the wrong
+    elements: the resumed fit would silently differ.
+    """
+    for parameter, slots in optimizer.state.items():
+        for key, value in slots.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                slots[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
 def _checkpoint_meta(data: bytes) -> dict:

@@ -84,3 +84,38 @@ def test_item_killed_mid_finetune_resumes_to_identical_pixels(models, smoke, tmp
     assert resumed["output_sha256"]["state"] == reference["output_sha256"]["state"]
     assert np.array_equal(tifffile.imread(resumed["outputs"]["master"]), tifffile.imread(reference["outputs"]["master"]))
     assert storage.list_files(str(tmp_path / "item" / "checkpoints" / "finetune")) == []
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_item_on_the_cuda_fast_path_options_resumes_bit_identical(models, smoke, tmp_path, gray_png, mode):
+    """The options CUDA turns on by default, forced on a CPU: bf16 autocast, fused AdamW, channels_last.
+
+    The reference is the first item its process computes (convolutions still in
+    the layout they were loaded in); the resumed run finds them in channels_last
+    already and restores contiguous checkpoints into channels_last parameters
+    (``full``). Both must give the same bits.
+    """
+    from diffcolor.performance import PerformanceConfig, apply_memory_format
+
+    fast = PerformanceConfig(autocast="bf16", fused_optimizer=True, channels_last=True)
+    config = replace(
+        smoke,
+        stage1=replace(smoke.stage1, performance=fast, adapter=replace(smoke.stage1.adapter, mode=mode)),
+        stage2=replace(smoke.stage2, performance=fast, finetune_steps=6, adapter=replace(smoke.stage2.adapter, mode=mode)),
+        render=replace(smoke.render, autocast="bf16", channels_last=True),
+    )
+    request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=5)
+    loaded_layout = PerformanceConfig(channels_last=False)
+    apply_memory_format([models.unet, models.vae], loaded_layout, models.device)
+    try:
+        reference = colorize_item(models, request, str(tmp_path / "reference"), config)[0]
+        assert models.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        with pytest.raises(LoopInterrupted):
+            colorize_item(models, request, str(tmp_path / "item"), config, stop_after={"finetune": 3})
+        resumed = colorize_item(models, request, str(tmp_path / "item"), config)[0]
+    finally:
+        apply_memory_format([models.unet, models.vae], loaded_layout, models.device)
+
+    assert resumed["finetune_steps_run"] == 6 - 2
+    assert resumed["output_sha256"]["state"] == reference["output_sha256"]["state"]
+    assert np.array_equal(tifffile.imread(resumed["outputs"]["master"]), tifffile.imread(reference["outputs"]["master"]))
