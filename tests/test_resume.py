@@ -104,11 +104,13 @@ def test_item_on_the_cuda_fast_path_options_resumes_bit_identical(models, smoke,
         stage2=replace(smoke.stage2, performance=fast, finetune_steps=6, adapter=replace(smoke.stage2.adapter, mode=mode)),
         render=replace(smoke.render, autocast="bf16", channels_last=True),
     )
-    request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=5)
+    request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=5,
+                          color_map={"bench": "black"})  # a render too: the adapter loaded into the fast layout
     loaded_layout = PerformanceConfig(channels_last=False)
     apply_memory_format([models.unet, models.vae], loaded_layout, models.device)
     try:
         reference = colorize_item(models, request, str(tmp_path / "reference"), config)[0]
+        assert reference["kind"] == "render" and reference["status"] == "done"
         assert models.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         with pytest.raises(LoopInterrupted):
             colorize_item(models, request, str(tmp_path / "item"), config, stop_after={"finetune": 3})
