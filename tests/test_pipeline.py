@@ -110,9 +110,9 @@ def test_recolor_renders_from_the_state_without_fine_tuning_and_keeps_versions(m
     assert _sha256(out / "versions" / "v0001" / "master.tif") == v1_master
     assert json.loads((out / "versions" / "v0001.json").read_text()) == first
     assert (out / "versions" / "v0002" / "master.tif").exists()
-    # Rendering from the state is faster than fitting it.
-    fit_seconds = first["seconds"]["stage1"] + first["seconds"]["stage2"]
-    assert second["seconds"]["render"] < fit_seconds
+    # The render ran from the stored state alone: none of the fit's stages ran (its speed is the bench's to show).
+    assert {"stage1", "align", "stage2"} <= set(first["seconds"])
+    assert not {"stage1", "align", "stage2"} & set(second["seconds"]) and "render" in second["seconds"]
     assert "SMOKE RUN" in capsys.readouterr().err
 
 
