@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from diffcolor.color import gamut_map_lab, gray_from_lightness, gray_lightness, lightness, rgb_to_lab
 from diffcolor.models import Models
+from diffcolor.performance import frozen_weights_context
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,14 @@ class Alignment:
 def encoder_features(models: Models, gray: torch.Tensor, stride: int) -> torch.Tensor:
     """Unit-norm VAE-encoder features of a gray image (N, 1, h, w) in [0, 1], at ``stride``."""
     encoder = models.vae.encoder
-    features = encoder.conv_in(gray.expand(-1, 3, -1, -1).to(models.device) * 2.0 - 1.0)
-    current = 1
-    for block in encoder.down_blocks:
-        if current >= stride:
-            break
-        features = block(features)
-        current = gray.shape[-1] // features.shape[-1]
+    with frozen_weights_context(models):
+        features = encoder.conv_in(gray.expand(-1, 3, -1, -1).to(models.device) * 2.0 - 1.0)
+        current = 1
+        for block in encoder.down_blocks:
+            if current >= stride:
+                break
+            features = block(features)
+            current = gray.shape[-1] // features.shape[-1]
     if current != stride:
         raise ValueError(f"the VAE encoder offers no features at stride {stride} (got {current})")
     return F.normalize(features.float(), dim=1)

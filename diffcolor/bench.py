@@ -50,10 +50,10 @@ from pathlib import Path
 
 import torch
 
-from diffcolor.performance import NAIVE, PerformanceConfig, autocast_context
+from diffcolor.performance import NAIVE, PerformanceConfig, autocast_context, frozen_weight_dtype
 
-VARIANT_NAMES = ("default", "baseline", "fp32", "no-channels-last", "no-fused", "compile", "compile-graphs",
-                 "cudnn-benchmark")
+VARIANT_NAMES = ("default", "baseline", "fp32", "fp32-weights", "no-channels-last", "no-fused", "compile",
+                 "compile-graphs", "cudnn-benchmark")
 LOOPS = ("stage1", "embedding", "finetune")
 CAPTION = "a dog sitting on a wooden bench, with grassland and sky"
 TARGET = "a brown dog sitting on a black wooden bench, with green grassland and blue sky"
@@ -64,16 +64,42 @@ H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM5 datasheet: dense bf16 tensor-
 # Models, recipe and variants.
 
 
-def load_bench_models(name: str, device: torch.device):
-    """``tiny``, ``sd15-random`` (built in memory, SD 1.5 shapes) or a model folder / hub id, on ``device``."""
+def load_bench_models(name: str, device: torch.device, weight_dtype: str = "auto"):
+    """``tiny``, ``sd15-random`` (built in memory, SD 1.5 shapes) or a model folder / hub id, on ``device``,
+    with the frozen matrix weights stored as ``weight_dtype`` says (see :func:`diffcolor.models.load_models`)."""
     from diffcolor.models import load_models
     from diffcolor.sd15_random import NAME, build_sd15_random_models
 
     if name == NAME:
-        return build_sd15_random_models(device)
+        return build_sd15_random_models(device, weight_dtype=weight_dtype)
     if device.type == "meta":
         raise ValueError(f"--flops-only builds models on the meta device: use --model {NAME} (got {name!r})")
-    return load_models(name, device=device)
+    return load_models(name, device=device, weight_dtype=weight_dtype)
+
+
+class BenchModels:
+    """The models of one bench run, loaded once per weight storage the variants need (fp32 and/or bf16)."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name, self.device = name, device
+        self.loaded: dict[torch.dtype, object] = {}
+        self.load_s: dict[str, float] = {}  # seconds to load (build) each storage's copy
+
+    def get(self, weight_dtype: str):
+        """The models with ``weight_dtype`` ("auto", "bf16", "fp32") storage, loaded on first use."""
+        dtype = frozen_weight_dtype(weight_dtype, self.device)
+        if dtype not in self.loaded:
+            started = time.perf_counter()
+            self.loaded[dtype] = load_bench_models(self.name, self.device, weight_dtype)
+            synchronize(self.device)
+            self.load_s[str(dtype).removeprefix("torch.")] = time.perf_counter() - started
+        return self.loaded[dtype]
+
+
+def variant_weight_dtype(name: str, default: str = "auto") -> str:
+    """How a variant stores the frozen weights: fp32 where it computes in fp32 or ablates bf16 storage,
+    else ``default`` (``--weight-dtype``)."""
+    return "fp32" if name in ("baseline", "fp32", "fp32-weights") else default
 
 
 def recipe_config(preset: str, *, steps: int | None = None, sample_steps: int | None = None):
@@ -110,6 +136,8 @@ def variant_config(config, name: str):
                                 render={"autocast": "off", "channels_last": False})
     if name == "fp32":
         return with_performance(replace(base, autocast="off"), render={"autocast": "off"})
+    if name == "fp32-weights":  # bf16 autocast over fp32-stored frozen weights (a cast per weight per use)
+        return with_performance(replace(base, autocast="bf16"), render={"autocast": "bf16"})
     if name == "no-channels-last":
         return with_performance(replace(base, channels_last=False), render={"channels_last": False})
     if name == "no-fused":
@@ -344,7 +372,7 @@ def count_recipe_flops(models, config, gray: torch.Tensor, caption: str, target:
         # 3. One guided sampling step: the adapted UNet on a batch of two (unconditional and conditional).
         trainable.unet.eval()
         context = torch.cat([encode_prompts(models, [""]), encode_prompts(models, [target])])
-        with torch.no_grad(), autocast_context(config.render.autocast, device):
+        with torch.no_grad(), autocast_context(config.render.autocast, models):
             guided = count_flops(lambda: trainable.unet(torch.cat([latent, latent]), torch.tensor([500], device=device),
                                                         encoder_hidden_states=context))
     finally:
@@ -472,10 +500,11 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
 
 def run_variant(models, config, name: str, gray: torch.Tensor, *, caption: str, target: str, seed: int,
                 variant_steps: int | None, render_repeats: int, warmup: bool, flops: FlopCount | None,
-                check: bool = False) -> dict:
+                reference=None) -> dict:
     """Warm-up, then the timed recipe (capped and extrapolated for non-default variants); one report dict.
 
-    ``check``: also render the variant's stored state in fp32 and report the difference (fast vs fp32).
+    ``reference`` (models with fp32-stored weights): also render the variant's stored state with them
+    in fp32 and report the difference (fast vs fp32).
     """
     device = models.device
     full = loop_steps(config)
@@ -497,8 +526,8 @@ def run_variant(models, config, name: str, gray: torch.Tensor, *, caption: str, 
                 warmup_s = time.perf_counter() - started
             timed = time_recipe(models, timed_config, gray, caption=caption, target=target, seed=seed,
                                 render_repeats=render_repeats, state_dir=Path(folder))
-            difference = (render_difference(models, timed_config, timed["state_prefix"], target=target, seed=seed)
-                          if check else None)
+            difference = (render_difference(models, reference, timed_config, timed["state_prefix"], target=target,
+                                            seed=seed) if reference is not None else None)
     finally:
         torch.backends.cudnn.benchmark = previous_benchmark
 
@@ -515,6 +544,7 @@ def run_variant(models, config, name: str, gray: torch.Tensor, *, caption: str, 
                  + seconds["state_save"] + seconds["render_with_state_load"])
     report = {
         "variant": name,
+        "weight_dtype": str(models.weight_dtype).removeprefix("torch."),
         "stage1": asdict(config.stage1.performance) | {"adapter": config.stage1.adapter.mode},
         "stage2": asdict(config.stage2.performance) | {"adapter": config.stage2.adapter.mode},
         "render": {"autocast": config.render.autocast, "channels_last": config.render.channels_last},
@@ -541,25 +571,27 @@ def run_variant(models, config, name: str, gray: torch.Tensor, *, caption: str, 
     return report
 
 
-def stage1_loss_difference(models, config, gray: torch.Tensor, *, caption: str, seed: int) -> dict:
-    """How far one stage-1 step's losses under the default's autocast are from fp32 (same noise, same adapter init)."""
+def stage1_loss_difference(models, reference, config, gray: torch.Tensor, *, caption: str, seed: int) -> dict:
+    """How far one stage-1 step's losses on the default's path (``models``' weight storage, its autocast) are
+    from fp32 (``reference``: fp32-stored weights, no autocast); same noise, same adapter init."""
     from diffcolor.diffusion import noise_scheduler
     from diffcolor.performance import autocast_dtype
     from diffcolor.stage1 import prepare_inputs, stage1_step
     from diffcolor.training import make_trainable_unet
 
     fast = config.stage1.performance.autocast
-    result = {"autocast": str(autocast_dtype(fast, models.device)).removeprefix("torch.")}
+    result = {"autocast": str(autocast_dtype(fast, models.device, models.weight_dtype)).removeprefix("torch."),
+              "weight_dtype": str(models.weight_dtype).removeprefix("torch.")}
     losses = {}
-    for label, setting in (("fp32", "off"), ("fast", fast)):
+    for label, setting, on in (("fp32", "off", reference), ("fast", fast, models)):
         stage1 = replace(config.stage1, performance=replace(config.stage1.performance, autocast=setting))
-        inputs = prepare_inputs(models, gray.to(models.device), caption, stage1)
-        trainable = make_trainable_unet(models.unet, stage1.adapter, name="bench_check",
+        inputs = prepare_inputs(on, gray.to(on.device), caption, stage1)
+        trainable = make_trainable_unet(on.unet, stage1.adapter, name="bench_check",
                                         generator=torch.Generator().manual_seed(seed))
         try:
             with torch.no_grad():
-                step = stage1_step(models, trainable.unet, inputs, gray, caption, stage1,
-                                   torch.Generator().manual_seed(seed), noise_scheduler(models))
+                step = stage1_step(on, trainable.unet, inputs, gray, caption, stage1,
+                                   torch.Generator().manual_seed(seed), noise_scheduler(on))
             losses[label] = {key: float(value) for key, value in step.items()}
         finally:
             trainable.release()
@@ -569,15 +601,16 @@ def stage1_loss_difference(models, config, gray: torch.Tensor, *, caption: str, 
     return result
 
 
-def render_difference(models, config, state_prefix: str, *, target: str, seed: int) -> dict:
-    """sRGB difference between a render with the default's autocast and one in fp32, from the same stored state."""
+def render_difference(models, reference, config, state_prefix: str, *, target: str, seed: int) -> dict:
+    """sRGB difference between a render on the default's path (``models``) and one in fp32 (``reference``,
+    fp32-stored weights), from the same stored state."""
     from diffcolor.render import render_target, resolve_target
     from diffcolor.state import load_state
 
     state = load_state(state_prefix)
     prompt = resolve_target(models, state, target, None)
     fast = render_target(models, state, prompt, config.render, config.align, seed=seed).rgb
-    fp32 = render_target(models, state, prompt, replace(config.render, autocast="off"), config.align, seed=seed).rgb
+    fp32 = render_target(reference, state, prompt, replace(config.render, autocast="off"), config.align, seed=seed).rgb
     difference = (fast - fp32).abs()
     return {"render_max_abs": float(difference.max()), "render_mean_abs": float(difference.mean())}
 
@@ -628,7 +661,8 @@ def format_table(report: dict) -> str:
                   f"at the measured bf16 peak, {floor['seconds_at_reference_peak']:.3g} s at {floor['reference_peak_tflops']} TFLOP/s"]
     check = report.get("fast_vs_fp32")
     if check:
-        path = f"{check['autocast']} autocast" if check["autocast"] != "None" else "no autocast on this device"
+        path = (f"{check['autocast']} autocast, {check['weight_dtype']} weights" if check["autocast"] != "None"
+                else "no autocast on this device")
         lines.append(f"fast path ({path}) vs fp32: stage-1 loss rel. diff max "
                      f"{max(check['stage1_loss_rel_diff'].values()):.2e}, render max |d| {check['render_max_abs']:.2e} "
                      f"mean |d| {check['render_mean_abs']:.2e} (sRGB 0..1)")
@@ -707,6 +741,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated, from {', '.join(VARIANT_NAMES)} (default: default,baseline)")
     parser.add_argument("--variant-steps", type=int, default=20,
                         help="steps per loop for variants other than default, extrapolated (0: run them in full)")
+    parser.add_argument("--weight-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="frozen weights' storage for default and the ablations of it (auto: bf16 on CUDA, fp32 "
+                             "elsewhere; bf16 on a CPU runs the CUDA default's numerics there)")
     parser.add_argument("--render-repeats", type=int, default=3, help="new-prompt renders timed (first is cold)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the two-step warm-up of each variant")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
@@ -744,6 +781,7 @@ def run_concurrent(args, processes: int) -> dict:
                              "--preset", args.preset, "--variants", "default", "--no-flops", "--no-check",
                              "--render-repeats", "2", "--json", str(barrier / f"worker-{index}.json"),
                              "--worker-barrier", str(barrier), "--seed", str(args.seed + index),
+                             "--weight-dtype", args.weight_dtype,
                              "--threads", str(max(1, torch.get_num_threads() // processes))]
                             + (["--resolution", str(args.resolution)] if args.resolution else [])
                             + (["--steps", str(args.steps)] if args.steps else [])
@@ -777,18 +815,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = device
-    started = time.perf_counter()
-    models = load_bench_models(args.model, device)
-    synchronize(device)
-    load_s = time.perf_counter() - started
+    bench_models = BenchModels(args.model, device)
+    models = bench_models.get(args.weight_dtype)
     config = recipe_config(args.preset, steps=args.steps, sample_steps=args.sample_steps)
     side = args.resolution or _preset_side(config)
     if side % models.vae_scale_factor:
         raise SystemExit(f"--resolution {side} is not a multiple of the VAE factor {models.vae_scale_factor}")
     gray = gray_scene(side)
     report = {"date": _now(), "command": _command(), "model": args.model, "preset": args.preset, "resolution": side,
-              "device": describe_device(device), "model_load_s": load_s, "caption": args.caption, "target": args.target,
-              "seed": args.seed, "variants": {}}
+              "device": describe_device(device), "model_load_s": bench_models.load_s, "caption": args.caption,
+              "target": args.target, "seed": args.seed, "variants": {}}
 
     if args.worker_barrier:  # one process of --concurrent: warm up, wait for the others, time the default recipe once
         barrier = Path(args.worker_barrier)
@@ -808,12 +844,16 @@ def main(argv: list[str] | None = None) -> int:
     report["peak"] = {"bf16": measure_matmul_peak(device, torch.bfloat16), "fp32": measure_matmul_peak(device, torch.float32)}
 
     # 3. Each variant: FLOPs of one step of each loop, then the timed recipe.
+    #    (each on the models of its weight storage; the fast-vs-fp32 check compares with fp32-stored weights)
     for name in args.variants:
         variant = variant_config(config, name)
-        flops = None if args.no_flops else count_recipe_flops(models, variant, gray, args.caption, args.target)
-        result = run_variant(models, variant, name, gray, caption=args.caption, target=args.target, seed=args.seed,
-                             variant_steps=args.variant_steps, render_repeats=args.render_repeats,
-                             warmup=not args.no_warmup, flops=flops, check=name == "default" and not args.no_check)
+        variant_models = bench_models.get(variant_weight_dtype(name, args.weight_dtype))
+        flops = None if args.no_flops else count_recipe_flops(variant_models, variant, gray, args.caption, args.target)
+        check = name == "default" and not args.no_check
+        result = run_variant(variant_models, variant, name, gray, caption=args.caption, target=args.target,
+                             seed=args.seed, variant_steps=args.variant_steps, render_repeats=args.render_repeats,
+                             warmup=not args.no_warmup, flops=flops,
+                             reference=bench_models.get("fp32") if check else None)
         report["variants"][name] = result
         if name == "default" and flops is not None:
             report["floor"] = {
@@ -829,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         report["speedup_over_baseline"] = (report["variants"]["baseline"]["seconds_per_image"]
                                            / report["variants"]["default"]["seconds_per_image"])
     if "default" in report["variants"] and not args.no_check:
-        check = stage1_loss_difference(models, config, gray, caption=args.caption, seed=args.seed)
+        check = stage1_loss_difference(models, bench_models.get("fp32"), config, gray, caption=args.caption, seed=args.seed)
         report["fast_vs_fp32"] = check | report["variants"]["default"]["_render_difference"]
 
     # 5. Throughput with several processes on the device.

@@ -5,6 +5,10 @@ diffusers Stable Diffusion pipeline (prompt encoding, VAE scaling,
 img2img-style DDIM sampling with classifier-free guidance) but work on
 tensors the stages already hold, so latents and embeddings are computed once
 per item and reused by every step.
+
+Every model call runs in :func:`~diffcolor.performance.frozen_weights_context`
+(bf16 autocast when the frozen weights are stored in bf16, nothing otherwise),
+and the encodes done once per item return fp32 either way.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from diffcolor.models import Models
+from diffcolor.performance import frozen_weights_context
 
 
 def tokenize(models: Models, prompts: list[str]) -> torch.Tensor:
@@ -26,19 +31,25 @@ def tokenize(models: Models, prompts: list[str]) -> torch.Tensor:
 def encode_prompts(models: Models, prompts: list[str]) -> torch.Tensor:
     """SD text-encoder hidden states, (len(prompts), 77, D), for UNet conditioning."""
     ids = tokenize(models, prompts).to(models.device)
-    return models.text_encoder(ids)[0]
+    with frozen_weights_context(models):
+        return models.text_encoder(ids)[0].float()
 
 
 @torch.no_grad()
 def encode_latent(models: Models, rgb: torch.Tensor) -> torch.Tensor:
     """VAE latent (mean of the posterior, scaled) of an sRGB image (N, 3, H, W) in [0, 1]."""
-    posterior = models.vae.encode(rgb.to(models.device) * 2.0 - 1.0).latent_dist
-    return posterior.mean * models.vae.config.scaling_factor
+    with frozen_weights_context(models):
+        posterior = models.vae.encode(rgb.to(models.device) * 2.0 - 1.0).latent_dist
+    return posterior.mean.float() * models.vae.config.scaling_factor
 
 
 def decode_latent(models: Models, latent: torch.Tensor) -> torch.Tensor:
-    """sRGB image in [0, 1] of a scaled latent; differentiable (stage 1 trains through it)."""
-    image = models.vae.decode(latent / models.vae.config.scaling_factor).sample
+    """sRGB image in [0, 1] of a scaled latent; differentiable (stage 1 trains through it).
+
+    In the dtype the decoder computed in (bf16 under autocast): callers that need fp32 say so.
+    """
+    with frozen_weights_context(models):
+        image = models.vae.decode(latent / models.vae.config.scaling_factor).sample
     return (image / 2.0 + 0.5).clamp(0.0, 1.0)
 
 
@@ -100,8 +111,9 @@ def clip_preprocess(models: Models, rgb: torch.Tensor) -> torch.Tensor:
 
 def clip_image_features(models: Models, rgb: torch.Tensor) -> torch.Tensor:
     """Unit-norm CLIP image embeddings of sRGB images (N, 3, H, W) in [0, 1]; differentiable."""
-    pooled = models.clip.vision_model(pixel_values=clip_preprocess(models, rgb)).pooler_output
-    return F.normalize(models.clip.visual_projection(pooled), dim=-1)
+    with frozen_weights_context(models):
+        pooled = models.clip.vision_model(pixel_values=clip_preprocess(models, rgb)).pooler_output
+        return F.normalize(models.clip.visual_projection(pooled), dim=-1)
 
 
 @torch.no_grad()
@@ -110,8 +122,10 @@ def clip_text_features(models: Models, prompts: list[str]) -> torch.Tensor:
     ids = models.clip_tokenizer(
         prompts, padding="max_length", max_length=models.clip_tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(models.device)
-    pooled = models.clip.text_model(input_ids=ids).pooler_output
-    return F.normalize(models.clip.text_projection(pooled), dim=-1)
+    with frozen_weights_context(models):
+        pooled = models.clip.text_model(input_ids=ids).pooler_output
+        projected = models.clip.text_projection(pooled)
+    return F.normalize(projected.float(), dim=-1)
 
 
 @torch.no_grad()

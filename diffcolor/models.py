@@ -59,6 +59,8 @@ class Models:
     weight_sha256: dict[str, str] = field(default_factory=dict)  # "component/file" -> sha256
     model_hash: str = ""  # sha256 over weight hashes and component configs
     random_weights: bool = False  # True for the tiny bundle: outputs are a smoke run, not colourisations
+    # Storage of the frozen linear/convolution weights: bf16 on CUDA by default (diffcolor.performance), else fp32.
+    weight_dtype: torch.dtype = torch.float32
 
     @property
     def vae_scale_factor(self) -> int:
@@ -74,6 +76,7 @@ class Models:
             "model_hash": self.model_hash,
             "weight_sha256": dict(self.weight_sha256),
             "random_weights": self.random_weights,
+            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
         }
 
 
@@ -227,25 +230,31 @@ def load_models(
     device: str | torch.device = "cpu",
     allow_download: bool = False,
     cache_dir: Path | None = None,
+    weight_dtype: str = "auto",
 ) -> Models:
     """Loads the SD bundle and CLIP, frozen and in eval mode, onto ``device``.
 
     ``model`` is a folder, a hub id or ``"tiny"``. ``clip`` defaults to the
     bundle's ``clip/`` subfolder when it has one, else :data:`DEFAULT_CLIP`.
+    ``weight_dtype`` stores the frozen linear and convolution weights in bf16
+    ("bf16"; "auto": on CUDA) or fp32 (see :mod:`diffcolor.performance`).
     Raises :class:`ModelNotFoundError` (one line, no network touched unless
-    ``allow_download``) when anything is missing.
+    ``allow_download``) when anything is missing, ValueError for a bad ``weight_dtype``.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
+    from diffcolor.performance import frozen_weight_dtype, store_frozen_weights
+
     transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
+    device = torch.device(device)
+    storage_dtype = frozen_weight_dtype(weight_dtype, device)
 
     # 1. Resolve every name to a local folder before loading anything.
     folder, clip, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download, cache_dir)
 
     # 2. Load through from_pretrained, the same path for real and tiny weights.
-    device = torch.device(device)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
@@ -255,10 +264,12 @@ def load_models(
     clip_tokenizer = CLIPTokenizer.from_pretrained(clip_folder)
     clip_size, clip_mean, clip_std = _read_clip_preprocessing(clip_folder)
 
-    # 3. Freeze: only adapters or embeddings created by the stages ever train.
+    # 3. Freeze: only adapters or embeddings created by the stages ever train. Store the matrix weights
+    #    in their compute dtype before the move (half the bytes to copy when it is bf16).
     for module in (unet, vae, text_encoder, clip_model):
         module.requires_grad_(False)
         module.eval()
+        store_frozen_weights([module], storage_dtype)
         module.to(device)
 
     # 4. Provenance: hashes of exactly the files loaded.
@@ -282,4 +293,5 @@ def load_models(
         weight_sha256=weights,
         model_hash=model_hash,
         random_weights=(folder / TINY_MARKER).exists(),
+        weight_dtype=storage_dtype,
     )

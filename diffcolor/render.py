@@ -79,7 +79,7 @@ def render_target(
     if not 0.0 <= config.eta <= 1.0:
         raise PromptError(f"eta must be in [0, 1], got {config.eta}")
     performance = PerformanceConfig(autocast=config.autocast, channels_last=config.channels_last)
-    check_performance(performance)
+    check_performance(performance, models)
     apply_memory_format([models.unet, models.vae], performance, models.device)
 
     # 2. Interpolate the target's embedding with the optimised one.
@@ -90,8 +90,8 @@ def render_target(
     trainable = load_trained_unet(models.unet, state.adapter_config, state.adapter, name="diffcolor_render")
     try:
         gray = state.gray.to(models.device)
-        start = encode_latent(models, gray.expand(-1, 3, -1, -1))  # fp32, outside autocast: it is encoded once
-        with autocast_context(performance.autocast, models.device):
+        start = encode_latent(models, gray.expand(-1, 3, -1, -1))  # once, before the sampling loop (returned in fp32)
+        with autocast_context(performance.autocast, models):
             latent = sample_from(
                 models,
                 trainable.unet,

@@ -132,17 +132,22 @@ def model_hash(seed: int = 0) -> str:
     return hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()
 
 
-def build_sd15_random_models(device: str | torch.device = "cpu", *, seed: int = 0) -> Models:
-    """SD 1.5 + CLIP ViT-L/14 shapes, random fp32 weights, built directly on ``device``.
+def build_sd15_random_models(device: str | torch.device = "cpu", *, seed: int = 0, weight_dtype: str = "auto") -> Models:
+    """SD 1.5 + CLIP ViT-L/14 shapes, random weights drawn in fp32, built directly on ``device``.
 
     About 1.5 G parameters (6 GB in fp32); on ``meta`` nothing is allocated.
+    ``weight_dtype`` stores the frozen matrix weights as :func:`diffcolor.models.load_models`
+    does ("auto": bf16 on CUDA); the same seed gives the same fp32 draws either way.
     Returns :class:`Models` with ``random_weights=True``.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
+    from diffcolor.performance import frozen_weight_dtype, store_frozen_weights
+
     device = torch.device(device)
+    storage_dtype = frozen_weight_dtype(weight_dtype, device) if device.type != "meta" else torch.float32
     tokenizer = build_tokenizer()
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # CLIPConfig notes the defaults it fills in; they are ours on purpose
@@ -161,10 +166,11 @@ def build_sd15_random_models(device: str | torch.device = "cpu", *, seed: int = 
         text_encoder = CLIPTextModel(text_config)
         clip = CLIPModel(clip_config)
 
-    # 2. Frozen and in eval mode, as load_models leaves real weights.
+    # 2. Frozen, in eval mode and stored in the compute dtype, as load_models leaves real weights.
     for module in (unet, vae, text_encoder, clip):
         module.requires_grad_(False)
         module.eval()
+        store_frozen_weights([module], storage_dtype)
     return Models(
         model_id=NAME,
         clip_id=f"{NAME}/clip",
@@ -184,6 +190,7 @@ def build_sd15_random_models(device: str | torch.device = "cpu", *, seed: int = 
         weight_sha256={},
         model_hash=model_hash(seed),
         random_weights=True,
+        weight_dtype=storage_dtype,
     )
 
 

@@ -111,7 +111,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
 
-def check_inputs(gray: torch.Tensor, caption: str, config: Stage1Config) -> None:
+def check_inputs(models: Models, gray: torch.Tensor, caption: str, config: Stage1Config) -> None:
     """Raises on inputs stage 1 cannot use, naming the bad value."""
     if gray.ndim != 4 or gray.shape[:2] != (1, 1):
         raise ValueError(f"gray must be (1, 1, h, w), got {tuple(gray.shape)}")
@@ -122,7 +122,7 @@ def check_inputs(gray: torch.Tensor, caption: str, config: Stage1Config) -> None
     low, high = config.timestep_range
     if not 0 <= low < high <= 1000:
         raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1000, got {config.timestep_range}")
-    check_performance(config.performance)
+    check_performance(config.performance, models)
 
 
 def prepare_inputs(models: Models, gray: torch.Tensor, caption: str, config: Stage1Config) -> Stage1Inputs:
@@ -177,7 +177,7 @@ def stage1_step(models: Models, unet: torch.nn.Module, inputs: Stage1Inputs, gra
     """The forward half of one loop step: draw noise and timestep from ``generator``, the losses under autocast."""
     noise, timesteps = draw_noise_and_timesteps(inputs.latent, config.timestep_range, generator)
     current = step_inputs(models, inputs, gray, caption, config)
-    with autocast_context(config.performance.autocast, models.device):
+    with autocast_context(config.performance.autocast, models):
         return stage1_losses(models, unet, current, noise, timesteps, config, scheduler=scheduler)
 
 
@@ -207,7 +207,7 @@ def fit_color_prior(
     The base UNet is left unchanged. Raises PromptError on an empty caption.
     """
     # 1. Check inputs.
-    check_inputs(gray, caption, config)
+    check_inputs(models, gray, caption, config)
 
     # 2. Encode G, c and C- once.
     # (The convolutions' memory layout first: every encode of the fit then runs in it, whatever ran before.)
@@ -245,7 +245,7 @@ def fit_color_prior(
         trainable.unet.eval()
 
         # 5. Sample the primary colourisation x_pri from z_g with the fine-tuned UNet.
-        with autocast_context(performance.autocast, models.device):
+        with autocast_context(performance.autocast, models):
             latent = sample_from(
                 models,
                 trainable.unet,

@@ -166,7 +166,7 @@ def reconstruction_step(models: Models, unet, latent: torch.Tensor, primary: tor
     noise, timesteps = draw_noise_and_timesteps(latent, config.timestep_range, generator)
     if not config.performance.cache_latents:
         latent = encode_latent(models, primary)  # the naive baseline: same value, one VAE encode more per step
-    with autocast_context(config.performance.autocast, models.device):
+    with autocast_context(config.performance.autocast, models):
         return reconstruction_losses(models, unet, latent, embedding, noise, timesteps, scheduler=scheduler)
 
 
@@ -199,7 +199,7 @@ def fit_in_context(
     """
     stop_after = stop_after or {}
     performance = config.performance
-    check_performance(performance)
+    check_performance(performance, models)
     # 1. Encode the aligned primary image and c' once (c' is only the embedding's start: never re-encoded);
     #    build the noise schedule once; put the convolutions in this device's fast layout.
     apply_memory_format([models.unet, models.vae], performance, models.device)

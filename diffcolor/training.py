@@ -96,6 +96,7 @@ def make_trainable_unet(base: torch.nn.Module, config: AdapterConfig, *, name: s
         adapter_name=name,
     )
     base.set_adapter(name)
+    _keep_adapter_fp32(base, name)
     parameters = {key: value for key, value in base.named_parameters() if "lora_" in key and f".{name}." in key}
     for key, parameter in parameters.items():
         if "lora_A" in key:
@@ -105,6 +106,27 @@ def make_trainable_unet(base: torch.nn.Module, config: AdapterConfig, *, name: s
                 parameter.copy_(cpu)
         parameter.requires_grad_(True)
     return TrainableUNet(base, parameters, name)
+
+
+def _keep_adapter_fp32(base: torch.nn.Module, name: str) -> None:
+    """Keeps adapter ``name`` in fp32 master weights, also on a base whose weights are stored in bf16.
+
+    peft gives a new adapter its base layer's dtype; at LoRA learning rates a
+    bf16 adapter would not move (diffcolor.performance), so it trains in fp32
+    and autocast casts it for the matrix products, as on an fp32 base. peft's
+    cast of each LoRA input to the adapter's dtype is turned off (what
+    ``peft.helpers.disable_input_dtype_casting`` does): in fp32 it is a no-op,
+    and under autocast the bf16 input it would upcast is cast straight back
+    for the matrix product, so it only costs an operator and a copy per layer
+    (the step is bit-identical without it; tests/test_bench.py).
+    """
+    for module in base.modules():
+        adapters = [getattr(module, key, None) for key in ("lora_A", "lora_B")]
+        if not any(isinstance(layers, torch.nn.ModuleDict) and name in layers for layers in adapters):
+            continue
+        for layers in adapters:
+            layers[name].float()
+        module.cast_input_dtype_enabled = False
 
 
 def load_trained_unet(base: torch.nn.Module, config: AdapterConfig, state: dict[str, torch.Tensor], *, name: str) -> TrainableUNet:

@@ -23,12 +23,14 @@ import pytest
 import torch
 
 from diffcolor import bench
+from diffcolor.diffusion import encode_latent, encode_prompts, noise_scheduler
+from diffcolor.models import load_models
 from diffcolor.performance import NAIVE, PerformanceConfig, apply_memory_format, autocast_dtype, make_adamw
 from diffcolor.render import RenderConfig, render_target
 from diffcolor.stage1 import Stage1Config, fit_color_prior, prepare_inputs, stage1_step
-from diffcolor.stage2 import fit_in_context, rewrite_caption
+from diffcolor.stage2 import fit_in_context, reconstruction_step, rewrite_caption
 from diffcolor.state import ColorState
-from diffcolor.training import make_trainable_unet
+from diffcolor.training import AdapterConfig, make_trainable_unet
 
 from conftest import gray_scene
 
@@ -222,8 +224,6 @@ def test_bf16_autocast_one_stage1_step_matches_fp32(models, smoke, seed):
         trainable = make_trainable_unet(models.unet, config.adapter, name="check", generator=torch.Generator().manual_seed(seed))
         try:
             with torch.no_grad():
-                from diffcolor.diffusion import noise_scheduler
-
                 step = stage1_step(models, trainable.unet, inputs, gray, CAPTION, config,
                                    torch.Generator().manual_seed(seed), noise_scheduler(models))
             losses[label] = {key: float(value) for key, value in step.items()}
@@ -260,6 +260,116 @@ def test_bf16_autocast_fit_and_render_match_fp32(models, smoke):
                for autocast in ("off", "bf16")}
     difference = (renders["bf16"] - renders["off"]).abs()
     assert 0.0 < float(difference.max()) <= 0.25 and float(difference.mean()) <= 0.02
+
+
+# ---------------------------------------------------------------------------
+# Frozen weights stored in bf16 (the CUDA default of load_models).
+
+
+def _matrix_layers(models):
+    from diffcolor.performance import MATRIX_LAYERS
+
+    return [layer for module in (models.unet, models.vae, models.text_encoder, models.clip)
+            for layer in module.modules() if isinstance(layer, MATRIX_LAYERS)]
+
+
+def test_bf16_storage_casts_only_matrix_weights_and_halves_their_memory(models, bf16_models):
+    assert models.weight_dtype == torch.float32 and bf16_models.weight_dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for layer in _matrix_layers(bf16_models) for p in layer.parameters())
+    others = [p for module in (bf16_models.unet, bf16_models.vae, bf16_models.text_encoder, bf16_models.clip)
+              for name, p in module.named_parameters() if not any(p is q for layer in _matrix_layers(bf16_models)
+                                                                  for q in layer.parameters())]
+    assert others and all(p.dtype == torch.float32 for p in others)  # norms, embeddings, CLIP's class embedding
+    assert bf16_models.provenance["weight_dtype"] == "bfloat16" and bf16_models.model_hash == models.model_hash
+
+    def matrix_bytes(m):
+        return sum(p.numel() * p.element_size() for layer in _matrix_layers(m) for p in layer.parameters())
+
+    assert matrix_bytes(bf16_models) * 2 == matrix_bytes(models)
+    # An adapter on the bf16 base still trains fp32 master weights.
+    trainable = make_trainable_unet(bf16_models.unet, AdapterConfig(), name="check", generator=torch.Generator())
+    try:
+        assert trainable.parameters and all(p.dtype == torch.float32 for p in trainable.parameters.values())
+    finally:
+        trainable.release()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_stored_weights_give_bit_identical_steps_with_fewer_operators(models, bf16_models, smoke, seed):
+    """Storing the frozen matrix weights in bf16 is what autocast's per-use cast computes, done once at load,
+    and peft's upcast of each LoRA input is undone by autocast at once: without both, the same losses and
+    adapter gradients to the bit, with fewer operators per step."""
+    gray = _gray(seed=seed)
+    config = replace(smoke.stage1, performance=BF16)
+    inputs = prepare_inputs(models, gray, CAPTION, config)  # the same fp32 inputs for every variant
+    results = {}
+    for label, m, peft_input_cast in (("fp32 weights, peft input cast", models, True),
+                                      ("fp32 weights", models, False), ("bf16 weights", bf16_models, False)):
+        trainable = make_trainable_unet(m.unet, config.adapter, name="check", generator=torch.Generator().manual_seed(seed))
+        try:
+            for module in m.unet.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = peft_input_cast
+            trainable.unet.train()
+            losses = {}
+
+            def step():
+                terms = stage1_step(m, trainable.unet, inputs, gray, CAPTION, config,
+                                    torch.Generator().manual_seed(seed), noise_scheduler(m))
+                terms["total"].backward()
+                losses.update({key: float(value.detach()) for key, value in terms.items()})
+
+            _, operators = bench.count_work(step)
+            gradients = torch.cat([p.grad.flatten() for p in trainable.parameters.values()])
+            results[label] = (losses, gradients, operators)
+        finally:
+            trainable.release()
+    (losses0, grads0, ops0), *others = results.values()
+    assert grads0.dtype == torch.float32 and float(grads0.abs().max()) > 0
+    for losses, grads, _ in others:
+        assert losses == losses0 and grads.dtype == torch.float32 and torch.equal(grads, grads0)
+    ops = [operators for *_, operators in results.values()]
+    assert ops[2] < ops[1] < ops[0] and ops[2] < 0.85 * ops[0], ops  # casts gone from every step
+
+    # The embedding step of stage 2: the gradient into e_opt, through the frozen bf16 UNet.
+    stage2 = replace(smoke.stage2, performance=BF16)
+    primary = torch.rand(1, 3, *gray.shape[-2:], generator=torch.Generator().manual_seed(seed))
+    latent = encode_latent(models, primary)
+    gradients = []
+    for m in (models, bf16_models):
+        embedding = encode_prompts(models, [rewrite_caption(CAPTION).text]).clone().requires_grad_(True)
+        reconstruction_step(m, m.unet, latent, primary, embedding, torch.Generator().manual_seed(seed), stage2,
+                            noise_scheduler(m))["total"].backward()
+        gradients.append(embedding.grad)
+    assert torch.equal(gradients[0], gradients[1])
+
+
+def test_fp32_compute_on_bf16_stored_weights_is_refused_before_any_work(bf16_models, smoke):
+    with pytest.raises(ValueError, match="autocast='off'.*weight_dtype='fp32'"):
+        fit_color_prior(bf16_models, _gray(), CAPTION, replace(smoke.stage1, performance=FP32), seed=0)
+    with pytest.raises(ValueError, match="weight_dtype must be one of .*'half'"):
+        load_models("tiny", weight_dtype="half")
+
+
+def test_bf16_stored_weights_colourise_an_item_within_the_fast_path_tolerances(models, bf16_models, smoke, tmp_path,
+                                                                            gray_png):
+    """The whole item on bf16-stored weights (every encode, alignment, CLIP score) against fp32 compute."""
+    import numpy as np
+    import tifffile
+
+    from diffcolor.pipeline import ItemRequest, colorize_item
+
+    request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=4)
+    fp32_config = replace(smoke, stage1=replace(smoke.stage1, performance=FP32),
+                          stage2=replace(smoke.stage2, performance=FP32), render=replace(smoke.render, autocast="off"))
+    fast = colorize_item(bf16_models, request, str(tmp_path / "bf16"), smoke)[0]
+    reference = colorize_item(models, request, str(tmp_path / "fp32"), fp32_config)[0]
+    assert fast["status"] == reference["status"] == "done"
+    assert fast["max_delta_l"] <= 1.0 and fast["clip_score"] >= 0.0  # luminance kept from the original either way
+    a = tifffile.imread(fast["outputs"]["master"]).astype(np.float64) / 255.0
+    b = tifffile.imread(reference["outputs"]["master"]).astype(np.float64) / 255.0
+    difference = np.abs(a - b)
+    assert 0.0 < difference.max() <= 0.25 and difference.mean() <= 0.02
 
 
 # ---------------------------------------------------------------------------

@@ -87,8 +87,9 @@ def test_item_killed_mid_finetune_resumes_to_identical_pixels(models, smoke, tmp
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_item_on_the_cuda_fast_path_options_resumes_bit_identical(models, smoke, tmp_path, gray_png, mode):
-    """The options CUDA turns on by default, forced on a CPU: bf16 autocast, fused AdamW, channels_last.
+def test_item_on_the_cuda_fast_path_options_resumes_bit_identical(bf16_models, smoke, tmp_path, gray_png, mode):
+    """The options CUDA turns on by default, forced on a CPU: frozen weights stored in bf16, bf16 autocast,
+    fused AdamW, channels_last.
 
     The reference is the first item its process computes (convolutions still in
     the layout they were loaded in); the resumed run finds them in channels_last
@@ -106,6 +107,7 @@ def test_item_on_the_cuda_fast_path_options_resumes_bit_identical(models, smoke,
     )
     request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=5,
                           color_map={"bench": "black"})  # a render too: the adapter loaded into the fast layout
+    models = bf16_models
     loaded_layout = PerformanceConfig(channels_last=False)
     apply_memory_format([models.unet, models.vae], loaded_layout, models.device)
     try:
