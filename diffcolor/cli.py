@@ -88,7 +88,7 @@ def _load(args, model: str):
     from diffcolor.models import load_models
 
     models = load_models(model, clip=args.clip, revision=args.revision, device=_device(args.device),
-                         allow_download=args.allow_download)
+                         allow_download=args.allow_download, weight_dtype=args.weight_dtype)
     if models.random_weights:
         print(SMOKE_BANNER, file=sys.stderr)
     return models
@@ -175,6 +175,9 @@ def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--revision", help="pinned hub revision of --model")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--allow-download", action="store_true", help="let models be fetched from the hub (off by default)")
+    parser.add_argument("--weight-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="storage of the frozen model weights: auto = bf16 on CUDA (the fast path), fp32 elsewhere; "
+                             "fp32 on a GPU for runs whose presets set autocast off")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -148,6 +148,7 @@ def _base_record(request: ItemRequest, models: Models | None, preset: str, sourc
         "model_hash": None if models is None else models.model_hash,
         "weight_sha256": {} if models is None else dict(models.weight_sha256),
         "smoke_run": None if models is None else models.random_weights,
+        "weight_dtype": None if models is None else models.provenance["weight_dtype"],  # frozen weights' storage
         "software": SOFTWARE,
         "software_version": __version__,
         "catalogue": dict(request.catalogue),

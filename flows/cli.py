@@ -58,7 +58,7 @@ def cmd_run(args) -> int:
 
     options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
                          force=args.force, device=args.device, allow_download=args.allow_download,
-                         overrides=_overrides(args.set), pool=args.pool)
+                         weight_dtype=args.weight_dtype, overrides=_overrides(args.set), pool=args.pool)
     flow_to_run = colorize_collection
     if args.pool == "ray":
         from flows.collection import ray_runner
@@ -79,7 +79,7 @@ def cmd_reprocess(args) -> int:
         color_map = engine_cli._parse_color_map(args.color_map) or None
         targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in args.items.split(",")]
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
-                               allow_download=args.allow_download)
+                               allow_download=args.allow_download, weight_dtype=args.weight_dtype)
     return _finish(reprocess(args.out, targets, options, return_state=True))
 
 

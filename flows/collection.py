@@ -16,6 +16,7 @@ import itertools
 import time
 import uuid
 from datetime import datetime, timezone
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
@@ -62,6 +63,8 @@ class RunOptions(BaseModel):
     overrides: dict[str, float | int | str | bool] = Field(
         default_factory=dict, description='preset fields to change, e.g. {"stage1.steps": 200}')
     allow_download: bool = Field(False, description="let models be fetched from the hub")
+    weight_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="frozen weights' storage: auto (bf16 on CUDA), bf16 or fp32")
     pool: str = Field("local", description="local (one worker process per GPU on this machine) or ray")
     gpus_per_item: float = Field(1.0, description="Ray only: GPUs each item task reserves")
 
@@ -82,7 +85,7 @@ def run_on_worker(run_id: str, spec: ModelSpec, function, *args):
     pool = _POOLS.get(run_id)
     if pool is not None:
         return pool.run(function, *args)
-    return worker.run_here(spec.model, spec.clip, spec.allow_download, function, *args)
+    return worker.run_here(spec, function, *args)
 
 
 @task(name="colorize-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
@@ -163,7 +166,8 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     model_hash = resolve_model_hash(model, clip=options.clip, allow_download=options.allow_download)
     timings = {"started": time.perf_counter()}
     records = RecordSpool()
-    spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download)
+    spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
+                     weight_dtype=options.weight_dtype)
     pool = None
     if options.pool == "local":
         pool = DevicePool(spec, device=options.device)

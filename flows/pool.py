@@ -31,6 +31,7 @@ class ModelSpec:
     model: str
     clip: str | None = None
     allow_download: bool = False
+    weight_dtype: str = "auto"  # frozen weights' storage (diffcolor.models.load_models): "auto", "bf16" or "fp32"
 
 
 class _Slot:
@@ -45,7 +46,7 @@ class _Slot:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.init_worker,
-            initargs=(self.spec.model, self.spec.clip, self.device, self.spec.allow_download, self.threads, env),
+            initargs=(self.spec, self.device, self.threads, env),
         )
 
     def restart(self) -> None:
@@ -67,7 +68,7 @@ class _InlineSlot:
     index, device = 0, "inline"
 
     def __init__(self, spec: ModelSpec):
-        worker.init_worker(spec.model, spec.clip, "cpu", spec.allow_download, None, {})
+        worker.init_worker(spec, "cpu", None, {})
         self.executor = self
 
     def submit(self, function, *args):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Literal
 
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
@@ -52,6 +53,8 @@ class ReprocessOptions(BaseModel):
     seed: int | None = Field(None, description="default: each item's seed")
     preset: str = Field("default", description="preset of the full fit for items without a colour state")
     allow_download: bool = False
+    weight_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="frozen weights' storage: auto (bf16 on CUDA), bf16 or fp32")
 
 
 def read_targets(uri: str) -> list[Retarget]:
@@ -103,7 +106,8 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                     "error_message": "the item has never been colourised in this output"} for t in targets]
     else:
         # 2. The device pool, models loaded once.
-        spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download)
+        spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
+                         weight_dtype=options.weight_dtype)
         pool = DevicePool(spec, device=options.device)
         _POOLS[run_id] = pool
         try:

@@ -13,9 +13,9 @@ _MODELS = None
 _DESCRIPTION: dict = {}
 
 
-def init_worker(model: str, clip: str | None, device: str, allow_download: bool, threads: int | None,
-                env: dict[str, str]) -> None:
-    """Process initializer: pins the device (CUDA_VISIBLE_DEVICES is in ``env``) and loads the models."""
+def init_worker(spec, device: str, threads: int | None, env: dict[str, str]) -> None:
+    """Process initializer: pins the device (CUDA_VISIBLE_DEVICES is in ``env``) and loads the models of
+    ``spec`` (a :class:`flows.pool.ModelSpec`)."""
     global _MODELS, _DESCRIPTION
     os.environ.update(env)
     import torch
@@ -24,7 +24,8 @@ def init_worker(model: str, clip: str | None, device: str, allow_download: bool,
 
     if threads:
         torch.set_num_threads(threads)
-    _MODELS = load_models(model, clip=clip, device=device, allow_download=allow_download)
+    _MODELS = load_models(spec.model, clip=spec.clip, device=device, allow_download=spec.allow_download,
+                          weight_dtype=spec.weight_dtype)
     _DESCRIPTION = {"pid": os.getpid(), "device": device, "visible": env.get("CUDA_VISIBLE_DEVICES"),
                     "model_hash": _MODELS.model_hash}
 
@@ -49,7 +50,7 @@ def placement() -> dict:
     return where
 
 
-def run_here(model: str, clip: str | None, allow_download: bool, function, *args):
+def run_here(spec, function, *args):
     """Runs ``function(*args)`` in this process with models cached per process (Ray task workers).
 
     Ray pins each task's GPU through CUDA_VISIBLE_DEVICES; the cache is keyed
@@ -58,9 +59,9 @@ def run_here(model: str, clip: str | None, allow_download: bool, function, *args
     import torch
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    key = (model, clip, allow_download, visible)
+    key = (spec, visible)
     if _DESCRIPTION.get("key") != key:
-        init_worker(model, clip, "cuda" if torch.cuda.is_available() else "cpu", allow_download, None, {})
+        init_worker(spec, "cuda" if torch.cuda.is_available() else "cpu", None, {})
         _DESCRIPTION["key"] = key
     return function(*args)
 

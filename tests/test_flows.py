@@ -230,11 +230,14 @@ def test_reprocess_renders_new_targets_from_colour_states(prefect_server, tmp_pa
     manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
     assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", device="inline"),
                                return_state=True).is_completed()
-    code = main(["reprocess", str(out), "--items", "p0,p1", "--color-map", '{"dog": "red"}', "--device", "cpu"])
+    code = main(["reprocess", str(out), "--items", "p0,p1", "--color-map", '{"dog": "red"}', "--device", "cpu",
+                 "--weight-dtype", "bf16"])  # the CUDA default's weight storage, through the flow to its worker
     assert code == 0
     for item in ("p0", "p1"):
         record = json.loads((out / "items" / item / "result.json").read_text())
         assert record["version"] == 2 and record["finetune_steps_run"] == 0
+        assert record["weight_dtype"] == "bfloat16"
+        assert json.loads((out / "items" / item / "versions" / "v0001.json").read_text())["weight_dtype"] == "float32"
         assert record["target_prompt"].startswith("a red dog")
         assert (out / "items" / item / "versions" / "v0001" / "master.tif").exists()
 
