@@ -51,7 +51,8 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
     done = [r for r in records if r["status"] == "done"]
     failed = [r for r in records if r["status"] in ("failed", "not_grayscale")]
     stats = {name: summarise([r[name] for r in done if r.get(name) is not None])
-             for name in ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction")}
+             for name in ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction",
+                          "device_seconds")}
 
     rows = []
     for record in done[:max_rows]:

@@ -39,6 +39,7 @@ RESULTS_SCHEMA = pa.schema(
         ("gamut_clipped_fraction", pa.float64()),
         ("alignment_confidence", pa.float64()),
         ("seconds", pa.map_(pa.string(), pa.float64())),
+        ("device_seconds", pa.float64()),  # the item's share of device time (flows.worker.placed)
         ("finetune_steps_run", pa.int64()),
         ("peak_memory_bytes", pa.int64()),
         ("seed", pa.int64()),

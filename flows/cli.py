@@ -9,6 +9,7 @@ server: nothing to install or start beyond the package.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -21,6 +22,8 @@ def _print_summary(summary: dict) -> None:
     print(f"run {summary['run_id']}: {counts}")
     print(f"results: {summary['results']}")
     print(f"report:  {summary['report']}")
+    if summary.get("device_seconds_per_item") is not None:
+        print(f"device seconds per item: {summary['device_seconds_per_item']:.1f} (throughput of the run's devices)")
     if summary["failed_items"]:
         shown = ", ".join(summary["failed_items"][:20])
         print(f"failed items: {shown}{' ...' if len(summary['failed_items']) > 20 else ''}")
@@ -58,7 +61,8 @@ def cmd_run(args) -> int:
 
     options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
                          force=args.force, device=args.device, allow_download=args.allow_download,
-                         weight_dtype=args.weight_dtype, overrides=_overrides(args.set), pool=args.pool)
+                         weight_dtype=args.weight_dtype, overrides=_overrides(args.set), pool=args.pool,
+                         workers_per_device=args.workers_per_device)
     flow_to_run = colorize_collection
     if args.pool == "ray":
         from flows.collection import ray_runner
@@ -79,8 +83,26 @@ def cmd_reprocess(args) -> int:
         color_map = engine_cli._parse_color_map(args.color_map) or None
         targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in args.items.split(",")]
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
-                               allow_download=args.allow_download, weight_dtype=args.weight_dtype)
+                               allow_download=args.allow_download, weight_dtype=args.weight_dtype,
+                               workers_per_device=args.workers_per_device)
     return _finish(reprocess(args.out, targets, options, return_state=True))
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _add_workers_option(parser) -> None:
+    parser.add_argument("--workers-per-device", type=_workers, default=1, metavar="N",
+                        help="local pool: worker processes per GPU (or on the CPU), each loading its own models; "
+                             "more than 1 pays where one item's fit leaves the GPU idle (measure with "
+                             "python -m diffcolor.bench --concurrent N)")
 
 
 def build_parser():
@@ -94,10 +116,11 @@ def build_parser():
     run.add_argument("--items", help="comma-separated item ids to run (default: all)")
     run.add_argument("--force", action="store_true", help="redo done items; colourise colour photographs too")
     run.add_argument("--pool", choices=("local", "ray"), default="local",
-                     help="local: a worker process per GPU here; ray: one GPU per item task on a Ray cluster")
+                     help="local: worker processes on this machine's GPUs; ray: one GPU per item task on a Ray cluster")
     run.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 (default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset field, e.g. stage1.steps=200")
     engine_cli._add_model_options(run, required=True)
+    _add_workers_option(run)
     run.set_defaults(handler=cmd_run)
 
     again = commands.add_parser("reprocess", help="render new targets for selected items from their colour states")
@@ -108,6 +131,7 @@ def build_parser():
     again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map")
     again.add_argument("--seed", type=int)
     engine_cli._add_model_options(again, required=False)
+    _add_workers_option(again)
     again.set_defaults(handler=cmd_reprocess)
     return parser
 

@@ -65,7 +65,9 @@ class RunOptions(BaseModel):
     allow_download: bool = Field(False, description="let models be fetched from the hub")
     weight_dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="frozen weights' storage: auto (bf16 on CUDA), bf16 or fp32")
-    pool: str = Field("local", description="local (one worker process per GPU on this machine) or ray")
+    pool: str = Field("local", description="local (worker processes on this machine's GPUs) or ray")
+    workers_per_device: int = Field(
+        1, ge=1, description="local pool: worker processes per GPU (or on the CPU), each with its own models")
     gpus_per_item: float = Field(1.0, description="Ray only: GPUs each item task reserves")
 
 
@@ -162,7 +164,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     requests = itertools.chain([first] if first is not None else [], requests)
 
     # 2. The models exist (a clear error before any item is touched), then the pool:
-    #    one long-lived worker per GPU, models loaded once (Ray: its task workers).
+    #    long-lived workers on every GPU, models loaded once per worker (Ray: its task workers).
     model_hash = resolve_model_hash(model, clip=options.clip, allow_download=options.allow_download)
     timings = {"started": time.perf_counter()}
     records = RecordSpool()
@@ -170,7 +172,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
                      weight_dtype=options.weight_dtype)
     pool = None
     if options.pool == "local":
-        pool = DevicePool(spec, device=options.device)
+        pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device)
         _POOLS[run_id] = pool
     elif options.pool != "ray":
         raise ValueError(f"pool must be 'local' or 'ray', got {options.pool!r}")
@@ -221,11 +223,22 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         "items": timings["items_done"] - timings["pool_ready"],
         "finish": time.perf_counter() - timings["items_done"],
     }
+    summary["device_seconds_per_item"] = _device_seconds_per_item(
+        records.counts, summary["seconds"]["items"], None if pool is None else pool.size // pool.workers_per_device)
     _publish_summary(summary, records)
     logger.info("run %s: %s", run_id, summary["counts"])
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
     return Completed(message=f"run {run_id} done", data=summary)
+
+
+def _device_seconds_per_item(counts: dict[str, int], items_seconds: float, devices: int | None) -> float | None:
+    """The run's throughput as device time: the devices held for the items' phase over the items that did
+    work (skipped items cost nothing). None on Ray, whose cluster grows and shrinks during a run."""
+    worked = sum(count for status, count in counts.items() if status != "skipped_done")
+    if devices is None or worked == 0:
+        return None
+    return devices * items_seconds / worked
 
 
 def _ray_gpu_count(gpus_per_item: float) -> int:

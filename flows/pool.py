@@ -1,8 +1,13 @@
-"""The device pool: one long-lived worker process per GPU (one CPU worker without GPUs).
+"""The device pool: long-lived worker processes, one per GPU by default (one CPU worker without GPUs).
 
 Each worker is a single-process ``ProcessPoolExecutor`` started with the
 ``spawn`` method, its GPU pinned through ``CUDA_VISIBLE_DEVICES``, and its models
-loaded once by the initializer (:mod:`flows.worker`). Tasks borrow a free
+loaded once by the initializer (:mod:`flows.worker`). ``workers_per_device``
+puts several workers on each device, each with its own models: one item's fit
+at batch 1 can leave a GPU idle while its host thread launches kernels, and
+another process fills those gaps (measure it first: ``python -m diffcolor.bench
+--concurrent N``, docs/PERFORMANCE.md). On the CPU the workers split the
+cores between them. Tasks borrow a free
 worker, run one item on it and give it back, so a worker never holds two items
 and models stay loaded between items. A worker that dies (killed, crashed,
 node lost) surfaces as :class:`WorkerLostError`, a transient error the flow
@@ -35,8 +40,10 @@ class ModelSpec:
 
 
 class _Slot:
-    def __init__(self, index: int, device: str, visible: str | None, spec: ModelSpec, threads: int | None):
+    def __init__(self, index: int, device: str, visible: str | None, spec: ModelSpec, threads: int | None,
+                 sharing: int = 1):
         self.index, self.device, self.visible, self.spec, self.threads = index, device, visible, spec, threads
+        self.sharing = sharing  # workers on this slot's device, this one included
         self.executor: ProcessPoolExecutor | None = None
         self.start()
 
@@ -46,7 +53,7 @@ class _Slot:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.init_worker,
-            initargs=(self.spec, self.device, self.threads, env),
+            initargs=(self.spec, self.device, self.threads, env, self.sharing),
         )
 
     def restart(self) -> None:
@@ -88,10 +95,16 @@ class _InlineSlot:
 
 
 class DevicePool:
-    """A fixed set of worker slots, one per device."""
+    """A fixed set of worker slots: ``workers_per_device`` on each visible GPU, or on the CPU."""
 
-    def __init__(self, spec: ModelSpec, *, device: str = "auto", cpu_threads: int | None = None):
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", cpu_threads: int | None = None,
+                 workers_per_device: int = 1):
+        if isinstance(workers_per_device, bool) or not isinstance(workers_per_device, int) or workers_per_device < 1:
+            raise ValueError(f"workers_per_device must be a whole number of at least 1, got {workers_per_device!r}")
+        self.workers_per_device = workers_per_device
         if device == "inline":
+            if workers_per_device != 1:
+                raise ValueError("device 'inline' runs items in the calling process: workers_per_device must be 1")
             self._setup([_InlineSlot(spec)])
             return
         gpus = visible_gpus() if device in ("auto", "cuda") else []
@@ -100,10 +113,14 @@ class DevicePool:
         if gpus:
             # Children see one GPU each; name it as the operator's CUDA_VISIBLE_DEVICES does, if set.
             inherited = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-            slots = [_Slot(i, "cuda", inherited[gpu] if gpu < len(inherited) else str(gpu), spec, None)
-                     for i, gpu in enumerate(gpus)]
+            visible = [inherited[gpu] if gpu < len(inherited) else str(gpu) for gpu in gpus]
+            # Round-robin over the GPUs, so that a pool whose slots are taken in order spreads over them.
+            slots = [_Slot(i, "cuda", visible[i % len(gpus)], spec, None, workers_per_device)
+                     for i in range(len(gpus) * workers_per_device)]
         else:
-            slots = [_Slot(0, "cpu", None, spec, cpu_threads or max(1, (os.cpu_count() or 1)))]
+            cores = cpu_threads or max(1, (os.cpu_count() or 1))
+            threads = max(1, cores // workers_per_device)
+            slots = [_Slot(i, "cpu", None, spec, threads, workers_per_device) for i in range(workers_per_device)]
         self._setup(slots)
 
     def _setup(self, slots) -> None:

@@ -55,6 +55,7 @@ class ReprocessOptions(BaseModel):
     allow_download: bool = False
     weight_dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="frozen weights' storage: auto (bf16 on CUDA), bf16 or fp32")
+    workers_per_device: int = Field(1, ge=1, description="worker processes per GPU (or on the CPU)")
 
 
 def read_targets(uri: str) -> list[Retarget]:
@@ -108,7 +109,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
         # 2. The device pool, models loaded once.
         spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                          weight_dtype=options.weight_dtype)
-        pool = DevicePool(spec, device=options.device)
+        pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device)
         _POOLS[run_id] = pool
         try:
             futures = {}

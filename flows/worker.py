@@ -13,9 +13,9 @@ _MODELS = None
 _DESCRIPTION: dict = {}
 
 
-def init_worker(spec, device: str, threads: int | None, env: dict[str, str]) -> None:
+def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sharing: int = 1) -> None:
     """Process initializer: pins the device (CUDA_VISIBLE_DEVICES is in ``env``) and loads the models of
-    ``spec`` (a :class:`flows.pool.ModelSpec`)."""
+    ``spec`` (a :class:`flows.pool.ModelSpec`); ``sharing`` workers run on this device, this one included."""
     global _MODELS, _DESCRIPTION
     os.environ.update(env)
     import torch
@@ -27,7 +27,7 @@ def init_worker(spec, device: str, threads: int | None, env: dict[str, str]) -> 
     _MODELS = load_models(spec.model, clip=spec.clip, device=device, allow_download=spec.allow_download,
                           weight_dtype=spec.weight_dtype)
     _DESCRIPTION = {"pid": os.getpid(), "device": device, "visible": env.get("CUDA_VISIBLE_DEVICES"),
-                    "model_hash": _MODELS.model_hash}
+                    "threads": torch.get_num_threads(), "workers_on_device": sharing, "model_hash": _MODELS.model_hash}
 
 
 def describe() -> dict:
@@ -36,18 +36,37 @@ def describe() -> dict:
 
 
 def placement() -> dict:
-    """Where the current item runs: process, device and, on Ray, the GPU ids Ray assigned."""
+    """Where the current item runs: process, device, how many workers share that device and, on Ray, the GPU
+    ids Ray assigned."""
     where = {"pid": os.getpid(), "device": _DESCRIPTION.get("device"),
-             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+             "workers_on_device": _DESCRIPTION.get("workers_on_device", 1)}
     try:
         import ray
 
         if ray.is_initialized():
+            context = ray.get_runtime_context()
             where["ray_gpu_ids"] = [int(i) for i in ray.get_gpu_ids()]
-            where["ray_node"] = ray.get_runtime_context().get_node_id()
+            where["ray_node"] = context.get_node_id()
+            share = context.get_assigned_resources().get("GPU")
+            if share and share < 1:  # a fractional GPU (options.gpus_per_item): that many tasks share it
+                where["workers_on_device"] = max(1, round(1 / share))
     except ImportError:
         pass
     return where
+
+
+def placed(record: dict) -> dict:
+    """``record`` with where it ran and its share of device time.
+
+    ``device_seconds`` is the seconds of the item's stages on its worker over
+    the workers sharing that device: the device time the item cost when every
+    worker of the device is busy (spec section 7's GPU-seconds per item; on
+    the CPU, CPU-pool seconds). A record that did no work (skipped) costs 0.
+    """
+    where = placement()
+    seconds = sum((record.get("seconds") or {}).values())
+    return dict(record, placement=where, device_seconds=seconds / where["workers_on_device"])
 
 
 def run_here(spec, function, *args):
@@ -83,7 +102,7 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[d
     try:
         with item_lease(prefix):  # another run working on this item: wait, then find it done
             records = colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset)
-        return [dict(record, placement=placement()) for record in records]
+        return [placed(record) for record in records]
     except RuntimeError as error:
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"item '{request.item_id}': device out of memory") from None
@@ -99,7 +118,7 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
 
     try:
         with item_lease(prefix):
-            return dict(recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed), placement=placement())
+            return placed(recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed))
     except RuntimeError as error:
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"'{prefix}': device out of memory") from None

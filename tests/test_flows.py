@@ -222,6 +222,53 @@ def test_the_same_run_against_a_real_s3_api(prefect_server, s3_bucket, tmp_path)
     # The nightly rerun skips both from the done-index, without GPU work.
     again = colorize_collection(f"{s3_bucket}/incoming/manifest.parquet", output, "tiny", options, return_state=True)
     assert {row["status"] for row in read_results(again.result()["results"]).to_pylist()} == {"skipped_done"}
+    # Throughput as device time: one device over the two items that did work; nothing for a run of skips.
+    assert summary["seconds"]["items"] > 0
+    assert summary["device_seconds_per_item"] == pytest.approx(summary["seconds"]["items"] / 2)
+    assert again.result()["device_seconds_per_item"] is None
+
+
+def test_pool_places_workers_round_robin_over_gpus_and_splits_the_cpu(monkeypatch):
+    from flows import pool as pool_module
+
+    made = []
+
+    class Recorded:  # a slot that records its placement instead of starting a process
+        def __init__(self, index, device, visible, spec, threads, sharing=1):
+            made.append((index, device, visible, threads, sharing))
+
+    monkeypatch.setattr(pool_module, "_Slot", Recorded)
+    monkeypatch.setattr(pool_module, "visible_gpus", lambda: [0, 1])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    spec = pool_module.ModelSpec(model="tiny")
+    pool = pool_module.DevicePool(spec, workers_per_device=2)
+    assert made == [(0, "cuda", "3", None, 2), (1, "cuda", "5", None, 2), (2, "cuda", "3", None, 2), (3, "cuda", "5", None, 2)]
+    assert pool.size == 4 and pool.workers_per_device == 2
+    made.clear()
+    pool_module.DevicePool(spec, device="cpu", cpu_threads=8, workers_per_device=3)
+    assert made == [(i, "cpu", None, 2, 3) for i in range(3)]  # 8 cores over 3 workers: 2 threads each
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="workers_per_device"):
+            pool_module.DevicePool(spec, device="cpu", workers_per_device=bad)
+
+
+def test_two_workers_share_one_device_and_records_carry_their_share(prefect_server, tmp_path):
+    manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
+    completed = _diffcolor("run", str(manifest), "--out", str(out), "--model", "tiny", "--preset", "smoke",
+                           "--device", "cpu", "--workers-per-device", "2")
+    assert completed.returncode == 0, completed.stderr
+    assert "device seconds per item:" in completed.stdout
+    [run] = _run_dirs(out)
+    rows = read_results(str(run / "results.parquet")).to_pylist()
+    assert sorted(row["status"] for row in rows) == ["done", "done"]
+    placements = [json.loads(row["record_json"])["placement"] for row in rows]
+    assert len({where["pid"] for where in placements}) == 2, "each item ran on its own worker"
+    assert {where["workers_on_device"] for where in placements} == {2}
+    for row in rows:
+        assert row["device_seconds"] == pytest.approx(sum(seconds for _, seconds in row["seconds"]) / 2)
+        assert row["device_seconds"] > 0
+    refused = _diffcolor("run", str(manifest), "--out", str(out), "--model", "tiny", "--workers-per-device", "0")
+    assert refused.returncode == 2 and "--workers-per-device" in refused.stderr
 
 
 def test_reprocess_renders_new_targets_from_colour_states(prefect_server, tmp_path):
@@ -231,8 +278,11 @@ def test_reprocess_renders_new_targets_from_colour_states(prefect_server, tmp_pa
     assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", device="inline"),
                                return_state=True).is_completed()
     code = main(["reprocess", str(out), "--items", "p0,p1", "--color-map", '{"dog": "red"}', "--device", "cpu",
-                 "--weight-dtype", "bf16"])  # the CUDA default's weight storage, through the flow to its worker
+                 "--weight-dtype", "bf16",  # the CUDA default's weight storage, through the flow to its workers
+                 "--workers-per-device", "2"])
     assert code == 0
+    rows = read_results(str(_run_dirs(out)[-1] / "results.parquet")).to_pylist()  # the reprocess run's
+    assert sorted((row["version"], json.loads(row["record_json"])["placement"]["workers_on_device"]) for row in rows) == [(2, 2), (2, 2)]
     for item in ("p0", "p1"):
         record = json.loads((out / "items" / item / "result.json").read_text())
         assert record["version"] == 2 and record["finetune_steps_run"] == 0
