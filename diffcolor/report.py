@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+from array import array
 from collections import Counter
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -44,15 +46,39 @@ def _number(value, digits=2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor Archive run", max_rows: int = 2000) -> str:
-    """The report's HTML for ``records`` (at most ``max_rows`` thumbnail rows; all failures listed)."""
-    counts = Counter(record["status"] for record in records)
+STATISTICS = ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction",
+              "device_seconds")
+
+
+def run_statistics(records: Iterable[dict]) -> tuple[Counter, dict[str, dict], int]:
+    """Counts by status, the distribution of each of :data:`STATISTICS` over the done records, and the
+    number of done records, in one pass that keeps only the numbers (8 bytes per value)."""
+    counts: Counter = Counter()
+    values = {name: array("d") for name in STATISTICS}
+    done = 0
+    for record in records:
+        counts[record["status"]] += 1
+        if record["status"] == "done":
+            done += 1
+            for name in STATISTICS:
+                if record.get(name) is not None:
+                    values[name].append(record[name])
+    return counts, {name: summarise(list(column)) for name, column in values.items()}, done
+
+
+def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor Archive run", max_rows: int = 2000,
+                  all_records: Iterable[dict] | None = None) -> str:
+    """The report's HTML for ``records`` (at most ``max_rows`` thumbnail rows; all failures listed).
+
+    ``all_records``, when given, is every record of the run (e.g. a
+    :class:`diffcolor.results.RecordSpool`, read once): the counts and the
+    metric distributions are then the whole run's, while ``records`` (the
+    first ones and the failures) are the rows shown.
+    """
+    counts, stats, done_count = run_statistics(records if all_records is None else all_records)
     smoke = any(record.get("smoke_run") for record in records)
     done = [r for r in records if r["status"] == "done"]
     failed = [r for r in records if r["status"] in ("failed", "not_grayscale")]
-    stats = {name: summarise([r[name] for r in done if r.get(name) is not None])
-             for name in ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction",
-                          "device_seconds")}
 
     rows = []
     for record in done[:max_rows]:
@@ -76,25 +102,27 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
     )
     summary = " · ".join(f"{status}: {count}" for status, count in sorted(counts.items()))
     stat_rows = "".join(
-        f"<tr><td>{name}</td>" + "".join(f"<td>{_number(values.get(k), 3)}</td>" for k in ("median", "p5", "p95", "max")) + "</tr>"
+        f"<tr><td>{name}</td><td>{values['count']}</td>"
+        + "".join(f"<td>{_number(values.get(k), 3)}</td>" for k in ("median", "p5", "p95", "max")) + "</tr>"
         for name, values in stats.items() if values.get("count")
     )
     banner = ("<p class=smoke><b>SMOKE RUN</b>: random-weight tiny bundle. These images test the pipeline; "
               "they are not colourisations.</p>") if smoke else ""
-    more = f"<p>{len(done) - max_rows} more done items are in results.parquet.</p>" if len(done) > max_rows else ""
+    shown = min(len(done), max_rows)
+    more = f"<p>{done_count - shown} more done items are in results.parquet.</p>" if done_count > shown else ""
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>{html.escape(title)} {html.escape(run_id)}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} .smoke{{background:#fdd;padding:8px}}</style></head>
 <body><h1>{html.escape(title)}</h1><p>run <code>{html.escape(run_id)}</code> — {html.escape(summary)}</p>{banner}
-<h2>Metrics of done items</h2><table><tr><th>metric</th><th>median</th><th>p5</th><th>p95</th><th>max</th></tr>{stat_rows}</table>
+<h2>Metrics of done items</h2><table id=metrics><tr><th>metric</th><th>items</th><th>median</th><th>p5</th><th>p95</th><th>max</th></tr>{stat_rows}</table>
 <h2>Items</h2><table id=items><tr><th>item</th><th>gray</th><th>colour</th><th>prompts</th><th>metrics</th></tr>{''.join(rows)}</table>{more}
 <h2>Failures and skips</h2><table id=failures><tr><th>item</th><th>status</th><th>class</th><th>reason</th></tr>{failures}</table>
 </body></html>
 """
 
 
-def write_report(records: list[dict], uri: str, *, run_id: str) -> str:
-    """Publishes the report at ``uri``; returns ``uri``."""
-    storage.write_bytes(uri, render_report(records, run_id=run_id).encode("utf-8"))
+def write_report(records: list[dict], uri: str, *, run_id: str, all_records: Iterable[dict] | None = None) -> str:
+    """Publishes the report at ``uri`` (see :func:`render_report`); returns ``uri``."""
+    storage.write_bytes(uri, render_report(records, run_id=run_id, all_records=all_records).encode("utf-8"))
     return uri

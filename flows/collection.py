@@ -216,7 +216,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         (r["item_id"], r["plan_key"], "done" if r["status"] in ("done", "skipped_done") else r["status"], r.get("version"))
         for r in records if r["status"] in ("done", "skipped_done", "not_grayscale") and r.get("plan_key")
     ))
-    write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id)
+    write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id, all_records=records)
     summary = _summary(records, run_id, prefix)
     summary["seconds"] = {
         "pool_start": timings["pool_ready"] - timings["started"],
