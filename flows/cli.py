@@ -62,7 +62,7 @@ def cmd_run(args) -> int:
     options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
                          force=args.force, device=args.device, allow_download=args.allow_download,
                          weight_dtype=args.weight_dtype, overrides=_overrides(args.set), pool=args.pool,
-                         workers_per_device=args.workers_per_device)
+                         workers_per_device=args.workers_per_device, gpus_per_item=args.gpus_per_item)
     flow_to_run = colorize_collection
     if args.pool == "ray":
         from flows.collection import ray_runner
@@ -98,6 +98,16 @@ def _workers(text: str) -> int:
     return value
 
 
+def _gpu_share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expects a GPU share above 0 and at most 1, got {text!r}")
+    return value
+
+
 def _add_workers_option(parser) -> None:
     parser.add_argument("--workers-per-device", type=_workers, default=1, metavar="N",
                         help="local pool: worker processes per GPU (or on the CPU), each loading its own models; "
@@ -118,6 +128,8 @@ def build_parser():
     run.add_argument("--pool", choices=("local", "ray"), default="local",
                      help="local: worker processes on this machine's GPUs; ray: one GPU per item task on a Ray cluster")
     run.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 (default: RAY_ADDRESS or a local Ray)")
+    run.add_argument("--gpus-per-item", type=_gpu_share, default=1.0, metavar="F",
+                     help="Ray only: the GPU share each item task reserves, e.g. 0.5 for two items per GPU (default 1)")
     run.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a preset field, e.g. stage1.steps=200")
     engine_cli._add_model_options(run, required=True)
     _add_workers_option(run)

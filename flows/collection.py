@@ -68,7 +68,8 @@ class RunOptions(BaseModel):
     pool: str = Field("local", description="local (worker processes on this machine's GPUs) or ray")
     workers_per_device: int = Field(
         1, ge=1, description="local pool: worker processes per GPU (or on the CPU), each with its own models")
-    gpus_per_item: float = Field(1.0, description="Ray only: GPUs each item task reserves")
+    gpus_per_item: float = Field(1.0, gt=0, le=1, description="Ray only: the GPU share each item task reserves "
+                                                              "(0.5: two items per GPU)")
 
 
 def is_transient(task, task_run, state) -> bool:

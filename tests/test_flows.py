@@ -252,6 +252,23 @@ def test_pool_places_workers_round_robin_over_gpus_and_splits_the_cpu(monkeypatc
             pool_module.DevicePool(spec, device="cpu", workers_per_device=bad)
 
 
+def test_a_ray_task_on_a_gpu_share_counts_the_tasks_sharing_its_gpu(monkeypatch):
+    import sys
+    import types
+
+    from flows import worker
+
+    context = types.SimpleNamespace(get_node_id=lambda: "node-1", get_assigned_resources=lambda: {"GPU": 0.5, "CPU": 1})
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True, get_gpu_ids=lambda: [1],
+                                     get_runtime_context=lambda: context)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    record = worker.placed({"item_id": "a", "seconds": {"stage1": 3.0, "write": 1.0}})
+    assert record["placement"]["ray_gpu_ids"] == [1] and record["placement"]["workers_on_device"] == 2
+    assert record["device_seconds"] == 2.0
+    context.get_assigned_resources = lambda: {"GPU": 1.0}
+    assert worker.placed({"item_id": "a", "seconds": {"stage1": 3.0}})["placement"]["workers_on_device"] == 1
+
+
 def test_two_workers_share_one_device_and_records_carry_their_share(prefect_server, tmp_path):
     manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
     completed = _diffcolor("run", str(manifest), "--out", str(out), "--model", "tiny", "--preset", "smoke",
