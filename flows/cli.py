@@ -88,24 +88,22 @@ def cmd_reprocess(args) -> int:
     return _finish(reprocess(args.out, targets, options, return_state=True))
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects a whole number of at least 1, got {text!r}")
-    return value
+def _in_range(convert, low: float, high: float, what: str):
+    """An argparse type: ``convert(text)`` within ``low`` (excluded) and ``high`` (included), else a named error."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not low < value <= high:
+            raise argparse.ArgumentTypeError(f"expects {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _gpu_share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expects a GPU share above 0 and at most 1, got {text!r}")
-    return value
+_workers = _in_range(int, 0, float("inf"), "a whole number of at least 1")
+_gpu_share = _in_range(float, 0.0, 1.0, "a GPU share above 0 and at most 1")
 
 
 def _add_workers_option(parser) -> None:

@@ -225,7 +225,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         "finish": time.perf_counter() - timings["items_done"],
     }
     summary["device_seconds_per_item"] = _device_seconds_per_item(
-        records.counts, summary["seconds"]["items"], None if pool is None else pool.size // pool.workers_per_device)
+        records.counts, summary["seconds"]["items"], None if pool is None else pool.devices)
     _publish_summary(summary, records)
     logger.info("run %s: %s", run_id, summary["counts"])
     if summary["counts"].get("failed"):

@@ -134,6 +134,11 @@ class DevicePool:
     def size(self) -> int:
         return len(self.slots)
 
+    @property
+    def devices(self) -> int:
+        """How many devices the workers run on."""
+        return self.size // self.workers_per_device
+
     def run(self, function, *args):
         """Runs ``function(*args)`` on a free worker and returns its result.
 
