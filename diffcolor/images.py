@@ -18,8 +18,10 @@ copy (8-bit JPEG/PNG/WebP), both with an sRGB ICC profile and optional XMP.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,9 @@ _ICC_INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
 # Lattice for converting 16-bit RGB through LittleCMS, which Pillow drives at
 # 8 bits only: nodes every 5 code values (0, 5, ..., 255), trilinear in between.
 _ICC_LATTICE_STEP = 5
+# The creation date written into the embedded sRGB profile (year, month, day,
+# hour, minute, second): fixed, so derivatives are reproducible to the byte.
+SRGB_PROFILE_DATE = (2024, 1, 1, 0, 0, 0)
 # Pixels per batch in the float64 colour conversions (bounds working memory).
 _CHUNK_PIXELS = 1 << 20
 
@@ -572,8 +577,18 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+@functools.lru_cache(maxsize=1)
 def _srgb_icc() -> bytes:
-    return _srgb_profile().tobytes()
+    """The sRGB profile embedded in every derivative, identical in every process.
+
+    LittleCMS stamps the moment a profile is built into its header (bytes 24-35,
+    the ICC ``dateTimeNumber``); left there, two runs over the same input would
+    write derivatives that differ in those bytes alone. The header gets a fixed
+    date instead (the profile carries no MD5 id that would cover it).
+    """
+    profile = bytearray(_srgb_profile().tobytes())
+    profile[24:36] = struct.pack(">6H", *SRGB_PROFILE_DATE)
+    return bytes(profile)
 
 
 def _bad(name: str, reason: str) -> BadImageError:

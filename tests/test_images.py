@@ -15,6 +15,7 @@ from PIL import Image, ImageCms, ImageOps
 from diffcolor.color import lab_to_rgb, lightness
 from diffcolor.errors import BadImageError
 from diffcolor.images import (
+    SRGB_PROFILE_DATE,
     classify_tone,
     encode_access,
     encode_master,
@@ -342,3 +343,18 @@ def test_resize_for_model_is_antialiased_and_stays_in_range():
         resize_for_model(checker, 100, 0)
     with pytest.raises(ValueError, match="2-D"):
         resize_for_model(np.zeros((4, 4, 3)), 100, 8)
+
+
+def test_derivatives_embed_a_profile_with_a_fixed_date_so_reruns_are_byte_identical():
+    """LittleCMS stamps the build time into a profile; a rerun an hour later must still write the same bytes."""
+    rgb = np.random.default_rng(5).integers(0, 256, (20, 30, 3)).astype(np.uint8)
+    master = encode_master(rgb)
+    with tifffile.TiffFile(io.BytesIO(master)) as tiff:
+        master_icc = tiff.pages.first.tags[34675].value
+    access_icc = Image.open(io.BytesIO(encode_access(rgb, "JPEG"))).info["icc_profile"]
+    for icc in (master_icc, access_icc):
+        assert struct.unpack(">6H", icc[24:36]) == SRGB_PROFILE_DATE
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        assert profile.profile.creation_date.timetuple()[:6] == SRGB_PROFILE_DATE
+        assert ImageCms.getProfileDescription(profile).strip() == "sRGB built-in"
+    assert encode_master(rgb) == master
