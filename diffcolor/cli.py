@@ -29,7 +29,7 @@ def _safe_item_id(name: str) -> str:
 
 
 def _parse_color_map(text: str | None) -> dict[str, str]:
-    from diffcolor.errors import PromptError
+    from diffcolor.common.errors import PromptError
 
     if not text:
         return {}
@@ -85,7 +85,7 @@ def _bars():
 
 
 def _load(args, model: str):
-    from diffcolor.models import load_models
+    from diffcolor.method.models import load_models
 
     models = load_models(model, clip=args.clip, revision=args.revision, device=_device(args.device),
                          allow_download=args.allow_download, weight_dtype=args.weight_dtype)
@@ -107,7 +107,7 @@ def _print_records(records: list[dict]) -> None:
 
 
 def cmd_tiny_bundle(args) -> int:
-    from diffcolor.tiny import write_tiny_bundle
+    from diffcolor.tools.tiny import write_tiny_bundle
 
     folder = write_tiny_bundle(args.dir)
     print(f"wrote the tiny random bundle to {folder} (for tests and smoke runs only)")
@@ -115,9 +115,9 @@ def cmd_tiny_bundle(args) -> int:
 
 
 def cmd_colorize(args) -> int:
-    from diffcolor import storage
+    from diffcolor.archive import storage
     from diffcolor.pipeline import ItemRequest, colorize_item
-    from diffcolor.presets import get_preset
+    from diffcolor.method.presets import get_preset
 
     config = get_preset(args.preset)
     color_map = _parse_color_map(args.color_map)
@@ -132,7 +132,7 @@ def cmd_colorize(args) -> int:
         force=args.force,
     )
     if not storage.exists(args.image):
-        from diffcolor.errors import InputUnavailableError
+        from diffcolor.common.errors import InputUnavailableError
 
         raise InputUnavailableError(f"input image '{args.image}' does not exist")
     with _bars() as bars:
@@ -144,14 +144,14 @@ def cmd_colorize(args) -> int:
 def cmd_recolor(args) -> int:
     from dataclasses import replace
 
-    from diffcolor import storage
+    from diffcolor.archive import storage
     from diffcolor.pipeline import ItemLayout, recolor_item
-    from diffcolor.presets import PipelineConfig
-    from diffcolor.state import load_state
+    from diffcolor.method.presets import PipelineConfig
+    from diffcolor.method.state import load_state
 
     layout = ItemLayout(args.dir)
     if not storage.exists(layout.result):
-        from diffcolor.errors import StateError
+        from diffcolor.common.errors import StateError
 
         raise StateError(f"'{args.dir}' holds no result.json: colourise the item first")
     previous = storage.read_json(layout.result)
@@ -212,10 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(recolor, required=False)
     recolor.set_defaults(handler=cmd_recolor)
 
-    from diffcolor.manifest import add_manifest_commands
+    from diffcolor.archive.manifest import add_manifest_commands
 
     add_manifest_commands(commands)
-    from diffcolor.evaluate import add_eval_commands
+    from diffcolor.tools.evaluate import add_eval_commands
 
     add_eval_commands(commands)
     return parser
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     """Runs the command line; ``parser`` lets the orchestration layer add its commands."""
-    from diffcolor.errors import DiffColorError
+    from diffcolor.common.errors import DiffColorError
 
     args = (parser or build_parser()).parse_args(argv)
     try:

@@ -31,23 +31,24 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from diffcolor import __version__, storage
-from diffcolor.align import Alignment, align_chroma
-from diffcolor.color import rgb_to_lab
-from diffcolor.diffusion import clip_score
-from diffcolor.errors import DiffColorError, NotGrayscaleError, StateError
-from diffcolor.images import SourceImage, encode_access, encode_master, read_image, resize_for_model
-from diffcolor.merge import merge_full_resolution
-from diffcolor.metadata import xmp_for_format
-from diffcolor.metrics import colorfulness
-from diffcolor.models import Models
-from diffcolor.performance import apply_memory_format
-from diffcolor.presets import PipelineConfig
-from diffcolor.render import RenderConfig, render_target, resolve_target
-from diffcolor.stage1 import fit_color_prior
-from diffcolor.stage2 import fit_in_context, rewrite_caption
-from diffcolor.state import ColorState, load_state, safetensors_metadata, save_state
-from diffcolor.training import clear_checkpoints
+from diffcolor import __version__
+from diffcolor.archive import storage
+from diffcolor.method.align import Alignment, align_chroma
+from diffcolor.method.color import rgb_to_lab
+from diffcolor.method.diffusion import clip_score
+from diffcolor.common.errors import DiffColorError, NotGrayscaleError, StateError
+from diffcolor.archive.images import SourceImage, encode_access, encode_master, read_image, resize_for_model
+from diffcolor.method.merge import merge_full_resolution
+from diffcolor.archive.metadata import xmp_for_format
+from diffcolor.method.metrics import colorfulness
+from diffcolor.method.models import Models
+from diffcolor.method.performance import apply_memory_format
+from diffcolor.method.presets import PipelineConfig
+from diffcolor.method.render import RenderConfig, render_target, resolve_target
+from diffcolor.method.stage1 import fit_color_prior
+from diffcolor.method.stage2 import fit_in_context, rewrite_caption
+from diffcolor.method.state import ColorState, load_state, safetensors_metadata, save_state
+from diffcolor.method.training import clear_checkpoints
 
 SOFTWARE = "diffcolor-archive"
 Progress = Callable[[str, int, int], None]  # (phase, step, total)
@@ -333,7 +334,7 @@ def colorize_item(
         # 3. Check prompts before any GPU work.
         rewritten = rewrite_caption(request.caption, config.stage2.identifier)
         if request.color_map:
-            from diffcolor.stage2 import build_target_prompt, check_token_alignment
+            from diffcolor.method.stage2 import build_target_prompt, check_token_alignment
 
             check_token_alignment(models, rewritten, build_target_prompt(rewritten, request.color_map))
 

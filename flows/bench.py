@@ -41,9 +41,9 @@ def _write_manifest(path: Path, rows: int) -> None:
 
 def _plan_in_this_process(manifest: str, output: str) -> dict:
     """The planning the collection flow does, timed (runs in a fresh process)."""
-    from diffcolor.manifest import read_items
-    from diffcolor.planning import config_hash, plan_items, read_done_index
-    from diffcolor.presets import get_preset
+    from diffcolor.archive.manifest import read_items
+    from diffcolor.archive.planning import config_hash, plan_items, read_done_index
+    from diffcolor.method.presets import get_preset
 
     started = time.perf_counter()
     done = read_done_index(output)
@@ -62,9 +62,9 @@ def _plan_in_this_process(manifest: str, output: str) -> dict:
 
 
 def bench_plan(rows: int) -> dict:
-    from diffcolor.manifest import read_items
-    from diffcolor.planning import config_hash, plan_key, update_done_index
-    from diffcolor.presets import get_preset
+    from diffcolor.archive.manifest import read_items
+    from diffcolor.archive.planning import config_hash, plan_key, update_done_index
+    from diffcolor.method.presets import get_preset
 
     with tempfile.TemporaryDirectory() as folder:
         manifest, output = Path(folder) / "manifest.parquet", str(Path(folder) / "out")
@@ -87,10 +87,10 @@ def bench_overhead(items: int) -> dict:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from diffcolor.manifest import read_items
-    from diffcolor.models import load_models
+    from diffcolor.archive.manifest import read_items
+    from diffcolor.method.models import load_models
     from diffcolor.pipeline import colorize_item
-    from diffcolor.presets import get_preset
+    from diffcolor.method.presets import get_preset
     from flows.collection import RunOptions, colorize_collection
 
     with tempfile.TemporaryDirectory() as folder:

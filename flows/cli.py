@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_reprocess(args) -> int:
-    from diffcolor.errors import PromptError
+    from diffcolor.common.errors import PromptError
     from flows.reprocess import ReprocessOptions, Retarget, read_targets, reprocess
 
     if args.targets:
@@ -110,7 +110,7 @@ def _add_workers_option(parser) -> None:
     parser.add_argument("--workers-per-device", type=_workers, default=1, metavar="N",
                         help="local pool: worker processes per GPU (or on the CPU), each loading its own models; "
                              "more than 1 pays where one item's fit leaves the GPU idle (measure with "
-                             "python -m diffcolor.bench --concurrent N)")
+                             "python -m diffcolor.tools.bench --concurrent N)")
 
 
 def build_parser():

@@ -27,11 +27,11 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from diffcolor import storage
-from diffcolor.errors import DiffColorError, PermanentError, TransientError
-from diffcolor.manifest import read_items
+from diffcolor.archive import storage
+from diffcolor.common.errors import DiffColorError, PermanentError, TransientError
+from diffcolor.archive.manifest import read_items
 from diffcolor.pipeline import ItemRequest, failure_record
-from diffcolor.planning import (
+from diffcolor.archive.planning import (
     config_hash,
     item_prefix,
     plan_items,
@@ -39,10 +39,10 @@ from diffcolor.planning import (
     run_prefix,
     update_done_index,
 )
-from diffcolor.models import resolve_model_hash
-from diffcolor.presets import apply_overrides, get_preset
-from diffcolor.report import write_report
-from diffcolor.results import RecordSpool, write_results
+from diffcolor.method.models import resolve_model_hash
+from diffcolor.method.presets import apply_overrides, get_preset
+from diffcolor.archive.report import write_report
+from diffcolor.archive.results import RecordSpool, write_results
 from flows import worker
 from flows.pool import DevicePool, ModelSpec
 
@@ -273,7 +273,7 @@ def _report_records(records: RecordSpool) -> list[dict]:
 
 
 def _count(manifest: str, items: list[str] | None) -> int:
-    from diffcolor.manifest import count_rows
+    from diffcolor.archive.manifest import count_rows
 
     return len(items) if items else count_rows(manifest)
 

@@ -5,7 +5,7 @@ Each worker is a single-process ``ProcessPoolExecutor`` started with the
 loaded once by the initializer (:mod:`flows.worker`). ``workers_per_device``
 puts several workers on each device, each with its own models: one item's fit
 at batch 1 can leave a GPU idle while its host thread launches kernels, and
-another process fills those gaps (measure it first: ``python -m diffcolor.bench
+another process fills those gaps (measure it first: ``python -m diffcolor.tools.bench
 --concurrent N``, docs/PERFORMANCE.md). On the CPU the workers split the
 cores between them. Tasks borrow a free
 worker, run one item on it and give it back, so a worker never holds two items
@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from diffcolor.errors import WorkerLostError
+from diffcolor.common.errors import WorkerLostError
 from flows import worker
 
 
@@ -36,7 +36,7 @@ class ModelSpec:
     model: str
     clip: str | None = None
     allow_download: bool = False
-    weight_dtype: str = "auto"  # frozen weights' storage (diffcolor.models.load_models): "auto", "bf16" or "fp32"
+    weight_dtype: str = "auto"  # frozen weights' storage (diffcolor.method.models.load_models): "auto", "bf16" or "fp32"
 
 
 class _Slot:

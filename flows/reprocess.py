@@ -22,13 +22,13 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from diffcolor import storage
-from diffcolor.errors import PromptError, StateError
+from diffcolor.archive import storage
+from diffcolor.common.errors import PromptError, StateError
 from diffcolor.pipeline import ItemLayout, ItemRequest
-from diffcolor.planning import item_prefix, run_prefix
-from diffcolor.presets import get_preset
-from diffcolor.report import write_report
-from diffcolor.results import write_results
+from diffcolor.archive.planning import item_prefix, run_prefix
+from diffcolor.method.presets import get_preset
+from diffcolor.archive.report import write_report
+from diffcolor.archive.results import write_results
 from flows import worker
 from flows.collection import _POOLS, _publish_summary, _record_of_failure, _summary, is_transient, new_run_id, run_on_worker
 from flows.pool import DevicePool, ModelSpec

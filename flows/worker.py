@@ -20,7 +20,7 @@ def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sha
     os.environ.update(env)
     import torch
 
-    from diffcolor.models import load_models
+    from diffcolor.method.models import load_models
 
     if threads:
         torch.set_num_threads(threads)
@@ -93,11 +93,11 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[dict]:
     """Colourises one item with the worker's models (see diffcolor.pipeline.colorize_item)."""
-    from diffcolor.errors import DeviceOutOfMemoryError
+    from diffcolor.common.errors import DeviceOutOfMemoryError
     from diffcolor.pipeline import colorize_item
-    from diffcolor.presets import PipelineConfig
+    from diffcolor.method.presets import PipelineConfig
 
-    from diffcolor.locks import item_lease
+    from diffcolor.archive.leases import item_lease
 
     try:
         with item_lease(prefix):  # another run working on this item: wait, then find it done
@@ -111,10 +111,10 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[d
 
 def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: int | None) -> dict:
     """Renders a new target from an item's stored colour state (no fine-tuning)."""
-    from diffcolor.errors import DeviceOutOfMemoryError
+    from diffcolor.common.errors import DeviceOutOfMemoryError
     from diffcolor.pipeline import recolor_item
 
-    from diffcolor.locks import item_lease
+    from diffcolor.archive.leases import item_lease
 
     try:
         with item_lease(prefix):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffcolor import storage
-from diffcolor.manifest import DEFAULT_SEED, manifest_table, validate_table, write_manifest
+from diffcolor.archive import storage
+from diffcolor.archive.manifest import DEFAULT_SEED, manifest_table, validate_table, write_manifest
 
 HERE = Path(__file__).resolve().parent
 MAX_SIDE = 512  # long side in pixels, to keep the committed images small

@@ -16,8 +16,8 @@ import io
 import sys
 from pathlib import Path
 
-from diffcolor import storage
-from diffcolor.manifest import DEFAULT_SEED, manifest_table, validate_table, write_manifest
+from diffcolor.archive import storage
+from diffcolor.archive.manifest import DEFAULT_SEED, manifest_table, validate_table, write_manifest
 
 HERE = Path(__file__).resolve().parent
 MAX_SIDE = 384  # long side in pixels: small committed files and a fast eval on a CPU

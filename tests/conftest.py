@@ -21,7 +21,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def models(cache_dir):
     """The tiny bundle, written to the cache and loaded through from_pretrained like real weights."""
-    from diffcolor.models import load_models
+    from diffcolor.method.models import load_models
 
     return load_models("tiny", cache_dir=cache_dir)
 
@@ -29,14 +29,14 @@ def models(cache_dir):
 @pytest.fixture(scope="session")
 def bf16_models(cache_dir):
     """The tiny bundle with its frozen matrix weights stored in bf16, as CUDA loads them by default."""
-    from diffcolor.models import load_models
+    from diffcolor.method.models import load_models
 
     return load_models("tiny", cache_dir=cache_dir, weight_dtype="bf16")
 
 
 @pytest.fixture(scope="session")
 def smoke():
-    from diffcolor.presets import get_preset
+    from diffcolor.method.presets import get_preset
 
     return get_preset("smoke")
 

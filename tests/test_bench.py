@@ -22,15 +22,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffcolor import bench
-from diffcolor.diffusion import encode_latent, encode_prompts, noise_scheduler
-from diffcolor.models import load_models
-from diffcolor.performance import NAIVE, PerformanceConfig, apply_memory_format, autocast_dtype, make_adamw
-from diffcolor.render import RenderConfig, render_target
-from diffcolor.stage1 import Stage1Config, fit_color_prior, prepare_inputs, stage1_step
-from diffcolor.stage2 import fit_in_context, reconstruction_step, rewrite_caption
-from diffcolor.state import ColorState
-from diffcolor.training import AdapterConfig, make_trainable_unet
+from diffcolor.tools import bench
+from diffcolor.method.diffusion import encode_latent, encode_prompts, noise_scheduler
+from diffcolor.method.models import load_models
+from diffcolor.method.performance import NAIVE, PerformanceConfig, apply_memory_format, autocast_dtype, make_adamw
+from diffcolor.method.render import RenderConfig, render_target
+from diffcolor.method.stage1 import Stage1Config, fit_color_prior, prepare_inputs, stage1_step
+from diffcolor.method.stage2 import fit_in_context, reconstruction_step, rewrite_caption
+from diffcolor.method.state import ColorState
+from diffcolor.method.training import AdapterConfig, make_trainable_unet
 
 from conftest import gray_scene
 
@@ -69,7 +69,7 @@ def test_cpu_smoke_bench_prints_the_table_and_writes_every_figure(cache_dir, tmp
     assert "floor" in printed and "fast path" in printed
 
     # The JSON: every figure the issue asks for, finite and positive.
-    assert report["device"]["type"] == "cpu" and report["command"].startswith("python -m diffcolor.bench")
+    assert report["device"]["type"] == "cpu" and report["command"].startswith("python -m diffcolor.tools.bench")
     assert report["peak"]["bf16"]["tflops"] > 0 and report["peak"]["fp32"]["tflops"] > 0
     for name in ("default", "baseline"):
         variant = report["variants"][name]
@@ -159,7 +159,7 @@ def test_meta_device_count_equals_the_real_cpu_count(models):
 
 
 def test_sd15_random_has_the_published_sd15_and_clip_vit_l14_sizes():
-    from diffcolor.sd15_random import build_sd15_random_models, parameter_counts
+    from diffcolor.tools.sd15_random import build_sd15_random_models, parameter_counts
 
     models = build_sd15_random_models("meta")
     assert parameter_counts(models) == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480,
@@ -267,7 +267,7 @@ def test_bf16_autocast_fit_and_render_match_fp32(models, smoke):
 
 
 def _matrix_layers(models):
-    from diffcolor.performance import MATRIX_LAYERS
+    from diffcolor.method.performance import MATRIX_LAYERS
 
     return [layer for module in (models.unet, models.vae, models.text_encoder, models.clip)
             for layer in module.modules() if isinstance(layer, MATRIX_LAYERS)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage.color import rgb2lab
 
-from diffcolor.color import (
+from diffcolor.method.color import (
     gamut_map_lab,
     gray_from_lightness,
     gray_lightness,

@@ -32,7 +32,7 @@ import yaml
 from PIL import Image
 
 from diffcolor.pipeline import ItemRequest, colorize_item
-from diffcolor.planning import item_prefix
+from diffcolor.archive.planning import item_prefix
 
 from conftest import gray_scene
 

@@ -19,7 +19,7 @@ from PIL import Image
 from skimage.color import rgb2lab
 
 from diffcolor.cli import main
-from diffcolor.evaluate import (
+from diffcolor.tools.evaluate import (
     METRICS,
     EvalConfig,
     PerceptualWeights,
@@ -119,7 +119,7 @@ def lpips_weights(alexnet, tmp_path_factory):
 
 def _accepting(patch: pytest.MonkeyPatch, name: str) -> None:
     """Makes the eval expect the test backbone file instead of torchvision's."""
-    import diffcolor.evaluate as evaluate
+    import diffcolor.tools.evaluate as evaluate
 
     patch.setitem(evaluate.LPIPS_BACKBONE_FILES, "alex", (name, "https://example.invalid/" + name))
 
@@ -465,7 +465,7 @@ def test_lpips_network_takes_the_operators_backbone_file_and_measures(alexnet):
 def test_fid_network_takes_the_operators_inception_file(monkeypatch):
     from torch_fidelity import feature_extractor_inceptionv3 as inception
 
-    from diffcolor.evaluate import inception_features, load_fid_network
+    from diffcolor.tools.evaluate import inception_features, load_fid_network
 
     # A random-weight InceptionV3 with torch-fidelity's keys, saved as an operator's file would be:
     # built with torch-fidelity's own loading switched off for the moment.

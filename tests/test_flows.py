@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcolor import storage
-from diffcolor.results import read_results
+from diffcolor.archive import storage
+from diffcolor.archive.results import read_results
 from flows.cli import main
 
 from conftest import gray_scene
@@ -124,9 +124,9 @@ def test_worker_killed_mid_fit_is_retried_and_ends_identical(prefect_server, mod
     from flows import collection
     from flows.collection import RunOptions, colorize_collection
 
-    from diffcolor.manifest import read_items
+    from diffcolor.archive.manifest import read_items
     from diffcolor.pipeline import colorize_item
-    from diffcolor.presets import apply_overrides, get_preset
+    from diffcolor.method.presets import apply_overrides, get_preset
 
     manifest = _collection(tmp_path, count=1)
     overrides = {"stage1.steps": 40, "stage1.checkpoints.every": 4}
@@ -164,7 +164,7 @@ def test_worker_killed_mid_fit_is_retried_and_ends_identical(prefect_server, mod
 
 
 def test_transient_storage_error_is_retried_and_a_bad_image_is_not(prefect_server, tmp_path, monkeypatch):
-    from diffcolor.errors import StorageError
+    from diffcolor.common.errors import StorageError
     from flows import worker
     from flows.collection import RunOptions, colorize_collection
 

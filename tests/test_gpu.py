@@ -22,8 +22,8 @@ import tifffile
 import torch
 
 from diffcolor.pipeline import ItemRequest, colorize_item
-from diffcolor.performance import PerformanceConfig
-from diffcolor.training import LoopInterrupted
+from diffcolor.method.performance import PerformanceConfig
+from diffcolor.method.training import LoopInterrupted
 
 pytestmark = pytest.mark.gpu
 
@@ -42,7 +42,7 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="module")
 def fast_models(cache_dir, device):
-    from diffcolor.models import load_models
+    from diffcolor.method.models import load_models
 
     return load_models("tiny", cache_dir=cache_dir, device=device, weight_dtype="bf16")
 
@@ -60,8 +60,8 @@ def _master(record) -> np.ndarray:
 def test_auto_resolves_to_the_fast_path_on_cuda(cache_dir, device):
     if device.type != "cuda":
         pytest.skip("what 'auto' resolves to on CUDA")
-    from diffcolor.models import load_models
-    from diffcolor.performance import autocast_dtype, make_adamw
+    from diffcolor.method.models import load_models
+    from diffcolor.method.performance import autocast_dtype, make_adamw
 
     models = load_models("tiny", cache_dir=cache_dir, device=device)  # every option left to its default
     assert models.weight_dtype == torch.bfloat16
@@ -76,7 +76,7 @@ def test_an_item_and_a_render_on_the_device_match_fp32_on_the_cpu(models, fast_m
     """The whole item (stage 1, alignment, stage 2, CLIP score) on the device's fast path against the fp32
     path on the CPU, and a render of one stored colour state on each: within the fast path's tolerances."""
     from diffcolor.pipeline import recolor_item
-    from diffcolor.render import RenderConfig
+    from diffcolor.method.render import RenderConfig
 
     request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=4)
     if device.type == "cuda":
@@ -128,7 +128,7 @@ def test_two_workers_share_the_device_in_a_collection_run(prefect_server, tmp_pa
     """The collection flow with two pool workers on one device: each item on its own worker, both on it."""
     from test_flows import _collection, _diffcolor, _run_dirs
 
-    from diffcolor.results import read_results
+    from diffcolor.archive.results import read_results
 
     manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
     completed = _diffcolor("run", str(manifest), "--out", str(out), "--model", "tiny", "--preset", "smoke",

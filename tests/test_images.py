@@ -12,9 +12,9 @@ import tifffile
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-from diffcolor.color import lab_to_rgb, lightness
-from diffcolor.errors import BadImageError
-from diffcolor.images import (
+from diffcolor.method.color import lab_to_rgb, lightness
+from diffcolor.common.errors import BadImageError
+from diffcolor.archive.images import (
     SRGB_PROFILE_DATE,
     classify_tone,
     encode_access,

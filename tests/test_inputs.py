@@ -13,10 +13,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from diffcolor import storage
-from diffcolor.errors import BadImageError, InputUnavailableError
+from diffcolor.archive import storage
+from diffcolor.common.errors import BadImageError, InputUnavailableError
 from diffcolor.pipeline import ItemRequest, colorize_item
-from diffcolor.results import read_results, write_results
+from diffcolor.archive.results import read_results, write_results
 
 from conftest import gray_scene
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffcolor import storage
+from diffcolor.archive import storage
 from diffcolor.cli import main
-from diffcolor.manifest import (
+from diffcolor.archive.manifest import (
     MANIFEST_SCHEMA,
     REQUIRED_COLUMNS,
     ManifestError,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from skimage.color import rgb2lab
 
-from diffcolor.merge import MergeConfig, merge_full_resolution
+from diffcolor.method.merge import MergeConfig, merge_full_resolution
 
 
 def _gradient_noise_gray(height: int, width: int, seed: int = 0) -> np.ndarray:

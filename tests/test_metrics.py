@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from diffcolor.metrics import colorfulness, lightness_fidelity, summarise
+from diffcolor.method.metrics import colorfulness, lightness_fidelity, summarise
 
 
 def test_colorfulness_is_zero_for_gray_in_every_dtype():
@@ -61,7 +61,7 @@ def test_lightness_fidelity_identity_and_known_offset():
 
 
 def test_lightness_fidelity_ignore_mask_and_chunking():
-    from diffcolor.metrics import FidelityConfig
+    from diffcolor.method.metrics import FidelityConfig
 
     gray = np.full((10, 12), 0.5)
     rgb = np.repeat(gray[..., None], 3, axis=2).copy()
@@ -79,7 +79,7 @@ def test_lightness_fidelity_in_strips_equals_one_full_pass():
     from skimage.color import rgb2lab
     from skimage.metrics import structural_similarity
 
-    from diffcolor.metrics import FidelityConfig
+    from diffcolor.method.metrics import FidelityConfig
 
     rng = np.random.default_rng(2)
     gray = rng.random((53, 41))

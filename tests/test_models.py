@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from diffcolor.errors import ModelNotFoundError
-from diffcolor.models import load_models
-from diffcolor.tiny import write_tiny_bundle
+from diffcolor.common.errors import ModelNotFoundError
+from diffcolor.method.models import load_models
+from diffcolor.tools.tiny import write_tiny_bundle
 
 
 def test_tiny_bundle_has_the_diffusers_layout_and_loads_from_its_folder(tmp_path, models):

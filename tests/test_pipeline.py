@@ -54,7 +54,7 @@ def test_16bit_scan_gives_16bit_master_of_the_same_size_with_the_same_lightness(
     assert record["target_prompt"].startswith("a brown dog")
     assert record["output_sha256"]["master"] == _sha256(record["outputs"]["master"])
     # Both files carry the provenance, labelled as AI-composited and as a smoke run.
-    from diffcolor.metadata import DIGITAL_SOURCE_TYPE, read_xmp
+    from diffcolor.archive.metadata import DIGITAL_SOURCE_TYPE, read_xmp
 
     for role in ("master", "access"):
         xmp = read_xmp(open(record["outputs"][role], "rb").read())
@@ -142,7 +142,7 @@ def test_truncated_image_fails_with_one_line_naming_the_file(tmp_path, gray_png,
 
 
 def test_colour_map_word_not_in_caption_is_refused_before_any_fit(models, smoke, tmp_path, gray_png):
-    from diffcolor.errors import PromptError
+    from diffcolor.common.errors import PromptError
 
     request = ItemRequest(item_id="b", source_uri=str(gray_png), caption=CAPTION, color_map={"horse": "brown"})
     with pytest.raises(PromptError, match="'horse'"):

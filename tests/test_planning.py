@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from diffcolor.pipeline import ItemRequest
-from diffcolor.planning import config_hash, plan_items, plan_key, read_done_index, update_done_index
-from diffcolor.presets import apply_overrides, get_preset
+from diffcolor.archive.planning import config_hash, plan_items, plan_key, read_done_index, update_done_index
+from diffcolor.method.presets import apply_overrides, get_preset
 
 
 def _requests(count):

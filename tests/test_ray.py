@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffcolor.results import read_results
+from diffcolor.archive.results import read_results
 
 from conftest import gray_scene
 from test_flows import CAPTION, _run_dirs, write_manifest

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from diffcolor.report import render_report
-from diffcolor.results import RecordSpool
+from diffcolor.archive.report import render_report
+from diffcolor.archive.results import RecordSpool
 
 
 def test_counts_and_distributions_cover_every_record_beyond_the_rows_shown(tmp_path):

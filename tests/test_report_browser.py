@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from diffcolor.pipeline import ItemRequest, colorize_item
-from diffcolor.report import write_report
+from diffcolor.archive.report import write_report
 
 pytestmark = pytest.mark.browser
 

@@ -9,11 +9,11 @@ import pytest
 import tifffile
 import torch
 
-from diffcolor import storage
+from diffcolor.archive import storage
 from diffcolor.pipeline import ItemRequest, colorize_item
-from diffcolor.stage1 import fit_color_prior
-from diffcolor.stage2 import fit_in_context, rewrite_caption
-from diffcolor.training import CheckpointPolicy, LoopInterrupted
+from diffcolor.method.stage1 import fit_color_prior
+from diffcolor.method.stage2 import fit_in_context, rewrite_caption
+from diffcolor.method.training import CheckpointPolicy, LoopInterrupted
 
 from conftest import gray_scene
 
@@ -96,7 +96,7 @@ def test_item_on_the_cuda_fast_path_options_resumes_bit_identical(bf16_models, s
     already and restores contiguous checkpoints into channels_last parameters
     (``full``). Both must give the same bits.
     """
-    from diffcolor.performance import PerformanceConfig, apply_memory_format
+    from diffcolor.method.performance import PerformanceConfig, apply_memory_format
 
     fast = PerformanceConfig(autocast="bf16", fused_optimizer=True, channels_last=True)
     config = replace(

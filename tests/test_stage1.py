@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from diffcolor.diffusion import draw_noise_and_timesteps
-from diffcolor.stage1 import Stage1Config, contrastive_loss, fit_color_prior, prepare_inputs, stage1_losses
-from diffcolor.training import AdapterConfig, make_trainable_unet, phase_generator
+from diffcolor.method.diffusion import draw_noise_and_timesteps
+from diffcolor.method.stage1 import Stage1Config, contrastive_loss, fit_color_prior, prepare_inputs, stage1_losses
+from diffcolor.method.training import AdapterConfig, make_trainable_unet, phase_generator
 
 from conftest import gray_scene
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffcolor.diffusion import tokenize
-from diffcolor.errors import PromptError
-from diffcolor.stage2 import build_target_prompt, check_token_alignment, fit_in_context, rewrite_caption
+from diffcolor.method.diffusion import tokenize
+from diffcolor.common.errors import PromptError
+from diffcolor.method.stage2 import build_target_prompt, check_token_alignment, fit_in_context, rewrite_caption
 
 CAPTION = "A dog sitting on a wooden bench, with grassland and sky"
 
@@ -50,7 +50,7 @@ def test_embedding_loop_trains_only_the_embedding_and_finetune_only_the_adapter(
     rewritten = rewrite_caption(CAPTION)
     result = fit_in_context(models, primary, rewritten, config, seed=0)
 
-    from diffcolor.diffusion import encode_prompts
+    from diffcolor.method.diffusion import encode_prompts
 
     initial = encode_prompts(models, [rewritten.text])
     assert not torch.equal(result.embedding, initial)  # e_opt moved away from c''s embedding

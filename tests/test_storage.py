@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from diffcolor import storage
-from diffcolor.errors import InputUnavailableError, StorageError
+from diffcolor.archive import storage
+from diffcolor.common.errors import InputUnavailableError, StorageError
 from s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, s3_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures)
 
 MIB = 2**20

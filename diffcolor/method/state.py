@@ -18,10 +18,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from diffcolor import __version__, storage
-from diffcolor.errors import InputUnavailableError, StateError
-from diffcolor.stage2 import RewrittenCaption
-from diffcolor.training import AdapterConfig
+from diffcolor import __version__
+from diffcolor.archive import storage
+from diffcolor.common.errors import InputUnavailableError, StateError
+from diffcolor.method.stage2 import RewrittenCaption
+from diffcolor.method.training import AdapterConfig
 
 STATE_FILE = "color-state.safetensors"
 STATE_FORMAT = 1

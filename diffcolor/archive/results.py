@@ -17,7 +17,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffcolor import storage
+from diffcolor.archive import storage
 
 RESULTS_SCHEMA = pa.schema(
     [

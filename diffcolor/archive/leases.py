@@ -25,8 +25,8 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
-from diffcolor import storage
-from diffcolor.errors import StorageError
+from diffcolor.archive import storage
+from diffcolor.common.errors import StorageError
 
 LEASE_SECONDS = 120.0  # ours: a lease not renewed for this long belongs to a dead worker
 _MEMORY_LOCK = threading.Lock()

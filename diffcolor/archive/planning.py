@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffcolor import storage
+from diffcolor.archive import storage
 from diffcolor.pipeline import ItemRequest
 
 INDEX_SCHEMA = pa.schema([("item_id", pa.string()), ("plan_key", pa.string()), ("status", pa.string()), ("version", pa.int64())])

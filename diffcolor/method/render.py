@@ -4,7 +4,7 @@
 then DDIM sampling with classifier-free guidance from the gray latent noised to
 ``strength``, with the UNet carrying the item's stage-2 adapter, and alignment
 of the result to the gray image. A target is a free prompt or a colour map, from
-which the token-aligned prompt is built (:func:`diffcolor.stage2.build_target_prompt`).
+which the token-aligned prompt is built (:func:`diffcolor.method.stage2.build_target_prompt`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcolor.align import AlignConfig, Alignment, align_chroma
-from diffcolor.diffusion import decode_latent, encode_latent, encode_prompts, sample_from
-from diffcolor.errors import PromptError, StateError
-from diffcolor.models import Models
-from diffcolor.performance import PerformanceConfig, apply_memory_format, autocast_context, check_performance
-from diffcolor.stage2 import build_target_prompt, check_token_alignment
-from diffcolor.state import ColorState
-from diffcolor.training import load_trained_unet, phase_generator
+from diffcolor.method.align import AlignConfig, Alignment, align_chroma
+from diffcolor.method.diffusion import decode_latent, encode_latent, encode_prompts, sample_from
+from diffcolor.common.errors import PromptError, StateError
+from diffcolor.method.models import Models
+from diffcolor.method.performance import PerformanceConfig, apply_memory_format, autocast_context, check_performance
+from diffcolor.method.stage2 import build_target_prompt, check_token_alignment
+from diffcolor.method.state import ColorState
+from diffcolor.method.training import load_trained_unet, phase_generator
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class RenderConfig:
     guidance: float = 7.5  # ours: SD's usual classifier-free guidance
     strength: float = 0.8  # ours: how far the gray latent is noised before sampling
     # Speed only (flat fields, not a PerformanceConfig, so the config stays a JSON-able flat record):
-    autocast: str = "auto"  # "auto": bf16 autocast on CUDA, off elsewhere; "bf16"; "off" (see diffcolor.performance)
+    autocast: str = "auto"  # "auto": bf16 autocast on CUDA, off elsewhere; "bf16"; "off" (see diffcolor.method.performance)
     channels_last: bool | None = None  # UNet/VAE convolutions in NHWC; None: on CUDA only
 
 

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from diffcolor import storage
-from diffcolor.evaluate import METRICS
-from diffcolor.images import read_image
+from diffcolor.archive import storage
+from diffcolor.tools.evaluate import METRICS
+from diffcolor.archive.images import read_image
 
 THUMBNAIL_SIDE = 160  # pixels, long side
 PLOT_DPI = 100

@@ -10,7 +10,7 @@
 3. Fine-tune the UNet (a LoRA adapter by default) on the fixed ``e_opt`` to
    reconstruct it.
 
-The result is the item's colour state (:mod:`diffcolor.state`): everything a
+The result is the item's colour state (:mod:`diffcolor.method.state`): everything a
 render needs without any further fine-tuning.
 """
 
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from diffcolor.diffusion import (
+from diffcolor.method.diffusion import (
     denoising_target,
     draw_noise_and_timesteps,
     encode_latent,
@@ -33,9 +33,9 @@ from diffcolor.diffusion import (
     noise_scheduler,
     tokenize,
 )
-from diffcolor.errors import PromptError
-from diffcolor.models import Models
-from diffcolor.performance import (
+from diffcolor.common.errors import PromptError
+from diffcolor.method.models import Models
+from diffcolor.method.performance import (
     PerformanceConfig,
     apply_memory_format,
     autocast_context,
@@ -43,7 +43,7 @@ from diffcolor.performance import (
     make_adamw,
     maybe_compile,
 )
-from diffcolor.training import (
+from diffcolor.method.training import (
     AdapterConfig,
     CheckpointPolicy,
     LoopResult,

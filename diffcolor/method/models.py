@@ -2,7 +2,7 @@
 
 A model is named by a local folder in the diffusers layout, a Hugging Face hub
 id (with an optional pinned revision), or ``tiny`` (the tiny random bundle of
-:mod:`diffcolor.tiny`, written to a cache folder on first use). Every name is
+:mod:`diffcolor.tools.tiny`, written to a cache folder on first use). Every name is
 first resolved to a local folder; then each component is loaded from that
 folder with ``from_pretrained``. The network is only used when the caller
 allows downloads; otherwise a missing model is a :class:`ModelNotFoundError`
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from diffcolor.errors import ModelNotFoundError
+from diffcolor.common.errors import ModelNotFoundError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # ours: CLIP ViT-L/14, the family of SD 1.x's text encoder
 TINY = "tiny"
@@ -59,7 +59,7 @@ class Models:
     weight_sha256: dict[str, str] = field(default_factory=dict)  # "component/file" -> sha256
     model_hash: str = ""  # sha256 over weight hashes and component configs
     random_weights: bool = False  # True for the tiny bundle: outputs are a smoke run, not colourisations
-    # Storage of the frozen linear/convolution weights: bf16 on CUDA by default (diffcolor.performance), else fp32.
+    # Storage of the frozen linear/convolution weights: bf16 on CUDA by default (diffcolor.method.performance), else fp32.
     weight_dtype: torch.dtype = torch.float32
 
     @property
@@ -91,7 +91,7 @@ def default_cache_dir() -> Path:
 def tiny_bundle_folder(cache_dir: Path | None = None) -> Path:
     """The cached tiny bundle, written on first use (atomically: a half-written one is never used)."""
     from diffcolor import __version__
-    from diffcolor.tiny import write_tiny_bundle
+    from diffcolor.tools.tiny import write_tiny_bundle
 
     folder = (cache_dir or default_cache_dir()) / f"tiny-bundle-{__version__}"
     if (folder / TINY_MARKER).exists():
@@ -237,7 +237,7 @@ def load_models(
     ``model`` is a folder, a hub id or ``"tiny"``. ``clip`` defaults to the
     bundle's ``clip/`` subfolder when it has one, else :data:`DEFAULT_CLIP`.
     ``weight_dtype`` stores the frozen linear and convolution weights in bf16
-    ("bf16"; "auto": on CUDA) or fp32 (see :mod:`diffcolor.performance`).
+    ("bf16"; "auto": on CUDA) or fp32 (see :mod:`diffcolor.method.performance`).
     Raises :class:`ModelNotFoundError` (one line, no network touched unless
     ``allow_download``) when anything is missing, ValueError for a bad ``weight_dtype``.
     """
@@ -245,7 +245,7 @@ def load_models(
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from diffcolor.performance import frozen_weight_dtype, store_frozen_weights
+    from diffcolor.method.performance import frozen_weight_dtype, store_frozen_weights
 
     transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
     device = torch.device(device)

@@ -3,7 +3,7 @@
 An eval manifest is an ordinary manifest (``manifests/README.md``) whose rows
 carry ``ground_truth_uri``, a colour photograph. For each such row:
 
-1. the ground truth is read like any source (:func:`diffcolor.images.read_image`:
+1. the ground truth is read like any source (:func:`diffcolor.archive.images.read_image`:
    format allowlist, EXIF orientation, ICC to sRGB) and converted to gray keeping
    the CIE L* of every pixel (the conversion the pipeline itself applies to
    colour inputs); the gray is written under ``OUTPUT/eval/inputs/``, never
@@ -22,7 +22,7 @@ Metrics (the paper reports FID, LPIPS, CLIP score, PSNR and SSIM):
   (data range 256, ours). The output keeps the gray's L*, so every difference
   from the ground truth is a chroma difference: these isolate it;
 - ``colorfulness`` and ``colorfulness_ground_truth`` (Hasler and Suesstrunk,
-  :func:`diffcolor.metrics.colorfulness`) and their difference ``colorfulness_gap``;
+  :func:`diffcolor.method.metrics.colorfulness`) and their difference ``colorfulness_gap``;
 - ``clip_score`` (output vs its prompt, as in the item's record) and
   ``clip_score_ground_truth`` (ground truth vs the same prompt), with the
   configured CLIP model;
@@ -48,7 +48,7 @@ A metric row is cached under a key of the output's sha256, the ground truth's
 sha256, the prompt, the eval configuration, the CLIP model and the perceptual
 weight files, so an eval rerun recomputes nothing that has not changed.
 
-:mod:`diffcolor.eval_report` draws the report, the plots and the terminal
+:mod:`diffcolor.tools.eval_report` draws the report, the plots and the terminal
 summaries, and compares two evals (``diffcolor eval-compare``).
 """
 
@@ -73,15 +73,16 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from diffcolor import __version__, storage
-from diffcolor.color import rgb_to_lab
-from diffcolor.diffusion import clip_score
-from diffcolor.errors import DiffColorError, PermanentError
-from diffcolor.images import SourceImage, read_image
-from diffcolor.metrics import colorfulness, summarise
-from diffcolor.models import Models
+from diffcolor import __version__
+from diffcolor.archive import storage
+from diffcolor.method.color import rgb_to_lab
+from diffcolor.method.diffusion import clip_score
+from diffcolor.common.errors import DiffColorError, PermanentError
+from diffcolor.archive.images import SourceImage, read_image
+from diffcolor.method.metrics import colorfulness, summarise
+from diffcolor.method.models import Models
 from diffcolor.pipeline import ItemLayout, ItemRequest, colorize_item
-from diffcolor.presets import PipelineConfig
+from diffcolor.method.presets import PipelineConfig
 
 EVAL_FORMAT = 1  # bump when a metric's definition changes: every cached row is then recomputed
 
@@ -89,7 +90,7 @@ EVAL_FORMAT = 1  # bump when a metric's definition changes: every cached row is 
 GRAY_METHOD = "cie_lstar"
 GRAY_METHOD_TEXT = (
     "neutral gray with the CIE L* (D65) of each ground-truth pixel, after ICC conversion to sRGB "
-    "(diffcolor.images, the pipeline's own gray), written as a PNG at the ground truth's bit depth"
+    "(diffcolor.archive.images, the pipeline's own gray), written as a PNG at the ground truth's bit depth"
 )
 
 # Per-item metrics, their unit and whether higher is better (None: neither; judged against the ground truth).
@@ -716,7 +717,7 @@ def evaluate_manifest(
     """Evaluates every row of ``manifest`` that has a ground truth; writes the tables and the report.
 
     Args:
-        models: loaded once (:func:`diffcolor.models.load_models`) and used for every item.
+        models: loaded once (:func:`diffcolor.method.models.load_models`) and used for every item.
         manifest: the eval manifest's URI (validated first; ManifestError names bad rows).
         output: the output root; everything goes under ``OUTPUT/eval/``.
         config: the pipeline configuration (a preset).
@@ -733,8 +734,8 @@ def evaluate_manifest(
     Raises:
         ManifestError: the manifest is invalid. EvalError: no row has a ground truth.
     """
-    from diffcolor.eval_report import write_eval_report
-    from diffcolor.manifest import read_items
+    from diffcolor.tools.eval_report import write_eval_report
+    from diffcolor.archive.manifest import read_items
 
     prefix = eval_prefix(output)
     # 1. The manifest's rows (validated before anything runs).
@@ -814,7 +815,7 @@ def cmd_eval(args) -> int:
     import sys
 
     from diffcolor.cli import _load
-    from diffcolor.presets import get_preset
+    from diffcolor.method.presets import get_preset
 
     config = get_preset(args.preset)
     models = _load(args, args.model)
@@ -828,7 +829,7 @@ def cmd_eval(args) -> int:
         else:
             print(f"{row['item_id']} {row['status']}: {row['error_message']}", file=sys.stderr)
 
-    from diffcolor.eval_report import format_summary
+    from diffcolor.tools.eval_report import format_summary
 
     run = evaluate_manifest(models, args.manifest, args.out, config, preset=args.preset, eval_config=eval_config,
                             weights=weights, items=set(args.items.split(",")) if args.items else None, on_row=show)
@@ -838,7 +839,7 @@ def cmd_eval(args) -> int:
 
 def cmd_eval_compare(args) -> int:
     """``diffcolor eval-compare A B``: prints the differences and writes a plot and a table under ``--out``."""
-    from diffcolor.eval_report import compare_evals, format_comparison, write_comparison
+    from diffcolor.tools.eval_report import compare_evals, format_comparison, write_comparison
 
     rows_a, summary_a = read_eval(args.a)
     rows_b, summary_b = read_eval(args.b)

@@ -30,8 +30,8 @@ import torch
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from diffcolor import __version__
-from diffcolor.color import gray_from_lightness, lightness, rgb_to_lab
-from diffcolor.errors import BadImageError
+from diffcolor.method.color import gray_from_lightness, lightness, rgb_to_lab
+from diffcolor.common.errors import BadImageError
 
 # Pillow format names we decode (SPEC section 4). MPO is how Pillow names camera
 # JPEGs that carry extra preview frames: a JPEG all the same.

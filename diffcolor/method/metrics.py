@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from diffcolor.color import gray_lightness, lightness
+from diffcolor.method.color import gray_lightness, lightness
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ published layer shapes (the configs are copied from the model cards'
 tokenizer reuses the tiny bundle's BPE vocabulary padded to CLIP's 49408
 entries, so the embedding tables have SD's shape.
 
-``build_sd15_random_models(device)`` returns a :class:`diffcolor.models.Models`
-like :func:`diffcolor.models.load_models` does, frozen and in eval mode. On the
+``build_sd15_random_models(device)`` returns a :class:`diffcolor.method.models.Models`
+like :func:`diffcolor.method.models.load_models` does, frozen and in eval mode. On the
 ``meta`` device it allocates nothing (used to count FLOPs at full size on any
 machine). The weights are for timing only: outputs are noise.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from diffcolor.models import Models
+from diffcolor.method.models import Models
 
 NAME = "sd15-random"
 VOCAB_SIZE = 49408  # CLIP's BPE vocabulary
@@ -112,7 +112,7 @@ def build_tokenizer():
     """A CLIP tokenizer with the tiny bundle's merges and CLIP's vocabulary size (49408, specials last)."""
     from transformers import CLIPTokenizer
 
-    from diffcolor.tiny import TINY_WORDS, build_tiny_vocab
+    from diffcolor.tools.tiny import TINY_WORDS, build_tiny_vocab
 
     vocab, merges = build_tiny_vocab(sorted(set(TINY_WORDS.split())))
     ordinary = [token for token in sorted(vocab, key=vocab.get) if not token.startswith("<|")]
@@ -136,7 +136,7 @@ def build_sd15_random_models(device: str | torch.device = "cpu", *, seed: int = 
     """SD 1.5 + CLIP ViT-L/14 shapes, random weights drawn in fp32, built directly on ``device``.
 
     About 1.5 G parameters (6 GB in fp32); on ``meta`` nothing is allocated.
-    ``weight_dtype`` stores the frozen matrix weights as :func:`diffcolor.models.load_models`
+    ``weight_dtype`` stores the frozen matrix weights as :func:`diffcolor.method.models.load_models`
     does ("auto": bf16 on CUDA); the same seed gives the same fp32 draws either way.
     Returns :class:`Models` with ``random_weights=True``.
     """
@@ -144,7 +144,7 @@ def build_sd15_random_models(device: str | torch.device = "cpu", *, seed: int = 
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
     from transformers.utils import logging as transformers_logging
 
-    from diffcolor.performance import frozen_weight_dtype, store_frozen_weights
+    from diffcolor.method.performance import frozen_weight_dtype, store_frozen_weights
 
     device = torch.device(device)
     storage_dtype = frozen_weight_dtype(weight_dtype, device) if device.type != "meta" else torch.float32

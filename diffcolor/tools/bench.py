@@ -1,4 +1,4 @@
-"""``python -m diffcolor.bench``: seconds, steps/s, memory and TFLOP/s of recipe R (spec section 8).
+"""``python -m diffcolor.tools.bench``: seconds, steps/s, memory and TFLOP/s of recipe R (spec section 8).
 
 One run times the optimised default and the naive baseline (fp32, full
 fine-tune, VAE and text re-encoded every step) on the same model, image and
@@ -28,9 +28,9 @@ context, kernel loading, compilation) are reported apart (``warmup_s``).
 
 Examples::
 
-    python -m diffcolor.bench --device cpu --model tiny --preset smoke         # CI-sized, seconds
-    python -m diffcolor.bench --device cuda --model sd15-random --preset paper-scale --json bench-h100.json
-    python -m diffcolor.bench --flops-only --model sd15-random --preset paper-scale --peak-tflops 989.4
+    python -m diffcolor.tools.bench --device cpu --model tiny --preset smoke         # CI-sized, seconds
+    python -m diffcolor.tools.bench --device cuda --model sd15-random --preset paper-scale --json bench-h100.json
+    python -m diffcolor.tools.bench --flops-only --model sd15-random --preset paper-scale --peak-tflops 989.4
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from diffcolor.performance import NAIVE, PerformanceConfig, autocast_context, frozen_weight_dtype
+from diffcolor.method.performance import NAIVE, PerformanceConfig, autocast_context, frozen_weight_dtype
 
 VARIANT_NAMES = ("default", "baseline", "fp32", "fp32-weights", "no-channels-last", "no-fused", "compile",
                  "compile-graphs", "cudnn-benchmark")
@@ -66,9 +66,9 @@ H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM5 datasheet: dense bf16 tensor-
 
 def load_bench_models(name: str, device: torch.device, weight_dtype: str = "auto"):
     """``tiny``, ``sd15-random`` (built in memory, SD 1.5 shapes) or a model folder / hub id, on ``device``,
-    with the frozen matrix weights stored as ``weight_dtype`` says (see :func:`diffcolor.models.load_models`)."""
-    from diffcolor.models import load_models
-    from diffcolor.sd15_random import NAME, build_sd15_random_models
+    with the frozen matrix weights stored as ``weight_dtype`` says (see :func:`diffcolor.method.models.load_models`)."""
+    from diffcolor.method.models import load_models
+    from diffcolor.tools.sd15_random import NAME, build_sd15_random_models
 
     if name == NAME:
         return build_sd15_random_models(device, weight_dtype=weight_dtype)
@@ -104,7 +104,7 @@ def variant_weight_dtype(name: str, default: str = "auto") -> str:
 
 def recipe_config(preset: str, *, steps: int | None = None, sample_steps: int | None = None):
     """The preset's pipeline config, with every loop's steps and/or every sampler's steps overridden."""
-    from diffcolor.presets import get_preset
+    from diffcolor.method.presets import get_preset
 
     config = get_preset(preset)
     if steps is not None:
@@ -121,7 +121,7 @@ def recipe_config(preset: str, *, steps: int | None = None, sample_steps: int | 
 
 def variant_config(config, name: str):
     """The pipeline config of a named variant: ``default`` as given, ``baseline`` naive, the rest one ablation each."""
-    from diffcolor.training import AdapterConfig
+    from diffcolor.method.training import AdapterConfig
 
     def with_performance(performance: PerformanceConfig, *, adapter: AdapterConfig | None = None, render: dict | None = None):
         stage1 = replace(config.stage1, performance=performance, **({"adapter": adapter} if adapter else {}))
@@ -324,8 +324,8 @@ class FlopCount:
 
 def count_recipe_flops(models, config, gray: torch.Tensor, caption: str, target: str) -> FlopCount:
     """Counts one real step of each loop, exactly as the loops run it (same step functions, same adapters)."""
-    from diffcolor.align import encoder_features
-    from diffcolor.diffusion import (
+    from diffcolor.method.align import encoder_features
+    from diffcolor.method.diffusion import (
         clip_text_features,
         decode_latent,
         denoising_steps,
@@ -333,9 +333,9 @@ def count_recipe_flops(models, config, gray: torch.Tensor, caption: str, target:
         encode_prompts,
         noise_scheduler,
     )
-    from diffcolor.stage1 import prepare_inputs, stage1_step
-    from diffcolor.stage2 import reconstruction_step, rewrite_caption
-    from diffcolor.training import make_trainable_unet
+    from diffcolor.method.stage1 import prepare_inputs, stage1_step
+    from diffcolor.method.stage2 import reconstruction_step, rewrite_caption
+    from diffcolor.method.training import make_trainable_unet
 
     device = models.device
     gray = gray.to(device)
@@ -433,11 +433,11 @@ def _rate(stamps: list[float], started: float) -> float:
 def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str, seed: int, render_repeats: int,
                 state_dir: Path) -> dict:
     """Runs stage 1, alignment, stage 2, state save and new-prompt renders once; returns the timings."""
-    from diffcolor.align import align_chroma
-    from diffcolor.render import render_target, resolve_target
-    from diffcolor.stage1 import fit_color_prior
-    from diffcolor.stage2 import fit_in_context, rewrite_caption
-    from diffcolor.state import ColorState, load_state, save_state
+    from diffcolor.method.align import align_chroma
+    from diffcolor.method.render import render_target, resolve_target
+    from diffcolor.method.stage1 import fit_color_prior
+    from diffcolor.method.stage2 import fit_in_context, rewrite_caption
+    from diffcolor.method.state import ColorState, load_state, save_state
 
     device = models.device
     clock = StageClock(device)
@@ -574,10 +574,10 @@ def run_variant(models, config, name: str, gray: torch.Tensor, *, caption: str, 
 def stage1_loss_difference(models, reference, config, gray: torch.Tensor, *, caption: str, seed: int) -> dict:
     """How far one stage-1 step's losses on the default's path (``models``' weight storage, its autocast) are
     from fp32 (``reference``: fp32-stored weights, no autocast); same noise, same adapter init."""
-    from diffcolor.diffusion import noise_scheduler
-    from diffcolor.performance import autocast_dtype
-    from diffcolor.stage1 import prepare_inputs, stage1_step
-    from diffcolor.training import make_trainable_unet
+    from diffcolor.method.diffusion import noise_scheduler
+    from diffcolor.method.performance import autocast_dtype
+    from diffcolor.method.stage1 import prepare_inputs, stage1_step
+    from diffcolor.method.training import make_trainable_unet
 
     fast = config.stage1.performance.autocast
     result = {"autocast": str(autocast_dtype(fast, models.device, models.weight_dtype)).removeprefix("torch."),
@@ -604,8 +604,8 @@ def stage1_loss_difference(models, reference, config, gray: torch.Tensor, *, cap
 def render_difference(models, reference, config, state_prefix: str, *, target: str, seed: int) -> dict:
     """sRGB difference between a render on the default's path (``models``) and one in fp32 (``reference``,
     fp32-stored weights), from the same stored state."""
-    from diffcolor.render import render_target, resolve_target
-    from diffcolor.state import load_state
+    from diffcolor.method.render import render_target, resolve_target
+    from diffcolor.method.state import load_state
 
     state = load_state(state_prefix)
     prompt = resolve_target(models, state, target, None)
@@ -725,11 +725,11 @@ def _now() -> str:
 
 
 def _command() -> str:
-    return " ".join(["python -m diffcolor.bench", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv[0] else "python -m diffcolor.bench"
+    return " ".join(["python -m diffcolor.tools.bench", *sys.argv[1:]]) if sys.argv and "bench" in sys.argv[0] else "python -m diffcolor.tools.bench"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m diffcolor.bench", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m diffcolor.tools.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--model", default="sd15-random", help="a model folder, 'tiny', or 'sd15-random' (default)")
@@ -777,7 +777,7 @@ def run_concurrent(args, processes: int) -> dict:
         barrier = Path(folder)
         commands = []
         for index in range(processes):
-            commands.append([sys.executable, "-m", "diffcolor.bench", "--device", str(args.device), "--model", args.model,
+            commands.append([sys.executable, "-m", "diffcolor.tools.bench", "--device", str(args.device), "--model", args.model,
                              "--preset", args.preset, "--variants", "default", "--no-flops", "--no-check",
                              "--render-repeats", "2", "--json", str(barrier / f"worker-{index}.json"),
                              "--worker-barrier", str(barrier), "--seed", str(args.seed + index),

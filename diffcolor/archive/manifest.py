@@ -15,7 +15,7 @@ the set of ids is held).
 
 Builders turn a folder of images with a captions CSV/JSON, a catalogue CSV
 export, or a IIIF Presentation 3 manifest into a manifest table. All I/O goes
-through :mod:`diffcolor.storage`, by fsspec URI.
+through :mod:`diffcolor.archive.storage`, by fsspec URI.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffcolor import storage
-from diffcolor.errors import InputUnavailableError, PermanentError, PromptError, StorageError
+from diffcolor.archive import storage
+from diffcolor.common.errors import InputUnavailableError, PermanentError, PromptError, StorageError
 from diffcolor.pipeline import ItemRequest
 
 REQUIRED_COLUMNS = ("item_id", "image_uri", "caption")
@@ -378,7 +378,7 @@ class _RowChecker:
         # The caption rules are stage 2's (rewrite_caption, build_target_prompt),
         # imported when first needed: torch comes with them.
         if self._stage2 is None:
-            from diffcolor import stage2
+            from diffcolor.method import stage2
 
             self._stage2 = stage2
         return self._stage2

@@ -50,7 +50,7 @@ from typing import Any
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
-from diffcolor.errors import InputUnavailableError, StorageError
+from diffcolor.common.errors import InputUnavailableError, StorageError
 
 logger = logging.getLogger(__name__)
 

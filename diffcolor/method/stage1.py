@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from diffcolor.color import gray_lightness, lightness
-from diffcolor.diffusion import (
+from diffcolor.method.color import gray_lightness, lightness
+from diffcolor.method.diffusion import (
     clip_image_features,
     clip_text_features,
     decode_latent,
@@ -38,9 +38,9 @@ from diffcolor.diffusion import (
     predicted_x0,
     sample_from,
 )
-from diffcolor.errors import PromptError
-from diffcolor.models import Models
-from diffcolor.performance import (
+from diffcolor.common.errors import PromptError
+from diffcolor.method.models import Models
+from diffcolor.method.performance import (
     PerformanceConfig,
     apply_memory_format,
     autocast_context,
@@ -48,7 +48,7 @@ from diffcolor.performance import (
     make_adamw,
     maybe_compile,
 )
-from diffcolor.training import (
+from diffcolor.method.training import (
     AdapterConfig,
     CheckpointPolicy,
     LoopResult,

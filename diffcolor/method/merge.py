@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import guided_blur
 
-from diffcolor.color import gamut_map_lab, gray_lightness
-from diffcolor.metrics import lightness_fidelity
+from diffcolor.method.color import gamut_map_lab, gray_lightness
+from diffcolor.method.metrics import lightness_fidelity
 
 
 @dataclass(frozen=True)

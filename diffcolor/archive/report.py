@@ -20,8 +20,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from diffcolor import storage
-from diffcolor.metrics import summarise
+from diffcolor.archive import storage
+from diffcolor.method.metrics import summarise
 
 THUMBNAIL_SIDE = 192  # pixels, long side
 
@@ -71,7 +71,7 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
     """The report's HTML for ``records`` (at most ``max_rows`` thumbnail rows; all failures listed).
 
     ``all_records``, when given, is every record of the run (e.g. a
-    :class:`diffcolor.results.RecordSpool`, read once): the counts and the
+    :class:`diffcolor.archive.results.RecordSpool`, read once): the counts and the
     metric distributions are then the whole run's, while ``records`` (the
     first ones and the failures) are the rows shown.
     """

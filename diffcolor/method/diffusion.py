@@ -6,7 +6,7 @@ img2img-style DDIM sampling with classifier-free guidance) but work on
 tensors the stages already hold, so latents and embeddings are computed once
 per item and reused by every step.
 
-Every model call runs in :func:`~diffcolor.performance.frozen_weights_context`
+Every model call runs in :func:`~diffcolor.method.performance.frozen_weights_context`
 (bf16 autocast when the frozen weights are stored in bf16, nothing otherwise),
 and the encodes done once per item return fp32 either way.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffcolor.models import Models
-from diffcolor.performance import frozen_weights_context
+from diffcolor.method.models import Models
+from diffcolor.method.performance import frozen_weights_context
 
 
 def tokenize(models: Models, prompts: list[str]) -> torch.Tensor:

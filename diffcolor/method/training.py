@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from diffcolor import storage
-from diffcolor.errors import StateError
+from diffcolor.archive import storage
+from diffcolor.common.errors import StateError
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # ours: attention projections, as diffusers' LoRA examples
 _CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.safetensors$")
@@ -80,7 +80,7 @@ def make_trainable_unet(base: torch.nn.Module, config: AdapterConfig, *, name: s
     adapted UNet starts equal to the base), which keeps fits reproducible.
     """
     if config.mode == "full":
-        # fp32 master weights: at fine-tune learning rates a bf16 weight would not move (diffcolor.performance).
+        # fp32 master weights: at fine-tune learning rates a bf16 weight would not move (diffcolor.method.performance).
         unet = copy.deepcopy(base).float()
         unet.requires_grad_(True)
         unet.train()
@@ -112,7 +112,7 @@ def _keep_adapter_fp32(base: torch.nn.Module, name: str) -> None:
     """Keeps adapter ``name`` in fp32 master weights, also on a base whose weights are stored in bf16.
 
     peft gives a new adapter its base layer's dtype; at LoRA learning rates a
-    bf16 adapter would not move (diffcolor.performance), so it trains in fp32
+    bf16 adapter would not move (diffcolor.method.performance), so it trains in fp32
     and autocast casts it for the matrix products, as on an fp32 base. peft's
     cast of each LoRA input to the adapter's dtype is turned off (what
     ``peft.helpers.disable_input_dtype_casting`` does): in fp32 it is a no-op,

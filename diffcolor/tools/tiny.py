@@ -5,7 +5,7 @@ bundle in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/``, ``scheduler/``) plus a CLIP model in
 ``clip/`` (transformers layout with its tokenizer and ``preprocessor_config.json``).
 Everything is written with ``save_pretrained`` and read back by
-:func:`diffcolor.models.load_models` through ``from_pretrained``: exactly the path
+:func:`diffcolor.method.models.load_models` through ``from_pretrained``: exactly the path
 real weights take. Nothing in the method knows this bundle exists.
 
 The shapes mirror Stable Diffusion 1.x where it matters to the code: the VAE

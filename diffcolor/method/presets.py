@@ -12,12 +12,12 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, replace
 
-from diffcolor.align import AlignConfig
-from diffcolor.merge import MergeConfig
-from diffcolor.render import RenderConfig
-from diffcolor.stage1 import Stage1Config
-from diffcolor.stage2 import Stage2Config
-from diffcolor.training import CheckpointPolicy
+from diffcolor.method.align import AlignConfig
+from diffcolor.method.merge import MergeConfig
+from diffcolor.method.render import RenderConfig
+from diffcolor.method.stage1 import Stage1Config
+from diffcolor.method.stage2 import Stage2Config
+from diffcolor.method.training import CheckpointPolicy
 
 
 @dataclass(frozen=True)
