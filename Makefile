@@ -20,7 +20,7 @@ $(BIN)/diffcolor: pyproject.toml
 install: $(BIN)/diffcolor
 
 demo: install
-	$(BIN)/python -m flows.demo --out $(DEMO_OUT)
+	$(BIN)/diffcolor demo --out $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -q

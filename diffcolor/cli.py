@@ -1,15 +1,21 @@
-"""The ``diffcolor`` command line (spec section 10).
+"""The ``diffcolor`` command line (spec section 10): every command, in one place.
+
+Building the parser imports nothing heavy: each command's handler imports
+what it needs when it runs, so ``diffcolor --help``, every ``--help`` and the
+``manifest`` commands never load torch, diffusers or Prefect. ``run`` and
+``reprocess`` start the Prefect flows of ``flows/``; this module is the only
+place in ``diffcolor/`` that reaches them, and only from those two handlers.
 
 Errors that DiffColor raises on purpose (a missing model, a bad image, a bad
-prompt) are printed as one line naming the problem, with exit status 2 and no
-traceback; progress bars appear only on a terminal.
+prompt, a bad ``--set``) are printed as one line naming the problem, with
+exit status 2 and no traceback; progress bars appear only on a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +26,14 @@ SMOKE_BANNER = (
     "SMOKE RUN: random-weight tiny bundle, not a colourisation. "
     "Outputs test the pipeline only; use --model with Stable Diffusion weights for real results."
 )
+# The preset names of diffcolor.method.presets.PRESETS, spelt out so that building the parser imports no
+# torch (tests/test_cli.py checks that the two agree).
+PRESET_NAMES = ("smoke", "default", "paper-scale")
+EVAL_MAX_SIDE = 1024  # the default of diffcolor.tools.evaluate.EvalConfig.max_side, for --help (checked by a test)
 
 
-def _safe_item_id(name: str) -> str:
-    """An item id from a file name: letters, digits, '-', '_' and '.' only."""
-    item_id = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "item"
-    return item_id[:128]
+# ---------------------------------------------------------------------------
+# Shared pieces of the handlers.
 
 
 def _parse_color_map(text: str | None) -> dict[str, str]:
@@ -40,6 +48,20 @@ def _parse_color_map(text: str | None) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise PromptError(f'--color-map must be a JSON object of strings, like {{"dog": "brown"}}; got {text!r}')
     return value
+
+
+def _parse_overrides(pairs: list[str] | None) -> dict:
+    """``["stage1.steps=200", "render.eta=0.8"]`` -> ``{"stage1.steps": 200, "render.eta": 0.8}`` (JSON values, else text)."""
+    overrides = {}
+    for pair in pairs or ():
+        field, _, text = pair.partition("=")
+        if not field.strip() or not text:
+            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
+        try:
+            overrides[field.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[field.strip()] = text
+    return overrides
 
 
 def _device(name: str) -> str:
@@ -84,11 +106,12 @@ def _bars():
         bars.close()
 
 
-def _load(args, model: str):
-    from diffcolor.method.models import load_models
+def _load_models(args, model: str):
+    """The models named on the command line (a folder, a hub id or ``tiny``), with the SMOKE RUN banner for random weights."""
+    from diffcolor.tools.tiny import load_named_models
 
-    models = load_models(model, clip=args.clip, revision=args.revision, device=_device(args.device),
-                         allow_download=args.allow_download, weight_dtype=args.weight_dtype)
+    models = load_named_models(model, clip=args.clip, revision=args.revision, device=_device(args.device),
+                               allow_download=args.allow_download, weight_dtype=args.weight_dtype)
     if models.random_weights:
         print(SMOKE_BANNER, file=sys.stderr)
     return models
@@ -106,6 +129,41 @@ def _print_records(records: list[dict]) -> None:
             print(f"{record['item_id']} {record['status']}: {record['error_message']}")
 
 
+def _print_summary(summary: dict) -> None:
+    counts = ", ".join(f"{status} {count}" for status, count in sorted(summary["counts"].items()))
+    print(f"run {summary['run_id']}: {counts}")
+    print(f"results: {summary['results']}")
+    print(f"report:  {summary['report']}")
+    if summary.get("device_seconds_per_item") is not None:
+        print(f"device seconds per item: {summary['device_seconds_per_item']:.1f} (throughput of the run's devices)")
+    if summary["failed_items"]:
+        shown = ", ".join(summary["failed_items"][:20])
+        print(f"failed items: {shown}{' ...' if len(summary['failed_items']) > 20 else ''}")
+
+
+def _finish_flow(state) -> int:
+    """The exit status of a finished flow run: 0 all done, 1 some items failed, 2 the run itself failed."""
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, dict):
+        _print_summary(summary)
+        return 1 if summary["counts"].get("failed") else 0
+    if isinstance(summary, BaseException):
+        message = str(summary).splitlines()[0] if str(summary) else type(summary).__name__
+    else:
+        message = state.message or str(summary)
+    print(f"diffcolor: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _quiet_prefect() -> None:
+    # Archives run air-gapped: Prefect's usage telemetry has nowhere to go.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+# ---------------------------------------------------------------------------
+# Handlers, one per command.
+
+
 def cmd_tiny_bundle(args) -> int:
     from diffcolor.tools.tiny import write_tiny_bundle
 
@@ -116,25 +174,23 @@ def cmd_tiny_bundle(args) -> int:
 
 def cmd_colorize(args) -> int:
     from diffcolor.archive import storage
-    from diffcolor.pipeline import ItemRequest, colorize_item
+    from diffcolor.common.errors import InputUnavailableError
+    from diffcolor.common.ids import normalize_item_id, safe_item_id
+    from diffcolor.common.items import ItemRequest
     from diffcolor.method.presets import get_preset
+    from diffcolor.pipeline import colorize_item
 
+    # 1. Every argument checked before any model loads.
     config = get_preset(args.preset)
     color_map = _parse_color_map(args.color_map)
-    models = _load(args, args.model)
-    request = ItemRequest(
-        item_id=args.item_id or _safe_item_id(Path(args.image).stem),
-        source_uri=args.image,
-        caption=args.caption,
-        targets=tuple(args.target or ()),
-        color_map=color_map,
-        seed=args.seed,
-        force=args.force,
-    )
+    item_id = normalize_item_id(args.item_id) if args.item_id else safe_item_id(Path(args.image).stem)
     if not storage.exists(args.image):
-        from diffcolor.common.errors import InputUnavailableError
-
         raise InputUnavailableError(f"input image '{args.image}' does not exist")
+
+    # 2. Models, then the item.
+    models = _load_models(args, args.model)
+    request = ItemRequest(item_id=item_id, source_uri=args.image, caption=args.caption,
+                          targets=tuple(args.target or ()), color_map=color_map, seed=args.seed, force=args.force)
     with _bars() as bars:
         records = colorize_item(models, request, args.out, config, preset=args.preset, progress=bars)
     _print_records(records)
@@ -145,28 +201,236 @@ def cmd_recolor(args) -> int:
     from dataclasses import replace
 
     from diffcolor.archive import storage
-    from diffcolor.pipeline import ItemLayout, recolor_item
-    from diffcolor.method.presets import PipelineConfig
-    from diffcolor.method.state import load_state
+    from diffcolor.archive.items import ItemLayout
+    from diffcolor.archive.states import read_state
+    from diffcolor.common.errors import StateError
+    from diffcolor.method.state import state_from_bytes
+    from diffcolor.pipeline import recolor_item, stored_config
 
+    # 1. The item and its colour state, and the arguments, before any model loads.
     layout = ItemLayout(args.dir)
     if not storage.exists(layout.result):
-        from diffcolor.common.errors import StateError
-
         raise StateError(f"'{args.dir}' holds no result.json: colourise the item first")
     previous = storage.read_json(layout.result)
-    state = load_state(layout.state)
-    config = PipelineConfig.from_dict({k: v for k, v in state.config.items() if k != "state_key"})
+    color_map = _parse_color_map(args.color_map) or None
+    config = stored_config(state_from_bytes(read_state(layout.state), layout.state_object))
     render = config.render
     if args.eta is not None:
         render = replace(render, eta=args.eta)
     if args.steps is not None:
         render = replace(render, steps=args.steps)
-    models = _load(args, args.model or previous["model_id"])
-    record = recolor_item(models, args.dir, target=args.target, color_map=_parse_color_map(args.color_map) or None,
-                          render=render, seed=args.seed, config=config)
+
+    # 2. Models, then the render.
+    models = _load_models(args, args.model or previous["model_id"])
+    record = recolor_item(models, args.dir, target=args.target, color_map=color_map, render=render, seed=args.seed,
+                          config=config)
     _print_records([record])
     return 0
+
+
+def cmd_manifest_build(args) -> int:
+    """``diffcolor manifest build``: writes the manifest, or prints every problem and exits 1."""
+    from diffcolor.archive.builders import (
+        build_from_csv,
+        build_from_folder,
+        build_from_iiif,
+    )
+    from diffcolor.archive.manifest import ManifestError, problem_count, write_manifest
+
+    if args.captions and not args.from_folder:
+        raise ValueError("--captions goes with --from-folder only")
+    try:
+        if args.from_folder:
+            table = build_from_folder(args.from_folder, captions=args.captions)
+        elif args.from_csv:
+            table = build_from_csv(args.from_csv)
+        else:
+            table = build_from_iiif(args.from_iiif)
+        write_manifest(table, args.out)
+    except ManifestError as error:
+        for problem in error.problems:
+            print(problem)
+        print(f"diffcolor: manifest not written: {problem_count(error.problems)} problem(s) in '{error.uri}'")
+        return 1
+    print(f"wrote {table.num_rows} items to {args.out}")
+    return 0
+
+
+def cmd_manifest_validate(args) -> int:
+    """``diffcolor manifest validate``: exit 0 and one OK line, or one line per problem and exit 1."""
+    from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
+
+    problems = validate_manifest(args.file)
+    if problems:
+        for problem in problems:
+            print(problem)
+        print(f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
+        return 1
+    print(f"{args.file}: OK, {count_rows(args.file)} items")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from diffcolor.method.presets import apply_overrides, get_preset
+
+    # 1. The preset and its overrides, type-checked before any work starts.
+    overrides = _parse_overrides(args.set)
+    apply_overrides(get_preset(args.preset), overrides)
+
+    # 2. The collection flow (local Prefect unless PREFECT_API_URL names a server).
+    _quiet_prefect()
+    from flows.collection import RunOptions, colorize_collection, ray_runner
+
+    options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
+                         force=args.force, device=args.device, allow_download=args.allow_download,
+                         weight_dtype=args.weight_dtype, overrides=overrides, pool=args.pool,
+                         workers_per_device=args.workers_per_device, gpus_per_item=args.gpus_per_item)
+    flow_to_run = colorize_collection
+    if args.pool == "ray":
+        flow_to_run = colorize_collection.with_options(task_runner=ray_runner(args.ray_address))
+    return _finish_flow(flow_to_run(args.manifest, args.out, args.model, options, return_state=True))
+
+
+def cmd_reprocess(args) -> int:
+    from diffcolor.common.errors import PromptError
+
+    color_map = _parse_color_map(args.color_map) or None
+    if not args.targets and (not args.items or not (args.target or color_map)):
+        raise PromptError("give --items with --target or --color-map, or a --targets file")
+    _quiet_prefect()
+    from flows.reprocess import ReprocessOptions, Retarget, read_targets, reprocess
+
+    if args.targets:
+        targets = read_targets(args.targets)
+    else:
+        targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in args.items.split(",")]
+    options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
+                               allow_download=args.allow_download, weight_dtype=args.weight_dtype,
+                               workers_per_device=args.workers_per_device)
+    return _finish_flow(reprocess(args.out, targets, options, return_state=True))
+
+
+def cmd_eval(args) -> int:
+    """``diffcolor eval``: exit 0 when every item with a ground truth was evaluated, 1 when any failed."""
+    from diffcolor.method.presets import get_preset
+    from diffcolor.tools.eval_report import format_summary
+    from diffcolor.tools.evaluate import (
+        EvalConfig,
+        PerceptualWeights,
+        evaluate_manifest,
+    )
+
+    config = get_preset(args.preset)
+    max_side = EvalConfig.max_side if args.max_side is None else (None if args.max_side == 0 else args.max_side)
+    models = _load_models(args, args.model)
+    weights = PerceptualWeights(lpips=args.lpips_weights, fid=args.fid_weights)
+
+    def show(row: dict) -> None:
+        if row["status"] == "done":
+            print(f"{row['item_id']} v{row['version']}: PSNR {row['psnr_rgb']:.2f} dB, SSIM {row['ssim_rgb']:.3f}, "
+                  f"chroma PSNR {row['psnr_chroma']:.2f} dB{' (reused)' if row.get('reused') else ''}", file=sys.stderr)
+        else:
+            print(f"{row['item_id']} {row['status']}: {row['error_message']}", file=sys.stderr)
+
+    run = evaluate_manifest(models, args.manifest, args.out, config, preset=args.preset,
+                            eval_config=EvalConfig(max_side=max_side), weights=weights,
+                            items=set(args.items.split(",")) if args.items else None, on_row=show)
+    print(format_summary(run.summary, run.uris))
+    return 1 if run.summary["counts"].get("failed") else 0
+
+
+def cmd_eval_compare(args) -> int:
+    """``diffcolor eval-compare A B``: prints the differences and writes a plot and a table under ``--out``."""
+    from diffcolor.tools.eval_report import (
+        compare_evals,
+        format_comparison,
+        write_comparison,
+    )
+    from diffcolor.tools.evaluate import read_eval
+
+    rows_a, summary_a = read_eval(args.a)
+    rows_b, summary_b = read_eval(args.b)
+    comparison = compare_evals(rows_a, summary_a, rows_b, summary_b)
+    print(format_comparison(comparison, args.a, args.b))
+    written = write_comparison(comparison, args.a, args.b, args.out)
+    print(f"plot:   {written['plot']}\nreport: {written['report']}")
+    return 0
+
+
+DEMO_MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "demo.parquet"
+SD_CANDIDATES = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
+HOW_TO_GET_WEIGHTS = """\
+No Stable Diffusion weights and GPU found, so this demo is a SMOKE RUN on the tiny random bundle:
+the pipeline runs end to end, but the pictures are noise-coloured, not colourisations.
+To colourise for real:
+  1. on a machine with internet access:  huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5
+                                          huggingface-cli download openai/clip-vit-large-patch14
+     (or copy a diffusers-layout folder of any SD 1.x/2.x-base model)
+  2. copy the Hugging Face cache (~/.cache/huggingface) to this machine, or set
+     DIFFCOLOR_MODEL=/path/to/model-folder
+  3. run `make demo` again on a machine with an NVIDIA GPU."""
+
+
+def find_real_weights() -> str | None:
+    """A local SD folder (DIFFCOLOR_MODEL) or a cached hub model, when a GPU is present too."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    named = os.environ.get("DIFFCOLOR_MODEL")
+    if named:
+        return named
+    from huggingface_hub import snapshot_download
+
+    for repo in SD_CANDIDATES:
+        try:
+            snapshot_download(repo, local_files_only=True, allow_patterns=["model_index.json"])
+            return repo
+        except Exception:  # not in the local cache
+            continue
+    return None
+
+
+def cmd_demo(args) -> int:
+    """``diffcolor demo`` (``make demo``): the collection flow on the bundled demo collection, local defaults."""
+    # 1. Real weights and a GPU, or a labelled smoke run on the tiny bundle.
+    model = find_real_weights()
+    if model is None:
+        print(HOW_TO_GET_WEIGHTS)
+        model, preset = "tiny", "smoke"
+    else:
+        preset = "default"
+    label = "SMOKE RUN on the tiny random bundle" if model == "tiny" else f"model {model}"
+    print(f"\n== DiffColor Archive demo: {label}, preset '{preset}', manifest {DEMO_MANIFEST.name}, output {args.out} ==\n",
+          flush=True)
+
+    # 2. The collection flow, exactly as `diffcolor run` starts it.
+    code = main(["run", str(DEMO_MANIFEST), "--out", args.out, "--model", model, "--preset", preset])
+    if model == "tiny":
+        print("\nSMOKE RUN: the outputs test the pipeline only; see the top of this output for how to get weights.")
+    return code
+
+
+# ---------------------------------------------------------------------------
+# The parser.
+
+
+def _in_range(convert, low: float, high: float, what: str):
+    """An argparse type: ``convert(text)`` within ``low`` (excluded) and ``high`` (included), else a named error."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not low < value <= high:
+            raise argparse.ArgumentTypeError(f"expects {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_workers = _in_range(int, 0, float("inf"), "a whole number of at least 1")
+_gpu_share = _in_range(float, 0.0, 1.0, "a GPU share above 0 and at most 1")
 
 
 def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -180,11 +444,19 @@ def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
                              "fp32 on a GPU for runs whose presets set autocast off")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcolor", description="Text-guided colourisation of archival photographs (DiffColor).")
-    parser.add_argument("--version", action="version", version=f"diffcolor-archive {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_preset_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default", choices=PRESET_NAMES,
+                        help="step counts: smoke (seconds on a CPU with 'tiny'), default, or paper-scale (recipe R)")
 
+
+def _add_workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers-per-device", type=_workers, default=1, metavar="N",
+                        help="local pool: worker processes per GPU (or on the CPU), each loading its own models; "
+                             "more than 1 pays where one item's fit leaves the GPU idle (measure with "
+                             "python -m diffcolor.tools.bench --concurrent N)")
+
+
+def _add_single_image_commands(commands) -> None:
     tiny = commands.add_parser("tiny-bundle", help="write the tiny random model bundle (tests and smoke runs only)")
     tiny.add_argument("dir")
     tiny.set_defaults(handler=cmd_tiny_bundle)
@@ -195,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     colorize.add_argument("--target", action="append", help="a target prompt; repeat for several (one version each)")
     colorize.add_argument("--color-map", help='JSON object of caption word to colour, e.g. \'{"dog": "brown"}\'')
     colorize.add_argument("--out", required=True, help="item output folder or URI")
-    colorize.add_argument("--preset", default="default", help="smoke, default or paper-scale")
+    _add_preset_option(colorize)
     colorize.add_argument("--seed", type=int, default=0)
     colorize.add_argument("--item-id", help="item id (default: from the file name)")
     colorize.add_argument("--force", action="store_true", help="colourise a colour photograph too")
@@ -212,29 +484,110 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(recolor, required=False)
     recolor.set_defaults(handler=cmd_recolor)
 
-    from diffcolor.archive.manifest import add_manifest_commands
 
-    add_manifest_commands(commands)
-    from diffcolor.tools.evaluate import add_eval_commands
+def _add_manifest_commands(commands) -> None:
+    manifest = commands.add_parser("manifest", help="build or validate a Parquet manifest")
+    actions = manifest.add_subparsers(dest="manifest_command", required=True)
 
-    add_eval_commands(commands)
+    build = actions.add_parser("build", help="build a manifest from a folder, a CSV export or a IIIF manifest")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-folder", metavar="DIR", help="a folder of images (needs --captions)")
+    source.add_argument("--from-csv", metavar="CSV", help="a catalogue CSV export with item_id, image_uri, caption")
+    source.add_argument("--from-iiif", metavar="FILE_OR_URL", help="a IIIF Presentation 3 manifest")
+    build.add_argument("--captions", metavar="CSV_OR_JSON", help="captions for --from-folder: CSV or JSON")
+    build.add_argument("-o", "--out", required=True, metavar="OUT.parquet", help="the manifest to write (path or URI)")
+    build.set_defaults(handler=cmd_manifest_build)
+
+    validate = actions.add_parser("validate", help="check a manifest; one line per problem, naming row and column")
+    validate.add_argument("file", help="the manifest (path or URI)")
+    validate.set_defaults(handler=cmd_manifest_validate)
+
+
+def _add_collection_commands(commands) -> None:
+    run = commands.add_parser("run", help="run the collection flow over a manifest (local Prefect, local device pool)")
+    run.add_argument("manifest", help="Parquet manifest path or URI")
+    run.add_argument("--out", required=True, help="collection output root (path or URI)")
+    _add_preset_option(run)
+    run.add_argument("--items", help="comma-separated item ids to run (default: all)")
+    run.add_argument("--force", action="store_true", help="redo done items; colourise colour photographs too")
+    run.add_argument("--pool", choices=("local", "ray"), default="local",
+                     help="local: worker processes on this machine's GPUs; ray: one GPU per item task on a Ray cluster")
+    run.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 (default: RAY_ADDRESS or a local Ray)")
+    run.add_argument("--gpus-per-item", type=_gpu_share, default=1.0, metavar="F",
+                     help="Ray only: the GPU share each item task reserves, e.g. 0.5 for two items per GPU (default 1)")
+    run.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                     help="override a preset field, e.g. stage1.steps=200 (type-checked; repeat for several)")
+    _add_model_options(run, required=True)
+    _add_workers_option(run)
+    run.set_defaults(handler=cmd_run)
+
+    again = commands.add_parser("reprocess", help="render new targets for selected items from their colour states")
+    again.add_argument("out", metavar="OUTPUT", help="collection output root")
+    again.add_argument("--items", help="comma-separated item ids")
+    again.add_argument("--target", help="new target prompt for every selected item")
+    again.add_argument("--color-map", help="JSON colour map for every selected item")
+    again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map")
+    again.add_argument("--seed", type=int)
+    _add_model_options(again, required=False)
+    _add_workers_option(again)
+    again.set_defaults(handler=cmd_reprocess)
+
+    demo = commands.add_parser("demo", help="run the collection flow on the bundled demo collection (make demo)")
+    demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    demo.set_defaults(handler=cmd_demo)
+
+
+def _add_eval_commands(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="colourise a ground-truth set and measure it (PSNR, SSIM, colourfulness, CLIP, LPIPS, FID)")
+    evaluate.add_argument("manifest", help="a manifest whose rows have ground_truth_uri (colour originals)")
+    evaluate.add_argument("--out", required=True, help="output root; the eval goes under OUT/eval/")
+    _add_preset_option(evaluate)
+    evaluate.add_argument("--items", help="only these item ids, comma-separated")
+    evaluate.add_argument("--lpips-weights", metavar="PATH",
+                          help="torchvision's alexnet-owt-7be5be79.pth (file or folder); without it LPIPS is not computed")
+    evaluate.add_argument("--fid-weights", metavar="PATH",
+                          help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or pytorch-fid's "
+                               "pt_inception-2015-12-05-6726825d.pth; file or folder); without it FID is not computed")
+    evaluate.add_argument("--max-side", type=int, metavar="PX",
+                          help=f"long side (px) at which PSNR/SSIM/LPIPS/FID compare (default {EVAL_MAX_SIDE}; 0: full size)")
+    _add_model_options(evaluate, required=True)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    compare = commands.add_parser("eval-compare", help="compare two evals (e.g. two presets) item by item")
+    compare.add_argument("a", help="eval A: an output root, its eval/ folder or its eval.parquet")
+    compare.add_argument("b", help="eval B, the same way")
+    compare.add_argument("--out", default="eval-compare", help="folder for compare.html, compare.png, compare.parquet")
+    compare.set_defaults(handler=cmd_eval_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffcolor", description="Text-guided colourisation of archival photographs (DiffColor).")
+    parser.add_argument("--version", action="version", version=f"diffcolor-archive {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_single_image_commands(commands)
+    _add_manifest_commands(commands)
+    _add_collection_commands(commands)
+    _add_eval_commands(commands)
     return parser
 
 
-def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    """Runs the command line; ``parser`` lets the orchestration layer add its commands."""
-    from diffcolor.common.errors import DiffColorError
-
-    args = (parser or build_parser()).parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (DiffColorError, ValueError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"diffcolor: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("diffcolor: interrupted; a rerun resumes from the latest checkpoint", file=sys.stderr)
         return 130
+    except Exception as error:
+        from diffcolor.common.errors import DiffColorError
+
+        if not isinstance(error, (DiffColorError, ValueError)):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"diffcolor: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

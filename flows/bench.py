@@ -42,7 +42,8 @@ def _write_manifest(path: Path, rows: int) -> None:
 def _plan_in_this_process(manifest: str, output: str) -> dict:
     """The planning the collection flow does, timed (runs in a fresh process)."""
     from diffcolor.archive.manifest import read_items
-    from diffcolor.archive.planning import config_hash, plan_items, read_done_index
+    from diffcolor.archive.planning import plan_items, read_done_index
+    from diffcolor.common.keys import config_hash
     from diffcolor.method.presets import get_preset
 
     started = time.perf_counter()
@@ -63,7 +64,8 @@ def _plan_in_this_process(manifest: str, output: str) -> dict:
 
 def bench_plan(rows: int) -> dict:
     from diffcolor.archive.manifest import read_items
-    from diffcolor.archive.planning import config_hash, plan_key, update_done_index
+    from diffcolor.archive.planning import update_done_index
+    from diffcolor.common.keys import config_hash, plan_key
     from diffcolor.method.presets import get_preset
 
     with tempfile.TemporaryDirectory() as folder:
@@ -88,9 +90,9 @@ def bench_overhead(items: int) -> dict:
     from PIL import Image
 
     from diffcolor.archive.manifest import read_items
-    from diffcolor.method.models import load_models
-    from diffcolor.pipeline import colorize_item
     from diffcolor.method.presets import get_preset
+    from diffcolor.pipeline import colorize_item
+    from diffcolor.tools.tiny import load_named_models
     from flows.collection import RunOptions, colorize_collection
 
     with tempfile.TemporaryDirectory() as folder:
@@ -106,7 +108,7 @@ def bench_overhead(items: int) -> dict:
         manifest = str(root / "manifest.parquet")
 
         # 1. The engine called directly, models loaded once.
-        models = load_models("tiny")
+        models = load_named_models("tiny")
         config = get_preset("smoke")
         requests = list(read_items(manifest))
         colorize_item(models, requests[0], str(root / "warmup"), config)  # first-call costs, as a worker pays once

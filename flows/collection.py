@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import itertools
 import time
-import uuid
-from datetime import datetime, timezone
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
@@ -28,25 +26,31 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from diffcolor.archive import storage
-from diffcolor.common.errors import DiffColorError, PermanentError, TransientError
-from diffcolor.archive.manifest import read_items
-from diffcolor.pipeline import ItemRequest, failure_record
+from diffcolor.archive.manifest import count_rows, read_items
 from diffcolor.archive.planning import (
-    config_hash,
     item_prefix,
     plan_items,
     read_done_index,
     run_prefix,
     update_done_index,
 )
-from diffcolor.method.models import resolve_model_hash
-from diffcolor.method.presets import apply_overrides, get_preset
 from diffcolor.archive.report import write_report
 from diffcolor.archive.results import RecordSpool, write_results
+from diffcolor.common.items import ItemRequest
+from diffcolor.common.keys import config_hash
+from diffcolor.method.presets import apply_overrides, get_preset
+from diffcolor.tools.tiny import named_model_hash
 from flows import worker
 from flows.pool import DevicePool, ModelSpec
-
-_POOLS: dict[str, DevicePool] = {}  # run id -> pool; tasks look their pool up here (pools do not pickle)
+from flows.runs import (
+    ACTIVE_POOLS,
+    is_transient,
+    new_run_id,
+    publish_summary,
+    record_of_failure,
+    run_on_worker,
+    run_summary,
+)
 
 
 class RunOptions(BaseModel):
@@ -72,43 +76,12 @@ class RunOptions(BaseModel):
                                                               "(0.5: two items per GPU)")
 
 
-def is_transient(task, task_run, state) -> bool:
-    """Retry only transient faults (storage, lost worker, out of memory)."""
-    try:
-        state.result()
-    except TransientError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-def run_on_worker(run_id: str, spec: ModelSpec, function, *args):
-    """On the local pool when this process holds the run's pool; else here, in a Ray task worker."""
-    pool = _POOLS.get(run_id)
-    if pool is not None:
-        return pool.run(function, *args)
-    return worker.run_here(spec, function, *args)
-
-
 @task(name="colorize-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
       task_run_name="colorize {request.item_id}")
 def colorize_item_task(run_id: str, spec: ModelSpec, request: ItemRequest, prefix: str, config_dict: dict,
                        preset: str) -> list[dict]:
     """Runs one item on a worker that keeps the models; raises the item's error for Prefect's retry decision."""
     return run_on_worker(run_id, spec, worker.run_colorize, request, prefix, config_dict, preset)
-
-
-def _record_of_failure(request: ItemRequest, error: BaseException, preset: str) -> dict:
-    record = failure_record(request, error, preset=preset)
-    if not isinstance(error, DiffColorError):
-        record["error_class"] = "internal"
-        record["error_message"] = f"{type(error).__name__}: {error}"
-    return record
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: dict, preset: str, window: int,
@@ -122,7 +95,7 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
         try:
             records = future.result()
         except Exception as error:  # the item failed for good: its record says why
-            records = [_record_of_failure(request, error, preset)]
+            records = [record_of_failure(request, error, preset)]
         for record in records:
             on_record(record)
 
@@ -154,8 +127,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     """
     logger = get_run_logger()
     run_id = new_run_id()
-    config = apply_overrides(get_preset(options.preset), options.overrides)
-    config_dict = config.to_dict()
+    config_dict = apply_overrides(get_preset(options.preset), options.overrides).to_dict()
 
     # 1. Validate the manifest (and the selected ids) before any GPU work.
     #    read_items validates the whole manifest on its first read and raises
@@ -166,23 +138,13 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
 
     # 2. The models exist (a clear error before any item is touched), then the pool:
     #    long-lived workers on every GPU, models loaded once per worker (Ray: its task workers).
-    model_hash = resolve_model_hash(model, clip=options.clip, allow_download=options.allow_download)
+    model_hash = named_model_hash(model, clip=options.clip, allow_download=options.allow_download)
     timings = {"started": time.perf_counter()}
-    records = RecordSpool()
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                      weight_dtype=options.weight_dtype)
-    pool = None
-    if options.pool == "local":
-        pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device)
-        _POOLS[run_id] = pool
-    elif options.pool != "ray":
-        raise ValueError(f"pool must be 'local' or 'ray', got {options.pool!r}")
-    elif "Ray" not in type(FlowRunContext.get().task_runner).__name__:
-        raise ValueError("pool 'ray' needs the Ray task runner: run flows/ray_collection.py:colorize_collection_ray "
-                         "(or diffcolor run --pool ray)")
+    pool = _start_pool(run_id, spec, options)
+    records = RecordSpool()
     try:
-        if pool is not None:
-            pool.describe()  # every worker up, its models loaded
         timings["pool_ready"] = time.perf_counter()
 
         # 3. Plan: skip what the done-index lists as done, stream the rest.
@@ -190,27 +152,62 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
                              model_hash=model_hash, force=options.force)
 
         # 4. Run the items, windowed, and follow progress; records are spooled to disk.
-        total = _count(manifest, options.items)
-        progress = create_progress_artifact(0.0, key="colorize-collection-progress", description=f"run {run_id}")
-        keys: dict[str, str] = {}  # plan keys of the items in flight only
-
-        def on_record(record: dict) -> None:
-            record["plan_key"] = keys.pop(record["item_id"], record.get("plan_key"))
-            records.add(record)
-            if len(records) % max(1, total // 100) == 0 or len(records) == total:
-                update_progress_artifact(progress, min(100.0, 100.0 * len(records) / max(total, 1)))
-
         window = options.window or 2 * (pool.size if pool else _ray_gpu_count(options.gpus_per_item))
         ray_options = {"num_gpus": options.gpus_per_item} if options.pool == "ray" else None
+        on_record, keys = _progress_recorder(records, _count(manifest, options.items), run_id)
         run_items(run_id, spec, _with_keys(planned, keys), output, config_dict, options.preset, window,
                   options.retries, options.retry_delay_seconds, on_record, ray_options)
         timings["items_done"] = time.perf_counter()
     finally:
         if pool is not None:
-            _POOLS.pop(run_id, None)
+            ACTIVE_POOLS.pop(run_id, None)
             pool.close()
 
     # 5. Results, done-index, report and summary.
+    summary = _write_run(output, run_id, records, timings, None if pool is None else pool.devices)
+    logger.info("run %s: %s", run_id, summary["counts"])
+    if summary["counts"].get("failed"):
+        return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
+    return Completed(message=f"run {run_id} done", data=summary)
+
+
+def _start_pool(run_id: str, spec: ModelSpec, options: RunOptions) -> DevicePool | None:
+    """The run's local pool with every worker up and its models loaded; None in Ray mode (Ray places items)."""
+    if options.pool == "ray":
+        if "Ray" not in type(FlowRunContext.get().task_runner).__name__:
+            raise ValueError("pool 'ray' needs the Ray task runner: run flows/ray_collection.py:colorize_collection_ray "
+                             "(or diffcolor run --pool ray)")
+        return None
+    if options.pool != "local":
+        raise ValueError(f"pool must be 'local' or 'ray', got {options.pool!r}")
+    pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device)
+    ACTIVE_POOLS[run_id] = pool
+    try:
+        pool.describe()  # every worker up, its models loaded
+    except BaseException:
+        ACTIVE_POOLS.pop(run_id, None)
+        pool.close()
+        raise
+    return pool
+
+
+def _progress_recorder(records: RecordSpool, total: int, run_id: str):
+    """``on_record(record)``, which spools each record with its plan key and moves the progress artifact,
+    and the dict of plan keys of the items in flight that it reads them from."""
+    progress = create_progress_artifact(0.0, key="colorize-collection-progress", description=f"run {run_id}")
+    keys: dict[str, str] = {}
+
+    def on_record(record: dict) -> None:
+        record["plan_key"] = keys.pop(record["item_id"], record.get("plan_key"))
+        records.add(record)
+        if len(records) % max(1, total // 100) == 0 or len(records) == total:
+            update_progress_artifact(progress, min(100.0, 100.0 * len(records) / max(total, 1)))
+
+    return on_record, keys
+
+
+def _write_run(output: str, run_id: str, records: RecordSpool, timings: dict, devices: int | None) -> dict:
+    """The run's results Parquet, the done-index update, the report and the summary (also as artifacts)."""
     prefix = run_prefix(output, run_id)
     write_results(records, storage.join(prefix, "results.parquet"))
     update_done_index(output, (
@@ -218,19 +215,15 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         for r in records if r["status"] in ("done", "skipped_done", "not_grayscale") and r.get("plan_key")
     ))
     write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id, all_records=records)
-    summary = _summary(records, run_id, prefix)
+    summary = run_summary(records, run_id, prefix)
     summary["seconds"] = {
         "pool_start": timings["pool_ready"] - timings["started"],
         "items": timings["items_done"] - timings["pool_ready"],
         "finish": time.perf_counter() - timings["items_done"],
     }
-    summary["device_seconds_per_item"] = _device_seconds_per_item(
-        records.counts, summary["seconds"]["items"], None if pool is None else pool.devices)
-    _publish_summary(summary, records)
-    logger.info("run %s: %s", run_id, summary["counts"])
-    if summary["counts"].get("failed"):
-        return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
-    return Completed(message=f"run {run_id} done", data=summary)
+    summary["device_seconds_per_item"] = _device_seconds_per_item(records.counts, summary["seconds"]["items"], devices)
+    publish_summary(summary, records)
+    return summary
 
 
 def _device_seconds_per_item(counts: dict[str, int], items_seconds: float, devices: int | None) -> float | None:
@@ -273,32 +266,4 @@ def _report_records(records: RecordSpool) -> list[dict]:
 
 
 def _count(manifest: str, items: list[str] | None) -> int:
-    from diffcolor.archive.manifest import count_rows
-
     return len(items) if items else count_rows(manifest)
-
-
-def _summary(records, run_id: str, prefix: str) -> dict:
-    """Counts by status and where the results are; ``records`` is a RecordSpool or a list."""
-    if not isinstance(records, RecordSpool):
-        spool = RecordSpool()
-        for record in records:
-            spool.add(record)
-        records = spool
-    return {"run_id": run_id, "counts": dict(records.counts), "results": storage.join(prefix, "results.parquet"),
-            "report": storage.join(prefix, "report.html"),
-            "failed_items": [r["item_id"] for r in records.failures if r["status"] == "failed"]}
-
-
-def _publish_summary(summary: dict, records) -> None:
-    records = records.head if isinstance(records, RecordSpool) else records
-    rows = [{"item": r["item_id"], "status": r["status"], "version": r.get("version"),
-             "max dL*": None if r.get("max_delta_l") is None else round(r["max_delta_l"], 3),
-             "colourfulness": None if r.get("colorfulness") is None else round(r["colorfulness"], 1),
-             "error": r.get("error_message")} for r in records[:1000]]
-    create_table_artifact(rows, key="colorize-collection-items", description=f"run {summary['run_id']} (first 1000 items)")
-    create_markdown_artifact(
-        f"### Run {summary['run_id']}\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in sorted(summary["counts"].items()))
-        + f"\n\nResults: `{summary['results']}`  \nReport: `{summary['report']}`",
-        key="colorize-collection-summary",
-    )

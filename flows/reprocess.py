@@ -23,15 +23,24 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from diffcolor.archive import storage
-from diffcolor.common.errors import PromptError, StateError
-from diffcolor.pipeline import ItemLayout, ItemRequest
+from diffcolor.archive.items import ItemLayout
 from diffcolor.archive.planning import item_prefix, run_prefix
-from diffcolor.method.presets import get_preset
 from diffcolor.archive.report import write_report
 from diffcolor.archive.results import write_results
+from diffcolor.common.errors import PromptError, StateError
+from diffcolor.common.items import ItemRequest
+from diffcolor.method.presets import get_preset
 from flows import worker
-from flows.collection import _POOLS, _publish_summary, _record_of_failure, _summary, is_transient, new_run_id, run_on_worker
 from flows.pool import DevicePool, ModelSpec
+from flows.runs import (
+    ACTIVE_POOLS,
+    is_transient,
+    new_run_id,
+    publish_summary,
+    record_of_failure,
+    run_on_worker,
+    run_summary,
+)
 
 
 class Retarget(BaseModel):
@@ -110,7 +119,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
         spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                          weight_dtype=options.weight_dtype)
         pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device)
-        _POOLS[run_id] = pool
+        ACTIVE_POOLS[run_id] = pool
         try:
             futures = {}
             config_dict = get_preset(options.preset).to_dict()
@@ -122,7 +131,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                                     "error_message": "the item has never been colourised in this output"})
                     continue
                 # 3. Render from the state, or fit again where there is none.
-                has_state = storage.exists(storage.join(ItemLayout(prefix).state, "color-state.safetensors"))
+                has_state = storage.exists(ItemLayout(prefix).state_object)
                 if has_state:
                     future = recolor_item_task.with_options(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds).submit(
                         run_id, spec, prefix, target.target_prompt, target.color_map, options.seed)
@@ -141,17 +150,17 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                     records += future.result()
                 except Exception as error:
                     target = futures[future]
-                    records.append(_record_of_failure(ItemRequest(item_id=target.item_id, source_uri="", caption=""), error, ""))
+                    records.append(record_of_failure(ItemRequest(item_id=target.item_id, source_uri="", caption=""), error, ""))
         finally:
-            _POOLS.pop(run_id, None)
+            ACTIVE_POOLS.pop(run_id, None)
             pool.close()
 
     # 4. The run's results and report.
     prefix = run_prefix(output, run_id)
     write_results(records, storage.join(prefix, "results.parquet"))
     write_report(records, storage.join(prefix, "report.html"), run_id=run_id)
-    summary = _summary(records, run_id, prefix)
-    _publish_summary(summary, records)
+    summary = run_summary(records, run_id, prefix)
+    publish_summary(summary, records)
     logger.info("reprocess %s: %s", run_id, summary["counts"])
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)

@@ -20,11 +20,11 @@ def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sha
     os.environ.update(env)
     import torch
 
-    from diffcolor.method.models import load_models
+    from diffcolor.tools.tiny import load_named_models
 
     if threads:
         torch.set_num_threads(threads)
-    _MODELS = load_models(spec.model, clip=spec.clip, device=device, allow_download=spec.allow_download,
+    _MODELS = load_named_models(spec.model, clip=spec.clip, device=device, allow_download=spec.allow_download,
                           weight_dtype=spec.weight_dtype)
     _DESCRIPTION = {"pid": os.getpid(), "device": device, "visible": env.get("CUDA_VISIBLE_DEVICES"),
                     "threads": torch.get_num_threads(), "workers_on_device": sharing, "model_hash": _MODELS.model_hash}
@@ -93,11 +93,10 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[dict]:
     """Colourises one item with the worker's models (see diffcolor.pipeline.colorize_item)."""
-    from diffcolor.common.errors import DeviceOutOfMemoryError
-    from diffcolor.pipeline import colorize_item
-    from diffcolor.method.presets import PipelineConfig
-
     from diffcolor.archive.leases import item_lease
+    from diffcolor.common.errors import DeviceOutOfMemoryError
+    from diffcolor.method.presets import PipelineConfig
+    from diffcolor.pipeline import colorize_item
 
     try:
         with item_lease(prefix):  # another run working on this item: wait, then find it done
@@ -111,10 +110,9 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[d
 
 def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: int | None) -> dict:
     """Renders a new target from an item's stored colour state (no fine-tuning)."""
+    from diffcolor.archive.leases import item_lease
     from diffcolor.common.errors import DeviceOutOfMemoryError
     from diffcolor.pipeline import recolor_item
-
-    from diffcolor.archive.leases import item_lease
 
     try:
         with item_lease(prefix):

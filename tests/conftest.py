@@ -21,17 +21,17 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def models(cache_dir):
     """The tiny bundle, written to the cache and loaded through from_pretrained like real weights."""
-    from diffcolor.method.models import load_models
+    from diffcolor.tools.tiny import load_named_models
 
-    return load_models("tiny", cache_dir=cache_dir)
+    return load_named_models("tiny", cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")
 def bf16_models(cache_dir):
     """The tiny bundle with its frozen matrix weights stored in bf16, as CUDA loads them by default."""
-    from diffcolor.method.models import load_models
+    from diffcolor.tools.tiny import load_named_models
 
-    return load_models("tiny", cache_dir=cache_dir, weight_dtype="bf16")
+    return load_named_models("tiny", cache_dir=cache_dir, weight_dtype="bf16")
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +82,20 @@ def prefect_server(cache_dir):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class WorkerKilled(Exception):
+    """Stands for a worker process killed in the middle of a loop (raised from a progress callback)."""
+
+
+def killed_at(phase: str, step: int):
+    """A ``progress(phase, step, ...)`` callback that kills the "worker" once ``phase`` reaches ``step``.
+
+    The loop calls progress after each step and before that step's checkpoint,
+    so the checkpoints of the earlier steps are published and this step's work is lost.
+    """
+    def progress(current_phase: str, current_step: int, *_) -> None:
+        if current_phase == phase and current_step >= step:
+            raise WorkerKilled(f"killed in {phase} at step {step}")
+
+    return progress

@@ -21,18 +21,29 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import gray_scene
 
-from diffcolor.tools import bench
+from diffcolor.common.captions import rewrite_caption
 from diffcolor.method.diffusion import encode_latent, encode_prompts, noise_scheduler
-from diffcolor.method.models import load_models
-from diffcolor.method.performance import NAIVE, PerformanceConfig, apply_memory_format, autocast_dtype, make_adamw
+from diffcolor.method.performance import (
+    NAIVE,
+    PerformanceConfig,
+    apply_memory_format,
+    autocast_dtype,
+    make_adamw,
+)
 from diffcolor.method.render import RenderConfig, render_target
-from diffcolor.method.stage1 import Stage1Config, fit_color_prior, prepare_inputs, stage1_step
-from diffcolor.method.stage2 import fit_in_context, reconstruction_step, rewrite_caption
+from diffcolor.method.stage1 import (
+    Stage1Config,
+    fit_color_prior,
+    prepare_inputs,
+    stage1_step,
+)
+from diffcolor.method.stage2 import fit_in_context, reconstruction_step
 from diffcolor.method.state import ColorState
 from diffcolor.method.training import AdapterConfig, make_trainable_unet
-
-from conftest import gray_scene
+from diffcolor.tools import bench
+from diffcolor.tools.tiny import load_named_models
 
 CAPTION = "a dog sitting on a wooden bench"
 BF16 = PerformanceConfig(autocast="bf16")
@@ -348,7 +359,7 @@ def test_fp32_compute_on_bf16_stored_weights_is_refused_before_any_work(bf16_mod
     with pytest.raises(ValueError, match="autocast='off'.*weight_dtype='fp32'"):
         fit_color_prior(bf16_models, _gray(), CAPTION, replace(smoke.stage1, performance=FP32), seed=0)
     with pytest.raises(ValueError, match="weight_dtype must be one of .*'half'"):
-        load_models("tiny", weight_dtype="half")
+        load_named_models("tiny", weight_dtype="half")
 
 
 def test_bf16_stored_weights_colourise_an_item_within_the_fast_path_tolerances(models, bf16_models, smoke, tmp_path,
@@ -357,7 +368,8 @@ def test_bf16_stored_weights_colourise_an_item_within_the_fast_path_tolerances(m
     import numpy as np
     import tifffile
 
-    from diffcolor.pipeline import ItemRequest, colorize_item
+    from diffcolor.common.items import ItemRequest
+    from diffcolor.pipeline import colorize_item
 
     request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=4)
     fp32_config = replace(smoke, stage1=replace(smoke.stage1, performance=FP32),

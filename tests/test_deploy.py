@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import gray_scene
 from PIL import Image
 
-from diffcolor.pipeline import ItemRequest, colorize_item
 from diffcolor.archive.planning import item_prefix
-
-from conftest import gray_scene
+from diffcolor.common.items import ItemRequest
+from diffcolor.pipeline import colorize_item
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -3,7 +3,6 @@ LPIPS/FID weight files, reuse, and the comparison of two evals."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -19,11 +18,11 @@ from PIL import Image
 from skimage.color import rgb2lab
 
 from diffcolor.cli import main
+from diffcolor.common.items import ItemRequest
+from diffcolor.tools.eval_metrics import METRICS
 from diffcolor.tools.evaluate import (
-    METRICS,
     EvalConfig,
     PerceptualWeights,
-    add_eval_commands,
     compare_images,
     eval_table,
     evaluate_item,
@@ -33,7 +32,6 @@ from diffcolor.tools.evaluate import (
     load_perceptual_nets,
     read_eval,
 )
-from diffcolor.pipeline import ItemRequest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 DEMO = MANIFESTS / "eval-demo.parquet"
@@ -42,12 +40,6 @@ DEMO_ITEMS = {"astronaut", "chelsea", "coffee", "rocket"}
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcolor")
-    add_eval_commands(parser.add_subparsers(dest="command", required=True))
-    return parser
 
 
 def _alexnet_like_torchvision(weights=None):
@@ -251,7 +243,7 @@ def test_eval_cli_reuses_outputs_and_rows_and_prints_a_one_screen_summary(demo_e
     _accepting(monkeypatch, name)
 
     code = main(["eval", str(DEMO), "--out", str(output), "--model", "tiny", "--preset", "smoke",
-                 "--lpips-weights", str(folder), "--fid-weights", str(wrong)], parser=_eval_parser())
+                 "--lpips-weights", str(folder), "--fid-weights", str(wrong)])
 
     assert code == 0
     out = capsys.readouterr().out
@@ -278,7 +270,7 @@ def test_eval_compare_prints_and_plots_the_differences(demo_eval, tmp_path, caps
     pq.write_table(eval_table(better), other / "eval.parquet")
     (other / "summary.json").write_text(json.dumps({"fid": None}))
 
-    code = main(["eval-compare", str(output), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")], parser=_eval_parser())
+    code = main(["eval-compare", str(output), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")])
 
     assert code == 0
     out = capsys.readouterr().out

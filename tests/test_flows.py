@@ -8,13 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import gray_scene
 from PIL import Image
 
 from diffcolor.archive import storage
 from diffcolor.archive.results import read_results
-from flows.cli import main
-
-from conftest import gray_scene
+from diffcolor.cli import main
 
 CAPTION = "a dog sitting on a wooden bench"
 
@@ -121,12 +120,11 @@ def test_worker_killed_mid_fit_is_retried_and_ends_identical(prefect_server, mod
 
     import tifffile
 
-    from flows import collection
-    from flows.collection import RunOptions, colorize_collection
-
     from diffcolor.archive.manifest import read_items
-    from diffcolor.pipeline import colorize_item
     from diffcolor.method.presets import apply_overrides, get_preset
+    from diffcolor.pipeline import colorize_item
+    from flows.collection import RunOptions, colorize_collection
+    from flows.runs import ACTIVE_POOLS
 
     manifest = _collection(tmp_path, count=1)
     overrides = {"stage1.steps": 40, "stage1.checkpoints.every": 4}
@@ -142,7 +140,7 @@ def test_worker_killed_mid_fit_is_retried_and_ends_identical(prefect_server, mod
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             checkpoints = list((out / "items" / "p0" / "checkpoints" / "stage1").glob("step-*.safetensors"))
-            pools = list(collection._POOLS.values())
+            pools = list(ACTIVE_POOLS.values())
             if checkpoints and pools:
                 for pid in pools[0].worker_pids():
                     os.kill(pid, signal.SIGKILL)  # a real kill, in the middle of stage 1
@@ -318,7 +316,7 @@ def _diffcolor(*args, cwd=None):
     from prefect.settings import PREFECT_API_URL
 
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "diffcolor", *args], capture_output=True, text=True, env=env,
                           timeout=300, cwd=cwd)
 
 

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import WorkerKilled, killed_at
 
-from diffcolor.pipeline import ItemRequest, colorize_item
+from diffcolor.common.items import ItemRequest
 from diffcolor.method.performance import PerformanceConfig
-from diffcolor.method.training import LoopInterrupted
+from diffcolor.pipeline import colorize_item
 
 pytestmark = pytest.mark.gpu
 
@@ -42,9 +43,9 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="module")
 def fast_models(cache_dir, device):
-    from diffcolor.method.models import load_models
+    from diffcolor.tools.tiny import load_named_models
 
-    return load_models("tiny", cache_dir=cache_dir, device=device, weight_dtype="bf16")
+    return load_named_models("tiny", cache_dir=cache_dir, device=device, weight_dtype="bf16")
 
 
 def _config(smoke, performance: PerformanceConfig, render_autocast: str, **stage2):
@@ -60,10 +61,10 @@ def _master(record) -> np.ndarray:
 def test_auto_resolves_to_the_fast_path_on_cuda(cache_dir, device):
     if device.type != "cuda":
         pytest.skip("what 'auto' resolves to on CUDA")
-    from diffcolor.method.models import load_models
     from diffcolor.method.performance import autocast_dtype, make_adamw
+    from diffcolor.tools.tiny import load_named_models
 
-    models = load_models("tiny", cache_dir=cache_dir, device=device)  # every option left to its default
+    models = load_named_models("tiny", cache_dir=cache_dir, device=device)  # every option left to its default
     assert models.weight_dtype == torch.bfloat16
     assert models.unet.conv_in.weight.dtype == torch.bfloat16 and models.unet.conv_in.weight.is_cuda
     assert autocast_dtype(PerformanceConfig().autocast, device, models.weight_dtype) == torch.bfloat16
@@ -75,8 +76,8 @@ def test_an_item_and_a_render_on_the_device_match_fp32_on_the_cpu(models, fast_m
                                                                     device):
     """The whole item (stage 1, alignment, stage 2, CLIP score) on the device's fast path against the fp32
     path on the CPU, and a render of one stored colour state on each: within the fast path's tolerances."""
-    from diffcolor.pipeline import recolor_item
     from diffcolor.method.render import RenderConfig
+    from diffcolor.pipeline import recolor_item
 
     request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=4)
     if device.type == "cuda":
@@ -113,8 +114,8 @@ def test_an_item_killed_mid_finetune_on_the_device_resumes_from_its_checkpoint(f
     config = _config(smoke, FAST, "bf16", finetune_steps=6)
     request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=11)
     reference = colorize_item(fast_models, request, str(tmp_path / "reference"), config)[0]
-    with pytest.raises(LoopInterrupted):
-        colorize_item(fast_models, request, str(tmp_path / "item"), config, stop_after={"finetune": 3})
+    with pytest.raises(WorkerKilled):
+        colorize_item(fast_models, request, str(tmp_path / "item"), config, progress=killed_at("finetune", 3))
     assert not (tmp_path / "item" / "result.json").exists()
     resumed = colorize_item(fast_models, request, str(tmp_path / "item"), config)[0]
     assert resumed["status"] == "done" and resumed["finetune_steps_run"] == 6 - 2

@@ -12,16 +12,16 @@ import tifffile
 import torch
 from PIL import Image, ImageCms, ImageOps
 
-from diffcolor.method.color import lab_to_rgb, lightness
-from diffcolor.common.errors import BadImageError
 from diffcolor.archive.images import (
     SRGB_PROFILE_DATE,
     classify_tone,
     encode_access,
     encode_master,
     read_image,
-    resize_for_model,
 )
+from diffcolor.common.errors import BadImageError
+from diffcolor.method.color import lab_to_rgb, lightness
+from diffcolor.method.diffusion import resize_for_model
 
 # --- synthetic images --------------------------------------------------------
 

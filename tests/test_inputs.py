@@ -11,14 +11,14 @@ import fsspec.implementations.local
 import numpy as np
 import pytest
 import tifffile
+from conftest import gray_scene
 from PIL import Image
 
 from diffcolor.archive import storage
-from diffcolor.common.errors import BadImageError, InputUnavailableError
-from diffcolor.pipeline import ItemRequest, colorize_item
 from diffcolor.archive.results import read_results, write_results
-
-from conftest import gray_scene
+from diffcolor.common.errors import BadImageError, InputUnavailableError
+from diffcolor.common.items import ItemRequest
+from diffcolor.pipeline import colorize_item
 
 CAPTION = "a dog sitting on a wooden bench"
 

@@ -14,24 +14,25 @@ import pytest
 from PIL import Image
 
 from diffcolor.archive import storage
-from diffcolor.cli import main
+from diffcolor.archive.builders import (
+    build_from_csv,
+    build_from_folder,
+    build_from_iiif,
+)
 from diffcolor.archive.manifest import (
     MANIFEST_SCHEMA,
     REQUIRED_COLUMNS,
     ManifestError,
     ManifestProblem,
-    build_from_csv,
-    build_from_folder,
-    build_from_iiif,
     count_rows,
-    normalize_item_id,
     read_items,
     resolve_uri,
-    safe_item_id,
     validate_manifest,
     write_manifest,
 )
-from diffcolor.pipeline import ItemRequest
+from diffcolor.cli import main
+from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id, safe_item_id
+from diffcolor.common.items import ItemRequest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -121,9 +122,9 @@ def test_safe_ids_are_normalised_not_rewritten(raw, expected):
     ],
 )
 def test_unsafe_ids_are_refused_with_the_reason(raw, reason):
-    with pytest.raises(ManifestError, match="unsafe item_id") as caught:
+    with pytest.raises(UnsafeItemIdError, match="unsafe item_id") as caught:
         normalize_item_id(raw)
-    assert reason in caught.value.problems[0].message
+    assert reason in str(caught.value)
 
 
 def test_builders_derive_safe_ids_from_file_names():

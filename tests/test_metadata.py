@@ -10,8 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from diffcolor.archive import images
-from diffcolor.archive import metadata
+from diffcolor.archive import images, metadata
 
 # 5,000 characters with everything that has broken XMP writers: markup, quotes,
 # ampersands, non-ASCII (2-, 3- and 4-byte UTF-8), tabs, newlines, carriage returns.

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from diffcolor.method.metrics import colorfulness, lightness_fidelity, summarise
+from diffcolor.archive.report import summarise
+from diffcolor.method.metrics import colorfulness, lightness_fidelity
 
 
 def test_colorfulness_is_zero_for_gray_in_every_dtype():

@@ -14,9 +14,8 @@ from PIL import Image
 from skimage.color import rgb2lab
 
 from diffcolor.cli import main
-from diffcolor.pipeline import ItemRequest, colorize_item
-
-from conftest import gray_scene
+from diffcolor.common.items import ItemRequest
+from diffcolor.pipeline import colorize_item
 
 CAPTION = "a dog sitting on a wooden bench"
 RESULT_FIELDS = {

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from diffcolor.pipeline import ItemRequest
-from diffcolor.archive.planning import config_hash, plan_items, plan_key, read_done_index, update_done_index
+from diffcolor.archive.planning import plan_items, read_done_index, update_done_index
+from diffcolor.common.items import ItemRequest
+from diffcolor.common.keys import config_hash, plan_key
 from diffcolor.method.presets import apply_overrides, get_preset
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import gray_scene
 from PIL import Image
+from test_flows import CAPTION, _run_dirs, write_manifest
 
 from diffcolor.archive.results import read_results
-
-from conftest import gray_scene
-from test_flows import CAPTION, _run_dirs, write_manifest
 
 ray = pytest.importorskip("ray", reason="Ray mode needs the ray extra: pip install -e '.[ray]'")
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffcolor.pipeline import ItemRequest, colorize_item
 from diffcolor.archive.report import write_report
+from diffcolor.common.items import ItemRequest
+from diffcolor.pipeline import colorize_item
 
 pytestmark = pytest.mark.browser
 

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import WorkerKilled, gray_scene, killed_at
 
 from diffcolor.archive import storage
-from diffcolor.pipeline import ItemRequest, colorize_item
+from diffcolor.archive.items import CheckpointFolder
+from diffcolor.common.captions import rewrite_caption
+from diffcolor.common.items import ItemRequest
 from diffcolor.method.stage1 import fit_color_prior
-from diffcolor.method.stage2 import fit_in_context, rewrite_caption
-from diffcolor.method.training import CheckpointPolicy, LoopInterrupted
-
-from conftest import gray_scene
+from diffcolor.method.stage2 import fit_in_context
+from diffcolor.method.training import CheckpointPolicy
+from diffcolor.pipeline import colorize_item
 
 CAPTION = "a dog sitting on a wooden bench"
 
@@ -29,13 +31,15 @@ def test_stage1_resumes_from_its_checkpoint_bit_identical(models, smoke, tmp_pat
     reference = fit_color_prior(models, _gray(), CAPTION, config, seed=7)
 
     prefix = str(tmp_path / "checkpoints" / "stage1")
-    with pytest.raises(LoopInterrupted):
-        fit_color_prior(models, _gray(), CAPTION, config, seed=7, checkpoint_prefix=prefix, stop_after=5)
+    kill = killed_at("stage1", 5)
+    with pytest.raises(WorkerKilled):
+        fit_color_prior(models, _gray(), CAPTION, config, seed=7, checkpoints=CheckpointFolder(prefix),
+                        progress=lambda step, _: kill("stage1", step))
     # Checkpoints at steps 2 and 4 were written; 5 was lost with the "worker"; at most `keep` remain.
     names = [uri.rsplit("/", 1)[1] for uri in storage.list_files(prefix)]
     assert names == ["step-00000002.safetensors", "step-00000004.safetensors"]
 
-    resumed = fit_color_prior(models, _gray(), CAPTION, config, seed=7, checkpoint_prefix=prefix)
+    resumed = fit_color_prior(models, _gray(), CAPTION, config, seed=7, checkpoints=CheckpointFolder(prefix))
     assert resumed.loop.resumed_from == 4 and resumed.loop.steps_run == 2
     assert torch.equal(resumed.primary, reference.primary)
     assert resumed.loop.history == reference.loop.history
@@ -44,9 +48,9 @@ def test_stage1_resumes_from_its_checkpoint_bit_identical(models, smoke, tmp_pat
 
 def test_checkpoints_of_another_fit_are_not_resumed(models, smoke, tmp_path):
     config = replace(smoke.stage1, steps=4, checkpoints=CheckpointPolicy(every=2, keep=2))
-    prefix = str(tmp_path / "ck")
-    fit_color_prior(models, _gray(), CAPTION, config, seed=1, checkpoint_prefix=prefix)
-    other_seed = fit_color_prior(models, _gray(), CAPTION, config, seed=2, checkpoint_prefix=prefix)
+    checkpoints = CheckpointFolder(str(tmp_path / "ck"))
+    fit_color_prior(models, _gray(), CAPTION, config, seed=1, checkpoints=checkpoints)
+    other_seed = fit_color_prior(models, _gray(), CAPTION, config, seed=2, checkpoints=checkpoints)
     assert other_seed.loop.resumed_from is None and other_seed.loop.steps_run == 4
 
 
@@ -58,10 +62,11 @@ def test_stage2_loops_resume_bit_identical(models, smoke, tmp_path, loop):
     reference = fit_in_context(models, primary, rewritten, config, seed=3)
 
     prefix = str(tmp_path / "checkpoints")
-    with pytest.raises(LoopInterrupted):
-        fit_in_context(models, primary, rewritten, config, seed=3, checkpoint_prefix=prefix, stop_after={loop: 3})
+    with pytest.raises(WorkerKilled):
+        fit_in_context(models, primary, rewritten, config, seed=3, checkpoints=CheckpointFolder(prefix),
+                       progress=killed_at(loop, 3))
     assert [u.rsplit("/", 1)[1] for u in storage.list_files(f"{prefix}/{loop}")] == ["step-00000002.safetensors"]
-    resumed = fit_in_context(models, primary, rewritten, config, seed=3, checkpoint_prefix=prefix)
+    resumed = fit_in_context(models, primary, rewritten, config, seed=3, checkpoints=CheckpointFolder(prefix))
     assert torch.equal(resumed.embedding, reference.embedding)
     assert resumed.adapter.keys() == reference.adapter.keys()
     assert all(torch.equal(resumed.adapter[k], reference.adapter[k]) for k in reference.adapter)
@@ -74,8 +79,8 @@ def test_item_killed_mid_finetune_resumes_to_identical_pixels(models, smoke, tmp
     request = ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION, seed=11)
     reference = colorize_item(models, request, str(tmp_path / "reference"), config)[0]
 
-    with pytest.raises(LoopInterrupted):
-        colorize_item(models, request, str(tmp_path / "item"), config, stop_after={"finetune": 3})
+    with pytest.raises(WorkerKilled):
+        colorize_item(models, request, str(tmp_path / "item"), config, progress=killed_at("finetune", 3))
     assert not (tmp_path / "item" / "result.json").exists(), "an interrupted item must not look done"
     resumed = colorize_item(models, request, str(tmp_path / "item"), config)[0]
 
@@ -114,8 +119,8 @@ def test_item_on_the_cuda_fast_path_options_resumes_bit_identical(bf16_models, s
         reference = colorize_item(models, request, str(tmp_path / "reference"), config)[0]
         assert reference["kind"] == "render" and reference["status"] == "done"
         assert models.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-        with pytest.raises(LoopInterrupted):
-            colorize_item(models, request, str(tmp_path / "item"), config, stop_after={"finetune": 3})
+        with pytest.raises(WorkerKilled):
+            colorize_item(models, request, str(tmp_path / "item"), config, progress=killed_at("finetune", 3))
         resumed = colorize_item(models, request, str(tmp_path / "item"), config)[0]
     finally:
         apply_memory_format([models.unet, models.vae], loaded_layout, models.device)

@@ -6,12 +6,21 @@ import math
 
 import pytest
 import torch
+from conftest import gray_scene
 
 from diffcolor.method.diffusion import draw_noise_and_timesteps
-from diffcolor.method.stage1 import Stage1Config, contrastive_loss, fit_color_prior, prepare_inputs, stage1_losses
-from diffcolor.method.training import AdapterConfig, make_trainable_unet, phase_generator
-
-from conftest import gray_scene
+from diffcolor.method.stage1 import (
+    Stage1Config,
+    contrastive_loss,
+    fit_color_prior,
+    prepare_inputs,
+    stage1_losses,
+)
+from diffcolor.method.training import (
+    AdapterConfig,
+    make_trainable_unet,
+    phase_generator,
+)
 
 
 def _gray(height=64, width=64):

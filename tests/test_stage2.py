@@ -7,9 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffcolor.method.diffusion import tokenize
+from diffcolor.common.captions import build_target_prompt, rewrite_caption
 from diffcolor.common.errors import PromptError
-from diffcolor.method.stage2 import build_target_prompt, check_token_alignment, fit_in_context, rewrite_caption
+from diffcolor.method.diffusion import tokenize
+from diffcolor.method.stage2 import check_token_alignment, fit_in_context
 
 CAPTION = "A dog sitting on a wooden bench, with grassland and sky"
 

@@ -6,10 +6,10 @@ import os
 import threading
 
 import pytest
+from s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, s3_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures)
 
 from diffcolor.archive import storage
 from diffcolor.common.errors import InputUnavailableError, StorageError
-from s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, s3_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures)
 
 MIB = 2**20
 

@@ -11,6 +11,8 @@ alpha over white (how the image looks on a page). The gray image handed to the
 method keeps the perceived lightness of the source: for images with colour
 channels it is the neutral gray level having the pixel's CIE L*, so a neutral
 pixel keeps its exact value and a sepia or cyanotype print keeps its tonal scale.
+Colour maths here is numpy (scikit-image's sRGB to XYZ and Lab conversions):
+the archive decodes and classifies files without loading torch.
 
 Writing gives the archival master (lossless TIFF, 8 or 16 bit) and the access
 copy (8-bit JPEG/PNG/WebP), both with an sRGB ICC profile and optional XMP.
@@ -25,13 +27,20 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import skimage.color
 import tifffile
-import torch
-from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import (
+    Image,
+    ImageCms,
+    ImageFile,
+    ImageOps,
+    PngImagePlugin,
+    UnidentifiedImageError,
+)
 
 from diffcolor import __version__
-from diffcolor.method.color import gray_from_lightness, lightness, rgb_to_lab
 from diffcolor.common.errors import BadImageError
+from diffcolor.common.pixels import describe, unit_rgb
 
 # Pillow format names we decode (SPEC section 4). MPO is how Pillow names camera
 # JPEGs that carry extra preview frames: a JPEG all the same.
@@ -183,27 +192,26 @@ def classify_tone(rgb: np.ndarray, config: ToneConfig = ToneConfig()) -> str:
         ValueError: on a wrong shape or dtype.
     """
     # 1. A regular subsample is enough for statistics.
-    _as_unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) else rgb)  # type check only
+    unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) else rgb, check_range=False)  # type check only
     step = max(1, math.ceil(math.sqrt(rgb.shape[0] * rgb.shape[1] / config.max_samples)))
-    unit = _as_unit_rgb(rgb[::step, ::step])
-    sample = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))
+    sample = unit_rgb(rgb[::step, ::step], check_range=False)
 
-    # 2. Chroma and hue of every sampled pixel.
-    lab = rgb_to_lab(sample.permute(2, 0, 1)).reshape(3, -1)
-    a, b = lab[1].double(), lab[2].double()
-    chroma = torch.hypot(a, b)
+    # 2. Chroma and hue of every sampled pixel (CIE Lab, D65).
+    lab = skimage.color.rgb2lab(sample).reshape(-1, 3)
+    a, b = lab[:, 1], lab[:, 2]
+    chroma = np.hypot(a, b)
     chromatic = chroma > config.neutral_chroma
 
     # 3. Gray: almost no chromatic pixels.
-    if float(chromatic.double().mean()) <= config.gray_max_chromatic_fraction:
+    if float(chromatic.mean()) <= config.gray_max_chromatic_fraction:
         return "gray"
 
     # 4. Toned: the chromatic pixels' hues concentrate around one direction.
     a, b, chroma = a[chromatic], b[chromatic], chroma[chromatic]
-    resultant = float(torch.hypot(a.sum(), b.sum()) / chroma.sum())  # 1 for a single hue
+    resultant = float(np.hypot(a.sum(), b.sum()) / chroma.sum())  # 1 for a single hue
     spread_deg = math.degrees(math.sqrt(-2.0 * math.log(max(resultant, 1e-12))))
     dominant = math.atan2(float(b.sum()), float(a.sum()))
-    off_hue_deg = torch.rad2deg(torch.remainder(torch.atan2(b, a) - dominant + math.pi, 2 * math.pi) - math.pi).abs()
+    off_hue_deg = np.abs(np.rad2deg(np.remainder(np.arctan2(b, a) - dominant + math.pi, 2 * math.pi) - math.pi))
     off_hue_fraction = float(chroma[off_hue_deg > config.toned_off_hue_deg].sum() / chroma.sum())
     if spread_deg <= config.toned_max_hue_spread_deg and off_hue_fraction <= config.toned_max_off_hue_fraction:
         return "toned"
@@ -325,54 +333,6 @@ def encode_access(
     return buffer.getvalue()
 
 
-def resize_for_model(gray: np.ndarray, target_pixels: int, multiple: int) -> np.ndarray:
-    """Resize a gray image to about ``target_pixels`` pixels for the model.
-
-    Both sides are rounded to the nearest multiple of ``multiple`` (at least one
-    multiple) after scaling by ``sqrt(target_pixels / (H * W))``, which keeps the
-    aspect ratio as closely as that rounding allows; e.g. 900x1200 with
-    512*512 and 8 gives 440x592. Resampling is Pillow's Lanczos on 32-bit float
-    data (antialiased when downscaling), clipped back to [0, 1].
-
-    Args:
-        gray: (H, W) float array in [0, 1].
-        target_pixels: the pixel count the model expects (e.g. 512 * 512).
-        multiple: the factor both sides must be a multiple of (e.g. 8).
-
-    Returns:
-        (h, w) float32 array in [0, 1].
-
-    Raises:
-        ValueError: for a gray that is not a non-empty 2-D float array in [0, 1],
-            or non-positive ``target_pixels`` / ``multiple``.
-    """
-    # 1. Check inputs.
-    if (
-        not isinstance(gray, np.ndarray)
-        or gray.ndim != 2
-        or gray.size == 0
-        or not np.issubdtype(gray.dtype, np.floating)
-    ):
-        raise ValueError(f"gray must be a non-empty 2-D float array, got {_describe(gray)}")
-    low, high = float(gray.min()), float(gray.max())
-    if not (0.0 <= low and high <= 1.0):
-        raise ValueError(f"gray values must lie in [0, 1], got range [{low}, {high}]")
-    for label, value in (("target_pixels", target_pixels), ("multiple", multiple)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
-
-    # 2. Target size: same aspect, about target_pixels, sides multiples of `multiple`.
-    height, width = gray.shape
-    scale = math.sqrt(target_pixels / (height * width))
-    new_height = max(multiple, round(height * scale / multiple) * multiple)
-    new_width = max(multiple, round(width * scale / multiple) * multiple)
-
-    # 3. Resample.
-    image = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32))
-    resized = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-
-
 # --- reading helpers -------------------------------------------------------------
 
 
@@ -474,7 +434,9 @@ def _convert_icc_16bit(rgb: np.ndarray, icc: bytes | None, name: str) -> np.ndar
     """
     if not icc:
         return rgb
-    from scipy.interpolate import RegularGridInterpolator  # scikit-image's own dependency
+    from scipy.interpolate import (
+        RegularGridInterpolator,  # scikit-image's own dependency
+    )
 
     # 1. Transform every lattice node once.
     nodes = np.arange(0, 256, _ICC_LATTICE_STEP, dtype=np.uint8)
@@ -517,14 +479,24 @@ def _from_rgb(rgb: np.ndarray, bit_depth: int, format_name: str, mode: str, tone
 
 
 def _gray_keeping_lightness(rgb: np.ndarray) -> np.ndarray:
-    """(H, W) neutral gray levels with the L* of each sRGB pixel (float64)."""
+    """(H, W) neutral gray levels with the L* of each sRGB pixel (float64).
+
+    L* is a function of relative luminance Y alone, and a neutral sRGB gray
+    ``(g, g, g)`` has Y equal to ``g`` linearised (sRGB's Y row sums to 1), so
+    the gray level of the same L* is the pixel's Y encoded with the sRGB curve.
+    """
     out = np.empty(rgb.shape[:2], dtype=np.float64)
     rows = max(1, _CHUNK_PIXELS // rgb.shape[1])
     for top in range(0, rgb.shape[0], rows):
-        block = torch.from_numpy(np.ascontiguousarray(rgb[top : top + rows], dtype=np.float64))
-        levels = gray_from_lightness(lightness(block.permute(2, 0, 1))[0])
-        out[top : top + rows] = levels.clamp(0.0, 1.0).numpy()
+        luminance = skimage.color.rgb2xyz(np.asarray(rgb[top : top + rows], dtype=np.float64))[..., 1]
+        out[top : top + rows] = np.clip(_srgb_encode(luminance), 0.0, 1.0)
     return out
+
+
+def _srgb_encode(linear: np.ndarray) -> np.ndarray:
+    """The sRGB transfer curve (IEC 61966-2-1): linear light to encoded values (scikit-image's constants)."""
+    linear = np.maximum(linear, 0.0)
+    return np.where(linear > 0.0031308, 1.055 * np.power(linear, 1.0 / 2.4) - 0.055, 12.92 * linear)
 
 
 def _over_white(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -551,24 +523,12 @@ def _apply_orientation(values: np.ndarray, orientation: int) -> np.ndarray:
     return values
 
 
-def _as_unit_rgb(rgb: np.ndarray) -> np.ndarray:
-    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
-        raise ValueError(f"rgb must be a non-empty (H, W, 3) array, got {_describe(rgb)}")
-    if rgb.dtype == np.uint8:
-        return rgb / 255.0
-    if rgb.dtype == np.uint16:
-        return rgb / 65535.0
-    if np.issubdtype(rgb.dtype, np.floating):
-        return rgb
-    raise ValueError(f"rgb must be float, uint8 or uint16, got dtype {rgb.dtype}")
-
-
 # --- writing helpers -------------------------------------------------------------
 
 
 def _check_output_rgb(rgb: np.ndarray) -> None:
     if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
-        raise ValueError(f"rgb must be a non-empty (H, W, 3) array, got {_describe(rgb)}")
+        raise ValueError(f"rgb must be a non-empty (H, W, 3) array, got {describe(rgb)}")
     if rgb.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"rgb must be uint8 or uint16, got dtype {rgb.dtype}")
 
@@ -594,9 +554,3 @@ def _srgb_icc() -> bytes:
 def _bad(name: str, reason: str) -> BadImageError:
     """A one-line BadImageError naming the image."""
     return BadImageError(" ".join(f"{name}: {reason}".split()))
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        return f"array of dtype {value.dtype} and shape {value.shape}"
-    return type(value).__name__

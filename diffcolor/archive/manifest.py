@@ -13,14 +13,13 @@ on line 2, under the header). Validation and reading stream the Parquet file in
 record batches, so a million-row manifest is checked in bounded memory (only
 the set of ids is held).
 
-Builders turn a folder of images with a captions CSV/JSON, a catalogue CSV
-export, or a IIIF Presentation 3 manifest into a manifest table. All I/O goes
-through :mod:`diffcolor.archive.storage`, by fsspec URI.
+The builders of :mod:`diffcolor.archive.builders` turn a folder of images, a
+catalogue CSV export or a IIIF Presentation 3 manifest into a manifest table.
+All I/O goes through :mod:`diffcolor.archive.storage`, by fsspec URI.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -30,16 +29,25 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, time
-from html.parser import HTMLParser
 from typing import Any, Iterable, Iterator
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
-from diffcolor.common.errors import InputUnavailableError, PermanentError, PromptError, StorageError
-from diffcolor.pipeline import ItemRequest
+from diffcolor.common.captions import build_target_prompt, rewrite_caption
+from diffcolor.common.errors import (
+    InputUnavailableError,
+    PermanentError,
+    PromptError,
+    StorageError,
+)
+from diffcolor.common.ids import (
+    UnsafeItemIdError,
+    item_id_problem,
+    normalize_item_id,
+)
+from diffcolor.common.items import ItemRequest
 
 REQUIRED_COLUMNS = ("item_id", "image_uri", "caption")
 OPTIONAL_COLUMNS = ("target_prompts", "color_map", "seed", "collection", "ground_truth_uri")
@@ -61,17 +69,10 @@ MANIFEST_SCHEMA = pa.schema(
 
 DEFAULT_SEED = 0  # ours: a null or absent seed means 0, as `diffcolor colorize` defaults to
 MAX_SEED = 2**63 - 1  # int64, non-negative
-MAX_ITEM_ID_BYTES = 200  # UTF-8 bytes; under the 255-byte file-name limit of common file systems
 MAX_PROBLEMS = 1000  # problems listed in full; the rest are counted in one final problem
 ROW_GROUP_ROWS = 65_536  # rows per Parquet row group written, so readers stream in small pieces
-IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".webp")  # images.py's allowlist
 
-_ID_PUNCTUATION = frozenset("-_.~")
-_WINDOWS_DEVICE_NAMES = frozenset(
-    ["con", "prn", "aux", "nul"] + [f"com{i}" for i in range(1, 10)] + [f"lpt{i}" for i in range(1, 10)]
-)
-_PLAIN_ID = re.compile(r"[A-Za-z0-9_~-](?:[A-Za-z0-9._~-]{0,198}[A-Za-z0-9_~-])?")  # ASCII ids that pass every rule
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # "s3://", "file://", ...: a URI, not a path
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 
@@ -127,7 +128,7 @@ def problem_count(problems: list[ManifestProblem]) -> int:
     return len(problems)
 
 
-class _Problems:
+class Problems:
     """Collects problems up to MAX_PROBLEMS and counts the rest."""
 
     def __init__(self, limit: int = MAX_PROBLEMS):
@@ -146,100 +147,6 @@ class _Problems:
         if self.more:
             items.append(ManifestProblem(None, None, f"... and {self.more} more problems"))
         return items
-
-
-# ---------------------------------------------------------------------------
-# Item ids
-
-
-def item_id_problem(item_id: str) -> str | None:
-    """Why ``item_id`` (already NFC-normalised and stripped) is not a safe path component; None when it is.
-
-    The rule: non-empty; at most 200 UTF-8 bytes; only letters, combining
-    marks, decimal digits (any script) and ``- _ . ~``; no leading ``.`` (so
-    neither ``.`` nor ``..``), no trailing ``.``; not a Windows device name
-    (``CON``, ``NUL``, ``COM1``, ... with or without an extension).
-    """
-    if _PLAIN_ID.fullmatch(item_id) and item_id.split(".", 1)[0].lower() not in _WINDOWS_DEVICE_NAMES:
-        return None  # the common case, decided without a per-character loop
-    if not item_id:
-        return "is empty"
-    for separator in ("/", "\\"):
-        if separator in item_id:
-            return f"contains {separator!r}, a path separator"
-    for char in item_id:
-        if unicodedata.category(char) in ("Cc", "Cs", "Co", "Cn") or char == "\x00":
-            return f"contains the control character U+{ord(char):04X}"
-    if item_id.startswith("."):
-        return "starts with '.' (a hidden file, or '.'/'..' folder)"
-    if item_id.endswith("."):
-        return "ends with '.', which Windows drops from file names"
-    for char in item_id:
-        if not _is_id_char(char):
-            return f"contains {char!r}; allowed are letters, digits, '-', '_', '.' and '~'"
-    if item_id.split(".", 1)[0].lower() in _WINDOWS_DEVICE_NAMES:
-        return "is a reserved device name on Windows"
-    size = len(item_id.encode("utf-8"))
-    if size > MAX_ITEM_ID_BYTES:
-        return f"is {size} bytes long in UTF-8; the limit is {MAX_ITEM_ID_BYTES}"
-    return None
-
-
-def _is_id_char(char: str) -> bool:
-    if char in _ID_PUNCTUATION:
-        return True
-    category = unicodedata.category(char)
-    return category[0] in "LM" or category == "Nd"
-
-
-def normalize_item_id(raw: str) -> str:
-    """The item id of ``raw``: NFC-normalised and stripped of surrounding whitespace.
-
-    Nothing else is rewritten: raises ManifestError when the result is not a
-    safe path component (see :func:`item_id_problem`), e.g. for ``../../etc``.
-    """
-    if not isinstance(raw, str):
-        raise ManifestError([ManifestProblem(None, "item_id", f"item_id must be text, got {type(raw).__name__} {raw!r}")])
-    item_id = unicodedata.normalize("NFC", raw).strip()
-    reason = item_id_problem(item_id)
-    if reason is not None:
-        raise ManifestError([ManifestProblem(None, "item_id", f"unsafe item_id {raw!r}: {reason}")])
-    return item_id
-
-
-def safe_item_id(name: str) -> str:
-    """A safe item id derived from a file name or URL segment (builders only; validation never rewrites).
-
-    NFC; each run of characters outside the id alphabet becomes ``-``; leading
-    and trailing ``-`` and ``.`` are dropped; cut to 200 UTF-8 bytes; a Windows
-    device name gets a ``_`` appended; nothing left gives ``item``.
-    E.g. ``"Scan 0001 (recto)"`` -> ``"Scan-0001-recto"``.
-    """
-    text = unicodedata.normalize("NFC", name)
-    text = "".join(char if _is_id_char(char) else " " for char in text)
-    text = re.sub(r"\s+", "-", text.strip())
-    text = text.strip("-.")
-    encoded = text.encode("utf-8")[:MAX_ITEM_ID_BYTES]
-    text = encoded.decode("utf-8", errors="ignore").strip("-.")
-    if not text:
-        text = "item"
-    if text.split(".", 1)[0].lower() in _WINDOWS_DEVICE_NAMES:
-        text = text + "_"
-    return text
-
-
-def _unique_ids(candidates: list[str]) -> list[str]:
-    """Makes ids unique (case-insensitively) by appending -2, -3, ... to later repeats, in order."""
-    taken: set[str] = set()
-    result = []
-    for candidate in candidates:
-        item_id, counter = candidate, 1
-        while item_id.casefold() in taken:
-            counter += 1
-            item_id = f"{candidate}-{counter}"
-        taken.add(item_id.casefold())
-        result.append(item_id)
-    return result
 
 
 # ---------------------------------------------------------------------------
@@ -316,7 +223,7 @@ def _catalogue_type_ok(data_type: pa.DataType) -> bool:
     )
 
 
-def _check_schema(schema: pa.Schema, problems: _Problems) -> set[str]:
+def _check_schema(schema: pa.Schema, problems: Problems) -> set[str]:
     """Adds the file-level problems of ``schema``; returns the known columns whose values can be checked."""
     names = schema.names
     for name in sorted(set(names)):
@@ -367,21 +274,11 @@ def _color_map_pairs(value: Any, kind: str) -> list[tuple[Any, Any]] | str:
 class _RowChecker:
     """The row-level checks, fed batch by batch; holds the ids seen so far (casefolded -> row)."""
 
-    def __init__(self, checkable: set[str], schema: pa.Schema, problems: _Problems):
+    def __init__(self, checkable: set[str], schema: pa.Schema, problems: Problems):
         self.checkable = checkable
         self.color_map_kind = _color_map_kind(schema.field("color_map").type) if "color_map" in checkable else None
         self.problems = problems
         self.ids: dict[str, int] = {}
-        self._stage2 = None
-
-    def _caption_words(self):
-        # The caption rules are stage 2's (rewrite_caption, build_target_prompt),
-        # imported when first needed: torch comes with them.
-        if self._stage2 is None:
-            from diffcolor.method import stage2
-
-            self._stage2 = stage2
-        return self._stage2
 
     def check(self, columns: dict[str, list], first_row: int, count: int) -> None:
         add = self.problems.add
@@ -416,7 +313,7 @@ class _RowChecker:
                     add(row, "caption", "empty caption")
                 else:
                     try:
-                        caption = self._caption_words().rewrite_caption(text.strip())
+                        caption = rewrite_caption(text.strip())
                     except PromptError as error:
                         add(row, "caption", str(error))
             # 4. target_prompts: each entry non-empty.
@@ -460,7 +357,7 @@ class _RowChecker:
             clean[key] = colour
         if caption is not None and clean:
             try:
-                self._caption_words().build_target_prompt(caption, clean)
+                build_target_prompt(caption, clean)
             except PromptError as error:
                 self.problems.add(row, "color_map", str(error))
 
@@ -471,7 +368,7 @@ def _column_values(batch: pa.RecordBatch, name: str) -> list:
 
 def _validate(schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> tuple[list[ManifestProblem], dict[str, int]]:
     """Every problem of a manifest given as its schema and record batches; also the ids seen."""
-    problems = _Problems()
+    problems = Problems()
     checkable = _check_schema(schema, problems)
     checker = _RowChecker(checkable, schema, problems)
     first_row = 1
@@ -557,9 +454,9 @@ def resolve_uri(value: str, manifest_uri: str) -> str:
     ``s3://b/m/demo/camera.png``. ``..`` segments are folded.
     """
     value = value.strip()
-    if _SCHEME.match(value) or os.path.isabs(value) or _WINDOWS_DRIVE.match(value):
+    if URI_SCHEME.match(value) or os.path.isabs(value) or _WINDOWS_DRIVE.match(value):
         return value
-    match = _SCHEME.match(manifest_uri)
+    match = URI_SCHEME.match(manifest_uri)
     if match:
         scheme, rest = match.group(0), manifest_uri[match.end():]
         folder = posixpath.dirname(rest)
@@ -568,7 +465,7 @@ def resolve_uri(value: str, manifest_uri: str) -> str:
     return os.path.normpath(os.path.join(folder, value))
 
 
-def _catalogue_text(value: Any) -> str:
+def catalogue_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -603,7 +500,10 @@ def read_items(
     ``collection`` and ``ground_truth_uri`` when set. ``items`` restricts to
     those ids (normalised the same way).
     """
-    wanted = {normalize_item_id(item) for item in items} if items is not None else None
+    try:
+        wanted = {normalize_item_id(item) for item in items} if items is not None else None
+    except UnsafeItemIdError as error:
+        raise ManifestError([ManifestProblem(None, "item_id", str(error))], uri) from None
     if check:
         problems, ids = _scan(uri, 65_536)
         if wanted is not None:
@@ -637,7 +537,7 @@ def _item_request(row: dict[str, Any], item_id: str, uri: str, kind: str | None,
             raise ManifestError([ManifestProblem(None, "color_map", f"item {item_id!r}: {pairs}")], uri)
         color_map = {key.strip(): colour.strip() for key, colour in pairs}
     catalogue = {
-        name: _catalogue_text(value)
+        name: catalogue_text(value)
         for name, value in row.items()
         if name not in KNOWN_COLUMNS and value is not None
     }
@@ -659,7 +559,7 @@ def _item_request(row: dict[str, Any], item_id: str, uri: str, kind: str | None,
 
 
 # ---------------------------------------------------------------------------
-# Writing and the shared row format of the builders
+# Writing
 
 
 def write_manifest(table: pa.Table, uri: str) -> None:
@@ -691,479 +591,3 @@ def manifest_table(rows: list[dict[str, Any]], catalogue_columns: list[str]) -> 
             values = [list(value.items()) if value is not None else None for value in values]
         columns.append(pa.array(values, type=field.type))
     return pa.Table.from_arrays(columns, schema=schema)
-
-
-_ALIASES = {
-    "id": "item_id",
-    "identifier": "item_id",
-    "image": "image_uri",
-    "image_url": "image_uri",
-    "url": "image_uri",
-    "file": "image_uri",
-    "filename": "image_uri",
-    "path": "image_uri",
-    "description": "caption",
-}
-
-
-def _header_key(header: str) -> str:
-    return re.sub(r"[\s-]+", "_", header.strip().lower())
-
-
-def _map_headers(headers: list[str], problems: _Problems, aliases: dict[str, str]) -> dict[str, str]:
-    """Header -> column name: known columns matched ignoring case, spaces and hyphens; aliases where unambiguous."""
-    mapping: dict[str, str] = {}
-    for header in headers:
-        if not header.strip():
-            problems.add(None, None, "a column has an empty header")
-        elif headers.count(header) > 1:
-            problems.add(None, header, f"column appears {headers.count(header)} times")
-        key = _header_key(header)
-        mapping[header] = key if key in KNOWN_COLUMNS or key in aliases.values() else header.strip()
-    present = set(mapping.values())
-    for canonical in set(aliases.values()):
-        if canonical in present:
-            continue
-        candidates = [header for header in headers if aliases.get(_header_key(header)) == canonical]
-        if len(candidates) == 1:
-            mapping[candidates[0]] = canonical
-    return mapping
-
-
-def _parse_record(record: dict[str, Any], row: int | None, base_uri: str, problems: _Problems) -> dict[str, Any]:
-    """One builder row from a CSV record (all text) or a JSON object (native types); empty cells are null.
-
-    ``target_prompts``: a list, or text split on ``|``; ``color_map``: an
-    object, or JSON object text; ``seed``: an integer or integer text;
-    relative ``image_uri``/``ground_truth_uri``: against ``base_uri``'s folder.
-    Other keys are catalogue fields, as text.
-    """
-    parsed: dict[str, Any] = {}
-    for name, value in record.items():
-        if value is None or (isinstance(value, str) and not value.strip() and name not in REQUIRED_COLUMNS):
-            continue
-        if name in ("item_id", "caption", "collection"):
-            parsed[name] = value if isinstance(value, str) else _catalogue_text(value)
-        elif name in ("image_uri", "ground_truth_uri"):
-            text = value if isinstance(value, str) else _catalogue_text(value)
-            parsed[name] = resolve_uri(text, base_uri) if text.strip() else text
-        elif name == "target_prompts":
-            if isinstance(value, str):
-                parsed[name] = [part.strip() for part in value.split("|")]
-            elif isinstance(value, list) and all(isinstance(part, str) for part in value):
-                parsed[name] = value
-            else:
-                problems.add(row, name, f"target_prompts must be text separated by '|' or a list of strings, got {value!r}")
-        elif name == "color_map":
-            if isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError as error:
-                    problems.add(row, name, f"color_map is not valid JSON ({error.msg} at character {error.pos}): {value!r}")
-                    continue
-            if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-                parsed[name] = value
-            else:
-                problems.add(row, name, f'color_map must be a JSON object of strings, like {{"dog": "brown"}}; got {value!r}')
-        elif name == "seed":
-            try:
-                if isinstance(value, bool) or isinstance(value, float):
-                    raise ValueError
-                seed = int(value.strip()) if isinstance(value, str) else int(value)
-            except (TypeError, ValueError):
-                problems.add(row, name, f"seed must be an integer, got {value!r}")
-                continue
-            parsed[name] = seed
-        else:
-            parsed[name] = _catalogue_text(value)
-    return parsed
-
-
-def _read_csv(uri: str, problems: _Problems, aliases: dict[str, str]) -> tuple[list[str], list[dict[str, str] | None]]:
-    """Column names and records (None for a record with no value at all) of a UTF-8 CSV (a BOM is allowed)."""
-    text = storage.read_bytes(uri).decode("utf-8-sig")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    headers = next(reader, None)
-    if headers is None:
-        raise ManifestError([ManifestProblem(None, None, "the CSV file is empty")], uri)
-    mapping = _map_headers(headers, problems, aliases)
-    records: list[dict[str, str] | None] = []
-    for number, cells in enumerate(reader, start=1):
-        if not any(cell.strip() for cell in cells):
-            records.append(None)
-            continue
-        if len(cells) > len(headers):
-            problems.add(number, None, f"{len(cells)} cells but only {len(headers)} column headers")
-        records.append({mapping[header]: cells[i] if i < len(cells) else "" for i, header in enumerate(headers)})
-    columns = list(dict.fromkeys(mapping[header] for header in headers))
-    return columns, records
-
-
-def _finish(rows: list[dict[str, Any]], row_numbers: list[int | None], labels: list[str | None],
-            catalogue_columns: list[str], problems: _Problems, uri: str) -> pa.Table:
-    """The table of ``rows``, validated; its problems named by the builder input's own row (and label)."""
-    table = manifest_table(rows, catalogue_columns)
-    for problem in validate_table(table):
-        if problem.row is None:
-            problems.add(None, problem.column, problem.message)
-            continue
-        label = labels[problem.row - 1]
-        message = re.sub(r"row (\d+) has", lambda m: _input_row(int(m.group(1)), row_numbers, labels) + " has", problem.message)
-        problems.add(row_numbers[problem.row - 1], problem.column, f"{message} ({label})" if label else message)
-    result = problems.result(by_row=True)
-    if result:
-        raise ManifestError(result, uri)
-    return table
-
-
-def _input_row(table_row: int, row_numbers: list[int | None], labels: list[str | None]) -> str:
-    """How a builder names a table row to its user: the input's row number, else the image or canvas."""
-    number = row_numbers[table_row - 1]
-    return f"row {number}" if number is not None else labels[table_row - 1] or f"item {table_row}"
-
-
-# ---------------------------------------------------------------------------
-# Builders
-
-
-def build_from_folder(folder: str, captions: str | None = None) -> pa.Table:
-    """A manifest of the images directly in ``folder`` (allowlisted extensions, sorted by file name).
-
-    Each item id is derived from the file name's stem with :func:`safe_item_id`
-    unless the captions file gives an ``item_id``; ``image_uri`` is the file's
-    absolute URI. ``captions`` is a CSV (columns ``filename`` or ``item_id``,
-    ``caption``, and optionally ``item_id``, ``target_prompts``, ``color_map``,
-    ``seed``, ``collection`` and catalogue columns) or a JSON file (an object
-    of file name to caption, or a list of objects with the same keys as the
-    CSV columns). Raises ManifestError listing every image without a caption,
-    every caption row that names no image, two images with the same id, and
-    every invalid value.
-    """
-    problems = _Problems()
-    # 1. The images.
-    root = folder if _SCHEME.match(folder) else os.path.abspath(folder)
-    images = [uri for uri in storage.list_files(root) if posixpath.splitext(uri)[1].lower() in IMAGE_EXTENSIONS]
-    if not images:
-        raise ManifestError([ManifestProblem(None, None, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in '{folder}'")], folder)
-    names = [posixpath.basename(uri) for uri in images]
-
-    # 2. The captions, keyed by file name or item id.
-    if captions is None:
-        raise ManifestError([ManifestProblem(None, "caption", f"image '{name}' has no caption (no captions file given)") for name in names], folder)
-    records, key_column, catalogue_columns = _read_captions(captions, problems)
-
-    # 3. Item ids: derived from file names, or the captions file's item_id.
-    derived = {name: safe_item_id(posixpath.splitext(name)[0]) for name in names}
-    by_key: dict[str, tuple[int, dict[str, Any]]] = {}
-    for number, record in records:
-        key = record.get(key_column)
-        if not isinstance(key, str) or not key.strip():
-            problems.add(number, key_column, f"empty {key_column}")
-        elif key.strip() in by_key:
-            problems.add(number, key_column, f"{key_column} {key!r} repeats row {by_key[key.strip()][0]}")
-        else:
-            by_key[key.strip()] = (number, record)
-
-    # 4. One row per image, in file-name order.
-    rows, row_numbers, labels, used = [], [], [], set()
-    for uri, name in zip(images, names):
-        key = name if key_column == "filename" else derived[name]
-        if key not in by_key:
-            problems.add(None, "caption", f"image '{name}' has no caption in '{captions}'")
-            continue
-        number, record = by_key[key]
-        used.add(key)
-        fields = {k: v for k, v in record.items() if k != "filename"}
-        if "image_uri" in fields:
-            problems.add(number, "image_uri", "a captions file may not set image_uri; the image is the file")
-        parsed = _parse_record(fields, number, captions, problems)
-        parsed["item_id"] = parsed.get("item_id") or derived[name]
-        parsed["image_uri"] = uri
-        rows.append(parsed)
-        row_numbers.append(number)
-        labels.append(f"image '{name}'")
-    for key, (number, _) in by_key.items():
-        if key not in used:
-            problems.add(number, key_column, f"{key_column} {key!r} names no image in '{folder}'")
-    return _finish(rows, row_numbers, labels, catalogue_columns, problems, captions)
-
-
-def _read_captions(uri: str, problems: _Problems) -> tuple[list[tuple[int | None, dict[str, Any]]], str, list[str]]:
-    """(row number, record) pairs of a captions CSV/JSON, the key column ('filename' or 'item_id'), catalogue columns."""
-    extension = posixpath.splitext(uri)[1].lower()
-    if extension == ".json":
-        document = json.loads(storage.read_bytes(uri).decode("utf-8-sig"))
-        if isinstance(document, dict):
-            return ([(None, {"filename": name, "caption": caption}) for name, caption in document.items()],
-                    "filename", [])
-        if not isinstance(document, list) or not all(isinstance(entry, dict) for entry in document):
-            raise ManifestError([ManifestProblem(None, None, "a captions JSON must be an object (file name -> caption) or a list of objects")], uri)
-        columns = list(dict.fromkeys(key for entry in document for key in entry))
-        records = list(enumerate(document, start=1))
-    elif extension == ".csv":
-        columns, raw = _read_csv(uri, problems, {"id": "item_id", "file": "filename", "file_name": "filename"})
-        records = [(number, record) for number, record in enumerate(raw, start=1) if record is not None]
-    else:
-        raise ManifestError([ManifestProblem(None, None, f"captions must be a .csv or .json file, got '{uri}'")], uri)
-    key_column = "filename" if "filename" in columns else "item_id" if "item_id" in columns else None
-    if key_column is None or "caption" not in columns:
-        raise ManifestError([ManifestProblem(None, None, f"captions '{uri}' need a 'filename' or 'item_id' column and a 'caption' column (found: {', '.join(columns)})")], uri)
-    catalogue = [name for name in columns if name not in KNOWN_COLUMNS and name != "filename"]
-    return records, key_column, catalogue
-
-
-def build_from_csv(csv_uri: str) -> pa.Table:
-    """A manifest from a catalogue CSV export with ``item_id``, ``image_uri`` and ``caption`` columns.
-
-    Headers match the known columns ignoring case, spaces and hyphens
-    (``Item ID`` is ``item_id``); where a known column is absent, one
-    unambiguous alias stands in (``id``/``identifier`` for item_id;
-    ``image``/``image_url``/``url``/``file``/``filename``/``path`` for
-    image_uri; ``description`` for caption). ``target_prompts`` is
-    ``|``-separated text, ``color_map`` JSON object text, ``seed`` an integer;
-    relative image URIs resolve against the CSV's folder; every other column is
-    a catalogue field. Ids are not rewritten. Raises ManifestError listing
-    every problem with its row (row 1 = first data row).
-    """
-    problems = _Problems()
-    columns, records = _read_csv(csv_uri, problems, _ALIASES)
-    for name in REQUIRED_COLUMNS:
-        if name not in columns:
-            problems.add(None, name, f"required column missing (columns found: {', '.join(columns)})")
-    if any(problem.row is None for problem in problems.items):
-        raise ManifestError(problems.result(), csv_uri)
-    rows, row_numbers = [], []
-    for number, record in enumerate(records, start=1):
-        if record is None:  # a blank line: no item
-            continue
-        rows.append(_parse_record(record, number, csv_uri, problems))
-        row_numbers.append(number)
-    catalogue = [name for name in columns if name not in KNOWN_COLUMNS]
-    return _finish(rows, row_numbers, [None] * len(rows), catalogue, problems, csv_uri)
-
-
-class _TextOnly(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-
-    def handle_data(self, data: str) -> None:
-        self.parts.append(data)
-
-    def handle_starttag(self, tag: str, attrs) -> None:
-        self.handle_endtag(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("p", "br", "div", "li"):  # block breaks separate words
-            self.parts.append(" ")
-
-
-def _language_text(value: Any, separator: str = " ") -> str | None:
-    """The text of a IIIF language map: "en" (or "en-*"), else "none", else the first language; HTML stripped."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        values = [value]
-    elif isinstance(value, dict) and value:
-        languages = list(value)
-        chosen = next((lang for lang in languages if lang == "en"), None) \
-            or next((lang for lang in languages if lang.lower().startswith("en-")), None) \
-            or next((lang for lang in languages if lang == "none"), None) \
-            or languages[0]
-        values = value[chosen] if isinstance(value[chosen], list) else [value[chosen]]
-    else:
-        return None
-    texts = []
-    for text in values:
-        if not isinstance(text, str):
-            continue
-        text = text.strip()
-        if text.startswith("<") and text.endswith(">"):  # IIIF: such a value is HTML
-            parser = _TextOnly()
-            parser.feed(text)
-            parser.close()
-            text = "".join(parser.parts)
-        text = re.sub(r"\s+", " ", text).strip()
-        if text:
-            texts.append(text)
-    return separator.join(texts) or None
-
-
-def _painting_images(canvas: dict[str, Any], problems: _Problems) -> list[str]:
-    """The image URIs of a canvas's painting annotations, in order (the first item of a Choice)."""
-    uris = []
-    for page in canvas.get("items") or ():
-        if not isinstance(page, dict):
-            continue
-        if "items" not in page and page.get("id"):
-            problems.add(None, None, f"canvas '{canvas.get('id')}': annotation page '{page['id']}' is referenced, not embedded; embed it")
-            continue
-        for annotation in page.get("items") or ():
-            motivation = annotation.get("motivation")
-            motivations = motivation if isinstance(motivation, list) else [motivation]
-            if "painting" not in motivations:
-                continue
-            bodies = annotation.get("body")
-            bodies = bodies if isinstance(bodies, list) else [bodies]
-            for body in bodies:
-                if isinstance(body, dict) and body.get("type") == "Choice":
-                    body = (body.get("items") or [None])[0]
-                if isinstance(body, dict) and body.get("type") == "Image":
-                    if body.get("id"):
-                        uris.append(body["id"])
-                    else:
-                        problems.add(None, None, f"canvas '{canvas.get('id')}': a painting image has no id")
-                    break
-    return uris
-
-
-def _column_name(label: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
-
-
-IIIF_COLUMNS = ("title", "canvas_label", "rights", "attribution", "iiif_manifest", "iiif_canvas")
-
-
-def _iiif_metadata(resource: dict[str, Any]) -> dict[str, str]:
-    """A resource's ``metadata`` pairs as catalogue fields: label made a column name (prefixed on a clash)."""
-    fields = {}
-    for entry in resource.get("metadata") or ():
-        label, value = _language_text(entry.get("label")), _language_text(entry.get("value"), separator="; ")
-        if not label or value is None:
-            continue
-        name = _column_name(label) or "metadata"
-        if name in KNOWN_COLUMNS or name in IIIF_COLUMNS:
-            name = f"metadata_{name}"
-        fields[name] = value
-    return fields
-
-
-def build_from_iiif(source: str) -> pa.Table:
-    """A manifest from a IIIF Presentation 3 manifest (a file or URI; ``http(s)://`` needs aiohttp).
-
-    One row per painting annotation with an Image body (a Choice gives its
-    first item), in canvas order: ``image_uri`` is the body's ``id``;
-    ``caption`` is the canvas ``summary``, else the canvas ``label``, else the
-    manifest's ``summary``, else its ``label`` (language maps: "en", else
-    "none", else the first language; several values joined with a space).
-    ``item_id`` is the canvas id's last path segment made safe
-    (:func:`safe_item_id`), with ``-1``, ``-2``, ... when a canvas paints
-    several images, and ``-2``, ``-3``, ... on any later repeat. Catalogue
-    fields: ``title`` (manifest label), ``canvas_label``, ``rights``,
-    ``attribution`` (the requiredStatement's value), ``iiif_manifest``,
-    ``iiif_canvas``, and the ``metadata`` pairs (canvas over manifest).
-    Raises ManifestError on a Presentation 2 manifest or when no image is found.
-    """
-    problems = _Problems()
-    # 1. Read the JSON and check it is a Presentation 3 Manifest.
-    try:
-        document = json.loads(storage.read_bytes(source).decode("utf-8-sig"))
-    except ImportError as error:  # fsspec's http filesystem needs aiohttp
-        raise InputUnavailableError(f"cannot fetch '{source}': {error}; download the manifest JSON and build from the file") from error
-    except json.JSONDecodeError as error:
-        raise ManifestError([ManifestProblem(None, None, f"not JSON ({error.msg} at line {error.lineno})")], source) from error
-    if not isinstance(document, dict):
-        raise ManifestError([ManifestProblem(None, None, "not a IIIF manifest (not a JSON object)")], source)
-    if document.get("@type") == "sc:Manifest" or "sequences" in document:
-        raise ManifestError([ManifestProblem(None, None, "a IIIF Presentation 2 manifest; only Presentation 3 is supported")], source)
-    if document.get("type") != "Manifest":
-        raise ManifestError([ManifestProblem(None, None, f"not a IIIF Presentation 3 Manifest (type {document.get('type')!r})")], source)
-
-    # 2. Manifest-level fields, the fallback for every canvas.
-    manifest_label = _language_text(document.get("label"))
-    manifest_caption = _language_text(document.get("summary")) or manifest_label
-    manifest_fields = {
-        "title": manifest_label,
-        "rights": document.get("rights"),
-        "attribution": _language_text((document.get("requiredStatement") or {}).get("value")),
-        "iiif_manifest": document.get("id"),
-        **_iiif_metadata(document),
-    }
-
-    # 3. One row per painting image.
-    rows, candidates = [], []
-    for number, canvas in enumerate(document.get("items") or (), start=1):
-        if not isinstance(canvas, dict) or canvas.get("type") != "Canvas":
-            continue
-        images = _painting_images(canvas, problems)
-        canvas_label = _language_text(canvas.get("label"))
-        caption = _language_text(canvas.get("summary")) or canvas_label or manifest_caption
-        segment = urlsplit(str(canvas.get("id") or "")).path.rstrip("/").rsplit("/", 1)[-1]
-        base = safe_item_id(segment) if segment else f"canvas-{number}"
-        fields = dict(manifest_fields)
-        fields.update({
-            "canvas_label": canvas_label,
-            "iiif_canvas": canvas.get("id"),
-            "rights": canvas.get("rights") or manifest_fields["rights"],
-            "attribution": _language_text((canvas.get("requiredStatement") or {}).get("value")) or manifest_fields["attribution"],
-            **_iiif_metadata(canvas),
-        })
-        for index, uri in enumerate(images, start=1):
-            candidates.append(f"{base}-{index}" if len(images) > 1 else base)
-            rows.append({"image_uri": uri, "caption": caption, **{k: v for k, v in fields.items() if v is not None}})
-    if not rows and not problems.items:
-        problems.add(None, None, "no painting annotation with an Image body in the manifest")
-    for row, item_id in zip(rows, _unique_ids(candidates)):
-        row["item_id"] = item_id
-
-    # 4. The table, validated.
-    catalogue = [name for name in IIIF_COLUMNS if any(name in row for row in rows)]
-    catalogue += list(dict.fromkeys(name for row in rows for name in row if name not in KNOWN_COLUMNS and name not in IIIF_COLUMNS))
-    labels = [f"canvas '{row.get('iiif_canvas')}'" for row in rows]
-    return _finish(rows, list(range(1, len(rows) + 1)), labels, catalogue, problems, source)
-
-
-# ---------------------------------------------------------------------------
-# Command line: `diffcolor manifest build|validate`
-
-
-def cmd_manifest_build(args) -> int:
-    """``diffcolor manifest build``: writes the manifest, or prints every problem and exits 1."""
-    if args.captions and not args.from_folder:
-        raise ValueError("--captions goes with --from-folder only")
-    try:
-        if args.from_folder:
-            table = build_from_folder(args.from_folder, captions=args.captions)
-        elif args.from_csv:
-            table = build_from_csv(args.from_csv)
-        else:
-            table = build_from_iiif(args.from_iiif)
-        write_manifest(table, args.out)
-    except ManifestError as error:
-        for problem in error.problems:
-            print(problem)
-        print(f"diffcolor: manifest not written: {problem_count(error.problems)} problem(s) in '{error.uri}'")
-        return 1
-    print(f"wrote {table.num_rows} items to {args.out}")
-    return 0
-
-
-def cmd_manifest_validate(args) -> int:
-    """``diffcolor manifest validate``: exit 0 and one OK line, or one line per problem and exit 1."""
-    problems = validate_manifest(args.file)
-    if problems:
-        for problem in problems:
-            print(problem)
-        print(f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
-        return 1
-    print(f"{args.file}: OK, {count_rows(args.file)} items")
-    return 0
-
-
-def add_manifest_commands(commands) -> None:
-    """Registers ``manifest build`` and ``manifest validate`` on the ``diffcolor`` subparsers object."""
-    manifest = commands.add_parser("manifest", help="build or validate a Parquet manifest")
-    actions = manifest.add_subparsers(dest="manifest_command", required=True)
-
-    build = actions.add_parser("build", help="build a manifest from a folder, a CSV export or a IIIF manifest")
-    source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-folder", metavar="DIR", help="a folder of images (needs --captions)")
-    source.add_argument("--from-csv", metavar="CSV", help="a catalogue CSV export with item_id, image_uri, caption")
-    source.add_argument("--from-iiif", metavar="FILE_OR_URL", help="a IIIF Presentation 3 manifest")
-    build.add_argument("--captions", metavar="CSV_OR_JSON", help="captions for --from-folder: CSV or JSON")
-    build.add_argument("-o", "--out", required=True, metavar="OUT.parquet", help="the manifest to write (path or URI)")
-    build.set_defaults(handler=cmd_manifest_build)
-
-    validate = actions.add_parser("validate", help="check a manifest; one line per problem, naming row and column")
-    validate.add_argument("file", help="the manifest (path or URI)")
-    validate.set_defaults(handler=cmd_manifest_validate)

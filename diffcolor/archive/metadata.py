@@ -59,8 +59,8 @@ import io
 import json
 import re
 import struct
-import zlib
 import xml.etree.ElementTree as ET
+import zlib
 from typing import Any
 
 import tifffile

@@ -12,7 +12,7 @@ million-row manifest that is a million storage requests. Instead each manifest
 row gets a *plan key* computed from the row alone (item id, image URI, caption,
 targets, colour map, seed, the configuration and the model hash; plus the
 ``image_sha256`` or ``image_etag`` catalogue column when the manifest has one),
-and rows whose plan key the done-index lists as done are skipped without any
+and rows whose plan key (:func:`diffcolor.common.keys.plan_key`) the done-index lists as done are skipped without any
 storage request. The worker then checks the item's full cache key, which hashes
 the image bytes, before any GPU work, so a stale index never causes wrong output,
 only a cheap check.
@@ -20,9 +20,7 @@ only a cheap check.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -30,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
-from diffcolor.pipeline import ItemRequest
+from diffcolor.common.items import ItemRequest
+from diffcolor.common.keys import plan_key
 
 INDEX_SCHEMA = pa.schema([("item_id", pa.string()), ("plan_key", pa.string()), ("status", pa.string()), ("version", pa.int64())])
 
@@ -47,22 +46,6 @@ def run_prefix(output: str, run_id: str) -> str:
 
 def index_uri(output: str) -> str:
     return storage.join(output, "index", "items.parquet")
-
-
-def plan_key(request: ItemRequest, config_hash: str, model_hash: str) -> str:
-    """The cheap per-row key of the module docstring (no image bytes read)."""
-    catalogue = request.catalogue or {}
-    content = [
-        request.item_id, request.source_uri, request.caption, list(request.targets),
-        dict(sorted(request.color_map.items())), int(request.seed), bool(request.force),
-        catalogue.get("image_sha256"), catalogue.get("image_etag"), config_hash, model_hash,
-    ]
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def config_hash(config_dict: dict) -> str:
-    """Hash of a pipeline configuration (``PipelineConfig.to_dict()``)."""
-    return hashlib.sha256(json.dumps(config_dict, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def read_done_index(output: str) -> dict[str, str]:

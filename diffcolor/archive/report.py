@@ -21,9 +21,41 @@ import numpy as np
 from PIL import Image
 
 from diffcolor.archive import storage
-from diffcolor.method.metrics import summarise
 
 THUMBNAIL_SIDE = 192  # pixels, long side
+
+
+def summarise(values: list[float]) -> dict:
+    """Distribution of a per-item metric over a run, NaN and None ignored.
+
+    Args:
+        values: the metric's values, one per item.
+
+    Returns:
+        ``{"count", "mean", "median", "p5", "p95", "min", "max"}``; ``count`` is the
+        number of finite-or-infinite (non-NaN) values, the others are NaN when
+        ``count`` is 0.
+
+    Raises:
+        ValueError: if a value is not a number.
+    """
+    try:
+        array = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"summarise needs numbers, got {values!r:.200}") from exc
+    array = array[~np.isnan(array)]
+    if array.size == 0:
+        nan = float("nan")
+        return {"count": 0, "mean": nan, "median": nan, "p5": nan, "p95": nan, "min": nan, "max": nan}
+    return {
+        "count": int(array.size),
+        "mean": float(array.mean()),
+        "median": float(np.median(array)),
+        "p5": float(np.percentile(array, 5)),
+        "p95": float(np.percentile(array, 95)),
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }
 
 
 def _thumbnails(access_uri: str) -> tuple[str, str]:

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from diffcolor.method.color import gamut_map_lab, gray_from_lightness, gray_lightness, lightness, rgb_to_lab
+from diffcolor.method.color import (
+    gamut_map_lab,
+    gray_from_lightness,
+    gray_lightness,
+    lightness,
+    rgb_to_lab,
+)
 from diffcolor.method.models import Models
 from diffcolor.method.performance import frozen_weights_context
 

@@ -1,4 +1,4 @@
-"""Small, shared operations on the loaded models: encode, decode, noise, sample, CLIP.
+"""Small, shared operations on the loaded models: resize for, encode, decode, noise, sample, CLIP.
 
 These are the building blocks the stages are written in. They follow the
 diffusers Stable Diffusion pipeline (prompt encoding, VAE scaling,
@@ -13,9 +13,14 @@ and the encodes done once per item return fp32 either way.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from diffcolor.common.pixels import describe
 from diffcolor.method.models import Models
 from diffcolor.method.performance import frozen_weights_context
 
@@ -179,3 +184,51 @@ def sample_from(
         uncond, cond = unet(model_input, t, encoder_hidden_states=context).sample.float().chunk(2)
         latent = scheduler.step(uncond + guidance * (cond - uncond), t, latent).prev_sample
     return latent
+
+
+def resize_for_model(gray: np.ndarray, target_pixels: int, multiple: int) -> np.ndarray:
+    """Resize a gray image to about ``target_pixels`` pixels for the model.
+
+    Both sides are rounded to the nearest multiple of ``multiple`` (at least one
+    multiple) after scaling by ``sqrt(target_pixels / (H * W))``, which keeps the
+    aspect ratio as closely as that rounding allows; e.g. 900x1200 with
+    512*512 and 8 gives 440x592. Resampling is Pillow's Lanczos on 32-bit float
+    data (antialiased when downscaling), clipped back to [0, 1].
+
+    Args:
+        gray: (H, W) float array in [0, 1].
+        target_pixels: the pixel count the model expects (e.g. 512 * 512).
+        multiple: the factor both sides must be a multiple of (e.g. 8).
+
+    Returns:
+        (h, w) float32 array in [0, 1].
+
+    Raises:
+        ValueError: for a gray that is not a non-empty 2-D float array in [0, 1],
+            or non-positive ``target_pixels`` / ``multiple``.
+    """
+    # 1. Check inputs.
+    if (
+        not isinstance(gray, np.ndarray)
+        or gray.ndim != 2
+        or gray.size == 0
+        or not np.issubdtype(gray.dtype, np.floating)
+    ):
+        raise ValueError(f"gray must be a non-empty 2-D float array, got {describe(gray)}")
+    low, high = float(gray.min()), float(gray.max())
+    if not (0.0 <= low and high <= 1.0):
+        raise ValueError(f"gray values must lie in [0, 1], got range [{low}, {high}]")
+    for label, value in (("target_pixels", target_pixels), ("multiple", multiple)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+
+    # 2. Target size: same aspect, about target_pixels, sides multiples of `multiple`.
+    height, width = gray.shape
+    scale = math.sqrt(target_pixels / (height * width))
+    new_height = max(multiple, round(height * scale / multiple) * multiple)
+    new_width = max(multiple, round(width * scale / multiple) * multiple)
+
+    # 3. Resample.
+    image = Image.fromarray(np.ascontiguousarray(gray, dtype=np.float32))
+    resized = image.resize((new_width, new_height), Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)

@@ -1,4 +1,4 @@
-"""Per-item image metrics and per-run summaries (SPEC section 7).
+"""Per-item image metrics (SPEC section 7); their per-run distributions are the report's.
 
 Numpy arrays in, plain floats out; no model code here (the CLIP score lives with
 the models). Images are accepted as uint8, uint16 (rescaled to [0, 1]) or float in
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
+from diffcolor.common.pixels import describe, unit_rgb
 from diffcolor.method.color import gray_lightness, lightness
 
 
@@ -47,7 +48,7 @@ def colorfulness(rgb: np.ndarray) -> float:
         ValueError: on a wrong shape, dtype or range.
     """
     # 1. Bring the image to float64 on the paper's 0..255 scale.
-    values = _rgb_as_unit_float(rgb, "rgb") * 255.0
+    values = unit_rgb(rgb, "rgb") * 255.0
     red, green, blue = values[..., 0], values[..., 1], values[..., 2]
     # 2. Opponent channels.
     rg = red - green
@@ -87,13 +88,13 @@ def lightness_fidelity(
     """
     # 1. Check inputs.
     gray = _gray_as_float(gray, "gray")
-    _rgb_as_unit_float(rgb[:1, :1] if isinstance(rgb, np.ndarray) else rgb, "rgb")  # type check, no full copy
+    unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) else rgb, "rgb")  # type check, no full copy
     if rgb.shape[:2] != gray.shape:
         raise ValueError(f"rgb shape {rgb.shape} does not match gray shape {gray.shape}")
     if ignore is not None and (
         not isinstance(ignore, np.ndarray) or ignore.dtype != np.bool_ or ignore.shape != gray.shape
     ):
-        raise ValueError(f"ignore must be a bool array of shape {gray.shape}, got {_describe(ignore)}")
+        raise ValueError(f"ignore must be a bool array of shape {gray.shape}, got {describe(ignore)}")
 
     # 2. Walk strips of rows: L* of both images in float64, delta statistics on
     #    the strip's own rows, the SSIM map on the strip plus a halo of half a
@@ -143,73 +144,18 @@ def lightness_fidelity(
     }
 
 
-def summarise(values: list[float]) -> dict:
-    """Distribution of a per-item metric over a run, NaN and None ignored.
-
-    Args:
-        values: the metric's values, one per item.
-
-    Returns:
-        ``{"count", "mean", "median", "p5", "p95", "min", "max"}``; ``count`` is the
-        number of finite-or-infinite (non-NaN) values, the others are NaN when
-        ``count`` is 0.
-
-    Raises:
-        ValueError: if a value is not a number.
-    """
-    try:
-        array = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"summarise needs numbers, got {values!r:.200}") from exc
-    array = array[~np.isnan(array)]
-    if array.size == 0:
-        nan = float("nan")
-        return {"count": 0, "mean": nan, "median": nan, "p5": nan, "p95": nan, "min": nan, "max": nan}
-    return {
-        "count": int(array.size),
-        "mean": float(array.mean()),
-        "median": float(np.median(array)),
-        "p5": float(np.percentile(array, 5)),
-        "p95": float(np.percentile(array, 95)),
-        "min": float(array.min()),
-        "max": float(array.max()),
-    }
-
-
 def _lightness_of_gray(gray: np.ndarray) -> np.ndarray:
     return gray_lightness(torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float64))).numpy()
 
 
 def _lightness_of_rgb(rgb: np.ndarray) -> np.ndarray:
-    return lightness(torch.from_numpy(_rgb_as_unit_float(rgb, "rgb")).permute(2, 0, 1))[0].numpy()
+    return lightness(torch.from_numpy(unit_rgb(rgb, "rgb")).permute(2, 0, 1))[0].numpy()
 
 
 def _gray_as_float(gray: np.ndarray, name: str) -> np.ndarray:
     if not isinstance(gray, np.ndarray) or gray.ndim != 2 or not np.issubdtype(gray.dtype, np.floating):
-        raise ValueError(f"{name} must be a 2-D float array in [0, 1], got {_describe(gray)}")
+        raise ValueError(f"{name} must be a 2-D float array in [0, 1], got {describe(gray)}")
     low, high = float(gray.min(initial=0.0)), float(gray.max(initial=0.0))
     if not (0.0 <= low and high <= 1.0):
         raise ValueError(f"{name} values must lie in [0, 1], got range [{low}, {high}]")
     return gray
-
-
-def _rgb_as_unit_float(rgb: np.ndarray, name: str) -> np.ndarray:
-    """(H, W, 3) uint8 / uint16 / float in [0, 1] -> float64 in [0, 1]."""
-    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"{name} must be an (H, W, 3) array, got {_describe(rgb)}")
-    if rgb.dtype == np.uint8:
-        return rgb.astype(np.float64) / 255.0
-    if rgb.dtype == np.uint16:
-        return rgb.astype(np.float64) / 65535.0
-    if np.issubdtype(rgb.dtype, np.floating):
-        low, high = float(rgb.min(initial=0.0)), float(rgb.max(initial=0.0))
-        if not (0.0 <= low and high <= 1.0):
-            raise ValueError(f"{name} float values must lie in [0, 1], got range [{low}, {high}]")
-        return rgb.astype(np.float64)
-    raise ValueError(f"{name} must be uint8, uint16 or float, got dtype {rgb.dtype}")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, np.ndarray):
-        return f"array of dtype {value.dtype} and shape {value.shape}"
-    return type(value).__name__

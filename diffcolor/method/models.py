@@ -1,10 +1,11 @@
 """Loading the Stable Diffusion bundle and the CLIP model, offline by default.
 
-A model is named by a local folder in the diffusers layout, a Hugging Face hub
-id (with an optional pinned revision), or ``tiny`` (the tiny random bundle of
-:mod:`diffcolor.tools.tiny`, written to a cache folder on first use). Every name is
-first resolved to a local folder; then each component is loaded from that
-folder with ``from_pretrained``. The network is only used when the caller
+A model is named by a local folder in the diffusers layout or a Hugging Face
+hub id (with an optional pinned revision). Every name is first resolved to a
+local folder; then each component is loaded from that folder with
+``from_pretrained``, the same path for real and random weights (the test and
+smoke bundles of :mod:`diffcolor.tools` are folders like any other; the
+command line's ``tiny`` names one of them). The network is only used when the caller
 allows downloads; otherwise a missing model is a :class:`ModelNotFoundError`
 with one line saying what is missing and how to get it, raised before any item
 is touched.
@@ -16,10 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 from diffcolor.common.errors import ModelNotFoundError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # ours: CLIP ViT-L/14, the family of SD 1.x's text encoder
-TINY = "tiny"
+# A bundle holding this file declares random weights: its outputs are labelled smoke runs, not colourisations.
 TINY_MARKER = "TINY_RANDOM_BUNDLE.txt"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -41,7 +39,7 @@ _VARIANT_INFIXES = (".fp16.", ".bf16.", ".non_ema.", ".ema.")
 class Models:
     """Everything the method needs, loaded once per worker and reused across items."""
 
-    model_id: str  # as the user named it: "tiny", a folder or a hub id
+    model_id: str  # as the user named it: a folder, a hub id, or "tiny"
     clip_id: str
     folder: Path  # the resolved local folder of the SD bundle
     clip_folder: Path
@@ -78,36 +76,6 @@ class Models:
             "random_weights": self.random_weights,
             "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
         }
-
-
-def default_cache_dir() -> Path:
-    """Where DiffColor keeps its own cached files (``DIFFCOLOR_CACHE`` overrides)."""
-    root = os.environ.get("DIFFCOLOR_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffcolor"
-
-
-def tiny_bundle_folder(cache_dir: Path | None = None) -> Path:
-    """The cached tiny bundle, written on first use (atomically: a half-written one is never used)."""
-    from diffcolor import __version__
-    from diffcolor.tools.tiny import write_tiny_bundle
-
-    folder = (cache_dir or default_cache_dir()) / f"tiny-bundle-{__version__}"
-    if (folder / TINY_MARKER).exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    try:
-        write_tiny_bundle(staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:  # another process won the race: its bundle is as good as ours
-            if not (folder / TINY_MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 def _resolve_folder(name: str, *, revision: str | None, allow_download: bool, what: str, check: str) -> Path:
@@ -188,18 +156,16 @@ def _read_clip_preprocessing(folder: Path) -> tuple[int, tuple, tuple]:
 
 
 def _resolve_bundle(model: str, clip: str | None, revision: str | None, clip_revision: str | None,
-                    allow_download: bool, cache_dir: Path | None) -> tuple[Path, str, Path]:
-    """Local folders of the SD bundle and of CLIP (and CLIP's name), or ModelNotFoundError."""
-    folder = (
-        tiny_bundle_folder(cache_dir)
-        if model == TINY
-        else _resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model", check="unet/config.json")
-    )
+                    allow_download: bool) -> tuple[Path, str | None, Path]:
+    """Local folders of the SD bundle and of CLIP (and CLIP's name, None for the bundle's own), or ModelNotFoundError."""
+    folder = _resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model",
+                             check="unet/config.json")
     for component in SD_COMPONENTS:
         if not (folder / component).is_dir():
             raise ModelNotFoundError(f"Stable Diffusion model '{model}' has no {component}/ folder")
-    if clip is None:
-        clip = str(folder / "clip") if (folder / "clip" / "config.json").exists() else DEFAULT_CLIP
+    if clip is None and (folder / "clip" / "config.json").exists():
+        return folder, None, folder / "clip"
+    clip = clip or DEFAULT_CLIP
     clip_folder = _resolve_folder(clip, revision=clip_revision, allow_download=allow_download, what="CLIP model", check="config.json")
     return folder, clip, clip_folder
 
@@ -211,13 +177,12 @@ def _hash_bundle(folder: Path, clip_folder: Path) -> tuple[dict[str, str], str]:
 
 
 def resolve_model_hash(model: str, *, clip: str | None = None, revision: str | None = None,
-                       clip_revision: str | None = None, allow_download: bool = False,
-                       cache_dir: Path | None = None) -> str:
+                       clip_revision: str | None = None, allow_download: bool = False) -> str:
     """The ``model_hash`` that :func:`load_models` would report, without loading any weights.
 
     Orchestrators use it to plan (cache keys) without holding models themselves.
     """
-    folder, _, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download, cache_dir)
+    folder, _, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download)
     return _hash_bundle(folder, clip_folder)[1]
 
 
@@ -229,44 +194,37 @@ def load_models(
     clip_revision: str | None = None,
     device: str | torch.device = "cpu",
     allow_download: bool = False,
-    cache_dir: Path | None = None,
     weight_dtype: str = "auto",
+    model_id: str | None = None,
 ) -> Models:
     """Loads the SD bundle and CLIP, frozen and in eval mode, onto ``device``.
 
-    ``model`` is a folder, a hub id or ``"tiny"``. ``clip`` defaults to the
-    bundle's ``clip/`` subfolder when it has one, else :data:`DEFAULT_CLIP`.
-    ``weight_dtype`` stores the frozen linear and convolution weights in bf16
-    ("bf16"; "auto": on CUDA) or fp32 (see :mod:`diffcolor.method.performance`).
-    Raises :class:`ModelNotFoundError` (one line, no network touched unless
-    ``allow_download``) when anything is missing, ValueError for a bad ``weight_dtype``.
+    ``model`` is a folder or a hub id; ``model_id`` is the name that goes into
+    provenance (default: ``model``; the command line's ``tiny`` passes its own
+    name for the cached folder). ``clip`` defaults to the bundle's ``clip/``
+    subfolder when it has one (named ``MODEL_ID/clip``), else
+    :data:`DEFAULT_CLIP`. ``weight_dtype`` stores the frozen linear and
+    convolution weights in bf16 ("bf16"; "auto": on CUDA) or fp32 (see
+    :mod:`diffcolor.method.performance`). Raises :class:`ModelNotFoundError`
+    (one line, no network touched unless ``allow_download``) when anything is
+    missing, ValueError for a bad ``weight_dtype``.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
-
     from diffcolor.method.performance import frozen_weight_dtype, store_frozen_weights
 
-    transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
     device = torch.device(device)
     storage_dtype = frozen_weight_dtype(weight_dtype, device)
+    model_id = model_id or model
 
     # 1. Resolve every name to a local folder before loading anything.
-    folder, clip, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download, cache_dir)
+    folder, clip, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download)
 
-    # 2. Load through from_pretrained, the same path for real and tiny weights.
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    clip_model = CLIPModel.from_pretrained(clip_folder)
-    clip_tokenizer = CLIPTokenizer.from_pretrained(clip_folder)
-    clip_size, clip_mean, clip_std = _read_clip_preprocessing(clip_folder)
+    # 2. Load through from_pretrained, the same path for real and random weights.
+    components = _load_components(folder, clip_folder)
 
     # 3. Freeze: only adapters or embeddings created by the stages ever train. Store the matrix weights
     #    in their compute dtype before the move (half the bytes to copy when it is bf16).
-    for module in (unet, vae, text_encoder, clip_model):
+    for name in ("unet", "vae", "text_encoder", "clip"):
+        module = components[name]
         module.requires_grad_(False)
         module.eval()
         store_frozen_weights([module], storage_dtype)
@@ -275,23 +233,36 @@ def load_models(
     # 4. Provenance: hashes of exactly the files loaded.
     weights, model_hash = _hash_bundle(folder, clip_folder)
     return Models(
-        model_id=model,
-        clip_id=clip if model != TINY or clip != str(folder / "clip") else "tiny/clip",
+        model_id=model_id,
+        clip_id=clip or f"{model_id}/clip",
         folder=folder,
         clip_folder=clip_folder,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
-        clip=clip_model,
-        clip_tokenizer=clip_tokenizer,
-        clip_image_size=clip_size,
-        clip_mean=clip_mean,
-        clip_std=clip_std,
         device=device,
         weight_sha256=weights,
         model_hash=model_hash,
         random_weights=(folder / TINY_MARKER).exists(),
         weight_dtype=storage_dtype,
+        **components,
     )
+
+
+def _load_components(folder: Path, clip_folder: Path) -> dict:
+    """Every component of the bundle and of CLIP, loaded with ``from_pretrained`` (CPU, fp32, as saved)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
+    clip_size, clip_mean, clip_std = _read_clip_preprocessing(clip_folder)
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        "scheduler_config": json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")),
+        "clip": CLIPModel.from_pretrained(clip_folder),
+        "clip_tokenizer": CLIPTokenizer.from_pretrained(clip_folder),
+        "clip_image_size": clip_size,
+        "clip_mean": clip_mean,
+        "clip_std": clip_std,
+    }

@@ -9,6 +9,7 @@ section 8 (stage 1 500 iterations, embedding 500 steps, fine-tune 1000 steps,
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field, replace
 
@@ -81,25 +82,73 @@ PRESETS: dict[str, PipelineConfig] = {
 def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> PipelineConfig:
     """``config`` with dotted fields replaced, e.g. ``{"stage1.steps": 200, "render.eta": 0.8}``.
 
-    Raises ValueError naming an unknown field.
+    Each value is checked against the field's declared type (an integer
+    field takes an integer, a float field a number, a ``tuple[int, int]`` a
+    list of two integers, an optional field also ``None``) and converted to it.
+    Raises ValueError naming an unknown field, a field that is a whole group
+    (``stage1``: set its fields instead), or a value of the wrong type.
     """
     for dotted, value in overrides.items():
         path = dotted.split(".")
         parents = [config]
         for name in path[:-1]:
-            if not dataclasses.is_dataclass(parents[-1]) or name not in {f.name for f in dataclasses.fields(parents[-1])}:
-                raise ValueError(f"unknown configuration field {dotted!r}")
-            parents.append(getattr(parents[-1], name))
-        if not dataclasses.is_dataclass(parents[-1]) or path[-1] not in {f.name for f in dataclasses.fields(parents[-1])}:
-            raise ValueError(f"unknown configuration field {dotted!r}")
-        current = getattr(parents[-1], path[-1])
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        updated = replace(parents[-1], **{path[-1]: value})
-        for parent, name in zip(reversed(parents[:-1]), reversed(path[:-1])):
-            updated = replace(parent, **{name: updated})
+            parents.append(getattr(parents[-1], _field_name(parents[-1], name, dotted)))
+        name = _field_name(parents[-1], path[-1], dotted)
+        declared = typing.get_type_hints(type(parents[-1]))[name]
+        updated = replace(parents[-1], **{name: _typed_value(declared, value, dotted)})
+        for parent, parent_name in zip(reversed(parents[:-1]), reversed(path[:-1])):
+            updated = replace(parent, **{parent_name: updated})
         config = updated
     return config
+
+
+def _field_name(parent: object, name: str, dotted: str) -> str:
+    if not dataclasses.is_dataclass(parent) or name not in {f.name for f in dataclasses.fields(parent)}:
+        raise ValueError(f"unknown configuration field {dotted!r}")
+    return name
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def _typed_value(declared, value: object, dotted: str):
+    """``value`` as the declared type of field ``dotted``, or ValueError saying what the field takes."""
+    origin, arguments = typing.get_origin(declared), typing.get_args(declared)
+    if dataclasses.is_dataclass(declared):
+        fields = ", ".join(f"{dotted}.{f.name}" for f in dataclasses.fields(declared))
+        raise ValueError(f"{dotted!r} is a group of settings; set its fields instead ({fields})")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return None
+        for option in (a for a in arguments if a is not type(None)):
+            try:
+                return _typed_value(option, value, dotted)
+            except ValueError:
+                continue
+        raise ValueError(f"{dotted!r} takes {_describe_type(declared)}, got {value!r}")
+    if origin is tuple and isinstance(value, (list, tuple)):
+        kinds = arguments[:1] * len(value) if arguments[-1:] == (Ellipsis,) else arguments  # tuple[str, ...] or fixed
+        try:
+            if len(value) == len(kinds):
+                return tuple(_typed_value(kind, element, dotted) for kind, element in zip(kinds, value))
+        except ValueError:
+            pass
+    if declared is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if declared in _TYPE_WORDS and isinstance(value, declared) and not (declared is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{dotted!r} takes {_describe_type(declared)}, got {value!r}")
+
+
+def _describe_type(declared) -> str:
+    origin, arguments = typing.get_origin(declared), typing.get_args(declared)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe_type(a) for a in arguments)
+    if origin is tuple:
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return f"a list of {_describe_type(arguments[0])} values"
+        return f"a list of {len(arguments)} values ({', '.join(_describe_type(a) for a in arguments)})"
+    return _TYPE_WORDS.get(declared, getattr(declared, "__name__", str(declared)))
 
 
 def get_preset(name: str) -> PipelineConfig:

@@ -4,7 +4,7 @@
 then DDIM sampling with classifier-free guidance from the gray latent noised to
 ``strength``, with the UNet carrying the item's stage-2 adapter, and alignment
 of the result to the gray image. A target is a free prompt or a colour map, from
-which the token-aligned prompt is built (:func:`diffcolor.method.stage2.build_target_prompt`).
+which the token-aligned prompt is built (:func:`diffcolor.common.captions.build_target_prompt`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,23 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcolor.method.align import AlignConfig, Alignment, align_chroma
-from diffcolor.method.diffusion import decode_latent, encode_latent, encode_prompts, sample_from
+from diffcolor.common.captions import build_target_prompt
 from diffcolor.common.errors import PromptError, StateError
+from diffcolor.method.align import AlignConfig, Alignment, align_chroma
+from diffcolor.method.diffusion import (
+    decode_latent,
+    encode_latent,
+    encode_prompts,
+    sample_from,
+)
 from diffcolor.method.models import Models
-from diffcolor.method.performance import PerformanceConfig, apply_memory_format, autocast_context, check_performance
-from diffcolor.method.stage2 import build_target_prompt, check_token_alignment
+from diffcolor.method.performance import (
+    PerformanceConfig,
+    apply_memory_format,
+    autocast_context,
+    check_performance,
+)
+from diffcolor.method.stage2 import check_token_alignment
 from diffcolor.method.state import ColorState
 from diffcolor.method.training import load_trained_unet, phase_generator
 

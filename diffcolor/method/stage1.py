@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from diffcolor.common.errors import PromptError
 from diffcolor.method.color import gray_lightness, lightness
 from diffcolor.method.diffusion import (
     clip_image_features,
@@ -38,7 +39,6 @@ from diffcolor.method.diffusion import (
     predicted_x0,
     sample_from,
 )
-from diffcolor.common.errors import PromptError
 from diffcolor.method.models import Models
 from diffcolor.method.performance import (
     PerformanceConfig,
@@ -51,6 +51,7 @@ from diffcolor.method.performance import (
 from diffcolor.method.training import (
     AdapterConfig,
     CheckpointPolicy,
+    CheckpointStore,
     LoopResult,
     make_trainable_unet,
     phase_generator,
@@ -196,15 +197,16 @@ def fit_color_prior(
     config: Stage1Config = Stage1Config(),
     *,
     seed: int,
-    checkpoint_prefix: str | None = None,
+    checkpoints: CheckpointStore | None = None,
     progress: Callable[[int, dict], None] | None = None,
-    stop_after: int | None = None,
 ) -> Stage1Result:
     """Stage 1: fine-tunes a colour prior on ``gray`` and samples the primary colourisation.
 
     ``gray`` is (1, 1, h, w) in [0, 1] at model resolution (sides multiples of
-    the VAE factor). Returns the unaligned primary image and the loop's history.
-    The base UNet is left unchanged. Raises PromptError on an empty caption.
+    the VAE factor). ``checkpoints`` is where the fine-tune checkpoints live
+    (None: none); ``progress(step, losses)`` follows the loop. Returns the
+    unaligned primary image and the loop's history. The base UNet is left
+    unchanged. Raises PromptError on an empty caption.
     """
     # 1. Check inputs.
     check_inputs(models, gray, caption, config)
@@ -235,30 +237,35 @@ def fit_color_prior(
             parameters=trainable.parameters,
             optimizer=optimizer,
             generator=generator,
-            checkpoint_prefix=checkpoint_prefix,
+            checkpoints=checkpoints,
             fingerprint=fingerprint(models, gray, caption, config, seed),
             policy=config.checkpoints,
             max_grad_norm=config.max_grad_norm,
             progress=progress,
-            stop_after=stop_after,
         )
         trainable.unet.eval()
 
         # 5. Sample the primary colourisation x_pri from z_g with the fine-tuned UNet.
-        with autocast_context(performance.autocast, models):
-            latent = sample_from(
-                models,
-                trainable.unet,
-                inputs.latent,
-                strength=config.primary_strength,
-                steps=config.primary_steps,
-                guidance=config.primary_guidance,
-                condition=inputs.condition,
-                generator=phase_generator(seed, "primary"),
-            )
-            with torch.no_grad():
-                primary = decode_latent(models, latent)
+        primary = sample_primary(models, trainable.unet, inputs, config, seed)
     finally:
         # 6. Release the stage-1 adapter: the base UNet goes back to how it was loaded.
         trainable.release()
     return Stage1Result(primary=primary.float().cpu(), loop=loop)
+
+
+def sample_primary(models: Models, unet: torch.nn.Module, inputs: Stage1Inputs, config: Stage1Config,
+                   seed: int) -> torch.Tensor:
+    """``x_pri``: ``z_g`` noised to ``primary_strength`` and denoised by the fine-tuned ``unet``, decoded."""
+    with autocast_context(config.performance.autocast, models):
+        latent = sample_from(
+            models,
+            unet,
+            inputs.latent,
+            strength=config.primary_strength,
+            steps=config.primary_steps,
+            guidance=config.primary_guidance,
+            condition=inputs.condition,
+            generator=phase_generator(seed, "primary"),
+        )
+        with torch.no_grad():
+            return decode_latent(models, latent)

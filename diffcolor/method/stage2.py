@@ -1,7 +1,7 @@
 """Stage 2: in-context controllable colorization (DiffColor section 3.2, Imagic-style).
 
 1. Rewrite the caption ``c`` into ``c'`` by putting an identifier token in
-   front of each content word ("a dog on a bench" -> "a sks dog on a sks
+   front of each content word (:mod:`diffcolor.common.captions`) ("a dog on a bench" -> "a sks dog on a sks
    bench"). A later target that puts a colour word in an identifier's slot
    ("a brown dog on a sks bench") has the same token positions as ``c'``, so
    interpolating the two embeddings position by position is meaningful.
@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from diffcolor.common.captions import RewrittenCaption
+from diffcolor.common.errors import PromptError
 from diffcolor.method.diffusion import (
     denoising_target,
     draw_noise_and_timesteps,
@@ -33,7 +34,6 @@ from diffcolor.method.diffusion import (
     noise_scheduler,
     tokenize,
 )
-from diffcolor.common.errors import PromptError
 from diffcolor.method.models import Models
 from diffcolor.method.performance import (
     PerformanceConfig,
@@ -46,21 +46,12 @@ from diffcolor.method.performance import (
 from diffcolor.method.training import (
     AdapterConfig,
     CheckpointPolicy,
+    CheckpointStore,
     LoopResult,
     make_trainable_unet,
     phase_generator,
     run_resumable_loop,
 )
-
-# ours: words that never get an identifier (function words); everything else alphabetic is a content word
-FUNCTION_WORDS = frozenset(
-    """a an the of on in at with and or nor but to by for from under over near beside behind between
-    into onto upon up down off out about above below across along among around against through during
-    before after its it his her their our your my this that these those is are was were be been being
-    has have had as some any each every all both no not while who whom which what where when there here
-    one two three four five six seven eight nine ten""".split()
-)
-_WORD = re.compile(r"[^\W\d_][\w'-]*|\d+|[^\w\s]", re.UNICODE)
 
 
 @dataclass(frozen=True)
@@ -77,54 +68,6 @@ class Stage2Config:
     max_grad_norm: float = 1.0  # ours
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)  # ours: speed only; CPU defaults = plain fp32
-
-
-@dataclass(frozen=True)
-class RewrittenCaption:
-    """``c'``: the caption with an identifier before each content word."""
-
-    caption: str  # c, as given
-    text: str  # c'
-    identifier: str
-    slots: tuple[str, ...]  # the content words that got an identifier, lower-case, in order
-
-
-def rewrite_caption(caption: str, identifier: str = "sks") -> RewrittenCaption:
-    """Puts ``identifier`` before every content word of ``caption``.
-
-    Raises PromptError when the caption has no content word.
-    """
-    words = _WORD.findall(caption)
-    pieces: list[str] = []
-    slots: list[str] = []
-    for word in words:
-        if word[0].isalpha() and word.lower() not in FUNCTION_WORDS and word.lower() != identifier:
-            pieces.append(identifier)
-            slots.append(word.lower())
-        pieces.append(word)
-    if not slots:
-        raise PromptError(f"caption {caption!r} has no content word to attach colours to")
-    return RewrittenCaption(caption=caption, text=" ".join(pieces), identifier=identifier, slots=tuple(slots))
-
-
-def build_target_prompt(rewritten: RewrittenCaption, color_map: dict[str, str]) -> str:
-    """The target prompt of a colour map: each mapped word's identifier replaced by its colour.
-
-    ``{"dog": "brown"}`` on "a sks dog on a sks bench" gives "a brown dog on a
-    sks bench". Raises PromptError naming a key that is not a content word of
-    the caption, or an empty colour.
-    """
-    wanted = {key.strip().lower(): value.strip() for key, value in color_map.items()}
-    for key, value in wanted.items():
-        if key not in rewritten.slots:
-            raise PromptError(f"colour map key {key!r} is not a content word of the caption; use one of {sorted(set(rewritten.slots))}")
-        if not value:
-            raise PromptError(f"colour map gives an empty colour for {key!r}")
-    pieces = rewritten.text.split(" ")
-    for index in range(len(pieces) - 1):
-        if pieces[index] == rewritten.identifier and pieces[index + 1].lower() in wanted:
-            pieces[index] = wanted[pieces[index + 1].lower()]
-    return " ".join(pieces)
 
 
 def check_token_alignment(models: Models, rewritten: RewrittenCaption, target: str) -> None:
@@ -187,17 +130,15 @@ def fit_in_context(
     config: Stage2Config = Stage2Config(),
     *,
     seed: int,
-    checkpoint_prefix: str | None = None,
+    checkpoints: CheckpointStore | None = None,
     progress: Callable[[str, int, dict], None] | None = None,
-    stop_after: dict[str, int] | None = None,
 ) -> Stage2Result:
     """Stage 2: optimises ``e_opt`` for ``c'`` and fine-tunes the UNet to reconstruct ``primary``.
 
     ``primary`` is the aligned primary colourisation, (1, 3, h, w) in [0, 1].
-    ``checkpoint_prefix`` gets ``embedding/`` and ``finetune/`` sub-prefixes.
-    ``stop_after`` (tests) interrupts a loop: ``{"embedding": 3}``.
+    ``checkpoints`` gets an ``embedding`` and a ``finetune`` folder (None: no
+    checkpoints); ``progress(phase, step, losses)`` follows both loops.
     """
-    stop_after = stop_after or {}
     performance = config.performance
     check_performance(performance, models)
     # 1. Encode the aligned primary image and c' once (c' is only the embedding's start: never re-encoded);
@@ -206,6 +147,15 @@ def fit_in_context(
     scheduler = noise_scheduler(models)
     latent = encode_latent(models, primary)
     initial = encode_prompts(models, [rewritten.text]).float()
+
+    def loop_options(phase: str) -> dict:
+        return {
+            "checkpoints": None if checkpoints is None else checkpoints.child(phase),
+            "fingerprint": fingerprint(models, primary, rewritten, config, seed, phase),
+            "policy": config.checkpoints,
+            "max_grad_norm": config.max_grad_norm,
+            "progress": None if progress is None else (lambda step, record: progress(phase, step, record)),
+        }
 
     # 2. Optimise the embedding of c' with the frozen UNet (the base, no adapter).
     embedding = torch.nn.Parameter(initial.clone())
@@ -218,12 +168,7 @@ def fit_in_context(
         parameters={"embedding": embedding},
         optimizer=embed_optimizer,
         generator=embed_generator,
-        checkpoint_prefix=None if checkpoint_prefix is None else f"{checkpoint_prefix}/embedding",
-        fingerprint=fingerprint(models, primary, rewritten, config, seed, "embedding"),
-        policy=config.checkpoints,
-        max_grad_norm=config.max_grad_norm,
-        progress=None if progress is None else (lambda step, record: progress("embedding", step, record)),
-        stop_after=stop_after.get("embedding"),
+        **loop_options("embedding"),
     )
     optimized = embedding.detach()
 
@@ -240,12 +185,7 @@ def fit_in_context(
             parameters=trainable.parameters,
             optimizer=optimizer,
             generator=tune_generator,
-            checkpoint_prefix=None if checkpoint_prefix is None else f"{checkpoint_prefix}/finetune",
-            fingerprint=fingerprint(models, primary, rewritten, config, seed, "finetune"),
-            policy=config.checkpoints,
-            max_grad_norm=config.max_grad_norm,
-            progress=None if progress is None else (lambda step, record: progress("finetune", step, record)),
-            stop_after=stop_after.get("finetune"),
+            **loop_options("finetune"),
         )
         adapter = trainable.trained_state()
     finally:

@@ -1,12 +1,12 @@
-"""The item's colour state: what a new-prompt render needs, and nothing pickled.
+"""The item's colour state: what a new-prompt render needs, as tensors and as bytes, nothing pickled.
 
-A colour state is one safetensors object (``color-state.safetensors``) holding
-the tensors (``e_opt``, the trained adapter, the gray image at model
-resolution, the aligned primary colourisation and its confidence) and, in its
-header's metadata, the JSON description (captions, identifier slots, seed,
-configuration, model hashes, software version). Being one object it is
-published atomically; ``state.json`` beside it is a readable copy of the
-description for people and tools.
+A colour state is one safetensors object holding the tensors (``e_opt``, the
+trained adapter, the gray image at model resolution, the aligned primary
+colourisation and its confidence) and, in its header's metadata under
+``diffcolor``, the JSON description (captions, identifier slots, seed,
+configuration, model hashes, software version). This module turns a
+:class:`ColorState` into those bytes and back; where the bytes are stored is
+the archive's business (:mod:`diffcolor.archive.states`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from diffcolor import __version__
-from diffcolor.archive import storage
-from diffcolor.common.errors import InputUnavailableError, StateError
-from diffcolor.method.stage2 import RewrittenCaption
+from diffcolor.common.captions import RewrittenCaption
+from diffcolor.common.errors import StateError
+from diffcolor.common.tensorfiles import DESCRIPTION_KEY, read_description
 from diffcolor.method.training import AdapterConfig
 
-STATE_FILE = "color-state.safetensors"
 STATE_FORMAT = 1
 
 
@@ -61,14 +60,8 @@ class ColorState:
         }
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The string metadata of a safetensors object, read from its JSON header alone."""
-    header_length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + header_length]).get("__metadata__", {})
-
-
-def save_state(state: ColorState, prefix: str) -> str:
-    """Publishes ``state`` under the storage prefix ``prefix``; returns the state object's URI."""
+def state_to_bytes(state: ColorState) -> bytes:
+    """The colour state as one safetensors object (tensors in fp32 or as trained, description in the header)."""
     tensors = {
         "embedding": state.embedding.float().contiguous(),
         "gray": state.gray.float().contiguous(),
@@ -76,38 +69,41 @@ def save_state(state: ColorState, prefix: str) -> str:
         "confidence": state.confidence.float().contiguous(),
     }
     tensors.update({f"adapter.{key}": value.contiguous() for key, value in state.adapter.items()})
-    description = state.describe()
-    uri = storage.join(prefix, STATE_FILE)
-    storage.write_bytes(uri, save_safetensors(tensors, metadata={"diffcolor": json.dumps(description)}))
-    storage.write_json(storage.join(prefix, "state.json"), description)
-    return uri
+    return save_safetensors(tensors, metadata={DESCRIPTION_KEY: json.dumps(state.describe())})
 
 
-def load_state(prefix: str) -> ColorState:
-    """Reads the colour state under ``prefix``. Raises StateError when missing or unreadable."""
-    uri = storage.join(prefix, STATE_FILE)
-    try:
-        data = storage.read_bytes(uri)
-    except InputUnavailableError as error:
-        raise StateError(f"no colour state at '{uri}'") from error
+def state_from_bytes(data: bytes, name: str) -> ColorState:
+    """The colour state in ``data`` (read from ``name``, which errors name).
+
+    Raises StateError when the bytes are not a colour state of this format,
+    or their description lacks a field.
+    """
+    # 1. Tensors and description; safetensors raises several classes on a corrupt file.
     try:
         tensors = load_safetensors(data)
-        meta = json.loads(safetensors_metadata(data)["diffcolor"])
-    except Exception as error:  # safetensors raises several classes on a corrupt file
-        raise StateError(f"colour state '{uri}' is unreadable: {error}") from error
+        meta = read_description(data)
+    except Exception as error:
+        raise StateError(f"colour state '{name}' is unreadable: {error}") from error
     if meta.get("format") != STATE_FORMAT:
-        raise StateError(f"colour state '{uri}' has format {meta.get('format')!r}, expected {STATE_FORMAT}")
-    adapter = meta["adapter"]
-    return ColorState(
-        embedding=tensors["embedding"],
-        adapter={key[len("adapter."):]: value for key, value in tensors.items() if key.startswith("adapter.")},
-        adapter_config=AdapterConfig(mode=adapter["mode"], rank=adapter["rank"], alpha=adapter["alpha"], targets=tuple(adapter["targets"])),
-        gray=tensors["gray"],
-        primary=tensors["primary"],
-        confidence=tensors["confidence"],
-        rewritten=RewrittenCaption(caption=meta["caption"], text=meta["rewritten_caption"], identifier=meta["identifier"], slots=tuple(meta["slots"])),
-        seed=int(meta["seed"]),
-        model_hash=meta["model_hash"],
-        config=meta["config"],
-        software_version=meta["software_version"],
-    )
+        raise StateError(f"colour state '{name}' has format {meta.get('format')!r}, expected {STATE_FORMAT}")
+
+    # 2. The state; a description or tensor missing is a named error, not a KeyError.
+    try:
+        adapter = meta["adapter"]
+        return ColorState(
+            embedding=tensors["embedding"],
+            adapter={key[len("adapter."):]: value for key, value in tensors.items() if key.startswith("adapter.")},
+            adapter_config=AdapterConfig(mode=adapter["mode"], rank=adapter["rank"], alpha=adapter["alpha"],
+                                         targets=tuple(adapter["targets"])),
+            gray=tensors["gray"],
+            primary=tensors["primary"],
+            confidence=tensors["confidence"],
+            rewritten=RewrittenCaption(caption=meta["caption"], text=meta["rewritten_caption"],
+                                       identifier=meta["identifier"], slots=tuple(meta["slots"])),
+            seed=int(meta["seed"]),
+            model_hash=meta["model_hash"],
+            config=meta["config"],
+            software_version=meta["software_version"],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise StateError(f"colour state '{name}' is incomplete: {type(error).__name__} {error}") from None

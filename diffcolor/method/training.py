@@ -12,7 +12,9 @@ publishes one safetensors object holding the trained tensors, the optimiser
 state, the step, the RNG state and the loss history; a restarted loop resumes
 from the newest checkpoint whose fingerprint matches, and older ones are
 pruned. All randomness of a step must come from the loop's generator, so a
-resumed loop ends bit-identical to an uninterrupted one on CPU.
+resumed loop ends bit-identical to an uninterrupted one on CPU. Where the
+checkpoints live is the caller's: a :class:`CheckpointStore` of named byte
+objects (the archive's ``CheckpointFolder`` under the item's prefix).
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from diffcolor.archive import storage
 from diffcolor.common.errors import StateError
+from diffcolor.common.tensorfiles import DESCRIPTION_KEY, read_description
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # ours: attention projections, as diffusers' LoRA examples
-_CHECKPOINT_NAME = re.compile(r"step-(\d{8})\.safetensors$")
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{8})\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -168,13 +170,13 @@ def _pack_checkpoint(step: int, parameters: dict[str, torch.Tensor], optimizer: 
         "optimizer_scalars": scalars,
         "history": history,
     }
-    return save_safetensors(tensors, metadata={"diffcolor": json.dumps(meta)})
+    return save_safetensors(tensors, metadata={DESCRIPTION_KEY: json.dumps(meta)})
 
 
 def _unpack_checkpoint(data: bytes, parameters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                        generator: torch.Generator) -> tuple[int, list[dict]]:
     tensors = load_safetensors(data)
-    meta = _checkpoint_meta(data)
+    meta = read_description(data)
     with torch.no_grad():
         for key, parameter in parameters.items():
             parameter.copy_(tensors[f"param.{key}"].to(parameter.device, parameter.dtype))
@@ -205,17 +207,29 @@ def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
                 slots[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
-def _checkpoint_meta(data: bytes) -> dict:
-    """The JSON metadata of a checkpoint, read from the safetensors header alone."""
-    header_length = int.from_bytes(data[:8], "little")
-    return json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"]["diffcolor"])
-
-
 def _read_fingerprint(data: bytes) -> str | None:
     try:
-        return _checkpoint_meta(data)["fingerprint"]
-    except (ValueError, KeyError, TypeError):
+        return read_description(data)["fingerprint"]
+    except (ValueError, KeyError):
         return None
+
+
+class CheckpointStore(Protocol):
+    """Named byte objects in one folder: where a loop publishes its checkpoints (``step-00000050.safetensors``).
+
+    ``write`` must publish whole objects (a reader never sees part of one);
+    ``child`` is the folder of one loop inside the item's checkpoint folder.
+    """
+
+    def names(self) -> list[str]: ...
+
+    def read(self, name: str) -> bytes: ...
+
+    def write(self, name: str, data: bytes) -> None: ...
+
+    def remove(self, name: str) -> None: ...
+
+    def child(self, name: str) -> "CheckpointStore": ...
 
 
 @dataclass(frozen=True)
@@ -235,10 +249,6 @@ class LoopResult:
     resumed_from: int | None = None  # the checkpoint step this call resumed from
 
 
-class LoopInterrupted(RuntimeError):
-    """Raised by ``stop_after`` to simulate a worker lost in the middle of a loop (tests)."""
-
-
 def run_resumable_loop(
     *,
     steps: int,
@@ -246,30 +256,27 @@ def run_resumable_loop(
     parameters: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
-    checkpoint_prefix: str | None,
+    checkpoints: CheckpointStore | None,
     fingerprint: str,
     policy: CheckpointPolicy = CheckpointPolicy(),
     max_grad_norm: float | None = 1.0,
     progress: Callable[[int, dict], None] | None = None,
-    stop_after: int | None = None,
 ) -> LoopResult:
     """Runs ``steps`` optimisation steps of ``step_fn``, resuming from the newest checkpoint.
 
     ``step_fn(step)`` returns a dict of scalar losses whose ``"total"`` is
     back-propagated; it must draw every random number from ``generator``.
-    ``checkpoint_prefix`` is a storage URI prefix (None: no checkpoints).
-    Checkpoints with another ``fingerprint`` (another config or input) are
-    ignored. ``stop_after`` raises :class:`LoopInterrupted` after that many
-    steps of this call, once their checkpoint (if due) is published.
+    ``checkpoints`` is where the loop's checkpoints live (None: no
+    checkpoints). Checkpoints with another ``fingerprint`` (another config or
+    input) are ignored. ``progress(step, losses)`` is called after each step,
+    before that step's checkpoint; whatever it raises stops the loop there.
     """
     # 1. Resume from the newest matching checkpoint.
     result = LoopResult()
     start = 0
-    if checkpoint_prefix is not None:
-        for uri in reversed(storage.list_files(checkpoint_prefix)):
-            if not _CHECKPOINT_NAME.search(uri):
-                continue
-            data = storage.read_bytes(uri)
+    if checkpoints is not None:
+        for name in reversed(_checkpoint_names(checkpoints)):
+            data = checkpoints.read(name)
             if _read_fingerprint(data) != fingerprint:
                 continue
             start, result.history = _unpack_checkpoint(data, parameters, optimizer, generator)
@@ -293,23 +300,25 @@ def run_resumable_loop(
 
         # 3. Checkpoint every K steps and at the end (a restart after the loop
         #    then runs no step), and prune the old ones.
-        if checkpoint_prefix is not None and (step % policy.every == 0 or step == steps):
+        if checkpoints is not None and (step % policy.every == 0 or step == steps):
             data = _pack_checkpoint(step, parameters, optimizer, generator, result.history, fingerprint)
-            storage.write_bytes(storage.join(checkpoint_prefix, f"step-{step:08d}.safetensors"), data)
-            existing = [uri for uri in storage.list_files(checkpoint_prefix) if _CHECKPOINT_NAME.search(uri)]
+            checkpoints.write(f"step-{step:08d}.safetensors", data)
+            existing = _checkpoint_names(checkpoints)
             for old in existing[: max(0, len(existing) - policy.keep)]:
-                storage.remove(old)
-        if stop_after is not None and result.steps_run >= stop_after and step < steps:
-            raise LoopInterrupted(f"interrupted after step {step}")
+                checkpoints.remove(old)
     optimizer.zero_grad(set_to_none=True)
     return result
 
 
-def clear_checkpoints(checkpoint_prefix: str) -> None:
+def _checkpoint_names(checkpoints: CheckpointStore) -> list[str]:
+    """The loop's checkpoint names, oldest first (the step number is zero-padded)."""
+    return sorted(name for name in checkpoints.names() if _CHECKPOINT_NAME.match(name))
+
+
+def clear_checkpoints(checkpoints: CheckpointStore) -> None:
     """Removes a loop's checkpoints once its result is safely stored."""
-    for uri in storage.list_files(checkpoint_prefix):
-        if _CHECKPOINT_NAME.search(uri):
-            storage.remove(uri)
+    for name in _checkpoint_names(checkpoints):
+        checkpoints.remove(name)
 
 
 def phase_generator(seed: int, phase: str) -> torch.Generator:

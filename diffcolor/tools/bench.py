@@ -50,7 +50,12 @@ from pathlib import Path
 
 import torch
 
-from diffcolor.method.performance import NAIVE, PerformanceConfig, autocast_context, frozen_weight_dtype
+from diffcolor.method.performance import (
+    NAIVE,
+    PerformanceConfig,
+    autocast_context,
+    frozen_weight_dtype,
+)
 
 VARIANT_NAMES = ("default", "baseline", "fp32", "fp32-weights", "no-channels-last", "no-fused", "compile",
                  "compile-graphs", "cudnn-benchmark")
@@ -67,14 +72,14 @@ H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H100 SXM5 datasheet: dense bf16 tensor-
 def load_bench_models(name: str, device: torch.device, weight_dtype: str = "auto"):
     """``tiny``, ``sd15-random`` (built in memory, SD 1.5 shapes) or a model folder / hub id, on ``device``,
     with the frozen matrix weights stored as ``weight_dtype`` says (see :func:`diffcolor.method.models.load_models`)."""
-    from diffcolor.method.models import load_models
     from diffcolor.tools.sd15_random import NAME, build_sd15_random_models
+    from diffcolor.tools.tiny import load_named_models
 
     if name == NAME:
         return build_sd15_random_models(device, weight_dtype=weight_dtype)
     if device.type == "meta":
         raise ValueError(f"--flops-only builds models on the meta device: use --model {NAME} (got {name!r})")
-    return load_models(name, device=device, weight_dtype=weight_dtype)
+    return load_named_models(name, device=device, weight_dtype=weight_dtype)
 
 
 class BenchModels:
@@ -324,6 +329,7 @@ class FlopCount:
 
 def count_recipe_flops(models, config, gray: torch.Tensor, caption: str, target: str) -> FlopCount:
     """Counts one real step of each loop, exactly as the loops run it (same step functions, same adapters)."""
+    from diffcolor.common.captions import rewrite_caption
     from diffcolor.method.align import encoder_features
     from diffcolor.method.diffusion import (
         clip_text_features,
@@ -334,7 +340,7 @@ def count_recipe_flops(models, config, gray: torch.Tensor, caption: str, target:
         noise_scheduler,
     )
     from diffcolor.method.stage1 import prepare_inputs, stage1_step
-    from diffcolor.method.stage2 import reconstruction_step, rewrite_caption
+    from diffcolor.method.stage2 import reconstruction_step
     from diffcolor.method.training import make_trainable_unet
 
     device = models.device
@@ -433,11 +439,13 @@ def _rate(stamps: list[float], started: float) -> float:
 def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str, seed: int, render_repeats: int,
                 state_dir: Path) -> dict:
     """Runs stage 1, alignment, stage 2, state save and new-prompt renders once; returns the timings."""
+    from diffcolor.archive.states import publish_state, read_state
+    from diffcolor.common.captions import rewrite_caption
     from diffcolor.method.align import align_chroma
     from diffcolor.method.render import render_target, resolve_target
     from diffcolor.method.stage1 import fit_color_prior
-    from diffcolor.method.stage2 import fit_in_context, rewrite_caption
-    from diffcolor.method.state import ColorState, load_state, save_state
+    from diffcolor.method.stage2 import fit_in_context
+    from diffcolor.method.state import ColorState, state_from_bytes, state_to_bytes
 
     device = models.device
     clock = StageClock(device)
@@ -478,11 +486,11 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
         seed=seed, model_hash=models.model_hash, config={"bench": True},
     )
     prefix = str(state_dir / "state")
-    clock.run("state_save", lambda: save_state(state, prefix))
+    clock.run("state_save", lambda: publish_state(prefix, state_to_bytes(state)))
 
     # 5. New-prompt renders from the stored state: load it, resolve the prompt, sample, align (cold, then warm).
     def render_from_state():
-        loaded = load_state(prefix)
+        loaded = state_from_bytes(read_state(prefix), prefix)
         prompt = resolve_target(models, loaded, target, None)
         return render_target(models, loaded, prompt, config.render, config.align, seed=seed)
 
@@ -604,10 +612,11 @@ def stage1_loss_difference(models, reference, config, gray: torch.Tensor, *, cap
 def render_difference(models, reference, config, state_prefix: str, *, target: str, seed: int) -> dict:
     """sRGB difference between a render on the default's path (``models``) and one in fp32 (``reference``,
     fp32-stored weights), from the same stored state."""
+    from diffcolor.archive.states import read_state
     from diffcolor.method.render import render_target, resolve_target
-    from diffcolor.method.state import load_state
+    from diffcolor.method.state import state_from_bytes
 
-    state = load_state(state_prefix)
+    state = state_from_bytes(read_state(state_prefix), state_prefix)
     prompt = resolve_target(models, state, target, None)
     fast = render_target(models, state, prompt, config.render, config.align, seed=seed).rgb
     fp32 = render_target(reference, state, prompt, replace(config.render, autocast="off"), config.align, seed=seed).rgb

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from diffcolor.archive import storage
-from diffcolor.tools.evaluate import METRICS
 from diffcolor.archive.images import read_image
+from diffcolor.tools.eval_metrics import METRICS
 
 THUMBNAIL_SIDE = 160  # pixels, long side
 PLOT_DPI = 100

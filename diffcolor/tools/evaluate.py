@@ -55,7 +55,6 @@ summaries, and compares two evals (``diffcolor eval-compare``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -75,14 +74,21 @@ from safetensors.torch import save as save_safetensors
 
 from diffcolor import __version__
 from diffcolor.archive import storage
+from diffcolor.archive.images import SourceImage, read_image
+from diffcolor.archive.items import ItemLayout
+from diffcolor.archive.report import summarise
+from diffcolor.common.errors import DiffColorError, PermanentError
+from diffcolor.common.items import ItemRequest
+from diffcolor.common.keys import hash_json, sha256_hex
+from diffcolor.common.pixels import unit_rgb
+from diffcolor.common.tensorfiles import read_metadata
 from diffcolor.method.color import rgb_to_lab
 from diffcolor.method.diffusion import clip_score
-from diffcolor.common.errors import DiffColorError, PermanentError
-from diffcolor.archive.images import SourceImage, read_image
-from diffcolor.method.metrics import colorfulness, summarise
+from diffcolor.method.metrics import colorfulness
 from diffcolor.method.models import Models
-from diffcolor.pipeline import ItemLayout, ItemRequest, colorize_item
 from diffcolor.method.presets import PipelineConfig
+from diffcolor.pipeline import colorize_item
+from diffcolor.tools.eval_metrics import METRICS
 
 EVAL_FORMAT = 1  # bump when a metric's definition changes: every cached row is then recomputed
 
@@ -92,21 +98,6 @@ GRAY_METHOD_TEXT = (
     "neutral gray with the CIE L* (D65) of each ground-truth pixel, after ICC conversion to sRGB "
     "(diffcolor.archive.images, the pipeline's own gray), written as a PNG at the ground truth's bit depth"
 )
-
-# Per-item metrics, their unit and whether higher is better (None: neither; judged against the ground truth).
-METRICS: dict[str, tuple[str, bool | None]] = {
-    "psnr_rgb": ("dB", True),
-    "ssim_rgb": ("", True),
-    "psnr_chroma": ("dB", True),
-    "ssim_chroma": ("", True),
-    "lpips": ("", False),
-    "clip_score": ("", True),
-    "clip_score_ground_truth": ("", None),
-    "colorfulness": ("", None),
-    "colorfulness_ground_truth": ("", None),
-    "colorfulness_gap": ("", None),
-}
-RUN_METRICS: dict[str, tuple[str, bool | None]] = {"fid": ("", False)}
 
 # The weight files the perceptual metrics take, as their publishers name them:
 # the name ends in the first 8 hex digits of the file's sha256 (torch.hub's convention).
@@ -183,14 +174,6 @@ class EvalError(PermanentError):
     error_class = "bad_eval"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _hash_json(value) -> str:
-    return _sha256(json.dumps(value, sort_keys=True, default=str).encode())
-
-
 def eval_prefix(output: str) -> str:
     """Where an eval's objects live under an output root."""
     return storage.join(output, "eval")
@@ -200,18 +183,9 @@ def eval_prefix(output: str) -> str:
 # Image comparison: PSNR, SSIM (RGB and chroma), LPIPS, colourfulness.
 
 
-def _unit_rgb(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 / uint16 / float in [0, 1] -> float64 in [0, 1]."""
-    if rgb.dtype == np.uint8:
-        return rgb.astype(np.float64) / 255.0
-    if rgb.dtype == np.uint16:
-        return rgb.astype(np.float64) / 65535.0
-    return np.asarray(rgb, dtype=np.float64)
-
-
 def _as_tensor(rgb: np.ndarray, max_side: int | None) -> torch.Tensor:
     """(1, 3, h, w) float64, resized (antialiased bilinear) so the long side is at most ``max_side``."""
-    tensor = torch.from_numpy(np.ascontiguousarray(_unit_rgb(rgb))).permute(2, 0, 1)[None]
+    tensor = torch.from_numpy(np.ascontiguousarray(unit_rgb(rgb, check_range=False))).permute(2, 0, 1)[None]
     height, width = tensor.shape[-2:]
     if max_side is not None and max(height, width) > max_side:
         scale = max_side / max(height, width)
@@ -247,7 +221,7 @@ def compare_images(output: np.ndarray, ground_truth: np.ndarray, config: EvalCon
         raise ValueError(f"output {output.shape} and ground truth {ground_truth.shape} must be the same (H, W, 3) size")
 
     # 2. Colourfulness on the full images.
-    values = {"colorfulness": colorfulness(_unit_rgb(output)), "colorfulness_ground_truth": colorfulness(_unit_rgb(ground_truth))}
+    values = {"colorfulness": colorfulness(unit_rgb(output)), "colorfulness_ground_truth": colorfulness(unit_rgb(ground_truth))}
     values["colorfulness_gap"] = values["colorfulness"] - values["colorfulness_ground_truth"]
 
     # 3. RGB and chroma (CIELAB a*, b*) at the eval size.
@@ -353,7 +327,7 @@ def _read_weights(what: str, option: str, location: str | None, names: tuple[str
         return None, None, (f"{what} not computed: {option} {location}: file not found (expected {' or '.join(names)}; "
                             f"download it once from {url})")
     uri, data = found
-    digest = _sha256(data)
+    digest = sha256_hex(data)
     expected = name.rsplit("-", 1)[1].split(".")[0]
     if not digest.startswith(expected):
         return None, None, (f"{what} not computed: {uri} is not {name}: its sha256 starts {digest[:8]}, "
@@ -552,8 +526,8 @@ def evaluate_item(
         return [row]
 
     # 3. Compare each version with the ground truth (or reuse its cached row).
-    truth_sha = _sha256(truth_bytes)
-    common = {"ground_truth_sha256": truth_sha, "gray_uri": gray_uri, "gray_sha256": _sha256(gray_bytes),
+    truth_sha = sha256_hex(truth_bytes)
+    common = {"ground_truth_sha256": truth_sha, "gray_uri": gray_uri, "gray_sha256": sha256_hex(gray_bytes),
               "gray_bit_depth": truth.bit_depth, "width": truth.width, "height": truth.height}
     return [_evaluate_version(models, record, truth, common, request, ground_truth_uri, prefix, nets, eval_config)
             for record in records]
@@ -562,7 +536,7 @@ def evaluate_item(
 def _evaluate_version(models: Models, record: dict, truth: SourceImage, common: dict, request: ItemRequest,
                       ground_truth_uri: str, prefix: str, nets: PerceptualNets, eval_config: EvalConfig) -> dict:
     prompt = record.get("target_prompt") or record["caption"]
-    key = _hash_json([EVAL_FORMAT, record["output_sha256"]["master"], common["ground_truth_sha256"], prompt,
+    key = hash_json([EVAL_FORMAT, record["output_sha256"]["master"], common["ground_truth_sha256"], prompt,
                       eval_config.to_dict(), models.model_hash, nets.weights_sha256])
     row_uri = _row_uri(prefix, request.item_id, record["version"])
     if storage.exists(row_uri):
@@ -588,7 +562,7 @@ def _evaluate_version(models: Models, record: dict, truth: SourceImage, common: 
     truth_tensor = torch.from_numpy(np.ascontiguousarray(truth.rgb, dtype=np.float32)).permute(2, 0, 1)[None]
     row["clip_score"] = record.get("clip_score")
     if row["clip_score"] is None:
-        row["clip_score"] = clip_score(models, torch.from_numpy(_unit_rgb(produced).astype(np.float32)).permute(2, 0, 1)[None], prompt)
+        row["clip_score"] = clip_score(models, torch.from_numpy(unit_rgb(produced).astype(np.float32)).permute(2, 0, 1)[None], prompt)
     row["clip_score_ground_truth"] = clip_score(models, truth_tensor, prompt)
     if nets.fid is not None:
         features = {"output": inception_features(nets.fid, produced, eval_config),
@@ -665,8 +639,7 @@ def _fid(prefix: str, rows: list[dict]) -> tuple[float | None, int]:
         if not storage.exists(uri):
             continue
         data = storage.read_bytes(uri)
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-        if header.get("__metadata__", {}).get("eval_key") != row["eval_key"]:
+        if read_metadata(data).get("eval_key") != row["eval_key"]:
             continue
         tensors = load_safetensors(data)
         real.append(tensors["ground_truth"])
@@ -734,8 +707,8 @@ def evaluate_manifest(
     Raises:
         ManifestError: the manifest is invalid. EvalError: no row has a ground truth.
     """
-    from diffcolor.tools.eval_report import write_eval_report
     from diffcolor.archive.manifest import read_items
+    from diffcolor.tools.eval_report import write_eval_report
 
     prefix = eval_prefix(output)
     # 1. The manifest's rows (validated before anything runs).
@@ -804,74 +777,3 @@ def read_eval(location: str) -> tuple[list[dict], dict]:
             summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
             return rows, summary
     raise EvalError(f"no eval found at '{location}' (looked for {' and '.join(candidates)})")
-
-
-# ---------------------------------------------------------------------------
-# Command line: `diffcolor eval` and `diffcolor eval-compare`.
-
-
-def cmd_eval(args) -> int:
-    """``diffcolor eval``: exit 0 when every item with a ground truth was evaluated, 1 when any failed."""
-    import sys
-
-    from diffcolor.cli import _load
-    from diffcolor.method.presets import get_preset
-
-    config = get_preset(args.preset)
-    models = _load(args, args.model)
-    weights = PerceptualWeights(lpips=args.lpips_weights, fid=args.fid_weights)
-    eval_config = EvalConfig(max_side=None if args.max_side == 0 else args.max_side)
-
-    def show(row: dict) -> None:
-        if row["status"] == "done":
-            print(f"{row['item_id']} v{row['version']}: PSNR {row['psnr_rgb']:.2f} dB, SSIM {row['ssim_rgb']:.3f}, "
-                  f"chroma PSNR {row['psnr_chroma']:.2f} dB{' (reused)' if row.get('reused') else ''}", file=sys.stderr)
-        else:
-            print(f"{row['item_id']} {row['status']}: {row['error_message']}", file=sys.stderr)
-
-    from diffcolor.tools.eval_report import format_summary
-
-    run = evaluate_manifest(models, args.manifest, args.out, config, preset=args.preset, eval_config=eval_config,
-                            weights=weights, items=set(args.items.split(",")) if args.items else None, on_row=show)
-    print(format_summary(run.summary, run.uris))
-    return 1 if run.summary["counts"].get("failed") else 0
-
-
-def cmd_eval_compare(args) -> int:
-    """``diffcolor eval-compare A B``: prints the differences and writes a plot and a table under ``--out``."""
-    from diffcolor.tools.eval_report import compare_evals, format_comparison, write_comparison
-
-    rows_a, summary_a = read_eval(args.a)
-    rows_b, summary_b = read_eval(args.b)
-    comparison = compare_evals(rows_a, summary_a, rows_b, summary_b)
-    print(format_comparison(comparison, args.a, args.b))
-    written = write_comparison(comparison, args.a, args.b, args.out)
-    print(f"plot:   {written['plot']}\nreport: {written['report']}")
-    return 0
-
-
-def add_eval_commands(commands) -> None:
-    """Registers ``eval`` and ``eval-compare`` on the ``diffcolor`` subparsers object."""
-    from diffcolor.cli import _add_model_options
-
-    evaluate = commands.add_parser(
-        "eval", help="colourise a ground-truth set and measure it (PSNR, SSIM, colourfulness, CLIP, LPIPS, FID)")
-    evaluate.add_argument("manifest", help="a manifest whose rows have ground_truth_uri (colour originals)")
-    evaluate.add_argument("--out", required=True, help="output root; the eval goes under OUT/eval/")
-    evaluate.add_argument("--preset", default="default", help="smoke, default or paper-scale")
-    evaluate.add_argument("--items", help="only these item ids, comma-separated")
-    evaluate.add_argument("--lpips-weights", metavar="PATH",
-                          help="torchvision's alexnet-owt-7be5be79.pth (file or folder); without it LPIPS is not computed")
-    evaluate.add_argument("--fid-weights", metavar="PATH",
-                          help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or pytorch-fid's "
-                               "pt_inception-2015-12-05-6726825d.pth; file or folder); without it FID is not computed")
-    evaluate.add_argument("--max-side", type=int, default=EvalConfig.max_side,
-                          help=f"long side (px) at which PSNR/SSIM/LPIPS/FID compare (default {EvalConfig.max_side}; 0: full size)")
-    _add_model_options(evaluate, required=True)
-    evaluate.set_defaults(handler=cmd_eval)
-
-    compare = commands.add_parser("eval-compare", help="compare two evals (e.g. two presets) item by item")
-    compare.add_argument("a", help="eval A: an output root, its eval/ folder or its eval.parquet")
-    compare.add_argument("b", help="eval B, the same way")
-    compare.add_argument("--out", default="eval-compare", help="folder for compare.html, compare.png, compare.parquet")
-    compare.set_defaults(handler=cmd_eval_compare)

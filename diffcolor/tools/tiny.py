@@ -6,7 +6,9 @@ bundle in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``,
 ``clip/`` (transformers layout with its tokenizer and ``preprocessor_config.json``).
 Everything is written with ``save_pretrained`` and read back by
 :func:`diffcolor.method.models.load_models` through ``from_pretrained``: exactly the path
-real weights take. Nothing in the method knows this bundle exists.
+real weights take. Nothing in the method knows this bundle exists; the command
+line and the flows name it ``tiny`` (:func:`resolve_model`), which stands for a
+copy written once to the cache folder.
 
 The shapes mirror Stable Diffusion 1.x where it matters to the code: the VAE
 downsamples by 8 with 4 latent channels, the UNet has cross-attention blocks
@@ -20,9 +22,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+
+from diffcolor import __version__
+from diffcolor.method.models import TINY_MARKER, Models, load_models, resolve_model_hash
+
+TINY = "tiny"  # the name that stands for the cached tiny bundle wherever a model is named
 
 # Words that become single tokens in the tiny vocabulary. Real CLIP has these as
 # single tokens too, which keeps token-alignment behaviour the same in tests.
@@ -42,6 +51,51 @@ standing walking riding posing group crowd market shop sign rocket astronaut
 camera coffee cup chelsea moon city town village mountain mountains snow beach
 sks
 """
+
+
+def default_cache_dir() -> Path:
+    """Where DiffColor keeps its own cached files (``DIFFCOLOR_CACHE`` overrides)."""
+    root = os.environ.get("DIFFCOLOR_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffcolor"
+
+
+def tiny_bundle_folder(cache_dir: Path | None = None) -> Path:
+    """The cached tiny bundle, written on first use (atomically: a half-written one is never used)."""
+    folder = (cache_dir or default_cache_dir()) / f"tiny-bundle-{__version__}"
+    if (folder / TINY_MARKER).exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
+    try:
+        write_tiny_bundle(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process won the race: its bundle is as good as ours
+            if not (folder / TINY_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def resolve_model(name: str, cache_dir: Path | None = None) -> str:
+    """The folder or hub id a model name stands for: ``tiny`` is the cached tiny bundle, anything else itself."""
+    return str(tiny_bundle_folder(cache_dir)) if name == TINY else name
+
+
+def load_named_models(name: str, *, cache_dir: Path | None = None, **options) -> Models:
+    """:func:`~diffcolor.method.models.load_models` for a model as a user names it (a folder, a hub id, ``tiny``).
+
+    The name goes into provenance as given; ``options`` are load_models' own.
+    """
+    return load_models(resolve_model(name, cache_dir), model_id=name, **options)
+
+
+def named_model_hash(name: str, *, cache_dir: Path | None = None, **options) -> str:
+    """The model hash :func:`load_named_models` would report, without loading any weights."""
+    return resolve_model_hash(resolve_model(name, cache_dir), **options)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -118,6 +172,7 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
 
     Returns the folder. Needs no network; takes a few seconds on a CPU.
     """
+    from transformers import CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -126,10 +181,9 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
-        from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import PNDMScheduler, StableDiffusionPipeline
     finally:
         transformers_logging.set_verbosity(verbosity)
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     # 1. Tokenizer shared by the text encoder and CLIP (as SD 1.x shares CLIP's).
     root = Path(folder)
@@ -137,9 +191,46 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
     vocab_size = _write_tokenizer(root / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
 
+    # 2. UNet, VAE, text encoder and CLIP with random weights from ``seed``.
+    unet, vae, text_encoder, clip = _random_modules(tokenizer, vocab_size, seed)
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+    # 3. Save in the diffusers and transformers layouts, and say what the weights are.
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(root, safe_serialization=True)
+    _write_clip(root / "clip", clip, tokenizer)
+    (root / TINY_MARKER).write_text(
+        "Random weights for tests and smoke runs only. Outputs are noise-coloured, not colourisations.\n",
+        encoding="utf-8",
+    )
+    return root
+
+
+def _random_modules(tokenizer, vocab_size: int, seed: int) -> tuple:
+    """UNet, VAE, text encoder and CLIP at toy width, with SD's structure, drawn from ``seed``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        # 2. UNet: two resolutions, cross-attention in both, SD's module names.
+        # 1. UNet: two resolutions, cross-attention in both, SD's module names.
         unet = UNet2DConditionModel(
             sample_size=8,
             in_channels=4,
@@ -152,7 +243,7 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        # 3. VAE: four blocks, so it downsamples by 8 like SD's.
+        # 2. VAE: four blocks, so it downsamples by 8 like SD's.
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -165,7 +256,7 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
             sample_size=64,
             scaling_factor=0.18215,
         )
-        # 4. Text encoder with SD's 77 positions.
+        # 3. Text encoder with SD's 77 positions.
         text_config = CLIPTextConfig(
             vocab_size=vocab_size,
             hidden_size=32,
@@ -178,7 +269,7 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
             pad_token_id=tokenizer.pad_token_id,
         )
         text_encoder = CLIPTextModel(text_config)
-        # 5. CLIP for the contrastive loss and the CLIP score.
+        # 4. CLIP for the contrastive loss and the CLIP score.
         clip_config = CLIPConfig(
             text_config=text_config.to_dict(),
             vision_config=dict(
@@ -192,31 +283,14 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
             projection_dim=16,
         )
         clip = CLIPModel(clip_config)
-    scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return unet, vae, text_encoder, clip
 
-    # 6. Save in the diffusers and transformers layouts.
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(root, safe_serialization=True)
-    clip.save_pretrained(root / "clip", safe_serialization=True)
-    tokenizer.save_pretrained(root / "clip")
-    (root / "clip" / "preprocessor_config.json").write_text(
+
+def _write_clip(folder: Path, clip, tokenizer) -> None:
+    """CLIP in the transformers layout, with its tokenizer and a preprocessor config for 32 px inputs."""
+    clip.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(
         json.dumps(
             {
                 "image_processor_type": "CLIPImageProcessor",
@@ -233,8 +307,3 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
         ),
         encoding="utf-8",
     )
-    (root / "TINY_RANDOM_BUNDLE.txt").write_text(
-        "Random weights for tests and smoke runs only. Outputs are noise-coloured, not colourisations.\n",
-        encoding="utf-8",
-    )
-    return root

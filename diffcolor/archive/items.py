@@ -1,0 +1,152 @@
+"""One item under its output prefix: the layout of its objects, its records, its checkpoint folder.
+
+The item layout under an item's output prefix (any storage URI) is stable:
+
+    PREFIX/result.json                   the latest version's record (written last: marks the item done)
+    PREFIX/versions/v0001.json           every version's record, never overwritten
+    PREFIX/versions/v0001/master.tif     archival master (16-bit when the source was 16-bit)
+    PREFIX/versions/v0001/access.jpg     access copy
+    PREFIX/state/color-state.safetensors the colour state (and state.json, a readable copy)
+    PREFIX/checkpoints/...               loop checkpoints while a fit is under way
+
+A record is a JSON object per item version (spec section 10): what was asked,
+what was made, with which models and software, and how it went. Records are
+published version record first, then ``result.json``, so a reader that finds
+``result.json`` finds the version's own record too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from diffcolor import __version__
+from diffcolor.archive import storage
+from diffcolor.common.items import ItemRequest
+
+SOFTWARE = "diffcolor-archive"
+STATE_FILE = "color-state.safetensors"
+
+
+@dataclass(frozen=True)
+class ItemLayout:
+    """The URIs of one item's objects under its output prefix."""
+
+    prefix: str
+
+    @property
+    def result(self) -> str:
+        return storage.join(self.prefix, "result.json")
+
+    @property
+    def versions(self) -> str:
+        return storage.join(self.prefix, "versions")
+
+    def record(self, version: int) -> str:
+        return storage.join(self.versions, f"v{version:04d}.json")
+
+    def output(self, version: int, name: str) -> str:
+        return storage.join(self.versions, f"v{version:04d}", name)
+
+    @property
+    def state(self) -> str:
+        """The folder of the colour state (the state object and state.json)."""
+        return storage.join(self.prefix, "state")
+
+    @property
+    def state_object(self) -> str:
+        """The colour state itself: one safetensors object."""
+        return storage.join(self.state, STATE_FILE)
+
+    @property
+    def checkpoints(self) -> str:
+        return storage.join(self.prefix, "checkpoints")
+
+    def next_version(self) -> int:
+        """One more than the highest version recorded so far."""
+        numbers = [int(uri.rsplit("/v", 1)[1][:4]) for uri in storage.list_files(self.versions) if uri.endswith(".json")]
+        return max(numbers, default=0) + 1
+
+
+def base_record(request: ItemRequest, provenance: dict | None, preset: str, source_sha256: str | None,
+                key: str | None) -> dict:
+    """A record of ``request`` with every contract field present and nothing done yet.
+
+    ``provenance`` is the loaded models' description (``Models.provenance``:
+    model and CLIP ids, hashes, whether the weights are random, their storage
+    dtype); None when the item failed before models were involved.
+    """
+    models = provenance or {}
+    return {
+        "item_id": request.item_id,
+        "version": None,
+        "status": None,
+        "error_class": None,
+        "error_message": None,
+        "cache_key": key,
+        "source_uri": request.source_uri,
+        "source_sha256": source_sha256,
+        "caption": request.caption,
+        "seed": int(request.seed),
+        "preset": preset,
+        "model_id": models.get("model_id"),
+        "clip_model_id": models.get("clip_model_id"),
+        "model_hash": models.get("model_hash"),
+        "weight_sha256": dict(models.get("weight_sha256") or {}),
+        "smoke_run": models.get("random_weights"),
+        "weight_dtype": models.get("weight_dtype"),  # frozen weights' storage
+        "software": SOFTWARE,
+        "software_version": __version__,
+        "catalogue": dict(request.catalogue),
+        "outputs": {},
+        "output_sha256": {},
+        "seconds": {},
+        "finetune_steps_run": 0,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def failure_record(request: ItemRequest, error: BaseException, *, status: str = "failed", provenance: dict | None = None,
+                   preset: str = "", source_sha256: str | None = None) -> dict:
+    """A record for an item that could not be processed (no version, no outputs)."""
+    record = base_record(request, provenance, preset, source_sha256, None)
+    record.update(status=status, error_class=getattr(error, "error_class", type(error).__name__), error_message=str(error))
+    return record
+
+
+def publish_record(layout: ItemLayout, record: dict) -> None:
+    """Writes a version's record, then ``result.json``: the last write marks the item done."""
+    if record.get("version") is not None:
+        storage.write_json(layout.record(record["version"]), record)
+    storage.write_json(layout.result, record)
+
+
+class CheckpointFolder:
+    """A loop's checkpoints as named objects under a storage prefix (the method's ``CheckpointStore``).
+
+    The fit loops of :mod:`diffcolor.method.training` publish and read their
+    checkpoints through this object alone, so the method never names a URI.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def names(self) -> list[str]:
+        """Names of the objects directly in the folder, sorted (staging files left out)."""
+        return [uri.rsplit("/", 1)[-1] for uri in storage.list_files(self.prefix)]
+
+    def read(self, name: str) -> bytes:
+        return storage.read_bytes(storage.join(self.prefix, name))
+
+    def write(self, name: str, data: bytes) -> None:
+        storage.write_bytes(storage.join(self.prefix, name), data)
+
+    def remove(self, name: str) -> None:
+        storage.remove(storage.join(self.prefix, name))
+
+    def child(self, name: str) -> "CheckpointFolder":
+        """The folder ``name`` inside this one (one per loop)."""
+        return CheckpointFolder(storage.join(self.prefix, name))
+
+    def __repr__(self) -> str:
+        return f"CheckpointFolder({self.prefix!r})"

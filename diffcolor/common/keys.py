@@ -1,0 +1,66 @@
+"""The hashes that decide what is already done (spec section 4, "Idempotency").
+
+- the **cache key** of an item: image bytes, caption, targets, colour map,
+  seed, configuration and model hash; a record with the same key is the same
+  work, so a rerun skips it;
+- the **state key**: only what the fit depends on (not the targets or the
+  render), so new targets reuse a stored colour state;
+- the **plan key**: the cache key's content computable from a manifest row
+  alone (the image's URI, not its bytes), so planning a nightly run touches no
+  item's objects; the worker still checks the full cache key before any GPU
+  work.
+
+Every key is the sha256 of a JSON list (keys sorted, non-JSON values as text),
+so a key never depends on dict order or on the Python process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from diffcolor.common.items import ItemRequest
+
+
+def sha256_hex(data: bytes) -> str:
+    """The sha256 of ``data`` as 64 hex digits."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_json(value) -> str:
+    """The sha256 of ``value`` as canonical JSON (sorted keys; other types as their text)."""
+    return sha256_hex(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+def config_hash(config_dict: dict) -> str:
+    """Hash of a pipeline configuration (``PipelineConfig.to_dict()``)."""
+    return hash_json(config_dict)
+
+
+def cache_key(source_sha256: str, request: ItemRequest, config_dict: dict, model_hash: str) -> str:
+    """The item's cache key: image bytes, caption, targets, colour map, seed, configuration, models."""
+    return hash_json(
+        [source_sha256, request.caption, list(request.targets), dict(sorted(request.color_map.items())),
+         int(request.seed), config_dict, model_hash, bool(request.force)]
+    )
+
+
+def state_key(source_sha256: str, caption: str, seed: int, config_dict: dict, model_hash: str) -> str:
+    """Identifies a colour state: what the fit depends on (model resolution, stage 1, alignment, stage 2)."""
+    fit = {key: config_dict[key] for key in ("model_pixels", "stage1", "align", "stage2")}
+    return hash_json([source_sha256, caption, int(seed), fit, model_hash])
+
+
+def plan_key(request: ItemRequest, config_hash: str, model_hash: str) -> str:
+    """The cheap per-row key: no image bytes read (the ``image_sha256``/``image_etag`` catalogue column counts)."""
+    catalogue = request.catalogue or {}
+    return hash_json([
+        request.item_id, request.source_uri, request.caption, list(request.targets),
+        dict(sorted(request.color_map.items())), int(request.seed), bool(request.force),
+        catalogue.get("image_sha256"), catalogue.get("image_etag"), config_hash, model_hash,
+    ])
+
+
+def render_key(source_sha256: str, state_key: str | None, prompt: str, render_dict: dict, seed: int) -> str:
+    """Identifies a render from a stored colour state: the state, the prompt, the render settings, the seed."""
+    return hash_json([source_sha256, state_key, prompt, render_dict, seed])

@@ -1,0 +1,83 @@
+"""What the collection run and the reprocess run share: run ids, pools, failure records, the summary.
+
+Pools hold worker processes and do not pickle, so a task finds its run's pool
+in :data:`ACTIVE_POOLS` by run id; a task that finds none runs where it is (a
+Ray task worker, which keeps its own models).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from diffcolor.archive import storage
+from diffcolor.archive.items import failure_record
+from diffcolor.archive.results import RecordSpool
+from diffcolor.common.errors import DiffColorError, TransientError
+from diffcolor.common.items import ItemRequest
+from flows import worker
+from flows.pool import DevicePool, ModelSpec
+
+ACTIVE_POOLS: dict[str, DevicePool] = {}  # run id -> the run's local pool, while the run is under way
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time to the second and six random hex digits."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry only transient faults (storage, lost worker, out of memory)."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def run_on_worker(run_id: str, spec: ModelSpec, function, *args):
+    """On the local pool when this process holds the run's pool; else here, in a Ray task worker."""
+    pool = ACTIVE_POOLS.get(run_id)
+    if pool is not None:
+        return pool.run(function, *args)
+    return worker.run_here(spec, function, *args)
+
+
+def record_of_failure(request: ItemRequest, error: BaseException, preset: str) -> dict:
+    """The record of an item whose task failed for good: its error class and message (``internal`` when unplanned)."""
+    record = failure_record(request, error, preset=preset)
+    if not isinstance(error, DiffColorError):
+        record["error_class"] = "internal"
+        record["error_message"] = f"{type(error).__name__}: {error}"
+    return record
+
+
+def run_summary(records, run_id: str, prefix: str) -> dict:
+    """Counts by status and where the results are; ``records`` is a RecordSpool or a list."""
+    if not isinstance(records, RecordSpool):
+        spool = RecordSpool()
+        for record in records:
+            spool.add(record)
+        records = spool
+    return {"run_id": run_id, "counts": dict(records.counts), "results": storage.join(prefix, "results.parquet"),
+            "report": storage.join(prefix, "report.html"),
+            "failed_items": [r["item_id"] for r in records.failures if r["status"] == "failed"]}
+
+
+def publish_summary(summary: dict, records) -> None:
+    """The run's summary as Prefect artifacts: a table of the first 1000 records and a markdown summary."""
+    records = records.head if isinstance(records, RecordSpool) else records
+    rows = [{"item": r["item_id"], "status": r["status"], "version": r.get("version"),
+             "max dL*": None if r.get("max_delta_l") is None else round(r["max_delta_l"], 3),
+             "colourfulness": None if r.get("colorfulness") is None else round(r["colorfulness"], 1),
+             "error": r.get("error_message")} for r in records[:1000]]
+    create_table_artifact(rows, key="colorize-collection-items", description=f"run {summary['run_id']} (first 1000 items)")
+    create_markdown_artifact(
+        f"### Run {summary['run_id']}\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in sorted(summary["counts"].items()))
+        + f"\n\nResults: `{summary['results']}`  \nReport: `{summary['report']}`",
+        key="colorize-collection-summary",
+    )
