@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-output
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all lint-imports clean
 
 $(BIN)/diffcolor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ install: $(BIN)/diffcolor
 demo: install
 	$(BIN)/diffcolor demo --out $(DEMO_OUT)
 
+# The layer contract first (import-linter, pyproject.toml), then the default test suite.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+lint-imports: install
+	$(BIN)/lint-imports
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""

@@ -353,7 +353,7 @@ def cmd_eval_compare(args) -> int:
     comparison = compare_evals(rows_a, summary_a, rows_b, summary_b)
     print(format_comparison(comparison, args.a, args.b))
     written = write_comparison(comparison, args.a, args.b, args.out)
-    print(f"plot:   {written['plot']}\nreport: {written['report']}")
+    print(f"plot:   {written['plot'] or '(none: matplotlib is not installed)'}\nreport: {written['report']}")
     return 0
 
 

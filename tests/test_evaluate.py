@@ -287,6 +287,25 @@ def test_eval_compare_prints_and_plots_the_differences(demo_eval, tmp_path, caps
     assert all(row["psnr_rgb_diff"] == pytest.approx(1.5) for row in table)
 
 
+def test_without_matplotlib_the_reports_are_written_without_plots_and_say_so(demo_eval, tmp_path, monkeypatch):
+    """matplotlib is the `plots` extra: an eval host without it still gets its report and comparison."""
+    from diffcolor.tools import eval_report
+    from diffcolor.tools.eval_report import compare_evals, write_comparison, write_eval_report
+
+    run, _, _ = demo_eval
+    monkeypatch.setattr(eval_report, "plots_available", lambda: False)
+    uris = write_eval_report(run.rows, run.summary, str(tmp_path / "eval"), str(tmp_path / "eval" / "report.html"))
+    page = (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")
+    assert uris == {} and not (tmp_path / "eval" / "plots").exists()
+    assert "<figure>" not in page and "plots need matplotlib" in page
+    assert all(f"<td>{item}<br>" in page for item in DEMO_ITEMS)
+
+    comparison = compare_evals(run.rows, run.summary, run.rows, run.summary)
+    written = write_comparison(comparison, "a", "b", str(tmp_path / "cmp"))
+    assert written["plot"] is None and not (tmp_path / "cmp" / "compare.png").exists()
+    assert "plots need matplotlib" in (tmp_path / "cmp" / "compare.html").read_text(encoding="utf-8")
+
+
 # ---------------------------------------------------------------------------
 # Item failures do not stop an eval.
 

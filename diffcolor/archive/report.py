@@ -11,7 +11,6 @@ labelled at the top.
 from __future__ import annotations
 
 import base64
-import html
 import io
 from array import array
 from collections import Counter
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from diffcolor.archive import storage
+from diffcolor.archive.pages import render_page
 
 THUMBNAIL_SIDE = 192  # pixels, long side
 
@@ -74,10 +74,6 @@ def _thumbnails(access_uri: str) -> tuple[str, str]:
     return uris[0], uris[1]
 
 
-def _number(value, digits=2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 STATISTICS = ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction",
               "device_seconds")
 
@@ -108,50 +104,30 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
     first ones and the failures) are the rows shown.
     """
     counts, stats, done_count = run_statistics(records if all_records is None else all_records)
-    smoke = any(record.get("smoke_run") for record in records)
     done = [r for r in records if r["status"] == "done"]
-    failed = [r for r in records if r["status"] in ("failed", "not_grayscale")]
-
     rows = []
     for record in done[:max_rows]:
+        row = {name: record.get(name) for name in ("item_id", "version", "max_delta_l", "colorfulness", "clip_score",
+                                                    "alignment_confidence", "gamut_clipped_fraction")}
+        row.update(caption=record.get("caption", ""), thumbnails=None, thumbnail_error=None,
+                   prompt=record.get("target_prompt") or f"(primary colourisation) {record.get('caption', '')}")
         try:
-            gray, colour = _thumbnails(record["outputs"]["access"])
-            pictures = f"<td><img src='{gray}' alt='gray'></td><td><img src='{colour}' alt='colour'></td>"
+            row["thumbnails"] = _thumbnails(record["outputs"]["access"])
         except Exception as error:  # a missing access copy must not lose the rest of the report
-            pictures = f"<td colspan=2>thumbnail unavailable: {html.escape(type(error).__name__)}</td>"
-        prompt = record.get("target_prompt") or f"(primary colourisation) {record.get('caption', '')}"
-        rows.append(
-            f"<tr><td>{html.escape(str(record['item_id']))}<br><small>v{record.get('version')}</small></td>{pictures}"
-            f"<td><b>caption</b> {html.escape(str(record.get('caption', '')))}<br><b>prompt</b> {html.escape(prompt)}</td>"
-            f"<td>max ΔL* {_number(record.get('max_delta_l'))}<br>colourfulness {_number(record.get('colorfulness'), 1)}"
-            f"<br>CLIP {_number(record.get('clip_score'), 1)}<br>alignment {_number(record.get('alignment_confidence'))}"
-            f"<br>gamut-clipped {_number(record.get('gamut_clipped_fraction'), 3)}</td></tr>"
-        )
-    failures = "".join(
-        f"<tr><td>{html.escape(str(r['item_id']))}</td><td>{html.escape(r['status'])}</td>"
-        f"<td>{html.escape(str(r.get('error_class')))}</td><td>{html.escape(str(r.get('error_message')))}</td></tr>"
-        for r in failed
+            row["thumbnail_error"] = type(error).__name__
+        rows.append(row)
+    return render_page(
+        "run_report.html",
+        title=title,
+        run_id=run_id,
+        summary=" · ".join(f"{status}: {count}" for status, count in sorted(counts.items())),
+        smoke=any(record.get("smoke_run") for record in records),
+        statistics=[(name, values) for name, values in stats.items() if values.get("count")],
+        rows=rows,
+        more=done_count - len(rows) if done_count > len(rows) else 0,
+        failures=[{name: record.get(name) for name in ("item_id", "status", "error_class", "error_message")}
+                  for record in records if record["status"] in ("failed", "not_grayscale")],
     )
-    summary = " · ".join(f"{status}: {count}" for status, count in sorted(counts.items()))
-    stat_rows = "".join(
-        f"<tr><td>{name}</td><td>{values['count']}</td>"
-        + "".join(f"<td>{_number(values.get(k), 3)}</td>" for k in ("median", "p5", "p95", "max")) + "</tr>"
-        for name, values in stats.items() if values.get("count")
-    )
-    banner = ("<p class=smoke><b>SMOKE RUN</b>: random-weight tiny bundle. These images test the pipeline; "
-              "they are not colourisations.</p>") if smoke else ""
-    shown = min(len(done), max_rows)
-    more = f"<p>{done_count - shown} more done items are in results.parquet.</p>" if done_count > shown else ""
-    return f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>{html.escape(title)} {html.escape(run_id)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
-td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} .smoke{{background:#fdd;padding:8px}}</style></head>
-<body><h1>{html.escape(title)}</h1><p>run <code>{html.escape(run_id)}</code> — {html.escape(summary)}</p>{banner}
-<h2>Metrics of done items</h2><table id=metrics><tr><th>metric</th><th>items</th><th>median</th><th>p5</th><th>p95</th><th>max</th></tr>{stat_rows}</table>
-<h2>Items</h2><table id=items><tr><th>item</th><th>gray</th><th>colour</th><th>prompts</th><th>metrics</th></tr>{''.join(rows)}</table>{more}
-<h2>Failures and skips</h2><table id=failures><tr><th>item</th><th>status</th><th>class</th><th>reason</th></tr>{failures}</table>
-</body></html>
-"""
 
 
 def write_report(records: list[dict], uri: str, *, run_id: str, all_records: Iterable[dict] | None = None) -> str:

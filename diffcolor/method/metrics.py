@@ -87,14 +87,7 @@ def lightness_fidelity(
             (H, W) array.
     """
     # 1. Check inputs.
-    gray = _gray_as_float(gray, "gray")
-    unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) else rgb, "rgb")  # type check, no full copy
-    if rgb.shape[:2] != gray.shape:
-        raise ValueError(f"rgb shape {rgb.shape} does not match gray shape {gray.shape}")
-    if ignore is not None and (
-        not isinstance(ignore, np.ndarray) or ignore.dtype != np.bool_ or ignore.shape != gray.shape
-    ):
-        raise ValueError(f"ignore must be a bool array of shape {gray.shape}, got {describe(ignore)}")
+    gray = _check_fidelity_inputs(gray, rgb, ignore)
 
     # 2. Walk strips of rows: L* of both images in float64, delta statistics on
     #    the strip's own rows, the SSIM map on the strip plus a halo of half a
@@ -125,15 +118,9 @@ def lightness_fidelity(
 
         # 3. SSIM map, cropped by half a window at the image border as skimage does.
         if side >= 3:
-            ssim_map = structural_similarity(
-                source_l.astype(np.float32), output_l.astype(np.float32),
-                data_range=100.0, win_size=side, full=True,
-            )[1]
-            first, last = max(top, pad), min(bottom, height - pad)
-            if last > first:
-                kept_map = ssim_map[first - lo : last - lo, pad : width - pad]
-                ssim_sum += float(kept_map.sum(dtype=np.float64))
-                ssim_count += kept_map.size
+            strip_sum, strip_count = _ssim_of_strip(source_l, output_l, side, rows=(lo, top, bottom), height=height)
+            ssim_sum += strip_sum
+            ssim_count += strip_count
 
     # 4. Totals (NaN where there was nothing to measure).
     nan = float("nan")
@@ -142,6 +129,36 @@ def lightness_fidelity(
         "mean_delta_l": delta_sum / delta_count if delta_count else nan,
         "ssim_l": ssim_sum / ssim_count if ssim_count else nan,
     }
+
+
+def _check_fidelity_inputs(gray: np.ndarray, rgb: np.ndarray, ignore: np.ndarray | None) -> np.ndarray:
+    """``gray`` as a checked float array; ValueError naming what is wrong with any argument."""
+    gray = _gray_as_float(gray, "gray")
+    unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) else rgb, "rgb")  # type check, no full copy
+    if rgb.shape[:2] != gray.shape:
+        raise ValueError(f"rgb shape {rgb.shape} does not match gray shape {gray.shape}")
+    if ignore is not None and (
+        not isinstance(ignore, np.ndarray) or ignore.dtype != np.bool_ or ignore.shape != gray.shape
+    ):
+        raise ValueError(f"ignore must be a bool array of shape {gray.shape}, got {describe(ignore)}")
+    return gray
+
+
+def _ssim_of_strip(source_l: np.ndarray, output_l: np.ndarray, side: int, *, rows: tuple[int, int, int],
+                   height: int) -> tuple[float, int]:
+    """Sum and count of the SSIM map over a strip's own rows (``rows`` = first row with halo, top, bottom),
+    less half a window at the image border, as skimage crops a full-image map."""
+    lo, top, bottom = rows
+    pad = side // 2
+    width = source_l.shape[1]
+    ssim_map = structural_similarity(
+        source_l.astype(np.float32), output_l.astype(np.float32), data_range=100.0, win_size=side, full=True,
+    )[1]
+    first, last = max(top, pad), min(bottom, height - pad)
+    if last <= first:
+        return 0.0, 0
+    kept_map = ssim_map[first - lo : last - lo, pad : width - pad]
+    return float(kept_map.sum(dtype=np.float64)), kept_map.size
 
 
 def _lightness_of_gray(gray: np.ndarray) -> np.ndarray:

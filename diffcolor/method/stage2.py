@@ -123,6 +123,18 @@ class Stage2Result:
     finetune_loop: LoopResult
 
 
+def _loop_options(phase: str, loop_fingerprint: str, config: Stage2Config, checkpoints: CheckpointStore | None,
+                  progress: Callable[[str, int, dict], None] | None) -> dict:
+    """The :func:`run_resumable_loop` options of one stage-2 loop: its checkpoint folder, fingerprint, policy, progress."""
+    return {
+        "checkpoints": None if checkpoints is None else checkpoints.child(phase),
+        "fingerprint": loop_fingerprint,
+        "policy": config.checkpoints,
+        "max_grad_norm": config.max_grad_norm,
+        "progress": None if progress is None else (lambda step, record: progress(phase, step, record)),
+    }
+
+
 def fit_in_context(
     models: Models,
     primary: torch.Tensor,
@@ -149,13 +161,8 @@ def fit_in_context(
     initial = encode_prompts(models, [rewritten.text]).float()
 
     def loop_options(phase: str) -> dict:
-        return {
-            "checkpoints": None if checkpoints is None else checkpoints.child(phase),
-            "fingerprint": fingerprint(models, primary, rewritten, config, seed, phase),
-            "policy": config.checkpoints,
-            "max_grad_norm": config.max_grad_norm,
-            "progress": None if progress is None else (lambda step, record: progress(phase, step, record)),
-        }
+        return _loop_options(phase, fingerprint(models, primary, rewritten, config, seed, phase), config,
+                             checkpoints, progress)
 
     # 2. Optimise the embedding of c' with the frozen UNet (the base, no adapter).
     embedding = torch.nn.Parameter(initial.clone())

@@ -9,7 +9,7 @@ object.
 from __future__ import annotations
 
 import base64
-import html
+import importlib.util
 import io
 import math
 
@@ -20,9 +20,11 @@ from PIL import Image
 
 from diffcolor.archive import storage
 from diffcolor.archive.images import read_image
+from diffcolor.archive.pages import render_page
 from diffcolor.tools.eval_metrics import METRICS
 
 THUMBNAIL_SIDE = 160  # pixels, long side
+PLOTS_MISSING = "plots need matplotlib: pip install 'diffcolor-archive[plots]'"
 PLOT_DPI = 100
 
 
@@ -104,79 +106,57 @@ def _thumbnail(picture: Image.Image) -> str:
     return _data_uri(buffer.getvalue(), "jpeg")
 
 
-def _row_thumbnails(row: dict) -> list[str]:
-    """Data URIs of the ground truth, gray input and output thumbnails (a cell text when one is unreadable)."""
+def _row_thumbnails(row: dict) -> list[dict]:
+    """The ground truth, gray input and output thumbnails as data URIs (an error name when one is unreadable)."""
     cells = []
     for role in ("ground_truth_uri", "gray_uri", "access_uri"):
         try:
             source = read_image(storage.read_bytes(row[role]), row[role])
             values = source.rgb if source.rgb is not None else np.repeat(source.gray[..., None], 3, axis=-1)
-            cells.append(f"<img src='{_thumbnail(Image.fromarray(np.round(values * 255).astype(np.uint8)))}' alt='{role}'>")
+            picture = _thumbnail(Image.fromarray(np.round(values * 255).astype(np.uint8)))
+            cells.append({"role": role, "picture": picture, "error": None})
         except Exception as error:  # one missing picture must not lose the rest of the report
-            cells.append(f"thumbnail unavailable: {html.escape(type(error).__name__)}")
+            cells.append({"role": role, "picture": None, "error": type(error).__name__})
     return cells
-
-
-def _number(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    value = float(value)
-    return "–" if math.isnan(value) else (f"{value:.{digits}f}" if math.isfinite(value) else str(value))
 
 
 def render_eval_report(rows: list[dict], summary: dict, plots: dict[str, bytes], *, max_rows: int = 1000) -> str:
     """The report's HTML: summary, missing metrics, plots, per-item rows, failures."""
     done = [row for row in rows if row["status"] == "done"]
-    failed = [row for row in rows if row["status"] != "done"]
-    counts = " · ".join(f"{status}: {count}" for status, count in sorted(summary["counts"].items()))
-    banner = ("<p class=smoke><b>SMOKE RUN</b>: random-weight tiny bundle. These numbers test the pipeline; "
-              "they say nothing about a model.</p>") if summary.get("smoke_run") else ""
-    stat_rows = "".join(
-        f"<tr><td>{name}</td>" + "".join(f"<td>{_number(stats[k])}</td>" for k in ("mean", "median", "p5", "p95", "min", "max"))
-        + f"<td>{stats['count']}</td></tr>"
-        for name, stats in summary["metrics"].items() if stats["count"]
+    shown = [{"item_id": row["item_id"], "version": row.get("version"), "reused": bool(row.get("reused")),
+              "thumbnails": _row_thumbnails(row), "prompt": row.get("prompt") or "",
+              "metrics": [(name, row[name]) for name in METRICS if row.get(name) is not None]}
+             for row in done[:max_rows]]
+    return render_page(
+        "eval_report.html",
+        package="diffcolor.tools",
+        title="DiffColor eval",
+        summary=summary,
+        counts=" · ".join(f"{status}: {count}" for status, count in sorted(summary["counts"].items())),
+        statistics=[(name, stats) for name, stats in summary["metrics"].items() if stats["count"]],
+        plots=[(name, _data_uri(data, "png")) for name, data in plots.items()],
+        rows=shown,
+        more=max(0, len(done) - max_rows),
+        failures=[{name: row.get(name) for name in ("item_id", "status", "error_class", "error_message")}
+                  for row in rows if row["status"] != "done"],
     )
-    fid = (f"<p><b>FID</b> {_number(summary['fid'])} over {summary['fid_images']} image pairs"
-           + (" (fewer than 2048 images: biased upwards; compare only evals of the same set)" if summary["fid_images"] < 2048 else "")
-           + "</p>") if summary.get("fid") is not None else ""
-    missing = "".join(f"<li>{html.escape(message)}</li>" for message in summary["missing"].values())
-    missing = f"<h2>Metrics not computed</h2><ul id=missing>{missing}</ul>" if missing else ""
-    pictures = "".join(f"<figure><img src='{_data_uri(data, 'png')}' alt='{html.escape(name)}'><figcaption>"
-                       f"{html.escape(name)}</figcaption></figure>" for name, data in plots.items())
-    item_rows = []
-    for row in done[:max_rows]:
-        thumbs = "".join(f"<td>{cell}</td>" for cell in _row_thumbnails(row))
-        metrics = "<br>".join(f"{name} {_number(row.get(name))}" for name in METRICS if row.get(name) is not None)
-        item_rows.append(
-            f"<tr><td>{html.escape(str(row['item_id']))}<br><small>v{row.get('version')}"
-            f"{' (reused)' if row.get('reused') else ''}</small></td>{thumbs}"
-            f"<td>{html.escape(str(row.get('prompt') or ''))}</td><td class=metrics>{metrics}</td></tr>")
-    failures = "".join(
-        f"<tr><td>{html.escape(str(r['item_id']))}</td><td>{html.escape(str(r['status']))}</td>"
-        f"<td>{html.escape(str(r.get('error_class')))}</td><td>{html.escape(str(r.get('error_message')))}</td></tr>"
-        for r in failed)
-    more = f"<p>{len(done) - max_rows} more rows are in eval.parquet.</p>" if len(done) > max_rows else ""
-    return f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>DiffColor eval</title>
-<style>body{{font-family:sans-serif;margin:1.5em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
-td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top}} .smoke{{background:#fdd;padding:8px}}
-.metrics{{font-size:85%;white-space:nowrap}} figure{{display:inline-block;margin:0 1em 1em 0}}</style></head>
-<body><h1>DiffColor eval</h1>
-<p>{html.escape(counts)} — preset <code>{html.escape(str(summary.get('preset') or '-'))}</code>, model
-<code>{html.escape(str(summary.get('model_id')))}</code>, CLIP <code>{html.escape(str(summary.get('clip_model_id')))}</code></p>{banner}
-<p>Gray inputs: {html.escape(summary['gray_method_text'])}.</p>
-<h2>Metrics</h2><table id=summary><tr><th>metric</th><th>mean</th><th>median</th><th>p5</th><th>p95</th><th>min</th><th>max</th><th>n</th></tr>{stat_rows}</table>
-{fid}{missing}
-<h2>Plots</h2>{pictures}
-<h2>Items</h2><table id=items><tr><th>item</th><th>ground truth</th><th>gray input</th><th>output</th><th>prompt</th><th>metrics</th></tr>{''.join(item_rows)}</table>{more}
-<h2>Failures and skips</h2><table id=failures><tr><th>item</th><th>status</th><th>class</th><th>reason</th></tr>{failures}</table>
-</body></html>
-"""
+
+
+def plots_available() -> bool:
+    """Whether matplotlib (the ``plots`` extra) is installed; without it reports are written without plots."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def write_eval_report(rows: list[dict], summary: dict, prefix: str, report_uri: str) -> dict[str, str]:
-    """Writes the plots under ``PREFIX/plots/`` and the report at ``report_uri``; returns the plots' URIs by name."""
-    plots = {"metric_distributions": metric_distributions_png(rows), "colorfulness": colorfulness_png(rows)}
+    """Writes the plots under ``PREFIX/plots/`` and the report at ``report_uri``; returns the plots' URIs by name.
+
+    Without matplotlib the report has no plots and says so among the metrics not computed.
+    """
+    plots = {}
+    if plots_available():
+        plots = {"metric_distributions": metric_distributions_png(rows), "colorfulness": colorfulness_png(rows)}
+    else:
+        summary = dict(summary, missing={**summary["missing"], "plots": PLOTS_MISSING})
     uris = {}
     for name, data in plots.items():
         uris[f"plot_{name}"] = storage.join(prefix, "plots", f"{name}.png")
@@ -323,15 +303,19 @@ def comparison_png(comparison: dict, label_a: str, label_b: str) -> bytes:
 
 
 def write_comparison(comparison: dict, label_a: str, label_b: str, out: str) -> dict[str, str]:
-    """Writes ``OUT/compare.png``, ``OUT/compare.html`` and ``OUT/compare.parquet`` (per-item differences)."""
-    plot = comparison_png(comparison, label_a, label_b)
-    uris = {"plot": storage.join(out, "compare.png"), "report": storage.join(out, "compare.html"),
-            "parquet": storage.join(out, "compare.parquet")}
-    storage.write_bytes(uris["plot"], plot)
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>DiffColor eval comparison</title></head>"
-            f"<body style='font-family:sans-serif'><h1>DiffColor eval comparison</h1>"
-            f"<pre>{html.escape(format_comparison(comparison, label_a, label_b))}</pre>"
-            f"<img src='{_data_uri(plot, 'png')}' alt='differences'></body></html>\n")
+    """Writes ``OUT/compare.png``, ``OUT/compare.html`` and ``OUT/compare.parquet`` (per-item differences).
+
+    Without matplotlib there is no plot: ``uris["plot"]`` is None and the page says why.
+    """
+    uris = {"plot": None, "report": storage.join(out, "compare.html"), "parquet": storage.join(out, "compare.parquet")}
+    plot = None
+    if plots_available():
+        uris["plot"] = storage.join(out, "compare.png")
+        plot = comparison_png(comparison, label_a, label_b)
+        storage.write_bytes(uris["plot"], plot)
+    page = render_page("eval_compare.html", package="diffcolor.tools", title="DiffColor eval comparison",
+                       text=format_comparison(comparison, label_a, label_b),
+                       plot=None if plot is None else _data_uri(plot, "png"), plots_missing=PLOTS_MISSING)
     storage.write_bytes(uris["report"], page.encode("utf-8"))
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(comparison["items"]) if comparison["items"] else pa.table({"item_id": pa.array([], pa.string())}),
