@@ -306,7 +306,7 @@ def cmd_reprocess(args) -> int:
         targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in args.items.split(",")]
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype,
-                               workers_per_device=args.workers_per_device)
+                               workers_per_device=args.workers_per_device, pool=args.pool)
     return _finish_flow(reprocess(args.out, targets, options, return_state=True))
 
 
@@ -510,8 +510,9 @@ def _add_collection_commands(commands) -> None:
     _add_preset_option(run)
     run.add_argument("--items", help="comma-separated item ids to run (default: all)")
     run.add_argument("--force", action="store_true", help="redo done items; colourise colour photographs too")
-    run.add_argument("--pool", choices=("local", "ray"), default="local",
-                     help="local: worker processes on this machine's GPUs; ray: one GPU per item task on a Ray cluster")
+    run.add_argument("--pool", choices=("local", "inline", "ray"), default="local",
+                     help="local: worker processes on this machine's GPUs; inline: items in the flow's own process "
+                          "(for debugging); ray: one GPU per item task on a Ray cluster")
     run.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 (default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--gpus-per-item", type=_gpu_share, default=1.0, metavar="F",
                      help="Ray only: the GPU share each item task reserves, e.g. 0.5 for two items per GPU (default 1)")
@@ -528,6 +529,8 @@ def _add_collection_commands(commands) -> None:
     again.add_argument("--color-map", help="JSON colour map for every selected item")
     again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map")
     again.add_argument("--seed", type=int)
+    again.add_argument("--pool", choices=("local", "inline"), default="local",
+                       help="local: worker processes on this machine's GPUs; inline: in the flow's own process")
     _add_model_options(again, required=False)
     _add_workers_option(again)
     again.set_defaults(handler=cmd_reprocess)

@@ -69,7 +69,9 @@ class RunOptions(BaseModel):
     allow_download: bool = Field(False, description="let models be fetched from the hub")
     weight_dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="frozen weights' storage: auto (bf16 on CUDA), bf16 or fp32")
-    pool: str = Field("local", description="local (worker processes on this machine's GPUs) or ray")
+    pool: Literal["local", "inline", "ray"] = Field(
+        "local", description="local (worker processes on this machine's GPUs), inline (items in the flow's own "
+                             "process: for debugging) or ray")
     workers_per_device: int = Field(
         1, ge=1, description="local pool: worker processes per GPU (or on the CPU), each with its own models")
     gpus_per_item: float = Field(1.0, gt=0, le=1, description="Ray only: the GPU share each item task reserves "
@@ -172,15 +174,16 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
 
 
 def _start_pool(run_id: str, spec: ModelSpec, options: RunOptions) -> DevicePool | None:
-    """The run's local pool with every worker up and its models loaded; None in Ray mode (Ray places items)."""
+    """The run's pool (local worker processes, or inline) with its models loaded; None in Ray mode (Ray places items)."""
     if options.pool == "ray":
         if "Ray" not in type(FlowRunContext.get().task_runner).__name__:
             raise ValueError("pool 'ray' needs the Ray task runner: run flows/ray_collection.py:colorize_collection_ray "
                              "(or diffcolor run --pool ray)")
         return None
-    if options.pool != "local":
-        raise ValueError(f"pool must be 'local' or 'ray', got {options.pool!r}")
-    pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device)
+    if options.pool not in ("local", "inline"):
+        raise ValueError(f"pool must be 'local', 'inline' or 'ray', got {options.pool!r}")
+    pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
+                      inline=options.pool == "inline")
     ACTIVE_POOLS[run_id] = pool
     try:
         pool.describe()  # every worker up, its models loaded

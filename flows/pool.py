@@ -13,6 +13,10 @@ and models stay loaded between items. A worker that dies (killed, crashed,
 node lost) surfaces as :class:`WorkerLostError`, a transient error the flow
 retries; the slot is restarted with a fresh process first, and the retried
 item resumes from its latest checkpoint.
+
+An ``inline`` pool runs items in the calling process instead, one at a time on
+its device: for debugging (a debugger or profiler sees the item's work) and for
+small hosts; a crash in an item then takes the flow with it.
 """
 
 from __future__ import annotations
@@ -70,12 +74,13 @@ def visible_gpus() -> list[int]:
 
 
 class _InlineSlot:
-    """Runs items in the calling process (``device='inline'``): for debugging and fault-injection tests."""
+    """Runs items in the calling process: the one slot of an ``inline`` pool."""
 
-    index, device = 0, "inline"
+    index = 0
 
-    def __init__(self, spec: ModelSpec):
-        worker.init_worker(spec, "cpu", None, {})
+    def __init__(self, spec: ModelSpec, device: str):
+        self.device = device
+        worker.init_worker(spec, device, None, {})
         self.executor = self
 
     def submit(self, function, *args):
@@ -91,21 +96,22 @@ class _InlineSlot:
     def shutdown(self, **_):
         pass
 
-    _processes: dict = {}
-
 
 class DevicePool:
-    """A fixed set of worker slots: ``workers_per_device`` on each visible GPU, or on the CPU."""
+    """A fixed set of worker slots: ``workers_per_device`` on each visible GPU, or on the CPU.
+
+    ``inline=True``: one slot that runs items in this process, on ``device`` (``auto``: the first GPU, else the CPU).
+    """
 
     def __init__(self, spec: ModelSpec, *, device: str = "auto", cpu_threads: int | None = None,
-                 workers_per_device: int = 1):
+                 workers_per_device: int = 1, inline: bool = False):
         if isinstance(workers_per_device, bool) or not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device must be a whole number of at least 1, got {workers_per_device!r}")
         self.workers_per_device = workers_per_device
-        if device == "inline":
+        if inline:
             if workers_per_device != 1:
-                raise ValueError("device 'inline' runs items in the calling process: workers_per_device must be 1")
-            self._setup([_InlineSlot(spec)])
+                raise ValueError("an inline pool runs items in the calling process: workers_per_device must be 1")
+            self._setup([_InlineSlot(spec, ("cuda" if visible_gpus() else "cpu") if device == "auto" else device)])
             return
         gpus = visible_gpus() if device in ("auto", "cuda") else []
         if device == "cuda" and not gpus:
@@ -161,7 +167,8 @@ class DevicePool:
         return [self.run(worker.describe) for _ in self.slots]
 
     def worker_pids(self) -> list[int]:
-        return [pid for slot in self.slots for pid in (slot.executor._processes or {}).keys()]
+        """The pids of the worker processes (none for an inline pool)."""
+        return [pid for slot in self.slots if isinstance(slot, _Slot) for pid in (slot.executor._processes or {}).keys()]
 
     def close(self) -> None:
         for slot in self.slots:

@@ -65,6 +65,8 @@ class ReprocessOptions(BaseModel):
     weight_dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="frozen weights' storage: auto (bf16 on CUDA), bf16 or fp32")
     workers_per_device: int = Field(1, ge=1, description="worker processes per GPU (or on the CPU)")
+    pool: Literal["local", "inline"] = Field(
+        "local", description="local (worker processes on this machine's GPUs) or inline (in the flow's own process)")
 
 
 def read_targets(uri: str) -> list[Retarget]:
@@ -118,7 +120,8 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
         # 2. The device pool, models loaded once.
         spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                          weight_dtype=options.weight_dtype)
-        pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device)
+        pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
+                          inline=options.pool == "inline")
         ACTIVE_POOLS[run_id] = pool
         try:
             futures = {}

@@ -186,7 +186,7 @@ def test_transient_storage_error_is_retried_and_a_bad_image_is_not(prefect_serve
         return real_write(uri, data)
 
     monkeypatch.setattr(storage, "write_bytes", flaky_write)
-    options = RunOptions(preset="smoke", device="inline", retry_delay_seconds=[0.2])
+    options = RunOptions(preset="smoke", pool="inline", retry_delay_seconds=[0.2])
     state = colorize_collection(str(manifest), str(tmp_path / "out"), "tiny", options, return_state=True)
     assert state.is_failed()  # the bad image fails the run...
     rows = {row["item_id"]: row for row in read_results(str(_run_dirs(tmp_path / "out")[0] / "results.parquet")).to_pylist()}
@@ -205,7 +205,7 @@ def test_the_same_run_against_a_real_s3_api(prefect_server, s3_bucket, tmp_path)
     storage.write_bytes(f"{s3_bucket}/incoming/manifest.parquet", manifest.read_bytes())
 
     output = f"{s3_bucket}/archive"
-    options = RunOptions(preset="smoke", device="inline")
+    options = RunOptions(preset="smoke", pool="inline")
     state = colorize_collection(f"{s3_bucket}/incoming/manifest.parquet", output, "tiny", options, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -290,7 +290,7 @@ def test_reprocess_renders_new_targets_from_colour_states(prefect_server, tmp_pa
     from flows.collection import RunOptions, colorize_collection
 
     manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
-    assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", device="inline"),
+    assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", pool="inline"),
                                return_state=True).is_completed()
     code = main(["reprocess", str(out), "--items", "p0,p1", "--color-map", '{"dog": "red"}', "--device", "cpu",
                  "--weight-dtype", "bf16",  # the CUDA default's weight storage, through the flow to its workers
