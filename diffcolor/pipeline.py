@@ -44,6 +44,7 @@ from diffcolor.common.captions import build_target_prompt, rewrite_caption
 from diffcolor.common.errors import DiffColorError, NotGrayscaleError, StateError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import cache_key, render_key, sha256_hex, state_key
+from diffcolor.common.pixels import unit_rgb
 from diffcolor.common.tensorfiles import read_metadata
 from diffcolor.method.align import Alignment, align_chroma
 from diffcolor.method.color import rgb_to_lab
@@ -177,7 +178,7 @@ def _write_version(models: Models, source: SourceImage, layout: ItemLayout, vers
     record["output_sha256"].update(master=sha256_hex(master), access=sha256_hex(access))
 
     # 3. Metrics (spec section 7), then the record: the version's, then result.json.
-    small = torch.from_numpy(merged.rgb.astype(np.float32) / (65535.0 if merged.rgb.dtype == np.uint16 else 255.0))
+    small = torch.from_numpy(unit_rgb(merged.rgb).astype(np.float32))
     record.update(
         clip_score=clip_score(models, small.permute(2, 0, 1)[None], prompt),
         colorfulness=colorfulness(merged.rgb),
@@ -245,7 +246,6 @@ def colorize_item(
     config: PipelineConfig,
     *,
     preset: str = "",
-    reuse: bool = True,
     progress: Progress | None = None,
 ) -> list[dict]:
     """Colourises one item; returns the records written (one per version, in order).
@@ -270,7 +270,7 @@ def colorize_item(
         # 2. Skip when this exact work is already done.
         config_dict = config.to_dict()
         key = cache_key(source_sha256, request, config_dict, models.model_hash)
-        if reuse and storage.exists(layout.result):
+        if storage.exists(layout.result):
             previous = storage.read_json(layout.result)
             if previous.get("cache_key") == key and previous.get("status") == "done":
                 # The record of this run: nothing was computed, nothing written.

@@ -290,7 +290,11 @@ def test_eval_compare_prints_and_plots_the_differences(demo_eval, tmp_path, caps
 def test_without_matplotlib_the_reports_are_written_without_plots_and_say_so(demo_eval, tmp_path, monkeypatch):
     """matplotlib is the `plots` extra: an eval host without it still gets its report and comparison."""
     from diffcolor.tools import eval_report
-    from diffcolor.tools.eval_report import compare_evals, write_comparison, write_eval_report
+    from diffcolor.tools.eval_report import (
+        compare_evals,
+        write_comparison,
+        write_eval_report,
+    )
 
     run, _, _ = demo_eval
     monkeypatch.setattr(eval_report, "plots_available", lambda: False)

@@ -2,7 +2,7 @@
 
 The output root of a collection is laid out as::
 
-    OUTPUT/items/ITEM_ID/...          each item's layout (see diffcolor.pipeline)
+    OUTPUT/items/ITEM_ID/...          each item's layout (see diffcolor.archive.items)
     OUTPUT/runs/RUN_ID/results.parquet  the run's records
     OUTPUT/runs/RUN_ID/report.html      the run's contact sheet
     OUTPUT/index/items.parquet          the done-index: the latest plan key and status per item

@@ -1,6 +1,6 @@
 """Result records compacted into one Parquet table per run.
 
-Each item version has a JSON record (see :mod:`diffcolor.pipeline`); a run
+Each item version has a JSON record (see :mod:`diffcolor.archive.items`); a run
 collects the records it produced or skipped into ``results.parquet`` with a
 fixed schema: the contract fields of spec section 10 as typed columns, the
 role-keyed fields (``outputs``, ``output_sha256``, ``seconds``) as maps, and the

@@ -19,6 +19,8 @@ from kornia.color import lab_to_rgb as _kornia_lab_to_rgb
 from kornia.color import linear_rgb_to_rgb as _kornia_linear_rgb_to_rgb
 from kornia.color import rgb_to_lab as _kornia_rgb_to_lab
 
+from diffcolor.common.pixels import describe
+
 # kornia's (and scikit-image's) CIE constants, repeated here only for the inverse
 # of the lightness curve, so that gray -> L* -> gray is exact to float precision.
 _LAB_EPSILON = 0.008856  # Y/Yn below which L* is linear in Y (kornia's value)
@@ -102,7 +104,7 @@ def gray_lightness(gray: torch.Tensor) -> torch.Tensor:
         ValueError: if ``gray`` is not a floating tensor.
     """
     if not isinstance(gray, torch.Tensor) or not gray.is_floating_point():
-        raise ValueError(f"gray must be a floating torch.Tensor, got {_describe(gray)}")
+        raise ValueError(f"gray must be a floating torch.Tensor, got {describe(gray)}")
     # 1. Lay the values out as one row of neutral RGB pixels, (3, 1, N).
     flat = gray.reshape(1, 1, -1).expand(3, 1, -1)
     # 2. Same conversion as colour pixels, so gray and colour L* agree exactly.
@@ -124,7 +126,7 @@ def gray_from_lightness(lightness_values: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(lightness_values, torch.Tensor) or not lightness_values.is_floating_point():
         raise ValueError(
-            f"lightness_values must be a floating torch.Tensor, got {_describe(lightness_values)}"
+            f"lightness_values must be a floating torch.Tensor, got {describe(lightness_values)}"
         )
     # 1. Invert L* = 116 f(Y) - 16 with the branch choice of kornia's forward curve.
     f = (lightness_values + 16.0) / 116.0
@@ -212,12 +214,6 @@ def _inside_gamut(rgb: torch.Tensor, dim: int, keepdim: bool = False) -> torch.T
 
 def _check_three_channels(tensor: object, name: str) -> None:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise ValueError(f"{name} must be a floating torch.Tensor, got {_describe(tensor)}")
+        raise ValueError(f"{name} must be a floating torch.Tensor, got {describe(tensor)}")
     if tensor.dim() < 3 or tensor.shape[-3] != 3:
         raise ValueError(f"{name} must have shape (..., 3, H, W), got {tuple(tensor.shape)}")
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
-    return type(value).__name__

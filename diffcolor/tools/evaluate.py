@@ -36,7 +36,7 @@ Metrics (the paper reports FID, LPIPS, CLIP score, PSNR and SSIM):
 Layout under the output root (any storage URI)::
 
     OUTPUT/eval/inputs/ITEM.png                 gray input derived from the ground truth
-    OUTPUT/eval/items/ITEM/...                  the item layout of diffcolor.pipeline
+    OUTPUT/eval/items/ITEM/...                  the item layout of diffcolor.archive.items
     OUTPUT/eval/rows/ITEM/v0001.json            cached metric row of a version
     OUTPUT/eval/features/ITEM/v0001.safetensors Inception features of output and ground truth (FID)
     OUTPUT/eval/eval.parquet                    one row per evaluated version (and per failure)

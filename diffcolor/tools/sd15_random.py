@@ -16,13 +16,13 @@ machine). The weights are for timing only: outputs are noise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 
+from diffcolor.common.keys import hash_json
 from diffcolor.method.models import Models
 
 NAME = "sd15-random"
@@ -129,7 +129,7 @@ def build_tokenizer():
 def model_hash(seed: int = 0) -> str:
     """Stands in for the weight hash of a loaded model: the configs and the seed decide the weights."""
     configs = [UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, VISION_CONFIG, SCHEDULER_CONFIG, seed]
-    return hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()
+    return hash_json(configs)
 
 
 def build_sd15_random_models(device: str | torch.device = "cpu", *, seed: int = 0, weight_dtype: str = "auto") -> Models:

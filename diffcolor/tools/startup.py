@@ -20,9 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROWS = 10_000
 HERE = Path(__file__).resolve().parents[2]
