@@ -293,17 +293,22 @@ def cmd_run(args) -> int:
 
 def cmd_reprocess(args) -> int:
     from diffcolor.common.errors import PromptError
+    from diffcolor.common.ids import normalize_item_id
 
+    # 1. The targets, every item id through the item-id rule, before any flow starts.
     color_map = _parse_color_map(args.color_map) or None
     if not args.targets and (not args.items or not (args.target or color_map)):
         raise PromptError("give --items with --target or --color-map, or a --targets file")
+    items = [normalize_item_id(item) for item in args.items.split(",")] if args.items and not args.targets else []
+
+    # 2. The reprocess flow.
     _quiet_prefect()
     from flows.reprocess import ReprocessOptions, Retarget, read_targets, reprocess
 
     if args.targets:
         targets = read_targets(args.targets)
     else:
-        targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in args.items.split(",")]
+        targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in items]
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype,
                                workers_per_device=args.workers_per_device, pool=args.pool)

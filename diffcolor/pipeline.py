@@ -36,15 +36,24 @@ from diffcolor.archive.items import (
     ItemLayout,
     base_record,
     failure_record,
+    publish_failure,
     publish_record,
 )
 from diffcolor.archive.metadata import xmp_for_format
 from diffcolor.archive.states import has_state, publish_state, read_state
+from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.captions import build_target_prompt, rewrite_caption
 from diffcolor.common.errors import DiffColorError, NotGrayscaleError, StateError
 from diffcolor.common.items import ItemRequest
-from diffcolor.common.keys import cache_key, render_key, sha256_hex, state_key
+from diffcolor.common.keys import (
+    cache_key,
+    render_key,
+    sha256_hex,
+    state_key,
+    version_key,
+)
 from diffcolor.common.pixels import unit_rgb
+from diffcolor.common.redact import redact
 from diffcolor.common.tensorfiles import read_metadata
 from diffcolor.method.align import Alignment, align_chroma
 from diffcolor.method.color import rgb_to_lab
@@ -192,13 +201,13 @@ def _write_version(models: Models, source: SourceImage, layout: ItemLayout, vers
         output_bit_depth=source.bit_depth,
     )
     record["peak_memory_bytes"], record["peak_memory_kind"] = _peak_memory(models.device)
-    publish_record(layout, record)
-    return record
+    return publish_record(layout, record)
 
 
-def _read_source(request: ItemRequest) -> tuple[bytes, SourceImage]:
-    data = storage.read_bytes(request.source_uri)
-    return data, read_image(data, request.source_uri)
+def _read_source(request: ItemRequest, limits: ReadLimits) -> tuple[bytes, SourceImage]:
+    """The source's bytes (a bounded read) and its decoded image; errors name the item and the (redacted) file."""
+    data = storage.read_bytes(request.source_uri, limits)
+    return data, read_image(data, f"item '{request.item_id}': {redact(request.source_uri)}")
 
 
 def _state_output(layout: ItemLayout) -> tuple[str, str]:
@@ -207,20 +216,32 @@ def _state_output(layout: ItemLayout) -> tuple[str, str]:
 
 
 def _render_versions(models: Models, request: ItemRequest, source: SourceImage, layout: ItemLayout, state: ColorState,
-                     config: PipelineConfig, new_record: Callable[[], dict], steps_run: int) -> list[dict]:
+                     config: PipelineConfig, new_record: Callable[[], dict], steps_run: int,
+                     progress: Progress | None) -> list[dict]:
     """One version per target prompt and one for the colour map; the primary colourisation when there is neither.
 
-    ``new_record()`` gives each version its base record; the fit's steps are counted on the first version only.
+    ``new_record()`` gives each version its base record; the fit's steps are
+    counted on the first version only. A version this exact work committed
+    before (an earlier attempt that failed after it) is reused, not rendered
+    again, so a retry never adds a duplicate; ``result.json`` then names the last.
     """
     targets: list[tuple[str | None, dict | None]] = [(target, {}) for target in request.targets]
     if request.color_map:
         targets.append((None, request.color_map))
+    targets = targets or [(None, None)]
+    committed = layout.committed_versions()
     state_uri, state_sha = _state_output(layout)
     records = []
     version = layout.next_version()
-    for target, color_map in targets or [(None, None)]:
+    for index, (target, color_map) in enumerate(targets):
         record = new_record()
-        record.update(version=version, status="done", rewritten_caption=state.rewritten.text,
+        key = version_key(record["cache_key"], index, target, color_map)
+        if key in committed:
+            records.append(committed[key])
+            continue
+        if progress is not None:
+            progress("versions", index + 1, len(targets))
+        record.update(version=version, version_key=key, status="done", rewritten_caption=state.rewritten.text,
                       finetune_steps_run=steps_run if not records else 0)
         record["outputs"]["state"] = state_uri
         record["output_sha256"]["state"] = state_sha
@@ -236,6 +257,8 @@ def _render_versions(models: Models, request: ItemRequest, source: SourceImage, 
             chroma, confidence = render.alignment.chroma, render.alignment.mean_confidence
         records.append(_write_version(models, source, layout, version, record, chroma, confidence, prompt, config))
         version += 1
+    if records[-1] is committed.get(records[-1].get("version_key")):
+        publish_record(layout, records[-1])  # every version was committed before: result.json names the last again
     return records
 
 
@@ -247,25 +270,29 @@ def colorize_item(
     *,
     preset: str = "",
     progress: Progress | None = None,
+    limits: ReadLimits = ReadLimits(),
 ) -> list[dict]:
-    """Colourises one item; returns the records written (one per version, in order).
+    """Colourises one item; returns its records (one per version, in order), as written (redacted).
 
-    ``progress(phase, step, total)`` follows the fit's loops; whatever it
-    raises interrupts the fit there (its checkpoints stay, so a rerun resumes).
-    Raises the item's error (BadImageError, InputUnavailableError,
-    PromptError, ...) after publishing a ``failed`` record, except for a colour
-    input, which gets a ``not_grayscale`` record and no error.
+    ``progress(phase, step, total)`` follows the fit's loops and the versions
+    (phase ``versions``); whatever it raises interrupts the work there (the
+    checkpoints and committed versions stay, so a rerun resumes). ``limits``
+    bound the read of the source. Raises the item's error (BadImageError,
+    InputUnavailableError, PromptError, ...) after recording a ``failed``
+    attempt, except for a colour input, which gets a ``not_grayscale`` record
+    and no error. A failure never replaces a done version's ``result.json``.
     """
     layout = ItemLayout(output_prefix)
     source_sha256 = None
     try:
         # 1. Read the source (never written) and class it.
         started = time.perf_counter()
-        data, source = _read_source(request)
+        data, source = _read_source(request, limits)
         source_sha256 = sha256_hex(data)
         read_seconds = time.perf_counter() - started
         if source.tone == "color" and not request.force:
-            raise NotGrayscaleError(f"'{request.source_uri}' is a colour photograph; use --force to colourise it anyway")
+            raise NotGrayscaleError(f"item '{request.item_id}': '{redact(request.source_uri)}' is a colour photograph; "
+                                    "use --force to colourise it anyway")
 
         # 2. Skip when this exact work is already done.
         config_dict = config.to_dict()
@@ -304,15 +331,13 @@ def colorize_item(
                                                          "tone": source.tone})
             return record
 
-        return _render_versions(models, request, source, layout, state, config, new_record, steps_run)
+        return _render_versions(models, request, source, layout, state, config, new_record, steps_run, progress)
     except NotGrayscaleError as error:
-        record = failure_record(request, error, status="not_grayscale", provenance=models.provenance, preset=preset,
-                                source_sha256=source_sha256)
-        publish_record(layout, record)
-        return [record]
+        return [publish_failure(layout, failure_record(request, error, status="not_grayscale", preset=preset,
+                                                       provenance=models.provenance, source_sha256=source_sha256))]
     except DiffColorError as error:
-        publish_record(layout, failure_record(request, error, provenance=models.provenance, preset=preset,
-                                              source_sha256=source_sha256))
+        publish_failure(layout, failure_record(request, error, provenance=models.provenance, preset=preset,
+                                               source_sha256=source_sha256))
         raise
 
 
@@ -325,12 +350,18 @@ def recolor_item(
     render: RenderConfig | None = None,
     seed: int | None = None,
     config: PipelineConfig | None = None,
+    limits: ReadLimits = ReadLimits(),
+    progress: Progress | None = None,
 ) -> dict:
     """Renders a new target from the item's stored colour state and adds it as a new version.
 
     No fine-tuning happens (``finetune_steps_run`` is 0). The previous versions
-    stay. Raises StateError when the item has no usable state, PromptError for
-    a bad target, InputUnavailableError when the source is gone.
+    stay; the same render asked again (same state, prompt, settings and seed)
+    returns the version that has it instead of adding a duplicate.
+    ``progress(phase, step, total)`` is called before the version is written;
+    whatever it raises stops the render there. Raises
+    StateError when the item has no usable state, PromptError for a bad
+    target, InputUnavailableError when the source is gone.
     """
     layout = ItemLayout(output_prefix)
     # 1. What the item is: its latest record and its colour state.
@@ -347,25 +378,33 @@ def recolor_item(
 
     # 2. The source, unchanged since the state was made.
     started = time.perf_counter()
-    data, source = _read_source(request)
+    data, source = _read_source(request, limits)
     source_sha256 = sha256_hex(data)
     if previous.get("source_sha256") and previous["source_sha256"] != source_sha256:
-        raise StateError(f"source '{request.source_uri}' changed since the colour state was made; colourise it again")
+        raise StateError(f"item '{request.item_id}': source '{redact(request.source_uri)}' changed since the colour "
+                         "state was made; colourise it again")
     seconds = {"read": time.perf_counter() - started}
 
-    # 3. Render from the state alone.
-    started = time.perf_counter()
+    # 3. The same render committed before (a retry after a failure that followed it) is the answer.
     prompt = resolve_target(models, state, target, color_map)
+    key = render_key(source_sha256, state.config.get("state_key"), prompt, dataclasses.asdict(render), request.seed)
+    committed = layout.committed_versions()
+    if key in committed:
+        return publish_record(layout, committed[key])
+
+    # 4. Render from the state alone.
+    started = time.perf_counter()
     rendered = render_target(models, state, prompt, render, config.align, seed=request.seed)
     seconds["render"] = time.perf_counter() - started
 
-    # 4. A new version, the previous ones kept.
+    # 5. A new version, the previous ones kept.
+    if progress is not None:
+        progress("versions", 1, 1)
     version = layout.next_version()
-    key = render_key(source_sha256, state.config.get("state_key"), prompt, dataclasses.asdict(render), request.seed)
     record = base_record(request, models.provenance, previous.get("preset", ""), source_sha256, key)
-    record.update(version=version, status="done", kind="render", target_prompt=prompt, color_map=color_map or None,
-                  eta=render.eta, rewritten_caption=state.rewritten.text, previous_version=previous.get("version"),
-                  source=previous.get("source"), seconds=seconds)
+    record.update(version=version, version_key=key, status="done", kind="render", target_prompt=prompt,
+                  color_map=color_map or None, eta=render.eta, rewritten_caption=state.rewritten.text,
+                  previous_version=previous.get("version"), source=previous.get("source"), seconds=seconds)
     record["outputs"]["state"], record["output_sha256"]["state"] = _state_output(layout)
     return _write_version(models, source, layout, version, record, rendered.alignment.chroma,
                           rendered.alignment.mean_confidence, prompt, config)

@@ -36,6 +36,7 @@ from diffcolor.archive.planning import (
 )
 from diffcolor.archive.report import write_report
 from diffcolor.archive.results import RecordSpool, write_results
+from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import config_hash
 from diffcolor.method.presets import apply_overrides, get_preset
@@ -76,18 +77,26 @@ class RunOptions(BaseModel):
         1, ge=1, description="local pool: worker processes per GPU (or on the CPU), each with its own models")
     gpus_per_item: float = Field(1.0, gt=0, le=1, description="Ray only: the GPU share each item task reserves "
                                                               "(0.5: two items per GPU)")
+    max_source_mb: float = Field(ReadLimits.max_bytes / 2**20, gt=0,
+                                 description="largest source read (MiB); a larger one fails its item as bad_image")
+    source_timeout_seconds: float = Field(ReadLimits.seconds, gt=0,
+                                          description="longest read of a source; a slower one fails its item")
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(max_bytes=int(self.max_source_mb * 2**20), seconds=self.source_timeout_seconds)
 
 
 @task(name="colorize-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
       task_run_name="colorize {request.item_id}")
 def colorize_item_task(run_id: str, spec: ModelSpec, request: ItemRequest, prefix: str, config_dict: dict,
-                       preset: str) -> list[dict]:
+                       preset: str, limits: ReadLimits | None = None) -> list[dict]:
     """Runs one item on a worker that keeps the models; raises the item's error for Prefect's retry decision."""
-    return run_on_worker(run_id, spec, worker.run_colorize, request, prefix, config_dict, preset)
+    return run_on_worker(run_id, spec, worker.run_colorize, request, prefix, config_dict, preset, limits)
 
 
 def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: dict, preset: str, window: int,
-              retries: int, retry_delays: list[float], on_record, ray_options: dict | None = None) -> None:
+              retries: int, retry_delays: list[float], on_record, ray_options: dict | None = None,
+              limits: ReadLimits | None = None) -> None:
     """Submits the planned items at most ``window`` at a time; calls ``on_record`` per record."""
     item_task = colorize_item_task.with_options(retries=retries, retry_delay_seconds=list(retry_delays) or [0])
     in_flight: dict = {}
@@ -108,7 +117,7 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
             continue
         while len(in_flight) >= window:
             collect(next(as_completed(list(in_flight))))
-        arguments = (run_id, spec, item.request, item_prefix(output, item.request.item_id), config_dict, preset)
+        arguments = (run_id, spec, item.request, item_prefix(output, item.request.item_id), config_dict, preset, limits)
         if ray_options:
             from prefect_ray.context import remote_options
 
@@ -158,7 +167,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         ray_options = {"num_gpus": options.gpus_per_item} if options.pool == "ray" else None
         on_record, keys = _progress_recorder(records, _count(manifest, options.items), run_id)
         run_items(run_id, spec, _with_keys(planned, keys), output, config_dict, options.preset, window,
-                  options.retries, options.retry_delay_seconds, on_record, ray_options)
+                  options.retries, options.retry_delay_seconds, on_record, ray_options, options.read_limits())
         timings["items_done"] = time.perf_counter()
     finally:
         if pool is not None:

@@ -2,10 +2,13 @@
 
 A curator names items and new targets (one target or colour map for all of
 them, or a Parquet file of ``item_id`` plus ``target_prompt`` and/or
-``color_map`` rows). Items with a colour state render in seconds, with no
-fine-tuning; an item without a state falls back to a full fit from its last
-record (source, caption, seed). Each render adds a version; nothing is
-overwritten.
+``color_map`` rows). Every item id goes through the item-id rule first (an
+unsafe id is refused, nothing is written). Items with a colour state render in
+seconds, with no fine-tuning; an item without a state falls back to a full fit
+from its last record (source, caption, seed). Each item is rendered with the
+model its record names (``options.model`` overrides it for all); items of
+several models are run model by model, each on a pool of its own. Each render
+adds a version; nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from diffcolor.archive import storage
-from diffcolor.archive.items import ItemLayout
+from diffcolor.archive.items import ItemLayout, failure_record
 from diffcolor.archive.planning import item_prefix, run_prefix
 from diffcolor.archive.report import write_report
-from diffcolor.archive.results import write_results
+from diffcolor.archive.results import RecordSpool, write_results
+from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.errors import PromptError, StateError
+from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
 from diffcolor.common.items import ItemRequest
+from diffcolor.common.redact import redact
 from diffcolor.method.presets import get_preset
 from flows import worker
 from flows.pool import DevicePool, ModelSpec
@@ -44,17 +50,22 @@ from flows.runs import (
 
 
 class Retarget(BaseModel):
-    """One new target for one item."""
+    """One new target for one item (the id normalised by the item-id rule; an unsafe one is refused)."""
 
     item_id: str
     target_prompt: str | None = None
     color_map: dict[str, str] | None = None
 
+    @field_validator("item_id")
+    @classmethod
+    def _safe_item_id(cls, value: str) -> str:
+        return normalize_item_id(value)
+
 
 class ReprocessOptions(BaseModel):
     """Shown as a form in the Prefect UI."""
 
-    model: str | None = Field(None, description="default: the model recorded for the first item")
+    model: str | None = Field(None, description="default: the model each item's record names")
     clip: str | None = None
     device: str = "auto"
     retries: int = 3
@@ -67,34 +78,52 @@ class ReprocessOptions(BaseModel):
     workers_per_device: int = Field(1, ge=1, description="worker processes per GPU (or on the CPU)")
     pool: Literal["local", "inline"] = Field(
         "local", description="local (worker processes on this machine's GPUs) or inline (in the flow's own process)")
+    max_source_mb: float = Field(ReadLimits.max_bytes / 2**20, gt=0, description="largest source read (MiB)")
+    source_timeout_seconds: float = Field(ReadLimits.seconds, gt=0, description="longest read of a source")
 
 
 def read_targets(uri: str) -> list[Retarget]:
-    """Targets from a Parquet file with ``item_id`` and ``target_prompt`` and/or ``color_map`` columns."""
+    """Targets from a Parquet file with ``item_id`` and ``target_prompt`` and/or ``color_map`` columns.
+
+    Raises PromptError naming the file (and the row) for a file without those columns, a colour map that
+    is not a JSON object, or an unsafe item id.
+    """
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    shown = redact(uri)
     if "item_id" not in table.column_names or not {"target_prompt", "color_map"} & set(table.column_names):
-        raise PromptError(f"targets file '{uri}' needs item_id and target_prompt or color_map columns")
+        raise PromptError(f"targets file '{shown}' needs item_id and target_prompt or color_map columns")
     targets = []
-    for row in table.to_pylist():
+    for number, row in enumerate(table.to_pylist(), start=1):
         color_map = row.get("color_map")
-        if isinstance(color_map, list):  # pyarrow map columns come back as key/value pairs
-            color_map = dict(color_map)
-        elif isinstance(color_map, str):
-            color_map = json.loads(color_map)
-        targets.append(Retarget(item_id=row["item_id"], target_prompt=row.get("target_prompt"), color_map=color_map or None))
+        try:
+            if isinstance(color_map, list):  # pyarrow map columns come back as key/value pairs
+                color_map = dict(color_map)
+            elif isinstance(color_map, str):
+                color_map = json.loads(color_map)
+            targets.append(Retarget(item_id=normalize_item_id(row["item_id"]), target_prompt=row.get("target_prompt"),
+                                    color_map=color_map or None))
+        except (UnsafeItemIdError, ValueError, TypeError) as error:
+            message = str(error).splitlines()[0]
+            raise PromptError(f"targets file '{shown}', row {number}: {message}") from None
     return targets
 
 
-@task(name="recolor-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient, task_run_name="recolor {prefix}")
-def recolor_item_task(run_id: str, spec: ModelSpec, prefix: str, target: str | None, color_map: dict | None,
-                      seed: int | None) -> list[dict]:
-    return [run_on_worker(run_id, spec, worker.run_recolor, prefix, target, color_map, seed)]
+@task(name="recolor-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
+      task_run_name="recolor {item_id}")
+def recolor_item_task(run_id: str, spec: ModelSpec, item_id: str, prefix: str, target: str | None,
+                      color_map: dict | None, seed: int | None, limits: ReadLimits) -> list[dict]:
+    return [run_on_worker(run_id, spec, worker.run_recolor, prefix, target, color_map, seed, limits)]
 
 
 @task(name="refit-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient, task_run_name="refit {request.item_id}")
 def refit_item_task(run_id: str, spec: ModelSpec, request: ItemRequest, prefix: str, config_dict: dict,
-                    preset: str) -> list[dict]:
-    return run_on_worker(run_id, spec, worker.run_colorize, request, prefix, config_dict, preset)
+                    preset: str, limits: ReadLimits) -> list[dict]:
+    return run_on_worker(run_id, spec, worker.run_colorize, request, prefix, config_dict, preset, limits)
+
+
+def _never_colourised(target: Retarget) -> dict:
+    request = ItemRequest(item_id=target.item_id, source_uri="", caption="")
+    return failure_record(request, StateError(f"item '{target.item_id}' has never been colourised in this output"))
 
 
 @flow(name="reprocess", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
@@ -102,69 +131,80 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
     """Renders ``targets`` for their items under the collection ``output``; returns the run summary."""
     logger = get_run_logger()
     run_id = new_run_id()
+    records = RecordSpool()
 
-    # 1. What each item is: its latest record (source, caption, seed, model).
-    previous = {}
+    # 1. What each item is: its latest record (source, caption, seed, model); ids through the item-id rule.
+    targets = [Retarget.model_validate(target) for target in targets]
+    previous: dict[str, dict | None] = {}
     for target in targets:
-        layout = ItemLayout(item_prefix(output, target.item_id))
         if target.item_id not in previous:
+            layout = ItemLayout(item_prefix(output, target.item_id))
             previous[target.item_id] = storage.read_json(layout.result) if storage.exists(layout.result) else None
-    known = [r for r in previous.values() if r and r.get("model_id")]
-    model = options.model or (known[0]["model_id"] if known else None)
 
-    records: list[dict] = []
-    if model is None:
-        records = [{"item_id": t.item_id, "status": "failed", "error_class": "bad_state",
-                    "error_message": "the item has never been colourised in this output"} for t in targets]
-    else:
-        # 2. The device pool, models loaded once.
-        spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
-                         weight_dtype=options.weight_dtype)
-        pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
-                          inline=options.pool == "inline")
-        ACTIVE_POOLS[run_id] = pool
-        try:
-            futures = {}
-            config_dict = get_preset(options.preset).to_dict()
-            for target in targets:
-                prefix = item_prefix(output, target.item_id)
-                record = previous[target.item_id]
-                if record is None or not record.get("source_uri"):
-                    records.append({"item_id": target.item_id, "status": "failed", "error_class": StateError.error_class,
-                                    "error_message": "the item has never been colourised in this output"})
-                    continue
-                # 3. Render from the state, or fit again where there is none.
-                has_state = storage.exists(ItemLayout(prefix).state_object)
-                if has_state:
-                    future = recolor_item_task.with_options(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds).submit(
-                        run_id, spec, prefix, target.target_prompt, target.color_map, options.seed)
-                else:
-                    request = ItemRequest(
-                        item_id=target.item_id, source_uri=record["source_uri"], caption=record["caption"],
-                        targets=(target.target_prompt,) if target.target_prompt else (), color_map=target.color_map or {},
-                        seed=record.get("seed", 0) if options.seed is None else options.seed,
-                        catalogue=record.get("catalogue") or {},
-                    )
-                    future = refit_item_task.with_options(retries=options.retries, retry_delay_seconds=options.retry_delay_seconds).submit(
-                        run_id, spec, request, prefix, config_dict, options.preset)
-                futures[future] = target
-            for future in as_completed(list(futures)):
-                try:
-                    records += future.result()
-                except Exception as error:
-                    target = futures[future]
-                    records.append(record_of_failure(ItemRequest(item_id=target.item_id, source_uri="", caption=""), error, ""))
-        finally:
-            ACTIVE_POOLS.pop(run_id, None)
-            pool.close()
+    # 2. Group by model: each item's own recorded model unless the options name one.
+    by_model: dict[str, list[Retarget]] = {}
+    for target in targets:
+        record = previous[target.item_id]
+        model = options.model or (record or {}).get("model_id")
+        if record is None or not record.get("source_uri") or not model:
+            records.add(_never_colourised(target))
+        else:
+            by_model.setdefault(model, []).append(target)
+
+    # 3. Model by model: a pool with the models loaded once, then every item of that model.
+    for model, group in by_model.items():
+        for record in _run_group(run_id, output, model, group, previous, options):
+            records.add(record)
 
     # 4. The run's results and report.
     prefix = run_prefix(output, run_id)
     write_results(records, storage.join(prefix, "results.parquet"))
-    write_report(records, storage.join(prefix, "report.html"), run_id=run_id)
+    write_report(records.head + records.failures, storage.join(prefix, "report.html"), run_id=run_id,
+                 all_records=records)
     summary = run_summary(records, run_id, prefix)
     publish_summary(summary, records)
     logger.info("reprocess %s: %s", run_id, summary["counts"])
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
     return Completed(message=f"reprocess {run_id} done", data=summary)
+
+
+def _run_group(run_id: str, output: str, model: str, group: list[Retarget], previous: dict,
+               options: ReprocessOptions) -> list[dict]:
+    """Renders (or, without a colour state, refits) every target of ``group`` on a pool holding ``model``."""
+    spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
+                     weight_dtype=options.weight_dtype)
+    limits = ReadLimits(max_bytes=int(options.max_source_mb * 2**20), seconds=options.source_timeout_seconds)
+    retry = {"retries": options.retries, "retry_delay_seconds": options.retry_delay_seconds}
+    pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
+                      inline=options.pool == "inline")
+    ACTIVE_POOLS[run_id] = pool
+    records, futures = [], {}
+    try:
+        config_dict = get_preset(options.preset).to_dict()
+        for target in group:
+            prefix = item_prefix(output, target.item_id)
+            record = previous[target.item_id]
+            if storage.exists(ItemLayout(prefix).state_object):
+                future = recolor_item_task.with_options(**retry).submit(
+                    run_id, spec, target.item_id, prefix, target.target_prompt, target.color_map, options.seed, limits)
+            else:
+                request = ItemRequest(
+                    item_id=target.item_id, source_uri=record["source_uri"], caption=record["caption"],
+                    targets=(target.target_prompt,) if target.target_prompt else (), color_map=target.color_map or {},
+                    seed=record.get("seed", 0) if options.seed is None else options.seed,
+                    catalogue=record.get("catalogue") or {},
+                )
+                future = refit_item_task.with_options(**retry).submit(
+                    run_id, spec, request, prefix, config_dict, options.preset, limits)
+            futures[future] = target
+        for future in as_completed(list(futures)):
+            try:
+                records += future.result()
+            except Exception as error:
+                target = futures[future]
+                records.append(record_of_failure(ItemRequest(item_id=target.item_id, source_uri="", caption=""), error, ""))
+    finally:
+        ACTIVE_POOLS.pop(run_id, None)
+        pool.close()
+    return records

@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from diffcolor.archive import storage
 from diffcolor.archive.items import failure_record
 from diffcolor.archive.results import RecordSpool
-from diffcolor.common.errors import DiffColorError, TransientError
+from diffcolor.common.errors import TransientError
 from diffcolor.common.items import ItemRequest
 from flows import worker
 from flows.pool import DevicePool, ModelSpec
@@ -49,11 +49,7 @@ def run_on_worker(run_id: str, spec: ModelSpec, function, *args):
 
 def record_of_failure(request: ItemRequest, error: BaseException, preset: str) -> dict:
     """The record of an item whose task failed for good: its error class and message (``internal`` when unplanned)."""
-    record = failure_record(request, error, preset=preset)
-    if not isinstance(error, DiffColorError):
-        record["error_class"] = "internal"
-        record["error_message"] = f"{type(error).__name__}: {error}"
-    return record
+    return failure_record(request, error, preset=preset)
 
 
 def run_summary(records, run_id: str, prefix: str) -> dict:

@@ -91,16 +91,22 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[dict]:
-    """Colourises one item with the worker's models (see diffcolor.pipeline.colorize_item)."""
+def run_colorize(request, prefix: str, config_dict: dict, preset: str, limits=None) -> list[dict]:
+    """Colourises one item with the worker's models (see diffcolor.pipeline.colorize_item), holding its lease.
+
+    The lease is checked at every step of the fit and before every version is
+    written: a worker that lost it stops there (LeaseLostError, transient).
+    """
     from diffcolor.archive.leases import item_lease
+    from diffcolor.archive.storage import ReadLimits
     from diffcolor.common.errors import DeviceOutOfMemoryError
     from diffcolor.method.presets import PipelineConfig
     from diffcolor.pipeline import colorize_item
 
     try:
-        with item_lease(prefix):  # another run working on this item: wait, then find it done
-            records = colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset)
+        with item_lease(prefix) as lease:  # another run working on this item: wait, then find it done
+            records = colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset,
+                                    progress=lease.check, limits=limits or ReadLimits())
         return [placed(record) for record in records]
     except RuntimeError as error:
         if _out_of_memory(error):
@@ -108,15 +114,18 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str) -> list[d
         raise
 
 
-def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: int | None) -> dict:
-    """Renders a new target from an item's stored colour state (no fine-tuning)."""
+def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: int | None, limits=None) -> dict:
+    """Renders a new target from an item's stored colour state (no fine-tuning), holding its lease."""
     from diffcolor.archive.leases import item_lease
+    from diffcolor.archive.storage import ReadLimits
     from diffcolor.common.errors import DeviceOutOfMemoryError
     from diffcolor.pipeline import recolor_item
 
     try:
-        with item_lease(prefix):
-            return placed(recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed))
+        with item_lease(prefix) as lease:
+            record = recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed,
+                                  limits=limits or ReadLimits(), progress=lease.check)
+            return placed(record)
     except RuntimeError as error:
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"'{prefix}': device out of memory") from None

@@ -109,7 +109,7 @@ def test_two_runs_at_once_do_each_item_once_and_lose_no_record(prefect_server, t
         assert sorted(row["status"] for row in rows) == ["done", "skipped_done"]
         assert sum(1 for row in rows if (row["finetune_steps_run"] or 0) > 0) == 1
         assert [p.name for p in sorted((out / "items" / item / "versions").glob("*.json"))] == ["v0001.json"]
-        assert not (out / "items" / item / "lock.json").exists()
+        assert not list((out / "items" / item / "lock").glob("lease-*"))
 
 
 def test_worker_killed_mid_fit_is_retried_and_ends_identical(prefect_server, models, tmp_path):
@@ -216,7 +216,7 @@ def test_the_same_run_against_a_real_s3_api(prefect_server, s3_bucket, tmp_path)
     import hashlib
 
     assert hashlib.sha256(storage.read_bytes(record["outputs"]["master"])).hexdigest() == record["output_sha256"]["master"]
-    assert storage.exists(summary["report"]) and not storage.exists(f"{output}/items/p0/lock.json")
+    assert storage.exists(summary["report"]) and storage.list_files(f"{output}/items/p0/lock") == []
     # The nightly rerun skips both from the done-index, without GPU work.
     again = colorize_collection(f"{s3_bucket}/incoming/manifest.parquet", output, "tiny", options, return_state=True)
     assert {row["status"] for row in read_results(again.result()["results"]).to_pylist()} == {"skipped_done"}

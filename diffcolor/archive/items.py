@@ -8,21 +8,39 @@ The item layout under an item's output prefix (any storage URI) is stable:
     PREFIX/versions/v0001/access.jpg     access copy
     PREFIX/state/color-state.safetensors the colour state (and state.json, a readable copy)
     PREFIX/checkpoints/...               loop checkpoints while a fit is under way
+    PREFIX/attempts/TIME-ID.json         every failed attempt's record, never overwritten
+    PREFIX/lock/...                      the item's lease while a worker holds it (diffcolor.archive.leases)
 
 A record is a JSON object per item version (spec section 10): what was asked,
-what was made, with which models and software, and how it went. Records are
-published version record first, then ``result.json``, so a reader that finds
-``result.json`` finds the version's own record too.
+what was made, with which models and software, and how it went.
+
+How a version is committed, so that a retry never duplicates one and a reader
+never loses the current one:
+
+1. the version's outputs (master, access copy) are published whole;
+2. its record ``versions/vNNNN.json``, carrying a ``version_key`` (the hash of
+   the work: cache key, target), is published: from here on the version exists,
+   and a retry of the same work finds it by its key and reuses it instead of
+   adding another;
+3. ``result.json`` is published last and names the current version.
+
+A failure never replaces a done ``result.json``: a failed attempt's record
+goes to ``attempts/`` (always) and to ``result.json`` only while the item has no
+done version, so the pointer to the latest good version is kept. Every record
+is redacted (:mod:`diffcolor.common.redact`) before it is written or returned.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from diffcolor import __version__
 from diffcolor.archive import storage
+from diffcolor.common.errors import DiffColorError
 from diffcolor.common.items import ItemRequest
+from diffcolor.common.redact import redact, redact_value
 
 SOFTWARE = "diffcolor-archive"
 STATE_FILE = "color-state.safetensors"
@@ -62,10 +80,33 @@ class ItemLayout:
     def checkpoints(self) -> str:
         return storage.join(self.prefix, "checkpoints")
 
+    @property
+    def attempts(self) -> str:
+        return storage.join(self.prefix, "attempts")
+
+    def version_records(self) -> list[str]:
+        """The URIs of every version record, oldest first."""
+        return [uri for uri in storage.list_files(self.versions) if uri.endswith(".json")]
+
     def next_version(self) -> int:
         """One more than the highest version recorded so far."""
-        numbers = [int(uri.rsplit("/v", 1)[1][:4]) for uri in storage.list_files(self.versions) if uri.endswith(".json")]
+        numbers = [int(uri.rsplit("/v", 1)[1][:4]) for uri in self.version_records()]
         return max(numbers, default=0) + 1
+
+    def committed_versions(self) -> dict[str, dict]:
+        """``version_key`` -> record of every done version whose outputs are all present (step 2 of the protocol).
+
+        A version whose record exists but whose outputs are gone is left out:
+        its work is done again, as a new version.
+        """
+        committed = {}
+        for uri in self.version_records():
+            record = storage.read_json(uri)
+            key = record.get("version_key")
+            if key and record.get("status") == "done" and all(
+                    storage.exists(output) for role, output in (record.get("outputs") or {}).items() if role != "state"):
+                committed[key] = record
+        return committed
 
 
 def base_record(request: ItemRequest, provenance: dict | None, preset: str, source_sha256: str | None,
@@ -74,7 +115,8 @@ def base_record(request: ItemRequest, provenance: dict | None, preset: str, sour
 
     ``provenance`` is the loaded models' description (``Models.provenance``:
     model and CLIP ids, hashes, whether the weights are random, their storage
-    dtype); None when the item failed before models were involved.
+    dtype); None when the item failed before models were involved. URIs and
+    catalogue fields are redacted.
     """
     models = provenance or {}
     return {
@@ -84,7 +126,7 @@ def base_record(request: ItemRequest, provenance: dict | None, preset: str, sour
         "error_class": None,
         "error_message": None,
         "cache_key": key,
-        "source_uri": request.source_uri,
+        "source_uri": redact(request.source_uri),
         "source_sha256": source_sha256,
         "caption": request.caption,
         "seed": int(request.seed),
@@ -97,7 +139,7 @@ def base_record(request: ItemRequest, provenance: dict | None, preset: str, sour
         "weight_dtype": models.get("weight_dtype"),  # frozen weights' storage
         "software": SOFTWARE,
         "software_version": __version__,
-        "catalogue": dict(request.catalogue),
+        "catalogue": redact_value(dict(request.catalogue)),
         "outputs": {},
         "output_sha256": {},
         "seconds": {},
@@ -108,17 +150,41 @@ def base_record(request: ItemRequest, provenance: dict | None, preset: str, sour
 
 def failure_record(request: ItemRequest, error: BaseException, *, status: str = "failed", provenance: dict | None = None,
                    preset: str = "", source_sha256: str | None = None) -> dict:
-    """A record for an item that could not be processed (no version, no outputs)."""
+    """A record for an item that could not be processed (no version, no outputs); its message redacted."""
     record = base_record(request, provenance, preset, source_sha256, None)
-    record.update(status=status, error_class=getattr(error, "error_class", type(error).__name__), error_message=str(error))
+    if isinstance(error, DiffColorError):
+        error_class, message = error.error_class, str(error)
+    else:  # not raised on purpose: name the class, so the message is never a bare repr
+        error_class, message = "internal", f"{type(error).__name__}: {error}"
+    record.update(status=status, error_class=error_class, error_message=redact(message))
     return record
 
 
-def publish_record(layout: ItemLayout, record: dict) -> None:
-    """Writes a version's record, then ``result.json``: the last write marks the item done."""
+def publish_record(layout: ItemLayout, record: dict) -> dict:
+    """Commits a done version: its record (steps 2 and 3 of the protocol), then ``result.json``; returns it redacted."""
+    record = redact_value(record)
     if record.get("version") is not None:
         storage.write_json(layout.record(record["version"]), record)
     storage.write_json(layout.result, record)
+    return record
+
+
+def publish_failure(layout: ItemLayout, record: dict) -> dict:
+    """Records a failed attempt beside the item's versions; ``result.json`` only while no done version exists.
+
+    Returns the record as written (redacted). A ``result.json`` that cannot be
+    read is left alone: the attempt is still recorded.
+    """
+    record = redact_value(record)
+    stamp = record["created_at"].replace(":", "").replace("-", "")
+    storage.write_json(storage.join(layout.attempts, f"{stamp}-{uuid.uuid4().hex[:8]}.json"), record)
+    try:
+        current = storage.read_json(layout.result) if storage.exists(layout.result) else None
+    except (DiffColorError, ValueError):  # unreadable now, or not JSON: leave it for the next good version
+        return record
+    if current is None or current.get("status") != "done":
+        storage.write_json(layout.result, record)
+    return record
 
 
 class CheckpointFolder:

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
+from diffcolor.common.ids import normalize_item_id
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import plan_key
 
@@ -35,8 +36,14 @@ INDEX_SCHEMA = pa.schema([("item_id", pa.string()), ("plan_key", pa.string()), (
 
 
 def item_prefix(output: str, item_id: str) -> str:
-    """Where an item's objects live under a collection's output root."""
-    return storage.join(output, "items", item_id)
+    """Where an item's objects live under a collection's output root.
+
+    Every id that reaches storage passes here, so every one goes through the
+    item-id rule (:func:`diffcolor.common.ids.normalize_item_id`): an unsafe id
+    (``../..``, a separator, a device name) raises UnsafeItemIdError, and nothing
+    is ever read or written outside ``OUTPUT/items/``.
+    """
+    return storage.join(output, "items", normalize_item_id(item_id))
 
 
 def run_prefix(output: str, run_id: str) -> str:

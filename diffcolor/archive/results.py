@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
+from diffcolor.common.redact import redact_value
 
 RESULTS_SCHEMA = pa.schema(
     [
@@ -61,7 +62,7 @@ def _row(record: dict) -> dict:
     row = {}
     for name in RESULTS_SCHEMA.names:
         if name == "record_json":
-            row[name] = json.dumps(record, sort_keys=True, default=str)
+            row[name] = storage.strict_json(record, default=str)
         elif name in _MAPS:
             row[name] = list((record.get(name) or {}).items())
         else:
@@ -117,6 +118,8 @@ class RecordSpool:
         self._keep_head, self._keep_failures = keep_head, keep_failures
 
     def add(self, record: dict) -> None:
+        """Spools ``record``, redacted: every record of a run passes here on its way to results and report."""
+        record = redact_value(record)
         self._file.write(json.dumps(record, default=str) + "\n")
         self.counts[record["status"]] = self.counts.get(record["status"], 0) + 1
         if len(self.head) < self._keep_head:

@@ -32,25 +32,50 @@ Writes publish whole objects only:
 Existence checks and listings invalidate fsspec's listing cache first, since
 another process (another worker, another run) may have just written the object.
 
+Every object written to S3 carries its Content-Type (from the file name:
+TIFF, JPEG, PNG, WebP, JSON, Parquet, HTML, safetensors, ...).
+
+Credentials written into a URI (``s3://KEY:SECRET@bucket/key``) are lifted out
+of it: the URI the backend sees has none, S3 gets them as its key and secret,
+and :mod:`diffcolor.common.redact` masks them wherever they would be shown.
+
+Reads of sources are bounded (:class:`ReadLimits`): only regular files (a FIFO
+or a device is refused before it is opened for reading), at most ``max_bytes``,
+within ``seconds``.
+
 Errors: a missing object raises InputUnavailableError (permanent), permission
 denied (S3 AccessDenied / 403, missing credentials) raises InputUnavailableError
-naming the URI, any other backend failure raises StorageError (transient, worth a
-retry). Messages never contain credentials: known secret values are redacted.
+naming the URI, a request the store refuses as malformed (an invalid bucket
+name, a bad argument, a redirect to another region) raises StorageConfigError
+(permanent), any other backend failure (5xx, throttling, timeouts, connection
+errors) raises StorageError (transient, worth a retry). Messages never contain
+credentials.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
+import mimetypes
 import os
-import re
+import stat
 import tempfile
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
-from diffcolor.common.errors import InputUnavailableError, StorageError
+from diffcolor.common.errors import (
+    BadImageError,
+    InputUnavailableError,
+    StorageConfigError,
+    StorageError,
+)
+from diffcolor.common.redact import redact, split_userinfo
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +87,37 @@ S3_MULTIPART_THRESHOLD = 64 * 2**20
 S3_PART_SIZE = 16 * 2**20
 
 _S3_PROTOCOLS = ("s3", "s3a")
-# Environment variables whose values must never appear in a message.
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "session_token")
 # botocore's "no usable credentials" exceptions (not OSError subclasses), matched
 # by class name so that s3fs and botocore stay optional dependencies.
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError")
+# Requests the client or the store refuses as malformed: retrying the same request cannot help.
+_PERMANENT_CLIENT_ERRORS = ("ParamValidationError", "NoRegionError", "InvalidS3AddressingStyleError",
+                            "UnknownEndpointError", "InvalidRegionError")
+_PERMANENT_ERRNOS = (errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.EPERM, errno.ENOSYS, errno.EXDEV)
+READ_CHUNK_BYTES = 8 * 2**20
+# Content types beyond what the mimetypes module knows on every platform.
+_CONTENT_TYPES = {
+    ".tif": "image/tiff", ".tiff": "image/tiff", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
+    ".webp": "image/webp", ".jp2": "image/jp2", ".json": "application/json", ".parquet": "application/vnd.apache.parquet",
+    ".html": "text/html; charset=utf-8", ".safetensors": "application/octet-stream", ".txt": "text/plain; charset=utf-8",
+    ".csv": "text/csv; charset=utf-8",
+}
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Bounds on reading one source (ours: far above any archival scan, far below what hurts a worker)."""
+
+    max_bytes: int = 2 * 2**30  # a 2 GiB TIFF is a 400-megapixel 16-bit RGB scan
+    seconds: float = 600.0  # wall time for the whole read
+
+
+def content_type(uri: str) -> str:
+    """The Content-Type an object at ``uri`` is stored with, from its file name (else application/octet-stream)."""
+    name = str(uri).rsplit("/", 1)[-1].lower()
+    extension = os.path.splitext(name)[1]
+    return _CONTENT_TYPES.get(extension) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
 def join(root: str, *parts: str) -> str:
@@ -99,8 +149,19 @@ def storage_options_for(uri: str) -> dict:
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the backend path of ``uri`` (options from :func:`storage_options_for`)."""
-    fs, path = url_to_fs(str(uri), **storage_options_for(uri))
+    """The filesystem and the backend path of ``uri`` (options from :func:`storage_options_for`).
+
+    S3 credentials written into the URI (``s3://KEY:SECRET@bucket/...``) become
+    the filesystem's key and secret, and are remembered as secrets to redact.
+    """
+    uri = str(uri)
+    options = storage_options_for(uri)
+    protocol, _ = split_protocol(uri)
+    if protocol in _S3_PROTOCOLS:
+        uri, user, password = split_userinfo(uri)
+        if user:
+            options.update(key=user, secret=password)
+    fs, path = url_to_fs(uri, **options)
     return fs, path
 
 
@@ -117,29 +178,33 @@ def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def _redact(text: str, fs: fsspec.AbstractFileSystem | None = None) -> str:
-    """``text`` with known credential values and URL user-info replaced by ``***``.
-
-    Known values: the AWS credential variables of the environment and any
-    credential-like storage option of ``fs``.
-    """
-    secrets = [os.environ.get(name, "") for name in _SECRET_ENV]
+    """``text`` redacted (:func:`diffcolor.common.redact.redact`), also of ``fs``'s credential-like options."""
     options = getattr(fs, "storage_options", None) or {}
-    secrets += [str(options.get(name) or "") for name in _SECRET_OPTIONS]
-    for secret in sorted({value for value in secrets if len(value) >= 4}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return re.sub(r"(://)[^/@\s]+@", r"\1***@", text)
+    return redact(text, extra=[str(options.get(name) or "") for name in _SECRET_OPTIONS])
 
 
 _PAST = {"reading": "read", "writing": "written", "checking": "checked", "listing": "listed", "removing": "removed"}
 
 
-def _backend_error(uri: str, action: str, error: BaseException, fs: fsspec.AbstractFileSystem) -> Exception:
-    """The DiffColor exception for a backend failure while ``action``-ing ``uri``."""
+def backend_error(uri: str, action: str, error: BaseException, fs: fsspec.AbstractFileSystem) -> Exception:
+    """The DiffColor exception for a backend failure while ``action``-ing ``uri``: permanent or transient by its kind."""
     if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return InputUnavailableError(_redact(f"'{uri}' does not exist (while {action} it)", fs))
     if isinstance(error, PermissionError) or type(error).__name__ in _NO_CREDENTIALS:
         return InputUnavailableError(_redact(f"'{uri}' cannot be {_PAST[action]}: permission denied ({error})", fs))
-    return StorageError(_redact(f"{action} '{uri}' failed: {type(error).__name__}: {error}", fs))
+    described = f"{action} '{uri}' failed: {type(error).__name__}: {error}"
+    if _is_permanent(error):
+        return StorageConfigError(_redact(f"{described} (the store refuses this request; retrying cannot help)", fs))
+    return StorageError(_redact(described, fs))
+
+
+def _is_permanent(error: BaseException) -> bool:
+    """Whether a backend error will repeat on retry: a malformed request, not a busy or unreachable store."""
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return False
+    if type(error).__name__ in _PERMANENT_CLIENT_ERRORS:
+        return True
+    return isinstance(error, OSError) and error.errno in _PERMANENT_ERRNOS
 
 
 def _is_backend_error(error: BaseException) -> bool:
@@ -150,20 +215,72 @@ def _is_backend_error(error: BaseException) -> bool:
     return module.split(".", 1)[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs")
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole object at ``uri``.
+def read_bytes(uri: str, limits: ReadLimits | None = None) -> bytes:
+    """The whole object at ``uri``; with ``limits``, a bounded read of a regular file (a source).
 
     Raises:
-        InputUnavailableError: the object is missing, or reading it is denied.
+        InputUnavailableError: the object is missing, reading it is denied, it is
+            not a regular file (a FIFO, a device), or it was not read within
+            ``limits.seconds``.
+        BadImageError: it is larger than ``limits.max_bytes``.
+        StorageConfigError: the store refuses the request as malformed (permanent).
         StorageError: any other backend failure (transient).
     """
     fs, path = filesystem(uri)
     try:
-        return fs.cat_file(path)
+        if limits is None:
+            return fs.cat_file(path)
+        return _read_bounded(uri, fs, path, limits)
     except Exception as error:
         if not _is_backend_error(error):
             raise
-        raise _backend_error(uri, "reading", error, fs) from error
+        raise backend_error(uri, "reading", error, fs) from error
+
+
+def _read_bounded(uri: str, fs: fsspec.AbstractFileSystem, path: str, limits: ReadLimits) -> bytes:
+    """Reads ``path`` in chunks, refusing special files, too many bytes and too much time."""
+    deadline = time.monotonic() + limits.seconds
+    if _is_local(fs):
+        # Non-blocking open and fstat: a FIFO without a writer must not hang the worker, and a
+        # device (/dev/zero) must not be read at all; O_NONBLOCK changes nothing for a regular file.
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        stream = os.fdopen(handle, "rb")
+        kind = os.fstat(handle).st_mode
+        if not stat.S_ISREG(kind):
+            stream.close()
+            raise InputUnavailableError(_redact(f"'{uri}' is not a regular file ({_file_kind(kind)}); only files are read"))
+    else:
+        size = (fs.info(path) or {}).get("size")
+        if size is not None and size > limits.max_bytes:
+            raise _too_large(uri, size, limits)
+        stream = fs.open(path, "rb")
+    with stream:
+        chunks, total = [], 0
+        while True:
+            chunk = stream.read(READ_CHUNK_BYTES)
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > limits.max_bytes:
+                raise _too_large(uri, total, limits)
+            if time.monotonic() > deadline:
+                raise InputUnavailableError(_redact(
+                    f"'{uri}' was not read within {limits.seconds:g} s ({total} bytes so far); the source limit is "
+                    f"{limits.seconds:g} s"))
+            chunks.append(chunk)
+
+
+def _too_large(uri: str, size: int, limits: ReadLimits) -> BadImageError:
+    return BadImageError(_redact(f"'{uri}' is larger than the source limit of {limits.max_bytes} bytes "
+                                 f"({'at least ' if size > limits.max_bytes else ''}{size} bytes)"))
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -186,7 +303,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     except Exception as error:
         if not _is_backend_error(error):
             raise
-        raise _backend_error(uri, "writing", error, fs) from error
+        raise backend_error(uri, "writing", error, fs) from error
     finally:
         if not _is_local(fs):
             fs.invalidate_cache(path)
@@ -196,9 +313,9 @@ def _write_s3_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
     """One PUT, or a multipart upload that is completed whole or aborted."""
     bucket, key, _ = fs.split_path(path)
     if len(data) < S3_MULTIPART_THRESHOLD:
-        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data)
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, ContentType=content_type(path))
         return
-    upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key, ContentType=content_type(path))["UploadId"]
     try:
         parts = []
         for number, start in enumerate(range(0, len(data), S3_PART_SIZE), start=1):
@@ -257,6 +374,26 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         os.close(directory_handle)
 
 
+def modified_time(uri: str) -> float | None:
+    """When the object at ``uri`` was last written (seconds since the epoch, the store's clock); None if unknown.
+
+    Raises:
+        InputUnavailableError: it is missing or checking is denied. StorageError: other backend failures.
+    """
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "checking", error, fs) from error
+    modified = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if hasattr(modified, "timestamp"):
+        return float(modified.timestamp())
+    return float(modified) if isinstance(modified, (int, float)) else None
+
+
 def exists(uri: str) -> bool:
     """Whether an object exists at ``uri``, asking the backend, not a listing cache.
 
@@ -270,7 +407,7 @@ def exists(uri: str) -> bool:
     except Exception as error:
         if not _is_backend_error(error):
             raise
-        raise _backend_error(uri, "checking", error, fs) from error
+        raise backend_error(uri, "checking", error, fs) from error
 
 
 def list_files(uri: str) -> list[str]:
@@ -290,7 +427,7 @@ def list_files(uri: str) -> list[str]:
     except Exception as error:
         if not _is_backend_error(error):
             raise
-        raise _backend_error(uri, "listing", error, fs) from error
+        raise backend_error(uri, "listing", error, fs) from error
     names = sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "file")
     return [join(uri, name) for name in names if not name.endswith(".partial")]
 
@@ -309,7 +446,7 @@ def remove(uri: str) -> None:
     except Exception as error:
         if not _is_backend_error(error):
             raise
-        raise _backend_error(uri, "removing", error, fs) from error
+        raise backend_error(uri, "removing", error, fs) from error
     finally:
         if not _is_local(fs):
             fs.invalidate_cache(path)
@@ -321,5 +458,22 @@ def read_json(uri: str) -> Any:
 
 
 def write_json(uri: str, value: Any) -> None:
-    """Publishes ``value`` as indented UTF-8 JSON at ``uri``."""
-    write_bytes(uri, (json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
+    """Publishes ``value`` as indented UTF-8 JSON at ``uri`` (:func:`strict_json`)."""
+    write_bytes(uri, (strict_json(value, indent=2) + "\n").encode("utf-8"))
+
+
+def strict_json(value: Any, *, indent: int | None = None, default=None) -> str:
+    """``value`` as JSON that strict readers accept: keys sorted, NaN and infinities written as null."""
+    return json.dumps(_finite(value), indent=indent, ensure_ascii=False, sort_keys=True, allow_nan=False,
+                      default=default)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (strict JSON readers reject NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

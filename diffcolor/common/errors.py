@@ -70,6 +70,12 @@ class StorageError(TransientError):
     error_class = "storage"
 
 
+class StorageConfigError(PermanentError):
+    """The store refuses a request as malformed (an invalid bucket name, a bad argument, a wrong region)."""
+
+    error_class = "storage_config"
+
+
 class WorkerLostError(TransientError):
     """The worker process running an item died (killed, crashed, node lost)."""
 

@@ -64,3 +64,8 @@ def plan_key(request: ItemRequest, config_hash: str, model_hash: str) -> str:
 def render_key(source_sha256: str, state_key: str | None, prompt: str, render_dict: dict, seed: int) -> str:
     """Identifies a render from a stored colour state: the state, the prompt, the render settings, the seed."""
     return hash_json([source_sha256, state_key, prompt, render_dict, seed])
+
+
+def version_key(item_cache_key: str, index: int, target: str | None, color_map: dict | None) -> str:
+    """Identifies one version's work within an item's request: the item's cache key and which target it renders."""
+    return hash_json([item_cache_key, int(index), target, dict(sorted((color_map or {}).items()))])
