@@ -225,7 +225,7 @@ def _write_run(output: str, run_id: str, records: RecordSpool, timings: dict, de
     update_done_index(output, (
         (r["item_id"], r["plan_key"], "done" if r["status"] in ("done", "skipped_done") else r["status"], r.get("version"))
         for r in records if r["status"] in ("done", "skipped_done", "not_grayscale") and r.get("plan_key")
-    ))
+    ), run_id=run_id)
     write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id, all_records=records)
     summary = run_summary(records, run_id, prefix)
     summary["seconds"] = {

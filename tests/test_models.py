@@ -71,3 +71,20 @@ def test_cli_missing_model_prints_one_line_and_no_traceback(tmp_path, gray_png, 
     errors = [line for line in completed.stderr.splitlines() if line.startswith("diffcolor: error:")]
     assert len(errors) == 1 and "missing-model" in errors[0] and "does not exist" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("component", ["unet", "clip"])
+def test_a_pickled_model_is_refused_with_one_line_before_anything_is_unpickled(tmp_path, component, monkeypatch):
+    folder = write_tiny_bundle(tmp_path / "bundle")
+    weights = next((folder / component).glob("*.safetensors"))
+    weights.rename(weights.with_suffix(".bin"))  # what an old checkpoint folder holds: pytorch_model.bin & co
+
+    import torch
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a pickled weight file")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(ModelNotFoundError, match="pickled weight file") as info:
+        load_models(str(folder))
+    assert "\n" not in str(info.value) and f"{component}/" in str(info.value) and ".bin" in str(info.value)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import time
 
 import pytest
 from s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, s3_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures)
 
 from diffcolor.archive import storage
-from diffcolor.common.errors import InputUnavailableError, StorageError
+from diffcolor.common.errors import (
+    BadImageError,
+    InputUnavailableError,
+    PermanentError,
+    StorageConfigError,
+    StorageError,
+)
 
 MIB = 2**20
 
@@ -347,3 +355,85 @@ def test_local_objects_are_published_with_the_umask_mode_not_0600(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+# ---------------------------------------------------------------------------
+# Content types, bounded reads, error classes, strict JSON, credentials in URIs.
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("master.tif", "image/tiff"), ("access.jpg", "image/jpeg"), ("access.png", "image/png"),
+     ("access.webp", "image/webp"), ("result.json", "application/json"),
+     ("results.parquet", "application/vnd.apache.parquet"), ("report.html", "text/html; charset=utf-8"),
+     ("color-state.safetensors", "application/octet-stream")],
+)
+def test_every_object_written_to_s3_carries_its_content_type(s3_bucket, s3_endpoint, name, expected):
+    storage.write_bytes(storage.join(s3_bucket, "item", name), b"payload")
+    head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket.removeprefix("s3://"), Key=f"item/{name}")
+    assert head["ContentType"] == expected
+
+
+def test_a_large_s3_object_gets_its_content_type_through_the_multipart_upload(s3_bucket, s3_endpoint, small_parts):
+    storage.write_bytes(storage.join(s3_bucket, "big", "master.tif"), _payload(12 * 10**6, 9))
+    head = s3_client(s3_endpoint).head_object(Bucket=s3_bucket.removeprefix("s3://"), Key="big/master.tif")
+    assert head["ContentType"] == "image/tiff"
+
+
+def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "scan.tif"
+    os.mkfifo(fifo)  # nobody will ever write to it: a plain open() would wait for ever
+    limits = storage.ReadLimits(seconds=5)
+    started = time.monotonic()
+    with pytest.raises(InputUnavailableError, match="is not a regular file \\(a FIFO\\)"):
+        storage.read_bytes(str(fifo), limits)
+    with pytest.raises(InputUnavailableError, match="a character device"):
+        storage.read_bytes("/dev/zero", limits)
+    assert time.monotonic() - started < 2
+
+
+def test_a_source_over_the_size_limit_is_a_bad_image_on_disk_and_on_s3(tmp_path, s3_bucket):
+    limits = storage.ReadLimits(max_bytes=1000)
+    (tmp_path / "big.tif").write_bytes(b"\0" * 1001)
+    storage.write_bytes(storage.join(s3_bucket, "big.tif"), b"\0" * 1001)
+    for uri in (str(tmp_path / "big.tif"), storage.join(s3_bucket, "big.tif")):
+        with pytest.raises(BadImageError, match="larger than the source limit of 1000 bytes"):
+            storage.read_bytes(uri, limits)
+    assert storage.read_bytes(str(tmp_path / "big.tif"), storage.ReadLimits(max_bytes=1001)) == b"\0" * 1001
+
+
+def test_a_source_that_is_not_read_in_time_fails_with_the_limit_named(tmp_path, monkeypatch):
+    (tmp_path / "slow.tif").write_bytes(b"x" * (3 * storage.READ_CHUNK_BYTES))
+    clock = iter(range(0, 10_000, 100))  # every look at the clock is 100 s later
+    monkeypatch.setattr(storage.time, "monotonic", lambda: next(clock))
+    with pytest.raises(InputUnavailableError, match="not read within 150 s"):
+        storage.read_bytes(str(tmp_path / "slow.tif"), storage.ReadLimits(seconds=150))
+
+
+def test_an_invalid_bucket_name_is_a_permanent_error_not_a_transient_one(s3_bucket):
+    with pytest.raises(StorageConfigError, match="retrying cannot help") as caught:
+        storage.write_bytes("s3://Not_A_Valid_Bucket!/x.json", b"{}")
+    assert caught.value.error_class == "storage_config" and isinstance(caught.value, PermanentError)
+
+
+def test_json_records_are_strict_json_with_nan_as_null(tmp_path):
+    uri = str(tmp_path / "result.json")
+    storage.write_json(uri, {"ssim_l": float("nan"), "max_delta_l": float("inf"), "nested": [1.5, float("-inf")]})
+    text = (tmp_path / "result.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard {name}")) == {
+        "ssim_l": None, "max_delta_l": None, "nested": [1.5, None]}
+
+
+def test_credentials_in_an_s3_uri_are_used_and_never_shown(s3_bucket, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    s3fs = pytest.importorskip("s3fs")
+    s3fs.S3FileSystem.clear_instance_cache()
+    secret_uri = s3_bucket.replace("s3://", f"s3://{FAKE_ACCESS_KEY}:CANARY-in-uri-3141@")
+    storage.write_bytes(f"{secret_uri}/item/result.json", b"{}")
+    assert storage.read_bytes(f"{secret_uri}/item/result.json") == b"{}"
+    with pytest.raises(InputUnavailableError) as caught:
+        storage.read_bytes(f"{secret_uri}/item/missing.json")
+    assert "CANARY-in-uri-3141" not in str(caught.value) and FAKE_ACCESS_KEY not in str(caught.value)
+    assert "***@" in str(caught.value)

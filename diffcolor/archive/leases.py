@@ -50,7 +50,7 @@ from typing import Iterator
 from diffcolor.archive import storage
 from diffcolor.common.errors import (
     DiffColorError,
-    InputUnavailableError,
+    MissingObjectError,
     StorageError,
     TransientError,
 )
@@ -176,10 +176,8 @@ def _is_dead(uri: str, lease_seconds: float) -> bool | None:
     try:
         held = json.loads(storage.read_bytes(uri))
         return float(held["expires"]) < time.time()
-    except InputUnavailableError:
-        if not storage.exists(uri):
-            return None
-        raise
+    except MissingObjectError:
+        return None
     except (ValueError, KeyError, TypeError):  # empty, truncated or foreign content: judge by its age
         modified = storage.modified_time(uri)
         return modified is None or time.time() - modified > lease_seconds

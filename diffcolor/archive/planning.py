@@ -5,7 +5,8 @@ The output root of a collection is laid out as::
     OUTPUT/items/ITEM_ID/...          each item's layout (see diffcolor.archive.items)
     OUTPUT/runs/RUN_ID/results.parquet  the run's records
     OUTPUT/runs/RUN_ID/report.html      the run's contact sheet
-    OUTPUT/index/items.parquet          the done-index: the latest plan key and status per item
+    OUTPUT/index/items.parquet          the done-index: the latest plan key and status per item (compacted)
+    OUTPUT/index/runs/*.parquet         the entries each run added since the last compaction
 
 Planning must not touch every item's objects: for a nightly run over a
 million-row manifest that is a million storage requests. Instead each manifest
@@ -21,6 +22,8 @@ only a cheap check.
 from __future__ import annotations
 
 import io
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -32,7 +35,9 @@ from diffcolor.common.ids import normalize_item_id
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import plan_key
 
-INDEX_SCHEMA = pa.schema([("item_id", pa.string()), ("plan_key", pa.string()), ("status", pa.string()), ("version", pa.int64())])
+INDEX_SCHEMA = pa.schema([("item_id", pa.string()), ("plan_key", pa.string()), ("status", pa.string()),
+                          ("version", pa.int64()), ("updated_at", pa.float64())])
+COMPACT_AFTER_SHARDS = 16  # ours: a run folds the shards into the compacted index once there are more than this
 
 
 def item_prefix(output: str, item_id: str) -> str:
@@ -52,15 +57,35 @@ def run_prefix(output: str, run_id: str) -> str:
 
 
 def index_uri(output: str) -> str:
+    """The compacted done-index."""
     return storage.join(output, "index", "items.parquet")
+
+
+def _shard_uris(output: str) -> list[str]:
+    return [uri for uri in storage.list_files(storage.join(output, "index", "runs")) if uri.endswith(".parquet")]
+
+
+def _index_table(uri: str) -> pa.Table:
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    if "updated_at" not in table.column_names:  # an index written before entries carried their time
+        table = table.append_column("updated_at", pa.array([0.0] * table.num_rows, pa.float64()))
+    return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+
+
+def _latest_entries(output: str, shards: list[str]) -> pa.Table:
+    """The compacted index and ``shards`` merged: one row per item, its newest entry."""
+    uris = ([index_uri(output)] if storage.exists(index_uri(output)) else []) + shards
+    tables = [_index_table(uri) for uri in uris]
+    if not tables:
+        return INDEX_SCHEMA.empty_table()
+    table = pa.concat_tables(tables).sort_by([("updated_at", "ascending")])
+    latest = {item: index for index, item in enumerate(table["item_id"].to_pylist())}  # the newest row wins
+    return table.take(pa.array(sorted(latest.values()), pa.int64()))
 
 
 def read_done_index(output: str) -> dict[str, str]:
     """item id -> plan key of the items the index lists as done (empty when there is no index)."""
-    uri = index_uri(output)
-    if not storage.exists(uri):
-        return {}
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["item_id", "plan_key", "status"])
+    table = _latest_entries(output, _shard_uris(output))
     done = table.filter(pa.compute.equal(table["status"], "done"))
     return dict(zip(done["item_id"].to_pylist(), done["plan_key"].to_pylist()))
 
@@ -85,32 +110,45 @@ def plan_items(requests: Iterable[ItemRequest], done: dict[str, str], *, config_
         yield PlannedItem(request=request, plan_key=key, skip=not force and done.get(request.item_id) == key)
 
 
-def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | None]]) -> int:
-    """Merges ``(item_id, plan_key, status, version)`` entries into the done-index; returns its size.
+def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | None]], *,
+                      run_id: str | None = None) -> int:
+    """Adds ``(item_id, plan_key, status, version)`` entries to the done-index; returns how many.
 
-    The newest entry for an item wins. Two runs finishing at once may each
-    overwrite the other's entries; that costs the next run a per-item check,
-    never a wrong skip, since the worker verifies the full cache key.
+    Each call writes its own shard (``index/runs/RUN_ID.parquet``), so two runs
+    finishing at once never overwrite each other's entries; the newest entry
+    for an item wins when the index is read. Past :data:`COMPACT_AFTER_SHARDS`
+    shards, the call folds them into ``index/items.parquet`` under the index's
+    lease (a run that finds it held leaves compaction to the holder) and
+    removes exactly the shards it folded in.
     """
-    latest: dict[str, tuple[str, str, int | None]] = {}
-    uri = index_uri(output)
-    if storage.exists(uri):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        for item_id, key, status, version in zip(*(table[c].to_pylist() for c in INDEX_SCHEMA.names)):
-            latest[item_id] = (key, status, version)
-    for item_id, key, status, version in entries:
-        latest[item_id] = (key, status, version)
-    table = pa.table(
-        {
-            "item_id": list(latest),
-            "plan_key": [v[0] for v in latest.values()],
-            "status": [v[1] for v in latest.values()],
-            "version": [v[2] for v in latest.values()],
-        },
-        schema=INDEX_SCHEMA,
-    )
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    storage.write_bytes(uri, buffer.getvalue())
+    now = time.time()
+    rows = [(item_id, key, status, version, now) for item_id, key, status, version in entries]
+    columns = list(zip(*rows)) or [()] * len(INDEX_SCHEMA)
+    table = pa.table([pa.array(list(column), type=field.type) for column, field in zip(columns, INDEX_SCHEMA)],
+                     schema=INDEX_SCHEMA)
+    name = run_id or f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}-{uuid.uuid4().hex[:8]}"
+    storage.write_bytes(storage.join(output, "index", "runs", f"{name}.parquet"), _parquet(table))
+    if len(_shard_uris(output)) > COMPACT_AFTER_SHARDS:
+        compact_done_index(output)
     return table.num_rows
 
+
+def compact_done_index(output: str) -> bool:
+    """Folds the shards into the compacted index; False when another run is compacting it now."""
+    from diffcolor.archive.leases import item_lease
+
+    try:
+        with item_lease(storage.join(output, "index"), timeout_seconds=0):
+            shards = _shard_uris(output)
+            storage.write_bytes(index_uri(output), _parquet(_latest_entries(output, shards)))
+            for uri in shards:
+                storage.remove(uri)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()

@@ -72,6 +72,7 @@ from fsspec.core import split_protocol, url_to_fs
 from diffcolor.common.errors import (
     BadImageError,
     InputUnavailableError,
+    MissingObjectError,
     StorageConfigError,
     StorageError,
 )
@@ -189,7 +190,7 @@ _PAST = {"reading": "read", "writing": "written", "checking": "checked", "listin
 def backend_error(uri: str, action: str, error: BaseException, fs: fsspec.AbstractFileSystem) -> Exception:
     """The DiffColor exception for a backend failure while ``action``-ing ``uri``: permanent or transient by its kind."""
     if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return InputUnavailableError(_redact(f"'{uri}' does not exist (while {action} it)", fs))
+        return MissingObjectError(_redact(f"'{uri}' does not exist (while {action} it)", fs))
     if isinstance(error, PermissionError) or type(error).__name__ in _NO_CREDENTIALS:
         return InputUnavailableError(_redact(f"'{uri}' cannot be {_PAST[action]}: permission denied ({error})", fs))
     described = f"{action} '{uri}' failed: {type(error).__name__}: {error}"
@@ -388,7 +389,7 @@ def modified_time(uri: str) -> float | None:
         if not _is_backend_error(error):
             raise
         raise backend_error(uri, "checking", error, fs) from error
-    modified = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    modified = next((info[key] for key in ("mtime", "LastModified", "last_modified", "created") if info.get(key)), None)
     if hasattr(modified, "timestamp"):
         return float(modified.timestamp())
     return float(modified) if isinstance(modified, (int, float)) else None

@@ -46,6 +46,10 @@ class InputUnavailableError(PermanentError):
     error_class = "input_unavailable"
 
 
+class MissingObjectError(InputUnavailableError):
+    """The object does not exist (an input missing, or one another worker removed meanwhile)."""
+
+
 class NotGrayscaleError(PermanentError):
     """A colour photograph was given where a gray one is expected."""
 

@@ -30,7 +30,9 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # ours: CLIP ViT-L/14, the famil
 # A bundle holding this file declares random weights: its outputs are labelled smoke runs, not colourisations.
 TINY_MARKER = "TINY_RANDOM_BUNDLE.txt"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors",)
+# Weight files in a pickle-based format: loading one can run code, so DiffColor refuses them (spec section 9).
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _VARIANT_INFIXES = (".fp16.", ".bf16.", ".non_ema.", ".ema.")
 
@@ -155,6 +157,16 @@ def _read_clip_preprocessing(folder: Path) -> tuple[int, tuple, tuple]:
     return int(size), tuple(config["image_mean"]), tuple(config["image_std"])
 
 
+def _check_safetensors(folder: Path, what: str) -> None:
+    """Refuses a component whose weights are pickled (``.bin``, ``.ckpt``, ...) rather than safetensors."""
+    files = [path.name for path in folder.iterdir() if path.is_file()]
+    pickled = sorted(name for name in files if name.endswith(PICKLED_SUFFIXES))
+    if pickled and not any(name.endswith(".safetensors") for name in files):
+        raise ModelNotFoundError(
+            f"{what}: {folder.name}/{pickled[0]} is a pickled weight file, which DiffColor never loads (it can run "
+            "code); convert the model to safetensors (diffusers: save_pretrained(..., safe_serialization=True))")
+
+
 def _resolve_bundle(model: str, clip: str | None, revision: str | None, clip_revision: str | None,
                     allow_download: bool) -> tuple[Path, str | None, Path]:
     """Local folders of the SD bundle and of CLIP (and CLIP's name, None for the bundle's own), or ModelNotFoundError."""
@@ -163,10 +175,14 @@ def _resolve_bundle(model: str, clip: str | None, revision: str | None, clip_rev
     for component in SD_COMPONENTS:
         if not (folder / component).is_dir():
             raise ModelNotFoundError(f"Stable Diffusion model '{model}' has no {component}/ folder")
+    for component in ("unet", "vae", "text_encoder"):
+        _check_safetensors(folder / component, f"Stable Diffusion model '{model}'")
     if clip is None and (folder / "clip" / "config.json").exists():
+        _check_safetensors(folder / "clip", f"Stable Diffusion model '{model}'")
         return folder, None, folder / "clip"
     clip = clip or DEFAULT_CLIP
     clip_folder = _resolve_folder(clip, revision=clip_revision, allow_download=allow_download, what="CLIP model", check="config.json")
+    _check_safetensors(clip_folder, f"CLIP model '{clip}'")
     return folder, clip, clip_folder
 
 
@@ -255,12 +271,12 @@ def _load_components(folder: Path, clip_folder: Path) -> dict:
     transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
     clip_size, clip_mean, clip_std = _read_clip_preprocessing(clip_folder)
     return {
-        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
         "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         "scheduler_config": json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")),
-        "clip": CLIPModel.from_pretrained(clip_folder),
+        "clip": CLIPModel.from_pretrained(clip_folder, use_safetensors=True),
         "clip_tokenizer": CLIPTokenizer.from_pretrained(clip_folder),
         "clip_image_size": clip_size,
         "clip_mean": clip_mean,
