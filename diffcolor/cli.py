@@ -30,6 +30,7 @@ SMOKE_BANNER = (
 # torch (tests/test_cli.py checks that the two agree).
 PRESET_NAMES = ("smoke", "default", "paper-scale")
 EVAL_MAX_SIDE = 1024  # the default of diffcolor.tools.evaluate.EvalConfig.max_side, for --help (checked by a test)
+SOURCE_LIMIT_MIB, SOURCE_LIMIT_SECONDS = 2048, 600  # diffcolor.archive.storage.ReadLimits' defaults, for --help
 
 
 # ---------------------------------------------------------------------------
@@ -155,6 +156,43 @@ def _finish_flow(state) -> int:
     return 2
 
 
+def _source_limits(args) -> dict:
+    """The source limits given on the command line, as flow options (the flows' own defaults otherwise)."""
+    given = {"max_source_mb": args.max_source_mb, "source_timeout_seconds": args.source_timeout}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _lift_credentials(*uris: str | None) -> list[str | None]:
+    """The URIs without user-info; S3 credentials written in them become this run's AWS credentials.
+
+    A flow's parameters are stored by Prefect with the run, so credentials must
+    never be among them: ``s3://KEY:SECRET@bucket/...`` is passed on as
+    ``s3://bucket/...`` and KEY/SECRET go into this process's environment
+    (inherited by the pool's workers). Raises ValueError for credentials in any
+    other kind of URI, or two different S3 credentials in one command.
+    """
+    from diffcolor.common.redact import redact, split_userinfo
+
+    clean, found = [], set()
+    for uri in uris:
+        if uri is None:
+            clean.append(None)
+            continue
+        bare, user, password = split_userinfo(uri)
+        if user is not None:
+            if not bare.startswith(("s3://", "s3a://")):
+                raise ValueError(f"'{redact(uri)}' carries credentials; give them to its store in the environment "
+                                 "(a .netrc for http) instead: a run's URIs are stored with the run")
+            found.add((user, password))
+        clean.append(bare)
+    if len(found) > 1:
+        raise ValueError("the URIs carry two different S3 credentials; set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY in the environment instead")
+    for user, password in found:
+        os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = user, password or ""
+    return clean
+
+
 def _quiet_prefect() -> None:
     # Archives run air-gapped: Prefect's usage telemetry has nowhere to go.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -273,9 +311,10 @@ def cmd_manifest_validate(args) -> int:
 def cmd_run(args) -> int:
     from diffcolor.method.presets import apply_overrides, get_preset
 
-    # 1. The preset and its overrides, type-checked before any work starts.
+    # 1. The preset and its overrides, type-checked before any work starts; credentials out of the URIs.
     overrides = _parse_overrides(args.set)
     apply_overrides(get_preset(args.preset), overrides)
+    manifest, out = _lift_credentials(args.manifest, args.out)
 
     # 2. The collection flow (local Prefect unless PREFECT_API_URL names a server).
     _quiet_prefect()
@@ -284,11 +323,12 @@ def cmd_run(args) -> int:
     options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
                          force=args.force, device=args.device, allow_download=args.allow_download,
                          weight_dtype=args.weight_dtype, overrides=overrides, pool=args.pool,
-                         workers_per_device=args.workers_per_device, gpus_per_item=args.gpus_per_item)
+                         workers_per_device=args.workers_per_device, gpus_per_item=args.gpus_per_item,
+                         **_source_limits(args))
     flow_to_run = colorize_collection
     if args.pool == "ray":
         flow_to_run = colorize_collection.with_options(task_runner=ray_runner(args.ray_address))
-    return _finish_flow(flow_to_run(args.manifest, args.out, args.model, options, return_state=True))
+    return _finish_flow(flow_to_run(manifest, out, args.model, options, return_state=True))
 
 
 def cmd_reprocess(args) -> int:
@@ -300,19 +340,20 @@ def cmd_reprocess(args) -> int:
     if not args.targets and (not args.items or not (args.target or color_map)):
         raise PromptError("give --items with --target or --color-map, or a --targets file")
     items = [normalize_item_id(item) for item in args.items.split(",")] if args.items and not args.targets else []
+    out, targets_uri = _lift_credentials(args.out, args.targets)
 
     # 2. The reprocess flow.
     _quiet_prefect()
     from flows.reprocess import ReprocessOptions, Retarget, read_targets, reprocess
 
-    if args.targets:
-        targets = read_targets(args.targets)
+    if targets_uri:
+        targets = read_targets(targets_uri)
     else:
         targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in items]
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype,
-                               workers_per_device=args.workers_per_device, pool=args.pool)
-    return _finish_flow(reprocess(args.out, targets, options, return_state=True))
+                               workers_per_device=args.workers_per_device, pool=args.pool, **_source_limits(args))
+    return _finish_flow(reprocess(out, targets, options, return_state=True))
 
 
 def cmd_eval(args) -> int:
@@ -454,6 +495,15 @@ def _add_preset_option(parser: argparse.ArgumentParser) -> None:
                         help="step counts: smoke (seconds on a CPU with 'tiny'), default, or paper-scale (recipe R)")
 
 
+def _add_source_limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-source-mb", type=_in_range(float, 0.0, float("inf"), "a size in MiB above 0"),
+                        metavar="MIB", help=f"largest source image read, MiB (default {SOURCE_LIMIT_MIB}); a larger "
+                                            "one fails its item as bad_image")
+    parser.add_argument("--source-timeout", type=_in_range(float, 0.0, float("inf"), "seconds above 0"),
+                        metavar="S", help=f"longest read of one source, seconds (default {SOURCE_LIMIT_SECONDS}); a "
+                                          "FIFO or a device is never read")
+
+
 def _add_workers_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers-per-device", type=_workers, default=1, metavar="N",
                         help="local pool: worker processes per GPU (or on the CPU), each loading its own models; "
@@ -525,6 +575,7 @@ def _add_collection_commands(commands) -> None:
                      help="override a preset field, e.g. stage1.steps=200 (type-checked; repeat for several)")
     _add_model_options(run, required=True)
     _add_workers_option(run)
+    _add_source_limit_options(run)
     run.set_defaults(handler=cmd_run)
 
     again = commands.add_parser("reprocess", help="render new targets for selected items from their colour states")
@@ -538,6 +589,7 @@ def _add_collection_commands(commands) -> None:
                        help="local: worker processes on this machine's GPUs; inline: in the flow's own process")
     _add_model_options(again, required=False)
     _add_workers_option(again)
+    _add_source_limit_options(again)
     again.set_defaults(handler=cmd_reprocess)
 
     demo = commands.add_parser("demo", help="run the collection flow on the bundled demo collection (make demo)")

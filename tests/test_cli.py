@@ -99,6 +99,9 @@ def test_parser_constants_match_what_they_stand_for():
 
     assert set(cli.PRESET_NAMES) == set(PRESETS)
     assert cli.EVAL_MAX_SIDE == EvalConfig.max_side
+    from diffcolor.archive.storage import ReadLimits
+
+    assert (cli.SOURCE_LIMIT_MIB * 2**20, cli.SOURCE_LIMIT_SECONDS) == (ReadLimits.max_bytes, ReadLimits.seconds)
 
 
 def test_an_unknown_preset_is_refused_by_argparse_with_the_choices(capsys):

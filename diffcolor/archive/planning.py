@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
@@ -86,7 +87,7 @@ def _latest_entries(output: str, shards: list[str]) -> pa.Table:
 def read_done_index(output: str) -> dict[str, str]:
     """item id -> plan key of the items the index lists as done (empty when there is no index)."""
     table = _latest_entries(output, _shard_uris(output))
-    done = table.filter(pa.compute.equal(table["status"], "done"))
+    done = table.filter(pc.equal(table["status"], "done"))
     return dict(zip(done["item_id"].to_pylist(), done["plan_key"].to_pylist()))
 
 

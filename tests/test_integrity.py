@@ -1,0 +1,194 @@
+"""The archive's promises in the configuration the product is for: a real S3 API, several processes, hostile input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import gray_scene
+from PIL import Image
+from s3server import FAKE_ACCESS_KEY, s3_client
+from test_flows import CAPTION
+
+from diffcolor.archive import storage
+from diffcolor.archive.planning import item_prefix
+from diffcolor.archive.results import read_results
+from diffcolor.common.ids import UnsafeItemIdError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    """A Parquet file of ``rows`` with the columns they have (catalogue fields included)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _diffcolor(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command in a fresh process, against the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    environment = dict(env if env is not None else os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    return subprocess.run([sys.executable, "-m", "diffcolor", *args], capture_output=True, text=True, env=environment,
+                          timeout=600, cwd=REPO)
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(gray_scene(48, 64, seed=seed) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    client = s3_client(endpoint)
+    name = bucket.removeprefix("s3://")
+    keys = [entry["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=name)
+            for entry in page.get("Contents", [])]
+    return {key: client.get_object(Bucket=name, Key=key)["Body"].read() for key in keys}
+
+
+def _prefect_database_bytes() -> bytes:
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    path = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split(":///", 1)[1])
+    return b"".join(file.read_bytes() for file in path.parent.glob(path.name + "*"))
+
+
+def test_a_canary_secret_planted_everywhere_a_user_can_put_one_appears_nowhere(prefect_server, s3_bucket, s3_endpoint,
+                                                                               tmp_path):
+    canary = f"CANARY{uuid.uuid4().hex}"
+    secret_bucket = s3_bucket.replace("s3://", f"s3://{FAKE_ACCESS_KEY}:{canary}@")
+    for index in range(2):
+        storage.write_bytes(f"{s3_bucket}/incoming/p{index}.png", _png(index))
+    # In the manifest: image URIs with credentials (one of them missing, so its error names it), a catalogue
+    # field with a URL that has a password and a token; on the command line: the manifest and output URIs.
+    rows = [{"item_id": f"p{index}", "image_uri": f"{secret_bucket}/incoming/p{index}.png", "caption": CAPTION,
+             "seed": index, "source_link": f"https://archivist:{canary}@catalogue.example/item/{index}?token={canary}"}
+            for index in range(2)]
+    rows.append({"item_id": "gone", "image_uri": f"{secret_bucket}/incoming/gone.png", "caption": CAPTION, "seed": 9,
+                 "source_link": "-"})
+    local_manifest = write_manifest(tmp_path / "manifest.parquet", rows)
+    storage.write_bytes(f"{s3_bucket}/incoming/manifest.parquet", local_manifest.read_bytes())
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}  # the URIs carry them
+
+    done = _diffcolor("run", f"{secret_bucket}/incoming/manifest.parquet", "--out", f"{secret_bucket}/archive",
+                      "--model", "tiny", "--preset", "smoke", env=environment)
+
+    assert done.returncode == 1, done.stderr[-3000:]  # one item's source is missing
+    objects = _bucket_objects(s3_endpoint, s3_bucket)
+    assert any(key.endswith("p0/versions/v0001/master.tif") for key in objects)
+    gone = json.loads(objects["archive/items/gone/result.json"])
+    assert gone["error_class"] == "input_unavailable" and "***@" in gone["error_message"]
+    places = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(), "prefect database": _prefect_database_bytes(),
+              **{f"s3://.../{key}": data for key, data in objects.items() if not key.startswith("incoming/")}}
+    # The database looked at is the one this run wrote to: it holds the run's parameters, without credentials.
+    assert f"{s3_bucket}/incoming/manifest.parquet".encode() in places["prefect database"]
+    assert [place for place, data in places.items() if canary.encode() in data] == []
+
+
+def test_two_runs_at_once_on_one_s3_output_fit_each_item_once_and_lose_no_record(prefect_server, s3_bucket, s3_endpoint,
+                                                                              tmp_path):
+    rows = []
+    for index in range(3):
+        storage.write_bytes(f"{s3_bucket}/incoming/p{index}.png", _png(index))
+        rows.append({"item_id": f"p{index}", "image_uri": f"{s3_bucket}/incoming/p{index}.png", "caption": CAPTION,
+                     "seed": index})
+    manifest = write_manifest(tmp_path / "manifest.parquet", rows)
+    command = [sys.executable, "-m", "diffcolor", "run", str(manifest), "--out", f"{s3_bucket}/archive",
+               "--model", "tiny", "--preset", "smoke"]
+    from prefect.settings import PREFECT_API_URL
+
+    environment = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                                  cwd=REPO) for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+
+    runs = sorted({key.split("/")[2] for key in _bucket_objects(s3_endpoint, s3_bucket) if key.startswith("archive/runs/")})
+    assert len(runs) == 2
+    records = [row for run in runs for row in read_results(f"{s3_bucket}/archive/runs/{run}/results.parquet").to_pylist()]
+    for index in range(3):
+        mine = [row for row in records if row["item_id"] == f"p{index}"]
+        assert len(mine) == 2  # one record per run: none lost
+        assert sum(1 for row in mine if row["finetune_steps_run"] > 0) == 1  # fitted by exactly one of the runs
+        assert storage.list_files(f"{s3_bucket}/archive/items/p{index}/versions") == [
+            f"{s3_bucket}/archive/items/p{index}/versions/v0001.json"]
+        assert storage.read_json(f"{s3_bucket}/archive/items/p{index}/result.json")["status"] == "done"
+        assert storage.list_files(f"{s3_bucket}/archive/items/p{index}/lock") == []  # no orphaned lease
+
+
+def test_traversal_ids_are_refused_everywhere_and_create_nothing_outside_the_root(prefect_server, tmp_path):
+    out = tmp_path / "collection" / "out"
+    out.mkdir(parents=True)
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    hostile = ["../../..", "../escape", "a/b", "..", "CON", "x\\y"]
+    for item in hostile:
+        with pytest.raises(UnsafeItemIdError):
+            item_prefix(str(out), item)
+    done = _diffcolor("reprocess", str(out), "--items", "ok,../../escape", "--color-map", '{"dog": "red"}')
+    assert done.returncode == 2 and "unsafe item_id '../../escape'" in done.stderr and "Traceback" not in done.stderr
+    targets = write_manifest(tmp_path / "targets.parquet", [{"item_id": "../../../etc", "target_prompt": "a red dog"}])
+    done = _diffcolor("reprocess", str(out), "--targets", str(targets))
+    assert done.returncode == 2 and "row 1" in done.stderr and "unsafe item_id" in done.stderr
+
+    from flows.reprocess import Retarget, reprocess
+
+    with pytest.raises(UnsafeItemIdError):  # the deployment form's path: the flow's typed parameters
+        reprocess(str(out), [{"item_id": "../../x", "target_prompt": "a red dog"}])
+    with pytest.raises(UnsafeItemIdError):
+        Retarget(item_id="../x")
+    assert sorted(str(path) for path in tmp_path.rglob("*") if "targets.parquet" not in str(path)) == before
+
+
+def test_reprocess_renders_each_item_with_its_own_recorded_model(prefect_server, models, smoke, tmp_path, gray_png):
+    from diffcolor.common.items import ItemRequest
+    from diffcolor.method.models import load_models
+    from diffcolor.pipeline import colorize_item
+    from diffcolor.tools.tiny import write_tiny_bundle
+    from flows.reprocess import ReprocessOptions, Retarget, reprocess
+
+    out = tmp_path / "out"
+    other_folder = write_tiny_bundle(tmp_path / "other-model", seed=1)  # another model: other weights, other hash
+    other = load_models(str(other_folder))
+    colorize_item(models, ItemRequest(item_id="a", source_uri=str(gray_png), caption=CAPTION), item_prefix(str(out), "a"),
+                  smoke)
+    colorize_item(other, ItemRequest(item_id="b", source_uri=str(gray_png), caption=CAPTION), item_prefix(str(out), "b"),
+                  smoke)
+
+    state = reprocess(str(out), [Retarget(item_id="a", color_map={"dog": "red"}),
+                                 Retarget(item_id="b", color_map={"dog": "red"})],
+                      ReprocessOptions(pool="inline", retry_delay_seconds=[0.1]), return_state=True)
+    assert state.is_completed(), state.message
+    for item, model in (("a", models), ("b", other)):
+        record = storage.read_json(str(out / "items" / item / "result.json"))
+        assert record["version"] == 2 and record["model_hash"] == model.model_hash and record["model_id"] == model.model_id
+
+
+def test_a_fifo_source_fails_its_item_and_the_run_goes_on(prefect_server, tmp_path):
+    from flows.collection import RunOptions, colorize_collection
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "good.png").write_bytes(_png(0))
+    os.mkfifo(tmp_path / "images" / "pipe.png")  # a source that never ends: nobody writes to it
+    manifest = write_manifest(tmp_path / "manifest.parquet", [
+        {"item_id": "pipe", "image_uri": "images/pipe.png", "caption": CAPTION, "seed": 1},
+        {"item_id": "good", "image_uri": "images/good.png", "caption": CAPTION, "seed": 2},
+    ])
+    state = colorize_collection(str(manifest), str(tmp_path / "out"), "tiny",
+                                RunOptions(preset="smoke", pool="inline", retry_delay_seconds=[0.1]), return_state=True)
+    assert state.is_failed()
+    rows = {row["item_id"]: row for row in read_results(state.result(raise_on_failure=False)["results"]).to_pylist()}
+    assert rows["good"]["status"] == "done"
+    assert rows["pipe"]["error_class"] == "input_unavailable" and "not a regular file (a FIFO)" in rows["pipe"]["error_message"]
