@@ -215,6 +215,15 @@ def _state_output(layout: ItemLayout) -> tuple[str, str]:
     return layout.state_object, sha256_hex(storage.read_bytes(layout.state_object))
 
 
+def _targets(request: ItemRequest) -> list[tuple[str | None, dict | None]]:
+    """What each version renders, in order: ``(prompt, {})`` per target, ``(None, map)`` for the colour map,
+    or ``(None, None)``, the primary colourisation, when there is neither."""
+    targets: list[tuple[str | None, dict | None]] = [(target, {}) for target in request.targets]
+    if request.color_map:
+        targets.append((None, request.color_map))
+    return targets or [(None, None)]
+
+
 def _render_versions(models: Models, request: ItemRequest, source: SourceImage, layout: ItemLayout, state: ColorState,
                      config: PipelineConfig, new_record: Callable[[], dict], steps_run: int,
                      progress: Progress | None) -> list[dict]:
@@ -225,10 +234,7 @@ def _render_versions(models: Models, request: ItemRequest, source: SourceImage, 
     before (an earlier attempt that failed after it) is reused, not rendered
     again, so a retry never adds a duplicate; ``result.json`` then names the last.
     """
-    targets: list[tuple[str | None, dict | None]] = [(target, {}) for target in request.targets]
-    if request.color_map:
-        targets.append((None, request.color_map))
-    targets = targets or [(None, None)]
+    targets = _targets(request)
     committed = layout.committed_versions()
     state_uri, state_sha = _state_output(layout)
     records = []
@@ -294,12 +300,16 @@ def colorize_item(
             raise NotGrayscaleError(f"item '{request.item_id}': '{redact(request.source_uri)}' is a colour photograph; "
                                     "use --force to colourise it anyway")
 
-        # 2. Skip when this exact work is already done.
+        # 2. Skip when this exact work is already done: result.json names this request's last version
+        #    (versions are committed in order, so every earlier one is committed too).
         config_dict = config.to_dict()
         key = cache_key(source_sha256, request, config_dict, models.model_hash)
+        targets = _targets(request)
+        last_version_key = version_key(key, len(targets) - 1, *targets[-1])
         if storage.exists(layout.result):
             previous = storage.read_json(layout.result)
-            if previous.get("cache_key") == key and previous.get("status") == "done":
+            legacy = previous.get("version_key") is None and previous.get("cache_key") == key  # written before keys
+            if previous.get("status") == "done" and (previous.get("version_key") == last_version_key or legacy):
                 # The record of this run: nothing was computed, nothing written.
                 return [dict(previous, status="skipped_done", finetune_steps_run=0, seconds={})]
 

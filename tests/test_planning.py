@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from s3server import s3_bucket, s3_endpoint  # noqa: F401 (fixtures)
 
 from diffcolor.archive.planning import plan_items, read_done_index, update_done_index
 from diffcolor.common.items import ItemRequest
@@ -28,6 +29,32 @@ def test_done_items_are_skipped_and_changed_ones_are_not(tmp_path):
     # Another model or configuration makes every key new; force redoes done items.
     assert not any(p.skip for p in plan_items(requests, read_done_index(output), config_hash=key, model_hash="other"))
     assert not any(p.skip for p in plan_items(requests, read_done_index(output), config_hash=key, model_hash="m", force=True))
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_runs_updating_the_index_at_once_lose_no_entry_through_compactions(tmp_path, request, store):
+    import threading
+
+    from diffcolor.archive import planning, storage
+
+    output = str(tmp_path / "out") if store == "local" else f"{request.getfixturevalue('s3_bucket')}/out"
+    runs, per_run = 2 * (planning.COMPACT_AFTER_SHARDS + 4), 5  # enough shards for several compactions
+
+    def run(number: int) -> None:
+        update_done_index(output, [(f"r{number}-i{n}", f"key-{number}-{n}", "done", 1) for n in range(per_run)],
+                          run_id=f"run-{number:03d}")
+
+    threads = [threading.Thread(target=run, args=(number,)) for number in range(runs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done = read_done_index(output)
+    assert len(done) == runs * per_run and done["r7-i3"] == "key-7-3"
+    assert storage.exists(planning.index_uri(output))  # compactions happened under the load
+    assert storage.list_files(f"{output}/index/lock") == []
+    assert planning.compact_done_index(output)  # one more folds every shard left, losing nothing
+    assert storage.list_files(f"{output}/index/runs") == [] and read_done_index(output) == done
 
 
 def test_planning_streams_and_submission_is_windowed(monkeypatch):

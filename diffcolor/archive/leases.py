@@ -146,11 +146,15 @@ class Lease:
             if self._lost is not None:
                 return
 
-    def release(self) -> None:
-        """Stops the heartbeat and removes this worker's own lease object (never another's)."""
+    def stop_heartbeat(self) -> None:
+        """Stops renewing; the lease object stays and expires after a lease (what a killed worker leaves)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+    def release(self) -> None:
+        """Stops the heartbeat and removes this worker's own lease object (never another's)."""
+        self.stop_heartbeat()
         storage.remove(self.uri)
 
 
