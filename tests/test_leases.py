@@ -123,3 +123,39 @@ def test_a_suspended_holder_finds_its_lease_gone_and_stops(item):
     with pytest.raises(LeaseLostError, match="gone"):
         holder.check()
     holder.release()
+
+
+def test_a_heartbeat_that_fails_once_keeps_renewing(tmp_path):
+    lease = acquire(str(tmp_path / "item"), lease_seconds=0.6)
+    real_write, failures = storage.write_bytes, []
+
+    def flaky_write(uri, data):
+        if "/lock/" in uri and not failures:
+            failures.append(uri)
+            raise StorageError(f"writing '{uri}' failed: connection reset (injected once)")
+        return real_write(uri, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage, "write_bytes", flaky_write)
+        time.sleep(1.5)  # several heartbeats: the first fails, the next ones renew
+        assert failures
+        lease.check()
+    lease.release()
+
+
+def test_the_lease_of_a_process_that_exited_on_this_host_is_taken_over_at_once(item):
+    import socket
+    import subprocess
+    import sys
+
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage.write_bytes(storage.join(item, "lock", "lease-00000001.json"), json.dumps(
+        {"owner": "killed", "host": socket.gethostname(), "pid": int(exited.stdout), "expires": time.time() + 60}).encode())
+    lease = acquire(item, lease_seconds=30, timeout_seconds=2)
+    assert lease.generation == 2
+    lease.release()
+    # The same lease, held by a live process of this host, is respected.
+    storage.write_bytes(storage.join(item, "lock", "lease-00000001.json"), json.dumps(
+        {"owner": "alive", "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + 60}).encode())
+    with pytest.raises(TimeoutError):
+        acquire(item, lease_seconds=30, poll_seconds=0.05, timeout_seconds=0.3)

@@ -123,3 +123,18 @@ def test_the_same_recolour_asked_twice_is_one_version(models, smoke, tmp_path, g
     assert other["version"] == 3
     assert json.loads((prefix / "result.json").read_text())["version"] == 3
     _check_outputs_match_records(prefix)
+
+
+def test_a_colour_state_with_incomplete_metadata_is_a_named_state_error(tmp_path):
+    from safetensors.torch import save
+
+    import torch
+
+    from diffcolor.common.errors import StateError
+    from diffcolor.method.state import state_from_bytes
+
+    data = save({"embedding": torch.zeros(1, 2)}, metadata={"diffcolor": json.dumps({"format": 1, "caption": "a dog"})})
+    with pytest.raises(StateError, match="colour state 'x.safetensors' is incomplete: KeyError"):
+        state_from_bytes(data, "x.safetensors")
+    with pytest.raises(StateError, match="unreadable"):
+        state_from_bytes(b"not a safetensors file", "x.safetensors")

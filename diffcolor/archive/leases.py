@@ -11,9 +11,10 @@ check-and-set under a process lock), and works like this:
   the highest generation present is the current lease. It holds the owner (a
   random id), host, pid and an expiry (wall clock, seconds).
 - **Acquire.** With no lease object, create generation 1. With a current lease
-  that is expired, or that has been unreadable or empty for longer than a lease
-  (a file a full disk left empty, judged by the store's modification time),
-  create the next generation. Creation is exclusive, so of two workers racing
+  that is expired, whose holder ran on this host and has exited (its pid is
+  gone: a killed worker's item is retried at once, not after a lease), or that
+  has been unreadable or empty for longer than a lease (a file a full disk left
+  empty, judged by the store's modification time), create the next generation. Creation is exclusive, so of two workers racing
   for the same generation exactly one wins; the loser waits. Older generations
   are then removed (they belong to workers that are gone).
 - **Heartbeat.** Every third of the lease the holder checks that its own
@@ -179,12 +180,25 @@ def _is_dead(uri: str, lease_seconds: float) -> bool | None:
     """
     try:
         held = json.loads(storage.read_bytes(uri))
+        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+            return True  # its holder ran on this host and has exited: no need to wait out its lease
         return float(held["expires"]) < time.time()
     except MissingObjectError:
         return None
     except (ValueError, KeyError, TypeError):  # empty, truncated or foreign content: judge by its age
         modified = storage.modified_time(uri)
         return modified is None or time.time() - modified > lease_seconds
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def acquire(prefix: str, *, lease_seconds: float = LEASE_SECONDS, poll_seconds: float = 0.5,
