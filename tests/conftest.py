@@ -23,7 +23,7 @@ def models(cache_dir):
     """The tiny bundle, written to the cache and loaded through from_pretrained like real weights."""
     from diffcolor.tools.tiny import load_named_models
 
-    return load_named_models("tiny", cache_dir=cache_dir)
+    return load_named_models("tiny")  # written to DIFFCOLOR_CACHE, the session's cache folder
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def bf16_models(cache_dir):
     """The tiny bundle with its frozen matrix weights stored in bf16, as CUDA loads them by default."""
     from diffcolor.tools.tiny import load_named_models
 
-    return load_named_models("tiny", cache_dir=cache_dir, weight_dtype="bf16")
+    return load_named_models("tiny", weight_dtype="bf16")
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,7 @@ def device() -> torch.device:
 def fast_models(cache_dir, device):
     from diffcolor.tools.tiny import load_named_models
 
-    return load_named_models("tiny", cache_dir=cache_dir, device=device, weight_dtype="bf16")
+    return load_named_models("tiny", device=device, weight_dtype="bf16")
 
 
 def _config(smoke, performance: PerformanceConfig, render_autocast: str, **stage2):
@@ -64,7 +64,7 @@ def test_auto_resolves_to_the_fast_path_on_cuda(cache_dir, device):
     from diffcolor.method.performance import autocast_dtype, make_adamw
     from diffcolor.tools.tiny import load_named_models
 
-    models = load_named_models("tiny", cache_dir=cache_dir, device=device)  # every option left to its default
+    models = load_named_models("tiny", device=device)  # every option left to its default
     assert models.weight_dtype == torch.bfloat16
     assert models.unet.conv_in.weight.dtype == torch.bfloat16 and models.unet.conv_in.weight.is_cuda
     assert autocast_dtype(PerformanceConfig().autocast, device, models.weight_dtype) == torch.bfloat16

@@ -80,22 +80,22 @@ def tiny_bundle_folder(cache_dir: Path | None = None) -> Path:
     return folder
 
 
-def resolve_model(name: str, cache_dir: Path | None = None) -> str:
+def resolve_model(name: str) -> str:
     """The folder or hub id a model name stands for: ``tiny`` is the cached tiny bundle, anything else itself."""
-    return str(tiny_bundle_folder(cache_dir)) if name == TINY else name
+    return str(tiny_bundle_folder()) if name == TINY else name
 
 
-def load_named_models(name: str, *, cache_dir: Path | None = None, **options) -> Models:
+def load_named_models(name: str, **options) -> Models:
     """:func:`~diffcolor.method.models.load_models` for a model as a user names it (a folder, a hub id, ``tiny``).
 
     The name goes into provenance as given; ``options`` are load_models' own.
     """
-    return load_models(resolve_model(name, cache_dir), model_id=name, **options)
+    return load_models(resolve_model(name), model_id=name, **options)
 
 
-def named_model_hash(name: str, *, cache_dir: Path | None = None, **options) -> str:
+def named_model_hash(name: str, **options) -> str:
     """The model hash :func:`load_named_models` would report, without loading any weights."""
-    return resolve_model_hash(resolve_model(name, cache_dir), **options)
+    return resolve_model_hash(resolve_model(name), **options)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
