@@ -83,7 +83,7 @@ class RunOptions(BaseModel):
                                           description="longest read of a source; a slower one fails its item")
 
     def read_limits(self) -> ReadLimits:
-        return ReadLimits(max_bytes=int(self.max_source_mb * 2**20), seconds=self.source_timeout_seconds)
+        return ReadLimits.from_mib(self.max_source_mb, self.source_timeout_seconds)
 
 
 @task(name="colorize-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,

@@ -174,7 +174,7 @@ def _run_group(run_id: str, output: str, model: str, group: list[Retarget], prev
     """Renders (or, without a colour state, refits) every target of ``group`` on a pool holding ``model``."""
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                      weight_dtype=options.weight_dtype)
-    limits = ReadLimits(max_bytes=int(options.max_source_mb * 2**20), seconds=options.source_timeout_seconds)
+    limits = ReadLimits.from_mib(options.max_source_mb, options.source_timeout_seconds)
     retry = {"retries": options.retries, "retry_delay_seconds": options.retry_delay_seconds}
     pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
                       inline=options.pool == "inline")

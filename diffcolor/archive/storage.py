@@ -113,6 +113,11 @@ class ReadLimits:
     max_bytes: int = 2 * 2**30  # a 2 GiB TIFF is a 400-megapixel 16-bit RGB scan
     seconds: float = 600.0  # wall time for the whole read
 
+    @classmethod
+    def from_mib(cls, max_mib: float, seconds: float) -> "ReadLimits":
+        """The limits as operators give them: a size in MiB, a time in seconds."""
+        return cls(max_bytes=int(max_mib * 2**20), seconds=float(seconds))
+
 
 def content_type(uri: str) -> str:
     """The Content-Type an object at ``uri`` is stored with, from its file name (else application/octet-stream)."""
