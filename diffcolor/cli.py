@@ -266,6 +266,14 @@ def cmd_recolor(args) -> int:
     return 0
 
 
+def _print_problems(problems: list, verdict: str) -> int:
+    """One line per manifest problem, then the verdict; the exit status of a refused manifest (1)."""
+    for problem in problems:
+        print(problem)
+    print(verdict)
+    return 1
+
+
 def cmd_manifest_build(args) -> int:
     """``diffcolor manifest build``: writes the manifest, or prints every problem and exits 1."""
     from diffcolor.archive.builders import (
@@ -286,10 +294,8 @@ def cmd_manifest_build(args) -> int:
             table = build_from_iiif(args.from_iiif)
         write_manifest(table, args.out)
     except ManifestError as error:
-        for problem in error.problems:
-            print(problem)
-        print(f"diffcolor: manifest not written: {problem_count(error.problems)} problem(s) in '{error.uri}'")
-        return 1
+        return _print_problems(error.problems,
+                               f"diffcolor: manifest not written: {problem_count(error.problems)} problem(s) in '{error.uri}'")
     print(f"wrote {table.num_rows} items to {args.out}")
     return 0
 
@@ -300,10 +306,8 @@ def cmd_manifest_validate(args) -> int:
 
     problems = validate_manifest(args.file)
     if problems:
-        for problem in problems:
-            print(problem)
-        print(f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
-        return 1
+        return _print_problems(
+            problems, f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
     print(f"{args.file}: OK, {count_rows(args.file)} items")
     return 0
 
