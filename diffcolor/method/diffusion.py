@@ -58,18 +58,67 @@ def decode_latent(models: Models, latent: torch.Tensor) -> torch.Tensor:
     return (image / 2.0 + 0.5).clamp(0.0, 1.0)
 
 
-def noise_scheduler(models: Models):
-    """The training-time noise schedule of the bundle (DDPM form of its scheduler config)."""
+# Prediction types the method's losses and x0 estimates handle (diffusers' names).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def scheduler_settings(raw: dict) -> tuple[dict, list[str]]:
+    """The scheduler config the method builds from a bundle's ``scheduler_config.json``, and what it corrected.
+
+    As diffusers' Stable Diffusion pipelines do on load: ``steps_offset`` is 1
+    and ``clip_sample`` off (a config without the key would get DDIM's default,
+    True, which clips every predicted latent x0 to [-1, 1] and washes colours
+    out; latents are not bounded to that range). Beyond them, as diffusers'
+    Imagic and SD configs set: ``set_alpha_to_one`` off unless the config says
+    otherwise and ``thresholding`` off (a pixel-space technique). The
+    prediction type comes from the config (default ``epsilon``). Each
+    correction is one line of the returned list (what the doctor prints).
+    Raises ValueError for a prediction type the method cannot train or sample.
+    """
+    settings = {key: value for key, value in raw.items() if not key.startswith("_")}
+    corrections = []
+    if settings.get("steps_offset", 0) != 1:
+        corrections.append(f"steps_offset {settings.get('steps_offset', 'missing (default 0)')} -> 1, as SD's pipelines set")
+        settings["steps_offset"] = 1
+    if settings.get("clip_sample", True):
+        said = "true" if "clip_sample" in settings else "missing (DDIM default true)"
+        corrections.append(f"clip_sample {said} -> false: SD latents are not bounded to [-1, 1]")
+        settings["clip_sample"] = False
+    if "set_alpha_to_one" not in settings:
+        corrections.append("set_alpha_to_one missing (DDIM default true) -> false, as SD's configs set")
+        settings["set_alpha_to_one"] = False
+    if settings.get("thresholding", False):
+        corrections.append("thresholding true -> false: dynamic thresholding is for pixel-space models")
+        settings["thresholding"] = False
+    settings.setdefault("prediction_type", "epsilon")
+    if settings["prediction_type"] not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {settings['prediction_type']!r} is not supported; "
+                         f"the method handles {', '.join(PREDICTION_TYPES)}")
+    return settings, corrections
+
+
+def build_noise_scheduler(raw: dict):
+    """The training-time noise schedule (DDPM form) of a bundle's scheduler config, with safe settings."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(models.scheduler_config)
+    return DDPMScheduler.from_config(scheduler_settings(raw)[0])
+
+
+def build_sampling_scheduler(raw: dict):
+    """A deterministic DDIM sampler (eta = 0) of a bundle's scheduler config, with safe settings."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler_settings(raw)[0])
+
+
+def noise_scheduler(models: Models):
+    """The training-time noise schedule of the loaded bundle (:func:`build_noise_scheduler`)."""
+    return build_noise_scheduler(models.scheduler_config)
 
 
 def sampling_scheduler(models: Models):
-    """A deterministic DDIM sampler (eta = 0) built from the bundle's scheduler config."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(models.scheduler_config)
+    """The DDIM sampler of the loaded bundle (:func:`build_sampling_scheduler`)."""
+    return build_sampling_scheduler(models.scheduler_config)
 
 
 def predicted_x0(scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
