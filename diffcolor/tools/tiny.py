@@ -153,15 +153,19 @@ def build_tiny_vocab(words: list[str]) -> tuple[dict[str, int], list[str]]:
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def _write_tokenizer(folder: Path) -> int:
-    """Writes a CLIP tokenizer to ``folder`` and returns its vocabulary size."""
+def write_tiny_tokenizer(folder: Path, **special_tokens: str) -> int:
+    """Writes a CLIP tokenizer over the tiny vocabulary to ``folder`` and returns its vocabulary size.
+
+    ``special_tokens`` (``pad_token="!"`` for SD 2.x) replace CLIP's defaults;
+    each must be a token of the vocabulary (a byte symbol or a special token).
+    """
     from transformers import CLIPTokenizer
 
     vocab, merges = build_tiny_vocab(sorted(set(TINY_WORDS.split())))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), **special_tokens)
     tokenizer.model_max_length = 77
     tokenizer.save_pretrained(folder)
     return len(vocab)
@@ -188,7 +192,7 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
     # 1. Tokenizer shared by the text encoder and CLIP (as SD 1.x shares CLIP's).
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    vocab_size = _write_tokenizer(root / "tokenizer")
+    vocab_size = write_tiny_tokenizer(root / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
 
     # 2. UNet, VAE, text encoder and CLIP with random weights from ``seed``.
@@ -215,7 +219,7 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(root, safe_serialization=True)
-    _write_clip(root / "clip", clip, tokenizer)
+    write_clip_folder(root / "clip", clip, tokenizer)
     (root / TINY_MARKER).write_text(
         "Random weights for tests and smoke runs only. Outputs are noise-coloured, not colourisations.\n",
         encoding="utf-8",
@@ -226,7 +230,7 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
 def _random_modules(tokenizer, vocab_size: int, seed: int) -> tuple:
     """UNet, VAE, text encoder and CLIP at toy width, with SD's structure, drawn from ``seed``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -270,23 +274,29 @@ def _random_modules(tokenizer, vocab_size: int, seed: int) -> tuple:
         )
         text_encoder = CLIPTextModel(text_config)
         # 4. CLIP for the contrastive loss and the CLIP score.
-        clip_config = CLIPConfig(
-            text_config=text_config.to_dict(),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=8,
-            ),
-            projection_dim=16,
-        )
-        clip = CLIPModel(clip_config)
+        clip = CLIPModel(tiny_clip_config(text_config))
     return unet, vae, text_encoder, clip
 
 
-def _write_clip(folder: Path, clip, tokenizer) -> None:
+def tiny_clip_config(text_config):
+    """A toy CLIP config around ``text_config`` (a ``CLIPTextConfig``): 32 px images, 16-d projections."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=text_config.to_dict(),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+
+
+def write_clip_folder(folder: Path, clip, tokenizer) -> None:
     """CLIP in the transformers layout, with its tokenizer and a preprocessor config for 32 px inputs."""
     clip.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
