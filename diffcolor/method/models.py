@@ -80,7 +80,7 @@ class Models:
         }
 
 
-def _resolve_folder(name: str, *, revision: str | None, allow_download: bool, what: str, check: str) -> Path:
+def resolve_folder(name: str, *, revision: str | None, allow_download: bool, what: str, check: str) -> Path:
     """Turns a folder path or hub id into a local folder containing ``check``, or raises."""
     path = Path(name).expanduser()
     if path.is_dir():
@@ -167,11 +167,11 @@ def _check_safetensors(folder: Path, what: str) -> None:
             "code); convert the model to safetensors (diffusers: save_pretrained(..., safe_serialization=True))")
 
 
-def _resolve_bundle(model: str, clip: str | None, revision: str | None, clip_revision: str | None,
-                    allow_download: bool) -> tuple[Path, str | None, Path]:
+def resolve_bundle(model: str, clip: str | None, revision: str | None, clip_revision: str | None,
+                   allow_download: bool) -> tuple[Path, str | None, Path]:
     """Local folders of the SD bundle and of CLIP (and CLIP's name, None for the bundle's own), or ModelNotFoundError."""
-    folder = _resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model",
-                             check="unet/config.json")
+    folder = resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model",
+                            check="unet/config.json")
     for component in SD_COMPONENTS:
         if not (folder / component).is_dir():
             raise ModelNotFoundError(f"Stable Diffusion model '{model}' has no {component}/ folder")
@@ -181,7 +181,7 @@ def _resolve_bundle(model: str, clip: str | None, revision: str | None, clip_rev
         _check_safetensors(folder / "clip", f"Stable Diffusion model '{model}'")
         return folder, None, folder / "clip"
     clip = clip or DEFAULT_CLIP
-    clip_folder = _resolve_folder(clip, revision=clip_revision, allow_download=allow_download, what="CLIP model", check="config.json")
+    clip_folder = resolve_folder(clip, revision=clip_revision, allow_download=allow_download, what="CLIP model", check="config.json")
     _check_safetensors(clip_folder, f"CLIP model '{clip}'")
     return folder, clip, clip_folder
 
@@ -198,7 +198,7 @@ def resolve_model_hash(model: str, *, clip: str | None = None, revision: str | N
 
     Orchestrators use it to plan (cache keys) without holding models themselves.
     """
-    folder, _, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download)
+    folder, _, clip_folder = resolve_bundle(model, clip, revision, clip_revision, allow_download)
     return _hash_bundle(folder, clip_folder)[1]
 
 
@@ -232,7 +232,7 @@ def load_models(
     model_id = model_id or model
 
     # 1. Resolve every name to a local folder before loading anything.
-    folder, clip, clip_folder = _resolve_bundle(model, clip, revision, clip_revision, allow_download)
+    folder, clip, clip_folder = resolve_bundle(model, clip, revision, clip_revision, allow_download)
 
     # 2. Load through from_pretrained, the same path for real and random weights.
     components = _load_components(folder, clip_folder)
