@@ -537,7 +537,8 @@ def _add_single_image_commands(commands) -> None:
     recolor.add_argument("dir", help="the item folder or URI written by colorize")
     recolor.add_argument("--target", help="the new target prompt")
     recolor.add_argument("--color-map", help="JSON colour map instead of --target")
-    recolor.add_argument("--eta", type=float, help="interpolation weight of the target embedding")
+    recolor.add_argument("--eta", type=float, help="weight of the target embedding, 0 to 1.5; above 1 extrapolates "
+                         "(default: the item's preset)")
     recolor.add_argument("--steps", type=int, help="DDIM steps (default: the item's preset)")
     recolor.add_argument("--seed", type=int, help="default: the item's seed")
     _add_model_options(recolor, required=False)

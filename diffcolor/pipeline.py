@@ -63,7 +63,7 @@ from diffcolor.method.metrics import colorfulness
 from diffcolor.method.models import Models
 from diffcolor.method.performance import apply_memory_format
 from diffcolor.method.presets import PipelineConfig
-from diffcolor.method.render import RenderConfig, render_target, resolve_target
+from diffcolor.method.render import RenderConfig, Target, render_target, resolve_target
 from diffcolor.method.stage1 import fit_color_prior
 from diffcolor.method.stage2 import check_token_alignment, fit_in_context
 from diffcolor.method.state import ColorState, state_from_bytes, state_to_bytes
@@ -215,6 +215,12 @@ def _state_output(layout: ItemLayout) -> tuple[str, str]:
     return layout.state_object, sha256_hex(storage.read_bytes(layout.state_object))
 
 
+def _prompt_fields(target: Target) -> dict:
+    """A render's prompts in its record: ``target_prompt`` for people, ``model_prompt`` and how it lines up."""
+    return {"target_prompt": target.prompt, "model_prompt": target.model_prompt,
+            "prompt_alignment": target.alignment, "prompt_warning": target.warning}
+
+
 def _targets(request: ItemRequest) -> list[tuple[str | None, dict | None]]:
     """What each version renders, in order: ``(prompt, {})`` per target, ``(None, map)`` for the colour map,
     or ``(None, None)``, the primary colourisation, when there is neither."""
@@ -252,15 +258,16 @@ def _render_versions(models: Models, request: ItemRequest, source: SourceImage, 
         record["outputs"]["state"] = state_uri
         record["output_sha256"]["state"] = state_sha
         if color_map is None:
-            record.update(kind="primary", target_prompt=None, color_map=None, eta=None)
+            record.update(kind="primary", target_prompt=None, color_map=None, eta=None, model_prompt=request.caption,
+                          prompt_alignment="caption", prompt_warning=None)
             chroma, confidence, prompt = rgb_to_lab(state.primary)[:, 1:], float(state.confidence.mean()), request.caption
         else:
             started = time.perf_counter()
-            prompt = resolve_target(models, state, target, color_map)
-            render = render_target(models, state, prompt, config.render, config.align, seed=request.seed)
+            wanted = resolve_target(models, state, target, color_map)
+            render = render_target(models, state, wanted.model_prompt, config.render, config.align, seed=request.seed)
             record["seconds"]["render"] = time.perf_counter() - started
-            record.update(kind="render", target_prompt=prompt, color_map=color_map or None, eta=config.render.eta)
-            chroma, confidence = render.alignment.chroma, render.alignment.mean_confidence
+            record.update(kind="render", color_map=color_map or None, eta=config.render.eta, **_prompt_fields(wanted))
+            chroma, confidence, prompt = render.alignment.chroma, render.alignment.mean_confidence, wanted.prompt
         records.append(_write_version(models, source, layout, version, record, chroma, confidence, prompt, config))
         version += 1
     if records[-1] is committed.get(records[-1].get("version_key")):
@@ -396,15 +403,16 @@ def recolor_item(
     seconds = {"read": time.perf_counter() - started}
 
     # 3. The same render committed before (a retry after a failure that followed it) is the answer.
-    prompt = resolve_target(models, state, target, color_map)
-    key = render_key(source_sha256, state.config.get("state_key"), prompt, dataclasses.asdict(render), request.seed)
+    wanted = resolve_target(models, state, target, color_map)
+    key = render_key(source_sha256, state.config.get("state_key"), wanted.model_prompt, dataclasses.asdict(render),
+                     request.seed)
     committed = layout.committed_versions()
     if key in committed:
         return publish_record(layout, committed[key])
 
     # 4. Render from the state alone.
     started = time.perf_counter()
-    rendered = render_target(models, state, prompt, render, config.align, seed=request.seed)
+    rendered = render_target(models, state, wanted.model_prompt, render, config.align, seed=request.seed)
     seconds["render"] = time.perf_counter() - started
 
     # 5. A new version, the previous ones kept.
@@ -412,12 +420,12 @@ def recolor_item(
         progress("versions", 1, 1)
     version = layout.next_version()
     record = base_record(request, models.provenance, previous.get("preset", ""), source_sha256, key)
-    record.update(version=version, version_key=key, status="done", kind="render", target_prompt=prompt,
-                  color_map=color_map or None, eta=render.eta, rewritten_caption=state.rewritten.text,
-                  previous_version=previous.get("version"), source=previous.get("source"), seconds=seconds)
+    record.update(version=version, version_key=key, status="done", kind="render", color_map=color_map or None,
+                  eta=render.eta, rewritten_caption=state.rewritten.text, previous_version=previous.get("version"),
+                  source=previous.get("source"), seconds=seconds, **_prompt_fields(wanted))
     record["outputs"]["state"], record["output_sha256"]["state"] = _state_output(layout)
     return _write_version(models, source, layout, version, record, rendered.alignment.chroma,
-                          rendered.alignment.mean_confidence, prompt, config)
+                          rendered.alignment.mean_confidence, wanted.prompt, config)
 
 
 def stored_config(state: ColorState) -> PipelineConfig:

@@ -26,8 +26,10 @@ catalogue          ``dc:identifier`` <- ``accession_number``, ``dc:title`` (lang
                    ``diffcolor:catalogue``
 item_id, version   ``diffcolor:itemId``, ``diffcolor:version``
 caption            ``diffcolor:caption``
-rewritten_caption  ``diffcolor:rewrittenCaption``
-target_prompt      ``diffcolor:targetPrompt``
+rewritten_caption  ``diffcolor:rewrittenCaption`` (the model's c', identifier tokens included)
+target_prompt      ``diffcolor:targetPrompt`` (as the curator wrote it; no identifier token)
+model_prompt       ``diffcolor:modelPrompt`` (what the text encoder was given)
+prompt_alignment   ``diffcolor:promptAlignment``
 color_map          ``diffcolor:colorMap`` (JSON text)
 eta, seed          ``diffcolor:eta``, ``diffcolor:seed``
 model_id           ``diffcolor:modelId``
@@ -99,6 +101,8 @@ _PROJECT_FIELDS: dict[str, tuple[str, str]] = {
     "caption": ("caption", "text"),
     "rewritten_caption": ("rewrittenCaption", "text"),
     "target_prompt": ("targetPrompt", "text"),
+    "model_prompt": ("modelPrompt", "text"),
+    "prompt_alignment": ("promptAlignment", "text"),
     "color_map": ("colorMap", "json"),
     "eta": ("eta", "float"),
     "seed": ("seed", "int"),
@@ -115,7 +119,7 @@ _PROJECT_FIELDS: dict[str, tuple[str, str]] = {
 }
 # Free-text record fields that xmp_for_format may shorten for JPEG (catalogue and
 # colour-map string values are shortened too).
-_TRUNCATABLE_FIELDS = ("caption", "rewritten_caption", "target_prompt")
+_TRUNCATABLE_FIELDS = ("caption", "rewritten_caption", "target_prompt", "model_prompt")
 
 # Characters XML 1.0 allows (section 2.2); everything else is dropped.
 _XML_ILLEGAL = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")

@@ -110,7 +110,8 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
         row = {name: record.get(name) for name in ("item_id", "version", "max_delta_l", "colorfulness", "clip_score",
                                                     "alignment_confidence", "gamut_clipped_fraction")}
         row.update(caption=record.get("caption", ""), thumbnails=None, thumbnail_error=None,
-                   prompt=record.get("target_prompt") or f"(primary colourisation) {record.get('caption', '')}")
+                   prompt=record.get("target_prompt") or f"(primary colourisation) {record.get('caption', '')}",
+                   prompt_warning=record.get("prompt_warning"))
         try:
             row["thumbnails"] = _thumbnails(record["outputs"]["access"])
         except Exception as error:  # a missing access copy must not lose the rest of the report

@@ -49,7 +49,10 @@ RESULTS_SCHEMA = pa.schema(
         ("software_version", pa.string()),
         ("preset", pa.string()),
         ("caption", pa.string()),
-        ("target_prompt", pa.string()),
+        ("target_prompt", pa.string()),  # for people: as the curator wrote it, or the caption with the colour map
+        ("model_prompt", pa.string()),  # what the text encoder was given (identifier tokens in uncoloured slots)
+        ("prompt_alignment", pa.string()),  # color_map, aligned, unaligned or caption (diffcolor.method.render)
+        ("prompt_warning", pa.string()),  # why a free prompt could not be aligned, when it could not
         ("smoke_run", pa.bool_()),
         ("created_at", pa.string()),
         ("record_json", pa.string()),  # the whole record, for fields without a column

@@ -3,8 +3,23 @@
 ``e = eta * e_tgt + (1 - eta) * e_opt`` (the paper's embedding interpolation),
 then DDIM sampling with classifier-free guidance from the gray latent noised to
 ``strength``, with the UNet carrying the item's stage-2 adapter, and alignment
-of the result to the gray image. A target is a free prompt or a colour map, from
-which the token-aligned prompt is built (:func:`diffcolor.common.captions.build_target_prompt`).
+of the result to the gray image.
+
+Interpolating position by position only means something when the target's
+tokens line up with ``c'``'s: colour words in identifier slots, every other
+token the same. :func:`resolve_target` therefore turns what a person asked for
+into the model's prompt and says how it lines up (:class:`Target`):
+
+- a colour map fills the slots of the words it names (``color_map``);
+- a free prompt that is the caption with colour words added in front of its
+  content words gets those colours put into the slots (``aligned``): "a brown
+  dog on a green bench" for "a dog on a bench" renders "a brown dog on a
+  green bench" in ``c'``'s token positions;
+- any other free prompt is used as written (``unaligned``), with a warning
+  saying why, which the result records.
+
+People see what they asked for (the prompt as written, or the caption with the
+colour map's colours); the identifier token appears only in the model's prompt.
 """
 
 from __future__ import annotations
@@ -13,7 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from diffcolor.common.captions import build_target_prompt
+from diffcolor.common.captions import (
+    build_target_prompt,
+    describe_color_map,
+    prompt_slots,
+    slot_prompt,
+)
 from diffcolor.common.errors import PromptError, StateError
 from diffcolor.method.align import AlignConfig, Alignment, align_chroma
 from diffcolor.method.diffusion import (
@@ -33,18 +53,27 @@ from diffcolor.method.stage2 import check_token_alignment
 from diffcolor.method.state import ColorState
 from diffcolor.method.training import load_trained_unet, phase_generator
 
+# ours: the range of eta a render accepts. Above 1 the embedding extrapolates past the target's, as Imagic
+# allows (diffusers' Imagic pipeline defaults to 1.2 on SD); beyond 1.5 renders leave the photograph.
+ETA_RANGE = (0.0, 1.5)
+# How a render's prompt lines up with the rewritten caption (Target.alignment; "caption": the primary colourisation).
+ALIGNMENTS = ("color_map", "aligned", "unaligned", "caption")
+
 
 @dataclass(frozen=True)
 class RenderConfig:
     """Render hyper-parameters."""
 
-    eta: float = 0.7  # paper: interpolation weight of e_tgt; the value is ours
+    eta: float = 0.7  # paper: interpolation weight of e_tgt; the value is ours; ETA_RANGE above 1 extrapolates
     steps: int = 50  # recipe R: 50 DDIM steps
     guidance: float = 7.5  # ours: SD's usual classifier-free guidance
     strength: float = 0.8  # ours: how far the gray latent is noised before sampling
     # Speed only (flat fields, not a PerformanceConfig, so the config stays a JSON-able flat record):
     autocast: str = "auto"  # "auto": bf16 autocast on CUDA, off elsewhere; "bf16"; "off" (see diffcolor.method.performance)
     channels_last: bool | None = None  # UNet/VAE convolutions in NHWC; None: on CUDA only
+
+    def __post_init__(self) -> None:
+        check_eta(self.eta)
 
 
 @dataclass
@@ -56,21 +85,48 @@ class Render:
     alignment: Alignment
 
 
-def resolve_target(models: Models, state: ColorState, target: str | None, color_map: dict[str, str] | None) -> str:
-    """The prompt to render: ``target`` as given, or the aligned prompt built from ``color_map``.
+@dataclass(frozen=True)
+class Target:
+    """What a render was asked for and what the model is given."""
+
+    prompt: str  # for people: the prompt as written, or the caption with the colour map's colours
+    model_prompt: str  # for the text encoder: may carry the identifier token in the slots left uncoloured
+    alignment: str  # one of ALIGNMENTS
+    warning: str | None = None  # why a free prompt could not be aligned
+
+
+def check_eta(eta: float) -> None:
+    """Raises ValueError unless ``eta`` lies in :data:`ETA_RANGE`."""
+    low, high = ETA_RANGE
+    if not low <= eta <= high:
+        raise ValueError(f"eta must be in [{low}, {high}] (above 1 extrapolates past the target), got {eta}")
+
+
+def resolve_target(models: Models, state: ColorState, target: str | None, color_map: dict[str, str] | None) -> Target:
+    """The :class:`Target` of a free prompt or a colour map (see the module docstring).
 
     Raises PromptError for both or neither, an empty prompt, or a colour map
-    that cannot be token-aligned.
+    that cannot be token-aligned. A free prompt that cannot be aligned is no
+    error: it renders as written, with the reason in ``warning``.
     """
     if color_map and target:
         raise PromptError("give a target prompt or a colour map, not both")
     if color_map:
         prompt = build_target_prompt(state.rewritten, color_map)
         check_token_alignment(models, state.rewritten, prompt)
-        return prompt
+        return Target(describe_color_map(state.rewritten, color_map), prompt, "color_map")
     if not target or not target.strip():
         raise PromptError("the target prompt is empty")
-    return target.strip()
+    target = target.strip()
+    try:
+        prompt = slot_prompt(state.rewritten, prompt_slots(state.rewritten, target))
+        check_token_alignment(models, state.rewritten, prompt)
+    except PromptError as why:
+        return Target(target, target, "unaligned", warning=(
+            f"target prompt {target!r} does not line up with the caption {state.rewritten.caption!r} ({why}): it is "
+            "interpolated as written, position by position, so its colours may not land on the words they name; "
+            "add single colour words in front of the caption's words, or give a colour map"))
+    return Target(target, prompt, "aligned")
 
 
 @torch.no_grad()
@@ -83,12 +139,15 @@ def render_target(
     *,
     seed: int,
 ) -> Render:
-    """Renders ``target_prompt`` from ``state``. Raises StateError for a state of other models."""
+    """Renders the model's prompt ``target_prompt`` (a :class:`Target`'s ``model_prompt``) from ``state``.
+
+    Raises StateError for a state of other models, ValueError for an eta
+    outside :data:`ETA_RANGE`.
+    """
     # 1. Check that the state belongs to the loaded models.
     if state.model_hash != models.model_hash:
         raise StateError("the colour state was made with other model weights (model hash differs)")
-    if not 0.0 <= config.eta <= 1.0:
-        raise PromptError(f"eta must be in [0, 1], got {config.eta}")
+    check_eta(config.eta)
     performance = PerformanceConfig(autocast=config.autocast, channels_last=config.channels_last)
     check_performance(performance, models)
     apply_memory_format([models.unet, models.vae], performance, models.device)

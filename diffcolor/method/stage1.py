@@ -53,6 +53,7 @@ from diffcolor.method.training import (
     CheckpointPolicy,
     CheckpointStore,
     LoopResult,
+    learning_rate,
     make_trainable_unet,
     phase_generator,
     run_resumable_loop,
@@ -72,7 +73,7 @@ class Stage1Config:
     """Stage 1 hyper-parameters. The paper gives the losses, not their values."""
 
     steps: int = 500  # recipe R (spec section 8); the paper's pseudo-code uses up to 1500
-    learning_rate: float = 1e-4  # ours: AdamW on the LoRA adapter
+    learning_rate: float | None = None  # ours: AdamW; None: the adapter mode's default (training.DEFAULT_LEARNING_RATES)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # paper: fine-tune the UNet; ours: LoRA by default
     timestep_range: tuple[int, int] = (200, 700)  # ours: of 1000 training timesteps; high enough to let colour change
     temperature: float = 0.07  # ours: tau of L_con, CLIP's learned temperature at init
@@ -221,7 +222,7 @@ def fit_color_prior(
     generator = phase_generator(seed, "stage1")
     trainable = make_trainable_unet(models.unet, config.adapter, name="diffcolor_stage1", generator=generator)
     try:
-        optimizer = make_adamw(trainable.parameters.values(), lr=config.learning_rate, config=performance, device=models.device)
+        optimizer = make_adamw(trainable.parameters.values(), lr=learning_rate(config.adapter, config.learning_rate), config=performance, device=models.device)
         scheduler = noise_scheduler(models)
         unet = maybe_compile(trainable.unet, performance)
 

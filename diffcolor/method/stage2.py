@@ -48,6 +48,7 @@ from diffcolor.method.training import (
     CheckpointPolicy,
     CheckpointStore,
     LoopResult,
+    learning_rate,
     make_trainable_unet,
     phase_generator,
     run_resumable_loop,
@@ -62,7 +63,7 @@ class Stage2Config:
     embed_steps: int = 500  # paper: 500 embedding-optimisation steps
     embed_learning_rate: float = 1e-3  # ours (Imagic uses 1e-3 on its embedding)
     finetune_steps: int = 1000  # paper: 1000 fine-tune steps
-    finetune_learning_rate: float = 1e-4  # ours: AdamW on the LoRA adapter
+    finetune_learning_rate: float | None = None  # ours: AdamW; None: the adapter mode's default (training.DEFAULT_LEARNING_RATES)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # ours: LoRA by default
     timestep_range: tuple[int, int] = (0, 1000)  # ours: the full range, as a denoising loss normally uses
     max_grad_norm: float = 1.0  # ours
@@ -183,7 +184,7 @@ def fit_in_context(
     tune_generator = phase_generator(seed, "finetune")
     trainable = make_trainable_unet(models.unet, config.adapter, name="diffcolor_stage2", generator=tune_generator)
     try:
-        optimizer = make_adamw(trainable.parameters.values(), lr=config.finetune_learning_rate, config=performance, device=models.device)
+        optimizer = make_adamw(trainable.parameters.values(), lr=learning_rate(config.adapter, config.finetune_learning_rate), config=performance, device=models.device)
         trainable.unet.train()
         tuned_unet = maybe_compile(trainable.unet, performance)
         finetune_loop = run_resumable_loop(

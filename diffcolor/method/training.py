@@ -47,6 +47,26 @@ class AdapterConfig:
     targets: tuple[str, ...] = LORA_TARGETS
 
 
+# ours: AdamW learning rates of the UNet's trained tensors per adapter mode, when a config leaves it unset.
+# A LoRA adapter starts at zero and takes diffusers' LoRA training examples' 1e-4; a full fine-tune moves SD's
+# pretrained weights themselves and takes Imagic's 2e-6 (diffusers' Imagic pipeline): 50x smaller, since
+# 1e-4 on the whole UNet destroys its prior within a few hundred steps.
+DEFAULT_LEARNING_RATES = {"lora": 1e-4, "full": 2e-6}
+
+
+def learning_rate(adapter: AdapterConfig, configured: float | None) -> float:
+    """The learning rate of a fine-tune: ``configured``, or the adapter mode's default when it is None.
+
+    Raises ValueError for an unknown mode or a learning rate that is not positive.
+    """
+    if adapter.mode not in DEFAULT_LEARNING_RATES:
+        raise ValueError(f"adapter mode must be one of {sorted(DEFAULT_LEARNING_RATES)}, got {adapter.mode!r}")
+    rate = DEFAULT_LEARNING_RATES[adapter.mode] if configured is None else float(configured)
+    if not rate > 0:
+        raise ValueError(f"learning rate must be positive, got {configured!r}")
+    return rate
+
+
 @dataclass
 class TrainableUNet:
     """A UNet ready to train and the tensors that train."""

@@ -491,7 +491,7 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
     # 5. New-prompt renders from the stored state: load it, resolve the prompt, sample, align (cold, then warm).
     def render_from_state():
         loaded = state_from_bytes(read_state(prefix), prefix)
-        prompt = resolve_target(models, loaded, target, None)
+        prompt = resolve_target(models, loaded, target, None).model_prompt
         return render_target(models, loaded, prompt, config.render, config.align, seed=seed)
 
     render_seconds = []
@@ -617,7 +617,7 @@ def render_difference(models, reference, config, state_prefix: str, *, target: s
     from diffcolor.method.state import state_from_bytes
 
     state = state_from_bytes(read_state(state_prefix), state_prefix)
-    prompt = resolve_target(models, state, target, None)
+    prompt = resolve_target(models, state, target, None).model_prompt
     fast = render_target(models, state, prompt, config.render, config.align, seed=seed).rgb
     fp32 = render_target(reference, state, prompt, replace(config.render, autocast="off"), config.align, seed=seed).rgb
     difference = (fast - fp32).abs()
