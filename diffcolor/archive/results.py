@@ -6,6 +6,15 @@ fixed schema: the contract fields of spec section 10 as typed columns, the
 role-keyed fields (``outputs``, ``output_sha256``, ``seconds``) as maps, and the
 whole record as JSON text so nothing is lost. Records are written in batches,
 so the table is built in bounded memory.
+
+Beside it, ``results.csv`` holds the same rows and columns for spreadsheets,
+flattened: each map becomes one column per key (``outputs.master``,
+``seconds.stage1``), the whole-record JSON is left out (it is in the Parquet
+and in each item's ``result.json``). Text cells that a spreadsheet would take
+for a formula (starting with ``=``, ``+``, ``-``, ``@``, tab or carriage
+return) get a leading apostrophe, as OWASP advises against CSV injection:
+captions and error messages come from outside. The file is UTF-8 with a byte
+order mark, so spreadsheet programs read accents correctly.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import json
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
@@ -78,8 +89,12 @@ def results_table(records: Iterable[dict]) -> pa.Table:
     return pa.Table.from_pylist([_row(r) for r in records], schema=RESULTS_SCHEMA)
 
 
-def write_results(records: Iterable[dict], uri: str, *, batch_size: int = 10_000) -> int:
-    """Writes ``records`` as one Parquet object at ``uri`` (published whole); returns the row count."""
+def write_results(records: Iterable[dict], uri: str, *, batch_size: int = 10_000, csv: bool = True) -> int:
+    """Writes ``records`` as one Parquet object at ``uri`` (published whole); returns the row count.
+
+    With ``csv`` (the default), ``results.csv`` is published beside it (``uri``
+    with ``.csv`` for ``.parquet``): the same rows, flattened (module docstring).
+    """
     buffer = io.BytesIO()
     count = 0
     with pq.ParquetWriter(buffer, RESULTS_SCHEMA, compression="zstd") as writer:
@@ -94,7 +109,66 @@ def write_results(records: Iterable[dict], uri: str, *, batch_size: int = 10_000
             writer.write_table(pa.Table.from_pylist(batch, schema=RESULTS_SCHEMA))
             count += len(batch)
     storage.write_bytes(uri, buffer.getvalue())
+    if csv:
+        storage.write_bytes(csv_uri(uri), results_csv(buffer.getvalue(), batch_size=batch_size))
     return count
+
+
+def csv_uri(uri: str) -> str:
+    """Where the CSV copy of the results table at ``uri`` goes."""
+    return uri.removesuffix(".parquet") + ".csv"
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+CSV_LEFT_OUT = ("record_json",)
+
+
+def _map_keys(parquet: pq.ParquetFile, name: str) -> list[str]:
+    keys: set[str] = set()
+    for batch in parquet.iter_batches(columns=[name]):
+        keys.update(key for key in pc.unique(batch.column(0).keys).to_pylist() if key)
+    return sorted(keys)
+
+
+def _defused(column: pa.Array) -> pa.Array:
+    """A text column with formula-like cells prefixed by an apostrophe (CSV injection)."""
+    values = column.to_pylist()
+    return pa.array([f"'{v}" if isinstance(v, str) and v.startswith(_FORMULA_STARTS) else v for v in values],
+                    type=pa.string())
+
+
+def results_csv(parquet_bytes: bytes, *, batch_size: int = 10_000) -> bytes:
+    """The CSV copy of a results table (module docstring), batch by batch."""
+    parquet = pq.ParquetFile(io.BytesIO(parquet_bytes))
+    keys = {name: _map_keys(parquet, name) for name in _MAPS}
+    names = [name for name in RESULTS_SCHEMA.names if name not in CSV_LEFT_OUT]
+    out = io.BytesIO()
+    out.write("\ufeff".encode("utf-8"))
+    writer = None
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=names):
+        columns: dict[str, pa.Array] = {}
+        for name in names:
+            column = batch.column(name)
+            if name in _MAPS:
+                pairs = [dict(entry or []) for entry in column.to_pylist()]
+                kind = RESULTS_SCHEMA.field(name).type.item_type
+                for key in keys[name]:
+                    values = pa.array([entry.get(key) for entry in pairs], type=kind)
+                    columns[f"{name}.{key}"] = _defused(values) if pa.types.is_string(kind) else values
+            elif pa.types.is_string(column.type):
+                columns[name] = _defused(column)
+            else:
+                columns[name] = column
+        table = pa.table(columns)
+        if writer is None:
+            writer = pcsv.CSVWriter(out, table.schema)
+        writer.write_table(table)
+    if writer is None:  # no rows: the header alone
+        header = [name for name in names if name not in _MAPS]
+        out.write((",".join(f'"{name}"' for name in header) + "\n").encode())
+    else:
+        writer.close()
+    return out.getvalue()
 
 
 def read_results(uri: str) -> pa.Table:
