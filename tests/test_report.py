@@ -18,8 +18,45 @@ def test_counts_and_distributions_cover_every_record_beyond_the_rows_shown(tmp_p
     html = render_report(shown, run_id="r", all_records=spool)
     assert "done: 10 · failed: 2" in html
     # median, p5, p95 and max of 0.0, 0.1, ..., 0.9 over all ten done items, not the three shown
-    assert "<tr><td>max_delta_l</td><td>10</td><td>0.450</td><td>0.045</td><td>0.855</td><td>0.900</td></tr>" in html
-    assert "<tr><td>device_seconds</td><td>10</td><td>4.500</td>" in html
+    assert "<td>10</td><td>0.450</td><td>0.045</td><td>0.855</td><td>0.900</td></tr>" in html  # max_delta_l
+    assert "in this run</td><td>10</td><td>4.500</td>" in html  # device_seconds
     assert "7 more done items are in results.parquet" in html
     assert html.count("thumbnail unavailable") == 3 and html.count("truncated") == 2
     spool.close()
+
+
+def _done(item_id: str, root, **fields) -> dict:
+    prefix = f"{root}/items/{item_id}"
+    record = {"item_id": item_id, "status": "done", "version": 2, "caption": "a dog on a bench", "max_delta_l": 0.2,
+              "outputs": {"master": f"{prefix}/versions/v0002/master.tif", "access": f"{prefix}/versions/v0002/access.jpg",
+                          "state": f"{prefix}/state/color-state.safetensors"},
+              "catalogue": {"rights": "CC0", "accession_number": "1921.4.7", "title": "Dog on a <bench>", "photographer": "A. N."}}
+    record.update(fields)
+    return record
+
+
+def test_report_shows_catalogue_fields_explained_metrics_file_links_and_skipped_items(tmp_path):
+    root = str(tmp_path / "out")
+    records = [_done("dog", root), dict(_done("cat", root), status="skipped_done", version=1)]
+    html = render_report(records, run_id="r", report_uri=f"{root}/runs/r/report.html")
+
+    # Catalogue fields, the usual ones first and escaped.
+    assert "title: Dog on a &lt;bench&gt;</small><br><small>accession number: 1921.4.7" in html
+    assert "rights: CC0</small><br><small>photographer: A. N." in html
+    # Every metric shown is explained.
+    assert "largest change of lightness (CIE L*" in html
+    # Links relative to the report: they work on disk and in a copied or served output folder.
+    assert '<a href="../../items/dog/versions/v0002/master.tif">master</a>' in html
+    assert '<a href="../../items/dog/state/color-state.safetensors">state</a>' in html
+    assert '<a href="../../items/dog/versions/v0002.json">record</a>' in html
+    # The skipped item is listed; no failures table when nothing failed.
+    assert "<h2>Skipped: already done" in html and "<td>cat</td><td>v1</td>" in html
+    assert "<h2>Failures" not in html and "id=failures" not in html
+
+
+def test_links_on_object_storage_stay_inside_the_bucket():
+    record = _done("dog", "s3://museum/out")
+    html = render_report([record], run_id="r", report_uri="s3://museum/out/runs/r/report.html")
+    assert '<a href="../../items/dog/versions/v0002/access.jpg">access</a>' in html
+    other = dict(record, outputs={"master": "s3://elsewhere/m.tif"})
+    assert "elsewhere" not in render_report([other], run_id="r", report_uri="s3://museum/out/runs/r/report.html")

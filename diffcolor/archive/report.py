@@ -2,16 +2,20 @@
 
 Thumbnails are embedded as data URIs, so the page opens in a browser straight
 from disk or from a downloaded S3 object, with no server. Each row shows the
-gray source (the lightness of the derivative, which equals the source's), the
-colourised derivative, the prompts and the key metrics; failures are listed
-with their class and message. A smoke run (random-weight tiny bundle) is
-labelled at the top.
+item's catalogue fields (title, accession number, ...), the gray source (the
+lightness of the derivative, which equals the source's), the colourised
+derivative, the prompts as the curator wrote them, the key metrics and links
+to the item's files (relative to the report, so they work on disk and in a
+copied or served output folder). The metrics are explained once, above the
+rows. Skipped items (already done) and failures are listed with their reason.
+A smoke run (random-weight tiny bundle) is labelled at the top.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import posixpath
 from array import array
 from collections import Counter
 from typing import Iterable
@@ -74,6 +78,19 @@ def _thumbnails(access_uri: str) -> tuple[str, str]:
     return uris[0], uris[1]
 
 
+# What each metric means and which way is good, shown once on every report (spec section 7).
+METRIC_EXPLANATIONS = {
+    "max_delta_l": "largest change of lightness (CIE L*, 0 to 100) between the source and the colourised master; "
+                   "the photograph's tones are kept when it stays below 1",
+    "colorfulness": "Hasler-Suesstrunk colourfulness: 0 for gray, about 15 to 35 for a muted colour photograph, "
+                    "100 for a very colourful one",
+    "clip_score": "CLIP similarity (x100) of the image and its prompt as the curator wrote it: higher follows the "
+                  "prompt better; compare items of one run, not across models",
+    "alignment_confidence": "how sure the spatial alignment is that the generated colours sit on the right "
+                            "pixels of the source (0 to 1); low values mean colours may bleed across edges",
+    "gamut_clipped_fraction": "share of pixels whose colour had to be pulled into sRGB to keep their lightness",
+    "device_seconds": "the item's share of GPU (or CPU) time in this run",
+}
 STATISTICS = ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction",
               "device_seconds")
 
@@ -94,38 +111,76 @@ def run_statistics(records: Iterable[dict]) -> tuple[Counter, dict[str, dict], i
     return counts, {name: summarise(list(column)) for name, column in values.items()}, done
 
 
+CATALOGUE_SHOWN = ("title", "accession_number", "creator", "date", "collection", "rights")  # first, in this order
+FILE_LINKS = ("master", "access", "state")
+
+
+def _relative(report_uri: str, target: str | None) -> str | None:
+    """A link from the report to ``target``: relative when both are in one place (a folder or a bucket)."""
+    if not target:
+        return None
+    base, _, _ = report_uri.rpartition("/")
+    report_scheme, _, report_path = base.rpartition("://")
+    target_scheme, _, target_path = target.rpartition("://")
+    if report_scheme != target_scheme:
+        return None if target_scheme not in ("", "file", "http", "https") else target
+    if report_scheme and report_path.split("/", 1)[0] != target_path.split("/", 1)[0]:
+        return None  # another bucket: no link the page could follow
+    return posixpath.relpath(target_path, report_path or "/")
+
+
+def _catalogue(record: dict) -> list[tuple[str, str]]:
+    """The catalogue fields of an item as (label, text), the usual ones first."""
+    fields = {key: value for key, value in (record.get("catalogue") or {}).items() if value not in (None, "")}
+    order = [key for key in CATALOGUE_SHOWN if key in fields] + sorted(set(fields) - set(CATALOGUE_SHOWN))
+    return [(key.replace("_", " "), str(fields[key])) for key in order]
+
+
+def _item_row(record: dict, report_uri: str | None) -> dict:
+    row = {name: record.get(name) for name in ("item_id", "version", "max_delta_l", "colorfulness", "clip_score",
+                                                "alignment_confidence", "gamut_clipped_fraction")}
+    outputs = record.get("outputs") or {}
+    links = {role: _relative(report_uri, outputs.get(role)) for role in FILE_LINKS} if report_uri else {}
+    if report_uri and outputs.get("master"):
+        links["record"] = _relative(report_uri, outputs["master"].rsplit("/", 2)[0] + f"/v{int(record['version']):04d}.json"
+                                    if record.get("version") else None)
+    row.update(caption=record.get("caption", ""), thumbnails=None, thumbnail_error=None,
+               prompt=record.get("target_prompt") or f"(primary colourisation) {record.get('caption', '')}",
+               prompt_warning=record.get("prompt_warning"), catalogue=_catalogue(record),
+               links=[(role, link) for role, link in links.items() if link])
+    try:
+        row["thumbnails"] = _thumbnails(outputs["access"])
+    except Exception as error:  # a missing access copy must not lose the rest of the report
+        row["thumbnail_error"] = type(error).__name__
+    return row
+
+
 def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor Archive run", max_rows: int = 2000,
-                  all_records: Iterable[dict] | None = None) -> str:
-    """The report's HTML for ``records`` (at most ``max_rows`` thumbnail rows; all failures listed).
+                  all_records: Iterable[dict] | None = None, report_uri: str | None = None) -> str:
+    """The report's HTML for ``records`` (at most ``max_rows`` thumbnail rows and skipped rows; all failures).
 
     ``all_records``, when given, is every record of the run (e.g. a
     :class:`diffcolor.archive.results.RecordSpool`, read once): the counts and the
     metric distributions are then the whole run's, while ``records`` (the
-    first ones and the failures) are the rows shown.
+    first ones and the failures) are the rows shown. ``report_uri`` is where
+    the page goes: links to each item's files are relative to it (none without it).
     """
     counts, stats, done_count = run_statistics(records if all_records is None else all_records)
     done = [r for r in records if r["status"] == "done"]
-    rows = []
-    for record in done[:max_rows]:
-        row = {name: record.get(name) for name in ("item_id", "version", "max_delta_l", "colorfulness", "clip_score",
-                                                    "alignment_confidence", "gamut_clipped_fraction")}
-        row.update(caption=record.get("caption", ""), thumbnails=None, thumbnail_error=None,
-                   prompt=record.get("target_prompt") or f"(primary colourisation) {record.get('caption', '')}",
-                   prompt_warning=record.get("prompt_warning"))
-        try:
-            row["thumbnails"] = _thumbnails(record["outputs"]["access"])
-        except Exception as error:  # a missing access copy must not lose the rest of the report
-            row["thumbnail_error"] = type(error).__name__
-        rows.append(row)
+    skipped = [r for r in records if r["status"] == "skipped_done"]
     return render_page(
         "run_report.html",
         title=title,
         run_id=run_id,
         summary=" · ".join(f"{status}: {count}" for status, count in sorted(counts.items())),
         smoke=any(record.get("smoke_run") for record in records),
-        statistics=[(name, values) for name, values in stats.items() if values.get("count")],
-        rows=rows,
-        more=done_count - len(rows) if done_count > len(rows) else 0,
+        statistics=[(name, values, METRIC_EXPLANATIONS.get(name, "")) for name, values in stats.items()
+                    if values.get("count")],
+        rows=[_item_row(record, report_uri) for record in done[:max_rows]],
+        more=max(0, done_count - min(len(done), max_rows)),
+        skipped=[{"item_id": r["item_id"], "version": r.get("version"), "catalogue": _catalogue(r)}
+                 for r in skipped[:max_rows]],
+        more_skipped=max(0, counts.get("skipped_done", 0) - min(len(skipped), max_rows)),
         failures=[{name: record.get(name) for name in ("item_id", "status", "error_class", "error_message")}
                   for record in records if record["status"] in ("failed", "not_grayscale")],
     )
@@ -133,5 +188,6 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
 
 def write_report(records: list[dict], uri: str, *, run_id: str, all_records: Iterable[dict] | None = None) -> str:
     """Publishes the report at ``uri`` (see :func:`render_report`); returns ``uri``."""
-    storage.write_bytes(uri, render_report(records, run_id=run_id, all_records=all_records).encode("utf-8"))
+    html = render_report(records, run_id=run_id, all_records=all_records, report_uri=uri)
+    storage.write_bytes(uri, html.encode("utf-8"))
     return uri
