@@ -95,6 +95,24 @@ def _portable_key(key: str, adapter_name: str | None) -> str:
     return key if adapter_name is None else key.replace(f".{adapter_name}.", ".adapter.")
 
 
+# A stored LoRA tensor's key: the module path, the matrix, the portable adapter name (see _portable_key).
+_STORED_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<matrix>lora_[AB])\.adapter\.weight$")
+
+
+def peft_lora_key(stored_key: str) -> str:
+    """The name peft gives a stored LoRA tensor outside the model: ``<module path>.lora_A.weight``.
+
+    Stored keys carry the portable adapter name (``...to_q.lora_A.adapter.weight``);
+    peft's ``get_peft_model_state_dict`` and diffusers' LoRA files name the
+    tensor without it (diffusers then prefixes ``unet.``). Raises StateError
+    for a key that is not a LoRA matrix of the stored form.
+    """
+    match = _STORED_LORA_KEY.match(stored_key)
+    if match is None:
+        raise StateError(f"stored adapter tensor {stored_key!r} is not a LoRA matrix ('<module>.lora_A.adapter.weight')")
+    return f"{match['module']}.{match['matrix']}.weight"
+
+
 def make_trainable_unet(base: torch.nn.Module, config: AdapterConfig, *, name: str, generator: torch.Generator) -> TrainableUNet:
     """Adds a fresh adapter named ``name`` to ``base`` (LoRA) or copies ``base`` (full).
 
