@@ -7,6 +7,10 @@ The item layout under an item's output prefix (any storage URI) is stable:
     PREFIX/versions/v0001/master.tif     archival master (16-bit when the source was 16-bit)
     PREFIX/versions/v0001/access.jpg     access copy
     PREFIX/state/color-state.safetensors the colour state (and state.json, a readable copy)
+    PREFIX/state/lora/pytorch_lora_weights.safetensors
+                                         its adapter as a diffusers LoRA file (LoRA mode; written before
+                                         the state, named with its sha256 in the state's manifest:
+                                         diffcolor.archive.states)
     PREFIX/checkpoints/...               loop checkpoints while a fit is under way
     PREFIX/attempts/TIME-ID.json         every failed attempt's record, never overwritten
     PREFIX/lock/...                      the item's lease while a worker holds it (diffcolor.archive.leases)
@@ -68,7 +72,7 @@ class ItemLayout:
 
     @property
     def state(self) -> str:
-        """The folder of the colour state (the state object and state.json)."""
+        """The folder of the colour state (the state object, state.json and the LoRA folder ``lora/``)."""
         return storage.join(self.prefix, "state")
 
     @property

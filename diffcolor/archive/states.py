@@ -1,11 +1,23 @@
-"""Colour-state files: the one object a new-prompt render needs, and its readable copy.
+"""Colour-state files: the one object a new-prompt render needs, its readable copy, and its diffusers LoRA.
 
 A colour state (spec section 3, stage 2) is made by the method as one
 safetensors object whose header metadata holds its JSON description under
-the ``diffcolor`` key. The archive stores it as bytes: published whole under
-``PREFIX/state/color-state.safetensors`` (so a reader sees the old state or
-the new one), then ``state.json`` beside it, the description again, for people
-and tools. Reading the description needs the header only, not the tensors.
+the ``diffcolor`` key. The archive stores it as bytes under the item's state
+folder (``PREFIX/state``):
+
+    lora/pytorch_lora_weights.safetensors  the adapter as a diffusers LoRA file (LoRA mode only)
+    color-state.safetensors                the state itself: the commit point
+    state.json                             the description again, for people and tools
+
+in that order. The LoRA file comes first and the state object, published
+whole, second: a reader that sees a state sees its LoRA (``load_lora_weights``
+on the ``lora`` folder loads it). The state's description names, in its
+``manifest``, the LoRA's path relative to the state folder and its sha256
+(:mod:`diffcolor.method.state`), so a LoRA that is not the state's (a re-fit
+that stopped after writing its LoRA, before its state) is detected by
+:func:`read_state_lora` instead of being used. A full fine-tune's state has no
+LoRA file (its manifest says ``full-unet``). Reading the description needs the
+header only, not the tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 from diffcolor.archive import storage
 from diffcolor.archive.items import STATE_FILE
 from diffcolor.common.errors import InputUnavailableError, StateError
+from diffcolor.common.keys import sha256_hex
 from diffcolor.common.tensorfiles import read_description
 
 DESCRIPTION_FILE = "state.json"
@@ -26,16 +39,82 @@ def state_description(data: bytes, name: str = "colour state") -> dict:
         raise StateError(f"{name} has no readable description: {error}") from None
 
 
-def publish_state(folder: str, data: bytes) -> str:
-    """Publishes the state bytes under the storage folder ``folder``, then ``state.json``; returns the state's URI.
+def lora_manifest(description: dict, name: str = "colour state") -> dict | None:
+    """The LoRA file a state's description names: ``{"path", "sha256", ...}``; None when it names none.
 
-    Raises StateError when ``data`` carries no description (nothing is written).
+    None for a full fine-tune (layout ``full-unet``) and for a state made
+    before manifests. Raises StateError naming ``name`` when the manifest names
+    a LoRA without a sha256, or a path that is not a plain relative path inside
+    the state folder.
     """
+    manifest = description.get("manifest")
+    if manifest is None:
+        return None
+    adapter = manifest.get("adapter") if isinstance(manifest, dict) else None
+    if not isinstance(adapter, dict):
+        raise StateError(f"{name}: its manifest has no adapter block")
+    if adapter.get("path") is None:
+        return None
+    path, sha256 = adapter["path"], adapter.get("sha256")
+    parts = path.split("/") if isinstance(path, str) else []
+    if not parts or any(part in ("", ".", "..") or "\\" in part for part in parts):
+        raise StateError(f"{name}: its manifest's LoRA path {path!r} is not a relative path inside the state folder")
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise StateError(f"{name}: its manifest names the LoRA {path!r} without a sha256")
+    return adapter
+
+
+def publish_state(folder: str, data: bytes, lora: bytes | None = None) -> str:
+    """Publishes a colour state under the storage folder ``folder``; returns the state's URI.
+
+    ``lora`` is the state's diffusers LoRA file (from
+    :func:`diffcolor.method.state.export_state`): it is published first, at the
+    path the state's manifest names, then the state object (the commit
+    point), then ``state.json``. A LoRA file an earlier state named that this
+    one does not (a LoRA fit replaced by a full one) is removed afterwards.
+    Without ``lora`` only the state is published, and :func:`read_state_lora`
+    reports a LoRA its manifest names as missing.
+
+    Raises StateError, before anything is written, when ``data`` carries no
+    description, or ``lora`` is given but the manifest names no LoRA or
+    another sha256.
+    """
+    # 1. Check the state and its LoRA against each other before writing anything.
     uri = storage.join(folder, STATE_FILE)
     description = state_description(data, f"colour state for '{uri}'")
+    named = lora_manifest(description, f"colour state for '{uri}'")
+    if lora is not None:
+        if named is None:
+            raise StateError(f"colour state for '{uri}' names no LoRA file, but one was given to publish with it")
+        if sha256_hex(lora) != named["sha256"]:
+            raise StateError(f"the LoRA given for '{uri}' has sha256 {sha256_hex(lora)}, its state names "
+                             f"{named['sha256']}")
+    previous = _previous_lora_path(folder)
+
+    # 2. The LoRA, then the state (the commit point), then its readable copy.
+    written = None
+    if lora is not None:
+        written = named["path"]
+        storage.write_bytes(storage.join(folder, written), lora)
     storage.write_bytes(uri, data)
     storage.write_json(storage.join(folder, DESCRIPTION_FILE), description)
+
+    # 3. A LoRA the previous state named and this one does not is no longer any state's.
+    if previous is not None and previous != (named or {}).get("path"):
+        storage.remove(storage.join(folder, previous))
     return uri
+
+
+def _previous_lora_path(folder: str) -> str | None:
+    """The LoRA path the stored ``state.json`` names, if any (only to clean up after a replacement)."""
+    readable = storage.join(folder, DESCRIPTION_FILE)
+    if not storage.exists(readable):
+        return None
+    try:
+        named = lora_manifest(storage.read_json(readable), readable)
+    except (ValueError, StateError):  # an unreadable copy names nothing we could safely remove
+        return None
+    return None if named is None else named["path"]
 
 
 def read_state(folder: str) -> bytes:
@@ -45,6 +124,31 @@ def read_state(folder: str) -> bytes:
         return storage.read_bytes(uri)
     except InputUnavailableError as error:
         raise StateError(f"no colour state at '{uri}'") from error
+
+
+def read_state_lora(folder: str, data: bytes | None = None) -> tuple[str, bytes] | None:
+    """The diffusers LoRA file of the colour state under ``folder``, checked: its URI and bytes.
+
+    ``data`` is the state's bytes when the caller holds them (else they are
+    read). Returns None when the state has no LoRA file (a full fine-tune, or a
+    state made before manifests). Raises StateError when there is no state,
+    or the LoRA its manifest names is missing or has another sha256 (not this
+    state's LoRA: a re-fit stopped between its two writes; fit the item again).
+    """
+    state_uri = storage.join(folder, STATE_FILE)
+    description = state_description(read_state(folder) if data is None else data, f"colour state '{state_uri}'")
+    named = lora_manifest(description, f"colour state '{state_uri}'")
+    if named is None:
+        return None
+    uri = storage.join(folder, named["path"])
+    try:
+        lora = storage.read_bytes(uri)
+    except InputUnavailableError as error:
+        raise StateError(f"colour state '{state_uri}' names the LoRA '{uri}', which is missing") from error
+    if sha256_hex(lora) != named["sha256"]:
+        raise StateError(f"LoRA '{uri}' has sha256 {sha256_hex(lora)}, but its colour state names {named['sha256']}: "
+                         "it is not this state's LoRA (a re-fit stopped between writing its LoRA and its state)")
+    return uri, lora
 
 
 def has_state(folder: str) -> bool:
