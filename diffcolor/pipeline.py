@@ -66,7 +66,7 @@ from diffcolor.method.presets import PipelineConfig
 from diffcolor.method.render import RenderConfig, Target, render_target, resolve_target
 from diffcolor.method.stage1 import fit_color_prior
 from diffcolor.method.stage2 import check_token_alignment, fit_in_context
-from diffcolor.method.state import ColorState, state_from_bytes, state_to_bytes
+from diffcolor.method.state import ColorState, export_state, state_from_bytes
 from diffcolor.method.training import clear_checkpoints
 
 Progress = Callable[[str, int, int], None]  # (phase, step, total)
@@ -134,14 +134,16 @@ def _fit_state(models: Models, gray: torch.Tensor, request: ItemRequest, config:
     steps_run += stage2.embed_loop.steps_run + stage2.finetune_loop.steps_run
     seconds["stage2"] = time.perf_counter() - started
 
-    # 3. The colour state, published; then the checkpoints it makes useless go.
+    # 3. The colour state, published with its diffusers LoRA (written first: the state is the commit point);
+    #    then the checkpoints it makes useless go.
     state = ColorState(
         embedding=stage2.embedding, adapter=stage2.adapter, adapter_config=config.stage2.adapter,
         gray=gray.cpu(), primary=primary.rgb, confidence=primary.confidence, rewritten=rewritten,
         seed=int(request.seed), model_hash=models.model_hash,
-        config={"state_key": key, **config.to_dict()},
+        config={"state_key": key, **config.to_dict()}, base_model_id=models.model_id,
     )
-    publish_state(layout.state, state_to_bytes(state))
+    state_bytes, lora = export_state(state)
+    publish_state(layout.state, state_bytes, lora=lora)
     for loop in FIT_LOOPS:
         clear_checkpoints(checkpoints.child(loop))
     checkpoints.remove(PRIMARY_CHECKPOINT)
