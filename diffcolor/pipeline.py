@@ -40,7 +40,13 @@ from diffcolor.archive.items import (
     publish_record,
 )
 from diffcolor.archive.metadata import xmp_for_format
-from diffcolor.archive.states import has_state, publish_state, read_state
+from diffcolor.archive.states import (
+    has_state,
+    publish_state,
+    read_state,
+    read_state_lora,
+    restore_state_lora,
+)
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.captions import build_target_prompt, rewrite_caption
 from diffcolor.common.errors import DiffColorError, NotGrayscaleError, StateError
@@ -66,7 +72,12 @@ from diffcolor.method.presets import PipelineConfig
 from diffcolor.method.render import RenderConfig, Target, render_target, resolve_target
 from diffcolor.method.stage1 import fit_color_prior
 from diffcolor.method.stage2 import check_token_alignment, fit_in_context
-from diffcolor.method.state import ColorState, export_state, state_from_bytes
+from diffcolor.method.state import (
+    ColorState,
+    diffusers_lora_bytes,
+    export_state,
+    state_from_bytes,
+)
 from diffcolor.method.training import clear_checkpoints
 
 Progress = Callable[[str, int, int], None]  # (phase, step, total)
@@ -151,14 +162,30 @@ def _fit_state(models: Models, gray: torch.Tensor, request: ItemRequest, config:
 
 
 def _load_matching_state(layout: ItemLayout, key: str) -> ColorState | None:
-    """The stored colour state when it was made for ``key``; None when there is none or it cannot be used."""
+    """The stored colour state when it was made for ``key``; None when there is none or it cannot be used.
+
+    A matching state whose diffusers LoRA is missing or not its own (a re-fit
+    stopped between writing the LoRA and the state) gets its LoRA written again
+    from its adapter, which gives the same bytes.
+    """
     if not has_state(layout.state):
         return None
     try:
-        state = state_from_bytes(read_state(layout.state), layout.state_object)
+        data = read_state(layout.state)
+        state = state_from_bytes(data, layout.state_object)
     except StateError:
         return None
-    return state if state.config.get("state_key") == key else None
+    if state.config.get("state_key") != key:
+        return None
+    try:
+        read_state_lora(layout.state, data)
+    except StateError:
+        lora = diffusers_lora_bytes(state)
+        try:
+            restore_state_lora(layout.state, data, lora)
+        except StateError:  # the adapter no longer gives the LoRA its manifest names: fit again
+            return None
+    return state
 
 
 # ---------------------------------------------------------------------------

@@ -321,6 +321,30 @@ def test_a_missing_lora_is_named(item, tmp_path):
         read_state_lora(folder)
 
 
+def test_a_state_naming_a_lora_is_never_published_without_it(item, tmp_path):
+    folder = tmp_path / "state"
+    state_bytes, _ = export_state(_item_state(item))
+    with pytest.raises(StateError, match="which was not given to publish"):
+        publish_state(str(folder), state_bytes)
+    assert not folder.exists()
+
+
+def test_a_reused_state_gets_its_missing_or_foreign_lora_back(models, smoke, tmp_path):
+    layout = _colorize(models, smoke, tmp_path)
+    lora_uri, lora = read_state_lora(layout.state)
+    source = str(tmp_path / "bench.png")
+    damages = (lambda: storage.remove(lora_uri), lambda: storage.write_bytes(lora_uri, b"not this state's"))
+    for damage, target in zip(damages, (TARGET, "a brown dog sitting on a wooden bench")):
+        damage()
+        with pytest.raises(StateError):
+            read_state_lora(layout.state)
+        # A new target reuses the stored state (no fine-tune), which writes its LoRA again, byte for byte.
+        records = colorize_item(models, ItemRequest(item_id="bench", source_uri=source, caption=CAPTION,
+                                                    targets=(target,)), layout.prefix, smoke)
+        assert records[-1]["status"] == "done" and records[-1]["finetune_steps_run"] == 0
+        assert read_state_lora(layout.state) == (lora_uri, lora)
+
+
 # ---------------------------------------------------------------------------
 # Full fine-tunes and states made before the manifest.
 

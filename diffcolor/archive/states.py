@@ -72,17 +72,19 @@ def publish_state(folder: str, data: bytes, lora: bytes | None = None) -> str:
     path the state's manifest names, then the state object (the commit
     point), then ``state.json``. A LoRA file an earlier state named that this
     one does not (a LoRA fit replaced by a full one) is removed afterwards.
-    Without ``lora`` only the state is published, and :func:`read_state_lora`
-    reports a LoRA its manifest names as missing.
+    A state whose manifest names no LoRA (a full fine-tune, or a state made
+    before manifests) is published without one.
 
     Raises StateError, before anything is written, when ``data`` carries no
-    description, or ``lora`` is given but the manifest names no LoRA or
-    another sha256.
+    description, or ``lora`` does not match the manifest: given when it
+    names none, missing when it names one, or of another sha256.
     """
     # 1. Check the state and its LoRA against each other before writing anything.
     uri = storage.join(folder, STATE_FILE)
     description = state_description(data, f"colour state for '{uri}'")
     named = lora_manifest(description, f"colour state for '{uri}'")
+    if lora is None and named is not None:
+        raise StateError(f"colour state for '{uri}' names the LoRA {named['path']!r}, which was not given to publish")
     if lora is not None:
         if named is None:
             raise StateError(f"colour state for '{uri}' names no LoRA file, but one was given to publish with it")
@@ -149,6 +151,23 @@ def read_state_lora(folder: str, data: bytes | None = None) -> tuple[str, bytes]
         raise StateError(f"LoRA '{uri}' has sha256 {sha256_hex(lora)}, but its colour state names {named['sha256']}: "
                          "it is not this state's LoRA (a re-fit stopped between writing its LoRA and its state)")
     return uri, lora
+
+
+def restore_state_lora(folder: str, data: bytes, lora: bytes) -> str:
+    """Writes the LoRA file the state ``data`` under ``folder`` names, from ``lora``; returns its URI.
+
+    For a stored state whose LoRA is missing or not its own (a re-fit stopped
+    between its two writes): the state's adapter gives the same LoRA bytes
+    again. Raises StateError, writing nothing, when ``lora`` is not the one
+    the manifest names.
+    """
+    state_uri = storage.join(folder, STATE_FILE)
+    named = lora_manifest(state_description(data, f"colour state '{state_uri}'"), f"colour state '{state_uri}'")
+    if named is None or sha256_hex(lora) != named["sha256"]:
+        raise StateError(f"the LoRA given for '{state_uri}' is not the one its manifest names")
+    uri = storage.join(folder, named["path"])
+    storage.write_bytes(uri, lora)
+    return uri
 
 
 def has_state(folder: str) -> bool:

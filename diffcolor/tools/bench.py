@@ -445,7 +445,7 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
     from diffcolor.method.render import render_target, resolve_target
     from diffcolor.method.stage1 import fit_color_prior
     from diffcolor.method.stage2 import fit_in_context
-    from diffcolor.method.state import ColorState, state_from_bytes, state_to_bytes
+    from diffcolor.method.state import ColorState, export_state, state_from_bytes
 
     device = models.device
     clock = StageClock(device)
@@ -486,7 +486,7 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
         seed=seed, model_hash=models.model_hash, config={"bench": True},
     )
     prefix = str(state_dir / "state")
-    clock.run("state_save", lambda: publish_state(prefix, state_to_bytes(state)))
+    clock.run("state_save", lambda: publish_state(prefix, *export_state(state)))
 
     # 5. New-prompt renders from the stored state: load it, resolve the prompt, sample, align (cold, then warm).
     def render_from_state():

@@ -6,7 +6,7 @@ For a change that must not change behaviour (a refactor, a dependency bump),
 this runs the same items through this checkout's ``diffcolor`` and another
 checkout's, on the CPU with the tiny bundle and the ``smoke`` preset, each in
 fresh processes with its own cache (so each writes its own tiny bundle), and
-compares the sha256 of every archival master, access copy and colour state:
+compares the sha256 of every archival master, access copy and colour state (with its diffusers LoRA):
 
 - an 8-bit gray PNG with a target prompt and a colour map (three versions), then
   a ``recolor`` of it from its stored colour state (a fourth);
@@ -67,7 +67,8 @@ def run_items(checkout: Path, inputs: dict[str, Path], out: Path) -> dict[str, s
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{checkout}: diffcolor {arguments[0]} exited {done.returncode}: {done.stderr[-800:]}")
-    files = sorted(path for pattern in ("*/versions/*/*", "*/state/*.safetensors") for path in out.glob(pattern))
+    files = sorted(path for pattern in ("*/versions/*/*", "*/state/*.safetensors", "*/state/lora/*.safetensors")
+                   for path in out.glob(pattern))
     return {str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
