@@ -210,6 +210,22 @@ def cmd_tiny_bundle(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """``diffcolor doctor MODEL``: the model checked offline without loading it; exit 0 when no problem, else 1."""
+    from diffcolor.archive import storage
+    from diffcolor.tools.doctor import check_model, format_report
+
+    report = check_model(args.model, clip=args.clip, revision=args.revision, device=args.device,
+                         weight_dtype=args.weight_dtype)
+    # With --json - the JSON is stdout's alone and the text report goes to stderr.
+    print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        print(storage.strict_json(report.to_dict(), indent=2))
+    elif args.json:
+        storage.write_json(args.json, report.to_dict())
+    return 0 if report.ok else 1
+
+
 def cmd_colorize(args) -> int:
     from diffcolor.archive import storage
     from diffcolor.common.errors import InputUnavailableError
@@ -545,6 +561,21 @@ def _add_single_image_commands(commands) -> None:
     recolor.set_defaults(handler=cmd_recolor)
 
 
+def _add_doctor_command(commands) -> None:
+    doctor = commands.add_parser(
+        "doctor", help="check a model folder or cached hub id offline before a run, without loading its weights")
+    doctor.add_argument("model", metavar="MODEL", help="Stable Diffusion folder, hub id in the local cache, or 'tiny'")
+    doctor.add_argument("--clip", help="CLIP folder or hub id (default: the bundle's clip/ or openai/clip-vit-large-patch14)")
+    doctor.add_argument("--revision", help="pinned hub revision of MODEL")
+    doctor.add_argument("--device", default="auto", help="where the run will go: 'auto' (CUDA when present), 'cpu', "
+                                                         "'cuda', 'cuda:1', ...")
+    doctor.add_argument("--weight-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="storage of the frozen weights the run will use (auto = bf16 on CUDA, fp32 elsewhere)")
+    doctor.add_argument("--json", metavar="FILE", help="also write the full report as JSON to FILE (path or URI; "
+                                                       "'-': stdout, the text report then going to stderr)")
+    doctor.set_defaults(handler=cmd_doctor)
+
+
 def _add_manifest_commands(commands) -> None:
     manifest = commands.add_parser("manifest", help="build or validate a Parquet manifest")
     actions = manifest.add_subparsers(dest="manifest_command", required=True)
@@ -631,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"diffcolor-archive {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_single_image_commands(commands)
+    _add_doctor_command(commands)
     _add_manifest_commands(commands)
     _add_collection_commands(commands)
     _add_eval_commands(commands)
