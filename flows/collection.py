@@ -1,8 +1,9 @@
 """The collection run: manifest in, derivatives, results and report out.
 
-The flow body reads as the script it is: validate, plan, start the device
-pool, submit the items in bounded windows, collect, write the run's results
-and report. Item work happens in :func:`colorize_item_task`, a thin task
+The flow body reads as the script it is: validate, check the model (the
+checks of ``diffcolor doctor``: a broken model fails the run, every problem
+named, before any item), plan, start the device pool, submit the items in
+bounded windows, collect, write the run's results and report. Item work happens in :func:`colorize_item_task`, a thin task
 around :func:`diffcolor.pipeline.colorize_item` run on a pool worker that keeps
 the models loaded. Transient faults (storage, lost worker, out of memory) are
 retried with backoff and resume from the item's checkpoints; permanent ones
@@ -40,7 +41,7 @@ from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import config_hash
 from diffcolor.method.presets import apply_overrides, get_preset
-from diffcolor.tools.tiny import named_model_hash
+from diffcolor.tools.doctor import preflight_model
 from flows import worker
 from flows.pool import DevicePool, ModelSpec
 from flows.runs import (
@@ -147,9 +148,16 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     first = next(requests, None)
     requests = itertools.chain([first] if first is not None else [], requests)
 
-    # 2. The models exist (a clear error before any item is touched), then the pool:
-    #    long-lived workers on every GPU, models loaded once per worker (Ray: its task workers).
-    model_hash = named_model_hash(model, clip=options.clip, allow_download=options.allow_download)
+    # 2. The models pass the doctor's checks (diffcolor doctor: ModelCheckError naming every problem before any
+    #    item is touched; the model hash for planning comes with them), then the pool: long-lived workers on
+    #    every GPU, models loaded once per worker (Ray: its task workers).
+    #    (Ray places items on its own nodes' GPUs: the flow's host says nothing about theirs.)
+    checked = preflight_model(model, clip=options.clip, allow_download=options.allow_download,
+                              device="auto" if options.pool == "ray" else options.device,
+                              weight_dtype=options.weight_dtype, probe_memory=False)
+    for note in (f"{check.name}: {note}" for check in checked.checks for note in check.notes):
+        logger.info("model %s: %s", model, note)
+    model_hash = checked.model_hash
     timings = {"started": time.perf_counter()}
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                      weight_dtype=options.weight_dtype)

@@ -7,8 +7,10 @@ unsafe id is refused, nothing is written). Items with a colour state render in
 seconds, with no fine-tuning; an item without a state falls back to a full fit
 from its last record (source, caption, seed). Each item is rendered with the
 model its record names (``options.model`` overrides it for all); items of
-several models are run model by model, each on a pool of its own. Each render
-adds a version; nothing is overwritten.
+several models are run model by model, each on a pool of its own, after every
+one of them has passed the checks of ``diffcolor doctor`` (a broken model fails
+the run, every problem named, before any render). Each render adds a version;
+nothing is overwritten.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.redact import redact
 from diffcolor.method.presets import get_preset
+from diffcolor.tools.doctor import preflight_model
 from flows import worker
 from flows.pool import DevicePool, ModelSpec
 from flows.runs import (
@@ -151,12 +154,18 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
         else:
             by_model.setdefault(model, []).append(target)
 
-    # 3. Model by model: a pool with the models loaded once, then every item of that model.
+    # 3. Every model passes the doctor's checks before any item is rendered (ModelCheckError naming every
+    #    problem); no hashes: reprocessing plans nothing, and each worker hashes what it loads.
+    for model in by_model:
+        preflight_model(model, clip=options.clip, allow_download=options.allow_download, device=options.device,
+                        weight_dtype=options.weight_dtype, hashes=False, probe_memory=False)
+
+    # 4. Model by model: a pool with the models loaded once, then every item of that model.
     for model, group in by_model.items():
         for record in _run_group(run_id, output, model, group, previous, options):
             records.add(record)
 
-    # 4. The run's results and report.
+    # 5. The run's results and report.
     prefix = run_prefix(output, run_id)
     write_results(records, storage.join(prefix, "results.parquet"))
     write_report(records.head + records.failures, storage.join(prefix, "report.html"), run_id=run_id,

@@ -13,7 +13,7 @@ from test_cli import _diffcolor_blocked
 from diffcolor.cli import main
 from diffcolor.common.errors import ModelNotFoundError
 from diffcolor.method.models import resolve_model_hash
-from diffcolor.tools.doctor import check_model
+from diffcolor.tools.doctor import ModelCheckError, check_model
 from diffcolor.tools.tiny import tiny_bundle_folder
 
 
@@ -165,6 +165,26 @@ def test_doctor_tiny_on_the_command_line_without_prefect(cache_dir):
     assert any("clip_sample false, prediction_type epsilon, steps_offset 1" in line for line in lines)
     assert any(line.startswith("note") and "random weights: outputs will be labelled smoke runs" in line for line in lines)
     assert "Traceback" not in done.stderr
+
+
+def test_the_collection_flow_refuses_a_broken_model_before_any_item(prefect_server, bundle, tmp_path):
+    from test_flows import _collection
+
+    from flows.collection import RunOptions, colorize_collection
+
+    _remove_unet_config(bundle)
+    _remove_vae(bundle)
+    manifest, out = _collection(tmp_path, count=1), tmp_path / "out"
+    state = colorize_collection(str(manifest), str(out), str(bundle), RunOptions(preset="smoke", pool="inline"),
+                                return_state=True)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ModelCheckError), error
+    assert error.problems == ["layout: unet/config.json is missing",
+                              "layout: vae/ is missing: a Stable Diffusion bundle has unet, vae, text_encoder, "
+                              "tokenizer, scheduler"]
+    assert all(problem in str(error) for problem in error.problems)  # the one-line message names them all
+    assert not out.exists()
 
 
 def test_on_a_gpu_the_weights_are_counted_in_bf16_against_its_memory(monkeypatch, cache_dir):
