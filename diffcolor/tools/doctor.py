@@ -709,7 +709,10 @@ def _check_scheduler(raw: dict | None) -> Check:
 
 
 def _check_clip(clip_name: str | None, clip_folder: Path | None, component: _Component | None) -> Check:
-    """The CLIP model load_models will use: its config, preprocessor config and tokenizer (weights: the weights check)."""
+    """The CLIP model load_models will use: its config, preprocessor config and tokenizer.
+
+    Its weights are the weights check's; its config goes into ``component`` for the shapes check.
+    """
     check = Check("clip")
     where = "the bundle's clip/" if clip_name is None else f"'{clip_name}'"
     check.facts = {"clip": clip_name, "folder": None if clip_folder is None else str(clip_folder)}
