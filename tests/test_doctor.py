@@ -147,12 +147,18 @@ def test_several_problems_are_each_a_line_and_a_bad_prediction_type_is_one(bundl
     assert all("\n" not in problem for problem in report.problems)
 
 
-def test_a_text_encoder_configured_in_float16_is_a_problem(bundle):
-    """transformers 5 loads it in its config's dtype; the method's fp32 norms then fail (found by the doctor)."""
-    path = bundle / "text_encoder" / "config.json"
-    path.write_text(json.dumps(dict(json.loads(path.read_text()), dtype="float16")))
-    [problem] = check_model(str(bundle)).problems
-    assert problem.startswith("consistency: text_encoder: transformers loads it in float16")
+def test_components_configured_in_float16_load_in_fp32_and_encode(bundle):
+    """transformers 5 would load them in their config's dtype and the first fp32 layer norm would fail."""
+    from diffcolor.method.diffusion import clip_text_features, encode_prompts
+    from diffcolor.method.models import load_models
+
+    for component in ("text_encoder", "clip"):
+        path = bundle / component / "config.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), dtype="float16")))
+    assert check_model(str(bundle)).ok
+    models = load_models(str(bundle))
+    assert {p.dtype for p in models.text_encoder.parameters()} == {torch.float32}
+    assert encode_prompts(models, ["a dog"]).dtype == torch.float32 and clip_text_features(models, ["a dog"]).shape[0] == 1
 
 
 def test_doctor_tiny_on_the_command_line_without_prefect(cache_dir):

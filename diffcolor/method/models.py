@@ -270,13 +270,17 @@ def _load_components(folder: Path, clip_folder: Path) -> dict:
 
     transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
     clip_size, clip_mean, clip_std = _read_clip_preprocessing(clip_folder)
+    # Every component in fp32 whatever its config or files say (transformers 5 would otherwise load a text encoder
+    # whose config names float16 in float16, norms and embeddings included, and the first fp32 layer norm fails);
+    # load_models then stores the frozen matrix weights in the device's dtype itself.
+    fp32 = torch.float32
     return {
-        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
-        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=fp32),
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, torch_dtype=fp32),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True, dtype=fp32),
         "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         "scheduler_config": json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")),
-        "clip": CLIPModel.from_pretrained(clip_folder, use_safetensors=True),
+        "clip": CLIPModel.from_pretrained(clip_folder, use_safetensors=True, dtype=fp32),
         "clip_tokenizer": CLIPTokenizer.from_pretrained(clip_folder),
         "clip_image_size": clip_size,
         "clip_mean": clip_mean,

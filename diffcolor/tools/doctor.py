@@ -168,7 +168,7 @@ class _Component:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (dtype, shape), loaded files
     sharded: bool = False
     module: object = None  # built on the meta device by the shapes check
-    load_dtype: str = "float32"  # what from_pretrained loads it in (diffusers: fp32; transformers 5: as configured)
+    load_dtype: str = "float32"  # what load_models loads it in: fp32, whatever the config names
 
 
 # ---------------------------------------------------------------------------
@@ -642,32 +642,7 @@ def _check_consistency(configs: dict, components: dict[str, _Component]) -> Chec
                    "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1)
                    if isinstance(vae.get("block_out_channels"), list) else None}
     check.summary = ", ".join(agreeing)
-    for label in ("text_encoder", "clip"):
-        _check_load_dtype(check, components.get(label))
     return check
-
-
-def _check_load_dtype(check: Check, component: _Component | None) -> None:
-    """transformers 5 loads a model in its config's dtype (else the file's): anything but fp32 breaks the method.
-
-    load_models stores only matrix weights in the device's dtype; norms and
-    embeddings keep the dtype they were loaded in, and a float16 layer norm
-    fails on fp32 (or bf16-autocast) activations.
-    """
-    import transformers
-
-    if component is None or component.config is None or int(transformers.__version__.split(".")[0]) < 5:
-        return
-    dtype = component.config.get("dtype") or component.config.get("torch_dtype")
-    source = "the dtype its config.json names"
-    if dtype in (None, "auto"):
-        floating = [dtype for dtype, _ in component.tensors.values() if dtype in DTYPE_BYTES]
-        dtype, source = (floating[0] if floating else "float32"), "the dtype of its weights"
-    component.load_dtype = dtype
-    if dtype != "float32":
-        check.problem(f"{component.label}: transformers loads it in {dtype} ({source}), but the method keeps its norms "
-                      "and embeddings in fp32 and fails at the first layer norm; set \"dtype\": \"float32\" in "
-                      f"{component.label}/config.json or save the weights in float32")
 
 
 def _check_scheduler(raw: dict | None) -> Check:
