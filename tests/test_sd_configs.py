@@ -235,3 +235,14 @@ def test_reduced_bundle_loads_and_colourises_a_smoke_item_keeping_lightness(bund
     # The samplers and the training targets ran with the published prediction type: v for SD 2.1.
     assert recorded_prediction_types["ddim_step"] == {PREDICTION[name]}
     assert (recorded_prediction_types["velocity_targets"] > 0) == (PREDICTION[name] == "v_prediction")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_doctor_passes_each_reduced_bundle_and_names_its_scheduler(bundles, name):
+    from diffcolor.tools.doctor import check_model, format_report
+
+    report = check_model(str(bundles(name)), device="cpu", probe_memory=False)
+    assert report.ok, format_report(report)
+    scheduler = report.facts("scheduler")
+    assert scheduler["prediction_type"] == PREDICTION[name] and scheduler["clip_sample"] is False
+    assert "random weights: outputs will be labelled smoke runs" in format_report(report)
