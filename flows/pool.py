@@ -45,9 +45,10 @@ class ModelSpec:
 
 class _Slot:
     def __init__(self, index: int, device: str, visible: str | None, spec: ModelSpec, threads: int | None,
-                 sharing: int = 1):
+                 sharing: int = 1, progress=None):
         self.index, self.device, self.visible, self.spec, self.threads = index, device, visible, spec, threads
         self.sharing = sharing  # workers on this slot's device, this one included
+        self.progress = progress  # the pool's progress queue (None: steps are not reported)
         self.executor: ProcessPoolExecutor | None = None
         self.start()
 
@@ -57,7 +58,7 @@ class _Slot:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.init_worker,
-            initargs=(self.spec, self.device, self.threads, env, self.sharing),
+            initargs=(self.spec, self.device, self.threads, env, self.sharing, self.progress),
         )
 
     def restart(self) -> None:
@@ -78,9 +79,9 @@ class _InlineSlot:
 
     index = 0
 
-    def __init__(self, spec: ModelSpec, device: str):
+    def __init__(self, spec: ModelSpec, device: str, on_stage=None):
         self.device = device
-        worker.init_worker(spec, device, None, {})
+        worker.init_worker(spec, device, None, {}, progress=None if on_stage is None else (lambda step: on_stage(*step)))
         self.executor = self
 
     def submit(self, function, *args):
@@ -101,18 +102,27 @@ class DevicePool:
     """A fixed set of worker slots: ``workers_per_device`` on each visible GPU, or on the CPU.
 
     ``inline=True``: one slot that runs items in this process, on ``device`` (``auto``: the first GPU, else the CPU).
+    ``on_stage(item_id, phase, step, total)`` is called in this process for every step of every item (from
+    a thread that reads the workers' progress queue); a display follows the items with it.
     """
 
     def __init__(self, spec: ModelSpec, *, device: str = "auto", cpu_threads: int | None = None,
-                 workers_per_device: int = 1, inline: bool = False):
+                 workers_per_device: int = 1, inline: bool = False, on_stage=None):
         if isinstance(workers_per_device, bool) or not isinstance(workers_per_device, int) or workers_per_device < 1:
             raise ValueError(f"workers_per_device must be a whole number of at least 1, got {workers_per_device!r}")
         self.workers_per_device = workers_per_device
+        self._progress, self._progress_thread = None, None
         if inline:
             if workers_per_device != 1:
                 raise ValueError("an inline pool runs items in the calling process: workers_per_device must be 1")
-            self._setup([_InlineSlot(spec, ("cuda" if visible_gpus() else "cpu") if device == "auto" else device)])
+            self._setup([_InlineSlot(spec, ("cuda" if visible_gpus() else "cpu") if device == "auto" else device,
+                                     on_stage)])
             return
+        if on_stage is not None:
+            self._progress = multiprocessing.get_context("spawn").Queue(maxsize=10_000)
+            self._progress_thread = threading.Thread(target=self._forward, args=(on_stage,), daemon=True,
+                                                     name="pool-progress")
+            self._progress_thread.start()
         gpus = visible_gpus() if device in ("auto", "cuda") else []
         if device == "cuda" and not gpus:
             raise WorkerLostError("device 'cuda' requested but no GPU is visible")
@@ -121,13 +131,25 @@ class DevicePool:
             inherited = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
             visible = [inherited[gpu] if gpu < len(inherited) else str(gpu) for gpu in gpus]
             # Round-robin over the GPUs, so that a pool whose slots are taken in order spreads over them.
-            slots = [_Slot(i, "cuda", visible[i % len(gpus)], spec, None, workers_per_device)
+            slots = [_Slot(i, "cuda", visible[i % len(gpus)], spec, None, workers_per_device, self._progress)
                      for i in range(len(gpus) * workers_per_device)]
         else:
             cores = cpu_threads or max(1, (os.cpu_count() or 1))
             threads = max(1, cores // workers_per_device)
-            slots = [_Slot(i, "cpu", None, spec, threads, workers_per_device) for i in range(workers_per_device)]
+            slots = [_Slot(i, "cpu", None, spec, threads, workers_per_device, self._progress)
+                     for i in range(workers_per_device)]
         self._setup(slots)
+
+    def _forward(self, on_stage) -> None:
+        """Hands every step the workers report to ``on_stage`` until the pool closes (None on the queue)."""
+        while True:
+            step = self._progress.get()
+            if step is None:
+                return
+            try:
+                on_stage(*step)
+            except Exception:  # a display that fails must not stop the steps behind it
+                pass
 
     def _setup(self, slots) -> None:
         self.slots = slots
@@ -174,3 +196,7 @@ class DevicePool:
         for slot in self.slots:
             if slot.executor is not None:
                 slot.executor.shutdown(wait=True, cancel_futures=True)
+        if self._progress is not None:
+            self._progress.put(None)
+            self._progress_thread.join(timeout=5)
+            self._progress.close()

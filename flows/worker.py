@@ -11,12 +11,16 @@ import os
 
 _MODELS = None
 _DESCRIPTION: dict = {}
+_PROGRESS = None  # where the items' stage progress goes: the pool's queue, a callable (inline pool), or nowhere
 
 
-def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sharing: int = 1) -> None:
+def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sharing: int = 1,
+                progress=None) -> None:
     """Process initializer: pins the device (CUDA_VISIBLE_DEVICES is in ``env``) and loads the models of
-    ``spec`` (a :class:`flows.pool.ModelSpec`); ``sharing`` workers run on this device, this one included."""
-    global _MODELS, _DESCRIPTION
+    ``spec`` (a :class:`flows.pool.ModelSpec`); ``sharing`` workers run on this device, this one included.
+    ``progress`` receives ``(item_id, phase, step, total)`` of every step (a queue's ``put_nowait`` or a callable)."""
+    global _MODELS, _DESCRIPTION, _PROGRESS
+    _PROGRESS = progress
     os.environ.update(env)
     import torch
 
@@ -85,6 +89,20 @@ def run_here(spec, function, *args):
     return function(*args)
 
 
+def _following(item_id: str, lease):
+    """The item's progress callback: the lease checked at every step, and the step reported to the pool."""
+    def progress(phase: str, step: int, total: int) -> None:
+        lease.check()
+        sink = _PROGRESS
+        if sink is not None:
+            try:
+                (sink.put_nowait if hasattr(sink, "put_nowait") else sink)((item_id, phase, step, total))
+            except Exception:  # a full queue or a closed display never stops the item
+                pass
+
+    return progress
+
+
 def _out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -106,7 +124,7 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str, limits=No
     try:
         with item_lease(prefix) as lease:  # another run working on this item: wait, then find it done
             records = colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset,
-                                    progress=lease.check, limits=limits or ReadLimits())
+                                    progress=_following(request.item_id, lease), limits=limits or ReadLimits())
         return [placed(record) for record in records]
     except RuntimeError as error:
         if _out_of_memory(error):
@@ -124,7 +142,7 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
     try:
         with item_lease(prefix) as lease:
             record = recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed,
-                                  limits=limits or ReadLimits(), progress=lease.check)
+                                  limits=limits or ReadLimits(), progress=_following(prefix.rstrip("/").rsplit("/", 1)[-1], lease))
             return placed(record)
     except RuntimeError as error:
         if _out_of_memory(error):
