@@ -130,11 +130,24 @@ def _print_records(records: list[dict]) -> None:
             print(f"{record['item_id']} {record['status']}: {record['error_message']}")
 
 
+def _smoke_notice(model: str) -> None:
+    """The SMOKE RUN banner on stderr when ``model`` is a random-weight bundle on this machine (checked cheaply)."""
+    from diffcolor.method.models import TINY_MARKER
+    from diffcolor.tools.tiny import TINY, resolve_model
+
+    folder = Path(resolve_model(model)).expanduser() if model == TINY or Path(model).expanduser().is_dir() else None
+    if folder is not None and (folder / TINY_MARKER).exists():
+        print(SMOKE_BANNER, file=sys.stderr)
+
+
 def _print_summary(summary: dict) -> None:
-    counts = ", ".join(f"{status} {count}" for status, count in sorted(summary["counts"].items()))
-    print(f"run {summary['run_id']}: {counts}")
-    print(f"results: {summary['results']}")
+    from diffcolor.archive.report import describe_counts
+
+    print(f"run {summary['run_id']}: {describe_counts(summary.get('items', {}), summary.get('versions_written', 0))}")
+    print(f"results: {summary['results']} (and {summary.get('results_csv', 'results.csv')} for spreadsheets)")
     print(f"report:  {summary['report']}")
+    if summary.get("smoke"):
+        print(SMOKE_BANNER)
     if summary.get("device_seconds_per_item") is not None:
         print(f"device seconds per item: {summary['device_seconds_per_item']:.1f} (throughput of the run's devices)")
     if summary["failed_items"]:
@@ -154,6 +167,21 @@ def _finish_flow(state) -> int:
         message = state.message or str(summary)
     print(f"diffcolor: error: {message}", file=sys.stderr)
     return 2
+
+
+@contextmanager
+def _following_runs():
+    """Progress of the flows this process runs: rich bars on a terminal, plain lines otherwise (stderr)."""
+    from diffcolor.tools.progress import make_display
+    from flows.runs import PROGRESS_LISTENERS
+
+    display = make_display(sys.stderr)
+    PROGRESS_LISTENERS.append(display)
+    try:
+        yield display
+    finally:
+        PROGRESS_LISTENERS.remove(display)
+        display.close()
 
 
 def _source_limits(args) -> dict:
@@ -228,25 +256,30 @@ def cmd_doctor(args) -> int:
 
 def cmd_colorize(args) -> int:
     from diffcolor.archive import storage
+    from diffcolor.common.captions import build_target_prompt, rewrite_caption
     from diffcolor.common.errors import InputUnavailableError
     from diffcolor.common.ids import normalize_item_id, safe_item_id
     from diffcolor.common.items import ItemRequest
     from diffcolor.method.presets import get_preset
     from diffcolor.pipeline import colorize_item
 
-    # 1. Every argument checked before any model loads.
+    # 1. Every argument checked before any model loads (the colour map's words against the caption's too).
     config = get_preset(args.preset)
     color_map = _parse_color_map(args.color_map)
+    rewritten = rewrite_caption(args.caption, config.stage2.identifier)
+    if color_map:
+        build_target_prompt(rewritten, color_map)
     item_id = normalize_item_id(args.item_id) if args.item_id else safe_item_id(Path(args.image).stem)
-    if not storage.exists(args.image):
+    image, out = storage.absolute(args.image), storage.absolute(args.out)
+    if not storage.exists(image):
         raise InputUnavailableError(f"input image '{args.image}' does not exist")
 
     # 2. Models, then the item.
     models = _load_models(args, args.model)
-    request = ItemRequest(item_id=item_id, source_uri=args.image, caption=args.caption,
+    request = ItemRequest(item_id=item_id, source_uri=image, caption=args.caption,
                           targets=tuple(args.target or ()), color_map=color_map, seed=args.seed, force=args.force)
     with _bars() as bars:
-        records = colorize_item(models, request, args.out, config, preset=args.preset, progress=bars)
+        records = colorize_item(models, request, out, config, preset=args.preset, progress=bars)
     _print_records(records)
     return 0 if records[-1]["status"] in ("done", "skipped_done") else 1
 
@@ -329,12 +362,22 @@ def cmd_manifest_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from diffcolor.archive import storage
+    from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
     from diffcolor.method.presets import apply_overrides, get_preset
 
-    # 1. The preset and its overrides, type-checked before any work starts; credentials out of the URIs.
+    # 1. The preset and its overrides, type-checked before any work starts; credentials out of the URIs;
+    #    the manifest's every problem listed (as `manifest validate` does) before any flow or model starts.
     overrides = _parse_overrides(args.set)
     apply_overrides(get_preset(args.preset), overrides)
-    manifest, out = _lift_credentials(args.manifest, args.out)
+    manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
+    problems = validate_manifest(manifest)
+    if problems:
+        return _print_problems(problems, f"diffcolor: nothing run: {problem_count(problems)} problem(s) in "
+                                         f"'{args.manifest}'")
+    _smoke_notice(args.model)
+    print(f"run: {count_rows(manifest)} items of {args.manifest} -> {out} (model {args.model}, preset {args.preset})",
+          file=sys.stderr)
 
     # 2. The collection flow (local Prefect unless PREFECT_API_URL names a server).
     _quiet_prefect()
@@ -348,10 +391,13 @@ def cmd_run(args) -> int:
     flow_to_run = colorize_collection
     if args.pool == "ray":
         flow_to_run = colorize_collection.with_options(task_runner=ray_runner(args.ray_address))
-    return _finish_flow(flow_to_run(manifest, out, args.model, options, return_state=True))
+    with _following_runs():
+        state = flow_to_run(manifest, out, args.model, options, return_state=True)
+    return _finish_flow(state)
 
 
 def cmd_reprocess(args) -> int:
+    from diffcolor.archive import storage
     from diffcolor.common.errors import PromptError
     from diffcolor.common.ids import normalize_item_id
 
@@ -361,6 +407,9 @@ def cmd_reprocess(args) -> int:
         raise PromptError("give --items with --target or --color-map, or a --targets file")
     items = [normalize_item_id(item) for item in args.items.split(",")] if args.items and not args.targets else []
     out, targets_uri = _lift_credentials(args.out, args.targets)
+    out = storage.absolute(out)
+    if args.model:
+        _smoke_notice(args.model)
 
     # 2. The reprocess flow.
     _quiet_prefect()
@@ -373,7 +422,9 @@ def cmd_reprocess(args) -> int:
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype,
                                workers_per_device=args.workers_per_device, pool=args.pool, **_source_limits(args))
-    return _finish_flow(reprocess(out, targets, options, return_state=True))
+    with _following_runs():
+        state = reprocess(out, targets, options, return_state=True)
+    return _finish_flow(state)
 
 
 def cmd_eval(args) -> int:
@@ -499,8 +550,16 @@ _workers = _in_range(int, 0, float("inf"), "a whole number of at least 1")
 _gpu_share = _in_range(float, 0.0, 1.0, "a GPU share above 0 and at most 1")
 
 
+def _examples(*lines: str) -> dict:
+    """``add_parser`` options that end a command's ``--help`` with examples, kept as written."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {line}" for line in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--model", required=required, help="Stable Diffusion folder, hub id, or 'tiny'")
+    parser.add_argument("--model", required=required,
+                        help="Stable Diffusion folder, hub id in the local cache, or 'tiny' (random weights: smoke runs)"
+                             + ("" if required else "; default: the model each item was made with"))
     parser.add_argument("--clip", help="CLIP folder or hub id (default: the bundle's clip/ or openai/clip-vit-large-patch14)")
     parser.add_argument("--revision", help="pinned hub revision of --model")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
@@ -512,7 +571,8 @@ def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def _add_preset_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default", choices=PRESET_NAMES,
-                        help="step counts: smoke (seconds on a CPU with 'tiny'), default, or paper-scale (recipe R)")
+                        help="step counts: smoke (seconds on a CPU with 'tiny'), default, or paper-scale (recipe R); "
+                             "default: %(default)s")
 
 
 def _add_source_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -532,24 +592,31 @@ def _add_workers_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_single_image_commands(commands) -> None:
-    tiny = commands.add_parser("tiny-bundle", help="write the tiny random model bundle (tests and smoke runs only)")
-    tiny.add_argument("dir")
+    tiny = commands.add_parser("tiny-bundle", help="write the tiny random model bundle (tests and smoke runs only)",
+                               **_examples("diffcolor tiny-bundle /tmp/tiny   # then --model /tmp/tiny"))
+    tiny.add_argument("dir", help="folder to write the bundle into (created)")
     tiny.set_defaults(handler=cmd_tiny_bundle)
 
-    colorize = commands.add_parser("colorize", help="colourise one image")
+    colorize = commands.add_parser("colorize", help="colourise one image", **_examples(
+        "diffcolor colorize scan.tif --caption 'a dog on a bench' --out out/dog --model tiny --preset smoke",
+        "diffcolor colorize scan.tif --caption 'a dog on a bench' --color-map '{\"dog\": \"brown\"}' \\\n"
+        "    --out out/dog --model /models/stable-diffusion-v1-5"))
     colorize.add_argument("image", help="path or URI of the gray source (never written)")
     colorize.add_argument("--caption", required=True, help="catalogue caption: the context prompt")
     colorize.add_argument("--target", action="append", help="a target prompt; repeat for several (one version each)")
     colorize.add_argument("--color-map", help='JSON object of caption word to colour, e.g. \'{"dog": "brown"}\'')
     colorize.add_argument("--out", required=True, help="item output folder or URI")
     _add_preset_option(colorize)
-    colorize.add_argument("--seed", type=int, default=0)
+    colorize.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same pixels "
+                                                              "(default: %(default)s)")
     colorize.add_argument("--item-id", help="item id (default: from the file name)")
     colorize.add_argument("--force", action="store_true", help="colourise a colour photograph too")
     _add_model_options(colorize, required=True)
     colorize.set_defaults(handler=cmd_colorize)
 
-    recolor = commands.add_parser("recolor", help="render a new target from an item's stored colour state")
+    recolor = commands.add_parser("recolor", help="render a new target from an item's stored colour state", **_examples(
+        "diffcolor recolor out/dog --color-map '{\"dog\": \"black\"}'",
+        "diffcolor recolor out/dog --target 'a black dog on a bench' --eta 1.1"))
     recolor.add_argument("dir", help="the item folder or URI written by colorize")
     recolor.add_argument("--target", help="the new target prompt")
     recolor.add_argument("--color-map", help="JSON colour map instead of --target")
@@ -563,7 +630,8 @@ def _add_single_image_commands(commands) -> None:
 
 def _add_doctor_command(commands) -> None:
     doctor = commands.add_parser(
-        "doctor", help="check a model folder or cached hub id offline before a run, without loading its weights")
+        "doctor", help="check a model folder or cached hub id offline before a run, without loading its weights",
+        **_examples("diffcolor doctor tiny", "diffcolor doctor stable-diffusion-v1-5/stable-diffusion-v1-5 --json doctor.json"))
     doctor.add_argument("model", metavar="MODEL", help="Stable Diffusion folder, hub id in the local cache, or 'tiny'")
     doctor.add_argument("--clip", help="CLIP folder or hub id (default: the bundle's clip/ or openai/clip-vit-large-patch14)")
     doctor.add_argument("--revision", help="pinned hub revision of MODEL")
@@ -580,7 +648,10 @@ def _add_manifest_commands(commands) -> None:
     manifest = commands.add_parser("manifest", help="build or validate a Parquet manifest")
     actions = manifest.add_subparsers(dest="manifest_command", required=True)
 
-    build = actions.add_parser("build", help="build a manifest from a folder, a CSV export or a IIIF manifest")
+    build = actions.add_parser("build", help="build a manifest from a folder, a CSV export or a IIIF manifest",
+                               **_examples("diffcolor manifest build --from-csv catalogue.csv -o manifest.parquet",
+                                           "diffcolor manifest build --from-folder scans/ --captions captions.csv "
+                                           "-o manifest.parquet"))
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-folder", metavar="DIR", help="a folder of images (needs --captions)")
     source.add_argument("--from-csv", metavar="CSV", help="a catalogue CSV export with item_id, image_uri, caption")
@@ -589,13 +660,18 @@ def _add_manifest_commands(commands) -> None:
     build.add_argument("-o", "--out", required=True, metavar="OUT.parquet", help="the manifest to write (path or URI)")
     build.set_defaults(handler=cmd_manifest_build)
 
-    validate = actions.add_parser("validate", help="check a manifest; one line per problem, naming row and column")
+    validate = actions.add_parser("validate", help="check a manifest; one line per problem, naming row and column",
+                                  **_examples("diffcolor manifest validate manifests/demo.parquet"))
     validate.add_argument("file", help="the manifest (path or URI)")
     validate.set_defaults(handler=cmd_manifest_validate)
 
 
 def _add_collection_commands(commands) -> None:
-    run = commands.add_parser("run", help="run the collection flow over a manifest (local Prefect, local device pool)")
+    run = commands.add_parser("run", help="run the collection flow over a manifest (local Prefect, local device pool)",
+                              **_examples(
+        "diffcolor run manifests/demo.parquet --out demo-output --model tiny --preset smoke",
+        "diffcolor run s3://museum/manifests/2026.parquet --out s3://museum/colour --model /models/sd15 \\\n"
+        "    --items 1921.4.7,1921.4.8 --set stage1.steps=200"))
     run.add_argument("manifest", help="Parquet manifest path or URI")
     run.add_argument("--out", required=True, help="collection output root (path or URI)")
     _add_preset_option(run)
@@ -614,13 +690,16 @@ def _add_collection_commands(commands) -> None:
     _add_source_limit_options(run)
     run.set_defaults(handler=cmd_run)
 
-    again = commands.add_parser("reprocess", help="render new targets for selected items from their colour states")
+    again = commands.add_parser("reprocess", help="render new targets for selected items from their colour states",
+                                **_examples(
+        "diffcolor reprocess demo-output --items camera --color-map '{\"coat\": \"gray\"}'",
+        "diffcolor reprocess s3://museum/colour --targets corrections.parquet"))
     again.add_argument("out", metavar="OUTPUT", help="collection output root")
     again.add_argument("--items", help="comma-separated item ids")
     again.add_argument("--target", help="new target prompt for every selected item")
     again.add_argument("--color-map", help="JSON colour map for every selected item")
     again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map")
-    again.add_argument("--seed", type=int)
+    again.add_argument("--seed", type=int, help="random seed of the renders (default: each item's own)")
     again.add_argument("--pool", choices=("local", "inline"), default="local",
                        help="local: worker processes on this machine's GPUs; inline: in the flow's own process")
     _add_model_options(again, required=False)
@@ -628,14 +707,16 @@ def _add_collection_commands(commands) -> None:
     _add_source_limit_options(again)
     again.set_defaults(handler=cmd_reprocess)
 
-    demo = commands.add_parser("demo", help="run the collection flow on the bundled demo collection (make demo)")
+    demo = commands.add_parser("demo", help="run the collection flow on the bundled demo collection (make demo)",
+                               **_examples("diffcolor demo --out demo-output"))
     demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     demo.set_defaults(handler=cmd_demo)
 
 
 def _add_eval_commands(commands) -> None:
     evaluate = commands.add_parser(
-        "eval", help="colourise a ground-truth set and measure it (PSNR, SSIM, colourfulness, CLIP, LPIPS, FID)")
+        "eval", help="colourise a ground-truth set and measure it (PSNR, SSIM, colourfulness, CLIP, LPIPS, FID)",
+        **_examples("diffcolor eval manifests/eval_demo.parquet --out eval-output --model tiny --preset smoke"))
     evaluate.add_argument("manifest", help="a manifest whose rows have ground_truth_uri (colour originals)")
     evaluate.add_argument("--out", required=True, help="output root; the eval goes under OUT/eval/")
     _add_preset_option(evaluate)
@@ -658,7 +739,13 @@ def _add_eval_commands(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcolor", description="Text-guided colourisation of archival photographs (DiffColor).")
+    parser = argparse.ArgumentParser(
+        prog="diffcolor", description="Text-guided colourisation of archival photographs (DiffColor).",
+        **_examples("make demo                        # the demo collection, set-up included",
+                    "diffcolor doctor MODEL           # check weights before a night's run",
+                    "diffcolor run MANIFEST --out OUT --model MODEL",
+                    "diffcolor reprocess OUT --items ID --color-map '{\"coat\": \"green\"}'",
+                    "diffcolor COMMAND --help         # each command's options and examples"))
     parser.add_argument("--version", action="version", version=f"diffcolor-archive {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_single_image_commands(commands)

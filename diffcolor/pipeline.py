@@ -158,6 +158,7 @@ def _fit_state(models: Models, gray: torch.Tensor, request: ItemRequest, config:
     for loop in FIT_LOOPS:
         clear_checkpoints(checkpoints.child(loop))
     checkpoints.remove(PRIMARY_CHECKPOINT)
+    storage.remove_empty_folders(layout.checkpoints)  # no empty folders left behind on a local disk
     return state, steps_run
 
 

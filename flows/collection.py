@@ -35,7 +35,7 @@ from diffcolor.archive.planning import (
     run_prefix,
     update_done_index,
 )
-from diffcolor.archive.report import write_report
+from diffcolor.archive.report import describe_counts, write_report
 from diffcolor.archive.results import RecordSpool, write_results
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.items import ItemRequest
@@ -46,8 +46,11 @@ from flows import worker
 from flows.pool import DevicePool, ModelSpec
 from flows.runs import (
     ACTIVE_POOLS,
+    PROGRESS_LISTENERS,
+    current_run_id,
     is_transient,
     new_run_id,
+    notify,
     publish_summary,
     record_of_failure,
     run_on_worker,
@@ -97,8 +100,13 @@ def colorize_item_task(run_id: str, spec: ModelSpec, request: ItemRequest, prefi
 
 def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: dict, preset: str, window: int,
               retries: int, retry_delays: list[float], on_record, ray_options: dict | None = None,
-              limits: ReadLimits | None = None) -> None:
-    """Submits the planned items at most ``window`` at a time; calls ``on_record`` per record."""
+              limits: ReadLimits | None = None, smoke: bool = False, on_item=None) -> None:
+    """Submits the planned items at most ``window`` at a time; calls ``on_record`` per record, then
+    ``on_item(records)`` with all the records of the item (when given).
+
+    A skipped item's record names the version the done-index lists and, with
+    ``smoke``, says the run used random weights (as the item's records do).
+    """
     item_task = colorize_item_task.with_options(retries=retries, retry_delay_seconds=list(retry_delays) or [0])
     in_flight: dict = {}
 
@@ -108,13 +116,20 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
             records = future.result()
         except Exception as error:  # the item failed for good: its record says why
             records = [record_of_failure(request, error, preset)]
+        finish(records)
+
+    def finish(records: list[dict]) -> None:
         for record in records:
             on_record(record)
+        if on_item is not None:
+            on_item(records)
 
     for item in planned:
         if item.skip:
-            on_record({"item_id": item.request.item_id, "status": "skipped_done", "plan_key": item.plan_key,
-                       "source_uri": item.request.source_uri, "caption": item.request.caption})
+            finish([{"item_id": item.request.item_id, "status": "skipped_done", "plan_key": item.plan_key,
+                     "version": item.version, "source_uri": item.request.source_uri,
+                     "caption": item.request.caption, "catalogue": dict(item.request.catalogue),
+                     "smoke_run": smoke}])
             continue
         while len(in_flight) >= window:
             collect(next(as_completed(list(in_flight))))
@@ -131,15 +146,17 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
         collect(future)
 
 
-@flow(name="colorize-collection", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+@flow(name="colorize-collection", flow_run_name=new_run_id, task_runner=ThreadPoolTaskRunner(max_workers=8),
+      log_prints=True)
 def colorize_collection(manifest: str, output: str, model: str, options: RunOptions = RunOptions()) -> dict:
     """Colourises every pending item of ``manifest`` into ``output`` (fsspec URIs).
 
     Returns the run summary. The flow run ends Failed when any item failed.
     """
     logger = get_run_logger()
-    run_id = new_run_id()
+    run_id = current_run_id()  # the flow run's name
     config_dict = apply_overrides(get_preset(options.preset), options.overrides).to_dict()
+    manifest, output = storage.absolute(manifest), storage.absolute(output)  # records name absolute URIs
 
     # 1. Validate the manifest (and the selected ids) before any GPU work.
     #    read_items validates the whole manifest on its first read and raises
@@ -158,6 +175,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     for note in (f"{check.name}: {note}" for check in checked.checks for note in check.notes):
         logger.info("model %s: %s", model, note)
     model_hash = checked.model_hash
+    smoke = bool(checked.facts("random").get("random_weights"))
     timings = {"started": time.perf_counter()}
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                      weight_dtype=options.weight_dtype)
@@ -173,9 +191,10 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
         # 4. Run the items, windowed, and follow progress; records are spooled to disk.
         window = options.window or 2 * (pool.size if pool else _ray_gpu_count(options.gpus_per_item))
         ray_options = {"num_gpus": options.gpus_per_item} if options.pool == "ray" else None
-        on_record, keys = _progress_recorder(records, _count(manifest, options.items), run_id)
+        on_record, on_item, keys = _progress_recorder(records, _count(manifest, options.items), run_id)
         run_items(run_id, spec, _with_keys(planned, keys), output, config_dict, options.preset, window,
-                  options.retries, options.retry_delay_seconds, on_record, ray_options, options.read_limits())
+                  options.retries, options.retry_delay_seconds, on_record, ray_options, options.read_limits(),
+                  smoke=smoke, on_item=on_item)
         timings["items_done"] = time.perf_counter()
     finally:
         if pool is not None:
@@ -183,8 +202,8 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
             pool.close()
 
     # 5. Results, done-index, report and summary.
-    summary = _write_run(output, run_id, records, timings, None if pool is None else pool.devices)
-    logger.info("run %s: %s", run_id, summary["counts"])
+    summary = _write_run(output, run_id, records, timings, None if pool is None else pool.devices, smoke)
+    logger.info("run %s: %s", run_id, describe_counts(summary["items"], summary["versions_written"]))
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
     return Completed(message=f"run {run_id} done", data=summary)
@@ -200,7 +219,8 @@ def _start_pool(run_id: str, spec: ModelSpec, options: RunOptions) -> DevicePool
     if options.pool not in ("local", "inline"):
         raise ValueError(f"pool must be 'local', 'inline' or 'ray', got {options.pool!r}")
     pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
-                      inline=options.pool == "inline")
+                      inline=options.pool == "inline",
+                      on_stage=(lambda *step: notify("stage", *step)) if PROGRESS_LISTENERS else None)
     ACTIVE_POOLS[run_id] = pool
     try:
         pool.describe()  # every worker up, its models loaded
@@ -212,21 +232,30 @@ def _start_pool(run_id: str, spec: ModelSpec, options: RunOptions) -> DevicePool
 
 
 def _progress_recorder(records: RecordSpool, total: int, run_id: str):
-    """``on_record(record)``, which spools each record with its plan key and moves the progress artifact,
-    and the dict of plan keys of the items in flight that it reads them from."""
+    """``on_record(record)``, which spools each record with its plan key; ``on_item(records)``, which moves
+    the progress artifact and tells the progress listeners; and the dict of plan keys of the items in
+    flight that ``on_record`` reads them from."""
     progress = create_progress_artifact(0.0, key="colorize-collection-progress", description=f"run {run_id}")
     keys: dict[str, str] = {}
+    notify("start", run_id, total)
 
     def on_record(record: dict) -> None:
-        record["plan_key"] = keys.pop(record["item_id"], record.get("plan_key"))
+        # Every version of an item carries its plan key (the done-index then names the item's last version).
+        record["plan_key"] = keys.get(record["item_id"], record.get("plan_key"))
         records.add(record)
-        if len(records) % max(1, total // 100) == 0 or len(records) == total:
-            update_progress_artifact(progress, min(100.0, 100.0 * len(records) / max(total, 1)))
 
-    return on_record, keys
+    def on_item(item_records: list[dict]) -> None:
+        keys.pop(item_records[-1]["item_id"], None)
+        items = sum(records.items.values())
+        notify("item", items, total, item_records)
+        if items % max(1, total // 100) == 0 or items == total:
+            update_progress_artifact(progress, min(100.0, 100.0 * items / max(total, 1)))
+
+    return on_record, on_item, keys
 
 
-def _write_run(output: str, run_id: str, records: RecordSpool, timings: dict, devices: int | None) -> dict:
+def _write_run(output: str, run_id: str, records: RecordSpool, timings: dict, devices: int | None,
+               smoke: bool) -> dict:
     """The run's results Parquet, the done-index update, the report and the summary (also as artifacts)."""
     prefix = run_prefix(output, run_id)
     write_results(records, storage.join(prefix, "results.parquet"))
@@ -234,8 +263,10 @@ def _write_run(output: str, run_id: str, records: RecordSpool, timings: dict, de
         (r["item_id"], r["plan_key"], "done" if r["status"] in ("done", "skipped_done") else r["status"], r.get("version"))
         for r in records if r["status"] in ("done", "skipped_done", "not_grayscale") and r.get("plan_key")
     ), run_id=run_id)
-    write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id, all_records=records)
+    write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id, all_records=records,
+                 smoke=smoke)
     summary = run_summary(records, run_id, prefix)
+    summary["smoke"] = smoke
     summary["seconds"] = {
         "pool_start": timings["pool_ready"] - timings["started"],
         "items": timings["items_done"] - timings["pool_ready"],

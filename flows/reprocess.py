@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, field_validator
 from diffcolor.archive import storage
 from diffcolor.archive.items import ItemLayout, failure_record
 from diffcolor.archive.planning import item_prefix, run_prefix
-from diffcolor.archive.report import write_report
+from diffcolor.archive.report import describe_counts, write_report
 from diffcolor.archive.results import RecordSpool, write_results
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.errors import PromptError, StateError
@@ -43,8 +43,11 @@ from flows import worker
 from flows.pool import DevicePool, ModelSpec
 from flows.runs import (
     ACTIVE_POOLS,
+    PROGRESS_LISTENERS,
+    current_run_id,
     is_transient,
     new_run_id,
+    notify,
     publish_summary,
     record_of_failure,
     run_on_worker,
@@ -129,11 +132,12 @@ def _never_colourised(target: Retarget) -> dict:
     return failure_record(request, StateError(f"item '{target.item_id}' has never been colourised in this output"))
 
 
-@flow(name="reprocess", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+@flow(name="reprocess", flow_run_name=new_run_id, task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
 def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = ReprocessOptions()) -> dict:
     """Renders ``targets`` for their items under the collection ``output``; returns the run summary."""
     logger = get_run_logger()
-    run_id = new_run_id()
+    run_id = current_run_id()  # the flow run's name
+    output = storage.absolute(output)  # records name absolute URIs
     records = RecordSpool()
 
     # 1. What each item is: its latest record (source, caption, seed, model); ids through the item-id rule.
@@ -156,23 +160,31 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
 
     # 3. Every model passes the doctor's checks before any item is rendered (ModelCheckError naming every
     #    problem); no hashes: reprocessing plans nothing, and each worker hashes what it loads.
+    smoke = False
     for model in by_model:
-        preflight_model(model, clip=options.clip, allow_download=options.allow_download, device=options.device,
-                        weight_dtype=options.weight_dtype, hashes=False, probe_memory=False)
+        checked = preflight_model(model, clip=options.clip, allow_download=options.allow_download,
+                                  device=options.device, weight_dtype=options.weight_dtype, hashes=False,
+                                  probe_memory=False)
+        smoke = smoke or bool(checked.facts("random").get("random_weights"))
 
     # 4. Model by model: a pool with the models loaded once, then every item of that model.
+    notify("start", run_id, len(targets))
+    for record in records.head:  # targets refused above count as done with
+        notify("item", sum(records.items.values()), len(targets), [record])
     for model, group in by_model.items():
         for record in _run_group(run_id, output, model, group, previous, options):
             records.add(record)
+            notify("item", len(records), len(targets), [record])
 
     # 5. The run's results and report.
     prefix = run_prefix(output, run_id)
     write_results(records, storage.join(prefix, "results.parquet"))
     write_report(records.head + records.failures, storage.join(prefix, "report.html"), run_id=run_id,
-                 all_records=records)
+                 all_records=records, smoke=smoke or None)
     summary = run_summary(records, run_id, prefix)
+    summary["smoke"] = smoke
     publish_summary(summary, records)
-    logger.info("reprocess %s: %s", run_id, summary["counts"])
+    logger.info("reprocess %s: %s", run_id, describe_counts(summary["items"], summary["versions_written"]))
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
     return Completed(message=f"reprocess {run_id} done", data=summary)
@@ -186,7 +198,8 @@ def _run_group(run_id: str, output: str, model: str, group: list[Retarget], prev
     limits = ReadLimits.from_mib(options.max_source_mb, options.source_timeout_seconds)
     retry = {"retries": options.retries, "retry_delay_seconds": options.retry_delay_seconds}
     pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
-                      inline=options.pool == "inline")
+                      inline=options.pool == "inline",
+                      on_stage=(lambda *step: notify("stage", *step)) if PROGRESS_LISTENERS else None)
     ACTIVE_POOLS[run_id] = pool
     records, futures = [], {}
     try:

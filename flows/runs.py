@@ -7,6 +7,7 @@ Ray task worker, which keeps its own models).
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -14,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from diffcolor.archive import storage
 from diffcolor.archive.items import failure_record
+from diffcolor.archive.report import describe_counts
 from diffcolor.archive.results import RecordSpool
 from diffcolor.common.errors import TransientError
 from diffcolor.common.items import ItemRequest
@@ -21,11 +23,42 @@ from flows import worker
 from flows.pool import DevicePool, ModelSpec
 
 ACTIVE_POOLS: dict[str, DevicePool] = {}  # run id -> the run's local pool, while the run is under way
+# Displays following the runs of this process (the command line's progress): objects with any of
+# start(run_id, total), item(done, total, records of the item), stage(item_id, phase, step, total).
+PROGRESS_LISTENERS: list = []
+
+
+def notify(event: str, *args) -> None:
+    """Tells every progress listener of ``event``; a listener that fails is ignored (a display never fails a run)."""
+    for listener in list(PROGRESS_LISTENERS):
+        handler = getattr(listener, event, None)
+        if handler is None:
+            continue
+        try:
+            handler(*args)
+        except Exception:
+            pass
+
+
+RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 
 
 def new_run_id() -> str:
-    """A sortable, unique run id: UTC time to the second and six random hex digits."""
+    """A sortable, unique run id: UTC time to the second and six random hex digits.
+
+    The flows name their Prefect flow runs with it (``flow_run_name``), so the
+    run id is what the Prefect UI lists and :func:`current_run_id` reads back.
+    """
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def current_run_id() -> str:
+    """The run id of the flow run under way: its name when the flow named it, else a new one."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    name = getattr(getattr(context, "flow_run", None), "name", None)
+    return name if isinstance(name, str) and RUN_ID.match(name) else new_run_id()
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -59,8 +92,9 @@ def run_summary(records, run_id: str, prefix: str) -> dict:
         for record in records:
             spool.add(record)
         records = spool
-    return {"run_id": run_id, "counts": dict(records.counts), "results": storage.join(prefix, "results.parquet"),
-            "report": storage.join(prefix, "report.html"),
+    return {"run_id": run_id, "items": dict(records.items), "versions_written": records.versions_written,
+            "counts": dict(records.counts), "results": storage.join(prefix, "results.parquet"),
+            "results_csv": storage.join(prefix, "results.csv"), "report": storage.join(prefix, "report.html"),
             "failed_items": [r["item_id"] for r in records.failures if r["status"] == "failed"]}
 
 
@@ -73,7 +107,7 @@ def publish_summary(summary: dict, records) -> None:
              "error": r.get("error_message")} for r in records[:1000]]
     create_table_artifact(rows, key="colorize-collection-items", description=f"run {summary['run_id']} (first 1000 items)")
     create_markdown_artifact(
-        f"### Run {summary['run_id']}\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in sorted(summary["counts"].items()))
-        + f"\n\nResults: `{summary['results']}`  \nReport: `{summary['report']}`",
+        f"### Run {summary['run_id']}\n\n{describe_counts(summary['items'], summary['versions_written'])}\n\n"
+        + f"Results: `{summary['results']}` (and `{summary['results_csv']}`)  \nReport: `{summary['report']}`",
         key="colorize-collection-summary",
     )

@@ -50,7 +50,7 @@ def test_runs_updating_the_index_at_once_lose_no_entry_through_compactions(tmp_p
     for thread in threads:
         thread.join()
     done = read_done_index(output)
-    assert len(done) == runs * per_run and done["r7-i3"] == "key-7-3"
+    assert len(done) == runs * per_run and done["r7-i3"] == ("key-7-3", 1)
     assert storage.exists(planning.index_uri(output))  # compactions happened under the load
     assert storage.list_files(f"{output}/index/lock") == []
     assert planning.compact_done_index(output)  # one more folds every shard left, losing nothing

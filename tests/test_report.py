@@ -16,7 +16,7 @@ def test_counts_and_distributions_cover_every_record_beyond_the_rows_shown(tmp_p
     shown = spool.head + spool.failures
 
     html = render_report(shown, run_id="r", all_records=spool)
-    assert "done: 10 · failed: 2" in html
+    assert "12 items: done 10, failed 2; 10 new versions written" in html
     # median, p5, p95 and max of 0.0, 0.1, ..., 0.9 over all ten done items, not the three shown
     assert "<td>10</td><td>0.450</td><td>0.045</td><td>0.855</td><td>0.900</td></tr>" in html  # max_delta_l
     assert "in this run</td><td>10</td><td>4.500</td>" in html  # device_seconds

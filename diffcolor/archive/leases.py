@@ -74,11 +74,16 @@ def _create_exclusive(uri: str, data: bytes) -> bool:
     fs, path = storage.filesystem(uri)
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "file" in protocols or "local" in protocols:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+        for attempt in range(3):  # the folder may be removed under us by a holder releasing the last lease
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
@@ -154,9 +159,11 @@ class Lease:
             self._thread.join()
 
     def release(self) -> None:
-        """Stops the heartbeat and removes this worker's own lease object (never another's)."""
+        """Stops the heartbeat and removes this worker's own lease object (never another's), and the lock
+        folder when that leaves it empty (local disks)."""
         self.stop_heartbeat()
         storage.remove(self.uri)
+        storage.remove_empty_folders(self.folder)
 
 
 def _name(generation: int) -> str:

@@ -25,7 +25,7 @@ import io
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -84,11 +84,19 @@ def _latest_entries(output: str, shards: list[str]) -> pa.Table:
     return table.take(pa.array(sorted(latest.values()), pa.int64()))
 
 
-def read_done_index(output: str) -> dict[str, str]:
-    """item id -> plan key of the items the index lists as done (empty when there is no index)."""
+class DoneEntry(NamedTuple):
+    """What the done-index says of a done item: the plan key of its work and the version result.json names."""
+
+    plan_key: str
+    version: int | None
+
+
+def read_done_index(output: str) -> dict[str, DoneEntry]:
+    """item id -> :class:`DoneEntry` of the items the index lists as done (empty when there is no index)."""
     table = _latest_entries(output, _shard_uris(output))
     done = table.filter(pc.equal(table["status"], "done"))
-    return dict(zip(done["item_id"].to_pylist(), done["plan_key"].to_pylist()))
+    return {item: DoneEntry(key, version) for item, key, version in
+            zip(done["item_id"].to_pylist(), done["plan_key"].to_pylist(), done["version"].to_pylist())}
 
 
 @dataclass
@@ -98,17 +106,20 @@ class PlannedItem:
     request: ItemRequest
     plan_key: str
     skip: bool  # True: the done-index says this exact work is done
+    version: int | None = None  # of a skipped item: the version its result.json names
 
 
-def plan_items(requests: Iterable[ItemRequest], done: dict[str, str], *, config_hash: str, model_hash: str,
+def plan_items(requests: Iterable[ItemRequest], done: dict[str, DoneEntry], *, config_hash: str, model_hash: str,
                force: bool = False) -> Iterator[PlannedItem]:
     """Marks each request skip or do, streaming (never holds the manifest in memory).
 
-    ``force`` re-does items whose work the index lists as done.
+    ``done`` is :func:`read_done_index`'s; ``force`` re-does items whose work the index lists as done.
     """
     for request in requests:
         key = plan_key(request, config_hash, model_hash)
-        yield PlannedItem(request=request, plan_key=key, skip=not force and done.get(request.item_id) == key)
+        entry = done.get(request.item_id)
+        skip = not force and entry is not None and entry.plan_key == key
+        yield PlannedItem(request=request, plan_key=key, skip=skip, version=entry.version if skip else None)
 
 
 def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | None]], *,

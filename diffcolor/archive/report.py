@@ -95,20 +95,38 @@ STATISTICS = ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence
               "device_seconds")
 
 
-def run_statistics(records: Iterable[dict]) -> tuple[Counter, dict[str, dict], int]:
-    """Counts by status, the distribution of each of :data:`STATISTICS` over the done records, and the
-    number of done records, in one pass that keeps only the numbers (8 bytes per value)."""
+STATUS_WORDS = {"done": "done", "skipped_done": "skipped (already done)", "failed": "failed",
+                "not_grayscale": "not grayscale"}
+
+
+def describe_counts(items: dict[str, int], versions_written: int) -> str:
+    """A run's counts in one line, items and versions apart: "6 items: done 5, failed 1; 7 new versions written"."""
+    total = sum(items.values())
+    parts = ", ".join(f"{STATUS_WORDS.get(status, status)} {count}" for status, count in sorted(items.items()))
+    return (f"{total} item{'' if total == 1 else 's'}: {parts or 'none'}; "
+            f"{versions_written} new version{'' if versions_written == 1 else 's'} written")
+
+
+def run_statistics(records: Iterable[dict]) -> tuple[Counter, dict[str, dict], int, Counter]:
+    """Records by status, the distribution of each of :data:`STATISTICS` over the done records, the
+    number of done records (new versions) and items by outcome, in one pass that keeps only the numbers
+    (8 bytes per value). An item's records arrive together (the flows add them so)."""
     counts: Counter = Counter()
+    items: Counter = Counter()
     values = {name: array("d") for name in STATISTICS}
     done = 0
+    last_item = None
     for record in records:
         counts[record["status"]] += 1
+        if record["item_id"] != last_item:
+            items[record["status"]] += 1
+            last_item = record["item_id"]
         if record["status"] == "done":
             done += 1
             for name in STATISTICS:
                 if record.get(name) is not None:
                     values[name].append(record[name])
-    return counts, {name: summarise(list(column)) for name, column in values.items()}, done
+    return counts, {name: summarise(list(column)) for name, column in values.items()}, done, items
 
 
 CATALOGUE_SHOWN = ("title", "accession_number", "creator", "date", "collection", "rights")  # first, in this order
@@ -156,7 +174,8 @@ def _item_row(record: dict, report_uri: str | None) -> dict:
 
 
 def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor Archive run", max_rows: int = 2000,
-                  all_records: Iterable[dict] | None = None, report_uri: str | None = None) -> str:
+                  all_records: Iterable[dict] | None = None, report_uri: str | None = None,
+                  smoke: bool | None = None) -> str:
     """The report's HTML for ``records`` (at most ``max_rows`` thumbnail rows and skipped rows; all failures).
 
     ``all_records``, when given, is every record of the run (e.g. a
@@ -164,16 +183,18 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
     metric distributions are then the whole run's, while ``records`` (the
     first ones and the failures) are the rows shown. ``report_uri`` is where
     the page goes: links to each item's files are relative to it (none without it).
+    ``smoke`` says the run used random weights (a run that skipped every item
+    has no record that says so); None: any record saying so.
     """
-    counts, stats, done_count = run_statistics(records if all_records is None else all_records)
+    counts, stats, done_count, items = run_statistics(records if all_records is None else all_records)
     done = [r for r in records if r["status"] == "done"]
     skipped = [r for r in records if r["status"] == "skipped_done"]
     return render_page(
         "run_report.html",
         title=title,
         run_id=run_id,
-        summary=" · ".join(f"{status}: {count}" for status, count in sorted(counts.items())),
-        smoke=any(record.get("smoke_run") for record in records),
+        summary=describe_counts(items, counts.get("done", 0)),
+        smoke=any(record.get("smoke_run") for record in records) if smoke is None else smoke,
         statistics=[(name, values, METRIC_EXPLANATIONS.get(name, "")) for name, values in stats.items()
                     if values.get("count")],
         rows=[_item_row(record, report_uri) for record in done[:max_rows]],
@@ -186,8 +207,9 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
     )
 
 
-def write_report(records: list[dict], uri: str, *, run_id: str, all_records: Iterable[dict] | None = None) -> str:
+def write_report(records: list[dict], uri: str, *, run_id: str, all_records: Iterable[dict] | None = None,
+                 smoke: bool | None = None) -> str:
     """Publishes the report at ``uri`` (see :func:`render_report`); returns ``uri``."""
-    html = render_report(records, run_id=run_id, all_records=all_records, report_uri=uri)
+    html = render_report(records, run_id=run_id, all_records=all_records, report_uri=uri, smoke=smoke)
     storage.write_bytes(uri, html.encode("utf-8"))
     return uri

@@ -189,7 +189,10 @@ class RecordSpool:
         import tempfile
 
         self._file = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # records (item versions, skips, failures) by status
+        self.items: dict[str, int] = {}  # items by outcome: an item's records arrive together, one status
+        self.versions_written = 0  # new versions this run wrote (records with status done)
+        self._last_item: str | None = None
         self.head: list[dict] = []
         self.failures: list[dict] = []
         self._keep_head, self._keep_failures = keep_head, keep_failures
@@ -199,6 +202,11 @@ class RecordSpool:
         record = redact_value(record)
         self._file.write(json.dumps(record, default=str) + "\n")
         self.counts[record["status"]] = self.counts.get(record["status"], 0) + 1
+        if record["item_id"] != self._last_item:
+            self.items[record["status"]] = self.items.get(record["status"], 0) + 1
+            self._last_item = record["item_id"]
+        if record["status"] == "done":
+            self.versions_written += 1
         if len(self.head) < self._keep_head:
             self.head.append(record)
         if record["status"] in ("failed", "not_grayscale") and len(self.failures) < self._keep_failures:

@@ -136,6 +136,18 @@ def join(root: str, *parts: str) -> str:
     return text
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a local path made absolute (``out`` -> ``/home/me/out``); any other URI as given.
+
+    Records name their files by URI: a path relative to the working directory
+    of the process that wrote them means nothing to a reader elsewhere.
+    """
+    protocol, path = split_protocol(str(uri))
+    if protocol in (None, "file", "local"):
+        return os.path.abspath(os.path.expanduser(path))
+    return str(uri)
+
+
 def storage_options_for(uri: str) -> dict:
     """The fsspec storage options for ``uri``, from the environment.
 
@@ -456,6 +468,23 @@ def remove(uri: str) -> None:
     finally:
         if not _is_local(fs):
             fs.invalidate_cache(path)
+
+
+def remove_empty_folders(uri: str) -> None:
+    """Removes the empty folders under ``uri``, and ``uri`` itself when it ends up empty, on a local disk.
+
+    Object stores have no folders (a prefix without objects does not exist),
+    so there it does nothing. A folder that is not empty, or that another
+    process just removed, is left alone.
+    """
+    fs, path = filesystem(uri)
+    if not _is_local(fs) or not os.path.isdir(path):
+        return
+    for folder, _, _ in os.walk(path, topdown=False):  # children before their parents
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
 
 
 def read_json(uri: str) -> Any:
