@@ -374,10 +374,10 @@ def cmd_run(args) -> int:
     problems = validate_manifest(manifest)
     if problems:
         return _print_problems(problems, f"diffcolor: nothing run: {problem_count(problems)} problem(s) in "
-                                         f"'{args.manifest}'")
+                                         f"'{manifest}'")
     _smoke_notice(args.model)
-    print(f"run: {count_rows(manifest)} items of {args.manifest} -> {out} (model {args.model}, preset {args.preset})",
-          file=sys.stderr)
+    print(f"run: {count_rows(manifest)} items of {manifest} -> {out} (model {args.model}, preset {args.preset})",
+          file=sys.stderr)  # the URIs without credentials
 
     # 2. The collection flow (local Prefect unless PREFECT_API_URL names a server).
     _quiet_prefect()

@@ -232,7 +232,7 @@ def test_pool_places_workers_round_robin_over_gpus_and_splits_the_cpu(monkeypatc
     made = []
 
     class Recorded:  # a slot that records its placement instead of starting a process
-        def __init__(self, index, device, visible, spec, threads, sharing=1):
+        def __init__(self, index, device, visible, spec, threads, sharing=1, progress=None):
             made.append((index, device, visible, threads, sharing))
 
     monkeypatch.setattr(pool_module, "_Slot", Recorded)
