@@ -205,9 +205,10 @@ def _write_version(models: Models, source: SourceImage, layout: ItemLayout, vers
     #    shortened free texts if they do not fit.
     started = time.perf_counter()
     access_format = config.access_format.upper()
-    master = encode_master(merged.rgb, xmp=xmp_for_format(record, "TIFF"))
+    master = encode_master(merged.rgb, xmp=xmp_for_format(record, "TIFF"), resolution=source.resolution,
+                           compression=config.master_compression)
     access = encode_access(merged.rgb, format=access_format, max_side=config.access_max_side,
-                           xmp=xmp_for_format(record, access_format))
+                           xmp=xmp_for_format(record, access_format), resolution=source.resolution)
     access_ext = {"JPEG": "jpg", "JPG": "jpg", "PNG": "png", "WEBP": "webp"}[access_format]
     outputs = {"master": layout.output(version, "master.tif"), "access": layout.output(version, f"access.{access_ext}")}
     storage.write_bytes(outputs["master"], master)
@@ -232,6 +233,12 @@ def _write_version(models: Models, source: SourceImage, layout: ItemLayout, vers
     )
     record["peak_memory_bytes"], record["peak_memory_kind"] = _peak_memory(models.device)
     return publish_record(layout, record)
+
+
+def _resolution(source: SourceImage) -> dict | None:
+    """The source's stated resolution as its record names it (kept in both derivatives)."""
+    found = source.resolution
+    return None if found is None else {"x": found.x, "y": found.y, "unit": found.unit}
 
 
 def _read_source(request: ItemRequest, limits: ReadLimits) -> tuple[bytes, SourceImage]:
@@ -375,7 +382,7 @@ def colorize_item(
             record = base_record(request, models.provenance, preset, source_sha256, key)
             record.update(seconds=dict(seconds), source={"width": source.width, "height": source.height,
                                                          "bit_depth": source.bit_depth, "format": source.format,
-                                                         "tone": source.tone})
+                                                         "tone": source.tone, "resolution": _resolution(source)})
             return record
 
         return _render_versions(models, request, source, layout, state, config, new_record, steps_run, progress)
