@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-output
 
-.PHONY: install demo test test-browser test-all lint-imports clean
+.PHONY: install demo test test-tools test-all lint-imports clean
 
 $(BIN)/diffcolor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,10 @@ test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
-# Pages in a real headless Chromium (Debian's chromium and chromium-driver; .ci/run installs them).
-test-browser: install
-	$(BIN)/python -m pytest -q -m browser
+# The tests that drive real outside tools: pages in headless Chromium (Debian's chromium and
+# chromium-driver), derivatives read back by exiftool (libimage-exiftool-perl); .ci/run installs them.
+test-tools: install
+	$(BIN)/python -m pytest -q -m "browser or exiftool"
 
 lint-imports: install
 	$(BIN)/lint-imports

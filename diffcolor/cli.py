@@ -130,6 +130,17 @@ def _print_records(records: list[dict]) -> None:
             print(f"{record['item_id']} {record['status']}: {record['error_message']}")
 
 
+def _signing():
+    """The operator's content-credentials key, or None with a plain notice that outputs will be unsigned."""
+    from diffcolor.archive.credentials import signing_from_environment
+
+    signing = signing_from_environment()
+    if signing is None:
+        print("content credentials: none, outputs are unsigned (set DIFFCOLOR_C2PA_CERT and DIFFCOLOR_C2PA_KEY to "
+              "sign them; deploy/README.md)", file=sys.stderr)
+    return signing
+
+
 def _smoke_notice(model: str) -> None:
     """The SMOKE RUN banner on stderr when ``model`` is a random-weight bundle on this machine (checked cheaply)."""
     from diffcolor.method.models import TINY_MARKER
@@ -274,12 +285,14 @@ def cmd_colorize(args) -> int:
     if not storage.exists(image):
         raise InputUnavailableError(f"input image '{args.image}' does not exist")
 
+    signing = _signing()
+
     # 2. Models, then the item.
     models = _load_models(args, args.model)
     request = ItemRequest(item_id=item_id, source_uri=image, caption=args.caption,
                           targets=tuple(args.target or ()), color_map=color_map, seed=args.seed, force=args.force)
     with _bars() as bars:
-        records = colorize_item(models, request, out, config, preset=args.preset, progress=bars)
+        records = colorize_item(models, request, out, config, preset=args.preset, progress=bars, signing=signing)
     _print_records(records)
     return 0 if records[-1]["status"] in ("done", "skipped_done") else 1
 
@@ -307,10 +320,12 @@ def cmd_recolor(args) -> int:
     if args.steps is not None:
         render = replace(render, steps=args.steps)
 
+    signing = _signing()
+
     # 2. Models, then the render.
     models = _load_models(args, args.model or previous["model_id"])
     record = recolor_item(models, args.dir, target=args.target, color_map=color_map, render=render, seed=args.seed,
-                          config=config)
+                          config=config, signing=signing)
     _print_records([record])
     return 0
 
@@ -376,6 +391,7 @@ def cmd_run(args) -> int:
         return _print_problems(problems, f"diffcolor: nothing run: {problem_count(problems)} problem(s) in "
                                          f"'{manifest}'")
     _smoke_notice(args.model)
+    _signing()
     print(f"run: {count_rows(manifest)} items of {manifest} -> {out} (model {args.model}, preset {args.preset})",
           file=sys.stderr)  # the URIs without credentials
 
@@ -713,6 +729,26 @@ def _add_collection_commands(commands) -> None:
     demo.set_defaults(handler=cmd_demo)
 
 
+def cmd_bag(args) -> int:
+    """``diffcolor bag OUTPUT --run RUN_ID -o DIR``: the run's derivatives and records as a validated BagIt bag."""
+    from diffcolor.tools.bag import write_bag
+
+    summary = write_bag(_lift_credentials(args.out)[0], args.run, args.bag, organization=args.organization)
+    print(f"bag {summary['bag']}: run {summary['run_id']}, {summary['versions']} versions, {summary['files']} files; "
+          "valid (sha256 and sha512 manifests)")
+    return 0
+
+
+def _add_delivery_commands(commands) -> None:
+    bag = commands.add_parser("bag", help="deliver a run's derivatives and records as a validated BagIt bag",
+                              **_examples("diffcolor bag demo-output --run 20261203T145451Z-e4abc7 -o bags/run1"))
+    bag.add_argument("out", metavar="OUTPUT", help="collection output root (path or URI)")
+    bag.add_argument("--run", required=True, metavar="RUN_ID", help="the run to deliver (a folder of OUTPUT/runs/)")
+    bag.add_argument("-o", "--bag", required=True, metavar="DIR", help="new local folder for the bag")
+    bag.add_argument("--organization", help="Source-Organization for bag-info.txt")
+    bag.set_defaults(handler=cmd_bag)
+
+
 def _add_eval_commands(commands) -> None:
     evaluate = commands.add_parser(
         "eval", help="colourise a ground-truth set and measure it (PSNR, SSIM, colourfulness, CLIP, LPIPS, FID)",
@@ -753,6 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_manifest_commands(commands)
     _add_collection_commands(commands)
     _add_eval_commands(commands)
+    _add_delivery_commands(commands)
     return parser
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import resource
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -25,6 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from diffcolor.archive import storage
+from diffcolor.archive.credentials import UNSIGNED, Signing, sign
 from diffcolor.archive.images import (
     SourceImage,
     encode_access,
@@ -193,9 +195,20 @@ def _load_matching_state(layout: ItemLayout, key: str) -> ColorState | None:
 # Writing a version.
 
 
-def _write_version(models: Models, source: SourceImage, layout: ItemLayout, version: int, record: dict,
+@dataclass(frozen=True)
+class _Source:
+    """The source as read: its bytes (the C2PA parent ingredient) and decoded image, and the signing material."""
+
+    data: bytes
+    image: SourceImage
+    signing: Signing | None
+
+
+def _write_version(models: Models, read: _Source, layout: ItemLayout, version: int, record: dict,
                    chroma: torch.Tensor, confidence: float, prompt: str, config: PipelineConfig) -> dict:
-    """Merges at full resolution, writes master and access copy, fills the record's metrics and publishes it."""
+    """Merges at full resolution, writes master and access copy (signed with content credentials when a key
+    is configured), fills the record's metrics and publishes it."""
+    source = read.image
     # 1. Full-resolution merge: the source's L*, the model's chroma.
     started = time.perf_counter()
     merged = merge_full_resolution(source.gray, chroma[0], source.bit_depth, config.merge)
@@ -205,16 +218,32 @@ def _write_version(models: Models, source: SourceImage, layout: ItemLayout, vers
     #    shortened free texts if they do not fit.
     started = time.perf_counter()
     access_format = config.access_format.upper()
-    master = encode_master(merged.rgb, xmp=xmp_for_format(record, "TIFF"))
+    master = encode_master(merged.rgb, xmp=xmp_for_format(record, "TIFF"), resolution=source.resolution,
+                           compression=config.master_compression)
     access = encode_access(merged.rgb, format=access_format, max_side=config.access_max_side,
-                           xmp=xmp_for_format(record, access_format))
-    access_ext = {"JPEG": "jpg", "JPG": "jpg", "PNG": "png", "WEBP": "webp"}[access_format]
+                           xmp=xmp_for_format(record, access_format), resolution=source.resolution)
+    access_format = "JPEG" if access_format == "JPG" else access_format
+    sidecar = None
+    if read.signing is not None:
+        record["content_credentials"] = {"signed": True, "signer": read.signing.signer_name,
+                                         "algorithm": read.signing.algorithm,
+                                         "master": "embedded" if read.signing.embed_in_tiff else "sidecar"}
+        master, sidecar = sign(master, "TIFF", record, read.data, source.format, read.signing)
+        access, _ = sign(access, access_format, record, read.data, source.format, read.signing)
+    else:
+        record["content_credentials"] = dict(UNSIGNED)
+    access_ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[access_format]
     outputs = {"master": layout.output(version, "master.tif"), "access": layout.output(version, f"access.{access_ext}")}
+    if sidecar is not None:
+        outputs["master_credentials"] = layout.output(version, "master.c2pa")
+        storage.write_bytes(outputs["master_credentials"], sidecar)
     storage.write_bytes(outputs["master"], master)
     storage.write_bytes(outputs["access"], access)
     record["seconds"]["write"] = time.perf_counter() - started
     record["outputs"].update(outputs)
     record["output_sha256"].update(master=sha256_hex(master), access=sha256_hex(access))
+    if sidecar is not None:
+        record["output_sha256"]["master_credentials"] = sha256_hex(sidecar)
 
     # 3. Metrics (spec section 7), then the record: the version's, then result.json.
     small = torch.from_numpy(unit_rgb(merged.rgb).astype(np.float32))
@@ -232,6 +261,12 @@ def _write_version(models: Models, source: SourceImage, layout: ItemLayout, vers
     )
     record["peak_memory_bytes"], record["peak_memory_kind"] = _peak_memory(models.device)
     return publish_record(layout, record)
+
+
+def _resolution(source: SourceImage) -> dict | None:
+    """The source's stated resolution as its record names it (kept in both derivatives)."""
+    found = source.resolution
+    return None if found is None else {"x": found.x, "y": found.y, "unit": found.unit}
 
 
 def _read_source(request: ItemRequest, limits: ReadLimits) -> tuple[bytes, SourceImage]:
@@ -260,7 +295,7 @@ def _targets(request: ItemRequest) -> list[tuple[str | None, dict | None]]:
     return targets or [(None, None)]
 
 
-def _render_versions(models: Models, request: ItemRequest, source: SourceImage, layout: ItemLayout, state: ColorState,
+def _render_versions(models: Models, request: ItemRequest, source: _Source, layout: ItemLayout, state: ColorState,
                      config: PipelineConfig, new_record: Callable[[], dict], steps_run: int,
                      progress: Progress | None) -> list[dict]:
     """One version per target prompt and one for the colour map; the primary colourisation when there is neither.
@@ -314,8 +349,12 @@ def colorize_item(
     preset: str = "",
     progress: Progress | None = None,
     limits: ReadLimits = ReadLimits(),
+    signing: Signing | None = None,
 ) -> list[dict]:
     """Colourises one item; returns its records (one per version, in order), as written (redacted).
+
+    ``signing`` signs every derivative with content credentials
+    (:mod:`diffcolor.archive.credentials`); None writes them unsigned.
 
     ``progress(phase, step, total)`` follows the fit's loops and the versions
     (phase ``versions``); whatever it raises interrupts the work there (the
@@ -375,10 +414,11 @@ def colorize_item(
             record = base_record(request, models.provenance, preset, source_sha256, key)
             record.update(seconds=dict(seconds), source={"width": source.width, "height": source.height,
                                                          "bit_depth": source.bit_depth, "format": source.format,
-                                                         "tone": source.tone})
+                                                         "tone": source.tone, "resolution": _resolution(source)})
             return record
 
-        return _render_versions(models, request, source, layout, state, config, new_record, steps_run, progress)
+        return _render_versions(models, request, _Source(data, source, signing), layout, state, config, new_record,
+                                steps_run, progress)
     except NotGrayscaleError as error:
         return [publish_failure(layout, failure_record(request, error, status="not_grayscale", preset=preset,
                                                        provenance=models.provenance, source_sha256=source_sha256))]
@@ -399,6 +439,7 @@ def recolor_item(
     config: PipelineConfig | None = None,
     limits: ReadLimits = ReadLimits(),
     progress: Progress | None = None,
+    signing: Signing | None = None,
 ) -> dict:
     """Renders a new target from the item's stored colour state and adds it as a new version.
 
@@ -454,7 +495,7 @@ def recolor_item(
                   eta=render.eta, rewritten_caption=state.rewritten.text, previous_version=previous.get("version"),
                   source=previous.get("source"), seconds=seconds, **_prompt_fields(wanted))
     record["outputs"]["state"], record["output_sha256"]["state"] = _state_output(layout)
-    return _write_version(models, source, layout, version, record, rendered.alignment.chroma,
+    return _write_version(models, _Source(data, source, signing), layout, version, record, rendered.alignment.chroma,
                           rendered.alignment.mean_confidence, wanted.prompt, config)
 
 

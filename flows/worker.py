@@ -12,6 +12,7 @@ import os
 _MODELS = None
 _DESCRIPTION: dict = {}
 _PROGRESS = None  # where the items' stage progress goes: the pool's queue, a callable (inline pool), or nowhere
+_SIGNING = None  # the operator's content-credentials key (diffcolor.archive.credentials), read once per worker
 
 
 def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sharing: int = 1,
@@ -19,9 +20,12 @@ def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sha
     """Process initializer: pins the device (CUDA_VISIBLE_DEVICES is in ``env``) and loads the models of
     ``spec`` (a :class:`flows.pool.ModelSpec`); ``sharing`` workers run on this device, this one included.
     ``progress`` receives ``(item_id, phase, step, total)`` of every step (a queue's ``put_nowait`` or a callable)."""
-    global _MODELS, _DESCRIPTION, _PROGRESS
+    global _MODELS, _DESCRIPTION, _PROGRESS, _SIGNING
     _PROGRESS = progress
     os.environ.update(env)
+    from diffcolor.archive.credentials import signing_from_environment
+
+    _SIGNING = signing_from_environment()
     import torch
 
     from diffcolor.tools.tiny import load_named_models
@@ -124,7 +128,8 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str, limits=No
     try:
         with item_lease(prefix) as lease:  # another run working on this item: wait, then find it done
             records = colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset,
-                                    progress=_following(request.item_id, lease), limits=limits or ReadLimits())
+                                    progress=_following(request.item_id, lease), limits=limits or ReadLimits(),
+                                    signing=_SIGNING)
         return [placed(record) for record in records]
     except RuntimeError as error:
         if _out_of_memory(error):
@@ -142,7 +147,8 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
     try:
         with item_lease(prefix) as lease:
             record = recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed,
-                                  limits=limits or ReadLimits(), progress=_following(prefix.rstrip("/").rsplit("/", 1)[-1], lease))
+                                  limits=limits or ReadLimits(), progress=_following(prefix.rstrip("/").rsplit("/", 1)[-1], lease),
+                                  signing=_SIGNING)
             return placed(record)
     except RuntimeError as error:
         if _out_of_memory(error):

@@ -1,8 +1,8 @@
 """The run report in a real headless Chromium, offline, with no console error (marked `browser`).
 
 Excluded from the default suite; `.ci/run` installs Debian's ``chromium`` and
-``chromium-driver`` when they are missing and runs ``make test-browser``
-(``pytest -m browser``). Selected without them, the tests fail saying what is
+``chromium-driver`` when they are missing and runs ``make test-tools``
+(``pytest -m "browser or exiftool"``). Selected without them, the tests fail saying what is
 missing: a browser check that was asked for is never skipped silently.
 """
 

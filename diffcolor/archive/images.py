@@ -85,6 +85,26 @@ class ToneConfig:
     max_samples: int = 1 << 18
 
 
+MASTER_COMPRESSIONS = {"lzw": "lzw", "none": None, "deflate": "zlib"}  # name -> tifffile's; lzw: TIFF 6 baseline-safe
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A scan's resolution as its file states it: pixels per ``unit`` ("inch" or "cm") along x and y."""
+
+    x: float
+    y: float
+    unit: str = "inch"
+
+    def per_inch(self) -> tuple[float, float]:
+        factor = 2.54 if self.unit == "cm" else 1.0
+        return self.x * factor, self.y * factor
+
+    def scaled(self, factor: float) -> "Resolution":
+        """The resolution of the same print at ``factor`` times the pixel size (a downscaled copy)."""
+        return Resolution(self.x * factor, self.y * factor, self.unit)
+
+
 @dataclass
 class SourceImage:
     """A decoded source image, ready for the method."""
@@ -97,6 +117,7 @@ class SourceImage:
     tone: str  # "gray", "toned" (sepia, cyanotype...) or "color"
     mode: str  # the Pillow mode the file decoded to, e.g. "I;16", "RGB", "P"
     rgb: np.ndarray | None  # (H, W, 3) float32 sRGB in [0, 1] when the source had colour channels
+    resolution: Resolution | None = None  # as the file states it (None: no physical unit given)
 
 
 def read_image(
@@ -168,12 +189,40 @@ def read_image(
     except Exception as exc:  # Pillow's decoders raise many types; all mean a bad file
         raise _bad(name, f"truncated or corrupt {image.format} data ({type(exc).__name__}: {exc})") from exc
 
-    # 4. Pixels as an array in [0, 1], colour-managed, alpha composited.
+    # 4. Pixels as an array in [0, 1], colour-managed, alpha composited; the stated resolution, turned
+    #    with the pixels (EXIF orientations 5 to 8 swap the axes).
+    resolution = _resolution(image)
+    if resolution is not None and orientation in (5, 6, 7, 8):
+        resolution = Resolution(resolution.y, resolution.x, resolution.unit)
     if _is_16bit_rgb_tiff(image):
         rgb16 = _read_16bit_rgb_tiff(data, name, orientation)
         rgb16 = _convert_icc_16bit(rgb16, image.info.get("icc_profile"), name)
-        return _from_rgb(rgb16, 16, image.format, image.mode, tone_config)
-    return _from_pillow(oriented, image.format, image.mode, name, tone_config)
+        source = _from_rgb(rgb16, 16, image.format, image.mode, tone_config)
+    else:
+        source = _from_pillow(oriented, image.format, image.mode, name, tone_config)
+    source.resolution = resolution
+    return source
+
+
+def _resolution(image: Image.Image) -> Resolution | None:
+    """The resolution and unit the file states (TIFF tags, JPEG's JFIF density, PNG's pHYs); None without a unit."""
+    try:
+        if image.format == "TIFF":
+            tags = image.tag_v2
+            unit = {2: "inch", 3: "cm"}.get(int(tags.get(296, 2)))
+            x, y = tags.get(282), tags.get(283)
+            if unit and x and y:
+                return Resolution(float(x), float(y), unit)
+            return None
+        if image.format == "JPEG" and image.info.get("jfif_unit") in (1, 2):
+            x, y = image.info["jfif_density"]
+            return Resolution(float(x), float(y), "inch" if image.info["jfif_unit"] == 1 else "cm") if x and y else None
+        dpi = image.info.get("dpi")  # PNG pHYs in metres, and the others', as dots per inch
+        if dpi and dpi[0] and dpi[1]:
+            return Resolution(float(dpi[0]), float(dpi[1]), "inch")
+    except (TypeError, ValueError, KeyError, ZeroDivisionError):
+        pass  # a malformed resolution is no resolution, not a bad image
+    return None
 
 
 def classify_tone(rgb: np.ndarray, config: ToneConfig = ToneConfig()) -> str:
@@ -218,27 +267,38 @@ def classify_tone(rgb: np.ndarray, config: ToneConfig = ToneConfig()) -> str:
     return "color"
 
 
-def encode_master(rgb: np.ndarray, xmp: bytes | None = None) -> bytes:
+def encode_master(rgb: np.ndarray, xmp: bytes | None = None, *, resolution: Resolution | None = None,
+                  compression: str = "lzw") -> bytes:
     """Encode the archival master: a lossless RGB TIFF at the image's bit depth.
 
-    Deflate (zlib) compression with horizontal differencing, photometric RGB, an
-    embedded sRGB ICC profile (tag 34675) and, when given, the XMP packet in tag
-    700.
+    LZW compression with horizontal differencing by default (lossless, part of
+    TIFF 6 and accepted by every archival validator; ``"none"`` writes it
+    uncompressed, ``"deflate"`` smaller but outside the baseline), photometric
+    RGB, the source's resolution and unit (600 dpi stays 600 dpi), an embedded
+    sRGB ICC profile (tag 34675: the pixels are sRGB-encoded, whatever the
+    source's profile was) and, when given, the XMP packet in tag 700.
 
     Args:
         rgb: (H, W, 3) uint8 (8-bit master) or uint16 (16-bit master).
         xmp: an XMP packet (UTF-8 bytes) or None.
+        resolution: the source's stated resolution; None writes none.
+        compression: one of :data:`MASTER_COMPRESSIONS`.
 
     Returns:
         The TIFF file's bytes.
 
     Raises:
-        ValueError: on a wrong shape or dtype, or ``xmp`` that is not bytes.
+        ValueError: on a wrong shape or dtype, ``xmp`` that is not bytes, or an unknown compression.
     """
     # 1. Check inputs.
     _check_output_rgb(rgb)
     if xmp is not None and not isinstance(xmp, (bytes, bytearray)):
         raise ValueError(f"xmp must be bytes, got {type(xmp).__name__}")
+    if compression not in MASTER_COMPRESSIONS:
+        raise ValueError(f"master compression must be one of {sorted(MASTER_COMPRESSIONS)}, got {compression!r}")
+    codec = MASTER_COMPRESSIONS[compression]
+    place = {} if resolution is None else {"resolution": (resolution.x, resolution.y),
+                                           "resolutionunit": "INCH" if resolution.unit == "inch" else "CENTIMETER"}
 
     # 2. Extra tags: the colour space, and provenance when given.
     extratags = [(34675, 7, len(_srgb_icc()), _srgb_icc(), True)]
@@ -251,9 +311,10 @@ def encode_master(rgb: np.ndarray, xmp: bytes | None = None) -> bytes:
         buffer,
         np.ascontiguousarray(rgb),
         photometric="rgb",
-        compression="zlib",
-        predictor=True,
+        compression=codec,
+        predictor=codec is not None,
         metadata=None,
+        **place,
         software=f"DiffColor Archive {__version__}",
         extratags=extratags,
     )
@@ -266,6 +327,7 @@ def encode_access(
     quality: int = 92,
     max_side: int | None = None,
     xmp: bytes | None = None,
+    resolution: Resolution | None = None,
 ) -> bytes:
     """Encode the access copy: an 8-bit JPEG, PNG or WebP with sRGB profile and XMP.
 
@@ -277,6 +339,8 @@ def encode_access(
             so that the longer side is ``max_side``, keeping the aspect ratio.
         xmp: an XMP packet (UTF-8 bytes) or None. JPEG holds at most 65504 bytes
             of XMP (one APP1 segment).
+        resolution: the source's stated resolution; a downscaled copy states
+            it scaled alike (the same print size), in dots per inch.
 
     Returns:
         The file's bytes.
@@ -311,10 +375,13 @@ def encode_access(
     if max_side is not None and max(image.size) > max_side:
         factor = max_side / max(image.size)
         size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        resolution = None if resolution is None else resolution.scaled(size[0] / image.width)
         image = image.resize(size, Image.Resampling.LANCZOS)
 
-    # 4. Save with the sRGB profile and the XMP packet.
+    # 4. Save with the sRGB profile, the resolution and the XMP packet.
     options: dict = {"icc_profile": _srgb_icc()}
+    if resolution is not None:
+        options["dpi"] = tuple(round(value, 4) for value in resolution.per_inch())
     if pillow_format == "JPEG":
         options.update(quality=quality, optimize=True)
     elif pillow_format == "WEBP":

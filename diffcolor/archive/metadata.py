@@ -41,13 +41,19 @@ software_version   ``diffcolor:softwareVersion``
 source_sha256      ``diffcolor:sourceSha256``
 preset             ``diffcolor:preset``
 smoke_run          ``diffcolor:smokeRun`` ("True" / "False")
+version_key        ``xmpMM:DocumentID`` ``xmp.did:diffcolor:KEY`` (the version: master and
+                   access copy are renditions of one document) and ``xmpMM:InstanceID``
+                   ``xmp.iid:diffcolor:KEY:FORMAT`` (this file)
+source_sha256      ``xmpMM:DerivedFrom`` (``stRef:documentID`` and ``stRef:instanceID``
+                   ``urn:sha256:HEX``: the source, named by its content)
 =================  ==========================================================
 
 The project namespace is ``https://diffcolor-archive.org/ns/1.0/`` (prefix
 ``diffcolor``). :func:`read_xmp` reads a packet back out of a TIFF, JPEG, PNG or
 WebP file and returns those record keys with their types restored, plus
 ``digital_source_type``, ``creator_tool``, ``description``, ``identifier``,
-``title``, ``creator`` (a list) and ``rights``.
+``title``, ``creator`` (a list), ``rights``, ``document_id``, ``instance_id`` and
+``derived_from``.
 
 A JPEG holds one APP1 segment of XMP (65,502 bytes); :func:`xmp_for_format`
 shortens the longest free-text values for JPEG until the packet fits, marking each
@@ -87,6 +93,8 @@ _NS = {
     "dc": "http://purl.org/dc/elements/1.1/",
     "xmp": "http://ns.adobe.com/xap/1.0/",
     "Iptc4xmpExt": "http://iptc.org/std/Iptc4xmpExt/2008-02-29/",
+    "xmpMM": "http://ns.adobe.com/xap/1.0/mm/",
+    "stRef": "http://ns.adobe.com/xap/1.0/sType/ResourceRef#",
     "diffcolor": "https://diffcolor-archive.org/ns/1.0/",
 }
 _XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
@@ -126,13 +134,14 @@ _XML_ILLEGAL = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ff
 _ACCESS_FORMATS = {"TIFF": "TIFF", "TIF": "TIFF", "JPEG": "JPEG", "JPG": "JPEG", "PNG": "PNG", "WEBP": "WEBP"}
 
 
-def build_xmp(fields: dict) -> bytes:
+def build_xmp(fields: dict, rendition: str | None = None) -> bytes:
     """A complete XMP packet (UTF-8 bytes) describing one derivative.
 
     Args:
         fields: the pipeline record's keys (see the module docstring); unknown
             keys are ignored, missing or None ones left out. Values may be of any
             length and hold any characters: XML-illegal ones are dropped.
+        rendition: the file's format ("TIFF", "JPEG", ...), which its ``xmpMM:InstanceID`` names.
 
     Returns:
         ``<?xpacket begin=...?>`` ... ``<?xpacket end="w"?>``, UTF-8 encoded.
@@ -171,6 +180,7 @@ def build_xmp(fields: dict) -> bytes:
             ET.SubElement(sequence, _q("rdf", "li")).text = _clean(_as_text(creator))
     if catalogue.get("rights") is not None:
         _lang_alt(description, _q("dc", "rights"), _as_text(catalogue["rights"]))
+    _media_management(description, fields, rendition)
 
     # 4. Project properties, one per record field.
     for key, (name, kind) in _PROJECT_FIELDS.items():
@@ -197,6 +207,20 @@ def build_xmp(fields: dict) -> bytes:
     return packet.encode("utf-8")
 
 
+def _media_management(description: ET.Element, fields: dict, rendition: str | None) -> None:
+    """xmpMM: this version's document and this file's instance ids, and the source it derives from."""
+    key = fields.get("version_key")
+    if key:
+        _simple(description, _q("xmpMM", "DocumentID"), f"xmp.did:diffcolor:{_clean(str(key))}")
+        if rendition:
+            _simple(description, _q("xmpMM", "InstanceID"), f"xmp.iid:diffcolor:{_clean(str(key))}:{rendition.lower()}")
+    source = fields.get("source_sha256")
+    if source:
+        derived = ET.SubElement(description, _q("xmpMM", "DerivedFrom"), {_q("rdf", "parseType"): "Resource"})
+        for name in ("documentID", "instanceID"):
+            _simple(derived, _q("stRef", name), f"urn:sha256:{_clean(str(source))}")
+
+
 def xmp_for_format(fields: dict, format: str) -> bytes:
     """The XMP packet for a derivative of ``format``, shortened where the format needs it.
 
@@ -214,14 +238,14 @@ def xmp_for_format(fields: dict, format: str) -> bytes:
     kind = _ACCESS_FORMATS.get(str(format).upper())
     if kind is None:
         raise ValueError(f"format must be one of {sorted(set(_ACCESS_FORMATS.values()))}, got {format!r}")
-    packet = build_xmp(fields)
+    packet = build_xmp(fields, kind)
     if kind != "JPEG" or len(packet) <= JPEG_MAX_XMP_BYTES:
         return packet
 
     # 2. Binary search on a cap in characters applied to every free text: the
     # largest cap that fits keeps as much of every text as possible.
     longest = max((len(text) for text in _free_texts(fields)), default=0)
-    best = _capped_packet(fields, 0)
+    best = _capped_packet(fields, 0, kind)
     if len(best) > JPEG_MAX_XMP_BYTES:
         raise ValueError(
             f"the XMP packet does not fit a JPEG APP1 segment ({len(best)} > {JPEG_MAX_XMP_BYTES} bytes) even with "
@@ -230,7 +254,7 @@ def xmp_for_format(fields: dict, format: str) -> bytes:
     low, high = 0, longest
     while low < high:
         cap = (low + high + 1) // 2
-        candidate = _capped_packet(fields, cap)
+        candidate = _capped_packet(fields, cap, kind)
         if len(candidate) <= JPEG_MAX_XMP_BYTES:
             low, best = cap, candidate
         else:
@@ -314,7 +338,7 @@ def _free_texts(fields: dict) -> list[str]:
     return texts
 
 
-def _capped_packet(fields: dict, cap: int) -> bytes:
+def _capped_packet(fields: dict, cap: int, rendition: str | None = None) -> bytes:
     def cut(value: Any) -> Any:
         if isinstance(value, str) and len(value) > cap:
             return value[:cap] + TRUNCATION_MARKER
@@ -326,7 +350,7 @@ def _capped_packet(fields: dict, cap: int) -> bytes:
     for key in ("catalogue", "color_map"):
         if isinstance(fields.get(key), dict):
             capped[key] = {name: cut(value) for name, value in fields[key].items()}
-    return build_xmp(capped)
+    return build_xmp(capped, rendition)
 
 
 # ---------------------------------------------------------------------------
@@ -433,6 +457,11 @@ def _parse_packet(packet: bytes) -> dict:
                 values[tag.rsplit("}", 1)[1]] = _lang_alt_text(node)
             elif tag == _q("dc", "creator"):
                 values["creator"] = [item.text or "" for item in node.iter(_q("rdf", "li"))] if not isinstance(node, str) else [node]
+            elif tag in (_q("xmpMM", "DocumentID"), _q("xmpMM", "InstanceID")):
+                values["document_id" if tag.endswith("DocumentID") else "instance_id"] = _text_of(node)
+            elif tag == _q("xmpMM", "DerivedFrom") and not isinstance(node, str):
+                found = node.find(_q("stRef", "documentID"))
+                values["derived_from"] = "" if found is None else (found.text or "")
     return values
 
 

@@ -20,6 +20,10 @@ from diffcolor.method.stage1 import Stage1Config
 from diffcolor.method.stage2 import Stage2Config
 from diffcolor.method.training import CheckpointPolicy
 
+# The names diffcolor.archive.images accepts (MASTER_COMPRESSIONS, ACCESS_FORMATS; a test checks they agree).
+MASTER_COMPRESSIONS = ("lzw", "none", "deflate")
+ACCESS_FORMATS = ("JPEG", "JPG", "PNG", "WEBP")
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -33,6 +37,15 @@ class PipelineConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     access_format: str = "JPEG"  # access copy: "JPEG" or "PNG"
     access_max_side: int | None = 2048  # ours: access copies are for screens; None keeps full size
+    master_compression: str = "lzw"  # lossless master TIFF: "lzw" (baseline-safe), "none" or "deflate"
+
+    def __post_init__(self) -> None:
+        # Refused when the configuration is made (a --set), not after a fit when the first master is written.
+        if self.master_compression not in MASTER_COMPRESSIONS:
+            raise ValueError(f"master_compression must be one of {', '.join(MASTER_COMPRESSIONS)}, "
+                             f"got {self.master_compression!r}")
+        if str(self.access_format).upper() not in ACCESS_FORMATS:
+            raise ValueError(f"access_format must be one of {', '.join(ACCESS_FORMATS)}, got {self.access_format!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
