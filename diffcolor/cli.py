@@ -343,19 +343,25 @@ def cmd_manifest_build(args) -> int:
     from diffcolor.archive.builders import (
         build_from_csv,
         build_from_folder,
-        build_from_iiif,
     )
+    from diffcolor.archive.iiif import read_iiif, read_info_json
     from diffcolor.archive.manifest import ManifestError, problem_count, write_manifest
 
     if args.captions and not args.from_folder:
         raise ValueError("--captions goes with --from-folder only")
+    if (args.language or args.image_info) and not args.from_iiif:
+        raise ValueError("--language and --image-info go with --from-iiif only")
     try:
         if args.from_folder:
             table = build_from_folder(args.from_folder, captions=args.captions)
         elif args.from_csv:
             table = build_from_csv(args.from_csv)
         else:
-            table = build_from_iiif(args.from_iiif)
+            image_info = {base: info for uri in args.image_info or () for base, info in read_info_json(uri).items()}
+            imported = read_iiif(args.from_iiif, language=args.language, image_info=image_info)
+            for problem in imported.left_out:  # one line per canvas that gave no row; the others are written
+                print(problem, file=sys.stderr)
+            table = imported.table
         write_manifest(table, args.out)
     except ManifestError as error:
         return _print_problems(error.problems,
@@ -373,6 +379,18 @@ def cmd_manifest_validate(args) -> int:
         return _print_problems(
             problems, f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
     print(f"{args.file}: OK, {count_rows(args.file)} items")
+    return 0
+
+
+def cmd_iiif(args) -> int:
+    """``diffcolor iiif``: writes the IIIF manifest of the collection's current colour versions."""
+    from diffcolor.archive.iiif_publish import publish_iiif
+
+    output = _lift_credentials(args.output)[0]
+    publication = publish_iiif(output, args.base_url, args.out, label=args.label)
+    for reason in publication.left_out:
+        print(f"left out: {reason}", file=sys.stderr)
+    print(f"wrote a IIIF manifest of {len(publication.items)} items: {publication.manifest['id']}")
     return 0
 
 
@@ -667,12 +685,18 @@ def _add_manifest_commands(commands) -> None:
     build = actions.add_parser("build", help="build a manifest from a folder, a CSV export or a IIIF manifest",
                                **_examples("diffcolor manifest build --from-csv catalogue.csv -o manifest.parquet",
                                            "diffcolor manifest build --from-folder scans/ --captions captions.csv "
+                                           "-o manifest.parquet",
+                                           "diffcolor manifest build --from-iiif manifest.json --language fr "
                                            "-o manifest.parquet"))
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-folder", metavar="DIR", help="a folder of images (needs --captions)")
     source.add_argument("--from-csv", metavar="CSV", help="a catalogue CSV export with item_id, image_uri, caption")
     source.add_argument("--from-iiif", metavar="FILE_OR_URL", help="a IIIF Presentation 3 manifest")
     build.add_argument("--captions", metavar="CSV_OR_JSON", help="captions for --from-folder: CSV or JSON")
+    build.add_argument("--language", metavar="LANG", help="--from-iiif: the language to take from IIIF language maps "
+                                                          "(default: 'none', else 'en', else the first given)")
+    build.add_argument("--image-info", action="append", metavar="INFO_JSON",
+                       help="--from-iiif: a cached Image API info.json (its size limits are honoured); repeatable")
     build.add_argument("-o", "--out", required=True, metavar="OUT.parquet", help="the manifest to write (path or URI)")
     build.set_defaults(handler=cmd_manifest_build)
 
@@ -680,6 +704,19 @@ def _add_manifest_commands(commands) -> None:
                                   **_examples("diffcolor manifest validate manifests/demo.parquet"))
     validate.add_argument("file", help="the manifest (path or URI)")
     validate.set_defaults(handler=cmd_manifest_validate)
+
+
+def _add_iiif_command(commands) -> None:
+    iiif = commands.add_parser(
+        "iiif", help="publish the collection's current colour versions as a IIIF Presentation 3 manifest",
+        **_examples("diffcolor iiif demo-output --base-url https://images.example.org/demo   "
+                    "# -> demo-output/iiif/manifest.json"))
+    iiif.add_argument("output", help="the collection's output root (path or URI), as given to run --out")
+    iiif.add_argument("--base-url", required=True, metavar="URL",
+                      help="the http(s) URL the output root is served at; image URLs are it + each file's path")
+    iiif.add_argument("-o", "--out", metavar="FILE", help="where to write the manifest (default OUTPUT/iiif/manifest.json)")
+    iiif.add_argument("--label", help="the manifest's label (default: the output folder's name)")
+    iiif.set_defaults(handler=cmd_iiif)
 
 
 def _add_collection_commands(commands) -> None:
@@ -787,6 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_single_image_commands(commands)
     _add_doctor_command(commands)
     _add_manifest_commands(commands)
+    _add_iiif_command(commands)
     _add_collection_commands(commands)
     _add_eval_commands(commands)
     _add_delivery_commands(commands)

@@ -17,8 +17,8 @@ from diffcolor.archive import storage
 from diffcolor.archive.builders import (
     build_from_csv,
     build_from_folder,
-    build_from_iiif,
 )
+from diffcolor.archive.iiif import build_from_iiif
 from diffcolor.archive.manifest import (
     MANIFEST_SCHEMA,
     REQUIRED_COLUMNS,
@@ -400,20 +400,22 @@ def test_iiif_builder_yields_one_row_per_painting_image():
     base = "https://archive.example.org/iiif"
     common = {
         "target_prompts": None, "color_map": None, "seed": None, "collection": None, "ground_truth_uri": None,
-        "title": "Street scenes, 1910", "attribution": "Provided by the Example Archive",
+        "title": "Street scenes, 1910", "attribution": "Provided by the Example Archive", "iiif_note": None,
         "iiif_manifest": f"{base}/street-scenes/manifest.json", "creator": "Unknown photographer", "date": "1910",
     }
     pd_mark = "http://creativecommons.org/publicdomain/mark/1.0/"
-    town = "Glass plate negatives of street scenes in a market town"
+    town = "Street scenes, 1910: Glass plate negatives of street scenes in a market town"  # manifest label: summary
     assert table.to_pylist() == [
         {**common, "item_id": "p1", "image_uri": f"{base}/image/plate-001/full/max/0/default.jpg",
-         "caption": "A horse-drawn carriage on a cobbled street",  # canvas summary, English, HTML stripped
+         "caption": "Street scenes, 1910: A horse-drawn carriage on a cobbled street",  # canvas summary, English, no HTML
          "canvas_label": "Plate 1", "rights": "http://rightsstatements.org/vocab/NoC-US/1.0/",
          "iiif_canvas": f"{base}/street-scenes/canvas/p1", "accession_number": "EX.1910.001"},
         {**common, "item_id": "p2", "image_uri": f"{base}/image/plate-002-print/full/max/0/default.jpg",  # Choice: first
-         "caption": "The harbour with fishing boats",  # no summary: the canvas label
+         "caption": "Street scenes, 1910: The harbour with fishing boats",  # no summary: the canvas label
          "canvas_label": "The harbour with fishing boats", "rights": pd_mark,
-         "iiif_canvas": f"{base}/street-scenes/canvas/p2", "accession_number": None},
+         "iiif_canvas": f"{base}/street-scenes/canvas/p2", "accession_number": None,
+         "iiif_note": f"Choice of 2: took the first ({base}/image/plate-002-print/full/max/0/default.jpg); "
+                      f"left {base}/image/plate-002-negative/full/max/0/default.jpg"},
         {**common, "item_id": "p3-1", "image_uri": f"{base}/image/plate-003a/full/max/0/default.jpg",
          "caption": town, "canvas_label": None, "rights": pd_mark,  # neither: the manifest's summary
          "iiif_canvas": f"{base}/street-scenes/canvas/p3", "accession_number": None},

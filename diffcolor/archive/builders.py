@@ -2,7 +2,7 @@
 
 - a folder of images with a captions CSV or JSON (:func:`build_from_folder`);
 - a catalogue CSV export (:func:`build_from_csv`);
-- a IIIF Presentation 3 manifest (:func:`build_from_iiif`).
+- a IIIF Presentation 3 manifest (:func:`diffcolor.archive.iiif.build_from_iiif`, which uses the helpers here).
 
 Each returns a validated table in the canonical schema
 (:data:`diffcolor.archive.manifest.MANIFEST_SCHEMA`) or raises ManifestError
@@ -20,9 +20,7 @@ import json
 import os
 import posixpath
 import re
-from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 
@@ -39,7 +37,6 @@ from diffcolor.archive.manifest import (
     resolve_uri,
     validate_table,
 )
-from diffcolor.common.errors import InputUnavailableError
 from diffcolor.common.ids import safe_item_id
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".webp")  # the image files' allowlist
@@ -296,177 +293,6 @@ def build_from_csv(csv_uri: str) -> pa.Table:
         row_numbers.append(number)
     catalogue = [name for name in columns if name not in KNOWN_COLUMNS]
     return _finish(rows, row_numbers, [None] * len(rows), catalogue, problems, csv_uri)
-
-
-class _TextOnly(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-
-    def handle_data(self, data: str) -> None:
-        self.parts.append(data)
-
-    def handle_starttag(self, tag: str, attrs) -> None:
-        self.handle_endtag(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("p", "br", "div", "li"):  # block breaks separate words
-            self.parts.append(" ")
-
-
-def _language_text(value: Any, separator: str = " ") -> str | None:
-    """The text of a IIIF language map: "en" (or "en-*"), else "none", else the first language; HTML stripped."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        values = [value]
-    elif isinstance(value, dict) and value:
-        languages = list(value)
-        chosen = next((lang for lang in languages if lang == "en"), None) \
-            or next((lang for lang in languages if lang.lower().startswith("en-")), None) \
-            or next((lang for lang in languages if lang == "none"), None) \
-            or languages[0]
-        values = value[chosen] if isinstance(value[chosen], list) else [value[chosen]]
-    else:
-        return None
-    texts = []
-    for text in values:
-        if not isinstance(text, str):
-            continue
-        text = text.strip()
-        if text.startswith("<") and text.endswith(">"):  # IIIF: such a value is HTML
-            parser = _TextOnly()
-            parser.feed(text)
-            parser.close()
-            text = "".join(parser.parts)
-        text = re.sub(r"\s+", " ", text).strip()
-        if text:
-            texts.append(text)
-    return separator.join(texts) or None
-
-
-def _painting_images(canvas: dict[str, Any], problems: Problems) -> list[str]:
-    """The image URIs of a canvas's painting annotations, in order (the first item of a Choice)."""
-    uris = []
-    for page in canvas.get("items") or ():
-        if not isinstance(page, dict):
-            continue
-        if "items" not in page and page.get("id"):
-            problems.add(None, None, f"canvas '{canvas.get('id')}': annotation page '{page['id']}' is referenced, not embedded; embed it")
-            continue
-        for annotation in page.get("items") or ():
-            motivation = annotation.get("motivation")
-            motivations = motivation if isinstance(motivation, list) else [motivation]
-            if "painting" not in motivations:
-                continue
-            bodies = annotation.get("body")
-            bodies = bodies if isinstance(bodies, list) else [bodies]
-            for body in bodies:
-                if isinstance(body, dict) and body.get("type") == "Choice":
-                    body = (body.get("items") or [None])[0]
-                if isinstance(body, dict) and body.get("type") == "Image":
-                    if body.get("id"):
-                        uris.append(body["id"])
-                    else:
-                        problems.add(None, None, f"canvas '{canvas.get('id')}': a painting image has no id")
-                    break
-    return uris
-
-
-def _column_name(label: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
-
-
-IIIF_COLUMNS = ("title", "canvas_label", "rights", "attribution", "iiif_manifest", "iiif_canvas")
-
-
-def _iiif_metadata(resource: dict[str, Any]) -> dict[str, str]:
-    """A resource's ``metadata`` pairs as catalogue fields: label made a column name (prefixed on a clash)."""
-    fields = {}
-    for entry in resource.get("metadata") or ():
-        label, value = _language_text(entry.get("label")), _language_text(entry.get("value"), separator="; ")
-        if not label or value is None:
-            continue
-        name = _column_name(label) or "metadata"
-        if name in KNOWN_COLUMNS or name in IIIF_COLUMNS:
-            name = f"metadata_{name}"
-        fields[name] = value
-    return fields
-
-
-def build_from_iiif(source: str) -> pa.Table:
-    """A manifest from a IIIF Presentation 3 manifest (a file or URI; ``http(s)://`` needs aiohttp).
-
-    One row per painting annotation with an Image body (a Choice gives its
-    first item), in canvas order: ``image_uri`` is the body's ``id``;
-    ``caption`` is the canvas ``summary``, else the canvas ``label``, else the
-    manifest's ``summary``, else its ``label`` (language maps: "en", else
-    "none", else the first language; several values joined with a space).
-    ``item_id`` is the canvas id's last path segment made safe
-    (:func:`safe_item_id`), with ``-1``, ``-2``, ... when a canvas paints
-    several images, and ``-2``, ``-3``, ... on any later repeat. Catalogue
-    fields: ``title`` (manifest label), ``canvas_label``, ``rights``,
-    ``attribution`` (the requiredStatement's value), ``iiif_manifest``,
-    ``iiif_canvas``, and the ``metadata`` pairs (canvas over manifest).
-    Raises ManifestError on a Presentation 2 manifest or when no image is found.
-    """
-    problems = Problems()
-    # 1. Read the JSON and check it is a Presentation 3 Manifest.
-    try:
-        document = json.loads(storage.read_bytes(source).decode("utf-8-sig"))
-    except ImportError as error:  # fsspec's http filesystem needs aiohttp
-        raise InputUnavailableError(f"cannot fetch '{source}': {error}; download the manifest JSON and build from the file") from error
-    except json.JSONDecodeError as error:
-        raise ManifestError([ManifestProblem(None, None, f"not JSON ({error.msg} at line {error.lineno})")], source) from error
-    if not isinstance(document, dict):
-        raise ManifestError([ManifestProblem(None, None, "not a IIIF manifest (not a JSON object)")], source)
-    if document.get("@type") == "sc:Manifest" or "sequences" in document:
-        raise ManifestError([ManifestProblem(None, None, "a IIIF Presentation 2 manifest; only Presentation 3 is supported")], source)
-    if document.get("type") != "Manifest":
-        raise ManifestError([ManifestProblem(None, None, f"not a IIIF Presentation 3 Manifest (type {document.get('type')!r})")], source)
-
-    # 2. Manifest-level fields, the fallback for every canvas.
-    manifest_label = _language_text(document.get("label"))
-    manifest_caption = _language_text(document.get("summary")) or manifest_label
-    manifest_fields = {
-        "title": manifest_label,
-        "rights": document.get("rights"),
-        "attribution": _language_text((document.get("requiredStatement") or {}).get("value")),
-        "iiif_manifest": document.get("id"),
-        **_iiif_metadata(document),
-    }
-
-    # 3. One row per painting image.
-    rows, candidates = [], []
-    for number, canvas in enumerate(document.get("items") or (), start=1):
-        if not isinstance(canvas, dict) or canvas.get("type") != "Canvas":
-            continue
-        images = _painting_images(canvas, problems)
-        canvas_label = _language_text(canvas.get("label"))
-        caption = _language_text(canvas.get("summary")) or canvas_label or manifest_caption
-        segment = urlsplit(str(canvas.get("id") or "")).path.rstrip("/").rsplit("/", 1)[-1]
-        base = safe_item_id(segment) if segment else f"canvas-{number}"
-        fields = dict(manifest_fields)
-        fields.update({
-            "canvas_label": canvas_label,
-            "iiif_canvas": canvas.get("id"),
-            "rights": canvas.get("rights") or manifest_fields["rights"],
-            "attribution": _language_text((canvas.get("requiredStatement") or {}).get("value")) or manifest_fields["attribution"],
-            **_iiif_metadata(canvas),
-        })
-        for index, uri in enumerate(images, start=1):
-            candidates.append(f"{base}-{index}" if len(images) > 1 else base)
-            rows.append({"image_uri": uri, "caption": caption, **{k: v for k, v in fields.items() if v is not None}})
-    if not rows and not problems.items:
-        problems.add(None, None, "no painting annotation with an Image body in the manifest")
-    for row, item_id in zip(rows, _unique_ids(candidates)):
-        row["item_id"] = item_id
-
-    # 4. The table, validated.
-    catalogue = [name for name in IIIF_COLUMNS if any(name in row for row in rows)]
-    catalogue += list(dict.fromkeys(name for row in rows for name in row if name not in KNOWN_COLUMNS and name not in IIIF_COLUMNS))
-    labels = [f"canvas '{row.get('iiif_canvas')}'" for row in rows]
-    return _finish(rows, list(range(1, len(rows) + 1)), labels, catalogue, problems, source)
 
 
 def _unique_ids(candidates: list[str]) -> list[str]:

@@ -1,0 +1,314 @@
+"""IIIF in (real IIIF Cookbook manifests to manifest rows) and out (a collection's colour versions as a manifest).
+
+Nothing here touches the network: image URLs are only built as strings, and
+an ``info.json`` is given as a cached local file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import gray_scene
+from PIL import Image
+
+from diffcolor.archive.iiif import (
+    RefusedBody,
+    image_url,
+    is_place_label,
+    read_iiif,
+    read_info_json,
+)
+from diffcolor.archive.manifest import ManifestError
+from diffcolor.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "iiif"
+REF = "https://iiif.io/api/image/3.0/example/reference"
+DEE = "John Dee performing an experiment before Queen Elizabeth I"
+GALLICA = f"{REF}/59d09e6773341f28ea166e9f3c1e674f-gallica_ark_12148_bpt6k1526005v"
+ETHIOPIC = f"{REF}/d3bbf5397c6df6b894c5991195c912ab"
+PAPER = f"{REF}/4ce82cef49fb16798f4c2440307c3d6f-newspaper"
+
+# recipe file -> rows (item_id, image_uri, caption, canvas_label)
+EXPECTED = {
+    "0001-mvm-image--manifest.json": [  # a plain Image body, no service, no canvas label
+        ("p1", "https://iiif.io/api/presentation/2.1/example/fixtures/resources/page1-full.png",
+         "Single Image Example", None)],
+    "0005-image-service--manifest.json": [  # ImageService3: the request built from the service
+        ("p1", f"{REF}/918ecd18c2592080851777620de9bcb5-gottingen/full/max/0/default.jpg",
+         "Picture of Göttingen taken during the 2019 IIIF Conference: Canvas with a single IIIF image",
+         "Canvas with a single IIIF image")],
+    "0006-text-language--manifest.json": [  # en and fr: English by default
+        ("p1", f"{REF}/329817fc8a251a01c393f517d8a17d87-Whistlers_Mother/full/max/0/default.jpg",
+         "Whistler's Mother: Arrangement in Grey and Black No. 1, also called Portrait of the Artist's Mother.", None)],
+    "0009-book-1--manifest.json": [  # "Blank page", "Title page" place the image; "Frontispiece" describes it
+        ("p1", f"{GALLICA}_f18/full/max/0/default.jpg", "Simple Manifest - Book", "Blank page"),
+        ("p2", f"{GALLICA}_f19/full/max/0/default.jpg", "Simple Manifest - Book: Frontispiece", "Frontispiece"),
+        ("p3", f"{GALLICA}_f20/full/max/0/default.jpg", "Simple Manifest - Book", "Title page"),
+        ("p4", f"{GALLICA}_f21/full/max/0/default.jpg", "Simple Manifest - Book", "Blank page"),
+        ("p5", f"{GALLICA}_f22/full/max/0/default.jpg", "Simple Manifest - Book: Bookplate", "Bookplate")],
+    "0024-book-4-toc--manifest.json": [  # folio labels never become captions
+        (f"p{n}", f"{ETHIOPIC}-{n}-21198-{name}_master/full/max/0/default.jpg", "Ethiopic Ms 10", label)
+        for n, name, label in [(1, "zz001d8m41_774608", "f. 1r"), (2, "zz001d8m5j_774612", "f. 1v"),
+                               (3, "zz001d8tm5_775004", "f. 2r"), (4, "zz001d8tnp_775007", "f. 2v"),
+                               (5, "zz001d8v6f_775077", "f. 3r"), (6, "zz001d8v7z_775085", "f. 3v")]],
+    "0029-metadata-anywhere--manifest.json": [  # manifest label + descriptive canvas label
+        ("p1", f"{REF}/421e65be2ce95439b3ad6ef1f2ab87a9-dee-natural/full/max/0/default.jpg",
+         f"{DEE}: Painting under natural light", "Painting under natural light"),
+        ("p2", f"{REF}/421e65be2ce95439b3ad6ef1f2ab87a9-dee-xray/full/max/0/default.jpg",
+         f"{DEE}: X-ray view of painting", "X-ray view of painting")],
+    "0033-choice--manifest.json": [  # Choice: the first item
+        ("p1", f"{REF}/421e65be2ce95439b3ad6ef1f2ab87a9-dee-natural/full/max/0/default.jpg", f"{DEE}.", None)],
+    "0040-image-rotation-service--manifest-service.json": [  # SpecificResource: rotation through the service
+        ("p1", f"{REF}/85a96c630f077e6ac6cb984f1b752bbf-0-21198-zz00022840-1-page1/full/max/90/default.jpg",
+         "[Conoximent de las orines] Ihesus, Ihesus. En nom de Deu et dela beneyeta sa mare e de tots los angels i "
+         "archangels e de tots los sants e santes de paradis yo micer Johannes comense aquest libre de reseptes en "
+         "l’ayn Mi 466.", "inside cover; 1r")],
+    "0068-newspaper--newspaper_issue_1-manifest.json": [  # "p. 1", "p. 2" (language "none")
+        ("p1", f"{PAPER}-p1/full/max/0/default.jpg", "Berliner Tageblatt - 1925-02-16", "p. 1"),
+        ("p2", f"{PAPER}-p2/full/max/0/default.jpg", "Berliner Tageblatt - 1925-02-16", "p. 2")],
+    "0118-multivalue--manifest.json": [  # label in French only, summary in English; canvas id .../canvas/1
+        ("1", "https://upload.wikimedia.org/wikipedia/commons/thumb/1/1b/Whistlers_Mother_high_res.jpg/"
+              "1114px-Whistlers_Mother_high_res.jpg",
+         "Arrangement en gris et noir no 1: A painting in oil on canvas created by the American-born painter James "
+         "McNeill Whistler, in 1871.", None)],
+    "0299-region--manifest.json": [  # SpecificResource: the region through the service, at full size
+        ("p1", f"{PAPER}-p2/1768,2423,1768,2080/max/0/default.jpg",
+         "Berliner Tageblatt article, 'Ein neuer Sicherungsplan?'", None)],
+}
+
+
+def _rows(source, **options):
+    imported = read_iiif(str(source), **options)
+    return [(row["item_id"], row["image_uri"], row["caption"], row["canvas_label"] if "canvas_label" in row else None)
+            for row in imported.table.to_pylist()], imported
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_cookbook_manifest_gives_expected_rows(name):
+    rows, imported = _rows(FIXTURES / name)
+    assert rows == EXPECTED[name]
+    assert imported.left_out == []
+
+
+def test_fixtures_are_the_cookbook_files_listed_in_sources():
+    sources = (FIXTURES / "SOURCES.md").read_text()
+    for path in FIXTURES.glob("*.json"):
+        assert path.name in sources
+        json.loads(path.read_bytes())  # kept as published: valid JSON, templates included
+
+
+def test_choice_is_said_in_the_row_and_catalogue_fields_come_along():
+    table = read_iiif(str(FIXTURES / "0033-choice--manifest.json")).table
+    assert table.column("iiif_note").to_pylist() == ["Choice of 2: took the first (Natural Light); left X-Ray"]
+    rows = read_iiif(str(FIXTURES / "0029-metadata-anywhere--manifest.json")).table.to_pylist()
+    assert rows[0]["creator"] == "Glindoni, Henry Gillard, 1852-1913"
+    assert rows[1]["description"].startswith("The painting originally showed Dee standing in a circle of skulls")
+    assert rows[0]["attribution"].startswith("Wellcome Collection")
+
+
+def test_language_is_chosen():
+    rows, _ = _rows(FIXTURES / "0006-text-language--manifest.json", language="fr")
+    assert rows[0][2] == "La Mère de Whistler: Arrangement en gris et noir n°1, also called Portrait de la mère de l'artiste."
+    table = read_iiif(str(FIXTURES / "0006-text-language--manifest.json"), language="fr").table
+    assert table.column("subject").to_pylist() == ["McNeill Anna Matilda, mère de Whistler (1804-1881)"]
+
+
+def test_a_manifest_without_images_is_refused_naming_the_canvas():
+    with pytest.raises(ManifestError) as caught:
+        read_iiif(str(FIXTURES / "0002-mvm-audio--manifest.json"))
+    assert [str(p) for p in caught.value.problems] == [
+        "column 'image_uri': canvas 1 '{{ id.path }}/canvas' left out: its body is Sound, not an Image"]
+
+
+def test_a_canvas_without_a_caption_is_one_problem_not_a_rejected_manifest(tmp_path, capsys):
+    document = json.loads((FIXTURES / "0068-newspaper--newspaper_issue_1-manifest.json").read_text())
+    document["label"] = {"none": [1925]}  # a number: no content word anywhere for p1
+    document["items"][0]["label"] = {"none": [1]}
+    document["items"][1]["summary"] = {"de": ["Eine Zeitungsseite mit Anzeigen"]}
+    source = tmp_path / "m.json"
+    source.write_text(json.dumps(document))
+    rows, imported = _rows(source)
+    assert rows == [("p2", f"{PAPER}-p2/full/max/0/default.jpg", "1925: Eine Zeitungsseite mit Anzeigen", "p. 2")]
+    assert [str(p) for p in imported.left_out] == [
+        "column 'caption': canvas 1 '{{ id.path }}/canvas/p1' left out: no caption with a content word "
+        "(label '1', manifest label '1925')"]
+    out = tmp_path / "m.parquet"
+    assert main(["manifest", "build", "--from-iiif", str(source), "-o", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == f"wrote 1 items to {out}"
+    assert "canvas 1 '{{ id.path }}/canvas/p1' left out" in printed.err
+
+
+@pytest.mark.parametrize("label, place", [
+    ("f. 1r", True), ("p. 2", True), ("Front cover", True), ("Seite 1.", True), ("pages 1–2", True),
+    ("Vol. 1 title page (verso)", True), ("inside cover; 1r", True), ("171r (387)", True), ("xiv", True),
+    ("Frontispiece", False), ("Painting under natural light", False), ("Foldout, unfolded", False)])
+def test_place_labels(label, place):
+    assert is_place_label(label) is place
+
+
+def _service_body(service, **body):
+    return {"id": service["id" if "id" in service else "@id"] + "/full/full/0/default.jpg", "type": "Image",
+            "service": [service], **body}
+
+
+def test_image_api_2_service_and_size_limits(tmp_path):
+    v2 = {"@id": "https://images.example.org/iiif/2/plate-7", "@type": "ImageService2",
+          "profile": "http://iiif.io/api/image/2/level2.json"}
+    assert image_url(_service_body(v2)) == ("https://images.example.org/iiif/2/plate-7/full/full/0/default.jpg", None)
+    limited = {**v2, "maxWidth": 1000}  # maxHeight defaults to maxWidth
+    assert image_url(_service_body(limited, width=4000, height=3000))[0].endswith("/full/1000,750/0/default.jpg")
+    assert image_url(_service_body(limited))[0].endswith("/full/!1000,1000/0/default.jpg")  # size unknown: best fit
+    # A cached info.json declares the limits and the size (the manifest does not).
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"@context": "http://iiif.io/api/image/2/context.json", "@id": v2["@id"],
+                                "width": 4000, "height": 3000, "maxArea": 3_000_000}))
+    url, _ = image_url(_service_body(v2), read_info_json(str(info)))
+    assert url.endswith("/full/2000,1500/0/default.jpg")
+
+
+def test_a_body_that_is_a_service_base(tmp_path):
+    base = "https://images.example.org/iiif/3/plate-9"
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"id": base, "type": "ImageService3", "width": 5000, "height": 2500, "maxWidth": 2500}))
+    body = {"id": base, "type": "Image", "service": [{"id": base, "type": "ImageService3", "profile": "level2"}]}
+    assert image_url(body)[0] == f"{base}/full/max/0/default.jpg"  # not the base itself
+    assert image_url({"id": base, "type": "Image"}, read_info_json(str(info)))[0] == f"{base}/full/2500,1250/0/default.jpg"
+
+
+def test_specific_resources_refused_with_the_reason():
+    region = json.loads((FIXTURES / "0299-region--manifest.json").read_text())
+    body = region["items"][0]["items"][0]["items"][0]["body"]
+    svg = copy.deepcopy(body)
+    svg["selector"] = {"type": "SvgSelector", "value": "<svg/>"}
+    with pytest.raises(RefusedBody, match="its selector 'SvgSelector' cannot be requested from an Image API"):
+        image_url(svg)
+    no_service = copy.deepcopy(body)
+    del no_service["source"]["service"]
+    with pytest.raises(RefusedBody, match=r"it selects region '1768,2423,1768,2080' of '.*newspaper-p2/full/max/0/"
+                                          r"default.jpg', which has no Image API service"):
+        image_url(no_service)
+    fragment = copy.deepcopy(body)
+    fragment["selector"] = {"type": "FragmentSelector", "value": "xywh=percent:10,10,50,50"}
+    assert image_url(fragment)[0] == f"{PAPER}-p2/pct:10,10,50,50/max/0/default.jpg"
+
+
+def test_item_ids_drop_json_and_fall_back_to_the_label(tmp_path):
+    document = json.loads((FIXTURES / "0009-book-1--manifest.json").read_text())
+    document["items"][0]["id"] = "https://example.org/iiif/book/canvas/p1.json"
+    document["items"][1]["id"] = "https://example.org/iiif/book/canvas/"
+    document["items"][1]["items"][0]["items"][0]["target"] = document["items"][1]["id"]
+    source = tmp_path / "m.json"
+    source.write_text(json.dumps(document))
+    ids = read_iiif(str(source)).table.column("item_id").to_pylist()
+    assert ids[:2] == ["p1", "canvas"]  # the last path segment, '.json' dropped
+
+
+# --- IIIF out -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def colourised_output(models, smoke, tmp_path_factory):
+    """An output root with two items colourised by the real pipeline (tiny bundle, smoke preset); copy to change it."""
+    from diffcolor.archive.planning import item_prefix
+    from diffcolor.common.items import ItemRequest
+    from diffcolor.pipeline import colorize_item
+
+    tmp_path = tmp_path_factory.mktemp("iiif-out")
+    output = tmp_path / "collection-out"
+    inside = output / "sources" / "harbour.png"  # an original inside OUTPUT: published
+    outside = tmp_path / "elsewhere" / "street.png"  # an original outside OUTPUT: not published
+    for path, seed in ((inside, 1), (outside, 2)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(gray_scene(40, 56, seed=seed) * 255).astype(np.uint8)).save(path)
+    requests = [
+        ItemRequest(item_id="harbour", source_uri=str(inside), caption="a boat in a harbour",
+                    catalogue={"title": "The harbour", "creator": "Unknown photographer",
+                               "rights": "http://creativecommons.org/publicdomain/mark/1.0/"}),
+        ItemRequest(item_id="street", source_uri=str(outside), caption="a tram on a street",
+                    targets=("a green tram on a street",), color_map={"tram": "red"}, catalogue={"rights": "All rights reserved"}),
+    ]
+    records = {r.item_id: colorize_item(models, r, item_prefix(str(output), r.item_id), smoke, preset="smoke")
+               for r in requests}
+    (output / "items" / "broken").mkdir()  # an item folder without a done version
+    return output, records
+
+
+def _local(url: str, base: str, output: Path) -> Path:
+    from urllib.parse import unquote
+
+    assert url.startswith(base + "/")
+    return output / unquote(url[len(base) + 1:])
+
+
+def test_published_manifest_validates_and_every_image_resolves(colourised_output):
+    from iiif_prezi3 import Manifest
+
+    from diffcolor.archive.iiif_publish import DIGITAL_SOURCE_TYPE, publish_iiif
+
+    output, records = colourised_output
+    base = "https://images.example.org/collection"
+    publication = publish_iiif(str(output), base)
+    written = (output / "iiif" / "manifest.json").read_text()
+    Manifest.model_validate_json(written)  # iiif-prezi3 parses it back
+    document = json.loads(written)
+    assert document == publication.manifest and publication.items == ["harbour", "street"]
+    assert publication.left_out == ["item 'broken': no result.json"]
+    assert document["id"] == f"{base}/iiif/manifest.json"
+
+    harbour, street = document["items"]
+    bodies = harbour["items"][0]["items"][0]["body"]["items"]  # Choice: original, then colour
+    assert [b["label"]["en"][0] for b in bodies] == [
+        "Original", "AI colourisation (DiffColor) - SMOKE RUN: random weights, not a colourisation"]
+    assert bodies[0]["id"] == f"{base}/sources/harbour.png"
+    assert bodies[1]["id"] == f"{base}/items/harbour/versions/v0001/access.jpg"
+    street_body = street["items"][0]["items"][0]["body"]  # original outside OUTPUT: the colour one only
+    assert street_body["type"] == "Image" and street_body["id"].endswith("/items/street/versions/v0002/access.jpg")
+    images = [*bodies, street_body]
+    for image in images:
+        assert _local(image["id"], base, output).is_file()
+
+    street_record = records["street"][-1]
+    assert [r["version"] for r in records["street"]] == [1, 2]
+    meta = {entry["label"]["en"][0]: entry["value"]["none"][0] for entry in street["metadata"]
+            if "none" in entry["value"]}
+    assert meta["Prompt"] == street_record["target_prompt"] and meta["Prompt"] in ("a red tram on a street",
+                                                                                   "a green tram on a street")
+    assert meta["Prompt"] != street_record["model_prompt"]
+    assert meta["Model"] == street_record["model_id"]
+    assert meta["Digital source type"] == DIGITAL_SOURCE_TYPE
+    assert meta["Rights"] == "All rights reserved" and "rights" not in street  # not a rights URI: kept as text
+    assert harbour["rights"] == "http://creativecommons.org/publicdomain/mark/1.0/"
+    assert harbour["requiredStatement"]["value"]["none"] == ["The harbour; Unknown photographer"]
+    assert (harbour["width"], harbour["height"]) == (56, 40)
+    assert "smoke run" in harbour["label"]["none"][0]
+    prompts = [e["value"]["none"][0] for e in harbour["metadata"] if e["label"]["en"] == ["Prompt"]]
+    assert prompts == ["a boat in a harbour"]  # a primary colourisation: the caption
+
+
+def test_an_approved_version_is_preferred_and_the_cli_writes_where_asked(colourised_output, tmp_path, capsys):
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(colourised_output[0], output)
+    records = colourised_output[1]
+    (output / "items" / "street" / "approved.json").write_text(json.dumps({"version": 1}))
+    target = output / "public" / "collection.json"
+    assert main(["iiif", str(output), "--base-url", "https://images.example.org/c/", "-o", str(target)]) == 0
+    assert capsys.readouterr().out.strip() == \
+        "wrote a IIIF manifest of 2 items: https://images.example.org/c/public/collection.json"
+    street = json.loads(target.read_text())["items"][1]
+    assert street["items"][0]["items"][0]["body"]["id"].endswith("/items/street/versions/v0001/access.jpg")
+    prompts = [e["value"]["none"][0] for e in street["metadata"] if e["label"]["en"] == ["Prompt"]]
+    assert prompts == [records["street"][0]["target_prompt"]]
+
+
+def test_publishing_refuses_a_bad_base_url_and_an_empty_output(tmp_path, capsys):
+    assert main(["iiif", str(tmp_path), "--base-url", "ftp://x"]) == 2
+    assert "must be an http(s) URL" in capsys.readouterr().err
+    assert main(["iiif", str(tmp_path), "--base-url", "https://x.org"]) == 2
+    assert "has a done version to publish" in capsys.readouterr().err
