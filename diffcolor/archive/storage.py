@@ -450,6 +450,26 @@ def list_files(uri: str) -> list[str]:
     return [join(uri, name) for name in names if not name.endswith(".partial")]
 
 
+def list_folders(uri: str) -> list[str]:
+    """URIs of the folders (prefixes with objects under them) directly under ``uri``, sorted; empty when none.
+
+    Raises:
+        InputUnavailableError: listing is denied. StorageError: other backend failures.
+    """
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "listing", error, fs) from error
+    names = sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory")
+    return [join(uri, name) for name in names]
+
+
 def remove(uri: str) -> None:
     """Deletes the object at ``uri`` if it exists.
 
