@@ -309,6 +309,10 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
         return entry
 
     # 4. Pages.
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # no icon, and no 404 in the browser's console
+
     @app.get("/login", include_in_schema=False)
     def login(token: str) -> Response:
         if not hmac.compare_digest(token, config.token):
