@@ -39,6 +39,14 @@ class Job:
                 "counts": summary.get("counts"), "failed_items": summary.get("failed_items")}
 
 
+def _failure_messages(summary: dict) -> str:
+    """Why the run's failed items failed, one per item, from its results table."""
+    from diffcolor.archive.results import read_results
+
+    rows = read_results(summary["results"]).to_pylist()
+    return "; ".join(f"{row['item_id']}: {row['error_message']}" for row in rows if row["status"] == "failed")
+
+
 class Jobs:
     """The recolour jobs this server started, by id."""
 
@@ -79,6 +87,8 @@ class Jobs:
             job.summary = result if isinstance(result, dict) else None
             job.state = "completed" if state.is_completed() else "failed"
             job.message = state.message
+            if job.summary and job.summary.get("failed_items"):
+                job.message = _failure_messages(job.summary)
         except Exception as error:  # shown on the page; the flow itself recorded what it could
             job.state, job.message = "failed", f"{type(error).__name__}: {error}"
         finally:
