@@ -461,6 +461,41 @@ def cmd_reprocess(args) -> int:
     return _finish_flow(state)
 
 
+def cmd_review(args) -> int:
+    """``diffcolor review OUTPUT``: the curators' web application (``review/``) until interrupted."""
+    import secrets
+
+    from diffcolor.archive import storage
+
+    # 1. The token: from --token-file, else a random one; off loopback a token file is required.
+    loopback = args.host in ("127.0.0.1", "::1", "localhost")
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        if len(token) < 16:
+            raise ValueError(f"--token-file '{args.token_file}' must hold a token of at least 16 characters")
+    elif not loopback:
+        raise ValueError(f"--host {args.host} serves beyond this machine: give --token-file with a secret token")
+    else:
+        token = secrets.token_urlsafe(24)
+    out = storage.absolute(_lift_credentials(args.out)[0])
+
+    # 2. The application, served by uvicorn.
+    _quiet_prefect()
+    import uvicorn
+
+    from review.app import ReviewConfig, create_app
+
+    options = {"pool": args.pool, "device": args.device, "preset": args.preset}
+    app = create_app(ReviewConfig(output=out, token=token, read_only=args.read_only, host=args.host,
+                                  reprocess_options=options))
+    address = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    print(f"review of {out}{' (read-only)' if args.read_only else ''}: {address}/", file=sys.stderr)
+    if not args.read_only:
+        print(f"sign in to recolour and decide: {address}/login?token={token}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """``diffcolor eval``: exit 0 when every item with a ground truth was evaluated, 1 when any failed."""
     from diffcolor.method.presets import get_preset
@@ -811,6 +846,25 @@ def _add_eval_commands(commands) -> None:
     compare.set_defaults(handler=cmd_eval_compare)
 
 
+def _add_review_command(commands) -> None:
+    review = commands.add_parser(
+        "review", help="the curators' web application: browse, compare, recolour and approve versions",
+        **_examples("diffcolor review demo-output", "diffcolor review s3://museum/colour --read-only",
+                    "diffcolor review /data/colour --host 0.0.0.0 --token-file /etc/diffcolor/review-token"))
+    review.add_argument("out", metavar="OUTPUT", help="collection output root (path or URI)")
+    review.add_argument("--host", default="127.0.0.1", help="address to serve on (default %(default)s; any other "
+                                                            "needs --token-file)")
+    review.add_argument("--port", type=int, default=8765, help="default %(default)s")
+    review.add_argument("--token-file", metavar="F", help="file holding the server's secret token (default: a random "
+                                                          "token, printed in the sign-in link)")
+    review.add_argument("--read-only", action="store_true", help="browse only: no recolouring, no decisions")
+    review.add_argument("--pool", choices=("local", "inline"), default="local",
+                        help="where recolouring runs without PREFECT_API_URL: local worker processes or inline")
+    review.add_argument("--device", default="auto", help="device of local recolouring (default %(default)s)")
+    _add_preset_option(review)
+    review.set_defaults(handler=cmd_review)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffcolor", description="Text-guided colourisation of archival photographs (DiffColor).",
@@ -828,6 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collection_commands(commands)
     _add_eval_commands(commands)
     _add_delivery_commands(commands)
+    _add_review_command(commands)
     return parser
 
 

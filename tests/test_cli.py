@@ -27,7 +27,8 @@ def _diffcolor_blocked(*arguments: str, block: tuple[str, ...] = HEAVY) -> subpr
 
 
 COMMANDS = [[], ["tiny-bundle"], ["colorize"], ["recolor"], ["manifest"], ["manifest", "build"], ["manifest", "validate"],
-            ["run"], ["reprocess"], ["demo"], ["eval"], ["eval-compare"], ["doctor"], ["bag"], ["iiif"]]
+            ["run"], ["reprocess"], ["demo"], ["eval"], ["eval-compare"], ["doctor"], ["bag"], ["iiif"],
+            ["review"]]
 
 
 def test_every_help_works_with_torch_diffusers_and_prefect_unimportable():

@@ -46,6 +46,9 @@ version_key        ``xmpMM:DocumentID`` ``xmp.did:diffcolor:KEY`` (the version: 
                    ``xmp.iid:diffcolor:KEY:FORMAT`` (this file)
 source_sha256      ``xmpMM:DerivedFrom`` (``stRef:documentID`` and ``stRef:instanceID``
                    ``urn:sha256:HEX``: the source, named by its content)
+decision           ``diffcolor:curatorDecision`` (approved; published copies only)
+decided_by, _at    ``diffcolor:decidedBy``, ``diffcolor:decidedAt``
+decision_note      ``diffcolor:decisionNote``
 =================  ==========================================================
 
 The project namespace is ``https://diffcolor-archive.org/ns/1.0/`` (prefix
@@ -124,10 +127,15 @@ _PROJECT_FIELDS: dict[str, tuple[str, str]] = {
     "preset": ("preset", "text"),
     "smoke_run": ("smokeRun", "bool"),
     "catalogue": ("catalogue", "json"),
+    # a curator's decision, in the published copy only (diffcolor.archive.decisions)
+    "decision": ("curatorDecision", "text"),
+    "decided_by": ("decidedBy", "text"),
+    "decided_at": ("decidedAt", "text"),
+    "decision_note": ("decisionNote", "text"),
 }
 # Free-text record fields that xmp_for_format may shorten for JPEG (catalogue and
 # colour-map string values are shortened too).
-_TRUNCATABLE_FIELDS = ("caption", "rewritten_caption", "target_prompt", "model_prompt")
+_TRUNCATABLE_FIELDS = ("caption", "rewritten_caption", "target_prompt", "model_prompt", "decision_note")
 
 # Characters XML 1.0 allows (section 2.2); everything else is dropped.
 _XML_ILLEGAL = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -284,6 +292,34 @@ def read_xmp(data: bytes) -> dict:
     if packet is None:
         return {}
     return _parse_packet(packet)
+
+
+_XMP_APP1_HEADER = b"http://ns.adobe.com/xap/1.0/\x00"
+
+
+def replace_jpeg_xmp(data: bytes, packet: bytes) -> bytes:
+    """The JPEG ``data`` with its XMP APP1 segment replaced by ``packet`` (added when it has none).
+
+    The compressed image data are copied byte for byte: a published copy has
+    the pixels of the access copy it was made from. Raises ValueError for bytes
+    that are not a JPEG, or a packet too large for one APP1 segment.
+    """
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("replace_jpeg_xmp: the bytes are not a JPEG file")
+    if len(packet) > JPEG_MAX_XMP_BYTES:
+        raise ValueError(f"XMP packet of {len(packet)} bytes does not fit a JPEG APP1 segment (max {JPEG_MAX_XMP_BYTES})")
+    segment = _XMP_APP1_HEADER + bytes(packet)
+    kept, position = [], 2
+    while position + 4 <= len(data) and data[position] == 0xFF and data[position + 1] not in (0xDA, 0xD9):
+        length = struct.unpack(">H", data[position + 2:position + 4])[0]
+        piece = data[position:position + 2 + length]
+        if not (data[position + 1] == 0xE1 and piece[4:4 + len(_XMP_APP1_HEADER)] == _XMP_APP1_HEADER):
+            kept.append(piece)
+        position += 2 + length
+    app1 = b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment
+    # After JFIF's APP0 when there is one (readers expect it first), before everything else.
+    head = [kept.pop(0)] if kept and kept[0][1] == 0xE0 else []
+    return b"\xff\xd8" + b"".join(head) + app1 + b"".join(kept) + data[position:]
 
 
 # ---------------------------------------------------------------------------

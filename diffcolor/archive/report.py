@@ -165,6 +165,8 @@ def _item_row(record: dict, report_uri: str | None) -> dict:
     row.update(caption=record.get("caption", ""), thumbnails=None, thumbnail_error=None,
                prompt=record.get("target_prompt") or f"(primary colourisation) {record.get('caption', '')}",
                prompt_warning=record.get("prompt_warning"), catalogue=_catalogue(record),
+               decision={name: record.get(name) for name in ("decision", "decided_by", "decided_at", "decision_note")}
+               if record.get("decision") else None,
                links=[(role, link) for role, link in links.items() if link])
     try:
         row["thumbnails"] = _thumbnails(outputs["access"])

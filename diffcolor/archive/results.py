@@ -66,6 +66,10 @@ RESULTS_SCHEMA = pa.schema(
         ("prompt_warning", pa.string()),  # why a free prompt could not be aligned, when it could not
         ("smoke_run", pa.bool_()),
         ("created_at", pa.string()),
+        ("decision", pa.string()),  # approved or rejected: a curator's decision (review runs only)
+        ("decided_by", pa.string()),
+        ("decided_at", pa.string()),
+        ("decision_note", pa.string()),
         ("record_json", pa.string()),  # the whole record, for fields without a column
     ]
 )

@@ -451,7 +451,7 @@ def list_files(uri: str) -> list[str]:
 
 
 def list_folders(uri: str) -> list[str]:
-    """URIs of the folders (prefixes) directly under the prefix ``uri`` (empty when there is none), sorted.
+    """URIs of the folders (prefixes with objects under them) directly under ``uri``, sorted; empty when none.
 
     Raises:
         InputUnavailableError: listing is denied. StorageError: other backend failures.

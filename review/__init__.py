@@ -1,0 +1,1 @@
+"""The curator's review web application (``diffcolor review``): above the flows, since it starts them."""

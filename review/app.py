@@ -1,0 +1,344 @@
+"""The curator's review application: browse, compare, recolour, approve (``diffcolor review OUTPUT``).
+
+Pages and a JSON API under ``/api/`` (FastAPI's OpenAPI page at ``/docs``)
+over one output root, read through :mod:`diffcolor.archive` only: the
+collection table (:mod:`diffcolor.archive.browse`), each item's records
+(:class:`diffcolor.archive.items.ItemLayout`) and decisions
+(:mod:`diffcolor.archive.decisions`). Recolouring starts the reprocess flow
+(:mod:`review.jobs`).
+
+Safety:
+
+- every item id goes through the item-id rule, and every file served is
+  derived from it and a version number, never from a path in a request;
+- a server token (``--token-file``, else a random one printed at start): state
+  changes need it (``Authorization: Bearer`` or the cookie ``/login?token=``
+  sets) *and* the ``X-CSRF-Token`` header with the CSRF value the pages carry
+  (a custom header that a foreign page cannot send without a CORS preflight,
+  which this server never grants), and a foreign ``Origin`` is refused;
+- off loopback every request needs the token, reads included;
+- ``read_only`` refuses every change;
+- pages load nothing from elsewhere: inline CSS and JS, images from this server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from diffcolor.archive import storage
+from diffcolor.archive.browse import METRICS, CollectionTable, Filters
+from diffcolor.archive.decisions import (
+    DECISIONS,
+    DecisionError,
+    publish_review_run,
+    read_approved,
+    read_decisions,
+    record_decision,
+    version_output,
+)
+from diffcolor.archive.items import ItemLayout
+from diffcolor.archive.pages import render_page
+from diffcolor.archive.planning import item_prefix
+from diffcolor.archive.report import METRIC_EXPLANATIONS
+from diffcolor.common.captions import describe_color_map, prompt_slots, rewrite_caption
+from diffcolor.common.errors import DiffColorError, PromptError
+from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
+from review.jobs import Jobs
+
+COOKIE = "diffcolor_review"
+THUMBNAIL_SIDE = 192
+PAGE_SIZE = 48
+# Fields of a version record the pages show; never model_prompt or rewritten_caption (identifier tokens).
+SHOWN_FIELDS = ("version", "status", "created_at", "caption", "target_prompt", "color_map", "prompt_alignment",
+                "prompt_warning", "seed", "preset", "eta", "finetune_steps_run", "smoke_run")
+PROVENANCE_FIELDS = ("model_id", "clip_model_id", "model_hash", "weight_dtype", "software", "software_version",
+                     "source_sha256", "output_sha256", "cache_key", "seconds")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass
+class ReviewConfig:
+    """What one review server serves and allows."""
+
+    output: str  # the output root (path or URI)
+    token: str  # the server token (state changes; every request off loopback)
+    read_only: bool = False
+    host: str = "127.0.0.1"
+    reprocess_options: dict = field(default_factory=dict)  # ReprocessOptions fields for recolour jobs
+
+    @property
+    def csrf(self) -> str:
+        return hmac.new(self.token.encode(), b"diffcolor-review-csrf", hashlib.sha256).hexdigest()
+
+
+class ColourRequest(BaseModel):
+    """A new target for one item: a colour map of caption words, or a target prompt."""
+
+    item_id: str
+    color_map: dict[str, str] | None = None
+    target_prompt: str | None = None
+
+
+class RecolourRequest(BaseModel):
+    targets: list[ColourRequest] = Field(min_length=1, max_length=500)
+
+
+class DecisionRequest(BaseModel):
+    version: int = Field(ge=1)
+    decision: str = Field(description="approved or rejected")
+    decided_by: str = Field(description="the curator's name")
+    note: str = ""
+
+
+def _item_id(raw: str) -> str:
+    try:
+        return normalize_item_id(raw)
+    except UnsafeItemIdError as error:
+        raise HTTPException(400, str(error)) from None
+
+
+def _public(record: dict) -> dict:
+    shown = {name: record.get(name) for name in SHOWN_FIELDS}
+    shown["metrics"] = {name: record.get(name) for name in (*METRICS, "device_seconds") if record.get(name) is not None}
+    shown["provenance"] = {name: record.get(name) for name in PROVENANCE_FIELDS if record.get(name)}
+    return shown
+
+
+def check_target(record: dict, color_map: dict | None, target_prompt: str | None) -> dict:
+    """Whether a new target suits the item: ``{"ok", "problem", "described", "warning"}``.
+
+    A colour map must name content words of the caption (the method's token
+    rules, :mod:`diffcolor.common.captions`); a free prompt is accepted, with a
+    warning when it cannot be aligned with the caption word by word.
+    """
+    caption = record.get("caption") or ""
+    color_map = {key: value for key, value in (color_map or {}).items() if (value or "").strip()}
+    target_prompt = (target_prompt or "").strip() or None
+    if not color_map and not target_prompt:
+        return {"ok": False, "problem": "give a colour for at least one word, or a target prompt"}
+    if color_map and target_prompt:
+        return {"ok": False, "problem": "give a colour map or a target prompt, not both"}
+    try:
+        rewritten = rewrite_caption(caption)
+        if color_map:
+            return {"ok": True, "described": describe_color_map(rewritten, color_map), "color_map": color_map}
+        try:
+            prompt_slots(rewritten, target_prompt)
+            warning = None
+        except PromptError as error:
+            warning = f"the prompt cannot be aligned with the caption word by word: {error}"
+        return {"ok": True, "described": target_prompt, "warning": warning, "target_prompt": target_prompt}
+    except PromptError as error:
+        return {"ok": False, "problem": str(error)}
+
+
+@lru_cache(maxsize=512)
+def _picture(uri: str, kind: str, side: int | None) -> bytes:
+    with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
+        picture = image.convert("RGB")
+    if side:
+        picture.thumbnail((side, side))
+    if kind == "gray":  # the derivative keeps the source's L*: its luminance is the gray original
+        picture = picture.convert("L")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=88)
+    return buffer.getvalue()
+
+
+def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
+    """The review application for ``config`` (``jobs``: where recolour jobs start; a default :class:`Jobs`)."""
+    app = FastAPI(title="DiffColor Archive review", version="1",
+                  description="Browse a collection's colourisations, compare versions, recolour, approve.")
+    table = CollectionTable(storage.absolute(config.output))
+    output = table.output
+    jobs = jobs or Jobs(output, config.reprocess_options)
+    app.state.config, app.state.table, app.state.jobs = config, table, jobs
+    open_reads = config.host in LOOPBACK
+
+    # 1. Who may do what.
+    def authenticated(request: Request) -> bool:
+        given = request.cookies.get(COOKIE) or ""
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        return bool(given) and hmac.compare_digest(given, config.token)
+
+    def may_read(request: Request) -> None:
+        if not open_reads and not authenticated(request):
+            raise HTTPException(401, "this server needs its token: open the link `diffcolor review` printed")
+
+    def may_change(request: Request) -> None:
+        if config.read_only:
+            raise HTTPException(403, "this review server is read-only")
+        if not authenticated(request):
+            raise HTTPException(401, "changes need the server's token (Authorization: Bearer, or /login?token=)")
+        if not hmac.compare_digest(request.headers.get("x-csrf-token", ""), config.csrf):
+            raise HTTPException(403, "missing or wrong X-CSRF-Token header")
+        origin = request.headers.get("origin")
+        if origin and origin.rstrip("/") != str(request.base_url).rstrip("/"):
+            raise HTTPException(403, f"requests from {origin} are refused")
+
+    def page_context(request: Request) -> dict:
+        can_change = authenticated(request) and not config.read_only
+        return {"csrf": config.csrf if can_change else "", "read_only": config.read_only,
+                "signed_in": authenticated(request), "output": storage.absolute(config.output)}
+
+    @app.exception_handler(DiffColorError)
+    async def _diffcolor_error(request: Request, error: DiffColorError):
+        status = 400 if isinstance(error, (UnsafeItemIdError, PromptError, DecisionError)) else 500
+        return JSONResponse({"detail": str(error)}, status_code=status)
+
+    # 2. What the pages show, as data.
+    def item_data(item_id: str) -> dict:
+        layout = ItemLayout(item_prefix(output, item_id))
+        versions = [storage.read_json(uri) for uri in layout.version_records()]
+        latest = storage.read_json(layout.result) if storage.exists(layout.result) else None
+        if latest is None and not versions:
+            raise HTTPException(404, f"item {item_id!r} is not in this output")
+        record = latest or versions[-1]
+        done = [version for version in versions if version.get("status") == "done"]
+        try:
+            slots = list(dict.fromkeys(rewrite_caption(record.get("caption") or "").slots))
+        except PromptError:
+            slots = []
+        has_state = storage.exists(layout.state_object)
+        return {
+            "item_id": item_id, "status": record.get("status"), "caption": record.get("caption"),
+            "error_message": record.get("error_message") if record.get("status") != "done" else None,
+            "catalogue": record.get("catalogue") or {}, "current_version": record.get("version"),
+            "versions": [_public(version) for version in done],
+            "has_color_state": has_state, "recolor_mode": "render" if has_state else "full_fit",
+            "colour_words": slots, "decisions": read_decisions(layout), "approved": read_approved(layout),
+            "metric_explanations": {name: METRIC_EXPLANATIONS[name] for name in METRIC_EXPLANATIONS},
+        }
+
+    def latest_record(item_id: str) -> dict:
+        layout = ItemLayout(item_prefix(output, item_id))
+        if not storage.exists(layout.result):
+            raise HTTPException(404, f"item {item_id!r} is not in this output")
+        return storage.read_json(layout.result)
+
+    def filters_of(status, collection, q, smoke, decision, request: Request) -> Filters:
+        ranges = []
+        for metric in METRICS:
+            low, high = request.query_params.get(f"min_{metric}"), request.query_params.get(f"max_{metric}")
+            try:
+                if low or high:
+                    ranges.append((metric, float(low) if low else None, float(high) if high else None))
+            except ValueError:
+                raise HTTPException(400, f"min_{metric}/max_{metric} must be numbers") from None
+        if decision not in (None, "", "none", *DECISIONS):
+            raise HTTPException(400, f"decision must be one of none, {', '.join(DECISIONS)}")
+        return Filters(status=status or None, collection=collection or None, text=q or None,
+                       smoke=None if smoke in (None, "") else smoke == "true", decision=decision or None,
+                       ranges=tuple(ranges))
+
+    # 3. The JSON API.
+    @app.get("/api/items", dependencies=[Depends(may_read)], summary="List items (filtered, paged)")
+    def list_items(request: Request, status: str | None = None, collection: str | None = None,
+                   q: str | None = Query(None, description="text in the item id, caption or catalogue fields"),
+                   smoke: str | None = Query(None, description="true or false"),
+                   decision: str | None = Query(None, description="approved, rejected or none"),
+                   offset: int = Query(0, ge=0), limit: int = Query(PAGE_SIZE, ge=1, le=500)) -> dict:
+        """Items with their latest state; metric ranges as ``min_METRIC`` / ``max_METRIC`` query parameters."""
+        total, rows = table.page(filters_of(status, collection, q, smoke, decision, request), offset, limit)
+        return {"total": total, "offset": offset, "limit": limit, "items": rows}
+
+    @app.get("/api/items/{item_id}", dependencies=[Depends(may_read)], summary="One item: versions, decisions")
+    def get_item(item_id: str) -> dict:
+        return item_data(_item_id(item_id))
+
+    @app.get("/api/items/{item_id}/versions/{version}/image", dependencies=[Depends(may_read)],
+             summary="A version's access copy (colour) or its gray original, full or thumbnail",
+             response_class=Response)
+    def version_image(item_id: str, version: int, kind: str = Query("colour", pattern="^(colour|gray)$"),
+                      size: str = Query("full", pattern="^(full|thumb)$")) -> Response:
+        layout = ItemLayout(item_prefix(output, _item_id(item_id)))
+        record_uri = layout.record(version)
+        if version < 1 or not storage.exists(record_uri):
+            raise HTTPException(404, f"item {item_id!r} has no version {version}")
+        access = version_output(layout, storage.read_json(record_uri), "access")
+        if access is None or not storage.exists(access):
+            raise HTTPException(404, f"version {version} of {item_id!r} has no access copy")
+        data = _picture(access, kind, THUMBNAIL_SIDE if size == "thumb" else None)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+    @app.post("/api/items/{item_id}/check", dependencies=[Depends(may_read)],
+              summary="Check a colour map or target prompt against the item's caption (changes nothing)")
+    def check(item_id: str, target: ColourRequest) -> dict:
+        return check_target(latest_record(_item_id(item_id)), target.color_map, target.target_prompt)
+
+    @app.post("/api/recolour", dependencies=[Depends(may_change)], status_code=202,
+              summary="Recolour one or more items (starts the reprocess flow)")
+    def recolour(body: RecolourRequest) -> dict:
+        targets, problems = [], {}
+        for target in body.targets:
+            item_id = _item_id(target.item_id)
+            checked = check_target(latest_record(item_id), target.color_map, target.target_prompt)
+            if not checked["ok"]:
+                problems[item_id] = checked["problem"]
+            else:
+                targets.append({"item_id": item_id, "color_map": checked.get("color_map"),
+                                "target_prompt": checked.get("target_prompt")})
+        if problems:
+            raise HTTPException(400, {"problems": problems})
+        return jobs.start(targets).to_dict()
+
+    @app.get("/api/jobs/{job_id}", dependencies=[Depends(may_read)], summary="A recolour job's progress")
+    def get_job(job_id: str) -> dict:
+        job = jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id!r} on this server")
+        return job.to_dict()
+
+    @app.post("/api/items/{item_id}/decisions", dependencies=[Depends(may_change)], status_code=201,
+              summary="Approve or reject a version, with a note (appended; nothing is overwritten)")
+    def decide(item_id: str, body: DecisionRequest) -> dict:
+        entry = record_decision(output, _item_id(item_id), body.version, body.decision, body.decided_by, body.note)
+        publish_review_run(output, [entry])
+        table.table(refresh=True)
+        return entry
+
+    # 4. Pages.
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # no icon, and no 404 in the browser's console
+
+    @app.get("/login", include_in_schema=False)
+    def login(token: str) -> Response:
+        if not hmac.compare_digest(token, config.token):
+            raise HTTPException(401, "wrong token")
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(may_read)], include_in_schema=False)
+    def collection_page(request: Request, status: str | None = None, collection: str | None = None,
+                        q: str | None = None, smoke: str | None = None, decision: str | None = None,
+                        page: int = Query(1, ge=1)) -> str:
+        filters = filters_of(status, collection, q, smoke, decision, request)
+        total, rows = table.page(filters, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+        query = {key: value for key, value in request.query_params.items() if key != "page" and value}
+        return render_page("collection.html", package="review", title="DiffColor review", rows=rows, total=total,
+                           page=page, pages=max(1, -(-total // PAGE_SIZE)), query=query, metrics=METRICS,
+                           collections=table.collections(), smoke_any=any(row.get("smoke_run") for row in rows),
+                           **page_context(request))
+
+    @app.get("/items/{item_id}", response_class=HTMLResponse, dependencies=[Depends(may_read)],
+             include_in_schema=False)
+    def item_page(request: Request, item_id: str) -> str:
+        item = item_data(_item_id(item_id))
+        return render_page("item.html", package="review", title=f"Item {item['item_id']}", item=item,
+                           smoke=any(version.get("smoke_run") for version in item["versions"]),
+                           **page_context(request))
+
+    return app

@@ -1,0 +1,115 @@
+"""Recolour jobs started from the review pages: the reprocess flow, on a Prefect server or in this process.
+
+With ``PREFECT_API_URL`` set, a job is a flow run of the ``reprocess``
+deployment (deploy/prefect.yaml): the server's work pool runs it where the
+GPUs are, one at a time. Without it, the flow runs here, in a background
+thread, on this machine's devices (local Prefect, as ``diffcolor reprocess``).
+Either way the flow adds a version per item and publishes a run's results,
+which the collection table picks up.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+DEPLOYMENT = "reprocess/reprocess"  # flow name / deployment name in deploy/prefect.yaml
+
+
+@dataclass
+class Job:
+    job_id: str
+    item_ids: list[str]
+    mode: str  # "deployment" or "local"
+    state: str = "scheduled"  # scheduled, running, completed, failed
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    flow_run_id: str | None = None
+    message: str | None = None
+    summary: dict | None = None
+
+    def to_dict(self) -> dict:
+        summary = self.summary or {}
+        return {"job_id": self.job_id, "item_ids": self.item_ids, "mode": self.mode, "state": self.state,
+                "seconds": round((self.finished_at or time.time()) - self.started_at, 1),
+                "flow_run_id": self.flow_run_id, "message": self.message, "run_id": summary.get("run_id"),
+                "counts": summary.get("counts"), "failed_items": summary.get("failed_items")}
+
+
+def _failure_messages(summary: dict) -> str:
+    """Why the run's failed items failed, one per item, from its results table."""
+    from diffcolor.archive.results import read_results
+
+    rows = read_results(summary["results"]).to_pylist()
+    return "; ".join(f"{row['item_id']}: {row['error_message']}" for row in rows if row["status"] == "failed")
+
+
+class Jobs:
+    """The recolour jobs this server started, by id."""
+
+    def __init__(self, output: str, options: dict | None = None, deployment: str = DEPLOYMENT):
+        self.output = output
+        self.options = dict(options or {})  # ReprocessOptions fields (pool, device, preset, ...)
+        self.deployment = deployment
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def start(self, targets: list[dict]) -> Job:
+        """Starts the reprocess flow for ``targets`` (``Retarget`` fields, checked by the caller)."""
+        mode = "deployment" if os.environ.get("PREFECT_API_URL") else "local"
+        job = Job(job_id=uuid.uuid4().hex[:12], item_ids=[target["item_id"] for target in targets], mode=mode)
+        with self._lock:
+            self._jobs[job.job_id] = job
+        if mode == "deployment":
+            self._start_deployment(job, targets)
+        else:
+            threading.Thread(target=self._run_local, args=(job, targets), daemon=True,
+                             name=f"recolour-{job.job_id}").start()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        job = self._jobs.get(job_id)
+        if job is not None and job.mode == "deployment" and job.state in ("scheduled", "running"):
+            self._poll_deployment(job)
+        return job
+
+    def _run_local(self, job: Job, targets: list[dict]) -> None:
+        from flows.reprocess import ReprocessOptions, Retarget, reprocess
+
+        job.state = "running"
+        try:
+            state = reprocess(self.output, [Retarget(**target) for target in targets],
+                              ReprocessOptions(**self.options), return_state=True)
+            result = state.result(raise_on_failure=False)
+            job.summary = result if isinstance(result, dict) else None
+            job.state = "completed" if state.is_completed() else "failed"
+            job.message = state.message
+            if job.summary and job.summary.get("failed_items"):
+                job.message = _failure_messages(job.summary)
+        except Exception as error:  # shown on the page; the flow itself recorded what it could
+            job.state, job.message = "failed", f"{type(error).__name__}: {error}"
+        finally:
+            job.finished_at = time.time()
+
+    def _start_deployment(self, job: Job, targets: list[dict]) -> None:
+        from prefect.deployments import run_deployment
+
+        flow_run = run_deployment(self.deployment, parameters={"output": self.output, "targets": targets,
+                                                               "options": self.options}, timeout=0)
+        job.flow_run_id = str(flow_run.id)
+
+    def _poll_deployment(self, job: Job) -> None:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(job.flow_run_id).state
+        if state is None:
+            return
+        if state.is_final():
+            job.state = "completed" if state.is_completed() else "failed"
+            job.message, job.finished_at = state.message, time.time()
+        else:
+            job.state = "running" if state.is_running() else "scheduled"

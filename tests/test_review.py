@@ -1,0 +1,190 @@
+"""The review application's API: safety (traversal, token, CSRF, read-only), items without a colour state, decisions.
+
+Fast: the output is written by hand (records and access copies, no model);
+the browser test (tests/test_review_browser.py) runs the real flow end to end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from conftest import gray_scene
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from diffcolor.archive import storage
+from diffcolor.archive.items import ItemLayout
+from diffcolor.archive.metadata import read_xmp
+from diffcolor.archive.results import read_results, write_results
+from review.app import ReviewConfig, create_app
+from review.jobs import Job
+
+TOKEN = "t" * 32
+CAPTION = "a dog sitting on a wooden bench"
+
+
+def _write_item(out, item_id: str, *, state: bool) -> dict:
+    layout = ItemLayout(f"{out}/items/{item_id}")
+    gray = np.round(gray_scene(48, 64) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([gray, gray // 2, 255 - gray], -1)).save(buffer, format="JPEG")
+    storage.write_bytes(layout.output(1, "access.jpg"), buffer.getvalue())
+    record = {"item_id": item_id, "version": 1, "status": "done", "caption": CAPTION, "seed": 1, "preset": "smoke",
+              "target_prompt": None, "model_prompt": "a sks dog sitting on a sks wooden sks bench",
+              "rewritten_caption": "a sks dog sitting on a sks wooden sks bench", "smoke_run": True,
+              "outputs": {"access": layout.output(1, "access.jpg"), "master": layout.output(1, "master.tif")},
+              "output_sha256": {"master": "0" * 64}, "clip_score": 20.0, "max_delta_l": 0.4,
+              "catalogue": {"title": f"Dog {item_id}", "collection": "Dogs"}, "created_at": "2026-01-01T00:00:00+00:00"}
+    storage.write_json(layout.record(1), record)
+    storage.write_json(layout.result, record)
+    if state:
+        storage.write_bytes(layout.state_object, b"not read by the app")
+    return record
+
+
+@pytest.fixture
+def output(tmp_path):
+    out = str(tmp_path / "out")
+    records = [_write_item(out, "fitted", state=True), _write_item(out, "nostate", state=False)]
+    write_results(records, f"{out}/runs/20260101T000000Z-aaaaaa/results.parquet")
+    return out
+
+
+class FakeJobs:
+    def __init__(self):
+        self.started = []
+
+    def start(self, targets):
+        self.started.append(targets)
+        return Job(job_id="j1", item_ids=[t["item_id"] for t in targets], mode="local")
+
+    def get(self, job_id):
+        return None
+
+
+def _client(output, **config) -> tuple[TestClient, ReviewConfig, FakeJobs]:
+    review = ReviewConfig(output=output, token=TOKEN, **config)
+    jobs = FakeJobs()
+    return TestClient(create_app(review, jobs)), review, jobs
+
+
+def _changing(review: ReviewConfig) -> dict:
+    return {"Authorization": f"Bearer {TOKEN}", "X-CSRF-Token": review.csrf}
+
+
+def test_item_ids_and_paths_cannot_leave_the_output(output):
+    client, review, _ = _client(output)
+    for path in ("/api/items/..", "/api/items/%2E%2E", "/api/items/a%5Cb", "/items/..%2F..%2Fetc",
+                 "/api/items/..%2F..%2Fetc/versions/1/image", "/api/items/CON"):
+        response = client.get(path)
+        assert response.status_code in (400, 404), (path, response.status_code)
+    assert client.get("/api/items/%2E%2E").status_code == 400
+    assert "unsafe item_id" in client.get("/api/items/CON").json()["detail"]
+    refused = client.post("/api/items/..%2Fx/decisions", headers=_changing(review),
+                          json={"version": 1, "decision": "approved", "decided_by": "me"})
+    assert refused.status_code in (400, 404)
+    # A version number that has no record serves nothing.
+    assert client.get("/api/items/fitted/versions/2/image").status_code == 404
+
+
+def test_changes_need_the_token_and_the_csrf_header(output):
+    client, review, jobs = _client(output)
+    body = {"version": 1, "decision": "approved", "decided_by": "Ada"}
+    assert client.post("/api/items/fitted/decisions", json=body).status_code == 401
+    assert client.post("/api/items/fitted/decisions", json=body,
+                       headers={"Authorization": "Bearer wrong", "X-CSRF-Token": review.csrf}).status_code == 401
+    assert client.post("/api/items/fitted/decisions", json=body,
+                       headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 403  # no CSRF header
+    assert client.post("/api/items/fitted/decisions", json=body,
+                       headers={**_changing(review), "Origin": "http://evil.example"}).status_code == 403
+    assert client.post("/api/recolour", json={"targets": [{"item_id": "fitted", "color_map": {"dog": "red"}}]}
+                       ).status_code == 401
+    assert jobs.started == [] and not storage.list_files(f"{output}/items/fitted/decisions")
+    # The cookie from /login counts as the token; the pages then carry the CSRF value.
+    client.get(f"/login?token={TOKEN}", follow_redirects=False)
+    assert review.csrf in client.get("/items/fitted").text
+    assert client.post("/api/recolour", headers={"X-CSRF-Token": review.csrf},
+                       json={"targets": [{"item_id": "fitted", "color_map": {"dog": "red"}}]}).status_code == 202
+    assert jobs.started == [[{"item_id": "fitted", "color_map": {"dog": "red"}, "target_prompt": None}]]
+
+
+def test_off_loopback_even_reads_need_the_token(output):
+    client, _, _ = _client(output, host="0.0.0.0")
+    assert client.get("/api/items").status_code == 401 and client.get("/").status_code == 401
+    assert client.get("/api/items", headers={"Authorization": f"Bearer {TOKEN}"}).json()["total"] == 2
+
+
+def test_read_only_refuses_every_change(output):
+    client, review, jobs = _client(output, read_only=True)
+    headers = _changing(review)
+    assert client.post("/api/items/fitted/decisions", headers=headers,
+                       json={"version": 1, "decision": "approved", "decided_by": "Ada"}).status_code == 403
+    assert client.post("/api/recolour", headers=headers,
+                       json={"targets": [{"item_id": "fitted", "color_map": {"dog": "red"}}]}).status_code == 403
+    assert jobs.started == [] and not storage.exists(f"{output}/items/fitted/approved.json")
+    page = client.get("/items/fitted", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    assert "Read-only" in page and 'id=recolour' not in page
+
+
+def test_an_item_without_colour_state_offers_a_full_fit_and_pages_hide_identifier_tokens(output):
+    client, review, _ = _client(output)
+    item = client.get("/api/items/nostate").json()
+    assert item["has_color_state"] is False and item["recolor_mode"] == "full_fit"
+    assert client.get("/api/items/fitted").json()["recolor_mode"] == "render"
+    assert item["colour_words"] == ["dog", "sitting", "wooden", "bench"]
+    page = client.get("/items/nostate").text
+    assert "no colour state" in page and "full fit" in page
+    assert "sks" not in page and "sks" not in json.dumps(item)
+    # The colour words are checked before anything starts.
+    bad = client.post("/api/items/nostate/check", json={"item_id": "nostate", "color_map": {"cat": "red"}}).json()
+    assert bad["ok"] is False and "'cat' is not a content word" in bad["problem"]
+    good = client.post("/api/items/nostate/check", json={"item_id": "nostate", "color_map": {"bench": "green"}}).json()
+    assert good == {"ok": True, "described": "a dog sitting on a wooden green bench", "color_map": {"bench": "green"}}
+
+
+def test_a_decision_is_appended_published_and_listed(output):
+    client, review, _ = _client(output)
+    response = client.post("/api/items/fitted/decisions", headers=_changing(review),
+                           json={"version": 1, "decision": "approved", "decided_by": "Ada", "note": "uniform green"})
+    assert response.status_code == 201, response.text
+    entry = response.json()
+    [decision_uri] = storage.list_files(f"{output}/items/fitted/decisions")
+    assert storage.read_json(decision_uri) == entry and entry["decided_by"] == "Ada" and entry["version"] == 1
+    pointer = storage.read_json(f"{output}/items/fitted/approved.json")
+    assert pointer["version"] == 1 and pointer["master_sha256"] == "0" * 64
+    published = storage.read_bytes(pointer["published_access"])
+    xmp = read_xmp(published)
+    assert xmp["decision"] == "approved" and xmp["decided_by"] == "Ada" and xmp["decision_note"] == "uniform green"
+    access = storage.read_bytes(f"{output}/items/fitted/versions/v0001/access.jpg")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(published))), np.asarray(Image.open(io.BytesIO(access))))
+    # The version record is untouched; a review run lists the decision; the collection filters by it.
+    assert "decision" not in storage.read_json(f"{output}/items/fitted/versions/v0001.json")
+    [review_run] = [run for run in storage.list_folders(f"{output}/runs") if run.endswith("-review")]
+    [row] = read_results(f"{review_run}/results.parquet").to_pylist()
+    assert (row["item_id"], row["decision"], row["decision_note"]) == ("fitted", "approved", "uniform green")
+    assert "approved</b> by Ada" in storage.read_bytes(f"{review_run}/report.html").decode()
+    listed = client.get("/api/items?decision=approved").json()
+    assert [item["item_id"] for item in listed["items"]] == ["fitted"]
+    assert client.get("/api/items?decision=none").json()["total"] == 1
+    # A rejection of the published version withdraws it; both decisions stay.
+    client.post("/api/items/fitted/decisions", headers=_changing(review),
+                json={"version": 1, "decision": "rejected", "decided_by": "Bo"})
+    assert len(storage.list_files(f"{output}/items/fitted/decisions")) == 2
+    assert client.get("/api/items/fitted").json()["approved"] is None
+    assert client.post("/api/items/fitted/decisions", headers=_changing(review),
+                       json={"version": 7, "decision": "approved", "decided_by": "Bo"}).status_code == 400
+
+
+def test_collection_filters_and_pages(output):
+    client, _, _ = _client(output)
+    assert client.get("/api/items?collection=Dogs&smoke=true&min_clip_score=10").json()["total"] == 2
+    assert client.get("/api/items?max_clip_score=10").json()["total"] == 0
+    assert client.get("/api/items?q=dog%20nostate").json()["total"] == 1
+    assert [i["item_id"] for i in client.get("/api/items?limit=1&offset=1").json()["items"]] == ["nostate"]
+    page = client.get("/").text
+    assert "2 items match" in page and "/api/items/fitted/versions/1/image?kind=gray&size=thumb" in page
+    assert client.get("/api/items/fitted/versions/1/image?kind=gray&size=thumb").headers["content-type"] == "image/jpeg"
+    assert client.get("/openapi.json").json()["paths"]["/api/recolour"]

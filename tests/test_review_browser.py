@@ -1,0 +1,98 @@
+"""The review application end to end in a real headless Chromium (marked `browser`, like test_report_browser).
+
+A small collection is colourised with the tiny bundle and the smoke preset,
+then a curator browses it, opens an item, colours a word of its caption,
+watches version 2 appear (the reprocess flow, run by the server) and approves
+it; the decision is then found in the item's records. Set
+``DIFFCOLOR_SCREENSHOT_DIR`` to keep the item page's screenshot (README).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+from test_flows import _collection
+from test_report_browser import _errors, browser  # noqa: F401  (the Chromium fixture)
+
+from diffcolor.archive import storage
+
+pytestmark = pytest.mark.browser
+TOKEN = "browser-test-token-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def review_server(prefect_server, tmp_path, monkeypatch):
+    import uvicorn
+
+    from flows.collection import RunOptions, colorize_collection
+    from review.app import ReviewConfig, create_app
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # recolour in this process, not through a deployment
+    manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
+    assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", pool="inline"),
+                               return_state=True).is_completed()
+    app = create_app(ReviewConfig(output=str(out), token=TOKEN, reprocess_options={"pool": "inline", "device": "cpu"}))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", out
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path):  # noqa: F811
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, out = review_server
+    browser.get(f"{base}/login?token={TOKEN}")  # signs in and lands on the collection
+    assert "2 items match" in browser.find_element("tag name", "body").text
+    assert _errors(browser) == []
+    thumbnails = browser.execute_script("return [...document.images].map(i => [i.complete, i.naturalWidth])")
+    assert len(thumbnails) == 4 and all(done and width > 0 for done, width in thumbnails)
+
+    # Open an item: gray and colour side by side, the slider, explanations, no identifier token.
+    browser.find_element("link text", "p0").click()
+    body = browser.find_element("tag name", "body").text
+    assert "gray original" in body and "largest change of lightness" in body and "sks" not in browser.page_source
+    browser.find_element("id", "slider")
+
+    # Colour one word; the check runs before anything starts; version 2 appears when the flow is done.
+    browser.find_element("css selector", ".colour-word[data-word=dog]").send_keys("red")
+    browser.find_element("id", "recolour").click()
+    WebDriverWait(browser, 400, poll_frequency=1).until(
+        lambda driver: "v2" in driver.find_element("id", "versions").text or "failed" in driver.find_element("id", "job").text)
+    assert "failed" not in browser.find_element("id", "job").text
+    versions = browser.find_element("id", "versions").text
+    assert "a red dog sitting on a wooden bench" in versions
+    assert _errors(browser) == []
+
+    # Approve version 2 with a note; the page shows it published.
+    browser.find_element("id", "curator").send_keys("Ada Curator")
+    browser.find_element("id", "note").send_keys("the dog was red")
+    browser.find_element("id", "approve").click()
+    WebDriverWait(browser, 30).until(lambda driver: "Ada Curator" in driver.find_element("id", "decisions").text)
+    assert "published: v2" in browser.find_element("tag name", "body").text
+    if os.environ.get("DIFFCOLOR_SCREENSHOT_DIR"):
+        browser.set_window_size(1280, 1400)
+        browser.execute_script("window.scrollTo(0, 0)")
+        browser.save_screenshot(os.path.join(os.environ["DIFFCOLOR_SCREENSHOT_DIR"], "review-item.png"))
+
+    # The decision is in the item's records, and the pointer names version 2.
+    [decision] = [storage.read_json(uri) for uri in storage.list_files(str(out / "items" / "p0" / "decisions"))]
+    assert (decision["version"], decision["decision"], decision["decided_by"], decision["note"]) == (
+        2, "approved", "Ada Curator", "the dog was red")
+    assert storage.read_json(str(out / "items" / "p0" / "approved.json"))["version"] == 2
