@@ -65,6 +65,8 @@ def _current_record(layout: ItemLayout) -> tuple[dict | None, str | None]:
     if storage.exists(approved):
         pointer = storage.read_json(approved)
         version = pointer.get("version") if isinstance(pointer, dict) else None
+        if isinstance(pointer, dict) and "version" in pointer and version is None:
+            return None, f"its published version was withdrawn (a curator rejected it; {APPROVED_FILE})"
         if not isinstance(version, int) or isinstance(version, bool):
             return None, f"{APPROVED_FILE} names no version (expected {{\"version\": N}}, got {pointer!r})"
         if not storage.exists(layout.record(version)):
