@@ -13,7 +13,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
-SOURCES = sorted([*(REPO / "diffcolor").rglob("*.py"), *(REPO / "flows").rglob("*.py")])
+PACKAGES = ("diffcolor", "flows", "review")
+SOURCES = sorted(path for name in PACKAGES for path in (REPO / name).rglob("*.py"))
 
 
 def _lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -26,7 +27,7 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess:
 @pytest.fixture
 def tree_copy(tmp_path) -> Path:
     """The packages and the contracts, copied, so a test can break them."""
-    for name in ("diffcolor", "flows"):
+    for name in PACKAGES:
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path
@@ -64,7 +65,7 @@ def _private_imports(path: Path) -> list[str]:
     """``from diffcolor.x import _name`` / ``from flows.x import _name`` in ``path``: private names crossing modules."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("diffcolor", "flows"):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
             found += [f"{path.relative_to(REPO)}:{node.lineno} {node.module}.{alias.name}"
                       for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
     return found

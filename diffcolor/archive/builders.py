@@ -152,7 +152,7 @@ def _read_csv(uri: str, problems: Problems, aliases: dict[str, str]) -> tuple[li
     return columns, records
 
 
-def _finish(rows: list[dict[str, Any]], row_numbers: list[int | None], labels: list[str | None],
+def finish_table(rows: list[dict[str, Any]], row_numbers: list[int | None], labels: list[str | None],
             catalogue_columns: list[str], problems: Problems, uri: str) -> pa.Table:
     """The table of ``rows``, validated; its problems named by the builder input's own row (and label)."""
     table = manifest_table(rows, catalogue_columns)
@@ -238,7 +238,7 @@ def build_from_folder(folder: str, captions: str | None = None) -> pa.Table:
     for key, (number, _) in by_key.items():
         if key not in used:
             problems.add(number, key_column, f"{key_column} {key!r} names no image in '{folder}'")
-    return _finish(rows, row_numbers, labels, catalogue_columns, problems, captions)
+    return finish_table(rows, row_numbers, labels, catalogue_columns, problems, captions)
 
 
 def _read_captions(uri: str, problems: Problems) -> tuple[list[tuple[int | None, dict[str, Any]]], str, list[str]]:
@@ -292,10 +292,10 @@ def build_from_csv(csv_uri: str) -> pa.Table:
         rows.append(_parse_record(record, number, csv_uri, problems))
         row_numbers.append(number)
     catalogue = [name for name in columns if name not in KNOWN_COLUMNS]
-    return _finish(rows, row_numbers, [None] * len(rows), catalogue, problems, csv_uri)
+    return finish_table(rows, row_numbers, [None] * len(rows), catalogue, problems, csv_uri)
 
 
-def _unique_ids(candidates: list[str]) -> list[str]:
+def unique_ids(candidates: list[str]) -> list[str]:
     """Makes ids unique (case-insensitively) by appending -2, -3, ... to later repeats, in order."""
     taken: set[str] = set()
     result = []

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 
 from diffcolor.archive import storage
-from diffcolor.archive.builders import _finish, _unique_ids
+from diffcolor.archive.builders import finish_table, unique_ids
 from diffcolor.archive.manifest import (
     KNOWN_COLUMNS,
     ManifestError,
@@ -458,14 +458,14 @@ def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[s
         raise ManifestError(problems.result(), source)
     if not rows:
         raise ManifestError(left_out or [ManifestProblem(None, None, "the manifest has no canvases")], source)
-    for row, item_id in zip(rows, _unique_ids(candidates)):
+    for row, item_id in zip(rows, unique_ids(candidates)):
         row["item_id"] = item_id
 
     # 3. The table, validated.
     catalogue = [name for name in IIIF_COLUMNS if any(name in row for row in rows)]
     catalogue += list(dict.fromkeys(name for row in rows for name in row if name not in KNOWN_COLUMNS and name not in IIIF_COLUMNS))
     labels = [f"canvas '{row.get('iiif_canvas')}'" for row in rows]
-    table = _finish(rows, list(range(1, len(rows) + 1)), labels, catalogue, Problems(), source)
+    table = finish_table(rows, list(range(1, len(rows) + 1)), labels, catalogue, Problems(), source)
     for problem in left_out:
         logger.warning("%s: %s", source, problem)
     return IiifImport(table, left_out)
