@@ -153,7 +153,7 @@ def _read_csv(uri: str, problems: Problems, aliases: dict[str, str]) -> tuple[li
 
 
 def finish_table(rows: list[dict[str, Any]], row_numbers: list[int | None], labels: list[str | None],
-            catalogue_columns: list[str], problems: Problems, uri: str) -> pa.Table:
+                 catalogue_columns: list[str], problems: Problems, uri: str) -> pa.Table:
     """The table of ``rows``, validated; its problems named by the builder input's own row (and label)."""
     table = manifest_table(rows, catalogue_columns)
     for problem in validate_table(table):
