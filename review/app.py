@@ -113,12 +113,43 @@ def _public(record: dict) -> dict:
     return shown
 
 
+@lru_cache(maxsize=8)
+def _tokenizer(model_id: str):
+    """The text tokenizer of the model an item was made with (None when it is not on this machine)."""
+    try:
+        from transformers import CLIPTokenizer
+
+        from diffcolor.method.models import resolve_folder
+        from diffcolor.tools.tiny import resolve_model
+
+        folder = resolve_folder(resolve_model(model_id), revision=None, allow_download=False,
+                                what="Stable Diffusion model", check="tokenizer")
+        return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except Exception:  # no model here: the render itself checks, and the page shows its error
+        return None
+
+
+def _multi_token(record: dict, colours: dict[str, str]) -> str | None:
+    """Why a colour cannot go into an identifier slot (more than one token for the item's model), or None."""
+    tokenizer = _tokenizer(str(record.get("model_id") or ""))
+    if tokenizer is None:
+        return None
+    for word, colour in colours.items():
+        count = len(tokenizer(colour, add_special_tokens=False).input_ids)
+        if count != 1:
+            return (f"the colour {colour!r} for {word!r} is {count} tokens for this item's model; "
+                    "give a one-word colour the model knows (e.g. 'red', not 'light red')")
+    return None
+
+
 def check_target(record: dict, color_map: dict | None, target_prompt: str | None) -> dict:
     """Whether a new target suits the item: ``{"ok", "problem", "described", "warning"}``.
 
     A colour map must name content words of the caption (the method's token
-    rules, :mod:`diffcolor.common.captions`); a free prompt is accepted, with a
-    warning when it cannot be aligned with the caption word by word.
+    rules, :mod:`diffcolor.common.captions`) with colours that are one token
+    for the item's model (its tokenizer, when the model is on this machine); a
+    free prompt is accepted, with a warning when it cannot be aligned with the
+    caption word by word.
     """
     caption = record.get("caption") or ""
     color_map = {key: value for key, value in (color_map or {}).items() if (value or "").strip()}
@@ -130,10 +161,15 @@ def check_target(record: dict, color_map: dict | None, target_prompt: str | None
     try:
         rewritten = rewrite_caption(caption)
         if color_map:
-            return {"ok": True, "described": describe_color_map(rewritten, color_map), "color_map": color_map}
+            described = describe_color_map(rewritten, color_map)
+            problem = _multi_token(record, color_map)
+            if problem:
+                return {"ok": False, "problem": problem}
+            return {"ok": True, "described": described, "color_map": color_map}
         try:
-            prompt_slots(rewritten, target_prompt)
-            warning = None
+            slots = prompt_slots(rewritten, target_prompt)
+            reason = _multi_token(record, {rewritten.slots[slot]: colour for slot, colour in slots.items()})
+            warning = None if reason is None else f"the prompt will be rendered as written, not aligned: {reason}"
         except PromptError as error:
             warning = f"the prompt cannot be aligned with the caption word by word: {error}"
         return {"ok": True, "described": target_prompt, "warning": warning, "target_prompt": target_prompt}
@@ -309,6 +345,16 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
         return entry
 
     # 4. Pages.
+    @app.get("/api-docs", response_class=HTMLResponse, dependencies=[Depends(may_read)], include_in_schema=False)
+    def api_page(request: Request) -> str:
+        """The JSON API, listed from its OpenAPI document (offline; /docs is FastAPI's Swagger UI, from a CDN)."""
+        routes = [{"method": method.upper(), "path": path, "summary": operation.get("summary", ""),
+                   "parameters": [p["name"] for p in operation.get("parameters", [])],
+                   "body": bool(operation.get("requestBody"))}
+                  for path, methods in app.openapi()["paths"].items() for method, operation in methods.items()]
+        return render_page("api.html", package="review", title="DiffColor review: JSON API", routes=routes,
+                           **page_context(request))
+
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
         return Response(status_code=204)  # no icon, and no 404 in the browser's console

@@ -188,3 +188,25 @@ def test_collection_filters_and_pages(output):
     assert "2 items match" in page and "/api/items/fitted/versions/1/image?kind=gray&size=thumb" in page
     assert client.get("/api/items/fitted/versions/1/image?kind=gray&size=thumb").headers["content-type"] == "image/jpeg"
     assert client.get("/openapi.json").json()["paths"]["/api/recolour"]
+
+
+def test_colours_the_items_model_cannot_take_in_one_token_are_refused_before_anything_starts(output, cache_dir):
+    layout = ItemLayout(f"{output}/items/fitted")
+    record = dict(storage.read_json(layout.result), model_id="tiny")  # the tiny bundle's tokenizer, from the cache
+    storage.write_json(layout.result, record)
+    write_results([record], f"{output}/runs/20260102T000000Z-bbbbbb/results.parquet")
+    client, _, _ = _client(output)
+    check = client.post("/api/items/fitted/check", json={"item_id": "fitted", "color_map": {"dog": "mauve"}}).json()
+    assert check["ok"] is False and "'mauve' for 'dog' is" in check["problem"] and "tokens" in check["problem"]
+    assert client.post("/api/items/fitted/check", json={"item_id": "fitted", "color_map": {"dog": "red"}}).json()["ok"]
+    free = client.post("/api/items/fitted/check",
+                       json={"item_id": "fitted", "target_prompt": "a mauve dog sitting on a wooden bench"}).json()
+    assert free["ok"] is True and "rendered as written, not aligned" in free["warning"]
+
+
+def test_the_api_is_listed_on_an_offline_page(output):
+    client, _, _ = _client(output)
+    page = client.get("/api-docs", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    assert "<code>/api/items/{item_id}/decisions</code>" in page and "<code>/api/recolour</code>" in page
+    assert "https://" not in page and "http://" not in page  # nothing loaded from elsewhere
+    assert client.get("/openapi.json").json()["info"]["title"] == "DiffColor Archive review"
