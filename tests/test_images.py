@@ -354,7 +354,8 @@ def test_derivatives_embed_a_profile_with_a_fixed_date_so_reruns_are_byte_identi
     access_icc = Image.open(io.BytesIO(encode_access(rgb, "JPEG"))).info["icc_profile"]
     for icc in (master_icc, access_icc):
         assert struct.unpack(">6H", icc[24:36]) == SRGB_PROFILE_DATE
+        # (The header bytes are the check: Pillow 12's creation_date reads LittleCMS's 0-based month as the
+        # month and fails on a January date, so it cannot be the witness.)
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        assert profile.profile.creation_date.timetuple()[:6] == SRGB_PROFILE_DATE
         assert ImageCms.getProfileDescription(profile).strip() == "sRGB built-in"
     assert encode_master(rgb) == master
