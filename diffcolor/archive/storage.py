@@ -436,18 +436,7 @@ def list_files(uri: str) -> list[str]:
     Raises:
         InputUnavailableError: listing is denied. StorageError: other backend failures.
     """
-    fs, path = filesystem(uri)
-    fs.invalidate_cache(path)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    except Exception as error:
-        if not _is_backend_error(error):
-            raise
-        raise backend_error(uri, "listing", error, fs) from error
-    names = sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "file")
-    return [join(uri, name) for name in names if not name.endswith(".partial")]
+    return [join(uri, name) for name in _listed(uri, "file") if not name.endswith(".partial")]
 
 
 def list_folders(uri: str) -> list[str]:
@@ -456,6 +445,11 @@ def list_folders(uri: str) -> list[str]:
     Raises:
         InputUnavailableError: listing is denied. StorageError: other backend failures.
     """
+    return [join(uri, name) for name in _listed(uri, "directory")]
+
+
+def _listed(uri: str, kind: str) -> list[str]:
+    """The sorted names of the entries of ``kind`` ("file" or "directory") directly under ``uri``, from the backend."""
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)
     try:
@@ -466,8 +460,7 @@ def list_folders(uri: str) -> list[str]:
         if not _is_backend_error(error):
             raise
         raise backend_error(uri, "listing", error, fs) from error
-    names = sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory")
-    return [join(uri, name) for name in names]
+    return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == kind)
 
 
 def remove(uri: str) -> None:
