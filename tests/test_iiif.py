@@ -312,3 +312,23 @@ def test_publishing_refuses_a_bad_base_url_and_an_empty_output(tmp_path, capsys)
     assert "must be an http(s) URL" in capsys.readouterr().err
     assert main(["iiif", str(tmp_path), "--base-url", "https://x.org"]) == 2
     assert "has a done version to publish" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("image", ["file:///etc/passwd", "/home/curator/private.tif", "s3://internal/scan.tif",
+                                   "../../secrets.png"])
+def test_a_manifest_naming_a_local_file_or_a_private_store_is_refused(tmp_path, image, capsys):
+    """A IIIF manifest comes from outside: its images must be published (http or https), never this host's files."""
+    from diffcolor.archive.iiif import read_iiif
+    from diffcolor.archive.manifest import ManifestError
+
+    manifest = {"@context": "http://iiif.io/api/presentation/3/context.json", "id": "https://example.org/m",
+                "type": "Manifest", "label": {"en": ["A harbour"]}, "items": [
+                    {"id": "https://example.org/c1", "type": "Canvas", "label": {"en": ["a boat in a harbour"]},
+                     "items": [{"id": "https://example.org/p1", "type": "AnnotationPage", "items": [
+                         {"id": "https://example.org/a1", "type": "Annotation", "motivation": "painting",
+                          "target": "https://example.org/c1", "body": {"id": image, "type": "Image"}}]}]}]}
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError) as refused:
+        read_iiif(str(path))
+    assert "is not an http(s) URL" in str(refused.value.problems)

@@ -226,6 +226,15 @@ def _selector_request(selectors: list[Any]) -> dict[str, str]:
 
 
 def image_url(body: dict[str, Any], image_info: Mapping[str, dict] | None = None) -> tuple[str, str | None]:
+    """:func:`_image_url`, refusing anything but an http(s) URL: a IIIF manifest, which may come from anyone,
+    names published images, never a file of the machine that imports it (``file:///...``, a bare path, ``s3://``)."""
+    url, note = _image_url(body, image_info)
+    if not re.match(r"https?://[^/\s]", url, re.IGNORECASE):
+        raise RefusedBody(f"its image {url!r} is not an http(s) URL: a IIIF manifest only names published images")
+    return url, note
+
+
+def _image_url(body: dict[str, Any], image_info: Mapping[str, dict] | None = None) -> tuple[str, str | None]:
     """The URL of the full image a painting body shows, and a note for the row (or None).
 
     ``body`` is an Image, a SpecificResource over an Image, or a Choice of
