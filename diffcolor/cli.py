@@ -662,7 +662,7 @@ def _add_workers_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_single_image_commands(commands) -> None:
     tiny = commands.add_parser("tiny-bundle", help="write the tiny random model bundle (tests and smoke runs only)",
-                               **_examples("diffcolor tiny-bundle /tmp/tiny   # then --model /tmp/tiny"))
+                               **_examples("diffcolor tiny-bundle models/tiny   # then --model models/tiny"))
     tiny.add_argument("dir", help="folder to write the bundle into (created)")
     tiny.set_defaults(handler=cmd_tiny_bundle)
 

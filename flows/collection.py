@@ -175,7 +175,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     for note in (f"{check.name}: {note}" for check in checked.checks for note in check.notes):
         logger.info("model %s: %s", model, note)
     model_hash = checked.model_hash
-    smoke = bool(checked.facts("random").get("random_weights"))
+    smoke = checked.random_weights
     timings = {"started": time.perf_counter()}
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                      weight_dtype=options.weight_dtype)

@@ -165,7 +165,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
         checked = preflight_model(model, clip=options.clip, allow_download=options.allow_download,
                                   device=options.device, weight_dtype=options.weight_dtype, hashes=False,
                                   probe_memory=False)
-        smoke = smoke or bool(checked.facts("random").get("random_weights"))
+        smoke = smoke or checked.random_weights
 
     # 4. Model by model: a pool with the models loaded once, then every item of that model.
     notify("start", run_id, len(targets))

@@ -125,6 +125,11 @@ class DoctorReport:
         return not self.problems
 
     @property
+    def random_weights(self) -> bool:
+        """Whether the model declares random weights (its outputs are labelled smoke runs)."""
+        return bool(self.facts("random").get("random_weights"))
+
+    @property
     def model_hash(self) -> str | None:
         """The model hash load_models will report (None when it was not computed or the model is refused)."""
         return self.facts("weights").get("model_hash")
