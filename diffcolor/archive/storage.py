@@ -2,6 +2,10 @@
 
 A URI is a local path (``/data/out``, ``out``), ``file://``, ``memory://`` or
 ``s3://bucket/prefix`` (AWS S3 or any S3 API such as MinIO, through s3fs).
+An ``http(s)://`` URL can be read (:func:`read_bytes`, :func:`exists`) and
+nothing else; it is fetched by :mod:`diffcolor.archive.outside`, which never
+reaches loopback, link-local or private addresses unless the operator allows
+the host (``DIFFCOLOR_ALLOW_HOSTS``, ``--allow-host``).
 
 S3 configuration comes from the environment only (never from manifests or
 records, so that no credential is ever written anywhere):
@@ -76,6 +80,7 @@ from diffcolor.common.errors import (
     StorageConfigError,
     StorageError,
 )
+from diffcolor.archive import outside
 from diffcolor.common.redact import redact, split_userinfo
 
 logger = logging.getLogger(__name__)
@@ -173,6 +178,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     the filesystem's key and secret, and are remembered as secrets to redact.
     """
     uri = str(uri)
+    if outside.is_http(uri):
+        raise StorageConfigError(f"'{redact(uri)}' is an http(s) URL: it can be read, never written, listed or opened "
+                                 "as a file")
     options = storage_options_for(uri)
     protocol, _ = split_protocol(uri)
     if protocol in _S3_PROTOCOLS:
@@ -243,7 +251,12 @@ def read_bytes(uri: str, limits: ReadLimits | None = None) -> bytes:
         BadImageError: it is larger than ``limits.max_bytes``.
         StorageConfigError: the store refuses the request as malformed (permanent).
         StorageError: any other backend failure (transient).
+        ForbiddenAddressError (an InputUnavailableError): an http(s) URL that
+            points at this host's own network (:mod:`diffcolor.archive.outside`).
     """
+    if outside.is_http(uri):
+        limits = limits or ReadLimits()
+        return outside.fetch(str(uri), max_bytes=limits.max_bytes, seconds=limits.seconds)
     fs, path = filesystem(uri)
     try:
         if limits is None:
@@ -398,6 +411,8 @@ def modified_time(uri: str) -> float | None:
     Raises:
         InputUnavailableError: it is missing or checking is denied. StorageError: other backend failures.
     """
+    if outside.is_http(uri):
+        return None
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)
     try:
@@ -418,6 +433,12 @@ def exists(uri: str) -> bool:
     Raises:
         InputUnavailableError: checking is denied. StorageError: other backend failures.
     """
+    if outside.is_http(uri):  # a HEAD request, checked like every fetch
+        try:
+            outside.fetch(str(uri), method="HEAD", seconds=ReadLimits.seconds)
+        except MissingObjectError:
+            return False
+        return True
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)
     try:
