@@ -245,3 +245,39 @@ def test_a_fifo_source_fails_its_item_and_the_run_goes_on(prefect_server, tmp_pa
     rows = {row["item_id"]: row for row in read_results(state.result(raise_on_failure=False)["results"]).to_pylist()}
     assert rows["good"]["status"] == "done"
     assert rows["pipe"]["error_class"] == "input_unavailable" and "not a regular file (a FIFO)" in rows["pipe"]["error_message"]
+
+
+@pytest.mark.parametrize("secret", ["wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "a=b+c/d", "p@ss:w:rd", "x%2Fy%40z",
+                                    "trailing/", "/leading", "q?r#s"])
+def test_a_credential_in_any_uri_is_lifted_out_and_masked_whatever_it_holds(secret):
+    from urllib.parse import quote, unquote
+
+    from diffcolor.common.redact import has_userinfo, redact, split_userinfo
+
+    for scheme in ("s3", "gs", "https", "ftp", "az"):
+        for written in (secret, quote(secret, safe="")):
+            uri = f"{scheme}://KEYID:{written}@bucket-1/photos/a@2x.png"
+            bare, user, password = split_userinfo(uri)
+            assert (bare, user, password) == (f"{scheme}://bucket-1/photos/a@2x.png", "KEYID", unquote(written))
+            assert has_userinfo(uri) and not has_userinfo(bare)
+            assert redact(f"failed: {uri}") == f"failed: {scheme}://***@bucket-1/photos/a@2x.png"
+    # Plain URIs stay as they are: an '@' in a path, a port, a colon in a key.
+    for plain in ("s3://bucket/a@2x.png", "https://images.example:8443/iiif/a.jpg", "s3://bucket/a:b/c.png",
+                  "file:///data/a@b.tif", "/data/a:b@c.tif"):
+        assert not has_userinfo(plain) and redact(plain) == plain
+
+
+def test_secret_query_parameters_of_presigned_and_token_urls_are_masked():
+    from diffcolor.common.redact import redact
+
+    url = ("https://bucket.s3.amazonaws.com/a.tif?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261207"
+           "&X-Amz-Date=20261207T000000Z&X-Amz-Expires=3600&X-Amz-Security-Token=IQoJb3&X-Amz-Signature=f00dcafe"
+           "&X-Amz-SignedHeaders=host")
+    shown = redact(f"reading '{url}' failed")
+    for value in ("AKIA%2F20261207", "IQoJb3", "f00dcafe"):
+        assert value not in shown
+    assert "X-Amz-Date=20261207T000000Z" in shown and "X-Amz-Signature=***" in shown
+    for name in ("sig", "token", "access_token", "api_key", "Signature", "password", "client_secret"):
+        text = redact(f"https://images.example/a.jpg?w=100&{name}=s3cr3tvalue#frag")
+        assert "s3cr3tvalue" not in text and f"{name}=***" in text and "w=100" in text
+    assert "tok3n" not in redact("https://app.example/cb#access_token=tok3n&state=1")  # an OAuth fragment
