@@ -391,8 +391,10 @@ def cmd_iiif(args) -> int:
     """``diffcolor iiif``: writes the IIIF manifest of the collection's current colour versions."""
     from diffcolor.archive.iiif_publish import publish_iiif
 
-    output = _lift_credentials(args.output)[0]
-    publication = publish_iiif(output, args.base_url, args.out, label=args.label)
+    output, base_url = _lift_credentials(args.output, args.base_url)  # the base URL is published: no credentials
+    if base_url != args.base_url:
+        raise ValueError("--base-url is published in the manifest: it may carry no credentials")
+    publication = publish_iiif(output, base_url, args.out, label=args.label)
     for reason in publication.left_out:
         print(f"left out: {reason}", file=sys.stderr)
     print(f"wrote a IIIF manifest of {len(publication.items)} items: {publication.manifest['id']}")

@@ -490,3 +490,13 @@ def test_credentials_in_an_image_or_ground_truth_uri_are_a_problem_that_does_not
     assert "carries credentials" in out and "AWS_ACCESS_KEY_ID" in out
     for fragment in {secret, *secret.replace("%2F", "/").replace("%40", "@").replace("@", "/").replace(":", "/").split("/")}:
         assert len(fragment) < 3 or fragment not in out, fragment
+
+
+def test_a_captions_json_nested_too_deep_is_one_problem(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"")
+    captions = tmp_path / "captions.json"
+    captions.write_text("[" * 100_000 + "]" * 100_000)
+    code = main(["manifest", "build", "--from-folder", str(tmp_path), "--captions", str(captions),
+                 "-o", str(tmp_path / "m.parquet")])
+    printed = capsys.readouterr()
+    assert code == 1 and "nests too deep" in printed.out and "Traceback" not in printed.err

@@ -215,3 +215,59 @@ def test_the_iiif_import_and_the_cli_refuse_loopback_and_take_allow_host(server,
     colorize = _diffcolor("colorize", f"{base}/secret", "--caption", "a boat in the harbour", "--out",
                           str(tmp_path / "item"), "--model", "tiny")
     assert colorize.returncode == 2 and "refused" in colorize.stderr and "Traceback" not in colorize.stderr
+
+
+def _certificate(tmp_path, name: str):
+    """(CA file, server cert file, key file): a throwaway CA and a certificate for ``name`` it signed."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False).sign(ca_key, hashes.SHA256()))
+    files = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    files[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    files[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return files
+
+
+@pytest.mark.parametrize("certified", ["images.example", "other.example"])
+def test_https_connects_to_the_checked_address_and_verifies_the_url_host(certified, server, tmp_path, monkeypatch):
+    import ssl
+
+    base, httpd = server
+    ca, cert, key = _certificate(tmp_path, certified)
+    names = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda connection, name, _: names.append(name)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *args, **kwargs: real(
+        "127.0.0.1" if host == "images.example" else host, port, *args, **kwargs))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    url = f"https://images.example:{httpd.server_port}/secret"
+    with pytest.raises(ForbiddenAddressError):
+        storage.read_bytes(url)
+    assert names == []
+    monkeypatch.setenv(ALLOW_HOSTS_ENV, "127.0.0.1")
+    if certified == "images.example":
+        assert storage.read_bytes(url) == BODY
+        assert httpd.seen == [("GET", "/secret", f"images.example:{httpd.server_port}")]
+    else:  # the certificate is checked against the URL's host, not the address connected to
+        with pytest.raises(storage.InputUnavailableError, match="TLS failed"):
+            storage.read_bytes(url)
+    assert names == ["images.example"]  # SNI: the URL's host
