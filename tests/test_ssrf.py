@@ -21,6 +21,7 @@ import pytest
 
 from diffcolor.archive import outside, storage
 from diffcolor.archive.outside import ALLOW_HOSTS_ENV, ForbiddenAddressError, forbidden_reason
+from diffcolor.common.errors import PermanentError
 
 REPO = Path(__file__).resolve().parents[1]
 BODY = b"internal secret page"
@@ -271,3 +272,14 @@ def test_https_connects_to_the_checked_address_and_verifies_the_url_host(certifi
         with pytest.raises(storage.InputUnavailableError, match="TLS failed"):
             storage.read_bytes(url)
     assert names == ["images.example"]  # SNI: the URL's host
+
+
+@pytest.mark.parametrize("uri", ["ftp://127.0.0.1/a.png", "sftp://127.0.0.1/a.png", "webhdfs://127.0.0.1/a.png",
+                                 "simplecache::http://169.254.169.254/latest/meta-data/",
+                                 "blockcache::https://127.0.0.1/a.png", "zip://a.png::http://127.0.0.1/a.zip",
+                                 "reference://", "HTTP://127.0.0.1/a.png"])
+def test_other_protocols_and_chained_urls_never_open_a_connection(uri, server):
+    base, httpd = server
+    with pytest.raises(PermanentError):  # refused, never retried
+        storage.read_bytes(uri)
+    assert httpd.seen == []

@@ -43,7 +43,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from diffcolor.common.errors import BadImageError, InputUnavailableError, MissingObjectError, StorageError
 from diffcolor.common.redact import redact
@@ -54,6 +54,7 @@ CONNECT_SECONDS = 30.0
 READ_CHUNK_BYTES = 1 << 20
 USER_AGENT = "DiffColor-Archive"
 _REDIRECTS = (301, 302, 303, 307, 308)
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # what a request target keeps as it is (the rest is percent-encoded)
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"),)
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -209,11 +210,14 @@ def fetch(url: str, *, max_bytes: int = 2 * 2**30, seconds: float = 600.0, metho
     deadline = time.monotonic() + seconds
     current = str(url)
     for hop in range(MAX_REDIRECTS + 1):
-        scheme = urlsplit(current).scheme.lower()
-        host, port, addresses = resolve_checked(current, allow)
+        host, port, addresses = resolve_checked(current, allow)  # raises for anything but a valid http(s) URL
         parts = urlsplit(current)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        pool, response = _connect(scheme, host, port, addresses, method, target, current, deadline)
+        target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_URL_SAFE)
+        try:
+            host = host.encode("idna").decode("ascii")  # the TLS name and Host header of an internationalised name
+        except UnicodeError as error:
+            raise InputUnavailableError(f"'{redact(current)}': host {host!r} is not a valid name ({error})") from None
+        pool, response = _connect(parts.scheme.lower(), host, port, addresses, method, target, current, deadline)
         try:
             if response.status in _REDIRECTS and response.headers.get("Location"):
                 following = urljoin(current, response.headers["Location"].strip())
@@ -239,7 +243,8 @@ def _connect(scheme: str, host: str, port: int, addresses: list[Address], method
     """(pool, response) of the request sent to the first of the checked ``addresses`` that accepts a connection."""
     import urllib3
 
-    headers = {"Host": _host_header(host, port, scheme), "User-Agent": USER_AGENT, "Accept": "*/*"}
+    headers = {"Host": _host_header(host, port, scheme), "User-Agent": USER_AGENT, "Accept": "*/*",
+               "Accept-Encoding": "identity"}  # the size limit counts the bytes as stored, never a decompression
     for number, address in enumerate(addresses, start=1):
         remaining = max(0.1, deadline - time.monotonic())
         timeout = urllib3.Timeout(connect=min(CONNECT_SECONDS, remaining), read=remaining)
@@ -258,6 +263,9 @@ def _connect(scheme: str, host: str, port: int, addresses: list[Address], method
         except (urllib3.exceptions.HTTPError, OSError) as error:
             pool.close()
             raise StorageError(f"reading '{redact(url)}' failed: {type(error).__name__}: {redact(error)}") from None
+        except ValueError as error:  # a request http.client refuses to send (a control character in it)
+            pool.close()
+            raise InputUnavailableError(f"'{redact(url)}' cannot be requested ({redact(error)})") from None
     raise AssertionError("resolve_checked returns at least one address")
 
 
