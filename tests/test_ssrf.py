@@ -283,3 +283,26 @@ def test_other_protocols_and_chained_urls_never_open_a_connection(uri, server):
     with pytest.raises(PermanentError):  # refused, never retried
         storage.read_bytes(uri)
     assert httpd.seen == []
+
+
+@pytest.mark.slow  # a whole flow run (models loaded) for what the storage tests above check at the read
+def test_manifest_image_urls_on_loopback_and_link_local_fail_their_items(prefect_server, server, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from diffcolor.archive.results import read_results
+    from flows.collection import RunOptions, colorize_collection
+
+    base, httpd = server
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"item_id": "inside", "image_uri": f"{base}/secret", "caption": "a dog on a bench", "seed": 1},
+        {"item_id": "metadata", "image_uri": "http://169.254.169.254/latest/meta-data/", "caption": "a dog on a bench",
+         "seed": 2}]), manifest)
+    options = RunOptions(preset="smoke", pool="inline", retry_delay_seconds=[0.1])
+
+    state = colorize_collection(str(manifest), str(tmp_path / "out"), "tiny", options, return_state=True)
+    rows = {row["item_id"]: row for row in read_results(state.result(raise_on_failure=False)["results"]).to_pylist()}
+    assert {row["error_class"] for row in rows.values()} == {"input_unavailable"}
+    assert "loopback" in rows["inside"]["error_message"] and "link-local" in rows["metadata"]["error_message"]
+    assert httpd.seen == []
