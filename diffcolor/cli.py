@@ -403,6 +403,7 @@ def cmd_iiif(args) -> int:
 
 def cmd_run(args) -> int:
     from diffcolor.archive import storage
+    from diffcolor.common.redact import refuse_credentials
     from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
     from diffcolor.method.presets import apply_overrides, get_preset
 
@@ -411,6 +412,7 @@ def cmd_run(args) -> int:
     overrides = _parse_overrides(args.set)
     apply_overrides(get_preset(args.preset), overrides)
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
+    refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     problems = validate_manifest(manifest)
     if problems:
         return _print_problems(problems, f"diffcolor: nothing run: {problem_count(problems)} problem(s) in "
@@ -439,6 +441,7 @@ def cmd_run(args) -> int:
 
 def cmd_reprocess(args) -> int:
     from diffcolor.archive import storage
+    from diffcolor.common.redact import refuse_credentials
     from diffcolor.common.errors import PromptError
     from diffcolor.common.ids import normalize_item_id
 
@@ -448,6 +451,7 @@ def cmd_reprocess(args) -> int:
         raise PromptError("give --items with --target or --color-map, or a --targets file")
     items = [normalize_item_id(item) for item in args.items.split(",")] if args.items and not args.targets else []
     out, targets_uri = _lift_credentials(args.out, args.targets)
+    refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     out = storage.absolute(out)
     if args.model:
         _smoke_notice(args.model)

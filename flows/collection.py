@@ -157,7 +157,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     logger = get_run_logger()
     run_id = current_run_id()  # the flow run's name
     config_dict = apply_overrides(get_preset(options.preset), options.overrides).to_dict()
-    refuse_credentials(manifest, output, what="flow parameter")  # a deployment's parameters are stored
+    refuse_credentials(manifest, output, model, options.clip, what="flow parameter")  # a deployment's are stored
     manifest, output = storage.absolute(manifest), storage.absolute(output)  # records name absolute URIs
 
     # 1. Validate the manifest (and the selected ids) before any GPU work.

@@ -120,6 +120,9 @@ def test_a_canary_secret_planted_everywhere_a_user_can_put_one_appears_nowhere(p
         other = _diffcolor("manifest", "validate", uri, env=environment)
         assert other.returncode == 2 and "carries credentials" in other.stderr and "Traceback" not in other.stderr
         assert core not in other.stdout + other.stderr
+    model = _diffcolor("run", str(local_manifest), "--out", str(tmp_path / "model-out"), "--model",
+                       f"https://user:{canary}@models.example/sd15", env=environment)  # a flow parameter too
+    assert model.returncode == 2 and "carries credentials" in model.stderr and core not in model.stdout + model.stderr
 
     places = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(),
               "refused stdout": refused.stdout.encode(), "refused stderr": refused.stderr.encode(),
@@ -148,6 +151,9 @@ def test_a_flow_refuses_parameters_that_carry_credentials(prefect_server, tmp_pa
     assert core not in str(caught.value) and "carries credentials" in str(caught.value)
     with pytest.raises(CredentialsInUriError):
         reprocess(f"https://user:{_canary(core)}@host.example/out", [{"item_id": "a", "target_prompt": "a red dog"}])
+    with pytest.raises(CredentialsInUriError):
+        colorize_collection(str(tmp_path / "m.parquet"), str(tmp_path / "out"), f"https://u:{_canary(core)}@m.example/x",
+                            RunOptions(preset="smoke", pool="inline"))
     assert not (tmp_path / "out").exists()
 
 
