@@ -71,7 +71,7 @@ def _canary(core: str) -> str:
 
 
 def test_a_canary_secret_planted_everywhere_a_user_can_put_one_appears_nowhere(prefect_server, s3_bucket, s3_endpoint,
-                                                                               tmp_path):
+                                                                               tmp_path, capsys):
     from urllib.parse import quote
 
     core = f"CANARY{uuid.uuid4().hex}"
@@ -108,25 +108,29 @@ def test_a_canary_secret_planted_everywhere_a_user_can_put_one_appears_nowhere(p
     refused_manifest = write_manifest(tmp_path / "refused.parquet", [
         {"item_id": "p0", "image_uri": f"{with_secret}/incoming/p0.png", "caption": CAPTION},
         {"item_id": "p1", "image_uri": f"{with_encoded_secret}/incoming/p1.png", "caption": CAPTION}])
-    refused = _diffcolor("run", str(refused_manifest), "--out", str(tmp_path / "refused-out"), "--model", "tiny",
-                         "--preset", "smoke", env=environment)
-    assert refused.returncode == 1 and "row 1, column 'image_uri'" in refused.stdout
-    assert "row 2, column 'image_uri'" in refused.stdout and "carries credentials" in refused.stdout
-    assert not (tmp_path / "refused-out").exists()
-    validated = _diffcolor("manifest", "validate", str(refused_manifest), env=environment)
-    assert validated.returncode == 1 and "carries credentials" in validated.stdout
-    # Credentials in a URI of any other scheme are refused with one line.
-    for uri in (f"https://user:{canary}@images.example/m.parquet", f"gs://user:{quote(canary, safe='')}@bucket/m"):
-        other = _diffcolor("manifest", "validate", uri, env=environment)
-        assert other.returncode == 2 and "carries credentials" in other.stderr and "Traceback" not in other.stderr
-        assert core not in other.stdout + other.stderr
-    model = _diffcolor("run", str(local_manifest), "--out", str(tmp_path / "model-out"), "--model",
-                       f"https://user:{canary}@models.example/sd15", env=environment)  # a flow parameter too
-    assert model.returncode == 2 and "carries credentials" in model.stderr and core not in model.stdout + model.stderr
+    # (In this process: what is checked here happens before any flow starts.)
+    from diffcolor.cli import main
+
+    def command(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        printed = capsys.readouterr()
+        assert "Traceback" not in printed.err
+        return code, printed.out + printed.err
+
+    refused = command("run", str(refused_manifest), "--out", str(tmp_path / "refused-out"), "--model", "tiny")
+    assert refused[0] == 1 and "row 1, column 'image_uri'" in refused[1] and "row 2, column 'image_uri'" in refused[1]
+    assert "carries credentials" in refused[1] and not (tmp_path / "refused-out").exists()
+    validated = command("manifest", "validate", str(refused_manifest))
+    assert validated[0] == 1 and "carries credentials" in validated[1]
+    # Credentials in a URI of any other scheme are refused with one line; so is a model URI, a flow parameter too.
+    others = [command("manifest", "validate", f"https://user:{canary}@images.example/m.parquet"),
+              command("manifest", "validate", f"gs://user:{quote(canary, safe='')}@bucket/m"),
+              command("run", str(local_manifest), "--out", str(tmp_path / "model-out"), "--model",
+                      f"https://user:{canary}@models.example/sd15")]
+    assert all(code == 2 and "carries credentials" in text for code, text in others)
 
     places = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(),
-              "refused stdout": refused.stdout.encode(), "refused stderr": refused.stderr.encode(),
-              "validate output": (validated.stdout + validated.stderr).encode(),
+              **{f"command {number}": text.encode() for number, (_, text) in enumerate([refused, validated, *others])},
               "prefect database": _prefect_database_bytes(),
               **{f"s3://.../{key}": data for key, data in objects.items() if not key.startswith("incoming/")},
               **{str(path): path.read_bytes() for path in tmp_path.rglob("*")
