@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +19,6 @@ from diffcolor.archive import outside, storage
 from diffcolor.archive.outside import ALLOW_HOSTS_ENV, ForbiddenAddressError, forbidden_reason
 from diffcolor.common.errors import PermanentError
 
-REPO = Path(__file__).resolve().parents[1]
 BODY = b"internal secret page"
 
 
@@ -173,13 +168,16 @@ def _only_ipv4(real):
     return resolve
 
 
-def _diffcolor(*args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {name: value for name, value in os.environ.items() if name != ALLOW_HOSTS_ENV}
-    return subprocess.run([sys.executable, "-m", "diffcolor", *args], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={**environment, **env})
+def _command(capsys, *args: str) -> tuple[int, str, str]:
+    """``diffcolor ARGS`` in this process: (exit status, stdout, stderr)."""
+    from diffcolor.cli import main
+
+    code = main(list(args))
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
 
 
-def test_the_iiif_import_and_the_cli_refuse_loopback_and_take_allow_host(server, tmp_path):
+def test_the_iiif_import_and_the_cli_refuse_loopback_and_take_allow_host(server, tmp_path, capsys, monkeypatch):
     base, httpd = server
     image = f"{base}/iiif/plate-1"
     info = {"@context": "http://iiif.io/api/image/3/context.json", "id": image, "type": "ImageService3",
@@ -197,12 +195,13 @@ def test_the_iiif_import_and_the_cli_refuse_loopback_and_take_allow_host(server,
     out = tmp_path / "m.parquet"
     build = ("manifest", "build", "--from-iiif", f"{base}/manifest.json", "--image-info", f"{image}/info.json",
              "-o", str(out))
-    refused = _diffcolor(*build)
-    assert refused.returncode == 2 and "loopback" in refused.stderr and "--allow-host" in refused.stderr
-    assert "Traceback" not in refused.stderr and httpd.seen == [] and not out.exists()
+    monkeypatch.setenv(ALLOW_HOSTS_ENV, "")  # restored after the test: --allow-host below adds to it
+    code, _, err = _command(capsys, *build)
+    assert code == 2 and "loopback" in err and "--allow-host" in err and len(err.splitlines()) == 1
+    assert httpd.seen == [] and not out.exists()
 
-    done = _diffcolor(*build, "--allow-host", "127.0.0.1")
-    assert done.returncode == 0, done.stderr
+    code, _, err = _command(capsys, *build, "--allow-host", "127.0.0.1")
+    assert code == 0, err
     assert {path for _, path, _ in httpd.seen} == {"/manifest.json", "/iiif/plate-1/info.json"}
     import pyarrow.parquet as pq
 
@@ -211,11 +210,14 @@ def test_the_iiif_import_and_the_cli_refuse_loopback_and_take_allow_host(server,
     # Validating a manifest given by URL, and colourising an image URL, are checked the same way.
     httpd.routes["/m.parquet"] = (200, {}, out.read_bytes())
     httpd.seen.clear()
-    assert _diffcolor("manifest", "validate", f"{base}/m.parquet").returncode == 2 and httpd.seen == []
-    assert _diffcolor("manifest", "validate", f"{base}/m.parquet", DIFFCOLOR_ALLOW_HOSTS="127.0.0.1").returncode == 0
-    colorize = _diffcolor("colorize", f"{base}/secret", "--caption", "a boat in the harbour", "--out",
-                          str(tmp_path / "item"), "--model", "tiny")
-    assert colorize.returncode == 2 and "refused" in colorize.stderr and "Traceback" not in colorize.stderr
+    monkeypatch.setenv(ALLOW_HOSTS_ENV, "")
+    assert _command(capsys, "manifest", "validate", f"{base}/m.parquet")[0] == 2 and httpd.seen == []
+    monkeypatch.setenv(ALLOW_HOSTS_ENV, "127.0.0.1")
+    assert _command(capsys, "manifest", "validate", f"{base}/m.parquet")[0] == 0
+    monkeypatch.setenv(ALLOW_HOSTS_ENV, "")
+    code, _, err = _command(capsys, "colorize", f"{base}/secret", "--caption", "a boat in the harbour", "--out",
+                            str(tmp_path / "item"), "--model", "tiny")
+    assert code == 2 and "refused" in err and len(err.splitlines()) == 1
 
 
 def _certificate(tmp_path, name: str):

@@ -209,7 +209,7 @@ def fetch(url: str, *, max_bytes: int = 2 * 2**30, seconds: float = 600.0, metho
     allow = AllowList.from_environment() if allow is None else allow
     deadline = time.monotonic() + seconds
     current = str(url)
-    for hop in range(MAX_REDIRECTS + 1):
+    for _ in range(MAX_REDIRECTS + 1):
         host, port, addresses = resolve_checked(current, allow)  # raises for anything but a valid http(s) URL
         parts = urlsplit(current)
         target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=_URL_SAFE)
