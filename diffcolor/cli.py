@@ -929,8 +929,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(error, (DiffColorError, ValueError)):
             raise
+        from diffcolor.common.text import escape_controls
+
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"diffcolor: error: {message}", file=sys.stderr)
+        print(f"diffcolor: error: {escape_controls(message)}", file=sys.stderr)
         return 2
 
 

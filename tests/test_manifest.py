@@ -500,3 +500,15 @@ def test_a_captions_json_nested_too_deep_is_one_problem(tmp_path, capsys):
                  "-o", str(tmp_path / "m.parquet")])
     printed = capsys.readouterr()
     assert code == 1 and "nests too deep" in printed.out and "Traceback" not in printed.err
+
+
+def test_problem_and_error_lines_show_control_characters_escaped(tmp_path, capsys):
+    source = tmp_path / "catalogue.csv"
+    source.write_text("item_id,image_uri,\x1b]0;owned\x07title\u202e\na,a.png,x\n", encoding="utf-8")
+    assert main(["manifest", "build", "--from-csv", str(source), "-o", str(tmp_path / "m.parquet")]) == 1
+    assert main(["manifest", "validate", str(tmp_path / "no\x1b[2Jsuch\nfile.parquet")]) == 2
+    printed = capsys.readouterr()
+    assert "column 'caption': required column missing" in printed.out and "\\x1b]0;owned\\x07title\\u202e" in printed.out
+    assert "no\\x1b[2Jsuch" in printed.err and len(printed.err.splitlines()) == 1
+    for text in (printed.out, printed.err):
+        assert not any(char in text for char in "\x1b\x07\u202e")

@@ -51,7 +51,7 @@ from diffcolor.common.ids import (
 )
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.redact import CREDENTIALS_ADVICE, has_userinfo, redact
-from diffcolor.common.text import BIDI_CONTROLS, unsafe_character
+from diffcolor.common.text import BIDI_CONTROLS, escape_controls, unsafe_character
 
 REQUIRED_COLUMNS = ("item_id", "image_uri", "caption")
 OPTIONAL_COLUMNS = ("target_prompts", "color_map", "seed", "collection", "ground_truth_uri")
@@ -98,7 +98,8 @@ class ManifestProblem:
             where.append(f"row {self.row}")
         if self.column is not None:
             where.append(f"column {self.column!r}")
-        return f"{', '.join(where)}: {self.message}" if where else self.message
+        message = escape_controls(self.message)  # one line, and nothing a file holds drives the terminal
+        return f"{', '.join(where)}: {message}" if where else message
 
 
 class ManifestError(PermanentError):

@@ -7,7 +7,9 @@ isolates U+2066-U+2069, the marks U+200E, U+200F and U+061C) make text show
 in another order than it is read (a caption that displays one thing and
 prompts the model with another; "Trojan Source"). ``manifest validate`` names
 each such character with its row and column; the builders that take text from
-outside (the IIIF importer) clean it with :func:`clean_text`.
+outside (the IIIF importer) clean it with :func:`clean_text`; a problem line
+or an error line shows such characters escaped (:func:`escape_controls`), so
+that what a file holds can never drive the terminal it is reported on.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ _CONTROLS = "".join(chr(code) for code in (*range(0x00, 0x20), *range(0x7F, 0xA0
 _UNSAFE = re.compile(f"[{re.escape(_CONTROLS + BIDI_CONTROLS)}]")
 _SPACE_LIKE = re.compile(f"[{re.escape(_CONTROLS + ALLOWED_CONTROLS)}]")
 _BIDI = re.compile(f"[{re.escape(BIDI_CONTROLS)}]")
+_ANY_CONTROL = re.compile(f"[{re.escape(_CONTROLS + ALLOWED_CONTROLS + BIDI_CONTROLS)}]")
 
 
 def unsafe_character(text: str) -> str | None:
@@ -35,3 +38,8 @@ def unsafe_character(text: str) -> str | None:
 def clean_text(text: str) -> str:
     """``text`` with control characters (tab and newline included) made spaces and bidi characters removed."""
     return _SPACE_LIKE.sub(" ", _BIDI.sub("", text))
+
+
+def escape_controls(text: str) -> str:
+    """``text`` for one line of a terminal: every control (newlines and tabs too) and bidi character escaped (``\\x1b``)."""
+    return _ANY_CONTROL.sub(lambda match: match.group(0).encode("unicode_escape").decode("ascii"), text)
