@@ -204,8 +204,6 @@ def fetch(url: str, *, max_bytes: int = 2 * 2**30, seconds: float = 600.0, metho
     Raises ForbiddenAddressError, MissingObjectError, InputUnavailableError,
     BadImageError (larger than ``max_bytes``) or StorageError (transient).
     """
-    import urllib3
-
     allow = AllowList.from_environment() if allow is None else allow
     deadline = time.monotonic() + seconds
     current = str(url)
