@@ -208,7 +208,9 @@ def _lift_credentials(*uris: str | None) -> list[str | None]:
     never be among them: ``s3://KEY:SECRET@bucket/...`` is passed on as
     ``s3://bucket/...`` and KEY/SECRET go into this process's environment
     (inherited by the pool's workers). Raises ValueError for credentials in any
-    other kind of URI, or two different S3 credentials in one command.
+    other kind of URI, or two different S3 credentials in one command. What
+    counts as credentials (a secret holding ``/``, ``@``, ``:``, ...):
+    :func:`diffcolor.common.redact.userinfo_span`.
     """
     from diffcolor.common.redact import redact, split_userinfo
 
@@ -281,9 +283,9 @@ def cmd_colorize(args) -> int:
     if color_map:
         build_target_prompt(rewritten, color_map)
     item_id = normalize_item_id(args.item_id) if args.item_id else safe_item_id(Path(args.image).stem)
-    image, out = storage.absolute(args.image), storage.absolute(args.out)
+    image, out = (storage.absolute(uri) for uri in _lift_credentials(args.image, args.out))
     if not storage.exists(image):
-        raise InputUnavailableError(f"input image '{args.image}' does not exist")
+        raise InputUnavailableError(f"input image '{image}' does not exist")
 
     signing = _signing()
 
@@ -351,6 +353,8 @@ def cmd_manifest_build(args) -> int:
         raise ValueError("--captions goes with --from-folder only")
     if (args.language or args.image_info) and not args.from_iiif:
         raise ValueError("--language and --image-info go with --from-iiif only")
+    args.from_folder, args.captions, args.from_csv, args.from_iiif, args.out, *args.image_info = _lift_credentials(
+        args.from_folder, args.captions, args.from_csv, args.from_iiif, args.out, *(args.image_info or ()))
     try:
         if args.from_folder:
             table = build_from_folder(args.from_folder, captions=args.captions)
@@ -374,6 +378,7 @@ def cmd_manifest_validate(args) -> int:
     """``diffcolor manifest validate``: exit 0 and one OK line, or one line per problem and exit 1."""
     from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
 
+    args.file = _lift_credentials(args.file)[0]
     problems = validate_manifest(args.file)
     if problems:
         return _print_problems(
@@ -386,8 +391,10 @@ def cmd_iiif(args) -> int:
     """``diffcolor iiif``: writes the IIIF manifest of the collection's current colour versions."""
     from diffcolor.archive.iiif_publish import publish_iiif
 
-    output = _lift_credentials(args.output)[0]
-    publication = publish_iiif(output, args.base_url, args.out, label=args.label)
+    output, base_url = _lift_credentials(args.output, args.base_url)  # the base URL is published: no credentials
+    if base_url != args.base_url:
+        raise ValueError("--base-url is published in the manifest: it may carry no credentials")
+    publication = publish_iiif(output, base_url, args.out, label=args.label)
     for reason in publication.left_out:
         print(f"left out: {reason}", file=sys.stderr)
     print(f"wrote a IIIF manifest of {len(publication.items)} items: {publication.manifest['id']}")
@@ -396,6 +403,7 @@ def cmd_iiif(args) -> int:
 
 def cmd_run(args) -> int:
     from diffcolor.archive import storage
+    from diffcolor.common.redact import refuse_credentials
     from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
     from diffcolor.method.presets import apply_overrides, get_preset
 
@@ -404,6 +412,7 @@ def cmd_run(args) -> int:
     overrides = _parse_overrides(args.set)
     apply_overrides(get_preset(args.preset), overrides)
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
+    refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     problems = validate_manifest(manifest)
     if problems:
         return _print_problems(problems, f"diffcolor: nothing run: {problem_count(problems)} problem(s) in "
@@ -432,6 +441,7 @@ def cmd_run(args) -> int:
 
 def cmd_reprocess(args) -> int:
     from diffcolor.archive import storage
+    from diffcolor.common.redact import refuse_credentials
     from diffcolor.common.errors import PromptError
     from diffcolor.common.ids import normalize_item_id
 
@@ -441,6 +451,7 @@ def cmd_reprocess(args) -> int:
         raise PromptError("give --items with --target or --color-map, or a --targets file")
     items = [normalize_item_id(item) for item in args.items.split(",")] if args.items and not args.targets else []
     out, targets_uri = _lift_credentials(args.out, args.targets)
+    refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     out = storage.absolute(out)
     if args.model:
         _smoke_notice(args.model)
@@ -507,6 +518,7 @@ def cmd_eval(args) -> int:
     )
 
     config = get_preset(args.preset)
+    args.manifest, args.out = _lift_credentials(args.manifest, args.out)
     max_side = EvalConfig.max_side if args.max_side is None else (None if args.max_side == 0 else args.max_side)
     models = _load_models(args, args.model)
     weights = PerceptualWeights(lpips=args.lpips_weights, fid=args.fid_weights)
@@ -653,6 +665,13 @@ def _add_source_limit_options(parser: argparse.ArgumentParser) -> None:
                                           "FIFO or a device is never read")
 
 
+def _add_allow_host_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-host", action="append", metavar="HOST",
+                        help="let http(s) URLs from manifests and IIIF reach HOST (a name, an address or a network "
+                             "like 10.2.0.0/16) although it is loopback, link-local or private; repeatable; adds to "
+                             "DIFFCOLOR_ALLOW_HOSTS")
+
+
 def _add_workers_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers-per-device", type=_workers, default=1, metavar="N",
                         help="local pool: worker processes per GPU (or on the CPU), each loading its own models; "
@@ -681,6 +700,7 @@ def _add_single_image_commands(commands) -> None:
     colorize.add_argument("--item-id", help="item id (default: from the file name)")
     colorize.add_argument("--force", action="store_true", help="colourise a colour photograph too")
     _add_model_options(colorize, required=True)
+    _add_allow_host_option(colorize)
     colorize.set_defaults(handler=cmd_colorize)
 
     recolor = commands.add_parser("recolor", help="render a new target from an item's stored colour state", **_examples(
@@ -733,11 +753,13 @@ def _add_manifest_commands(commands) -> None:
     build.add_argument("--image-info", action="append", metavar="INFO_JSON",
                        help="--from-iiif: a cached Image API info.json (its size limits are honoured); repeatable")
     build.add_argument("-o", "--out", required=True, metavar="OUT.parquet", help="the manifest to write (path or URI)")
+    _add_allow_host_option(build)
     build.set_defaults(handler=cmd_manifest_build)
 
     validate = actions.add_parser("validate", help="check a manifest; one line per problem, naming row and column",
                                   **_examples("diffcolor manifest validate manifests/demo.parquet"))
     validate.add_argument("file", help="the manifest (path or URI)")
+    _add_allow_host_option(validate)
     validate.set_defaults(handler=cmd_manifest_validate)
 
 
@@ -776,6 +798,7 @@ def _add_collection_commands(commands) -> None:
     _add_model_options(run, required=True)
     _add_workers_option(run)
     _add_source_limit_options(run)
+    _add_allow_host_option(run)
     run.set_defaults(handler=cmd_run)
 
     again = commands.add_parser("reprocess", help="render new targets for selected items from their colour states",
@@ -793,6 +816,7 @@ def _add_collection_commands(commands) -> None:
     _add_model_options(again, required=False)
     _add_workers_option(again)
     _add_source_limit_options(again)
+    _add_allow_host_option(again)
     again.set_defaults(handler=cmd_reprocess)
 
     demo = commands.add_parser("demo", help="run the collection flow on the bundled demo collection (make demo)",
@@ -837,6 +861,7 @@ def _add_eval_commands(commands) -> None:
     evaluate.add_argument("--max-side", type=int, metavar="PX",
                           help=f"long side (px) at which PSNR/SSIM/LPIPS/FID compare (default {EVAL_MAX_SIDE}; 0: full size)")
     _add_model_options(evaluate, required=True)
+    _add_allow_host_option(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     compare = commands.add_parser("eval-compare", help="compare two evals (e.g. two presets) item by item")
@@ -862,6 +887,7 @@ def _add_review_command(commands) -> None:
                         help="where recolouring runs without PREFECT_API_URL: local worker processes or inline")
     review.add_argument("--device", default="auto", help="device of local recolouring (default %(default)s)")
     _add_preset_option(review)
+    _add_allow_host_option(review)
     review.set_defaults(handler=cmd_review)
 
 
@@ -889,6 +915,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "allow_host", None):  # before anything reads a URL; the pool's workers inherit it
+        from diffcolor.archive.outside import allow_hosts
+
+        allow_hosts(args.allow_host)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
@@ -899,8 +929,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(error, (DiffColorError, ValueError)):
             raise
+        from diffcolor.common.text import escape_controls
+
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"diffcolor: error: {message}", file=sys.stderr)
+        print(f"diffcolor: error: {escape_controls(message)}", file=sys.stderr)
         return 2
 
 

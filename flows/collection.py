@@ -40,6 +40,7 @@ from diffcolor.archive.results import RecordSpool, write_results
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import config_hash
+from diffcolor.common.redact import refuse_credentials
 from diffcolor.method.presets import apply_overrides, get_preset
 from diffcolor.tools.doctor import preflight_model
 from flows import worker
@@ -156,6 +157,7 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     logger = get_run_logger()
     run_id = current_run_id()  # the flow run's name
     config_dict = apply_overrides(get_preset(options.preset), options.overrides).to_dict()
+    refuse_credentials(manifest, output, model, options.clip, what="flow parameter")  # a deployment's are stored
     manifest, output = storage.absolute(manifest), storage.absolute(output)  # records name absolute URIs
 
     # 1. Validate the manifest (and the selected ids) before any GPU work.

@@ -36,7 +36,7 @@ from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.errors import PromptError, StateError
 from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
 from diffcolor.common.items import ItemRequest
-from diffcolor.common.redact import redact
+from diffcolor.common.redact import redact, refuse_credentials
 from diffcolor.method.presets import get_preset
 from diffcolor.tools.doctor import preflight_model
 from flows import worker
@@ -137,6 +137,7 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
     """Renders ``targets`` for their items under the collection ``output``; returns the run summary."""
     logger = get_run_logger()
     run_id = current_run_id()  # the flow run's name
+    refuse_credentials(output, what="flow parameter")  # a deployment's parameters are stored
     output = storage.absolute(output)  # records name absolute URIs
     records = RecordSpool()
 

@@ -65,37 +65,100 @@ def _prefect_database_bytes() -> bytes:
     return b"".join(file.read_bytes() for file in path.parent.glob(path.name + "*"))
 
 
+def _canary(core: str) -> str:
+    """A secret as real ones are: AWS secret keys hold '/' and '+', passwords '@', ':', '=' and anything else."""
+    return f"{core}/a+b=c@d:e/f"
+
+
 def test_a_canary_secret_planted_everywhere_a_user_can_put_one_appears_nowhere(prefect_server, s3_bucket, s3_endpoint,
-                                                                               tmp_path):
-    canary = f"CANARY{uuid.uuid4().hex}"
-    secret_bucket = s3_bucket.replace("s3://", f"s3://{FAKE_ACCESS_KEY}:{canary}@")
+                                                                               tmp_path, capsys):
+    from urllib.parse import quote
+
+    core = f"CANARY{uuid.uuid4().hex}"
+    canary = _canary(core)
     for index in range(2):
         storage.write_bytes(f"{s3_bucket}/incoming/p{index}.png", _png(index))
-    # In the manifest: image URIs with credentials (one of them missing, so its error names it), a catalogue
-    # field with a URL that has a password and a token; on the command line: the manifest and output URIs.
-    rows = [{"item_id": f"p{index}", "image_uri": f"{secret_bucket}/incoming/p{index}.png", "caption": CAPTION,
-             "seed": index, "source_link": f"https://archivist:{canary}@catalogue.example/item/{index}?token={canary}"}
+    # On the command line: the manifest URI with the secret as written, the output URI with it percent-encoded
+    # (the same credentials). In the manifest: a catalogue field with a URL that has the secret as its password,
+    # another as a presigned URL's signature and token, and one image whose source is missing (its error names it).
+    catalogue = core.lower().replace("canary", "cat")
+    rows = [{"item_id": f"p{index}", "image_uri": f"{s3_bucket}/incoming/p{index}.png", "caption": CAPTION,
+             "seed": index, "source_link": f"https://archivist:{_canary(catalogue)}@catalogue.example/item/{index}",
+             "presigned": f"https://b.s3.example/k?X-Amz-Credential={core}cred&X-Amz-Signature={core}sig"
+                          f"&token={quote(canary, safe='')}"}
             for index in range(2)]
-    rows.append({"item_id": "gone", "image_uri": f"{secret_bucket}/incoming/gone.png", "caption": CAPTION, "seed": 9,
-                 "source_link": "-"})
+    rows.append({"item_id": "gone", "image_uri": f"{s3_bucket}/incoming/gone.png", "caption": CAPTION, "seed": 9,
+                 "source_link": "-", "presigned": "-"})
     local_manifest = write_manifest(tmp_path / "manifest.parquet", rows)
     storage.write_bytes(f"{s3_bucket}/incoming/manifest.parquet", local_manifest.read_bytes())
     environment = {name: value for name, value in os.environ.items()
                    if name not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}  # the URIs carry them
+    with_secret = s3_bucket.replace("s3://", f"s3://{FAKE_ACCESS_KEY}:{canary}@")
+    with_encoded_secret = s3_bucket.replace("s3://", f"s3://{FAKE_ACCESS_KEY}:{quote(canary, safe='')}@")
 
-    done = _diffcolor("run", f"{secret_bucket}/incoming/manifest.parquet", "--out", f"{secret_bucket}/archive",
+    done = _diffcolor("run", f"{with_secret}/incoming/manifest.parquet", "--out", f"{with_encoded_secret}/archive",
                       "--model", "tiny", "--preset", "smoke", env=environment)
 
     assert done.returncode == 1, done.stderr[-3000:]  # one item's source is missing
     objects = _bucket_objects(s3_endpoint, s3_bucket)
     assert any(key.endswith("p0/versions/v0001/master.tif") for key in objects)
     gone = json.loads(objects["archive/items/gone/result.json"])
-    assert gone["error_class"] == "input_unavailable" and "***@" in gone["error_message"]
-    places = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(), "prefect database": _prefect_database_bytes(),
-              **{f"s3://.../{key}": data for key, data in objects.items() if not key.startswith("incoming/")}}
+    assert gone["error_class"] == "input_unavailable" and f"{s3_bucket}/incoming/gone.png" in gone["error_message"]
+    # A manifest whose image URIs carry the credentials is refused before anything runs, without showing them.
+    refused_manifest = write_manifest(tmp_path / "refused.parquet", [
+        {"item_id": "p0", "image_uri": f"{with_secret}/incoming/p0.png", "caption": CAPTION},
+        {"item_id": "p1", "image_uri": f"{with_encoded_secret}/incoming/p1.png", "caption": CAPTION}])
+    # (In this process: what is checked here happens before any flow starts.)
+    from diffcolor.cli import main
+
+    def command(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        printed = capsys.readouterr()
+        assert "Traceback" not in printed.err
+        return code, printed.out + printed.err
+
+    refused = command("run", str(refused_manifest), "--out", str(tmp_path / "refused-out"), "--model", "tiny")
+    assert refused[0] == 1 and "row 1, column 'image_uri'" in refused[1] and "row 2, column 'image_uri'" in refused[1]
+    assert "carries credentials" in refused[1] and not (tmp_path / "refused-out").exists()
+    validated = command("manifest", "validate", str(refused_manifest))
+    assert validated[0] == 1 and "carries credentials" in validated[1]
+    # Credentials in a URI of any other scheme are refused with one line; so is a model URI, a flow parameter too.
+    others = [command("manifest", "validate", f"https://user:{canary}@images.example/m.parquet"),
+              command("manifest", "validate", f"gs://user:{quote(canary, safe='')}@bucket/m"),
+              command("run", str(local_manifest), "--out", str(tmp_path / "model-out"), "--model",
+                      f"https://user:{canary}@models.example/sd15")]
+    assert all(code == 2 and "carries credentials" in text for code, text in others)
+
+    places = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode(),
+              **{f"command {number}": text.encode() for number, (_, text) in enumerate([refused, validated, *others])},
+              "prefect database": _prefect_database_bytes(),
+              **{f"s3://.../{key}": data for key, data in objects.items() if not key.startswith("incoming/")},
+              **{str(path): path.read_bytes() for path in tmp_path.rglob("*")
+                 if path.is_file() and path not in (local_manifest, refused_manifest)}}
     # The database looked at is the one this run wrote to: it holds the run's parameters, without credentials.
     assert f"{s3_bucket}/incoming/manifest.parquet".encode() in places["prefect database"]
-    assert [place for place, data in places.items() if canary.encode() in data] == []
+    assert any(b"catalogue.example" in data for data in places.values())  # the catalogue field was carried through
+    leaks = [core, catalogue, quote(canary, safe=""), quote(canary), canary.split("/")[1]]
+    assert [(place, leak) for place, data in places.items() for leak in leaks if leak.encode() in data] == []
+
+
+def test_a_flow_refuses_parameters_that_carry_credentials(prefect_server, tmp_path):
+    from flows.collection import RunOptions, colorize_collection
+    from flows.reprocess import reprocess
+
+    from diffcolor.common.redact import CredentialsInUriError
+
+    core = f"CANARY{uuid.uuid4().hex}"
+    with pytest.raises(CredentialsInUriError) as caught:
+        colorize_collection(f"s3://key:{_canary(core)}@bucket/m.parquet", str(tmp_path / "out"), "tiny",
+                            RunOptions(preset="smoke", pool="inline"))
+    assert core not in str(caught.value) and "carries credentials" in str(caught.value)
+    with pytest.raises(CredentialsInUriError):
+        reprocess(f"https://user:{_canary(core)}@host.example/out", [{"item_id": "a", "target_prompt": "a red dog"}])
+    with pytest.raises(CredentialsInUriError):
+        colorize_collection(str(tmp_path / "m.parquet"), str(tmp_path / "out"), f"https://u:{_canary(core)}@m.example/x",
+                            RunOptions(preset="smoke", pool="inline"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_runs_at_once_on_one_s3_output_fit_each_item_once_and_lose_no_record(prefect_server, s3_bucket, s3_endpoint,
@@ -192,3 +255,39 @@ def test_a_fifo_source_fails_its_item_and_the_run_goes_on(prefect_server, tmp_pa
     rows = {row["item_id"]: row for row in read_results(state.result(raise_on_failure=False)["results"]).to_pylist()}
     assert rows["good"]["status"] == "done"
     assert rows["pipe"]["error_class"] == "input_unavailable" and "not a regular file (a FIFO)" in rows["pipe"]["error_message"]
+
+
+@pytest.mark.parametrize("secret", ["wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "a=b+c/d", "p@ss:w:rd", "x%2Fy%40z",
+                                    "trailing/", "/leading", "q?r#s"])
+def test_a_credential_in_any_uri_is_lifted_out_and_masked_whatever_it_holds(secret):
+    from urllib.parse import quote, unquote
+
+    from diffcolor.common.redact import has_userinfo, redact, split_userinfo
+
+    for scheme in ("s3", "gs", "https", "ftp", "az"):
+        for written in (secret, quote(secret, safe="")):
+            uri = f"{scheme}://KEYID:{written}@bucket-1/photos/a@2x.png"
+            bare, user, password = split_userinfo(uri)
+            assert (bare, user, password) == (f"{scheme}://bucket-1/photos/a@2x.png", "KEYID", unquote(written))
+            assert has_userinfo(uri) and not has_userinfo(bare)
+            assert redact(f"failed: {uri}") == f"failed: {scheme}://***@bucket-1/photos/a@2x.png"
+    # Plain URIs stay as they are: an '@' in a path, a port, a colon in a key.
+    for plain in ("s3://bucket/a@2x.png", "https://images.example:8443/iiif/a.jpg", "s3://bucket/a:b/c.png",
+                  "file:///data/a@b.tif", "/data/a:b@c.tif"):
+        assert not has_userinfo(plain) and redact(plain) == plain
+
+
+def test_secret_query_parameters_of_presigned_and_token_urls_are_masked():
+    from diffcolor.common.redact import redact
+
+    url = ("https://bucket.s3.amazonaws.com/a.tif?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261207"
+           "&X-Amz-Date=20261207T000000Z&X-Amz-Expires=3600&X-Amz-Security-Token=IQoJb3&X-Amz-Signature=f00dcafe"
+           "&X-Amz-SignedHeaders=host")
+    shown = redact(f"reading '{url}' failed")
+    for value in ("AKIA%2F20261207", "IQoJb3", "f00dcafe"):
+        assert value not in shown
+    assert "X-Amz-Date=20261207T000000Z" in shown and "X-Amz-Signature=***" in shown
+    for name in ("sig", "token", "access_token", "api_key", "Signature", "password", "client_secret"):
+        text = redact(f"https://images.example/a.jpg?w=100&{name}=s3cr3tvalue#frag")
+        assert "s3cr3tvalue" not in text and f"{name}=***" in text and "w=100" in text
+    assert "tok3n" not in redact("https://app.example/cb#access_token=tok3n&state=1")  # an OAuth fragment

@@ -439,3 +439,76 @@ def test_cli_build_then_validate(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"wrote 2 items to {out}"
     assert main(["manifest", "validate", out]) == 0
     assert set(REQUIRED_COLUMNS) <= set(pq.read_schema(out).names)
+
+
+# ---------------------------------------------------------------------------
+# Hostile text and credentials in cells: named with their row and column.
+
+
+def test_validate_names_control_and_bidi_characters_in_every_text_column(tmp_path, capsys):
+    rows = [
+        {"item_id": "a", "image_uri": "a.png", "caption": "a dog\x1b[2J on a bench", "creator": "Jane",
+         "target_prompts": ["a red dog on a bench"]},
+        {"item_id": "b", "image_uri": "b.png", "caption": "a dog on a bench", "creator": "Ja\u202ene",
+         "target_prompts": ["a red dog", "a \x07blue dog"]},
+        {"item_id": "c", "image_uri": "c\x00.png", "caption": "a dog on a bench\n\tsecond line", "creator": "\u2066x",
+         "target_prompts": None},
+    ]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert main(["manifest", "validate", str(path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    named = {line.split(":")[0] for line in lines[:-1]}
+    assert named == {"row 1, column 'caption'", "row 2, column 'creator'", "row 2, column 'target_prompts'",
+                     "row 3, column 'image_uri'", "row 3, column 'creator'"}
+    assert any("U+001B" in line for line in lines) and any("U+202E" in line for line in lines)
+    assert all("\x1b" not in line and "\u202e" not in line for line in lines)  # shown escaped, never raw
+    assert "INVALID, 5 problem(s)" in lines[-1]
+
+
+def test_a_catalogue_csv_with_control_characters_is_refused_naming_the_row(tmp_path):
+    source = tmp_path / "catalogue.csv"
+    source.write_text("item_id,image_uri,caption,creator\na,a.png,a dog on a bench,Jane\n"
+                      "b,b.png,a dog on a bench,\u202eenaJ\n", encoding="utf-8")
+    with pytest.raises(ManifestError) as caught:
+        build_from_csv(str(source))
+    assert [(p.row, p.column) for p in caught.value.problems] == [(2, "creator")]
+
+
+@pytest.mark.parametrize("secret", ["plain-secret-1234", "wJalr/XUtnFEMI+K7MDENG=bPxRfi", "p@ss:w/rd", "p%2Fss%40wd"])
+def test_credentials_in_an_image_or_ground_truth_uri_are_a_problem_that_does_not_show_them(secret, tmp_path, capsys):
+    rows = [{"item_id": "a", "image_uri": f"s3://AKIAEXAMPLE:{secret}@bucket/a.png", "caption": "a dog on a bench",
+             "ground_truth_uri": f"https://curator:{secret}@images.example/a.png"},
+            {"item_id": "b", "image_uri": "s3://bucket/b@2x.png", "caption": "a dog on a bench",
+             "ground_truth_uri": "https://images.example/b.png?size=2"}]
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert main(["manifest", "validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines()[:-1]] == ["row 1, column 'image_uri'",
+                                                                      "row 1, column 'ground_truth_uri'"]
+    assert "carries credentials" in out and "AWS_ACCESS_KEY_ID" in out
+    for fragment in {secret, *secret.replace("%2F", "/").replace("%40", "@").replace("@", "/").replace(":", "/").split("/")}:
+        assert len(fragment) < 3 or fragment not in out, fragment
+
+
+def test_a_captions_json_nested_too_deep_is_one_problem(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(b"")
+    captions = tmp_path / "captions.json"
+    captions.write_text("[" * 100_000 + "]" * 100_000)
+    code = main(["manifest", "build", "--from-folder", str(tmp_path), "--captions", str(captions),
+                 "-o", str(tmp_path / "m.parquet")])
+    printed = capsys.readouterr()
+    assert code == 1 and "nests too deep" in printed.out and "Traceback" not in printed.err
+
+
+def test_problem_and_error_lines_show_control_characters_escaped(tmp_path, capsys):
+    source = tmp_path / "catalogue.csv"
+    source.write_text("item_id,image_uri,\x1b]0;owned\x07title\u202e\na,a.png,x\n", encoding="utf-8")
+    assert main(["manifest", "build", "--from-csv", str(source), "-o", str(tmp_path / "m.parquet")]) == 1
+    assert main(["manifest", "validate", str(tmp_path / "no\x1b[2Jsuch\nfile.parquet")]) == 2
+    printed = capsys.readouterr()
+    assert "column 'caption': required column missing" in printed.out and "\\x1b]0;owned\\x07title\\u202e" in printed.out
+    assert "no\\x1b[2Jsuch" in printed.err and len(printed.err.splitlines()) == 1
+    for text in (printed.out, printed.err):
+        assert not any(char in text for char in "\x1b\x07\u202e")

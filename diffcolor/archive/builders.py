@@ -245,7 +245,11 @@ def _read_captions(uri: str, problems: Problems) -> tuple[list[tuple[int | None,
     """(row number, record) pairs of a captions CSV/JSON, the key column ('filename' or 'item_id'), catalogue columns."""
     extension = posixpath.splitext(uri)[1].lower()
     if extension == ".json":
-        document = json.loads(storage.read_bytes(uri).decode("utf-8-sig"))
+        try:
+            document = json.loads(storage.read_bytes(uri).decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            reason = "nests too deep" if isinstance(error, RecursionError) else f"is not UTF-8 JSON ({error})"
+            raise ManifestError([ManifestProblem(None, None, f"the captions file {reason}")], uri) from None
         if isinstance(document, dict):
             return ([(None, {"filename": name, "caption": caption}) for name, caption in document.items()],
                     "filename", [])

@@ -24,8 +24,20 @@ What real collections publish, and what each becomes in a row:
 
 A canvas that gives no row (no image, a refused body, no caption with a
 content word) is left out and named, with the reason, in
-:attr:`IiifImport.left_out`; the other canvases still make the table.
-Nothing here fetches an image or an ``info.json``: URLs are only built.
+:attr:`IiifImport.left_out` (the first 1000, then a count, as ``manifest
+validate`` lists problems); the other canvases still make the table.
+Nothing here fetches an image: URLs are only built. The manifest and an
+``info.json`` given by URL are fetched through the storage layer, which never
+reaches this host's own network unless the operator allows the host
+(:mod:`diffcolor.archive.outside`).
+
+A manifest comes from anyone, so every field read is type-checked: a field
+of the wrong type or shape is ignored or gives a problem line, never a
+traceback (JSON nested too deep to parse is one problem too). Text taken from
+it (labels, summaries, metadata, rights, ids) has its control characters made
+spaces and its bidi formatting characters removed
+(:func:`diffcolor.common.text.clean_text`); an image URL holding either, white
+space or credentials is refused.
 """
 
 from __future__ import annotations
@@ -49,8 +61,10 @@ from diffcolor.archive.manifest import (
     Problems,
 )
 from diffcolor.common.captions import rewrite_caption
-from diffcolor.common.errors import InputUnavailableError, PromptError
+from diffcolor.common.errors import PromptError
 from diffcolor.common.ids import safe_item_id
+from diffcolor.common.redact import has_userinfo
+from diffcolor.common.text import clean_text, unsafe_character
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +104,39 @@ class _TextOnly(HTMLParser):
             self.parts.append(" ")
 
 
+def _text(value: Any) -> str | None:
+    """A string field of the manifest, cleaned (:func:`clean_text`) and stripped; None for anything else."""
+    if not isinstance(value, str):
+        return None
+    return clean_text(value).strip() or None
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters (whatever its size or depth)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<a {type(value).__name__} nested too deep to show>"
+    text = clean_text(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dimension(value: Any) -> int | None:
+    """A positive pixel count, or None (a string, a bool, a negative or huge number are none)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or not 0 < value < 2**31:
+        return None
+    return int(value)
+
+
+def _list(value: Any) -> list:
+    """``value`` if it is a JSON array, ``[value]`` for an object, else ``[]`` (IIIF allows one item for a list)."""
+    if isinstance(value, list):
+        return value
+    return [value] if isinstance(value, dict) else []
+
+
 def language_text(value: Any, language: str | None = None, separator: str = " ") -> str | None:
     """The text of a IIIF language map in ``language`` (or ``language-*``), else "none", else "en", else the first.
 
@@ -101,7 +148,7 @@ def language_text(value: Any, language: str | None = None, separator: str = " ")
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         values = [value]
     elif isinstance(value, dict) and value:
-        languages = list(value)
+        languages = [str(lang) for lang in value]
         wanted = [language] if language else []
         chosen = next((lang for want in wanted for lang in languages if lang.lower() == want.lower()), None) \
             or next((lang for want in wanted for lang in languages if lang.lower().startswith(want.lower() + "-")), None) \
@@ -116,12 +163,12 @@ def language_text(value: Any, language: str | None = None, separator: str = " ")
     for text in values:
         if isinstance(text, bool) or not isinstance(text, (str, int, float)):
             continue
-        text = str(text).strip()
+        text = clean_text(str(text)).strip()
         if text.startswith("<") and text.endswith(">"):  # IIIF: such a value is HTML
             parser = _TextOnly()
             parser.feed(text)
             parser.close()
-            text = "".join(parser.parts)
+            text = clean_text("".join(parser.parts))
         text = re.sub(r"\s+", " ", text).strip()
         if text:
             texts.append(text)
@@ -143,25 +190,28 @@ class RefusedBody(Exception):
 
 
 def _services(resource: dict[str, Any]) -> list[dict[str, Any]]:
-    services = resource.get("service") or []
-    return [service for service in (services if isinstance(services, list) else [services]) if isinstance(service, dict)]
+    return [service for service in _list(resource.get("service")) if isinstance(service, dict)]
 
 
 def _service_version(service: dict[str, Any]) -> int | None:
     """2 or 3 for an Image API service block (by type, context or profile); None for any other service."""
     kind = service.get("type") or service.get("@type")
-    if kind in IMAGE_SERVICE_TYPES:
+    if isinstance(kind, str) and kind in IMAGE_SERVICE_TYPES:
         return IMAGE_SERVICE_TYPES[kind]
-    hints = " ".join(str(service.get(key) or "") for key in ("@context", "profile"))
+    hints = " ".join(value for key in ("@context", "profile") for value in _list_of_text(service.get(key)))
     for version in (3, 2):
         if f"iiif.io/api/image/{version}" in hints:
             return version
     return None
 
 
+def _list_of_text(value: Any) -> list[str]:
+    return [item for item in (value if isinstance(value, list) else [value]) if isinstance(item, str)]
+
+
 def _service_id(service: dict[str, Any]) -> str | None:
-    identifier = service.get("id") or service.get("@id")
-    return str(identifier).rstrip("/") if identifier else None
+    identifier = _text(service.get("id")) or _text(service.get("@id"))
+    return identifier.rstrip("/") if identifier else None
 
 
 def _image_service(resource: dict[str, Any], image_info: Mapping[str, dict]) -> tuple[str, int, dict] | None:
@@ -174,8 +224,8 @@ def _image_service(resource: dict[str, Any], image_info: Mapping[str, dict]) -> 
         version, base = _service_version(service), _service_id(service)
         if version and base:
             return base, version, {**service, **(image_info.get(base) or {})}
-    body_id = str(resource.get("id") or resource.get("@id") or "").rstrip("/").removesuffix("/info.json")
-    info = image_info.get(body_id)
+    body_id = (_text(resource.get("id")) or _text(resource.get("@id")) or "").rstrip("/").removesuffix("/info.json")
+    info = image_info.get(body_id) if body_id else None
     if info is not None:
         version = _service_version(info) or 3
         return body_id, version, info
@@ -185,7 +235,9 @@ def _image_service(resource: dict[str, Any], image_info: Mapping[str, dict]) -> 
 def _limited_size(width: int | None, height: int | None, known: dict, version: int) -> str:
     """The size segment: full size, or the largest size within ``maxWidth``/``maxHeight``/``maxArea``."""
     full = "max" if version >= 3 else "full"
-    max_width, max_height, max_area = known.get("maxWidth"), known.get("maxHeight"), known.get("maxArea")
+    width, height = _dimension(width), _dimension(height)
+    max_width, max_height = _dimension(known.get("maxWidth")), _dimension(known.get("maxHeight"))
+    max_area = known.get("maxArea") if _dimension(known.get("maxArea")) else None
     if max_width and not max_height:
         max_height = max_width  # Image API 3, section 5.3: maxHeight defaults to maxWidth
     if not (max_width or max_height or max_area):
@@ -201,6 +253,9 @@ def _limited_size(width: int | None, height: int | None, known: dict, version: i
 
 _REGION = re.compile(r"full|square|\d+,\d+,\d+,\d+|pct:[\d.]+,[\d.]+,[\d.]+,[\d.]+")
 _ROTATION = re.compile(r"!?\d+(\.\d+)?")
+_SIZE = re.compile(r"\^?(max|full|\d+,|,\d+|\d+,\d+|!\d+,\d+|pct:[\d.]+)")
+_QUALITY = re.compile(r"[a-z]{1,20}")
+_FORMAT = re.compile(r"[a-z0-9]{1,10}")
 
 
 def _selector_request(selectors: list[Any]) -> dict[str, str]:
@@ -210,18 +265,22 @@ def _selector_request(selectors: list[Any]) -> dict[str, str]:
         kind = selector.get("type") if isinstance(selector, dict) else None
         if kind == "ImageApiSelector":
             for key in ("region", "size", "rotation", "quality", "format"):
-                if selector.get(key) is not None:
-                    request[key] = str(selector[key])
-        elif kind == "FragmentSelector" and str(selector.get("value", "")).startswith("xywh="):
+                value = selector.get(key)
+                if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                    request[key] = str(value)
+                elif value is not None:
+                    raise RefusedBody(f"its selector's {key} {_shown(value)} is not text")
+        elif kind == "FragmentSelector" and isinstance(selector.get("value"), str) \
+                and selector["value"].startswith("xywh="):
             value = selector["value"][5:]
             request["region"] = "pct:" + value[8:] if value.startswith("percent:") else value.removeprefix("pixel:")
         else:
-            raise RefusedBody(f"its selector {kind or selector!r} cannot be requested from an Image API "
-                              "(only ImageApiSelector and FragmentSelector xywh= can)")
-    if "region" in request and not _REGION.fullmatch(request["region"]):
-        raise RefusedBody(f"its region {request['region']!r} is not an Image API region")
-    if "rotation" in request and not _ROTATION.fullmatch(request["rotation"]):
-        raise RefusedBody(f"its rotation {request['rotation']!r} is not an Image API rotation")
+            raise RefusedBody(f"its selector {_shown(kind if isinstance(kind, str) else selector)} cannot be "
+                              "requested from an Image API (only ImageApiSelector and FragmentSelector xywh= can)")
+    for key, pattern, what in (("region", _REGION, "region"), ("rotation", _ROTATION, "rotation"),
+                               ("size", _SIZE, "size"), ("quality", _QUALITY, "quality"), ("format", _FORMAT, "format")):
+        if key in request and not pattern.fullmatch(request[key]):
+            raise RefusedBody(f"its {what} {_shown(request[key])} is not an Image API {what}")
     return request
 
 
@@ -230,7 +289,11 @@ def image_url(body: dict[str, Any], image_info: Mapping[str, dict] | None = None
     names published images, never a file of the machine that imports it (``file:///...``, a bare path, ``s3://``)."""
     url, note = _image_url(body, image_info)
     if not re.match(r"https?://[^/\s]", url, re.IGNORECASE):
-        raise RefusedBody(f"its image {url!r} is not an http(s) URL: a IIIF manifest only names published images")
+        raise RefusedBody(f"its image {_shown(url)} is not an http(s) URL: a IIIF manifest only names published images")
+    if unsafe_character(url) or re.search(r"\s", url):
+        raise RefusedBody(f"its image URL {_shown(url)} holds white space or control characters")
+    if has_userinfo(url):
+        raise RefusedBody("its image URL carries credentials (user-info before '@'); a published image needs none")
     return url, note
 
 
@@ -246,10 +309,10 @@ def _image_url(body: dict[str, Any], image_info: Mapping[str, dict] | None = Non
     note = None
     # 1. A Choice: its first item.
     if body.get("type") == "Choice":
-        options = [item for item in body.get("items") or () if isinstance(item, dict)]
+        options = [item for item in _list(body.get("items")) if isinstance(item, dict)]
         if not options:
             raise RefusedBody("its Choice has no items")
-        labels = [language_text(item.get("label")) or item.get("id") or "?" for item in options]
+        labels = [language_text(item.get("label")) or _text(item.get("id")) or "?" for item in options]
         note = f"Choice of {len(options)}: took the first ({labels[0]})" + (
             f"; left {', '.join(map(str, labels[1:]))}" if len(options) > 1 else "")
         body = options[0]
@@ -258,24 +321,26 @@ def _image_url(body: dict[str, Any], image_info: Mapping[str, dict] | None = Non
     if body.get("type") == "SpecificResource":
         source = body.get("source")
         if not isinstance(source, dict):
-            raise RefusedBody(f"its SpecificResource source is a reference ({source!r}), not an embedded Image")
+            raise RefusedBody(f"its SpecificResource source is a reference ({_shown(source)}), not an embedded Image")
         selectors = body.get("selector") or []
         request = _selector_request(selectors if isinstance(selectors, list) else [selectors])
         body = source
     kind = body.get("type") or body.get("@type")
-    if kind not in ("Image", "dctypes:Image"):
-        raise RefusedBody(f"its body is {kind or 'untyped'}, not an Image")
+    if not isinstance(kind, str) or kind not in ("Image", "dctypes:Image"):
+        shown = (_text(kind) or "untyped")[:40] if isinstance(kind, str) or not kind else _shown(kind)
+        raise RefusedBody(f"its body is {shown}, not an Image")
     # 3. The URL: from the Image API service when there is one, else the body's own id.
     service = _image_service(body, image_info)
     if service is None:
         if request:
             raise RefusedBody(f"it selects {', '.join(f'{k} {v!r}' for k, v in request.items())} of "
-                              f"'{body.get('id')}', which has no Image API service to request that from")
-        if not body.get("id"):
-            raise RefusedBody("its Image has no id")
-        return str(body["id"]), note
+                              f"{_shown(body.get('id'))}, which has no Image API service to request that from")
+        if not isinstance(body.get("id"), str) or not body["id"].strip():
+            raise RefusedBody(f"its Image has no id (a URL string), got {_shown(body.get('id'))}")
+        return body["id"].strip(), note
     base, version, known = service
-    width, height = known.get("width") or body.get("width"), known.get("height") or body.get("height")
+    width = _dimension(known.get("width")) or _dimension(body.get("width"))
+    height = _dimension(known.get("height")) or _dimension(body.get("height"))
     region = request.get("region", "full")
     if re.fullmatch(r"\d+,\d+,\d+,\d+", region):
         width, height = (int(part) for part in region.split(",")[2:])
@@ -297,7 +362,7 @@ def _column_name(label: str) -> str:
 def _metadata(resource: dict[str, Any], language: str | None) -> dict[str, str]:
     """A resource's ``metadata`` pairs, keyed by their label made a column name (English label when given)."""
     fields = {}
-    for entry in resource.get("metadata") or ():
+    for entry in _list(resource.get("metadata")):
         if not isinstance(entry, dict):
             continue
         label = language_text(entry.get("label"), "en")
@@ -340,7 +405,10 @@ def _canvas_caption(canvas: dict[str, Any], manifest: dict[str, Any], language: 
 
 def _canvas_item_id(canvas: dict[str, Any], label: str | None, number: int) -> str:
     """The canvas id's last path segment without ``.json``, else its label, made safe."""
-    segment = urlsplit(str(canvas.get("id") or "")).path.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        segment = urlsplit(_text(canvas.get("id")) or "").path.rstrip("/").rsplit("/", 1)[-1]
+    except ValueError:  # not a URL (an unclosed "[", say): the label or the number names it
+        segment = ""
     segment = re.sub(r"\.json$", "", segment, flags=re.IGNORECASE)
     for candidate in (segment, label):
         if candidate and safe_item_id(candidate) != "item":
@@ -355,47 +423,70 @@ def _canvas_item_id(canvas: dict[str, Any], label: str | None, number: int) -> s
 def _painting_bodies(canvas: dict[str, Any], problems: Problems) -> list[dict[str, Any]]:
     """The bodies of a canvas's painting annotations, in order."""
     bodies = []
-    for page in canvas.get("items") or ():
+    for page in _list(canvas.get("items")):
         if not isinstance(page, dict):
             continue
         if "items" not in page and page.get("id"):
-            problems.add(None, None, f"canvas '{canvas.get('id')}': annotation page '{page['id']}' is referenced, not embedded; embed it")
+            problems.add(None, None, f"canvas {_shown(canvas.get('id'))}: annotation page {_shown(page['id'])} is "
+                                     "referenced, not embedded; embed it")
             continue
-        for annotation in page.get("items") or ():
+        for annotation in _list(page.get("items")):
             motivation = annotation.get("motivation") if isinstance(annotation, dict) else None
-            if "painting" not in (motivation if isinstance(motivation, list) else [motivation]):
+            if "painting" not in _list_of_text(motivation):
                 continue
-            body = annotation.get("body")
-            bodies.extend(item for item in (body if isinstance(body, list) else [body]) if isinstance(item, dict))
+            bodies.extend(item for item in _list(annotation.get("body")) if isinstance(item, dict))
     return bodies
+
+
+def _parse_json(data: bytes, uri: str, what: str) -> Any:
+    """The JSON of ``data``; a ManifestError with one problem for bytes that are not UTF-8 JSON or nest too deep."""
+    import json
+
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        problem = f"{what} is not UTF-8 text (byte {error.start})"
+    except json.JSONDecodeError as error:
+        problem = f"{what} is not JSON ({error.msg} at line {error.lineno})"
+    except RecursionError:
+        problem = f"{what} nests its JSON too deep to read"
+    raise ManifestError([ManifestProblem(None, None, problem)], uri)
 
 
 def _read_document(source: str) -> dict[str, Any]:
     """The manifest's JSON, checked to be a Presentation 3 Manifest."""
-    import json
-
-    try:
-        document = json.loads(storage.read_bytes(source).decode("utf-8-sig"))
-    except ImportError as error:  # fsspec's http filesystem needs aiohttp
-        raise InputUnavailableError(f"cannot fetch '{source}': {error}; download the manifest JSON and build from the file") from error
-    except json.JSONDecodeError as error:
-        raise ManifestError([ManifestProblem(None, None, f"not JSON ({error.msg} at line {error.lineno})")], source) from error
+    document = _parse_json(storage.read_bytes(source), source, "the IIIF manifest")
     if not isinstance(document, dict):
         raise ManifestError([ManifestProblem(None, None, "not a IIIF manifest (not a JSON object)")], source)
     if document.get("@type") == "sc:Manifest" or "sequences" in document:
         raise ManifestError([ManifestProblem(None, None, "a IIIF Presentation 2 manifest; only Presentation 3 is supported")], source)
     if document.get("type") != "Manifest":
-        raise ManifestError([ManifestProblem(None, None, f"not a IIIF Presentation 3 Manifest (type {document.get('type')!r})")], source)
+        raise ManifestError([ManifestProblem(None, None, f"not a IIIF Presentation 3 Manifest (type {_shown(document.get('type'))})")], source)
+    if not isinstance(document.get("items", []), list):
+        raise ManifestError([ManifestProblem(None, None, f"the manifest's items must be a list of canvases, got "
+                                                         f"{_shown(document.get('items'))}")], source)
     return document
 
 
 def read_info_json(uri: str) -> dict[str, dict]:
-    """A cached Image API ``info.json`` as ``{service base: info}``, for ``image_info``."""
-    info = storage.read_json(uri)
-    base = str(info.get("id") or info.get("@id") or "").rstrip("/")
+    """A cached Image API ``info.json`` (a file or a URL) as ``{service base: info}``, for ``image_info``.
+
+    Raises ManifestError with one problem for anything but a JSON object with
+    a string ``id`` (or ``@id``); size fields of the wrong type are ignored
+    where they are used.
+    """
+    info = _parse_json(storage.read_bytes(uri), uri, "the info.json")
+    if not isinstance(info, dict):
+        raise ManifestError([ManifestProblem(None, None, f"the info.json is not a JSON object (got {type(info).__name__})")], uri)
+    base = (_text(info.get("id")) or _text(info.get("@id")) or "").rstrip("/")
     if not base:
-        raise ManifestError([ManifestProblem(None, None, "an info.json without an id or @id")], uri)
+        raise ManifestError([ManifestProblem(None, None, "an info.json without an id or @id (a URL string)")], uri)
     return {base: info}
+
+
+def _required_statement(resource: dict[str, Any], language: str | None) -> str | None:
+    statement = resource.get("requiredStatement")
+    return language_text(statement.get("value"), language) if isinstance(statement, dict) else None
 
 
 def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[str, dict] | None = None) -> IiifImport:
@@ -415,23 +506,36 @@ def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[s
     when an annotation page is referenced rather than embedded, or when no
     canvas gives a row (every canvas's reason listed).
     """
-    problems = Problems()
-    # 1. The document, and what the manifest says for every canvas.
     document = _read_document(source)
+    try:
+        return _read_iiif(document, source, language, dict(image_info or {}))
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as error:
+        # Every field is type-checked where it is read; this is the net under that: a problem line, never a traceback.
+        raise ManifestError([ManifestProblem(None, None, f"the IIIF manifest has a field of an unexpected type or "
+                                                         f"shape ({type(error).__name__}: {_shown(str(error), 120)})")],
+                            source) from None
+
+
+def _read_iiif(document: dict[str, Any], source: str, language: str | None,
+               image_info: dict[str, dict]) -> IiifImport:
+    problems = Problems()
+    image_info = {base: info for base, info in image_info.items() if isinstance(info, dict)}
+    # 1. What the manifest says for every canvas.
     manifest_fields = {
         "title": language_text(document.get("label"), language),
-        "rights": document.get("rights"),
-        "attribution": language_text((document.get("requiredStatement") or {}).get("value"), language),
-        "iiif_manifest": document.get("id"),
+        "rights": _text(document.get("rights")),
+        "attribution": _required_statement(document, language),
+        "iiif_manifest": _text(document.get("id")),
         **_catalogue_fields(_metadata(document, language)),
     }
 
-    # 2. One row per painting image; a canvas that gives none is left out with its reason.
-    rows, candidates, left_out = [], [], []
-    for number, canvas in enumerate(document.get("items") or (), start=1):
+    # 2. One row per painting image; a canvas that gives none is left out with its reason (the first
+    #    MAX_PROBLEMS of them listed, the rest counted, as `manifest validate` does).
+    rows, candidates, left_out = [], [], Problems()
+    for number, canvas in enumerate(_list(document.get("items")), start=1):
         if not isinstance(canvas, dict) or canvas.get("type") != "Canvas":
             continue
-        name = f"canvas {number} '{canvas.get('id')}'"
+        name = f"canvas {number} {_shown(_text(canvas.get('id')), 200)}"
         caption, canvas_label = _canvas_caption(canvas, document, language)
         reasons, images = [], []
         for body in _painting_bodies(canvas, problems):
@@ -440,29 +544,31 @@ def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[s
             except RefusedBody as refused:
                 reasons.append(str(refused))
         if not images:
-            left_out.append(ManifestProblem(None, "image_uri", f"{name} left out: {'; '.join(reasons) or 'it paints nothing'}"))
+            left_out.add(None, "image_uri", f"{name} left out: {'; '.join(reasons[:5]) or 'it paints nothing'}")
             continue
         try:
             rewrite_caption(caption or "")
         except PromptError:
-            left_out.append(ManifestProblem(None, "caption", f"{name} left out: no caption with a content word "
-                                                           f"(label {canvas_label!r}, manifest label {manifest_fields['title']!r})"))
+            left_out.add(None, "caption", f"{name} left out: no caption with a content word "
+                                          f"(label {_shown(canvas_label)}, manifest label {_shown(manifest_fields['title'])})")
             continue
         fields = {
             **manifest_fields,
             "canvas_label": canvas_label,
-            "iiif_canvas": canvas.get("id"),
-            "rights": canvas.get("rights") or manifest_fields["rights"],
-            "attribution": language_text((canvas.get("requiredStatement") or {}).get("value"), language)
-            or manifest_fields["attribution"],
+            "iiif_canvas": _text(canvas.get("id")),
+            "rights": _text(canvas.get("rights")) or manifest_fields["rights"],
+            "attribution": _required_statement(canvas, language) or manifest_fields["attribution"],
             **_catalogue_fields(_metadata(canvas, language)),
         }
         base = _canvas_item_id(canvas, canvas_label, number)
         for index, (uri, note) in enumerate(images, start=1):
             candidates.append(f"{base}-{index}" if len(images) > 1 else base)
-            notes = "; ".join(part for part in (note, *(f"left out a body: {r}" for r in reasons)) if part) or None
+            notes = "; ".join(part for part in (note, *(f"left out a body: {r}" for r in reasons[:5]),
+                                                (f"left out {len(reasons) - 5} more bodies" if len(reasons) > 5 else None))
+                              if part) or None
             rows.append({"image_uri": uri, "caption": caption, **{k: v for k, v in fields.items() if v is not None},
                          **({"iiif_note": notes} if notes else {})})
+    left_out = left_out.result()
     if problems.items:
         raise ManifestError(problems.result(), source)
     if not rows:
@@ -473,7 +579,7 @@ def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[s
     # 3. The table, validated.
     catalogue = [name for name in IIIF_COLUMNS if any(name in row for row in rows)]
     catalogue += list(dict.fromkeys(name for row in rows for name in row if name not in KNOWN_COLUMNS and name not in IIIF_COLUMNS))
-    labels = [f"canvas '{row.get('iiif_canvas')}'" for row in rows]
+    labels = [f"canvas {_shown(row.get('iiif_canvas'), 200)}" for row in rows]
     table = finish_table(rows, list(range(1, len(rows) + 1)), labels, catalogue, Problems(), source)
     for problem in left_out:
         logger.warning("%s: %s", source, problem)

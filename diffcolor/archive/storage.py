@@ -1,7 +1,13 @@
 """Every read and write of DiffColor goes through this module, by fsspec URI.
 
 A URI is a local path (``/data/out``, ``out``), ``file://``, ``memory://`` or
-``s3://bucket/prefix`` (AWS S3 or any S3 API such as MinIO, through s3fs).
+``s3://bucket/prefix`` (AWS S3 or any S3 API such as MinIO, through s3fs),
+or ``gs://``/``az://`` where their fsspec packages are installed; no other
+protocol and no chained URL (``simplecache::...``) is opened (:data:`STORE_PROTOCOLS`).
+An ``http(s)://`` URL can be read (:func:`read_bytes`, :func:`exists`) and
+nothing else; it is fetched by :mod:`diffcolor.archive.outside`, which never
+reaches loopback, link-local or private addresses unless the operator allows
+the host (``DIFFCOLOR_ALLOW_HOSTS``, ``--allow-host``).
 
 S3 configuration comes from the environment only (never from manifests or
 records, so that no credential is ever written anywhere):
@@ -76,6 +82,7 @@ from diffcolor.common.errors import (
     StorageConfigError,
     StorageError,
 )
+from diffcolor.archive import outside
 from diffcolor.common.redact import redact, split_userinfo
 
 logger = logging.getLogger(__name__)
@@ -88,6 +95,9 @@ S3_MULTIPART_THRESHOLD = 64 * 2**20
 S3_PART_SIZE = 16 * 2**20
 
 _S3_PROTOCOLS = ("s3", "s3a")
+# The fsspec protocols DiffColor reads and writes. Others (ftp, sftp, smb, webhdfs, reference, ...) and chained
+# URLs over them ("simplecache::http://...") would reach servers past the checks of diffcolor.archive.outside.
+STORE_PROTOCOLS = frozenset({"file", "local", "memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
 _SECRET_OPTIONS = ("key", "secret", "token", "password", "session_token")
 # botocore's "no usable credentials" exceptions (not OSError subclasses), matched
 # by class name so that s3fs and botocore stay optional dependencies.
@@ -173,6 +183,14 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     the filesystem's key and secret, and are remembered as secrets to redact.
     """
     uri = str(uri)
+    if outside.is_http(uri):
+        raise StorageConfigError(f"'{redact(uri)}' is an http(s) URL: it can be read, never written, listed or opened "
+                                 "as a file")
+    for part in uri.split("::"):
+        protocol, _ = split_protocol(part)
+        if protocol is not None and protocol.lower() not in STORE_PROTOCOLS:
+            raise StorageConfigError(f"'{redact(uri)}': {protocol}:// is not a store DiffColor uses (a local path, "
+                                     "file://, memory://, s3://, gs://, az://; http(s):// to read)")
     options = storage_options_for(uri)
     protocol, _ = split_protocol(uri)
     if protocol in _S3_PROTOCOLS:
@@ -243,7 +261,12 @@ def read_bytes(uri: str, limits: ReadLimits | None = None) -> bytes:
         BadImageError: it is larger than ``limits.max_bytes``.
         StorageConfigError: the store refuses the request as malformed (permanent).
         StorageError: any other backend failure (transient).
+        ForbiddenAddressError (an InputUnavailableError): an http(s) URL that
+            points at this host's own network (:mod:`diffcolor.archive.outside`).
     """
+    if outside.is_http(uri):
+        limits = limits or ReadLimits()
+        return outside.fetch(str(uri), max_bytes=limits.max_bytes, seconds=limits.seconds)
     fs, path = filesystem(uri)
     try:
         if limits is None:
@@ -398,6 +421,8 @@ def modified_time(uri: str) -> float | None:
     Raises:
         InputUnavailableError: it is missing or checking is denied. StorageError: other backend failures.
     """
+    if outside.is_http(uri):
+        return None
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)
     try:
@@ -418,6 +443,12 @@ def exists(uri: str) -> bool:
     Raises:
         InputUnavailableError: checking is denied. StorageError: other backend failures.
     """
+    if outside.is_http(uri):  # a HEAD request, checked like every fetch
+        try:
+            outside.fetch(str(uri), method="HEAD", seconds=ReadLimits.seconds)
+        except MissingObjectError:
+            return False
+        return True
     fs, path = filesystem(uri)
     fs.invalidate_cache(path)
     try:
