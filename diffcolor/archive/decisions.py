@@ -101,10 +101,18 @@ def _decision_uris(output: str, layout: ItemLayout) -> list[str]:
     return [storage.join(folder, name) for name in sorted(names, key=_order)]
 
 
-def read_decisions(output: str, item_id: str) -> list[dict]:
-    """Every decision on the item, in the order they were made (the item's decision sequence)."""
+def read_decisions(output: str, item_id: str, *, known: dict | None = None) -> list[dict]:
+    """Every decision on the item, in the order they were made (the item's decision sequence).
+
+    ``known``: decisions already read, by URI (a decision object never changes), reused and added to.
+    """
     layout = item_layout(output, item_id)
-    return [storage.read_json(storage.confine(output, uri)) for uri in _decision_uris(output, layout)]
+    known = {} if known is None else known
+    uris = _decision_uris(output, layout)
+    for uri in uris:
+        if uri not in known:
+            known[uri] = storage.read_json(storage.confine(output, uri))
+    return [known[uri] for uri in uris]
 
 
 def read_approved(output: str, item_id: str) -> dict | None:
@@ -217,14 +225,17 @@ def pointer_of(output: str, layout: ItemLayout, log: list[dict], current: dict |
     Folded in order: an approval names its version; a rejection of the version
     named then withdraws it (``version`` null, with the pointer withdrawn).
     """
-    pointer = current
+    pointer, approval = current, None  # approval: the entry the pointer names, made into one only when needed
     for entry in log:
         if entry.get("decision") == "approved":
-            pointer = _approval_pointer(output, layout, entry)
-        elif pointer is not None and pointer.get("version") is not None and pointer["version"] == entry.get("version"):
-            pointer = {"item_id": entry.get("item_id"), "version": None, "withdrawn_by": entry.get("decision_id"),
-                       "previous": pointer}
-    return pointer
+            pointer, approval = None, entry
+            continue
+        named = approval["version"] if approval is not None else (pointer or {}).get("version")
+        if named is not None and named == entry.get("version"):
+            previous = _approval_pointer(output, layout, approval) if approval is not None else pointer
+            pointer, approval = {"item_id": entry.get("item_id"), "version": None,
+                                 "withdrawn_by": entry.get("decision_id"), "previous": previous}, None
+    return _approval_pointer(output, layout, approval) if approval is not None else pointer
 
 
 def settle_approved(output: str, item_id: str) -> dict | None:
@@ -236,12 +247,13 @@ def settle_approved(output: str, item_id: str) -> dict | None:
     output = storage.absolute(output)
     layout = item_layout(output, item_id)
     uri = storage.confine(output, approved_uri(layout))
+    known: dict = {}
     for _ in range(MAX_POINTER_ROUNDS):
-        wanted = pointer_of(output, layout, read_decisions(output, item_id))
+        wanted = pointer_of(output, layout, read_decisions(output, item_id, known=known))
         if wanted is None:
             return None
         storage.write_json(uri, wanted)
-        after = pointer_of(output, layout, read_decisions(output, item_id))
+        after = pointer_of(output, layout, read_decisions(output, item_id, known=known))
         if _same(storage.read_json(uri), after):
             return after
     raise StorageError(f"'{uri}' kept changing under {MAX_POINTER_ROUNDS} rewrites; decide again to settle it")

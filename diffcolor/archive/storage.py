@@ -192,8 +192,9 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     """Creates the object at ``uri`` only if none exists there; True when this call created it.
 
     The store's own conditional create, so that of several processes or
-    machines racing for one name exactly one wins: local disk
-    ``open(O_CREAT | O_EXCL)`` (the file fsynced), S3 ``PutObject`` with
+    machines racing for one name exactly one wins, and readers see the whole
+    object or none: local disk a complete staged file hard-linked onto the
+    name (``link`` refuses an existing name), S3 ``PutObject`` with
     ``If-None-Match: *``, ``memory://`` a check-and-set under a process lock.
     Raises StorageConfigError on any other store.
     """
@@ -201,17 +202,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     data = bytes(data)
     try:
         if _is_local(fs):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            try:
-                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0),
-                                 0o666 & ~_UMASK)
-            except FileExistsError:
-                return False
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            return True
+            return _create_local_exclusive(path, data)
         if "memory" in _protocols(fs):
             with _MEMORY_LOCK:
                 if fs.exists(path):
@@ -484,6 +475,32 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         os.fsync(directory_handle)
     finally:
         os.close(directory_handle)
+
+
+def _create_local_exclusive(path: str, data: bytes) -> bool:
+    """The complete file appears at ``path`` at once, or not at all: written beside it, then hard-linked onto
+    ``path`` (``link`` fails when ``path`` exists, so a reader never sees a partial file and one writer wins)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    try:
+        os.fchmod(handle, 0o666 & ~_UMASK)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(staging)
+    directory_handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_handle)
+    finally:
+        os.close(directory_handle)
+    return True
 
 
 def modified_time(uri: str) -> float | None:
