@@ -483,6 +483,7 @@ def cmd_review(args) -> int:
     _quiet_prefect()
     import logging
     import shutil
+    import signal
 
     import uvicorn
 
@@ -506,11 +507,15 @@ def cmd_review(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactQuery())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop by SIGTERM also removes the private token file
     try:
         uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on: a normal end here
+        pass
     finally:
         if private:
             shutil.rmtree(private, ignore_errors=True)
+    print("review server stopped", file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -324,7 +325,7 @@ def _decide(out: str, start, worker: int, environment: dict) -> None:
     random.seed()
     storage.write_bytes = _slow_pointer(storage.write_bytes)
     start.wait(60)  # all processes decide at once
-    decision = "rejected" if worker % 5 == 4 else "approved"
+    decision = "rejected" if worker % 4 == 3 else "approved"
     record_decision(out, "fitted", 1 + worker % 4, decision, f"curator {worker}")
 
 
@@ -365,12 +366,26 @@ def test_concurrent_decisions_in_many_processes_leave_the_logs_last_approval(tmp
         _check_log(out, 8 * race)
 
 
-def test_concurrent_decisions_on_s3(s3_bucket):
+@pytest.fixture
+def atomic_conditional_puts(monkeypatch):
+    """moto's server checks If-None-Match and then stores, unlocked, in its request threads (moto 5): two racing
+    conditional PUTs can both succeed. Real S3 makes the check and the write one step; so does this lock."""
+    from moto.s3.responses import S3Response
+
+    lock, put = threading.Lock(), S3Response.put_object
+
+    def atomic(self, *args, **kwargs):
+        with lock:
+            return put(self, *args, **kwargs)
+    monkeypatch.setattr(S3Response, "put_object", atomic)
+
+
+def test_concurrent_decisions_on_s3(s3_bucket, atomic_conditional_puts):
     out = _collection(f"{s3_bucket}/out")
     _versions(out, 4)
-    for race in range(1, RACES + 1):
-        _race(out)
-        _check_log(out, 8 * race)
+    for race in range(1, 3):
+        _race(out, processes=4)
+        _check_log(out, 4 * race)
 
 
 def test_decisions_written_before_sequence_numbers_are_read_first_and_keep_their_pointer(tmp_path):
