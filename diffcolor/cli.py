@@ -474,37 +474,92 @@ def cmd_reprocess(args) -> int:
 
 def cmd_review(args) -> int:
     """``diffcolor review OUTPUT``: the curators' web application (``review/``) until interrupted."""
-    import secrets
-
     from diffcolor.archive import storage
+    from review.guard import normalize_host
 
-    # 1. The token: from --token-file, else a random one; off loopback a token file is required.
+    # 1. The host names answered, and the token: from --token-file, else a random one in a private file.
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
+    for name in [args.host, *args.allowed_host]:
+        if normalize_host(name) is None:
+            raise ValueError(f"{name!r} is not a host name or IP address")
     if args.token_file:
-        token = Path(args.token_file).read_text(encoding="utf-8").strip()
-        if len(token) < 16:
-            raise ValueError(f"--token-file '{args.token_file}' must hold a token of at least 16 characters")
+        token = _read_token_file(args.token_file)
     elif not loopback:
         raise ValueError(f"--host {args.host} serves beyond this machine: give --token-file with a secret token")
     else:
-        token = secrets.token_urlsafe(24)
+        token = None
     out = storage.absolute(_lift_credentials(args.out)[0])
 
-    # 2. The application, served by uvicorn.
+    # 2. The application, served by uvicorn; its access log never shows a token.
     _quiet_prefect()
+    import logging
+    import shutil
+    import signal
+
     import uvicorn
 
     from review.app import ReviewConfig, create_app
+    from review.guard import RedactQuery
 
+    token_path, private = None, None
+    if token is None:
+        token, token_path, private = _private_token()
     options = {"pool": args.pool, "device": args.device, "preset": args.preset}
     app = create_app(ReviewConfig(output=out, token=token, read_only=args.read_only, host=args.host,
-                                  reprocess_options=options))
+                                reprocess_options=options, port=args.port, allowed_hosts=tuple(args.allowed_host)))
     address = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"review of {out}{' (read-only)' if args.read_only else ''}: {address}/", file=sys.stderr)
+    if not loopback and not args.allowed_host:
+        print(f"answering only requests for {args.host} and the loopback names: add --allowed-host NAME for each "
+              "name clients use to reach this machine", file=sys.stderr)
     if not args.read_only:
-        print(f"sign in to recolour and decide: {address}/login?token={token}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        where = args.token_file if token_path is None else f"{token_path} (readable by you only; removed at exit)"
+        print(f"sign in to recolour and decide at {address}/login with the token in {where}", file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(RedactQuery())
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop by SIGTERM also removes the private token file
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on: a normal end here
+        pass
+    finally:
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
+    print("review server stopped", file=sys.stderr)
     return 0
+
+
+def _read_token_file(path: str) -> str:
+    """The token in ``path``; ValueError (one line) when it cannot be read or is too short."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ValueError(f"--token-file '{path}' cannot be read: {reason}") from None
+    if len(token) < 16 or any(char.isspace() for char in token):
+        raise ValueError(f"--token-file '{path}' must hold one token of at least 16 characters, no spaces")
+    return token
+
+
+def _private_token() -> tuple[str, str, str]:
+    """A random token written to a new file only this user can read: ``(token, file, its folder)``.
+
+    The folder is made by ``mkdtemp`` (mode 0700) in ``$XDG_RUNTIME_DIR`` when
+    set, else the temporary folder; the file is created 0600. The token itself
+    is never printed: its path is.
+    """
+    import secrets
+    import tempfile
+
+    token = secrets.token_urlsafe(32)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    folder = tempfile.mkdtemp(prefix="diffcolor-review-", dir=runtime if runtime and os.path.isdir(runtime) else None)
+    path = os.path.join(folder, "token")
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(token + "\n")
+    return token, path, folder
 
 
 def cmd_eval(args) -> int:
@@ -881,7 +936,10 @@ def _add_review_command(commands) -> None:
                                                             "needs --token-file)")
     review.add_argument("--port", type=int, default=8765, help="default %(default)s")
     review.add_argument("--token-file", metavar="F", help="file holding the server's secret token (default: a random "
-                                                          "token, printed in the sign-in link)")
+                                                          "token in a new private file, whose path is printed)")
+    review.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a host name clients use to reach the server (repeatable); requests for any other name "
+                             "than these, --host and the loopback names are refused")
     review.add_argument("--read-only", action="store_true", help="browse only: no recolouring, no decisions")
     review.add_argument("--pool", choices=("local", "inline"), default="local",
                         help="where recolouring runs without PREFECT_API_URL: local worker processes or inline")

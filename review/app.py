@@ -9,14 +9,29 @@ collection table (:mod:`diffcolor.archive.browse`), each item's records
 
 Safety:
 
+- the server answers only the host names it was started for (loopback names,
+  ``host``, ``allowed_hosts``): any other ``Host`` is refused before a route
+  runs (:mod:`review.guard`), so a page that rebinds its own DNS name to this
+  address reads nothing; request bodies over 1 MiB are refused (413);
 - every item id goes through the item-id rule, and every file served is
-  derived from it and a version number, never from a path in a request;
-- a server token (``--token-file``, else a random one printed at start): state
-  changes need it (``Authorization: Bearer`` or the cookie ``/login?token=``
-  sets) *and* the ``X-CSRF-Token`` header with the CSRF value the pages carry
-  (a custom header that a foreign page cannot send without a CORS preflight,
-  which this server never grants), and a foreign ``Origin`` is refused;
-- off loopback every request needs the token, reads included;
+  derived from it and a version number, never from a path in a request; every
+  path goes through :func:`diffcolor.archive.storage.confine`, so a symbolic
+  link never makes the server read or write outside the output;
+- a server token (``--token-file``, else a random one in a private file whose
+  path is printed; the token itself is never printed or put in a URL): state
+  changes need it. A script sends it as ``Authorization: Bearer`` and needs
+  nothing more (a browser never adds that header to a cross-site request). A
+  browser signs in with the form at ``/login`` (POST), which sets an HttpOnly,
+  SameSite=Strict cookie; changes by cookie also need the ``X-CSRF-Token``
+  header with the CSRF value the pages carry (a custom header that a foreign
+  page cannot send without a CORS preflight, which this server never grants),
+  and any change whose ``Origin`` is not one of this server's allowed origins
+  (scheme, host and port, from the allow-list, never from the request's
+  ``Host``) is refused;
+- off loopback every request needs the token, reads included; on loopback
+  reads are open, ``check`` included (it changes nothing, and its input is
+  bounded: prompt characters and words, colour-map entries, before any
+  tokenizer work);
 - ``read_only`` refuses every change;
 - pages load nothing from elsewhere: inline CSS and JS, images from this server.
 """
@@ -28,30 +43,34 @@ import hmac
 import io
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Annotated
+from urllib.parse import parse_qs
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from diffcolor.archive import storage
 from diffcolor.archive.browse import METRICS, CollectionTable, Filters
 from diffcolor.archive.decisions import (
     DECISIONS,
+    MAX_NAME_CHARS,
+    MAX_NOTE_CHARS,
     DecisionError,
+    item_layout,
     publish_review_run,
     read_approved,
     read_decisions,
     record_decision,
     version_output,
 )
-from diffcolor.archive.items import ItemLayout
 from diffcolor.archive.pages import render_page
-from diffcolor.archive.planning import item_prefix
 from diffcolor.archive.report import METRIC_EXPLANATIONS
 from diffcolor.common.captions import describe_color_map, prompt_slots, rewrite_caption
 from diffcolor.common.errors import DiffColorError, PromptError
 from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
+from review.guard import MAX_BODY_BYTES, BodyLimit, HostGuard, allowed_names, allowed_origins, origin_key
 from review.jobs import Jobs
 
 COOKIE = "diffcolor_review"
@@ -63,6 +82,13 @@ SHOWN_FIELDS = ("version", "status", "created_at", "caption", "target_prompt", "
 PROVENANCE_FIELDS = ("model_id", "clip_model_id", "model_hash", "weight_dtype", "software", "software_version",
                      "source_sha256", "output_sha256", "cache_key", "seconds")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# Bounds on a recolour target (ours), checked before any tokenizer work: CLIP reads 77 tokens, so a longer
+# prompt is never rendered as written; a caption has a few dozen content words at most.
+MAX_PROMPT_CHARS = 600
+MAX_PROMPT_WORDS = 80
+MAX_COLOUR_MAP_ENTRIES = 40
+MAX_WORD_CHARS = 40
+_Word = Annotated[str, StringConstraints(max_length=MAX_WORD_CHARS)]
 
 
 @dataclass
@@ -74,6 +100,8 @@ class ReviewConfig:
     read_only: bool = False
     host: str = "127.0.0.1"
     reprocess_options: dict = field(default_factory=dict)  # ReprocessOptions fields for recolour jobs
+    port: int | None = None  # the port served on (the Origin check); None: the scheme's default
+    allowed_hosts: tuple[str, ...] = ()  # host names answered besides the loopback names and ``host``
 
     @property
     def csrf(self) -> str:
@@ -83,9 +111,16 @@ class ReviewConfig:
 class ColourRequest(BaseModel):
     """A new target for one item: a colour map of caption words, or a target prompt."""
 
-    item_id: str
-    color_map: dict[str, str] | None = None
-    target_prompt: str | None = None
+    item_id: str = Field(max_length=400)
+    color_map: dict[_Word, _Word] | None = Field(None, max_length=MAX_COLOUR_MAP_ENTRIES)
+    target_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("target_prompt")
+    @classmethod
+    def _few_words(cls, prompt: str | None) -> str | None:
+        if prompt is not None and len(prompt.split()) > MAX_PROMPT_WORDS:
+            raise ValueError(f"a target prompt has at most {MAX_PROMPT_WORDS} words")
+        return prompt
 
 
 class RecolourRequest(BaseModel):
@@ -94,9 +129,9 @@ class RecolourRequest(BaseModel):
 
 class DecisionRequest(BaseModel):
     version: int = Field(ge=1)
-    decision: str = Field(description="approved or rejected")
-    decided_by: str = Field(description="the curator's name")
-    note: str = ""
+    decision: str = Field(description="approved or rejected", max_length=20)
+    decided_by: str = Field(description="the curator's name", max_length=MAX_NAME_CHARS)
+    note: str = Field("", max_length=MAX_NOTE_CHARS)
 
 
 def _item_id(raw: str) -> str:
@@ -199,29 +234,48 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
     jobs = jobs or Jobs(output, config.reprocess_options)
     app.state.config, app.state.table, app.state.jobs = config, table, jobs
     open_reads = config.host in LOOPBACK
+    origins = allowed_origins(config.host, config.port, config.allowed_hosts)
+    # Outermost last: the Host is checked first, then the body's size, then the routes run.
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(HostGuard, names=allowed_names(config.host, config.allowed_hosts))
 
     # 1. Who may do what.
-    def authenticated(request: Request) -> bool:
+    def signed_in_by(request: Request) -> str | None:
+        """"bearer" or "cookie" when the request carries the server's token that way, else None.
+
+        An Authorization header decides alone: a wrong bearer token is not rescued by a cookie.
+        """
+        header = request.headers.get("authorization")
+        if header is not None:
+            scheme, _, given = header.partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), config.token.encode())
+            return "bearer" if ok else None
         given = request.cookies.get(COOKIE) or ""
-        header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            given = header[7:].strip()
-        return bool(given) and hmac.compare_digest(given, config.token)
+        return "cookie" if given and hmac.compare_digest(given.encode(), config.token.encode()) else None
+
+    def authenticated(request: Request) -> bool:
+        return signed_in_by(request) is not None
+
+    def same_origin(request: Request) -> None:
+        origin = request.headers.get("origin")
+        if origin is not None and origin_key(origin) not in origins:
+            raise HTTPException(403, f"requests from the origin {origin[:100]!r} are refused")
 
     def may_read(request: Request) -> None:
         if not open_reads and not authenticated(request):
-            raise HTTPException(401, "this server needs its token: open the link `diffcolor review` printed")
+            raise HTTPException(401, "this server needs its token: sign in at /login, or send Authorization: Bearer")
 
     def may_change(request: Request) -> None:
         if config.read_only:
             raise HTTPException(403, "this review server is read-only")
-        if not authenticated(request):
-            raise HTTPException(401, "changes need the server's token (Authorization: Bearer, or /login?token=)")
-        if not hmac.compare_digest(request.headers.get("x-csrf-token", ""), config.csrf):
+        how = signed_in_by(request)
+        if how is None:
+            raise HTTPException(401, "changes need the server's token (Authorization: Bearer, or sign in at /login)")
+        same_origin(request)
+        # CSRF defends cookie sessions only: a browser never adds an Authorization header on its own.
+        if how == "cookie" and not hmac.compare_digest(request.headers.get("x-csrf-token", "").encode(),
+                                                       config.csrf.encode()):
             raise HTTPException(403, "missing or wrong X-CSRF-Token header")
-        origin = request.headers.get("origin")
-        if origin and origin.rstrip("/") != str(request.base_url).rstrip("/"):
-            raise HTTPException(403, f"requests from {origin} are refused")
 
     def page_context(request: Request) -> dict:
         can_change = authenticated(request) and not config.read_only
@@ -231,13 +285,18 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
     @app.exception_handler(DiffColorError)
     async def _diffcolor_error(request: Request, error: DiffColorError):
         status = 400 if isinstance(error, (UnsafeItemIdError, PromptError, DecisionError)) else 500
+        if isinstance(error, storage.OutsideRootError):
+            status = 403
         return JSONResponse({"detail": str(error)}, status_code=status)
 
     # 2. What the pages show, as data.
+    def inside(uri: str) -> str:
+        return storage.confine(output, uri)
+
     def item_data(item_id: str) -> dict:
-        layout = ItemLayout(item_prefix(output, item_id))
-        versions = [storage.read_json(uri) for uri in layout.version_records()]
-        latest = storage.read_json(layout.result) if storage.exists(layout.result) else None
+        layout = item_layout(output, item_id)
+        versions = [storage.read_json(inside(uri)) for uri in layout.version_records()]
+        latest = storage.read_json(layout.result) if storage.exists(inside(layout.result)) else None
         if latest is None and not versions:
             raise HTTPException(404, f"item {item_id!r} is not in this output")
         record = latest or versions[-1]
@@ -246,20 +305,21 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
             slots = list(dict.fromkeys(rewrite_caption(record.get("caption") or "").slots))
         except PromptError:
             slots = []
-        has_state = storage.exists(layout.state_object)
+        has_state = storage.exists(inside(layout.state_object))
         return {
             "item_id": item_id, "status": record.get("status"), "caption": record.get("caption"),
             "error_message": record.get("error_message") if record.get("status") != "done" else None,
             "catalogue": record.get("catalogue") or {}, "current_version": record.get("version"),
             "versions": [_public(version) for version in done],
             "has_color_state": has_state, "recolor_mode": "render" if has_state else "full_fit",
-            "colour_words": slots, "decisions": read_decisions(layout), "approved": read_approved(layout),
+            "colour_words": slots, "decisions": read_decisions(output, item_id),
+            "approved": read_approved(output, item_id),
             "metric_explanations": {name: METRIC_EXPLANATIONS[name] for name in METRIC_EXPLANATIONS},
         }
 
     def latest_record(item_id: str) -> dict:
-        layout = ItemLayout(item_prefix(output, item_id))
-        if not storage.exists(layout.result):
+        layout = item_layout(output, item_id)
+        if not storage.exists(inside(layout.result)):
             raise HTTPException(404, f"item {item_id!r} is not in this output")
         return storage.read_json(layout.result)
 
@@ -298,12 +358,12 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
              response_class=Response)
     def version_image(item_id: str, version: int, kind: str = Query("colour", pattern="^(colour|gray)$"),
                       size: str = Query("full", pattern="^(full|thumb)$")) -> Response:
-        layout = ItemLayout(item_prefix(output, _item_id(item_id)))
-        record_uri = layout.record(version)
+        layout = item_layout(output, _item_id(item_id))
+        record_uri = inside(layout.record(version))
         if version < 1 or not storage.exists(record_uri):
             raise HTTPException(404, f"item {item_id!r} has no version {version}")
         access = version_output(layout, storage.read_json(record_uri), "access")
-        if access is None or not storage.exists(access):
+        if access is None or not storage.exists(inside(access)):
             raise HTTPException(404, f"version {version} of {item_id!r} has no access copy")
         data = _picture(access, kind, THUMBNAIL_SIDE if size == "thumb" else None)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
@@ -352,17 +412,36 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
                    "parameters": [p["name"] for p in operation.get("parameters", [])],
                    "body": bool(operation.get("requestBody"))}
                   for path, methods in app.openapi()["paths"].items() for method, operation in methods.items()]
+        limits = {"prompt_chars": MAX_PROMPT_CHARS, "prompt_words": MAX_PROMPT_WORDS,
+                  "map_entries": MAX_COLOUR_MAP_ENTRIES}
         return render_page("api.html", package="review", title="DiffColor review: JSON API", routes=routes,
-                           **page_context(request))
+                           limits=limits, **page_context(request))
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
         return Response(status_code=204)  # no icon, and no 404 in the browser's console
 
-    @app.get("/login", include_in_schema=False)
-    def login(token: str) -> Response:
-        if not hmac.compare_digest(token, config.token):
-            raise HTTPException(401, "wrong token")
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_page(request: Request) -> Response:
+        """The sign-in form. A token in the URL is refused, never used: URLs end up in logs and histories."""
+        if "token" in request.query_params:
+            return HTMLResponse(render_page("login.html", package="review", title="DiffColor review: sign in",
+                                            problem="a token in a URL is not accepted (URLs are logged); "
+                                                    "paste it into the form", **page_context(request)), 400)
+        return HTMLResponse(render_page("login.html", package="review", title="DiffColor review: sign in",
+                                        problem=None, **page_context(request)))
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        same_origin(request)
+        try:
+            fields = parse_qs((await request.body()).decode("utf-8", "replace"), max_num_fields=4)
+        except ValueError:
+            raise HTTPException(400, "the sign-in form has one field, token") from None
+        token = (fields.get("token") or [""])[0].strip()
+        if not token or not hmac.compare_digest(token.encode(), config.token.encode()):
+            return HTMLResponse(render_page("login.html", package="review", title="DiffColor review: sign in",
+                                            problem="wrong token", **page_context(request)), 401)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
         return response

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         write_results(generated_records(args.items), f"{folder}/runs/20260101T000000Z-bench0/results.parquet",
                       csv=False)
         print(f"generated {args.items} records in {time.perf_counter() - start:.1f} s")
-        client = TestClient(create_app(ReviewConfig(output=folder, token="b" * 32)))
+        client = TestClient(create_app(ReviewConfig(output=folder, token="b" * 32)), base_url="http://127.0.0.1")
         start = time.perf_counter()
         assert client.get("/api/items?limit=1").json()["total"] == args.items
         print(f"first load of the collection table: {time.perf_counter() - start:.2f} s (once per server)")

@@ -66,7 +66,7 @@ class FakeJobs:
 
 
 def _client(output, **config) -> tuple[TestClient, ReviewConfig, FakeJobs]:
-    review = ReviewConfig(output=output, token=TOKEN, **config)
+    review = ReviewConfig(output=output, token=TOKEN, **{"allowed_hosts": ("testserver",), **config})
     jobs = FakeJobs()
     return TestClient(create_app(review, jobs)), review, jobs
 
@@ -97,15 +97,17 @@ def test_changes_need_the_token_and_the_csrf_header(output):
     assert client.post("/api/items/fitted/decisions", json=body,
                        headers={"Authorization": "Bearer wrong", "X-CSRF-Token": review.csrf}).status_code == 401
     assert client.post("/api/items/fitted/decisions", json=body,
-                       headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 403  # no CSRF header
-    assert client.post("/api/items/fitted/decisions", json=body,
                        headers={**_changing(review), "Origin": "http://evil.example"}).status_code == 403
     assert client.post("/api/recolour", json={"targets": [{"item_id": "fitted", "color_map": {"dog": "red"}}]}
                        ).status_code == 401
     assert jobs.started == [] and not storage.list_files(f"{output}/items/fitted/decisions")
-    # The cookie from /login counts as the token; the pages then carry the CSRF value.
-    client.get(f"/login?token={TOKEN}", follow_redirects=False)
+    # The cookie from the sign-in form counts as the token; the pages then carry the CSRF value, which
+    # changes by cookie need.
+    assert client.post("/login", data={"token": "wrong"}, follow_redirects=False).status_code == 401
+    assert client.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 303
     assert review.csrf in client.get("/items/fitted").text
+    refused = client.post("/api/recolour", json={"targets": [{"item_id": "fitted", "color_map": {"dog": "red"}}]})
+    assert refused.status_code == 403 and "X-CSRF-Token" in refused.text
     assert client.post("/api/recolour", headers={"X-CSRF-Token": review.csrf},
                        json={"targets": [{"item_id": "fitted", "color_map": {"dog": "red"}}]}).status_code == 202
     assert jobs.started == [[{"item_id": "fitted", "color_map": {"dog": "red"}, "target_prompt": None}]]

@@ -3,7 +3,7 @@
 A small collection is colourised with the tiny bundle and the smoke preset,
 then a curator browses it, opens an item, colours a word of its caption,
 watches version 2 appear (the reprocess flow, run by the server) and approves
-it; the decision is then found in the item's records. Set
+it (signed in with the form at /login); the decision is then found in the item's records. Set
 ``DIFFCOLOR_SCREENSHOT_DIR`` to keep the item page's screenshot (README).
 """
 
@@ -41,8 +41,9 @@ def review_server(prefect_server, tmp_path, monkeypatch):
     manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
     assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", pool="inline"),
                                return_state=True).is_completed()
-    app = create_app(ReviewConfig(output=str(out), token=TOKEN, reprocess_options={"pool": "inline", "device": "cpu"}))
     port = _free_port()
+    app = create_app(ReviewConfig(output=str(out), token=TOKEN, reprocess_options={"pool": "inline", "device": "cpu"},
+                                  port=port))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -58,7 +59,10 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
     from selenium.webdriver.support.ui import WebDriverWait
 
     base, out = review_server
-    browser.get(f"{base}/login?token={TOKEN}")  # signs in and lands on the collection
+    browser.get(f"{base}/login")  # the sign-in form: the token is pasted, never put in a URL
+    browser.find_element("id", "token").send_keys(TOKEN)
+    browser.find_element("id", "sign-in").click()  # signs in and lands on the collection
+    WebDriverWait(browser, 30).until(lambda driver: "items match" in driver.find_element("tag name", "body").text)
     assert "2 items match" in browser.find_element("tag name", "body").text
     assert _errors(browser) == []
     thumbnails = browser.execute_script("return [...document.images].map(i => [i.complete, i.naturalWidth])")

@@ -43,7 +43,7 @@ def s3_output(models, smoke, s3_bucket, tmp_path):
 def test_review_browses_and_records_a_decision_on_s3(s3_output):
     output, records = s3_output
     review = ReviewConfig(output=output, token=TOKEN)
-    client = TestClient(create_app(review))
+    client = TestClient(create_app(review), base_url="http://127.0.0.1")  # a host name the server answers
     listed = client.get("/api/items").json()
     assert sorted(item["item_id"] for item in listed["items"]) == ["harbour", "street"]
     page = client.get("/items/harbour")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
 from diffcolor.common.errors import MissingObjectError
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction")
 _READ = ("item_id", "version", "status", "error_class", "error_message", "caption", "target_prompt", "smoke_run",
@@ -163,12 +166,19 @@ class CollectionTable:
             return self._table
 
     def _refresh(self) -> None:
-        runs = storage.list_folders(storage.join(self.output, "runs"))
+        try:  # a runs/ folder or run that is a link out of the output is not read (storage.confine)
+            runs = storage.list_folders(storage.confine(self.output, storage.join(self.output, "runs")))
+        except storage.OutsideRootError as error:
+            logger.warning("%s", error)
+            runs = []
         new = [run for run in runs if run not in self._runs]
         for run in new:
             try:
-                self._runs[run] = _run_rows(storage.join(run, "results.parquet"))
+                self._runs[run] = _run_rows(storage.confine(self.output, storage.join(run, "results.parquet")))
             except MissingObjectError:  # a run under way has no results yet: look again next time
+                continue
+            except storage.OutsideRootError as error:
+                logger.warning("%s", error)
                 continue
         if any(run in self._runs for run in new):
             self._table = latest_per_item([self._runs[run] for run in sorted(self._runs)])

@@ -14,7 +14,11 @@ the model's token-level prompt), the model id and the IPTC digital source type;
 Image URLs are the base URL joined with each file's path relative to the
 output root, so serving the output folder at the base URL serves the images.
 The manifest is built with the iiif-prezi3 models (it validates as it is
-built) and written through :mod:`diffcolor.archive.storage`.
+built) and written through :mod:`diffcolor.archive.storage`. Every file of
+the output is read through :func:`diffcolor.archive.storage.confine`: an item
+folder, record or access copy that a symbolic link leads outside the output is
+left out (named in ``left_out``), and the default manifest location is
+refused when it leads outside.
 """
 
 from __future__ import annotations
@@ -59,9 +63,10 @@ def _url(base_url: str, output: str, uri: str) -> str | None:
     return base_url.rstrip("/") + "/" + quote(uri[len(root):], safe="/~-._")
 
 
-def _current_record(layout: ItemLayout) -> tuple[dict | None, str | None]:
-    """(record of the version to publish, None) or (None, why not)."""
-    approved = storage.join(layout.prefix, APPROVED_FILE)
+def _current_record(output: str, layout: ItemLayout) -> tuple[dict | None, str | None]:
+    """(record of the version to publish, None) or (None, why not); OutsideRootError for a link out of ``output``."""
+    layout = ItemLayout(storage.confine(output, layout.prefix))
+    approved = storage.confine(output, storage.join(layout.prefix, APPROVED_FILE))
     if storage.exists(approved):
         pointer = storage.read_json(approved)
         version = pointer.get("version") if isinstance(pointer, dict) else None
@@ -69,10 +74,10 @@ def _current_record(layout: ItemLayout) -> tuple[dict | None, str | None]:
             return None, f"its published version was withdrawn (a curator rejected it; {APPROVED_FILE})"
         if not isinstance(version, int) or isinstance(version, bool):
             return None, f"{APPROVED_FILE} names no version (expected {{\"version\": N}}, got {pointer!r})"
-        if not storage.exists(layout.record(version)):
+        if not storage.exists(storage.confine(output, layout.record(version))):
             return None, f"{APPROVED_FILE} names version {version}, which has no record"
         record = storage.read_json(layout.record(version))
-    elif storage.exists(layout.result):
+    elif storage.exists(storage.confine(output, layout.result)):
         record = storage.read_json(layout.result)
     else:
         return None, "no result.json"
@@ -159,18 +164,24 @@ def publish_iiif(output: str, base_url: str, manifest_uri: str | None = None, *,
         raise PublishError(f"--base-url must be an http(s) URL, got {base_url!r}")
     output = storage.absolute(output).rstrip("/")
     manifest_uri = storage.absolute(manifest_uri) if manifest_uri else storage.join(output, "iiif", "manifest.json")
+    if manifest_uri.startswith(output + "/"):  # a manifest in the output stays in it; one named elsewhere is the caller's
+        manifest_uri = storage.confine(output, manifest_uri)
 
     # 2. Each item's current version, as a canvas.
     canvases, items, left_out = [], [], []
     for prefix in storage.list_folders(storage.join(output, "items")):
         item_id = prefix.rsplit("/", 1)[-1]
         layout = ItemLayout(prefix)
-        record, why = _current_record(layout)
-        # The access copy where the layout puts it: the record's absolute URI names where the output was written,
-        # which is not where it is once copied or synced elsewhere.
-        access = layout.output(int(record["version"]), record["outputs"]["access"].rsplit("/", 1)[-1]) if record else None
-        if record is not None and not storage.exists(access):
-            record, why = None, f"its access copy '{access}' is missing"
+        try:
+            record, why = _current_record(output, layout)
+            # The access copy where the layout puts it: the record's absolute URI names where the output was
+            # written, which is not where it is once copied or synced elsewhere.
+            access = (layout.output(int(record["version"]), record["outputs"]["access"].rsplit("/", 1)[-1])
+                      if record else None)
+            if record is not None and not storage.exists(storage.confine(output, access)):
+                record, why = None, f"its access copy '{access}' is missing"
+        except storage.OutsideRootError as error:
+            record, why = None, str(error)
         if record is None:
             left_out.append(f"item '{item_id}': {why}")
             continue

@@ -45,6 +45,14 @@ Credentials written into a URI (``s3://KEY:SECRET@bucket/key``) are lifted out
 of it: the URI the backend sees has none, S3 gets them as its key and secret,
 and :mod:`diffcolor.common.redact` masks them wherever they would be shown.
 
+Confinement (:func:`confine`): whatever serves, records or delivers the
+files of one output root (the review server, decisions, BagIt bags, IIIF
+publishing) names each local path through ``confine(root, uri)``, which
+refuses a path whose real location (symbolic links and ``..`` resolved, for
+paths still to be created too) leaves the real location of the root: a link
+in the output never makes those commands read or write elsewhere. Object
+stores have no links; there only the URI's own text is checked.
+
 Reads of sources are bounded (:class:`ReadLimits`): only regular files (a FIFO
 or a device is refused before it is opened for reading), at most ``max_bytes``,
 within ``seconds``.
@@ -68,6 +76,7 @@ import mimetypes
 import os
 import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +125,12 @@ _CONTENT_TYPES = {
 }
 
 
+class OutsideRootError(InputUnavailableError):
+    """A path that leads outside the output root it belongs to (a symbolic link, ``..``): refused."""
+
+    error_class = "outside_root"
+
+
 @dataclass(frozen=True)
 class ReadLimits:
     """Bounds on reading one source (ours: far above any archival scan, far below what hurts a worker)."""
@@ -156,6 +171,75 @@ def absolute(uri: str) -> str:
     if protocol in (None, "file", "local"):
         return os.path.abspath(os.path.expanduser(path))
     return str(uri)
+
+
+def confine(root: str, uri: str) -> str:
+    """``uri`` when it stays inside the output root ``root``; raises OutsideRootError when it leaves it.
+
+    Local paths are judged by where they really are: ``os.path.realpath`` of
+    ``uri`` (every symbolic link on the way followed, a dangling one to where it
+    points, ``..`` resolved; a path that does not exist yet by its existing
+    part) must be the real root or under it. The root itself may be a link (an
+    operator's choice); links inside it may point anywhere inside it. Other
+    stores have no links: ``uri`` must start with ``root/`` and hold no ``..``
+    segment. Check right before each read or write (a later swap of a folder
+    for a link by someone who may write the output is not caught: they could
+    change the files themselves).
+    """
+    root, uri = str(root).rstrip("/") or "/", str(uri)
+    fs, path = filesystem(uri)
+    if _is_local(fs):
+        real_root = os.path.realpath(filesystem(root)[1])
+        real = os.path.realpath(path)
+        if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
+            return uri
+    elif uri == root or (uri.startswith(root + "/") and ".." not in uri[len(root) + 1:].split("/")):
+        return uri
+    raise OutsideRootError(_redact(f"'{uri}' leads outside the output '{root}' (a symbolic link or '..'); refused"))
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Creates the object at ``uri`` only if none exists there; True when this call created it.
+
+    The store's own conditional create, so that of several processes or
+    machines racing for one name exactly one wins, and readers see the whole
+    object or none: local disk a complete staged file hard-linked onto the
+    name (``link`` refuses an existing name), S3 ``PutObject`` with
+    ``If-None-Match: *``, ``memory://`` a check-and-set under a process lock.
+    Raises StorageConfigError on any other store.
+    """
+    fs, path = filesystem(uri)
+    data = bytes(data)
+    try:
+        if _is_local(fs):
+            return _create_local_exclusive(path, data)
+        if "memory" in _protocols(fs):
+            with _MEMORY_LOCK:
+                if fs.exists(path):
+                    return False
+                fs.pipe_file(path, data)
+                return True
+        if _is_s3(fs):
+            bucket, key, _ = fs.split_path(path)
+            try:
+                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*",
+                           ContentType=content_type(path))
+            except FileExistsError:  # s3fs's translation of 412 Precondition Failed
+                return False
+            except Exception as error:  # botocore's own classes, or an OSError s3fs made of a 409 conflict
+                text = f"{type(error).__name__} {error}"
+                if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
+                    return False
+                raise
+            return True
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "writing", error, fs) from error
+    finally:
+        if not _is_local(fs):
+            fs.invalidate_cache(path)
+    raise StorageConfigError(_redact(f"'{uri}': exclusive creation needs local disk, S3 or memory://"))
 
 
 def storage_options_for(uri: str) -> dict:
@@ -387,6 +471,7 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+_MEMORY_LOCK = threading.Lock()
 
 
 def _write_local_atomic(path: str, data: bytes) -> None:
@@ -413,6 +498,32 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         os.fsync(directory_handle)
     finally:
         os.close(directory_handle)
+
+
+def _create_local_exclusive(path: str, data: bytes) -> bool:
+    """The complete file appears at ``path`` at once, or not at all: written beside it, then hard-linked onto
+    ``path`` (``link`` fails when ``path`` exists, so a reader never sees a partial file and one writer wins)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    try:
+        os.fchmod(handle, 0o666 & ~_UMASK)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            return False
+    finally:
+        os.unlink(staging)
+    directory_handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_handle)
+    finally:
+        os.close(directory_handle)
+    return True
 
 
 def modified_time(uri: str) -> float | None:

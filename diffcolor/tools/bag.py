@@ -17,6 +17,9 @@ archive. Sources are never copied (they are the holding institution's
 originals) and colour states stay in the archive (they are working data, not
 deliverables). The output may be any storage the archive reads (local, S3);
 the bag is written locally, into a folder that must not exist yet or be empty.
+Every file read goes through :func:`diffcolor.archive.storage.confine`: a
+run, record or derivative that a symbolic link (or ``..``) leads outside the
+output is refused, never copied into the bag.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ def _relative(output: str, uri: str) -> str:
     return relative
 
 
+def _inside(output: str, uri: str) -> str:
+    """``uri``, refused (BagError) when it leads outside the output (:func:`diffcolor.archive.storage.confine`)."""
+    try:
+        return storage.confine(output, uri)
+    except storage.OutsideRootError as error:
+        raise BagError(f"{error}: not delivered") from None
+
+
 def _put(bag: Path, relative: str, data: bytes) -> None:
     """Stages a file at its path under OUTPUT; ``make_bag`` then moves everything under ``data/``."""
     path = bag / relative
@@ -77,7 +88,7 @@ def write_bag(output: str, run_id: str, destination: str | os.PathLike, *,
     if bag.exists() and any(bag.iterdir()):
         raise BagError(f"'{bag}' is not empty: a bag is made in a new folder")
     prefix = run_prefix(output, run_id)
-    results = storage.join(prefix, "results.parquet")
+    results = _inside(output, storage.join(prefix, "results.parquet"))
     if not storage.exists(results):
         raise BagError(f"run '{run_id}' has no results in '{output}'")
     records = [json.loads(text) for text in read_results(results).column("record_json").to_pylist()]
@@ -91,19 +102,20 @@ def write_bag(output: str, run_id: str, destination: str | os.PathLike, *,
             uri = (record.get("outputs") or {}).get(role)
             if not uri:
                 continue
-            data = storage.read_bytes(uri)
+            relative = _relative(output, uri)
+            data = storage.read_bytes(_inside(output, uri))
             expected = (record.get("output_sha256") or {}).get(role)
             if expected and sha256_hex(data) != expected:
                 raise BagError(f"'{uri}' differs from the sha256 its record names: not delivered")
-            _put(bag, _relative(output, uri), data)
+            _put(bag, relative, data)
             files += 1
         record_uri = storage.join(item_prefix(output, record["item_id"]), "versions", f"v{int(record['version']):04d}.json")
-        _put(bag, _relative(output, record_uri), storage.read_bytes(record_uri))
+        _put(bag, _relative(output, record_uri), storage.read_bytes(_inside(output, record_uri)))
         files += 1
 
     # 3. The run's own files.
     for name in RUN_FILES:
-        uri = storage.join(prefix, name)
+        uri = _inside(output, storage.join(prefix, name))
         if storage.exists(uri):
             _put(bag, _relative(output, uri), storage.read_bytes(uri))
             files += 1
