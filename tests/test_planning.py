@@ -90,6 +90,22 @@ def test_runs_updating_the_index_at_once_lose_no_entry_through_compactions(tmp_p
     assert storage.list_files(f"{output}/index/runs") == [] and read_done_index(output) == done
 
 
+def test_a_compaction_that_lost_the_index_lease_writes_no_index(tmp_path, monkeypatch):
+    from diffcolor.archive import leases, planning, storage
+
+    output = str(tmp_path / "out")
+    for number in range(3):
+        update_done_index(output, [(f"i{number}", f"key-{number}", "done", 1)], run_id=f"run-{number}")
+
+    def lost(self, *_):
+        raise leases.LeaseLostError("lease lost: taken over (injected)")
+
+    monkeypatch.setattr(leases.Lease, "check", lost)
+    assert planning.compact_done_index(output) is False
+    assert not storage.exists(planning.index_uri(output)) and len(storage.list_files(f"{output}/index/runs")) == 3
+    assert storage.list_files(f"{output}/index/lock") == [] and len(read_done_index(output)) == 3
+
+
 def test_planning_streams_and_submission_is_windowed(monkeypatch):
     import itertools
     from concurrent.futures import Future
