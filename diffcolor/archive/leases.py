@@ -213,9 +213,9 @@ def _create_exclusive(uri: str, data: bytes) -> bool:
         finally:
             fs.invalidate_cache(path)
         return True
-    except DiffColorError:
-        raise
     except Exception as error:
+        if isinstance(error, DiffColorError) or not storage._is_backend_error(error):
+            raise
         raise storage.backend_error(uri, "writing", error, fs) from error
 
 
@@ -263,9 +263,9 @@ def _replace_if_owner(uri: str, owner: str, data: bytes) -> bool:
         finally:
             fs.invalidate_cache(path)
         return True
-    except DiffColorError:
-        raise
     except Exception as error:
+        if isinstance(error, DiffColorError) or not storage._is_backend_error(error):
+            raise
         raise storage.backend_error(uri, "writing", error, fs) from error
 
 
@@ -312,9 +312,9 @@ def _remove_if_owner(uri: str, owner: str | None) -> bool:
         finally:
             fs.invalidate_cache(path)
         return True
-    except DiffColorError:
-        raise
     except Exception as error:
+        if isinstance(error, DiffColorError) or not storage._is_backend_error(error):
+            raise
         raise storage.backend_error(uri, "removing", error, fs) from error
 
 
