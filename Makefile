@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= demo-output
 
-.PHONY: install demo test test-tools test-all lint-imports clean
+.PHONY: install demo test test-tools test-faults test-all lint-imports clean
 
 $(BIN)/diffcolor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: install
 # chromium-driver), derivatives read back by exiftool (libimage-exiftool-perl); .ci/run installs them.
 test-tools: install
 	$(BIN)/python -m pytest -q -m "browser or exiftool"
+
+# The fault-injection matrix (docs/RELIABILITY.md): its documented table checked against the code,
+# then every storage operation of one item faulted in every mode, on local disk and S3 (moto).
+test-faults: install
+	$(BIN)/python -m diffcolor.tools.faults --check docs/RELIABILITY.md
+	$(BIN)/python -m diffcolor.tools.faults
 
 lint-imports: install
 	$(BIN)/lint-imports

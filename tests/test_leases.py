@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -100,15 +103,12 @@ def test_a_taken_over_holder_stops_and_releases_only_its_own_object(item):
 
 def test_a_holder_whose_heartbeat_fails_stops_before_anyone_may_take_over(item):
     lease = acquire(item, lease_seconds=0.6)
-    real_write = storage.write_bytes
 
-    def failing_write(uri, data):
-        if "/lock/" in uri:
-            raise StorageError(f"writing '{uri}' failed: 503 Slow Down (injected)")
-        return real_write(uri, data)
+    def failing_write(uri, owner, data):
+        raise StorageError(f"writing '{uri}' failed: 503 Slow Down (injected)")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(storage, "write_bytes", failing_write)
+        patch.setattr(leases, "_replace_if_owner", failing_write)
         lease.check()  # fine right after acquiring
         time.sleep(0.6 * leases.LOST_FRACTION + 0.1)
         with pytest.raises(LeaseLostError, match="not renewed"):
@@ -127,16 +127,16 @@ def test_a_suspended_holder_finds_its_lease_gone_and_stops(item):
 
 def test_a_heartbeat_that_fails_once_keeps_renewing(tmp_path):
     lease = acquire(str(tmp_path / "item"), lease_seconds=0.6)
-    real_write, failures = storage.write_bytes, []
+    real_write, failures = leases._replace_if_owner, []
 
-    def flaky_write(uri, data):
-        if "/lock/" in uri and not failures:
+    def flaky_write(uri, owner, data):
+        if not failures:
             failures.append(uri)
             raise StorageError(f"writing '{uri}' failed: connection reset (injected once)")
-        return real_write(uri, data)
+        return real_write(uri, owner, data)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(storage, "write_bytes", flaky_write)
+        patch.setattr(leases, "_replace_if_owner", flaky_write)
         time.sleep(1.5)  # several heartbeats: the first fails, the next ones renew
         assert failures
         lease.check()
@@ -159,3 +159,99 @@ def test_the_lease_of_a_process_that_exited_on_this_host_is_taken_over_at_once(i
         {"owner": "alive", "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + 60}).encode())
     with pytest.raises(TimeoutError):
         acquire(item, lease_seconds=30, poll_seconds=0.05, timeout_seconds=0.3)
+
+
+@contextmanager
+def _clock_ahead(seconds: float):
+    """This process's wall clock ``seconds`` ahead: how a worker on a host whose clock runs ahead sees leases."""
+    real = time.time
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(leases.time, "time", lambda: real() + seconds)
+        yield
+
+
+def test_a_stalled_holder_whose_generation_was_reused_renews_and_releases_nothing_of_the_new_holder(item):
+    stalled = acquire(item, lease_seconds=30, heartbeat=False)
+    assert stalled.generation == 1
+    with _clock_ahead(31):  # its lease expired while it stalled: another worker takes over, then releases
+        taker = acquire(item, lease_seconds=30, timeout_seconds=5, heartbeat=False)
+    assert taker.generation == 2 and _lease_files(item) == ["lease-00000002.json"]
+    taker.release()  # the lock folder is empty: generation numbers start again
+    newest = acquire(item, lease_seconds=30, timeout_seconds=5, heartbeat=False)
+    assert newest.uri == stalled.uri  # the stalled holder's object name, now the new holder's lease
+    held = storage.read_bytes(newest.uri)
+
+    stalled.renew()  # the stalled holder wakes up within what it believes is its lease
+    with pytest.raises(LeaseLostError, match="another worker's"):
+        stalled.check()
+    assert storage.read_bytes(newest.uri) == held  # not rewritten
+    stalled.release()
+    assert storage.read_bytes(newest.uri) == held  # not removed
+
+    newest.renew()
+    newest.check()  # still the holder, and its renewals still work
+    assert json.loads(storage.read_bytes(newest.uri))["owner"] == newest.owner
+    with pytest.raises(TimeoutError):
+        acquire(item, lease_seconds=30, poll_seconds=0.05, timeout_seconds=0.3)
+    newest.release()
+    assert _lease_files(item) == []
+
+
+def test_a_holder_stalled_past_its_lease_writes_nothing_on_waking(item):
+    holder = acquire(item, lease_seconds=30, heartbeat=False)
+    held = storage.read_bytes(holder.uri)
+    holder.renewed -= 31  # suspended for longer than its lease: another worker may hold it now
+    holder.renew()
+    with pytest.raises(LeaseLostError, match="not renewed"):
+        holder.check()
+    assert storage.read_bytes(holder.uri) == held
+    holder.release()  # its own object: removed
+    assert _lease_files(item) == []
+
+
+def test_a_stale_acquirer_that_creates_a_superseded_generation_backs_off(item):
+    # A worker judged generation 1 dead, stalled, and creates generation 2 after others reached generation 3.
+    storage.write_bytes(storage.join(item, "lock", "lease-00000003.json"), json.dumps(
+        {"owner": "current", "expires": time.time() + 60}).encode())
+    real_generations, real_judge = leases._generations, leases._judge
+    views, verdicts = iter([[1]]), iter([(True, "dead")])  # its stale view, once; then what the store says
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(leases, "_generations", lambda folder: next(views, None) or real_generations(folder))
+        patch.setattr(leases, "_judge", lambda uri, seconds: next(verdicts, None) or real_judge(uri, seconds))
+        with pytest.raises(TimeoutError):
+            acquire(item, lease_seconds=30, poll_seconds=0.05, timeout_seconds=0.2)
+    assert _lease_files(item) == ["lease-00000003.json"]  # its own generation 2 removed, the holder's untouched
+
+
+_RACER = """
+import os, sys, time
+from diffcolor.archive.leases import item_lease
+item, markers, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+open(os.path.join(markers, f"ready-{os.getpid()}"), "w").close()
+while not os.path.exists(os.path.join(markers, "go")):
+    time.sleep(0.01)
+for _ in range(rounds):
+    with item_lease(item, lease_seconds=30, poll_seconds=0.02, timeout_seconds=120):
+        os.close(os.open(os.path.join(markers, "holding"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # fails on overlap
+        with open(os.path.join(markers, "log"), "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        time.sleep(0.02)
+        os.unlink(os.path.join(markers, "holding"))
+"""
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_racing_worker_processes_hold_the_lease_one_at_a_time(store, tmp_path, request):
+    item = str(tmp_path / "items" / "plate-1") if store == "local" else f"{request.getfixturevalue('s3_bucket')}/items/p"
+    markers, processes, rounds = tmp_path / "markers", 4, 4
+    markers.mkdir()
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, item, str(markers), str(rounds)],
+                               stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+    deadline = time.monotonic() + 120
+    while len(list(markers.glob("ready-*"))) < processes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (markers / "go").touch()  # all start at once
+    errors = [racer.communicate(timeout=180)[1] for racer in racers]
+    assert [racer.returncode for racer in racers] == [0] * processes, "\n".join(errors)
+    assert len((markers / "log").read_text().split()) == processes * rounds
+    assert _lease_files(item) == []

@@ -31,30 +31,79 @@ def test_done_items_are_skipped_and_changed_ones_are_not(tmp_path):
     assert not any(p.skip for p in plan_items(requests, read_done_index(output), config_hash=key, model_hash="m", force=True))
 
 
+_RUNS = """
+import os, sys, time
+from diffcolor.archive import planning
+from diffcolor.archive.planning import update_done_index
+output, markers, first, count, per_run = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+merge = planning._latest_entries
+
+def compacting(*args):  # runs under the index's lease: two at once is an overlap of compactions
+    marker = os.path.join(markers, "compacting")
+    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    time.sleep(0.05)
+    try:
+        return merge(*args)
+    finally:
+        os.unlink(marker)
+
+planning._latest_entries = compacting
+open(os.path.join(markers, f"ready-{os.getpid()}"), "w").close()
+while not os.path.exists(os.path.join(markers, "go")):
+    time.sleep(0.01)
+for number in range(first, first + count):
+    update_done_index(output, [(f"r{number}-i{n}", f"key-{number}-{n}", "done", 1) for n in range(per_run)],
+                      run_id=f"run-{number:03d}")
+"""
+
+
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_runs_updating_the_index_at_once_lose_no_entry_through_compactions(tmp_path, request, store):
-    import threading
+    import subprocess
+    import sys
+    import time
 
     from diffcolor.archive import planning, storage
 
     output = str(tmp_path / "out") if store == "local" else f"{request.getfixturevalue('s3_bucket')}/out"
-    runs, per_run = 2 * (planning.COMPACT_AFTER_SHARDS + 4), 5  # enough shards for several compactions
-
-    def run(number: int) -> None:
-        update_done_index(output, [(f"r{number}-i{n}", f"key-{number}-{n}", "done", 1) for n in range(per_run)],
-                          run_id=f"run-{number:03d}")
-
-    threads = [threading.Thread(target=run, args=(number,)) for number in range(runs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    # 20 runs in 4 worker processes, started at once: enough shards for several compactions, some at once.
+    processes, runs_each, per_run = 4, 5, 5
+    earlier = planning.COMPACT_AFTER_SHARDS  # runs that finished before: each worker's first run compacts, all at once
+    for number in range(earlier):
+        update_done_index(output, [(f"e{number}", f"key-e{number}", "done", 1)], run_id=f"earlier-{number:03d}")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    workers = [subprocess.Popen([sys.executable, "-c", _RUNS, output, str(markers), str(number * runs_each),
+                                 str(runs_each), str(per_run)], stderr=subprocess.PIPE, text=True)
+               for number in range(processes)]
+    deadline = time.monotonic() + 120
+    while len(list(markers.glob("ready-*"))) < processes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (markers / "go").touch()
+    errors = [worker.communicate(timeout=300)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * processes, "\n".join(errors)
     done = read_done_index(output)
-    assert len(done) == runs * per_run and done["r7-i3"] == ("key-7-3", 1)
+    assert len(done) == processes * runs_each * per_run + earlier and done["r7-i3"] == ("key-7-3", 1)
     assert storage.exists(planning.index_uri(output))  # compactions happened under the load
     assert storage.list_files(f"{output}/index/lock") == []
     assert planning.compact_done_index(output)  # one more folds every shard left, losing nothing
     assert storage.list_files(f"{output}/index/runs") == [] and read_done_index(output) == done
+
+
+def test_a_compaction_that_lost_the_index_lease_writes_no_index(tmp_path, monkeypatch):
+    from diffcolor.archive import leases, planning, storage
+
+    output = str(tmp_path / "out")
+    for number in range(3):
+        update_done_index(output, [(f"i{number}", f"key-{number}", "done", 1)], run_id=f"run-{number}")
+
+    def lost(self, *_):
+        raise leases.LeaseLostError("lease lost: taken over (injected)")
+
+    monkeypatch.setattr(leases.Lease, "check", lost)
+    assert planning.compact_done_index(output) is False
+    assert not storage.exists(planning.index_uri(output)) and len(storage.list_files(f"{output}/index/runs")) == 3
+    assert storage.list_files(f"{output}/index/lock") == [] and len(read_done_index(output)) == 3
 
 
 def test_planning_streams_and_submission_is_windowed(monkeypatch):

@@ -5,7 +5,8 @@ same item at once. Before an item's work a worker takes the item's lease, and
 keeps it alive while it works. The protocol needs one primitive of the store,
 *create an object only if it does not exist* (local disk: ``open(O_CREAT |
 O_EXCL)``; S3: ``PutObject`` with ``If-None-Match: *``; ``memory://``: a
-check-and-set under a process lock), and works like this:
+check-and-set under a process lock), and *replace or remove an object only
+while it is the one last read* (the owner check below), and works like this:
 
 - **Generations.** A lease is an object ``PREFIX/lock/lease-GGGGGGGG.json``;
   the highest generation present is the current lease. It holds the owner (a
@@ -15,8 +16,10 @@ check-and-set under a process lock), and works like this:
   gone: a killed worker's item is retried at once, not after a lease), or that
   has been unreadable or empty for longer than a lease (a file a full disk left
   empty, judged by the store's modification time), create the next generation. Creation is exclusive, so of two workers racing
-  for the same generation exactly one wins; the loser waits. Older generations
-  are then removed (they belong to workers that are gone).
+  for the same generation exactly one wins; the loser waits. The winner lists
+  again: a higher generation means its view was stale, and it removes its own
+  object and waits. Otherwise the generations it superseded are removed, each
+  only while it is still the object the winner read before creating its own.
 - **Heartbeat.** Every third of the lease the holder checks that its own
   object is still there and no higher generation exists, then rewrites its
   own object with a new expiry. A heartbeat that cannot do so, or a holder
@@ -26,18 +29,31 @@ check-and-set under a process lock), and works like this:
   (transient: the flow retries the item, which then finds it done or waits).
   A holder stops a third of a lease before anyone may take over; that third
   is the margin for clock skew between hosts.
-- **Release.** The holder removes its own object only; it never removes or
-  rewrites another worker's.
+- **Owner-only writes.** Generation numbers are reused once an item's lock
+  folder empties (every lease released), so a name alone does not say whose
+  object it is: a holder that stalled past its lease may find its generation's
+  name held by a later worker. Each object therefore names its owner (a random
+  id per acquisition), and the holder's rewrite and removal compare that owner
+  and write in one atomic step, the **owner check**: S3, a GET, then a PUT or
+  DELETE with ``If-Match`` on the ETag of the very bytes compared; local disk,
+  both under an exclusive ``flock`` of the lock folder (so local disk means
+  one host, or a network filesystem whose ``flock`` is shared between hosts);
+  ``memory://``, under a process lock. A holder whose object is another's
+  has lost the lease and writes nothing.
+- **Release.** The holder removes its own object only (by the owner check);
+  it never removes or rewrites another worker's.
 
 Failure cases: a killed worker's lease expires and is taken over after at most
 one lease; an empty or corrupt lease object blocks for at most one lease; a
 store that fails during a heartbeat makes the holder stop, never two holders;
 two workers racing for an expired lease create the same generation, and only
-one succeeds.
+one succeeds; a stalled holder whose generation's name was reused renews and
+releases nothing of the new holder's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -69,49 +85,237 @@ class LeaseLostError(TransientError):
     error_class = "lease_lost"
 
 
+def _protocol_of(fs) -> str:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    for kind, names in (("local", ("file", "local")), ("memory", ("memory",)), ("s3", ("s3", "s3a"))):
+        if any(name in protocols for name in names):
+            return kind
+    raise StorageError(f"leases are not supported on protocols {protocols}; use local disk, S3 or memory")
+
+
+def _owner_of(data: bytes) -> str | None:
+    """The owner a lease object names; None when it names none (empty, truncated, foreign content)."""
+    try:
+        held = json.loads(data)
+    except ValueError:
+        return None
+    return str(held["owner"]) if isinstance(held, dict) and held.get("owner") is not None else None
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether an S3 error is a failed precondition (If-None-Match / If-Match): the object is not as expected."""
+    if isinstance(error, FileExistsError):  # s3fs's translation of 412 Precondition Failed on If-None-Match
+        return True
+    text = f"{type(error).__name__} {error}"
+    return "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text
+
+
+@contextmanager
+def _local_guard(folder: str, *, create: bool, wait_seconds: float = 30.0) -> Iterator[bool]:
+    """Excludes every other lease mutation of ``folder`` (a local lock folder), across processes.
+
+    An exclusive ``flock`` on the folder itself, checked to still be the folder at that path (a
+    holder releasing the last lease removes the folder under the same guard). Held for one
+    read-compare-write, never while waiting for a lease. Yields False (holding nothing) when the
+    folder does not exist and ``create`` is False.
+    """
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        if create:
+            os.makedirs(folder, exist_ok=True)
+        try:
+            handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            if not create:
+                yield False
+                return
+            continue  # removed between the two calls
+        try:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StorageError(f"lease folder '{redact(folder)}' stayed locked for {wait_seconds:g} s")
+                    time.sleep(0.005)
+            try:
+                current = os.stat(folder)
+            except FileNotFoundError:
+                current = None
+            opened = os.fstat(handle)
+            if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                yield True
+                return
+        finally:
+            os.close(handle)  # releases the flock
+
+
+def _read_local(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+
+
+def _s3_get(fs, path: str) -> tuple[bytes, str] | None:
+    """The object's bytes and the ETag of exactly those bytes (one GET); None when it does not exist."""
+    from fsspec.asyn import sync
+
+    bucket, key = path.split("/", 1)
+
+    async def get():
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return await response["Body"].read(), response["ETag"]
+        finally:
+            response["Body"].close()
+
+    try:
+        return sync(fs.loop, get)
+    except FileNotFoundError:
+        return None
+    finally:
+        fs.invalidate_cache(path)
+
+
 def _create_exclusive(uri: str, data: bytes) -> bool:
     """Creates the object at ``uri`` only if it does not exist; True when this call created it."""
     fs, path = storage.filesystem(uri)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
-        for attempt in range(3):  # the folder may be removed under us by a holder releasing the last lease
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
-            except FileExistsError:
-                return False
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        return True
-    if "memory" in protocols:
-        with _MEMORY_LOCK:
-            if fs.exists(path):
-                return False
-            fs.pipe_file(path, data)
+    try:
+        kind = _protocol_of(fs)
+        if kind == "local":
+            with _local_guard(os.path.dirname(path), create=True):
+                try:
+                    handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(handle, "wb") as stream:
+                    stream.write(data)
+                    stream.flush()
+                    os.fsync(stream.fileno())
             return True
-    if "s3" in protocols or "s3a" in protocols:
+        if kind == "memory":
+            with _MEMORY_LOCK:
+                if fs.exists(path):
+                    return False
+                fs.pipe_file(path, data)
+                return True
         bucket, key = path.split("/", 1)
         try:
             fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*",
                        ContentType="application/json")
-        except FileExistsError:  # s3fs's translation of 412 Precondition Failed on If-None-Match
-            return False
-        except Exception as error:  # botocore's own classes, or an OSError s3fs made of a 409 conflict
-            text = f"{type(error).__name__} {error}"
-            if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
+        except Exception as error:
+            if _refused(error):
                 return False
-            raise storage.backend_error(uri, "writing", error, fs) from error
+            raise
         finally:
             fs.invalidate_cache(path)
         return True
-    raise StorageError(f"leases are not supported on '{redact(uri)}' (protocols {protocols}); "
-                       "use local disk, S3 or memory")
+    except Exception as error:
+        if isinstance(error, DiffColorError) or not storage._is_backend_error(error):
+            raise
+        raise storage.backend_error(uri, "writing", error, fs) from error
+
+
+def _replace_if_owner(uri: str, owner: str, data: bytes) -> bool:
+    """Rewrites the lease object at ``uri`` with ``data`` only while it is ``owner``'s; False when it is
+    gone or another worker's (then nothing is written).
+
+    The comparison and the write are one atomic step: local disk, both under :func:`_local_guard`;
+    S3, a PUT with ``If-Match`` on the ETag of the very bytes compared; memory, under a process lock.
+    """
+    fs, path = storage.filesystem(uri)
+    try:
+        kind = _protocol_of(fs)
+        if kind == "local":
+            with _local_guard(os.path.dirname(path), create=False) as present:
+                held = _read_local(path) if present else None
+                if held is None or _owner_of(held) != owner:
+                    return False
+                staging = f"{path}.{owner}.partial"
+                with open(staging, "wb") as stream:
+                    stream.write(data)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.replace(staging, path)
+            return True
+        if kind == "memory":
+            with _MEMORY_LOCK:
+                if not fs.exists(path) or _owner_of(fs.cat_file(path)) != owner:
+                    return False
+                fs.pipe_file(path, data)
+                return True
+        found = _s3_get(fs, path)
+        if found is None or _owner_of(found[0]) != owner:
+            return False
+        bucket, key = path.split("/", 1)
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=found[1],
+                       ContentType="application/json")
+        except FileNotFoundError:
+            return False  # removed since the GET
+        except Exception as error:
+            if _refused(error):
+                return False  # replaced since the GET
+            raise
+        finally:
+            fs.invalidate_cache(path)
+        return True
+    except Exception as error:
+        if isinstance(error, DiffColorError) or not storage._is_backend_error(error):
+            raise
+        raise storage.backend_error(uri, "writing", error, fs) from error
+
+
+def _remove_if_owner(uri: str, owner: str | None) -> bool:
+    """Removes the lease object at ``uri`` only while it names ``owner`` (None: while it names none, an
+    unreadable object); False when it is gone or another's. Atomic as :func:`_replace_if_owner`; on
+    local disk the lock folder goes too when this leaves it empty.
+    """
+    fs, path = storage.filesystem(uri)
+    try:
+        kind = _protocol_of(fs)
+        if kind == "local":
+            folder = os.path.dirname(path)
+            with _local_guard(folder, create=False) as present:
+                if not present:
+                    return False
+                held = _read_local(path)
+                mine = held is not None and _owner_of(held) == owner
+                if mine:
+                    os.unlink(path)
+                try:
+                    os.rmdir(folder)  # only when empty; the guard's waiters then use a fresh folder
+                except OSError:
+                    pass
+            return mine
+        if kind == "memory":
+            with _MEMORY_LOCK:
+                if not fs.exists(path) or _owner_of(fs.cat_file(path)) != owner:
+                    return False
+                fs.rm_file(path)
+                return True
+        found = _s3_get(fs, path)
+        if found is None or _owner_of(found[0]) != owner:
+            return False
+        bucket, key = path.split("/", 1)
+        try:
+            fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=found[1])
+        except FileNotFoundError:
+            return False
+        except Exception as error:
+            if _refused(error):
+                return False
+            raise
+        finally:
+            fs.invalidate_cache(path)
+        return True
+    except Exception as error:
+        if isinstance(error, DiffColorError) or not storage._is_backend_error(error):
+            raise
+        raise storage.backend_error(uri, "removing", error, fs) from error
 
 
 class Lease:
@@ -125,30 +329,45 @@ class Lease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, name="diffcolor-lease", daemon=True)
 
-    def check(self, *_) -> None:
-        """Raises LeaseLostError when the lease is lost; cheap, called at every step (also as a progress callback)."""
+    def _expired_locally(self) -> None:
         if self._lost is None and time.monotonic() - self.renewed > LOST_FRACTION * self.lease_seconds:
             self._lost = f"not renewed for {time.monotonic() - self.renewed:.0f} s"
+
+    def check(self, *_) -> None:
+        """Raises LeaseLostError when the lease is lost; cheap, called at every step (also as a progress callback)."""
+        self._expired_locally()
         if self._lost is not None:
             raise LeaseLostError(f"lease '{redact(self.uri)}' lost: {self._lost}; the item's work stops")
 
     def renew(self) -> None:
-        """Rewrites the lease with a new expiry; marks it lost when it was taken over or its object is gone."""
+        """Rewrites this worker's own lease object with a new expiry; marks the lease lost when it was taken
+        over, its object is gone or is another worker's, or its last renewal is older than a lease (then
+        nothing is written).
+        """
+        if self._lost is None and time.monotonic() - self.renewed > self.lease_seconds:
+            self._lost = f"not renewed for {time.monotonic() - self.renewed:.0f} s, past its lease"
+        if self._lost is not None:
+            return  # lost, or expired: another worker may hold the lease now
         names = _generations(self.folder)
         if self.generation not in names:
             self._lost = "its lease object is gone (taken over and cleaned up)"
         elif max(names) > self.generation:
             self._lost = f"generation {max(names)} took over"
-        else:
-            storage.write_bytes(self.uri, _content(self.owner, self.generation, self.lease_seconds))
+        elif _replace_if_owner(self.uri, self.owner, _content(self.owner, self.generation, self.lease_seconds)):
             self.renewed = time.monotonic()
+        else:
+            self._lost = "its lease object is another worker's now (taken over)"
+
+    def beat(self) -> None:
+        """One heartbeat: :meth:`renew`, a store failure left to :meth:`check` (lost once the last renewal is too old)."""
+        try:
+            self.renew()
+        except DiffColorError:
+            pass
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
-            try:
-                self.renew()
-            except DiffColorError:
-                pass  # check() declares the lease lost once the last renewal is too old
+            self.beat()
             if self._lost is not None:
                 return
 
@@ -159,11 +378,11 @@ class Lease:
             self._thread.join()
 
     def release(self) -> None:
-        """Stops the heartbeat and removes this worker's own lease object (never another's), and the lock
-        folder when that leaves it empty (local disks)."""
+        """Stops the heartbeat and removes this worker's own lease object, never another's (an object at the
+        same name that another worker created since is left alone), and the lock folder when that leaves
+        it empty (local disks)."""
         self.stop_heartbeat()
-        storage.remove(self.uri)
-        storage.remove_empty_folders(self.folder)
+        _remove_if_owner(self.uri, self.owner)
 
 
 def _name(generation: int) -> str:
@@ -180,21 +399,28 @@ def _content(owner: str, generation: int, lease_seconds: float) -> bytes:
                        "expires": time.time() + lease_seconds}).encode()
 
 
-def _is_dead(uri: str, lease_seconds: float) -> bool | None:
-    """Whether the lease at ``uri`` may be taken over: expired, or unreadable for longer than a lease.
+def _judge(uri: str, lease_seconds: float) -> tuple[bool | None, str | None]:
+    """Whether the lease at ``uri`` may be taken over (expired, its holder on this host has exited, or
+    unreadable for longer than a lease), and the owner it names (None: none readable).
 
-    None when the object is gone (released meanwhile).
+    (None, None) when the object is gone (released meanwhile).
     """
     try:
-        held = json.loads(storage.read_bytes(uri))
-        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
-            return True  # its holder ran on this host and has exited: no need to wait out its lease
-        return float(held["expires"]) < time.time()
+        data = storage.read_bytes(uri)
     except MissingObjectError:
-        return None
-    except (ValueError, KeyError, TypeError):  # empty, truncated or foreign content: judge by its age
-        modified = storage.modified_time(uri)
-        return modified is None or time.time() - modified > lease_seconds
+        return None, None
+    owner = _owner_of(data)
+    try:
+        held = json.loads(data)
+        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+            return True, owner  # its holder ran on this host and has exited: no need to wait out its lease
+        return float(held["expires"]) < time.time(), owner
+    except (ValueError, KeyError, TypeError, AttributeError):  # empty, truncated or foreign content: judge by its age
+        try:
+            modified = storage.modified_time(uri)
+        except MissingObjectError:
+            return None, None
+        return modified is None or time.time() - modified > lease_seconds, owner
 
 
 def _alive(pid: int) -> bool:
@@ -209,8 +435,9 @@ def _alive(pid: int) -> bool:
 
 
 def acquire(prefix: str, *, lease_seconds: float = LEASE_SECONDS, poll_seconds: float = 0.5,
-            timeout_seconds: float | None = None) -> Lease:
-    """Takes the lease of the item under ``prefix`` and starts its heartbeat.
+            timeout_seconds: float | None = None, heartbeat: bool = True) -> Lease:
+    """Takes the lease of the item under ``prefix`` and starts its heartbeat (``heartbeat=False``: the
+    caller calls :meth:`Lease.beat` itself, often enough).
 
     Waits while another live worker holds it. Raises TimeoutError after
     ``timeout_seconds`` (None: wait as long as it takes).
@@ -221,19 +448,37 @@ def acquire(prefix: str, *, lease_seconds: float = LEASE_SECONDS, poll_seconds: 
     while True:
         generations = _generations(folder)
         current = max(generations, default=0)
-        dead = True if not current else _is_dead(storage.join(folder, _name(current)), lease_seconds)
+        dead, held_by = (True, None) if not current else _judge(storage.join(folder, _name(current)), lease_seconds)
         if dead is None:
             continue  # released between the listing and the read: look again
-        if dead and _create_exclusive(storage.join(folder, _name(current + 1)),
-                                      _content(owner, current + 1, lease_seconds)):
-            for old in generations:  # the previous holders are gone: their objects go too
-                storage.remove(storage.join(folder, _name(old)))
-            lease = Lease(folder, current + 1, owner, lease_seconds)
-            lease._thread.start()
-            return lease
+        if dead:
+            # Owners of what the new generation supersedes, read before it exists: afterwards each is removed
+            # only while it is still that object (never a lease created since under a reused name).
+            superseded = {generation: _owner_at(storage.join(folder, _name(generation)))
+                          for generation in generations if generation != current}
+            if current:
+                superseded[current] = held_by
+            mine = storage.join(folder, _name(current + 1))
+            if _create_exclusive(mine, _content(owner, current + 1, lease_seconds)):
+                if max(_generations(folder), default=0) > current + 1:  # this view was stale: a newer lease exists
+                    _remove_if_owner(mine, owner)
+                else:
+                    for generation, their_owner in superseded.items():
+                        _remove_if_owner(storage.join(folder, _name(generation)), their_owner)
+                    lease = Lease(folder, current + 1, owner, lease_seconds)
+                    if heartbeat:
+                        lease._thread.start()
+                    return lease
         if timeout_seconds is not None and time.monotonic() - started > timeout_seconds:
             raise TimeoutError(f"item lease '{redact(folder)}' still held after {timeout_seconds} s")
         time.sleep(poll_seconds)
+
+
+def _owner_at(uri: str) -> str | None:
+    try:
+        return _owner_of(storage.read_bytes(uri))
+    except MissingObjectError:
+        return None
 
 
 @contextmanager

@@ -147,15 +147,17 @@ def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | 
 
 def compact_done_index(output: str) -> bool:
     """Folds the shards into the compacted index; False when another run is compacting it now."""
-    from diffcolor.archive.leases import item_lease
+    from diffcolor.archive.leases import LeaseLostError, item_lease
 
     try:
-        with item_lease(storage.join(output, "index"), timeout_seconds=0):
+        with item_lease(storage.join(output, "index"), timeout_seconds=0) as lease:
             shards = _shard_uris(output)
-            storage.write_bytes(index_uri(output), _parquet(_latest_entries(output, shards)))
+            merged = _parquet(_latest_entries(output, shards))
+            lease.check()  # a compaction that stalled past its lease must not overwrite a newer one's index
+            storage.write_bytes(index_uri(output), merged)
             for uri in shards:
                 storage.remove(uri)
-    except TimeoutError:
+    except (TimeoutError, LeaseLostError):  # held by another run, or lost to one: its compaction folds the shards
         return False
     return True
 
