@@ -207,3 +207,23 @@ def test_the_verify_flow_fails_on_damage_and_names_it(collection):
     assert state.is_failed() and "1 problem(s) in 1 item(s)" in state.message
     assert state.result(raise_on_failure=False)["damaged_items"] == ["p1"]
     assert not (out / "verify").exists()  # an audit without repair writes nothing
+
+
+def test_hostile_items_are_reported_without_reading_what_they_point_at(collection, capsys):
+    _, out = collection
+    master = _master(out, "p0")
+    master.unlink()
+    os.mkfifo(master)  # a FIFO would hang a reader for ever
+    result = json.loads((out / "items" / "p1" / "result.json").read_text())
+    result["outputs"]["access"] = "/etc/passwd"  # a record naming a file outside its item
+    (out / "items" / "p1" / "result.json").write_text(json.dumps(result))
+    (out / "items" / "p2" / "result.json").write_text(json.dumps({"status": "done", "version": "1; rm -rf /",
+                                                                    "outputs": ["x"]}))
+    (out / "items" / "p3" / "result.json").write_text("[1, 2]")
+
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "p0: versions/v0001/master.tif: not a regular file" in printed
+    assert "p1: /etc/passwd: the record of version 1 names a file outside the item's folder" in printed
+    assert "p2: result.json: names no valid version ('1; rm -rf /')" in printed
+    assert "p3: result.json: is not a JSON object (a list)" in printed

@@ -13,7 +13,10 @@ and checks, per item:
 - a lost or altered file of an earlier version whose work a later whole version
   redid (a run remade it) is a note, not a problem;
 - on a local disk, nothing in the item is a symbolic link that leaves the output
-  root (such a link is reported and never read), and the item folder is not one.
+  root (such a link is reported and never read), and the item folder is not one;
+  a FIFO or device file is reported and never opened;
+- a record names its files inside its own item (``../`` or another place is a
+  problem, and is never read).
 
 Items the done-index lists as done but that have no folder at all are
 reported too. The audit writes nothing unless asked to repair: with
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -177,7 +181,7 @@ def _local_items(root: str) -> Iterator[tuple[str, set[str], set[str]]]:
             continue
         if not os.path.isdir(folder):
             continue
-        files, links = set(), set()
+        files, links, special = set(), set(), set()
         for parent, folders, entries in os.walk(folder, followlinks=False):
             inner = os.path.relpath(parent, folder)
             prefix = "" if inner == "." else inner.replace(os.sep, "/") + "/"
@@ -188,7 +192,17 @@ def _local_items(root: str) -> Iterator[tuple[str, set[str], set[str]]]:
                 files.add(prefix + entry)
                 if os.path.islink(path) and not _inside(os.path.realpath(path), real_root):
                     links.add(prefix + entry)
-        yield name, files, links
+                elif not _regular(path):
+                    special.add(prefix + entry)
+        yield name, files, links | {f"\0{entry}" for entry in special}
+
+
+def _regular(path: str) -> bool:
+    """Whether ``path`` (a link followed) is a regular file: a FIFO or a device is never opened."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # gone or a dangling link: reported as missing when a record names it
 
 
 def _inside(path: str, root: str) -> bool:
@@ -222,8 +236,13 @@ def _audit_item(output: str, item_id: str, files: set[str], links: set[str], ind
     if "" in links:  # the item folder itself
         report(Problem(item_id, "", _LINK_PROBLEM))
         return 0
+    special = {name[1:] for name in links if name.startswith("\0")}
+    links = {name for name in links if not name.startswith("\0")}
     for link in sorted(links):
         report(Problem(item_id, link, _LINK_PROBLEM))
+    for name in sorted(special):
+        report(Problem(item_id, name, "not a regular file (a FIFO, a device or a folder; not read)"))
+    links = links | special  # neither is ever read
 
     def read_record(name: str) -> dict | None:
         if name in links:
@@ -248,22 +267,28 @@ def _audit_item(output: str, item_id: str, files: set[str], links: set[str], ind
         result = read_record("result.json")
     elif version_names or indexed:
         report(Problem(item_id, "result.json", "missing"))
-    current = result.get("version") if result and result.get("status") == "done" else None
-    if current is not None and f"versions/v{int(current):04d}.json" not in files:
-        report(Problem(item_id, f"versions/v{int(current):04d}.json", "missing (the version result.json names)"))
+    current = _number(result.get("version")) if result and result.get("status") == "done" else None
+    if result and result.get("status") == "done" and current is None:
+        report(Problem(item_id, "result.json", f"names no valid version ({result.get('version')!r})"))
+    if current is not None and f"versions/v{current:04d}.json" not in files:
+        report(Problem(item_id, f"versions/v{current:04d}.json", "missing (the version result.json names)"))
 
     records = [(result, True)] if current is not None else []
     for name in version_names:
         record = read_record(name)
         if record is not None and record.get("status") == "done":
-            records.append((record, record.get("version") == current))
+            records.append((record, current is not None and _number(record.get("version")) == current))
 
     hashed: dict[str, str | None] = {}
     checked = []  # (record, is_current, its problems)
     for record, is_current in records:
         found_problems = []
-        expected_hashes = record.get("output_sha256") or {}
-        for role, uri in sorted((record.get("outputs") or {}).items()):
+        expected_hashes, outputs = record.get("output_sha256") or {}, record.get("outputs") or {}
+        if not isinstance(expected_hashes, dict) or not isinstance(outputs, dict):
+            where = "result.json" if record is result else f"versions/v{_number(record.get('version')) or 0:04d}.json"
+            report(Problem(item_id, where, "its outputs or output_sha256 is not a JSON object"))
+            continue
+        for role, uri in sorted(outputs.items()):
             if role == "state" and not is_current:
                 continue  # one object, replaced by a refit: only the current version's hash must hold
             name = _inside_item(str(uri), item_id)
@@ -287,12 +312,13 @@ def _audit_item(output: str, item_id: str, files: set[str], links: set[str], ind
 
     # A damaged earlier version whose work a later whole version redid (the same version_key: the run remade
     # what was lost) is a note, not a problem: the item's content is whole again.
-    whole = {(record.get("version_key"), record.get("version")) for record, _, found in checked if not found}
+    whole = {(str(record.get("version_key")), _number(record.get("version"))) for record, _, found in checked
+             if not found}
     reported = set()
     for record, is_current, found_problems in checked:
-        key, number = record.get("version_key"), record.get("version") or 0
-        redone = not is_current and bool(key) and any(later_key == key and (later or 0) > number
-                                                      for later_key, later in whole)
+        key, number = record.get("version_key"), _number(record.get("version")) or 0
+        redone = not is_current and isinstance(key, str) and any(later_key == key and (_number(later) or 0) > number
+                                                                 for later_key, later in whole)
         for problem in found_problems:
             if (problem.file, problem.problem) in reported:
                 continue  # result.json and the current version's record name the same files
@@ -303,6 +329,11 @@ def _audit_item(output: str, item_id: str, files: set[str], links: set[str], ind
             else:
                 report(problem)
     return len(hashed) + (1 if result is not None else 0) + len(version_names)
+
+
+def _number(value) -> int | None:
+    """A version number as records give it; None for anything else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _inside_item(uri: str, item_id: str) -> str | None:

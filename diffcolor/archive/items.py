@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 
 from diffcolor import __version__
 from diffcolor.archive import storage
-from diffcolor.common.errors import DiffColorError, MissingObjectError
+from diffcolor.common.errors import BadImageError, DiffColorError, InputUnavailableError, MissingObjectError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import sha256_hex
 from diffcolor.common.redact import redact, redact_value
@@ -120,13 +120,15 @@ class ItemLayout:
 def outputs_whole(record: dict) -> bool:
     """Whether every output ``record`` names (the colour state aside: one object, replaced by a refit) exists and
     has the sha256 the record gives it."""
-    hashes = record.get("output_sha256") or {}
-    for role, uri in (record.get("outputs") or {}).items():
+    hashes, outputs = record.get("output_sha256") or {}, record.get("outputs") or {}
+    if not isinstance(hashes, dict) or not isinstance(outputs, dict):
+        return False
+    for role, uri in outputs.items():
         if role == "state":
             continue
         try:
-            data = storage.read_bytes(uri)
-        except MissingObjectError:
+            data = storage.read_bytes(str(uri), storage.ReadLimits())  # regular files only: a FIFO never hangs it
+        except (InputUnavailableError, BadImageError):  # gone, unreadable, not a file, or too large
             return False
         if hashes.get(role) and sha256_hex(data) != hashes[role]:
             return False
