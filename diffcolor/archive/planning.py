@@ -134,7 +134,8 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
     missing when its ``result.json`` is gone, or (when the index names its
     version) that version's record, master or access copy is gone. Found by
     listing, never one request per item: on a local disk one listing of
-    ``items/`` and of each done item's folders (no file is opened); on S3 the
+    ``items/``, then per done item the listing of its version's folder and
+    two ``stat`` calls (no file is opened, no round trip); on S3 the
     ``ListObjectsV2`` pages of ``items/``, cut into ranges of
     :data:`LIST_SHARD_ITEMS` done items listed in parallel. Whether the files
     are whole (their sha256) is ``diffcolor verify``'s audit, not the plan's.
@@ -159,7 +160,7 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
 
 def _missing_on_disk(root: str, done: dict[str, DoneEntry]) -> set[str]:
     try:
-        present = set(os.listdir(root))
+        present = set(os.listdir(root))  # one listing of items/
     except (FileNotFoundError, NotADirectoryError):
         return set(done)
     missing = set()
@@ -167,17 +168,16 @@ def _missing_on_disk(root: str, done: dict[str, DoneEntry]) -> set[str]:
         if item not in present:
             missing.add(item)
             continue
-        folder = os.path.join(root, item)
+        folder = f"{root}/{item}"
         try:
-            if "result.json" not in os.listdir(folder):
-                missing.add(item)
-            elif entry.version:
-                version = f"v{entry.version:04d}"
-                outputs = os.listdir(os.path.join(folder, "versions", version))
-                if ("master.tif" not in outputs or not any(name.startswith("access.") for name in outputs)
-                        or not os.path.exists(os.path.join(folder, "versions", f"{version}.json"))):
+            os.stat(f"{folder}/result.json")
+            if entry.version:
+                version = f"{folder}/versions/v{entry.version:04d}"
+                os.stat(f"{version}.json")
+                outputs = os.listdir(version)  # the version's folder: master and access copy
+                if "master.tif" not in outputs or not any(name.startswith("access.") for name in outputs):
                     missing.add(item)
-        except OSError:  # a folder gone, or not a folder
+        except OSError:  # gone, or not a folder
             missing.add(item)
     return missing
 
