@@ -162,3 +162,19 @@ def planning_entry(key):
     from diffcolor.archive.planning import DoneEntry
 
     return DoneEntry(key, 1)
+
+
+def test_listing_an_output_recursively_never_follows_links_and_hides_staging_files(tmp_path):
+    from diffcolor.archive import storage
+
+    root = tmp_path / "items"
+    for name in ("a/result.json", "a/versions/v0001/master.tif", "b/result.json", "a/.result.json.x.partial"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "secret").write_bytes(b"s")
+    (root / "b" / "versions").symlink_to(outside)  # listed as an entry, never walked into
+    names = sorted(name for batch in storage.iter_objects(str(root)) for name in batch)
+    assert names == ["a/result.json", "a/versions/v0001/master.tif", "b/result.json", "b/versions"]
+    assert list(storage.iter_objects(str(tmp_path / "none"))) == []
