@@ -157,6 +157,9 @@ def _print_summary(summary: dict) -> None:
     print(f"run {summary['run_id']}: {describe_counts(summary.get('items', {}), summary.get('versions_written', 0))}")
     print(f"results: {summary['results']} (and {summary.get('results_csv', 'results.csv')} for spreadsheets)")
     print(f"report:  {summary['report']}")
+    if summary.get("redone_missing"):
+        print(f"redone (missing from the archive though the done-index listed them) {summary['redone_missing']}: "
+              + ", ".join(summary["redone_missing_items"][:20]) + (" ..." if summary["redone_missing"] > 20 else ""))
     if summary.get("smoke"):
         print(SMOKE_BANNER)
     if summary.get("device_seconds_per_item") is not None:
@@ -890,6 +893,38 @@ def cmd_bag(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """``diffcolor verify OUTPUT``: the fixity audit; 0 when every record holds, 1 otherwise."""
+    from diffcolor.archive import storage
+    from diffcolor.archive.fixity import audit_output
+
+    audit = audit_output(_lift_credentials(args.out)[0], repair=args.repair,
+                         on_problem=lambda problem: print(problem.line()),
+                         on_note=lambda problem: print(f"note: {problem.line()}"))
+    print(audit.summary())
+    if audit.queued:
+        print(f"queued for the next run: {', '.join(audit.queued[:20])}{' ...' if len(audit.queued) > 20 else ''}")
+    if args.json:
+        storage.write_json(storage.absolute(args.json), audit.to_dict())
+    for where in (audit.report, args.json):
+        if where:
+            print(f"report: {storage.absolute(where)}")
+    return 0 if audit.ok else 1
+
+
+def _add_verify_command(commands) -> None:
+    verify = commands.add_parser(
+        "verify", help="fixity audit: every file the items' records name is present with its recorded sha256",
+        **_examples("diffcolor verify demo-output", "diffcolor verify s3://museum/colour --json audit.json",
+                    "diffcolor verify /data/colour --repair   # queue damaged items for the next run"))
+    verify.add_argument("out", metavar="OUTPUT", help="collection output root (path or URI)")
+    verify.add_argument("--repair", action="store_true",
+                        help="drop damaged items from the done-index so the next run redoes them, and write the "
+                             "report to OUTPUT/verify/TIME.json (without it nothing is written under OUTPUT)")
+    verify.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE (path or URI)")
+    verify.set_defaults(handler=cmd_verify)
+
+
 def _add_delivery_commands(commands) -> None:
     bag = commands.add_parser("bag", help="deliver a run's derivatives and records as a validated BagIt bag",
                               **_examples("diffcolor bag demo-output --run 20261203T145451Z-e4abc7 -o bags/run1"))
@@ -966,6 +1001,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collection_commands(commands)
     _add_eval_commands(commands)
     _add_delivery_commands(commands)
+    _add_verify_command(commands)
     _add_review_command(commands)
     return parser
 

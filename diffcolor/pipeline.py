@@ -38,6 +38,7 @@ from diffcolor.archive.items import (
     ItemLayout,
     base_record,
     failure_record,
+    outputs_whole,
     publish_failure,
     publish_record,
 )
@@ -51,7 +52,7 @@ from diffcolor.archive.states import (
 )
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.captions import build_target_prompt, rewrite_caption
-from diffcolor.common.errors import DiffColorError, NotGrayscaleError, StateError
+from diffcolor.common.errors import DiffColorError, MissingObjectError, NotGrayscaleError, StateError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import (
     cache_key,
@@ -263,6 +264,15 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     return publish_record(layout, record)
 
 
+def _readable_result(layout: ItemLayout) -> dict | None:
+    """The item's ``result.json``; None when there is none or it is not a JSON object (then the work is redone)."""
+    try:
+        previous = storage.read_json(layout.result) if storage.exists(layout.result) else None
+    except (MissingObjectError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
 def _resolution(source: SourceImage) -> dict | None:
     """The source's stated resolution as its record names it (kept in both derivatives)."""
     found = source.resolution
@@ -382,10 +392,11 @@ def colorize_item(
         key = cache_key(source_sha256, request, config_dict, models.model_hash)
         targets = _targets(request)
         last_version_key = version_key(key, len(targets) - 1, *targets[-1])
-        if storage.exists(layout.result):
-            previous = storage.read_json(layout.result)
+        previous = _readable_result(layout)
+        if previous is not None:
             legacy = previous.get("version_key") is None and previous.get("cache_key") == key  # written before keys
-            if previous.get("status") == "done" and (previous.get("version_key") == last_version_key or legacy):
+            if (previous.get("status") == "done" and (previous.get("version_key") == last_version_key or legacy)
+                    and outputs_whole(previous)):  # a lost or altered output is made again
                 # The record of this run: nothing was computed, nothing written.
                 return [dict(previous, status="skipped_done", finetune_steps_run=0, seconds={})]
 

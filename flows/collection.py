@@ -30,6 +30,7 @@ from diffcolor.archive import storage
 from diffcolor.archive.manifest import count_rows, read_items
 from diffcolor.archive.planning import (
     item_prefix,
+    missing_done_items,
     plan_items,
     read_done_index,
     run_prefix,
@@ -186,9 +187,12 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     try:
         timings["pool_ready"] = time.perf_counter()
 
-        # 3. Plan: skip what the done-index lists as done, stream the rest.
-        planned = plan_items(requests, read_done_index(output), config_hash=config_hash(config_dict),
-                             model_hash=model_hash, force=options.force)
+        # 3. Plan: skip what the done-index lists as done and the archive still holds (one listing), stream the rest.
+        done = read_done_index(output)
+        missing = missing_done_items(output, done)
+        redone: list[str] = []
+        planned = _noting_missing(plan_items(requests, done, config_hash=config_hash(config_dict), model_hash=model_hash,
+                                             force=options.force, missing=missing), redone)
 
         # 4. Run the items, windowed, and follow progress; records are spooled to disk.
         window = options.window or 2 * (pool.size if pool else _ray_gpu_count(options.gpus_per_item))
@@ -205,7 +209,12 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
 
     # 5. Results, done-index, report and summary.
     summary = _write_run(output, run_id, records, timings, None if pool is None else pool.devices, smoke)
+    summary["redone_missing"] = len(redone)
+    summary["redone_missing_items"] = redone[:1000]
     logger.info("run %s: %s", run_id, describe_counts(summary["items"], summary["versions_written"]))
+    if redone:
+        logger.warning("run %s: %d item(s) the done-index listed as done were missing from the archive and were "
+                       "done again: %s", run_id, len(redone), ", ".join(redone[:20]) + (" ..." if len(redone) > 20 else ""))
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
     return Completed(message=f"run {run_id} done", data=summary)
@@ -304,6 +313,14 @@ def ray_runner(address: str | None = None, init_kwargs: dict | None = None):
     from prefect_ray import RayTaskRunner
 
     return RayTaskRunner(address=address, init_kwargs=init_kwargs)
+
+
+def _noting_missing(planned, redone: list[str]):
+    """The planned items, unchanged; the ids of those done again because the archive lacked them go to ``redone``."""
+    for item in planned:
+        if item.missing:
+            redone.append(item.request.item_id)
+        yield item
 
 
 def _with_keys(planned, keys: dict[str, str]):

@@ -71,8 +71,11 @@ def _free_port() -> int:
 def test_prefect_yaml_has_a_nightly_schedule_with_a_timezone_and_a_reprocess_deployment():
     config = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {"nightly", "reprocess"}
+    assert set(deployments) == {"nightly", "reprocess", "verify"}
     nightly, again = deployments["nightly"], deployments["reprocess"]
+    [weekly] = deployments["verify"]["schedules"]  # the fixity audit: weekly, away from the nightly run
+    assert weekly == {"cron": "0 6 * * 0", "timezone": "Europe/London", "active": True}
+    assert deployments["verify"]["parameters"] == {"output": "{{ $DIFFCOLOR_OUTPUT }}", "repair": False}
 
     [schedule] = nightly["schedules"]
     assert schedule["cron"] == "0 22 * * *" and schedule["timezone"] == "Europe/London"
@@ -207,6 +210,12 @@ def test_deployments_register_on_a_local_server_and_a_reprocess_run_completes(lo
         assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
         assert (nightly.work_pool_name, nightly.work_queue_name) == ("diffcolor", "nightly")
 
+        # 2b. The weekly fixity audit of the same output.
+        audit = client.read_deployment_by_name("verify-output/verify")
+        [weekly] = audit.schedules
+        assert weekly.active and weekly.schedule.cron == "0 6 * * 0"
+        assert audit.parameters == {"output": env["DIFFCOLOR_OUTPUT"], "repair": False}
+
         # 3. The reprocess deployment, started with new parameters: another output, a new target.
         again = client.read_deployment_by_name("reprocess/reprocess")
         assert again.schedules == [] and again.work_queue_name == "reprocess"
@@ -225,6 +234,16 @@ def test_deployments_register_on_a_local_server_and_a_reprocess_run_completes(lo
                 break
             time.sleep(1)
         assert run.state.is_completed(), f"flow run ended {run.state!r}\n{_logs(home)}"
+
+        # 3b. The fixity audit, started by hand on that output: every record holds.
+        audit_run = client.create_flow_run_from_deployment(audit.id, parameters={"output": str(output)})
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while True:
+            audit_run = client.read_flow_run(audit_run.id)
+            if audit_run.state.is_final() or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert audit_run.state.is_completed(), f"verify run ended {audit_run.state!r}\n{_logs(home)}"
 
     # 4. The item got a new version, rendered from its colour state, with the new prompt.
     result = json.loads((output / "items" / item_id / "result.json").read_text())

@@ -155,3 +155,75 @@ def test_overrides_change_nested_fields_and_name_unknown_ones():
     assert get_preset("smoke").stage1.steps == 4  # presets are not modified
     with pytest.raises(ValueError, match="'stage1.nope'"):
         apply_overrides(config, {"stage1.nope": 1})
+
+
+def _archive_item(output: str, item_id: str, version: int = 1) -> None:
+    """The objects a done item's plan check looks for (empty files: the plan lists, it never reads)."""
+    from diffcolor.archive import storage
+
+    prefix = f"{output}/items/{item_id}"
+    for name in ("result.json", f"versions/v{version:04d}.json", f"versions/v{version:04d}/master.tif",
+                 f"versions/v{version:04d}/access.jpg", "state/color-state.safetensors"):
+        storage.write_bytes(f"{prefix}/{name}", b"{}")
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_done_items_missing_from_the_archive_are_found_by_listing_and_not_skipped(tmp_path, request, store,
+                                                                                  monkeypatch):
+    from diffcolor.archive import planning, storage
+    from diffcolor.archive.planning import missing_done_items
+
+    output = str(tmp_path / "out") if store == "local" else f"{request.getfixturevalue('s3_bucket')}/out"
+    monkeypatch.setattr(planning, "LIST_SHARD_ITEMS", 3)  # S3: several listing ranges, listed in parallel
+    ids = ["a", "a-b", "a.b", "b", "c", "d", "e", "f", "g", "h", "i"]  # '-' and '.' sort before '/'
+    for item in ids:
+        _archive_item(output, item)
+    _archive_item(output, "not-in-index")
+    update_done_index(output, [(item, f"k-{item}", "done", 1) for item in ids])
+    done = read_done_index(output)
+    assert missing_done_items(output, done) == set()
+
+    storage.remove(f"{output}/items/a/result.json")
+    storage.remove(f"{output}/items/a.b/versions/v0001/access.jpg")
+    storage.remove(f"{output}/items/e/versions/v0001/master.tif")
+    storage.remove(f"{output}/items/g/versions/v0001.json")
+    for name in ("result.json", "versions/v0001.json", "versions/v0001/master.tif", "versions/v0001/access.jpg",
+                 "state/color-state.safetensors"):
+        storage.remove(f"{output}/items/i/{name}")  # the whole folder
+    storage.remove_empty_folders(f"{output}/items/i")
+    assert missing_done_items(output, done) == {"a", "a.b", "e", "g", "i"}
+
+    # No request per item: the plan lists, it never checks or reads an item's object.
+    for name in ("exists", "read_bytes", "modified_time"):
+        monkeypatch.setattr(storage, name, lambda *_: pytest.fail(f"planning called storage.{name}"))
+    assert missing_done_items(output, done) == {"a", "a.b", "e", "g", "i"}
+
+
+def test_a_missing_item_is_planned_again_and_marked(tmp_path):
+    requests = _requests(2)
+    done = {r.item_id: plan_key(r, "c", "m") for r in requests}
+    done = {item: planning_entry(key) for item, key in done.items()}
+    planned = list(plan_items(requests, done, config_hash="c", model_hash="m", missing={"i1"}))
+    assert [(p.skip, p.missing) for p in planned] == [(True, False), (False, True)]
+
+
+def planning_entry(key):
+    from diffcolor.archive.planning import DoneEntry
+
+    return DoneEntry(key, 1)
+
+
+def test_listing_an_output_recursively_never_follows_links_and_hides_staging_files(tmp_path):
+    from diffcolor.archive import storage
+
+    root = tmp_path / "items"
+    for name in ("a/result.json", "a/versions/v0001/master.tif", "b/result.json", "a/.result.json.x.partial"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "deep" / "secret").write_bytes(b"s")
+    (root / "b" / "versions").symlink_to(outside)  # listed as an entry, never walked into
+    names = sorted(name for batch in storage.iter_objects(str(root)) for name in batch)
+    assert names == ["a/result.json", "a/versions/v0001/master.tif", "b/result.json", "b/versions"]
+    assert list(storage.iter_objects(str(tmp_path / "none"))) == []

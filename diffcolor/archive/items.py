@@ -42,8 +42,9 @@ from datetime import datetime, timezone
 
 from diffcolor import __version__
 from diffcolor.archive import storage
-from diffcolor.common.errors import DiffColorError
+from diffcolor.common.errors import BadImageError, DiffColorError, InputUnavailableError, MissingObjectError
 from diffcolor.common.items import ItemRequest
+from diffcolor.common.keys import sha256_hex
 from diffcolor.common.redact import redact, redact_value
 
 SOFTWARE = "diffcolor-archive"
@@ -98,19 +99,40 @@ class ItemLayout:
         return max(numbers, default=0) + 1
 
     def committed_versions(self) -> dict[str, dict]:
-        """``version_key`` -> record of every done version whose outputs are all present (step 2 of the protocol).
+        """``version_key`` -> record of every done version whose outputs are all whole (step 2 of the protocol).
 
-        A version whose record exists but whose outputs are gone is left out:
-        its work is done again, as a new version.
+        A version whose record exists but cannot be read, or whose outputs are
+        gone or no longer match their recorded sha256, is left out: its work is
+        done again, as a new version.
         """
         committed = {}
         for uri in self.version_records():
-            record = storage.read_json(uri)
-            key = record.get("version_key")
-            if key and record.get("status") == "done" and all(
-                    storage.exists(output) for role, output in (record.get("outputs") or {}).items() if role != "state"):
+            try:
+                record = storage.read_json(uri)
+            except (MissingObjectError, ValueError):  # gone since the listing, or not JSON any more
+                continue
+            key = record.get("version_key") if isinstance(record, dict) else None
+            if key and record.get("status") == "done" and outputs_whole(record):
                 committed[key] = record
         return committed
+
+
+def outputs_whole(record: dict) -> bool:
+    """Whether every output ``record`` names (the colour state aside: one object, replaced by a refit) exists and
+    has the sha256 the record gives it."""
+    hashes, outputs = record.get("output_sha256") or {}, record.get("outputs") or {}
+    if not isinstance(hashes, dict) or not isinstance(outputs, dict):
+        return False
+    for role, uri in outputs.items():
+        if role == "state":
+            continue
+        try:
+            data = storage.read_bytes(str(uri), storage.ReadLimits())  # regular files only: a FIFO never hangs it
+        except (InputUnavailableError, BadImageError):  # gone, unreadable, not a file, or too large
+            return False
+        if hashes.get(role) and sha256_hex(data) != hashes[role]:
+            return False
+    return True
 
 
 def base_record(request: ItemRequest, provenance: dict | None, preset: str, source_sha256: str | None,

@@ -13,19 +13,23 @@ million-row manifest that is a million storage requests. Instead each manifest
 row gets a *plan key* computed from the row alone (item id, image URI, caption,
 targets, colour map, seed, the configuration and the model hash; plus the
 ``image_sha256`` or ``image_etag`` catalogue column when the manifest has one),
-and rows whose plan key (:func:`diffcolor.common.keys.plan_key`) the done-index lists as done are skipped without any
-storage request. The worker then checks the item's full cache key, which hashes
-the image bytes, before any GPU work, so a stale index never causes wrong output,
-only a cheap check.
+and rows whose plan key (:func:`diffcolor.common.keys.plan_key`) the done-index lists as done are skipped without a
+storage request per item. The index is a cache, not the truth: one listing of
+``items/`` (:func:`missing_done_items`) finds done items whose ``result.json``,
+record or outputs are gone, and those are done again. The worker then checks the
+item's full cache key, which hashes the image bytes, and that the outputs its
+``result.json`` names are whole, before any GPU work, so a stale index never
+causes wrong or missing output, only a cheap check.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple
+from typing import Container, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -99,6 +103,85 @@ def read_done_index(output: str) -> dict[str, DoneEntry]:
             zip(done["item_id"].to_pylist(), done["plan_key"].to_pylist(), done["version"].to_pylist())}
 
 
+LIST_SHARD_ITEMS = 20_000  # ours: done items per S3 listing range; ranges are listed in parallel
+_RESULT, _RECORD, _MASTER, _ACCESS = 1, 2, 4, 8
+
+
+def _needed(entry: DoneEntry) -> int:
+    return _RESULT | (_RECORD | _MASTER | _ACCESS if entry.version else 0)
+
+
+def _found(rest: str, entry: DoneEntry) -> int:
+    """Which of the objects a done item needs ``rest`` (a path inside the item's folder) is."""
+    if rest == "result.json":
+        return _RESULT
+    if not entry.version:
+        return 0
+    version = f"versions/v{entry.version:04d}"
+    if rest == f"{version}.json":
+        return _RECORD
+    if rest == f"{version}/master.tif":
+        return _MASTER
+    if rest.startswith(f"{version}/access."):
+        return _ACCESS
+    return 0
+
+
+def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
+    """The items of ``done`` (:func:`read_done_index`) whose work is not in the archive any more.
+
+    The done-index is a cache of the archive, not its truth: an item is
+    missing when its ``result.json`` is gone, or (when the index names its
+    version) that version's record, master or access copy is gone. Found by
+    listing, never one request per item: on a local disk one listing of
+    ``items/``, then per done item the listing of its version's folder and
+    two ``stat`` calls (no file is opened, no round trip); on S3 the
+    ``ListObjectsV2`` pages of ``items/``, cut into ranges of
+    :data:`LIST_SHARD_ITEMS` done items listed in parallel. Whether the files
+    are whole (their sha256) is ``diffcolor verify``'s audit, not the plan's.
+    """
+    if not done:
+        return set()
+    root = storage.join(output, "items")
+    fs, path = storage.filesystem(root)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return _missing_on_disk(path, done)
+    ids = sorted(done)
+    split_at = [f"{item}/" for item in ids[LIST_SHARD_ITEMS::LIST_SHARD_ITEMS]]
+    have: dict[str, int] = {}
+    for page in storage.iter_objects(root, split_at=split_at):
+        for name in page:
+            item, _, rest = name.partition("/")
+            entry = done.get(item)
+            if entry is not None:
+                have[item] = have.get(item, 0) | _found(rest, entry)
+    return {item for item, entry in done.items() if have.get(item, 0) & _needed(entry) != _needed(entry)}
+
+
+def _missing_on_disk(root: str, done: dict[str, DoneEntry]) -> set[str]:
+    try:
+        present = set(os.listdir(root))  # one listing of items/
+    except (FileNotFoundError, NotADirectoryError):
+        return set(done)
+    missing = set()
+    for item, entry in done.items():
+        if item not in present:
+            missing.add(item)
+            continue
+        folder = f"{root}/{item}"
+        try:
+            os.stat(f"{folder}/result.json")
+            if entry.version:
+                version = f"{folder}/versions/v{entry.version:04d}"
+                os.stat(f"{version}.json")
+                outputs = os.listdir(version)  # the version's folder: master and access copy
+                if "master.tif" not in outputs or not any(name.startswith("access.") for name in outputs):
+                    missing.add(item)
+        except OSError:  # gone, or not a folder
+            missing.add(item)
+    return missing
+
+
 @dataclass
 class PlannedItem:
     """One manifest row and what the run does with it."""
@@ -107,19 +190,25 @@ class PlannedItem:
     plan_key: str
     skip: bool  # True: the done-index says this exact work is done
     version: int | None = None  # of a skipped item: the version its result.json names
+    missing: bool = False  # the done-index listed this work as done, but the archive lacks it: redone
 
 
 def plan_items(requests: Iterable[ItemRequest], done: dict[str, DoneEntry], *, config_hash: str, model_hash: str,
-               force: bool = False) -> Iterator[PlannedItem]:
+               force: bool = False, missing: Container[str] = frozenset()) -> Iterator[PlannedItem]:
     """Marks each request skip or do, streaming (never holds the manifest in memory).
 
-    ``done`` is :func:`read_done_index`'s; ``force`` re-does items whose work the index lists as done.
+    ``done`` is :func:`read_done_index`'s; ``force`` re-does items whose work the index lists as done;
+    ``missing`` (:func:`missing_done_items`) are items the index lists as done that the archive lacks:
+    they are done again, never skipped.
     """
     for request in requests:
         key = plan_key(request, config_hash, model_hash)
         entry = done.get(request.item_id)
-        skip = not force and entry is not None and entry.plan_key == key
-        yield PlannedItem(request=request, plan_key=key, skip=skip, version=entry.version if skip else None)
+        listed = entry is not None and entry.plan_key == key
+        gone = listed and request.item_id in missing
+        skip = not force and listed and not gone
+        yield PlannedItem(request=request, plan_key=key, skip=skip, version=entry.version if skip else None,
+                          missing=gone and not force)
 
 
 def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | None]], *,

@@ -79,7 +79,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -605,6 +605,126 @@ def _listed(uri: str, kind: str) -> list[str]:
     return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == kind)
 
 
+def iter_objects(uri: str, *, split_at: Sequence[str] = (), workers: int = 16) -> Iterator[list[str]]:
+    """Every object under the prefix ``uri``, recursively, by listing: batches of their paths relative to ``uri``.
+
+    Never one request per object: on S3 it is ``ListObjectsV2`` pages of up to
+    1000 keys; ``split_at`` (sorted relative paths) cuts the key space into
+    ranges that are listed in parallel by up to ``workers`` threads, each range
+    yielded in key order (ranges in any order). Elsewhere one ``find``. On a
+    local disk symbolic links are listed as files and never followed. Staging
+    ``.partial`` files are left out. Nothing under ``uri``: nothing yielded.
+
+    Raises:
+        InputUnavailableError: listing is denied. StorageError: other backend failures.
+    """
+    fs, path = filesystem(uri)
+    path = path.rstrip("/")
+    try:
+        if _is_s3(fs):
+            yield from _iter_s3_objects(fs, path, sorted(split_at), workers)
+            return
+        fs.invalidate_cache(path)
+        if _is_local(fs):
+            for folder, folders, files in os.walk(path, followlinks=False):
+                inner = os.path.relpath(folder, path)
+                prefix = "" if inner == "." else inner.replace(os.sep, "/") + "/"
+                links = [name for name in folders if os.path.islink(os.path.join(folder, name))]
+                batch = [prefix + name for name in sorted(files + links) if not name.endswith(".partial")]
+                if batch:
+                    yield batch
+            return
+        names = fs.find(path) if fs.isdir(path) else []
+        yield [name[len(path) + 1:] for name in sorted(names) if not name.endswith(".partial")]
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "listing", error, fs) from error
+
+
+def _iter_s3_objects(fs, path: str, split_at: list[str], workers: int) -> Iterator[list[str]]:
+    """S3 listing pages of the keys under ``path``, in ranges cut at ``split_at``, listed concurrently."""
+    bucket, key, _ = fs.split_path(path)
+    base = f"{key}/" if key else ""
+    bounds = [base + point for point in split_at if point]
+    ranges = list(zip([None, *bounds], [*bounds, None]))
+
+    def pages(low: str | None, high: str | None) -> Iterator[list[str]]:
+        token = None
+        # StartAfter is exclusive and must sort before `low`; keys before `low` that it lets in are dropped.
+        start = low[:-1] if low else None
+        while True:
+            arguments = {"Bucket": bucket, "Prefix": base}
+            if token:
+                arguments["ContinuationToken"] = token
+            elif start:
+                arguments["StartAfter"] = start
+            answer = fs.call_s3("list_objects_v2", **arguments)
+            keys = [item["Key"] for item in answer.get("Contents", [])]
+            page = [k[len(base):] for k in keys if (low is None or k >= low) and (high is None or k < high)
+                    and not k.endswith(".partial") and not k.endswith("/")]
+            if page:
+                yield page
+            if not answer.get("IsTruncated") or (high is not None and keys and keys[-1] >= high):
+                return
+            token = answer.get("NextContinuationToken")
+
+    if len(ranges) == 1:
+        yield from pages(None, None)
+    else:
+        yield from _parallel([lambda low=low, high=high: pages(low, high) for low, high in ranges], workers)
+
+
+def _parallel(sources: list, workers: int) -> Iterator[list[str]]:
+    """What the generators ``source()`` yield, each run on one of up to ``workers`` threads, as it comes.
+
+    The queue between them is bounded (a listing waits while the consumer is
+    behind), and a consumer that stops early stops the listings.
+    """
+    import queue
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: queue.Queue = queue.Queue(maxsize=4 * workers)
+    stop = threading.Event()
+    finished = object()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                pending.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run(source) -> None:
+        try:
+            for page in source():
+                if stop.is_set():
+                    return
+                put(page)
+        except BaseException as error:  # handed to the consumer, which raises it
+            put(error)
+        finally:
+            put(finished)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sources)))) as pool:
+        for source in sources:
+            pool.submit(run, source)
+        try:
+            left = len(sources)
+            while left:
+                item = pending.get()
+                if item is finished:
+                    left -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+
+
 def remove(uri: str) -> None:
     """Deletes the object at ``uri`` if it exists.
 
@@ -640,6 +760,28 @@ def remove_empty_folders(uri: str) -> None:
             os.rmdir(folder)
         except OSError:
             pass
+
+
+def sha256_of(uri: str) -> str:
+    """The sha256 (hex) of the object at ``uri``, read in chunks (bounded memory however large it is).
+
+    Raises:
+        MissingObjectError: it does not exist. InputUnavailableError: reading is denied.
+        StorageError: other backend failures.
+    """
+    import hashlib
+
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as stream:
+            for chunk in iter(lambda: stream.read(READ_CHUNK_BYTES), b""):
+                digest.update(chunk)
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "reading", error, fs) from error
+    return digest.hexdigest()
 
 
 def read_json(uri: str) -> Any:
