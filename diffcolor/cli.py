@@ -536,8 +536,16 @@ def cmd_review(args) -> int:
     print(f"review of {out}{' (read-only)' if args.read_only else ''}: {address}/", file=sys.stderr)
     if not args.read_only:
         print(f"sign in to recolour and decide: {address}/login?token={token}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    # SIGINT/SIGTERM: uvicorn stops serving, then the recolour jobs and their Prefect server stop (review/jobs.py).
+    from flows.stopping import exit_code, handling_signals, received
+    from review.jobs import shutdown
+
+    try:
+        with handling_signals():
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        shutdown()
+    return exit_code() if received() else 0  # uvicorn ends quietly on a signal; the status still says which
 
 
 def cmd_eval(args) -> int:

@@ -83,9 +83,9 @@ def startup_seconds() -> float:
     if not text:
         return float(DEFAULT_STARTUP_SECONDS)
     try:
-        value = float(text)
+        value = int(text)  # as Prefect reads it
     except ValueError:
-        raise ValueError(f"{STARTUP_VARIABLE} must be a number of seconds, got {text!r}") from None
+        raise ValueError(f"{STARTUP_VARIABLE} must be a whole number of seconds, got {text!r}") from None
     if value <= 0:
         raise ValueError(f"{STARTUP_VARIABLE} must be above 0, got {text!r}")
     return value

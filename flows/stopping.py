@@ -82,7 +82,8 @@ def kill_registered() -> None:
             pass
 
 
-def _stop_registered() -> None:
+def stop_registered() -> None:
+    """Tells everything registered to stop (each ``stop()``): pools' workers unwind their items."""
     for thing in list(_registered):
         stop = getattr(thing, "stop", None)
         if stop is not None:
@@ -120,7 +121,7 @@ def _on_signal(signum, frame) -> None:
     _received.append(signum)
     STOP.set()
     # The work is done in threads: this handler may have interrupted code holding a lock that it needs.
-    threading.Thread(target=_stop_registered, name="diffcolor-stop", daemon=True).start()
+    threading.Thread(target=stop_registered, name="diffcolor-stop", daemon=True).start()
     threading.Thread(target=_watchdog, args=(GRACE_SECONDS,), name="diffcolor-watchdog", daemon=True).start()
     if not _state["graceful"]:
         raise Interrupted(signum)
