@@ -167,7 +167,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def _finish_flow(state) -> int:
-    """The exit status of a finished flow run: 0 all done, 1 some items failed, 2 the run itself failed."""
+    """The exit status of a finished flow run: 0 all done, 1 some items failed, 2 the run itself failed (refused),
+    130 or 143 stopped by SIGINT or SIGTERM (its record says which items finished)."""
     summary = state.result(raise_on_failure=False)
     if isinstance(summary, dict) and summary.get("interrupted"):
         from flows.stopping import exit_code

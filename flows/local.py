@@ -137,11 +137,15 @@ class LocalPrefect:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.folder}/prefect.db"
         stopping.register(self)
         failure = None
-        for _ in range(2):  # one more try on another port
-            failure = self._try_start(env, limit)
-            if failure is None:
-                break
-        else:
+        try:
+            for _ in range(2):  # one more try on another port
+                failure = self._try_start(env, limit)
+                if failure is None:
+                    break
+        except BaseException:  # interrupted while starting (flows/stopping.py)
+            self.close()
+            raise
+        if failure is not None:
             self.close()
             raise PrefectStartError(
                 f"the temporary Prefect server did not start: {failure} (tried twice); set {STARTUP_VARIABLE} to "

@@ -187,9 +187,7 @@ class DevicePool:
                 raise RunInterrupted("the run was stopped before this item started")
             try:
                 return slot.executor.submit(function, *args).result()
-            except worker.WorkerStopped:
-                raise RunInterrupted("the run was stopped while this item ran") from None
-            except BrokenProcessPool:
+            except (worker.WorkerStopped, BrokenProcessPool):  # a worker told to stop by someone else: as if lost
                 if self._stopping or stopping.STOP.is_set():
                     raise RunInterrupted("the run was stopped while this item ran") from None
                 with self._lock:
