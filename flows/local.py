@@ -174,7 +174,7 @@ class LocalPrefect:
             log.close()
         url = f"http://127.0.0.1:{port}/api"
         deadline = time.monotonic() + limit
-        with httpx.Client(timeout=5) as client:
+        with httpx.Client(timeout=5, trust_env=False) as client:  # loopback: never through a proxy
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     why = f"it exited with status {self.process.returncode}{self._last_log_line()}"

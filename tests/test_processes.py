@@ -332,6 +332,14 @@ def test_sigterm_to_review_after_a_recolour_leaves_no_process(tmp_path):
                        headers={"Authorization": f"Bearer {token}", "X-CSRF-Token": csrf})
     try:
         _wait_for(stderr, "sign in to recolour", process, 300)
+        deadline = time.monotonic() + 120
+        while True:  # the line comes just before uvicorn listens
+            try:
+                api.get("/items")
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and process.poll() is None, stderr.read_text()[-3000:]
+                time.sleep(0.5)
         job = api.post("/recolour", json={"targets": [{"item_id": "p0", "color_map": {"dog": "red"}}]}).json()
         deadline = time.monotonic() + 600
         while (state := api.get(f"/jobs/{job['job_id']}").json())["state"] not in ("completed", "failed"):
