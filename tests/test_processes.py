@@ -345,7 +345,7 @@ def test_sigterm_to_review_after_a_recolour_leaves_no_process(tmp_path):
         while (state := api.get(f"/jobs/{job['job_id']}").json())["state"] not in ("completed", "failed"):
             assert time.monotonic() < deadline
             time.sleep(1)
-        assert state["state"] == "completed", state
+        assert state["state"] == "completed", (state["message"], stderr.read_text()[-3000:])
         assert len(_marked(mark)) >= 3  # review, its Prefect server, the pool's worker
         signalled = time.monotonic()
         os.kill(process.pid, signal.SIGTERM)
