@@ -170,8 +170,16 @@ def _print_summary(summary: dict) -> None:
 
 
 def _finish_flow(state) -> int:
-    """The exit status of a finished flow run: 0 all done, 1 some items failed, 2 the run itself failed."""
+    """The exit status of a finished flow run: 0 all done, 1 some items failed, 2 the run itself failed (refused),
+    130 or 143 stopped by SIGINT or SIGTERM (its record says which items finished)."""
     summary = state.result(raise_on_failure=False)
+    if isinstance(summary, dict) and summary.get("interrupted"):
+        from flows.stopping import exit_code
+
+        finished = sum(summary.get("items", {}).values())
+        print(f"diffcolor: interrupted by {summary['signal']}: run {summary['run_id']} stopped, {finished} item(s) "
+              f"finished and recorded in {summary['summary']}; a rerun resumes the rest", file=sys.stderr)
+        return exit_code()
     if isinstance(summary, dict):
         _print_summary(summary)
         return 1 if summary["counts"].get("failed") else 0
@@ -238,8 +246,24 @@ def _lift_credentials(*uris: str | None) -> list[str | None]:
 
 
 def _quiet_prefect() -> None:
-    # Archives run air-gapped: Prefect's usage telemetry has nowhere to go.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Archives run air-gapped: Prefect's usage telemetry off (server and client), before Prefect is imported.
+    from flows.local import prepare_environment
+
+    prepare_environment()
+
+
+def _preflight(model: str | None, out: str, args) -> None:
+    """The checks of a run that need no Prefect: the model as ``diffcolor doctor`` checks it (no hashes) and
+    a write probe of the output; each refuses the run with one line before Prefect starts or a model loads."""
+    from flows.checks import check_output_writable
+
+    if model:
+        from diffcolor.tools.doctor import preflight_model
+
+        preflight_model(model, clip=args.clip, allow_download=args.allow_download,
+                        device="auto" if getattr(args, "pool", None) == "ray" else args.device,
+                        weight_dtype=args.weight_dtype, hashes=False, probe_memory=False)
+    check_output_writable(out)
 
 
 # ---------------------------------------------------------------------------
@@ -417,17 +441,35 @@ def cmd_run(args) -> int:
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     problems = validate_manifest(manifest)
+    if not problems and args.items:  # unsafe or unknown --items ids, listed the same way
+        from diffcolor.archive.manifest import ManifestError, read_items
+
+        try:
+            read_items(manifest, items=set(args.items.split(",")))
+        except ManifestError as error:
+            problems = error.problems
     if problems:
         return _print_problems(problems, f"diffcolor: nothing run: {problem_count(problems)} problem(s) in "
                                          f"'{manifest}'")
+    _preflight(args.model, out, args)
     _smoke_notice(args.model)
     _signing()
     print(f"run: {count_rows(manifest)} items of {manifest} -> {out} (model {args.model}, preset {args.preset})",
           file=sys.stderr)  # the URIs without credentials
 
-    # 2. The collection flow (local Prefect unless PREFECT_API_URL names a server).
+    # 2. The collection flow (a private temporary Prefect server unless PREFECT_API_URL names one); SIGINT or
+    #    SIGTERM stops it within seconds, with a record of the items finished (flows/stopping.py).
     _quiet_prefect()
+    from flows.local import LocalPrefect
+    from flows.stopping import handling_signals
+
+    with handling_signals(), LocalPrefect():
+        return _run_collection(args, manifest, out, overrides)
+
+
+def _run_collection(args, manifest: str, out: str, overrides: dict) -> int:
     from flows.collection import RunOptions, colorize_collection, ray_runner
+    from flows.stopping import graceful
 
     options = RunOptions(preset=args.preset, clip=args.clip, items=args.items.split(",") if args.items else None,
                          force=args.force, device=args.device, allow_download=args.allow_download,
@@ -437,7 +479,7 @@ def cmd_run(args) -> int:
     flow_to_run = colorize_collection
     if args.pool == "ray":
         flow_to_run = colorize_collection.with_options(task_runner=ray_runner(args.ray_address))
-    with _following_runs():
+    with _following_runs(), graceful():
         state = flow_to_run(manifest, out, args.model, options, return_state=True)
     return _finish_flow(state)
 
@@ -456,12 +498,15 @@ def cmd_reprocess(args) -> int:
     out, targets_uri = _lift_credentials(args.out, args.targets)
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     out = storage.absolute(out)
+    _preflight(args.model, out, args)
     if args.model:
         _smoke_notice(args.model)
 
-    # 2. The reprocess flow.
+    # 2. The reprocess flow, as `run` starts its flow (private Prefect server, stop on SIGINT/SIGTERM).
     _quiet_prefect()
+    from flows.local import LocalPrefect
     from flows.reprocess import ReprocessOptions, Retarget, read_targets, reprocess
+    from flows.stopping import graceful, handling_signals
 
     if targets_uri:
         targets = read_targets(targets_uri)
@@ -470,7 +515,7 @@ def cmd_reprocess(args) -> int:
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype,
                                workers_per_device=args.workers_per_device, pool=args.pool, **_source_limits(args))
-    with _following_runs():
+    with handling_signals(), LocalPrefect(), _following_runs(), graceful():
         state = reprocess(out, targets, options, return_state=True)
     return _finish_flow(state)
 
@@ -521,16 +566,22 @@ def cmd_review(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(RedactQuery())
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stop by SIGTERM also removes the private token file
+    # SIGINT/SIGTERM: uvicorn stops serving, then the recolour jobs and their Prefect server stop (review/jobs.py)
+    # and the private token file is removed.
+    from flows.stopping import exit_code, handling_signals, received
+    from review.jobs import shutdown
+
     try:
-        uvicorn.Server(config).run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on: a normal end here
+        with handling_signals():
+            uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # the signal uvicorn stopped on, raised again once it has stopped: a normal end here
         pass
     finally:
+        shutdown()
         if private:
             shutil.rmtree(private, ignore_errors=True)
     print("review server stopped", file=sys.stderr)
-    return 0
+    return exit_code() if received() else 0  # the status still says which signal stopped it
 
 
 def _read_token_file(path: str) -> str:
@@ -1015,9 +1066,10 @@ def main(argv: list[str] | None = None) -> int:
         allow_hosts(args.allow_host)
     try:
         return args.handler(args)
-    except KeyboardInterrupt:
-        print("diffcolor: interrupted; a rerun resumes from the latest checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # SIGINT, or SIGTERM where a command handles it (flows/stopping.py)
+        print(f"diffcolor: interrupted{' by ' + str(interrupt) if str(interrupt) else ''}; a rerun resumes from "
+              "the latest checkpoint", file=sys.stderr)
+        return getattr(interrupt, "exit_code", 130)
     except Exception as error:
         from diffcolor.common.errors import DiffColorError
 

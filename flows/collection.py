@@ -22,7 +22,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
@@ -44,19 +44,23 @@ from diffcolor.common.keys import config_hash
 from diffcolor.common.redact import refuse_credentials
 from diffcolor.method.presets import apply_overrides, get_preset
 from diffcolor.tools.doctor import preflight_model
-from flows import worker
-from flows.pool import DevicePool, ModelSpec
+from flows import stopping, worker
+from flows.checks import check_output_writable
+from flows.pool import DevicePool, ModelSpec, RunInterrupted
 from flows.runs import (
     ACTIVE_POOLS,
     PROGRESS_LISTENERS,
     current_run_id,
+    interruption,
     is_transient,
     new_run_id,
     notify,
     publish_summary,
     record_of_failure,
+    refusal,
     run_on_worker,
     run_summary,
+    write_summary,
 )
 
 
@@ -95,8 +99,9 @@ class RunOptions(BaseModel):
 @task(name="colorize-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
       task_run_name="colorize {request.item_id}")
 def colorize_item_task(run_id: str, spec: ModelSpec, request: ItemRequest, prefix: str, config_dict: dict,
-                       preset: str, limits: ReadLimits | None = None) -> list[dict]:
-    """Runs one item on a worker that keeps the models; raises the item's error for Prefect's retry decision."""
+                       preset: str, limits: ReadLimits | None = None) -> list[dict] | None:
+    """Runs one item on a worker that keeps the models; raises the item's error for Prefect's retry decision.
+    None when the run was stopped before the item finished."""
     return run_on_worker(run_id, spec, worker.run_colorize, request, prefix, config_dict, preset, limits)
 
 
@@ -104,7 +109,8 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
               retries: int, retry_delays: list[float], on_record, ray_options: dict | None = None,
               limits: ReadLimits | None = None, smoke: bool = False, on_item=None) -> None:
     """Submits the planned items at most ``window`` at a time; calls ``on_record`` per record, then
-    ``on_item(records)`` with all the records of the item (when given).
+    ``on_item(records)`` with all the records of the item (when given). Once the run is stopping
+    (SIGINT, SIGTERM) no item is submitted, and items stopped under way get no record.
 
     A skipped item's record names the version the done-index lists and, with
     ``smoke``, says the run used random weights (as the item's records do).
@@ -118,7 +124,8 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
             records = future.result()
         except Exception as error:  # the item failed for good: its record says why
             records = [record_of_failure(request, error, preset)]
-        finish(records)
+        if records is not None:  # None: stopped under way, not finished
+            finish(records)
 
     def finish(records: list[dict]) -> None:
         for record in records:
@@ -127,6 +134,8 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
             on_item(records)
 
     for item in planned:
+        if stopping.STOP.is_set():
+            break
         if item.skip:
             finish([{"item_id": item.request.item_id, "status": "skipped_done", "plan_key": item.plan_key,
                      "version": item.version, "source_uri": item.request.source_uri,
@@ -153,15 +162,30 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
 def colorize_collection(manifest: str, output: str, model: str, options: RunOptions = RunOptions()) -> dict:
     """Colourises every pending item of ``manifest`` into ``output`` (fsspec URIs).
 
-    Returns the run summary. The flow run ends Failed when any item failed.
+    Returns the run summary. The flow run ends Failed when any item failed, or with
+    the one line of a refusal (bad manifest, model or output); Cancelled, with the
+    record of the items finished, when the run was stopped (SIGINT, SIGTERM).
     """
+    stopping.reclaim_signals()  # the command line's stop handling, in place of Prefect's SIGTERM handler
+    try:
+        return _colorize_collection(manifest, output, model, options)
+    except Exception as error:
+        line = refusal(error)
+        if line is None:
+            raise
+        get_run_logger().error("run refused: %s", line)
+        return Failed(message=line)
+
+
+def _colorize_collection(manifest: str, output: str, model: str, options: RunOptions):
     logger = get_run_logger()
     run_id = current_run_id()  # the flow run's name
     config_dict = apply_overrides(get_preset(options.preset), options.overrides).to_dict()
     refuse_credentials(manifest, output, model, options.clip, what="flow parameter")  # a deployment's are stored
     manifest, output = storage.absolute(manifest), storage.absolute(output)  # records name absolute URIs
 
-    # 1. Validate the manifest (and the selected ids) before any GPU work.
+    # 1. The output can be written, and the manifest (and the selected ids) is valid, before any GPU work.
+    check_output_writable(output)
     #    read_items validates the whole manifest on its first read and raises
     #    ManifestError naming every bad row; unknown --items are refused too.
     requests = read_items(manifest, items=set(options.items) if options.items else None, force=options.force)
@@ -182,9 +206,11 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     timings = {"started": time.perf_counter()}
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                      weight_dtype=options.weight_dtype)
-    pool = _start_pool(run_id, spec, options)
-    records = RecordSpool()
+    records, pool = RecordSpool(), None
     try:
+        if stopping.STOP.is_set():
+            raise RunInterrupted("stopped before the pool started")
+        pool = _start_pool(run_id, spec, options)
         timings["pool_ready"] = time.perf_counter()
 
         # 3. Plan: skip what the done-index lists as done and the archive still holds (one listing), stream the rest.
@@ -202,6 +228,9 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
                   options.retries, options.retry_delay_seconds, on_record, ray_options, options.read_limits(),
                   smoke=smoke, on_item=on_item)
         timings["items_done"] = time.perf_counter()
+    except RunInterrupted:  # stopped while the pool started: the run's record has no item
+        timings.setdefault("pool_ready", time.perf_counter())
+        timings["items_done"] = time.perf_counter()
     finally:
         if pool is not None:
             ACTIVE_POOLS.pop(run_id, None)
@@ -215,6 +244,8 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     if redone:
         logger.warning("run %s: %d item(s) the done-index listed as done were missing from the archive and were "
                        "done again: %s", run_id, len(redone), ", ".join(redone[:20]) + (" ..." if len(redone) > 20 else ""))
+    if summary["interrupted"]:
+        return Cancelled(message=f"run {run_id} stopped by {summary['signal']}", data=summary)
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
     return Completed(message=f"run {run_id} done", data=summary)
@@ -284,6 +315,7 @@ def _write_run(output: str, run_id: str, records: RecordSpool, timings: dict, de
         "finish": time.perf_counter() - timings["items_done"],
     }
     summary["device_seconds_per_item"] = _device_seconds_per_item(records.counts, summary["seconds"]["items"], devices)
+    write_summary(interruption(summary))
     publish_summary(summary, records)
     return summary
 

@@ -24,13 +24,18 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from diffcolor.common.errors import WorkerLostError
-from flows import worker
+from flows import stopping, worker
+
+
+class RunInterrupted(Exception):
+    """The run was stopped (SIGINT, SIGTERM) while this item waited or ran: its work is not recorded."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class _Slot:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.init_worker,
-            initargs=(self.spec, self.device, self.threads, env, self.sharing, self.progress),
+            initargs=(self.spec, self.device, self.threads, env, self.sharing, self.progress, True),
         )
 
     def restart(self) -> None:
@@ -112,6 +117,7 @@ class DevicePool:
             raise ValueError(f"workers_per_device must be a whole number of at least 1, got {workers_per_device!r}")
         self.workers_per_device = workers_per_device
         self._progress, self._progress_thread = None, None
+        self._stopping = False
         if inline:
             if workers_per_device != 1:
                 raise ValueError("an inline pool runs items in the calling process: workers_per_device must be 1")
@@ -153,6 +159,7 @@ class DevicePool:
 
     def _setup(self, slots) -> None:
         self.slots = slots
+        stopping.register(self)  # a stopped command stops this pool's workers (stop(), then kill())
         self._free: queue.Queue[_Slot] = queue.Queue()
         for slot in slots:
             self._free.put(slot)
@@ -172,12 +179,17 @@ class DevicePool:
 
         Raises WorkerLostError (transient) when the worker died meanwhile, after
         restarting that slot; the function's own exceptions pass through.
+        RunInterrupted once the run is stopping (no item starts then).
         """
         slot = self._free.get()
         try:
+            if self._stopping or stopping.STOP.is_set():
+                raise RunInterrupted("the run was stopped before this item started")
             try:
                 return slot.executor.submit(function, *args).result()
-            except BrokenProcessPool:
+            except (worker.WorkerStopped, BrokenProcessPool):  # a worker told to stop by someone else: as if lost
+                if self._stopping or stopping.STOP.is_set():
+                    raise RunInterrupted("the run was stopped while this item ran") from None
                 with self._lock:
                     slot.restart()
                 raise WorkerLostError(f"the worker on slot {slot.index} ({slot.device}) died while running the item") from None
@@ -192,7 +204,25 @@ class DevicePool:
         """The pids of the worker processes (none for an inline pool)."""
         return [pid for slot in self.slots if isinstance(slot, _Slot) for pid in (slot.executor._processes or {}).keys()]
 
+    def stop(self) -> None:
+        """Stops the pool at once: no item starts, and each worker unwinds its item (releasing its lease) and exits."""
+        self._stopping = True
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """The workers killed outright (a stopped command's last resort)."""
+        self._stopping = True
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        for pid in self.worker_pids():
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
     def close(self) -> None:
+        stopping.unregister(self)
         for slot in self.slots:
             if slot.executor is not None:
                 slot.executor.shutdown(wait=True, cancel_futures=True)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
@@ -39,19 +39,23 @@ from diffcolor.common.items import ItemRequest
 from diffcolor.common.redact import redact, refuse_credentials
 from diffcolor.method.presets import get_preset
 from diffcolor.tools.doctor import preflight_model
-from flows import worker
+from flows import stopping, worker
+from flows.checks import check_output_writable
 from flows.pool import DevicePool, ModelSpec
 from flows.runs import (
     ACTIVE_POOLS,
     PROGRESS_LISTENERS,
     current_run_id,
+    interruption,
     is_transient,
     new_run_id,
     notify,
     publish_summary,
     record_of_failure,
+    refusal,
     run_on_worker,
     run_summary,
+    write_summary,
 )
 
 
@@ -117,8 +121,9 @@ def read_targets(uri: str) -> list[Retarget]:
 @task(name="recolor-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
       task_run_name="recolor {item_id}")
 def recolor_item_task(run_id: str, spec: ModelSpec, item_id: str, prefix: str, target: str | None,
-                      color_map: dict | None, seed: int | None, limits: ReadLimits) -> list[dict]:
-    return [run_on_worker(run_id, spec, worker.run_recolor, prefix, target, color_map, seed, limits)]
+                      color_map: dict | None, seed: int | None, limits: ReadLimits) -> list[dict] | None:
+    record = run_on_worker(run_id, spec, worker.run_recolor, prefix, target, color_map, seed, limits)
+    return None if record is None else [record]  # None: the run was stopped before the item finished
 
 
 @task(name="refit-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient, task_run_name="refit {request.item_id}")
@@ -134,11 +139,28 @@ def _never_colourised(target: Retarget) -> dict:
 
 @flow(name="reprocess", flow_run_name=new_run_id, task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
 def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = ReprocessOptions()) -> dict:
-    """Renders ``targets`` for their items under the collection ``output``; returns the run summary."""
+    """Renders ``targets`` for their items under the collection ``output``; returns the run summary.
+
+    Ends as the collection run does: Failed when any item failed or the run was refused (one line),
+    Cancelled with the record of the items finished when it was stopped (SIGINT, SIGTERM).
+    """
+    stopping.reclaim_signals()  # the command line's stop handling, in place of Prefect's SIGTERM handler
+    try:
+        return _reprocess(output, targets, options)
+    except Exception as error:
+        line = refusal(error)
+        if line is None:
+            raise
+        get_run_logger().error("reprocess refused: %s", line)
+        return Failed(message=line)
+
+
+def _reprocess(output: str, targets: list[Retarget], options: ReprocessOptions):
     logger = get_run_logger()
     run_id = current_run_id()  # the flow run's name
     refuse_credentials(output, what="flow parameter")  # a deployment's parameters are stored
     output = storage.absolute(output)  # records name absolute URIs
+    check_output_writable(output)  # before any model loads
     records = RecordSpool()
 
     # 1. What each item is: its latest record (source, caption, seed, model); ids through the item-id rule.
@@ -173,6 +195,8 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
     for record in records.head:  # targets refused above count as done with
         notify("item", sum(records.items.values()), len(targets), [record])
     for model, group in by_model.items():
+        if stopping.STOP.is_set():
+            break
         for record in _run_group(run_id, output, model, group, previous, options):
             records.add(record)
             notify("item", len(records), len(targets), [record])
@@ -184,8 +208,11 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
                  all_records=records, smoke=smoke or None)
     summary = run_summary(records, run_id, prefix)
     summary["smoke"] = smoke
+    write_summary(interruption(summary))
     publish_summary(summary, records)
     logger.info("reprocess %s: %s", run_id, describe_counts(summary["items"], summary["versions_written"]))
+    if summary["interrupted"]:
+        return Cancelled(message=f"reprocess {run_id} stopped by {summary['signal']}", data=summary)
     if summary["counts"].get("failed"):
         return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
     return Completed(message=f"reprocess {run_id} done", data=summary)
@@ -206,6 +233,8 @@ def _run_group(run_id: str, output: str, model: str, group: list[Retarget], prev
     try:
         config_dict = get_preset(options.preset).to_dict()
         for target in group:
+            if stopping.STOP.is_set():
+                break
             prefix = item_prefix(output, target.item_id)
             record = previous[target.item_id]
             if storage.exists(ItemLayout(prefix).state_object):
@@ -223,7 +252,7 @@ def _run_group(run_id: str, output: str, model: str, group: list[Retarget], prev
             futures[future] = target
         for future in as_completed(list(futures)):
             try:
-                records += future.result()
+                records += future.result() or []  # None: stopped under way, not finished
             except Exception as error:
                 target = futures[future]
                 records.append(record_of_failure(ItemRequest(item_id=target.item_id, source_uri="", caption=""), error, ""))

@@ -17,10 +17,10 @@ from diffcolor.archive import storage
 from diffcolor.archive.items import failure_record
 from diffcolor.archive.report import describe_counts
 from diffcolor.archive.results import RecordSpool
-from diffcolor.common.errors import TransientError
+from diffcolor.common.errors import DiffColorError, TransientError
 from diffcolor.common.items import ItemRequest
-from flows import worker
-from flows.pool import DevicePool, ModelSpec
+from flows import stopping, worker
+from flows.pool import DevicePool, ModelSpec, RunInterrupted
 
 ACTIVE_POOLS: dict[str, DevicePool] = {}  # run id -> the run's local pool, while the run is under way
 # Displays following the runs of this process (the command line's progress): objects with any of
@@ -62,7 +62,10 @@ def current_run_id() -> str:
 
 
 def is_transient(task, task_run, state) -> bool:
-    """Prefect's retry condition: retry only transient faults (storage, lost worker, out of memory)."""
+    """Prefect's retry condition: retry only transient faults (storage, lost worker, out of memory), and
+    nothing once the run is stopping."""
+    if stopping.STOP.is_set():
+        return False
     try:
         state.result()
     except TransientError:
@@ -73,11 +76,36 @@ def is_transient(task, task_run, state) -> bool:
 
 
 def run_on_worker(run_id: str, spec: ModelSpec, function, *args):
-    """On the local pool when this process holds the run's pool; else here, in a Ray task worker."""
+    """On the local pool when this process holds the run's pool; else here, in a Ray task worker.
+
+    None when the run was stopped before or while the item ran (its work is not recorded).
+    """
     pool = ACTIVE_POOLS.get(run_id)
-    if pool is not None:
-        return pool.run(function, *args)
-    return worker.run_here(spec, function, *args)
+    try:
+        if pool is not None:
+            return pool.run(function, *args)
+        return worker.run_here(spec, function, *args)
+    except (RunInterrupted, worker.WorkerStopped):
+        return None
+
+
+def refusal(error: BaseException) -> str | None:
+    """The one line of an error that refuses the run (bad manifest, model, output, option), else None.
+
+    The flows end Failed with that line as their message instead of raising:
+    Prefect would log the refusal's traceback, and the operator needs the line only.
+    """
+    if isinstance(error, (DiffColorError, ValueError)):
+        return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
+
+
+def interruption(summary: dict) -> dict:
+    """``summary`` marked as the record of a stopped run, when the run was stopped (SIGINT, SIGTERM)."""
+    if stopping.STOP.is_set():
+        summary["interrupted"] = True
+        summary["signal"] = stopping.signal_name(stopping.received() or 2)
+    return summary
 
 
 def record_of_failure(request: ItemRequest, error: BaseException, preset: str) -> dict:
@@ -95,7 +123,13 @@ def run_summary(records, run_id: str, prefix: str) -> dict:
     return {"run_id": run_id, "items": dict(records.items), "versions_written": records.versions_written,
             "counts": dict(records.counts), "results": storage.join(prefix, "results.parquet"),
             "results_csv": storage.join(prefix, "results.csv"), "report": storage.join(prefix, "report.html"),
+            "summary": storage.join(prefix, "summary.json"), "interrupted": False,
             "failed_items": [r["item_id"] for r in records.failures if r["status"] == "failed"]}
+
+
+def write_summary(summary: dict) -> None:
+    """The run's summary as ``runs/RUN_ID/summary.json`` (``interrupted`` true for a stopped run)."""
+    storage.write_json(summary["summary"], summary)
 
 
 def publish_summary(summary: dict, records) -> None:

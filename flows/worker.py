@@ -3,24 +3,71 @@
 This module is imported in fresh worker processes; it holds the loaded models
 in a module global, so every item a worker runs reuses them (no per-item
 model load). It imports no Prefect: the worker is plain DiffColor.
+
+Stopping: a pool worker ignores SIGINT (Ctrl-C in a terminal reaches the
+whole process group; the command decides) and takes SIGTERM as "stop now": an
+item under way unwinds at once with :class:`WorkerStopped`, releasing its
+lease, and is not recorded; an idle worker just exits. A worker whose parent
+is gone (killed outright) stops itself the same way within a second. In an
+inline pool, the item stops at its next step once the run is stopping
+(:data:`flows.stopping.STOP`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
+
+from flows import stopping
 
 _MODELS = None
 _DESCRIPTION: dict = {}
 _PROGRESS = None  # where the items' stage progress goes: the pool's queue, a callable (inline pool), or nowhere
 _SIGNING = None  # the operator's content-credentials key (diffcolor.archive.credentials), read once per worker
+_BUSY = [0]  # items under way in this process (a stop signal unwinds them; an idle worker just exits)
+
+
+class WorkerStopped(BaseException):
+    """The run is stopping: the item under way stops here, its lease released, its work not recorded.
+
+    A BaseException, so that no ``except Exception`` of the pipeline turns it into a failed item.
+    """
+
+
+def _on_stop_signal(signum, frame) -> None:
+    stopping.STOP.set()
+    if not _BUSY[0]:
+        os._exit(0)  # nothing held: no lease, no half-written object (writes are atomic)
+    timer = threading.Timer(10.0, os._exit, args=(0,))  # the item has 10 s to unwind, then the worker goes
+    timer.daemon = True
+    timer.start()
+    raise WorkerStopped("the run was stopped")
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)  # the command is gone: stop as if it had said so
+
+
+def _handle_stop_signals() -> None:
+    """In a pool worker process: SIGINT ignored, SIGTERM stops (see the module docstring), the parent watched."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="diffcolor-parent", daemon=True).start()
 
 
 def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sharing: int = 1,
-                progress=None) -> None:
+                progress=None, own_process: bool = False) -> None:
     """Process initializer: pins the device (CUDA_VISIBLE_DEVICES is in ``env``) and loads the models of
     ``spec`` (a :class:`flows.pool.ModelSpec`); ``sharing`` workers run on this device, this one included.
-    ``progress`` receives ``(item_id, phase, step, total)`` of every step (a queue's ``put_nowait`` or a callable)."""
+    ``progress`` receives ``(item_id, phase, step, total)`` of every step (a queue's ``put_nowait`` or a callable).
+    ``own_process``: this is a pool's worker process, which handles the stop signals itself."""
     global _MODELS, _DESCRIPTION, _PROGRESS, _SIGNING
+    if own_process:
+        _handle_stop_signals()
     _PROGRESS = progress
     os.environ.update(env)
     from diffcolor.archive.credentials import signing_from_environment
@@ -96,6 +143,8 @@ def run_here(spec, function, *args):
 def _following(item_id: str, lease):
     """The item's progress callback: the lease checked at every step, and the step reported to the pool."""
     def progress(phase: str, step: int, total: int) -> None:
+        if stopping.STOP.is_set():
+            raise WorkerStopped("the run was stopped")
         lease.check()
         sink = _PROGRESS
         if sink is not None:
@@ -125,6 +174,7 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str, limits=No
     from diffcolor.method.presets import PipelineConfig
     from diffcolor.pipeline import colorize_item
 
+    _BUSY[0] += 1
     try:
         with item_lease(prefix) as lease:  # another run working on this item: wait, then find it done
             records = colorize_item(_MODELS, request, prefix, PipelineConfig.from_dict(config_dict), preset=preset,
@@ -135,6 +185,8 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str, limits=No
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"item '{request.item_id}': device out of memory") from None
         raise
+    finally:
+        _BUSY[0] -= 1
 
 
 def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: int | None, limits=None) -> dict:
@@ -144,6 +196,7 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
     from diffcolor.common.errors import DeviceOutOfMemoryError
     from diffcolor.pipeline import recolor_item
 
+    _BUSY[0] += 1
     try:
         with item_lease(prefix) as lease:
             record = recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed,
@@ -154,3 +207,5 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
         if _out_of_memory(error):
             raise DeviceOutOfMemoryError(f"'{prefix}': device out of memory") from None
         raise
+    finally:
+        _BUSY[0] -= 1

@@ -6,6 +6,12 @@ GPUs are, one at a time. Without it, the flow runs here, in a background
 thread, on this machine's devices (local Prefect, as ``diffcolor reprocess``).
 Either way the flow adds a version per item and publishes a run's results,
 which the collection table picks up.
+
+Local jobs share one temporary Prefect server (:class:`flows.local.LocalPrefect`:
+a private database, telemetry off), started by the first job. :func:`shutdown`,
+called when ``diffcolor review`` ends (normally, or on SIGINT/SIGTERM), stops
+the jobs under way (their pools' workers release their items' leases) and then
+that server: nothing the review server started outlives it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,37 @@ import uuid
 from dataclasses import dataclass, field
 
 DEPLOYMENT = "reprocess/reprocess"  # flow name / deployment name in deploy/prefect.yaml
+_LOCAL: dict = {"prefect": None, "threads": []}  # the local jobs' Prefect server and threads (see shutdown)
+_LOCAL_LOCK = threading.Lock()
+
+
+def _local_prefect() -> None:
+    """Starts the local jobs' temporary Prefect server once (unless PREFECT_API_URL names one)."""
+    from flows.local import LocalPrefect
+
+    with _LOCAL_LOCK:
+        if _LOCAL["prefect"] is None:
+            prefect = LocalPrefect()
+            prefect.start()
+            _LOCAL["prefect"] = prefect
+
+
+def shutdown(timeout: float = 15.0) -> None:
+    """Stops the local jobs under way and the Prefect server they share; waits at most ``timeout`` for the jobs."""
+    from flows import stopping
+
+    threads = [thread for thread in _LOCAL["threads"] if thread.is_alive()]
+    if threads:
+        stopping.STOP.set()
+        stopping.stop_registered()  # the jobs' pools: each worker unwinds its item and releases its lease
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stopping.kill_registered()  # what did not stop in time
+    with _LOCAL_LOCK:
+        prefect, _LOCAL["prefect"] = _LOCAL["prefect"], None
+    if prefect is not None:
+        prefect.close()
 
 
 @dataclass
@@ -66,8 +103,10 @@ class Jobs:
         if mode == "deployment":
             self._start_deployment(job, targets)
         else:
-            threading.Thread(target=self._run_local, args=(job, targets), daemon=True,
-                             name=f"recolour-{job.job_id}").start()
+            thread = threading.Thread(target=self._run_local, args=(job, targets), daemon=True,
+                                      name=f"recolour-{job.job_id}")
+            _LOCAL["threads"] = [old for old in _LOCAL["threads"] if old.is_alive()] + [thread]
+            thread.start()
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -81,6 +120,7 @@ class Jobs:
 
         job.state = "running"
         try:
+            _local_prefect()
             state = reprocess(self.output, [Retarget(**target) for target in targets],
                               ReprocessOptions(**self.options), return_state=True)
             result = state.result(raise_on_failure=False)

@@ -51,6 +51,7 @@ export DIFFCOLOR_PROJECT_DIR="$ROOT"                 # where flow runs load the 
 export PREFECT_HOME="$DIFFCOLOR_HOME/prefect"         # SQLite database: $PREFECT_HOME/prefect.db
 export PREFECT_API_URL="http://127.0.0.1:$DIFFCOLOR_PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false        # archives run air-gapped: no telemetry
+export DO_NOT_TRACK=1                                # nor the Prefect client's usage events
 export PREFECT_CLI_PROMPT=false
 mkdir -p "$DIFFCOLOR_HOME/logs" "$DIFFCOLOR_HOME/run" "$PREFECT_HOME"
 LOGS="$DIFFCOLOR_HOME/logs"
