@@ -176,3 +176,72 @@ def test_tiny_images_work():
 def test_merge_rejects_bad_inputs_naming_the_value(gray, chroma, bit_depth, match):
     with pytest.raises(ValueError, match=match):
         merge_full_resolution(gray, chroma, bit_depth)
+
+
+def test_closed_form_colour_steps_agree_with_the_colour_module():
+    from diffcolor.method import merge as merge_module
+    from diffcolor.method.color import gamut_map_lab, gray_lightness, lightness
+
+    # gray -> (L*, Y) on every 16-bit level, against kornia's conversion in float64
+    levels = torch.arange(65536, dtype=torch.float64) / 65535
+    fast_l, fast_y = merge_module._neutral_lightness(levels.float().clone())
+    assert float((fast_l.double() - gray_lightness(levels)).abs().max()) < 2e-4
+    expected_y = torch.where(levels > 0.04045, ((levels + 0.055) / 1.055) ** 2.4, levels / 12.92)
+    assert float((fast_y.double() - expected_y).abs().max()) < 1e-6
+
+    # Lab -> gamut-mapped sRGB codes, against color.gamut_map_lab (bisection in sRGB, kornia's curves)
+    generator = torch.Generator().manual_seed(0)
+    lab = torch.rand(3, 120, 150, generator=generator)
+    lab[0] *= 100.0
+    lab[1:] = (lab[1:] - 0.5) * 300.0
+    fy = (lab[0] + 16.0) / 116.0
+    luminance = torch.where(fy > 0.2068966, fy**3, (fy - 4.0 / 29.0) / 7.787)
+    linear, reduced = merge_module._lab_to_linear_rgb_in_gamut(lab[0], lab[1], lab[2], luminance, 16)
+    codes = merge_module._encode_and_quantise(linear, 65535)
+    expected, expected_reduced = gamut_map_lab(lab)
+    assert 0.3 < float(reduced.float().mean()) < 0.99
+    assert float((reduced != expected_reduced[0]).float().mean()) < 1e-3
+    assert float((codes / 65535 - expected).abs().max()) < 2e-3
+    assert float((codes / 65535 - expected).abs().mean()) < 2e-5
+
+    # sRGB codes -> L*, against kornia
+    rgb_codes = torch.randint(0, 65536, (3, 50, 60), generator=generator).float()
+    fast = merge_module._lightness_of_codes(rgb_codes, 65535)
+    assert float((fast - lightness(rgb_codes / 65535)[0]).abs().max()) < 2e-3
+
+
+def test_merge_runs_on_an_explicit_device_and_refuses_a_bad_config():
+    gray = _gradient_noise_gray(40, 60, seed=6)
+    chroma = _saturated_chroma(10, 15, seed=7)
+    on_cpu = merge_full_resolution(gray, chroma, 8, device="cpu")
+    np.testing.assert_array_equal(on_cpu.rgb, merge_full_resolution(gray, chroma, 8).rgb)
+    with pytest.raises(ValueError, match="cells_per_radius=0"):
+        merge_full_resolution(gray, chroma, 8, MergeConfig(cells_per_radius=0))
+    with pytest.raises(ValueError, match="gamut_iterations=0"):
+        merge_full_resolution(gray, chroma, 8, MergeConfig(gamut_iterations=0))
+
+
+def test_bench_merge_measures_the_ratio_and_writes_json(tmp_path, capsys):
+    import json
+
+    from diffcolor.tools.bench_merge import main
+
+    target = tmp_path / "bench.json"
+    assert main(["--megapixels", "0.05", "--repeats", "2", "--no-memory", "--json", str(target)]) == 0
+    figures = json.loads(target.read_text())
+    assert figures["size"] == [183, 274] and figures["bit_depth"] == 16
+    assert len(figures["merge_seconds"]) == len(figures["rgb2lab_seconds"]) == 2
+    assert figures["ratio"] == pytest.approx(figures["merge_best_s"] / figures["rgb2lab_best_s"])
+    assert 0.0 < figures["gamut_clipped_fraction"] < 0.5 and figures["max_delta_l"] <= 1.0
+    assert "ratio" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_merge_of_24_megapixels_keeps_lightness_in_bounded_memory():
+    from diffcolor.tools.bench_merge import DEFAULT_MERGE, run
+
+    figures = run(24.0, 16, 1, DEFAULT_MERGE, "default", memory=True)
+    assert figures["size"] == [4000, 6000]
+    assert figures["max_delta_l"] <= 1.0
+    # the output alone is 137 MiB; the merge's own working set is a few strips and the cell grid
+    assert figures["merge_peak_memory_bytes"] < 600 * 2**20
