@@ -21,8 +21,8 @@ from diffcolor.method.color import gray_lightness, lightness
 class FidelityConfig:
     """How luminance fidelity is computed."""
 
-    # Pixels per strip of rows. The working set is roughly 400 bytes per strip
-    # pixel (float64 L*, SSIM's filtered maps), about 100 MB at this default,
+    # Pixels per strip of rows. The working set is roughly 200 bytes per strip
+    # pixel (float64 L*, the SSIM window means), about 50 MB at this default,
     # whatever the image size (ours).
     chunk_pixels: int = 1 << 18
     # SSIM window side in pixels, skimage's default for data without a Gaussian
