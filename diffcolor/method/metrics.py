@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from skimage.metrics import structural_similarity
 
 from diffcolor.common.pixels import describe, unit_rgb
 from diffcolor.method.color import gray_lightness, lightness
@@ -22,8 +21,8 @@ from diffcolor.method.color import gray_lightness, lightness
 class FidelityConfig:
     """How luminance fidelity is computed."""
 
-    # Pixels per strip of rows. The working set is roughly 400 bytes per strip
-    # pixel (float64 L*, SSIM's filtered maps), about 100 MB at this default,
+    # Pixels per strip of rows. The working set is roughly 200 bytes per strip
+    # pixel (float64 L*, the SSIM window means), about 50 MB at this default,
     # whatever the image size (ours).
     chunk_pixels: int = 1 << 18
     # SSIM window side in pixels, skimage's default for data without a Gaussian
@@ -78,9 +77,9 @@ def lightness_fidelity(
     Returns:
         ``{"max_delta_l", "mean_delta_l", "ssim_l"}``: max and mean of
         ``|L*(rgb) - L*(gray)|`` over the pixels not ignored (NaN when all are
-        ignored) and SSIM of the two L* channels (skimage, data_range 100, mean
-        over the image less half a window at the border; NaN for images smaller
-        than 3x3). Computed strip by strip, equal to one full-image pass.
+        ignored) and SSIM of the two L* channels (skimage's definition, data_range
+        100, mean over the image less half a window at the border; NaN for images
+        smaller than 3x3). Computed strip by strip, equal to one full-image pass.
 
     Raises:
         ValueError: on wrong shapes, dtypes or ranges, or a mask that is not a bool
@@ -89,46 +88,70 @@ def lightness_fidelity(
     # 1. Check inputs.
     gray = _check_fidelity_inputs(gray, rgb, ignore)
 
-    # 2. Walk strips of rows: L* of both images in float64, delta statistics on
-    #    the strip's own rows, the SSIM map on the strip plus a halo of half a
-    #    window (so every window is whole and the result equals one full pass).
+    # 2. Walk strips of rows: L* of both images in float64, fed to the accumulator.
     height, width = gray.shape
-    side = min(config.ssim_window, height, width)
-    side -= 1 - side % 2  # skimage wants an odd window no larger than the image
-    pad = max(side, 1) // 2
     rows = max(1, config.chunk_pixels // width)
-    delta_max, delta_sum, delta_count = -math.inf, 0.0, 0
-    ssim_sum, ssim_count = 0.0, 0
+    accumulator = FidelityAccumulator(height, width, config.ssim_window)
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
-        lo, hi = max(0, top - pad), min(height, bottom + pad)
-        hi = min(height, max(hi, lo + side))  # at least one whole window tall
-        lo = max(0, min(lo, hi - side))
-        source_l = _lightness_of_gray(gray[lo:hi])
-        output_l = _lightness_of_rgb(rgb[lo:hi])
+        accumulator.add(
+            torch.from_numpy(_lightness_of_gray(gray[top:bottom])),
+            torch.from_numpy(_lightness_of_rgb(rgb[top:bottom])),
+            ignore=None if ignore is None else torch.from_numpy(np.ascontiguousarray(ignore[top:bottom])),
+        )
+    return accumulator.result()
 
-        core = slice(top - lo, bottom - lo)
-        delta = np.abs(output_l[core] - source_l[core])
+
+class FidelityAccumulator:
+    """:func:`lightness_fidelity`'s numbers from L* strips fed top to bottom, on any device.
+
+    Keeps the last ``window - 1`` rows between strips, so every SSIM window is
+    whole and the result does not depend on the strip height; no full-size copy.
+    Sums are float64; the SSIM maps are computed in the dtype of the strips.
+    """
+
+    def __init__(self, height: int, width: int, ssim_window: int = FidelityConfig.ssim_window) -> None:
+        side = min(ssim_window, height, width)
+        self._side = side - (1 - side % 2)  # skimage wants an odd window no larger than the image
+        self._carry: torch.Tensor | None = None  # the last side - 1 rows of (source, output) L*
+        self._delta_max, self._delta_sum, self._delta_count = -math.inf, 0.0, 0
+        self._ssim_sum, self._ssim_count = 0.0, 0
+
+    def add(self, source_l: torch.Tensor, output_l: torch.Tensor, ignore: torch.Tensor | None = None) -> None:
+        """The next rows: (rows, W) L* of the source and of the output, and the pixels left out of the
+        delta statistics (bool, same shape) if any."""
+        # 1. Delta statistics over the pixels not ignored.
+        delta = torch.sub(output_l, source_l).abs_()
+        count = delta.numel()
         if ignore is not None:
-            delta = delta[~ignore[top:bottom]]
-        if delta.size:
-            delta_max = max(delta_max, float(delta.max()))
-            delta_sum += float(delta.sum())
-            delta_count += delta.size
+            count -= int(ignore.sum())
+            delta.masked_fill_(ignore, 0.0)
+        if count:
+            self._delta_max = max(self._delta_max, float(delta.max()))
+            self._delta_sum += float(delta.sum(dtype=torch.float64))
+            self._delta_count += count
 
-        # 3. SSIM map, cropped by half a window at the image border as skimage does.
-        if side >= 3:
-            strip_sum, strip_count = _ssim_of_strip(source_l, output_l, side, rows=(lo, top, bottom), height=height)
-            ssim_sum += strip_sum
-            ssim_count += strip_count
+        # 2. SSIM of every window that the rows seen so far complete.
+        if self._side < 3:
+            return
+        pair = torch.stack([source_l, output_l])
+        if self._carry is not None:
+            pair = torch.cat([self._carry, pair], dim=1)
+        if pair.shape[1] >= self._side:
+            strip_sum, strip_count = _ssim_of_windows(pair, self._side)
+            self._ssim_sum += strip_sum
+            self._ssim_count += strip_count
+        self._carry = pair[:, -(self._side - 1) :].clone()
 
-    # 4. Totals (NaN where there was nothing to measure).
-    nan = float("nan")
-    return {
-        "max_delta_l": delta_max if delta_count else nan,
-        "mean_delta_l": delta_sum / delta_count if delta_count else nan,
-        "ssim_l": ssim_sum / ssim_count if ssim_count else nan,
-    }
+    def result(self) -> dict[str, float]:
+        """``{"max_delta_l", "mean_delta_l", "ssim_l"}`` (NaN where there was nothing to measure)."""
+        nan = float("nan")
+        count = self._delta_count
+        return {
+            "max_delta_l": self._delta_max if count else nan,
+            "mean_delta_l": self._delta_sum / count if count else nan,
+            "ssim_l": self._ssim_sum / self._ssim_count if self._ssim_count else nan,
+        }
 
 
 def _check_fidelity_inputs(gray: np.ndarray, rgb: np.ndarray, ignore: np.ndarray | None) -> np.ndarray:
@@ -144,21 +167,35 @@ def _check_fidelity_inputs(gray: np.ndarray, rgb: np.ndarray, ignore: np.ndarray
     return gray
 
 
-def _ssim_of_strip(source_l: np.ndarray, output_l: np.ndarray, side: int, *, rows: tuple[int, int, int],
-                   height: int) -> tuple[float, int]:
-    """Sum and count of the SSIM map over a strip's own rows (``rows`` = first row with halo, top, bottom),
-    less half a window at the image border, as skimage crops a full-image map."""
-    lo, top, bottom = rows
-    pad = side // 2
-    width = source_l.shape[1]
-    ssim_map = structural_similarity(
-        source_l.astype(np.float32), output_l.astype(np.float32), data_range=100.0, win_size=side, full=True,
-    )[1]
-    first, last = max(top, pad), min(bottom, height - pad)
-    if last <= first:
-        return 0.0, 0
-    kept_map = ssim_map[first - lo : last - lo, pad : width - pad]
-    return float(kept_map.sum(dtype=np.float64)), kept_map.size
+# skimage.metrics.structural_similarity's constants (Wang et al. 2004): K1, K2.
+_SSIM_K1, _SSIM_K2 = 0.01, 0.03
+
+
+def _ssim_of_windows(pair: torch.Tensor, side: int, data_range: float = 100.0) -> tuple[float, int]:
+    """Sum and count of the SSIM map over the whole ``side`` x ``side`` windows of the (2, rows, W) pair:
+    skimage's uniform-window SSIM with sample covariance, whose border crop keeps exactly these."""
+    x, y = pair[0], pair[1]
+    maps = torch.stack([x, y, x * x, y * y, x * y])[None]
+    maps = _window_mean(_window_mean(maps, side, 2), side, 3)[0]
+    mean_x, mean_y, mean_xx, mean_yy, mean_xy = maps.unbind(0)
+    covariance_norm = side * side / (side * side - 1.0)
+    c1, c2 = (_SSIM_K1 * data_range) ** 2, (_SSIM_K2 * data_range) ** 2
+    mean_x_y = mean_x * mean_y
+    mean_x2_y2 = mean_x.square_().add_(mean_y.square_())
+    variances = (mean_xx + mean_yy - mean_x2_y2).mul_(covariance_norm)
+    covariance = (mean_xy - mean_x_y).mul_(2.0 * covariance_norm)
+    numerator = mean_x_y.mul_(2.0).add_(c1).mul_(covariance.add_(c2))
+    denominator = mean_x2_y2.add_(c1).mul_(variances.add_(c2))
+    return float(numerator.div_(denominator).sum(dtype=torch.float64)), numerator.numel()
+
+
+def _window_mean(maps: torch.Tensor, side: int, axis: int) -> torch.Tensor:
+    """Means over the whole windows of ``side`` along ``axis``, as a sum of shifted views."""
+    size = maps.shape[axis] - side + 1
+    total = maps.narrow(axis, 0, size).clone()
+    for offset in range(1, side):
+        total.add_(maps.narrow(axis, offset, size))
+    return total.div_(side)
 
 
 def _lightness_of_gray(gray: np.ndarray) -> np.ndarray:
