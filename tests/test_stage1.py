@@ -109,3 +109,52 @@ def test_lora_adapter_is_the_only_trainable_part(models):
     finally:
         trainable.release()
     assert not any(p.requires_grad for p in models.unet.parameters())
+
+
+def test_losses_read_every_n_steps_give_the_same_fit_progress_and_checkpoints(models, smoke, tmp_path, monkeypatch):
+    """Reading the losses every 4 steps (one device sync per 4) changes nothing a fit produces, on a CPU."""
+    from dataclasses import replace
+
+    import diffcolor.method.training as training
+    from diffcolor.archive.items import CheckpointFolder
+
+    reads = []
+    real_read = training._read_losses
+    monkeypatch.setattr(training, "_read_losses", lambda pending, *rest: (reads.append(len(pending)),
+                                                                            real_read(pending, *rest)))
+    runs = {}
+    for every in (1, 4):
+        config = replace(smoke.stage1, steps=10, checkpoints=training.CheckpointPolicy(every=6, keep=5),
+                         performance=replace(smoke.stage1.performance, loss_every=every))
+        seen = []
+        folder = CheckpointFolder(str(tmp_path / f"every-{every}"))
+        reads.clear()
+        result = fit_color_prior(models, _gray(), "a dog on a bench", config, seed=3, checkpoints=folder,
+                                 progress=lambda step, record: seen.append((step, record)))
+        runs[every] = (result, seen, {name: folder.read(name) for name in folder.names()}, list(reads))
+    (one, seen_one, saved_one, reads_one), (four, seen_four, saved_four, reads_four) = runs[1], runs[4]
+    # Read at steps 4, 6 (a checkpoint: its history is complete), 8 and 10 (the last), not at every step.
+    assert reads_one == [1] * 10 and reads_four == [4, 2, 2, 2]
+    assert torch.equal(one.primary, four.primary)
+    assert one.loop.history == four.loop.history and len(four.loop.history) == 10
+    assert seen_one == seen_four and [step for step, _ in seen_four] == list(range(1, 11))
+    assert saved_one.keys() == saved_four.keys() == {"step-00000006.safetensors", "step-00000010.safetensors"}
+    for name in saved_one:  # same tensors, optimiser state, RNG state and history (the fingerprint names the config)
+        from safetensors.torch import load as load_tensors
+
+        from diffcolor.common.tensorfiles import read_description
+
+        a, b = load_tensors(saved_one[name]), load_tensors(saved_four[name])
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+        assert read_description(saved_one[name])["history"] == read_description(saved_four[name])["history"]
+
+
+def test_loss_every_must_be_a_positive_integer():
+    from diffcolor.method.training import run_resumable_loop
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="loss_every must be a positive integer"):
+            run_resumable_loop(steps=1, step_fn=lambda _: {"total": weight.sum()}, parameters={"w": weight},
+                               optimizer=torch.optim.SGD([weight], lr=0.1), generator=torch.Generator(),
+                               checkpoints=None, fingerprint="x", loss_every=bad)

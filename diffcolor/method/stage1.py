@@ -243,6 +243,7 @@ def fit_color_prior(
             policy=config.checkpoints,
             max_grad_norm=config.max_grad_norm,
             progress=progress,
+            loss_every=performance.loss_every,
         )
         trainable.unet.eval()
 

@@ -133,6 +133,7 @@ def _loop_options(phase: str, loop_fingerprint: str, config: Stage2Config, check
         "policy": config.checkpoints,
         "max_grad_norm": config.max_grad_norm,
         "progress": None if progress is None else (lambda step, record: progress(phase, step, record)),
+        "loss_every": config.performance.loss_every,
     }
 
 
