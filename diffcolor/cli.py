@@ -52,7 +52,7 @@ def _parse_color_map(text: str | None) -> dict[str, str]:
 
 
 def _parse_overrides(pairs: list[str] | None) -> dict:
-    """``["stage1.steps=200", "render.eta=0.8"]`` -> ``{"stage1.steps": 200, "render.eta": 0.8}`` (JSON values, else text)."""
+    """``["stage1.steps=200", "render.alpha=0.8"]`` -> ``{"stage1.steps": 200, "render.alpha": 0.8}`` (JSON values, else text)."""
     overrides = {}
     for pair in pairs or ():
         field, _, text = pair.partition("=")
@@ -316,7 +316,13 @@ def cmd_recolor(args) -> int:
     config = stored_config(state_from_bytes(read_state(layout.state), layout.state_object))
     render = config.render
     if args.eta is not None:
-        render = replace(render, eta=args.eta)
+        print("diffcolor: --eta is deprecated, use --alpha (the embedding interpolation weight; DDIM's eta stays 0)",
+              file=sys.stderr)
+        if args.alpha is not None and args.alpha != args.eta:
+            raise ValueError(f"--alpha {args.alpha} and --eta {args.eta} disagree; give --alpha only")
+        args.alpha = args.eta
+    if args.alpha is not None:
+        render = replace(render, alpha=args.alpha)
     if args.steps is not None:
         render = replace(render, steps=args.steps)
 
@@ -685,12 +691,13 @@ def _add_single_image_commands(commands) -> None:
 
     recolor = commands.add_parser("recolor", help="render a new target from an item's stored colour state", **_examples(
         "diffcolor recolor out/dog --color-map '{\"dog\": \"black\"}'",
-        "diffcolor recolor out/dog --target 'a black dog on a bench' --eta 1.1"))
+        "diffcolor recolor out/dog --target 'a black dog on a bench' --alpha 1.1"))
     recolor.add_argument("dir", help="the item folder or URI written by colorize")
     recolor.add_argument("--target", help="the new target prompt")
     recolor.add_argument("--color-map", help="JSON colour map instead of --target")
-    recolor.add_argument("--eta", type=float, help="weight of the target embedding, 0 to 1.5; above 1 extrapolates "
-                         "(default: the item's preset)")
+    recolor.add_argument("--alpha", type=float, help="weight of the target embedding (the interpolation weight, "
+                         "Imagic's eta), 0 to 1.5; above 1 extrapolates (default: the item's preset)")
+    recolor.add_argument("--eta", type=float, help="deprecated name of --alpha")
     recolor.add_argument("--steps", type=int, help="DDIM steps (default: the item's preset)")
     recolor.add_argument("--seed", type=int, help="default: the item's seed")
     _add_model_options(recolor, required=False)

@@ -323,7 +323,7 @@ def _render_versions(models: Models, request: ItemRequest, source: _Source, layo
         record["outputs"]["state"] = state_uri
         record["output_sha256"]["state"] = state_sha
         if color_map is None:
-            record.update(kind="primary", target_prompt=None, color_map=None, eta=None, model_prompt=request.caption,
+            record.update(kind="primary", target_prompt=None, color_map=None, alpha=None, model_prompt=request.caption,
                           prompt_alignment="caption", prompt_warning=None)
             chroma, confidence, prompt = rgb_to_lab(state.primary)[:, 1:], float(state.confidence.mean()), request.caption
         else:
@@ -331,7 +331,7 @@ def _render_versions(models: Models, request: ItemRequest, source: _Source, layo
             wanted = resolve_target(models, state, target, color_map)
             render = render_target(models, state, wanted.model_prompt, config.render, config.align, seed=request.seed)
             record["seconds"]["render"] = time.perf_counter() - started
-            record.update(kind="render", color_map=color_map or None, eta=config.render.eta, **_prompt_fields(wanted))
+            record.update(kind="render", color_map=color_map or None, alpha=config.render.alpha, **_prompt_fields(wanted))
             chroma, confidence, prompt = render.alignment.chroma, render.alignment.mean_confidence, wanted.prompt
         records.append(_write_version(models, source, layout, version, record, chroma, confidence, prompt, config))
         version += 1
@@ -492,7 +492,7 @@ def recolor_item(
     version = layout.next_version()
     record = base_record(request, models.provenance, previous.get("preset", ""), source_sha256, key)
     record.update(version=version, version_key=key, status="done", kind="render", color_map=color_map or None,
-                  eta=render.eta, rewritten_caption=state.rewritten.text, previous_version=previous.get("version"),
+                  alpha=render.alpha, rewritten_caption=state.rewritten.text, previous_version=previous.get("version"),
                   source=previous.get("source"), seconds=seconds, **_prompt_fields(wanted))
     record["outputs"]["state"], record["output_sha256"]["state"] = _state_output(layout)
     return _write_version(models, _Source(data, source, signing), layout, version, record, rendered.alignment.chroma,

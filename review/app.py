@@ -59,7 +59,7 @@ THUMBNAIL_SIDE = 192
 PAGE_SIZE = 48
 # Fields of a version record the pages show; never model_prompt or rewritten_caption (identifier tokens).
 SHOWN_FIELDS = ("version", "status", "created_at", "caption", "target_prompt", "color_map", "prompt_alignment",
-                "prompt_warning", "seed", "preset", "eta", "finetune_steps_run", "smoke_run")
+                "prompt_warning", "seed", "preset", "alpha", "finetune_steps_run", "smoke_run")
 PROVENANCE_FIELDS = ("model_id", "clip_model_id", "model_hash", "weight_dtype", "software", "software_version",
                      "source_sha256", "output_sha256", "cache_key", "seconds")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -1,4 +1,4 @@
-"""Prompts for people and prompts for the model; free prompts aligned to the caption; eta and learning rates."""
+"""Prompts for people and prompts for the model; free prompts aligned to the caption; alpha and learning rates."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from diffcolor.common.captions import (
 from diffcolor.common.errors import PromptError
 from diffcolor.common.items import ItemRequest
 from diffcolor.method.presets import apply_overrides
-from diffcolor.method.render import ETA_RANGE, RenderConfig, resolve_target
+from diffcolor.method.render import ALPHA_RANGE, RenderConfig, resolve_target
 from diffcolor.method.training import (
     DEFAULT_LEARNING_RATES,
     AdapterConfig,
@@ -129,31 +129,48 @@ def test_no_identifier_token_in_any_text_people_read(models, smoke, tmp_path, gr
 
 
 # ---------------------------------------------------------------------------
-# eta and learning rates.
+# alpha (the interpolation weight) and learning rates.
 
 
-def test_eta_above_one_extrapolates_within_a_documented_range():
-    low, high = ETA_RANGE
+def test_alpha_above_one_extrapolates_within_a_documented_range():
+    low, high = ALPHA_RANGE
     assert (low, high) == (0.0, 1.5)
-    assert RenderConfig(eta=1.2).eta == 1.2  # Imagic's SD default
+    assert RenderConfig(alpha=1.2).alpha == 1.2  # Imagic's SD default
     for bad in (-0.1, 1.6):
-        with pytest.raises(ValueError, match=r"eta must be in \[0.0, 1.5\]"):
-            RenderConfig(eta=bad)
+        with pytest.raises(ValueError, match=r"alpha must be in \[0.0, 1.5\]"):
+            RenderConfig(alpha=bad)
     from diffcolor.method.presets import get_preset
 
-    with pytest.raises(ValueError, match="eta must be in"):
-        apply_overrides(get_preset("smoke"), {"render.eta": 2.0})
+    with pytest.raises(ValueError, match="alpha must be in"):
+        apply_overrides(get_preset("smoke"), {"render.alpha": 2.0})
 
 
-def test_recolor_refuses_an_eta_out_of_range_before_any_model_loads(models, tmp_path, gray_png, capsys, monkeypatch):
+def test_the_former_name_eta_still_sets_alpha_with_a_notice():
+    from diffcolor.method.presets import PipelineConfig, get_preset
+
+    with pytest.warns(FutureWarning, match="'render.eta' is deprecated; it is now 'render.alpha'"):
+        assert apply_overrides(get_preset("smoke"), {"render.eta": 0.9}).render.alpha == 0.9
+    # A configuration stored before the rename (a colour state's) reads its eta as alpha.
+    stored = get_preset("smoke").to_dict()
+    stored["render"] = {("eta" if key == "alpha" else key): value for key, value in stored["render"].items()}
+    stored["render"]["eta"] = 1.1
+    assert PipelineConfig.from_dict(stored).render.alpha == 1.1
+    assert not hasattr(RenderConfig(), "eta")  # DDIM's eta is not a render setting: the sampler's is 0
+
+
+def test_recolor_refuses_an_alpha_out_of_range_before_any_model_loads(models, tmp_path, gray_png, capsys, monkeypatch):
     out = tmp_path / "item"
     assert main(["colorize", str(gray_png), "--caption", CAPTION, "--model", "tiny", "--out", str(out),
                  "--preset", "smoke"]) == 0
     import diffcolor.cli as cli
 
-    monkeypatch.setattr(cli, "_load_models", lambda *_: pytest.fail("models loaded for a refused eta"))
+    monkeypatch.setattr(cli, "_load_models", lambda *_: pytest.fail("models loaded for a refused alpha"))
+    assert main(["recolor", str(out), "--target", "a brown dog", "--alpha", "1.7"]) == 2
+    assert "alpha must be in [0.0, 1.5]" in capsys.readouterr().err
+    # The deprecated --eta is the same setting, with a notice.
     assert main(["recolor", str(out), "--target", "a brown dog", "--eta", "1.7"]) == 2
-    assert "eta must be in [0.0, 1.5]" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--eta is deprecated, use --alpha" in err and "alpha must be in [0.0, 1.5]" in err
     assert json.loads((out / "result.json").read_text())["version"] == 1
 
 

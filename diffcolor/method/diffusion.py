@@ -191,8 +191,18 @@ def clip_score(models: Models, rgb: torch.Tensor, prompt: str) -> float:
 
 
 def denoising_steps(steps: int, strength: float) -> int:
-    """How many of ``steps`` DDIM steps an img2img sample at ``strength`` runs (at least one)."""
-    return max(1, min(steps, int(round(steps * strength))))
+    """How many of ``steps`` DDIM steps an img2img sample at ``strength`` runs: ``int(steps * strength)``.
+
+    As diffusers' img2img pipelines count them (``get_timesteps``: the product
+    truncated, at most ``steps``), so a state's recorded settings run the same
+    steps in diffusers. Raises ValueError when that is no step at all
+    (diffusers refuses it too), naming both values.
+    """
+    count = min(int(steps * strength), steps)
+    if count < 1:
+        raise ValueError(f"{steps} steps at strength {strength} run no denoising step (int(steps * strength) = "
+                         f"{count}); raise the steps or the strength")
+    return count
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, replace
 
 from diffcolor.method.align import AlignConfig
@@ -52,6 +53,10 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
+        """The configuration of ``to_dict`` output, also of configurations stored under a field's former name."""
+        render = data.get("render")
+        if isinstance(render, dict) and "eta" in render and "alpha" not in render:  # stored before the rename
+            data = dict(data, render={("alpha" if key == "eta" else key): value for key, value in render.items()})
         return _from_dict(cls, data)
 
 
@@ -92,16 +97,25 @@ PRESETS: dict[str, PipelineConfig] = {
 }
 
 
+# Former names of fields, still accepted by apply_overrides with a FutureWarning (shown by default).
+RENAMED_FIELDS = {"render.eta": "render.alpha"}
+
+
 def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> PipelineConfig:
-    """``config`` with dotted fields replaced, e.g. ``{"stage1.steps": 200, "render.eta": 0.8}``.
+    """``config`` with dotted fields replaced, e.g. ``{"stage1.steps": 200, "render.alpha": 0.8}``.
 
     Each value is checked against the field's declared type (an integer
     field takes an integer, a float field a number, a ``tuple[int, int]`` a
     list of two integers, an optional field also ``None``) and converted to it.
     Raises ValueError naming an unknown field, a field that is a whole group
     (``stage1``: set its fields instead), or a value of the wrong type.
+    A field's former name (:data:`RENAMED_FIELDS`) sets the field, with a
+    FutureWarning naming the new one.
     """
     for dotted, value in overrides.items():
+        if dotted in RENAMED_FIELDS:
+            warnings.warn(f"{dotted!r} is deprecated; it is now {RENAMED_FIELDS[dotted]!r}", FutureWarning, stacklevel=2)
+            dotted = RENAMED_FIELDS[dotted]
         path = dotted.split(".")
         parents = [config]
         for name in path[:-1]:
