@@ -255,7 +255,7 @@ def cmd_doctor(args) -> int:
     from diffcolor.tools.doctor import check_model, format_report
 
     report = check_model(args.model, clip=args.clip, revision=args.revision, device=args.device,
-                         weight_dtype=args.weight_dtype)
+                         weight_dtype=args.weight_dtype, captions=args.caption or ())
     # With --json - the JSON is stdout's alone and the text report goes to stderr.
     print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
@@ -277,7 +277,7 @@ def cmd_colorize(args) -> int:
     # 1. Every argument checked before any model loads (the colour map's words against the caption's too).
     config = get_preset(args.preset)
     color_map = _parse_color_map(args.color_map)
-    rewritten = rewrite_caption(args.caption, config.stage2.identifier)
+    rewritten = rewrite_caption(args.caption, config.stage2.identifier, config.stage2.identifier_rule)
     if color_map:
         build_target_prompt(rewritten, color_map)
     item_id = normalize_item_id(args.item_id) if args.item_id else safe_item_id(Path(args.image).stem)
@@ -380,7 +380,15 @@ def cmd_manifest_validate(args) -> int:
     """``diffcolor manifest validate``: exit 0 and one OK line, or one line per problem and exit 1."""
     from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
 
-    problems = validate_manifest(args.file)
+    limit = None
+    if args.model:
+        from diffcolor.tools.tiny import named_prompt_limit
+
+        limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
+    else:
+        print("prompt lengths not checked: give --model to check them against the model's text encoder",
+              file=sys.stderr)
+    problems = validate_manifest(args.file, prompt_limit=limit)
     if problems:
         return _print_problems(
             problems, f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
@@ -410,7 +418,14 @@ def cmd_run(args) -> int:
     overrides = _parse_overrides(args.set)
     apply_overrides(get_preset(args.preset), overrides)
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
-    problems = validate_manifest(manifest)
+    from diffcolor.common.errors import ModelNotFoundError
+    from diffcolor.tools.tiny import named_prompt_limit
+
+    try:  # prompt lengths against the model's tokenizer; a missing model is the flow's preflight to report
+        limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
+    except ModelNotFoundError:
+        limit = None
+    problems = validate_manifest(manifest, prompt_limit=limit)
     if problems:
         return _print_problems(problems, f"diffcolor: nothing run: {problem_count(problems)} problem(s) in "
                                          f"'{manifest}'")
@@ -711,6 +726,8 @@ def _add_doctor_command(commands) -> None:
     doctor.add_argument("model", metavar="MODEL", help="Stable Diffusion folder, hub id in the local cache, or 'tiny'")
     doctor.add_argument("--clip", help="CLIP folder or hub id (default: the bundle's clip/ or openai/clip-vit-large-patch14)")
     doctor.add_argument("--revision", help="pinned hub revision of MODEL")
+    doctor.add_argument("--caption", action="append", metavar="TEXT", help="also check that this caption, with its "
+                        "identifiers, fits the text encoder (repeatable)")
     doctor.add_argument("--device", default="auto", help="where the run will go: 'auto' (CUDA when present), 'cpu', "
                                                          "'cuda', 'cuda:1', ...")
     doctor.add_argument("--weight-dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -745,6 +762,10 @@ def _add_manifest_commands(commands) -> None:
     validate = actions.add_parser("validate", help="check a manifest; one line per problem, naming row and column",
                                   **_examples("diffcolor manifest validate manifests/demo.parquet"))
     validate.add_argument("file", help="the manifest (path or URI)")
+    validate.add_argument("--model", help="also check every model prompt fits this model's text encoder (a folder, "
+                          "a hub id in the local cache, or 'tiny')")
+    validate.add_argument("--revision", help="the model's hub revision")
+    validate.add_argument("--allow-download", action="store_true", help="fetch the model's tokenizer if missing")
     validate.set_defaults(handler=cmd_manifest_validate)
 
 

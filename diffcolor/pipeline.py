@@ -50,8 +50,8 @@ from diffcolor.archive.states import (
     restore_state_lora,
 )
 from diffcolor.archive.storage import ReadLimits
-from diffcolor.common.captions import build_target_prompt, rewrite_caption
-from diffcolor.common.errors import DiffColorError, NotGrayscaleError, StateError
+from diffcolor.common.captions import build_target_prompt, prompt_length_problems, rewrite_caption
+from diffcolor.common.errors import DiffColorError, NotGrayscaleError, PromptError, StateError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import (
     cache_key,
@@ -65,10 +65,10 @@ from diffcolor.common.redact import redact
 from diffcolor.common.tensorfiles import read_metadata
 from diffcolor.method.align import Alignment, align_chroma
 from diffcolor.method.color import rgb_to_lab
-from diffcolor.method.diffusion import clip_score, resize_for_model
+from diffcolor.method.diffusion import check_prompt_fits, clip_score, resize_for_model
 from diffcolor.method.merge import merge_full_resolution
 from diffcolor.method.metrics import colorfulness
-from diffcolor.method.models import Models
+from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import apply_memory_format
 from diffcolor.method.presets import PipelineConfig
 from diffcolor.method.render import RenderConfig, Target, render_target, resolve_target
@@ -138,7 +138,7 @@ def _fit_state(models: Models, gray: torch.Tensor, request: ItemRequest, config:
 
     # 2. Stage 2: identifier rewrite, embedding optimisation, fine-tune.
     started = time.perf_counter()
-    rewritten = rewrite_caption(request.caption, config.stage2.identifier)
+    rewritten = rewrite_caption(request.caption, config.stage2.identifier, config.stage2.identifier_rule)
     totals = {"embedding": config.stage2.embed_steps, "finetune": config.stage2.finetune_steps}
     stage2 = fit_in_context(
         models, primary.rgb, rewritten, config.stage2, seed=request.seed, checkpoints=checkpoints,
@@ -390,13 +390,18 @@ def colorize_item(
                 return [dict(previous, status="skipped_done", finetune_steps_run=0, seconds={})]
 
         # 3. Check prompts before any GPU work.
-        rewritten = rewrite_caption(request.caption, config.stage2.identifier)
+        rewritten = rewrite_caption(request.caption, config.stage2.identifier, config.stage2.identifier_rule)
+        check_prompt_fits(models, request.caption, "the caption", clip=True)
+        too_long = prompt_length_problems(prompt_limit(models.tokenizer), rewritten, request.color_map,
+                                          request.targets)
+        if too_long:
+            raise PromptError("; ".join(problem for _, problem in too_long))
         if request.color_map:
             check_token_alignment(models, rewritten, build_target_prompt(rewritten, request.color_map))
 
         # 4. The gray image at model resolution, and the convolutions in stage 1's memory layout before any
         #    model runs: a resumed item (stage 1 restored) then aligns in the same layout as an uninterrupted one.
-        gray = torch.from_numpy(resize_for_model(source.gray, config.model_pixels, models.vae_scale_factor))[None, None].float()
+        gray = torch.from_numpy(resize_for_model(source.gray, models.working_pixels(config.model_pixels), models.vae_scale_factor))[None, None].float()
         apply_memory_format([models.unet, models.vae], config.stage1.performance, models.device)
 
         # 5. The colour state: reuse a matching stored one, else fit it.

@@ -49,7 +49,14 @@ from diffcolor.archive.items import ItemLayout
 from diffcolor.archive.pages import render_page
 from diffcolor.archive.planning import item_prefix
 from diffcolor.archive.report import METRIC_EXPLANATIONS
-from diffcolor.common.captions import describe_color_map, prompt_slots, rewrite_caption
+from diffcolor.common.captions import (
+    PromptLimit,
+    RewrittenCaption,
+    describe_color_map,
+    prompt_length_problems,
+    prompt_slots,
+    rewrite_caption,
+)
 from diffcolor.common.errors import DiffColorError, PromptError
 from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
 from review.jobs import Jobs
@@ -142,6 +149,12 @@ def _multi_token(record: dict, colours: dict[str, str]) -> str | None:
     return None
 
 
+def _rewritten(record: dict) -> RewrittenCaption:
+    """The item's ``c'`` as its state was fitted with (the record's), else the caption rewritten now."""
+    caption, stored = record.get("caption") or "", record.get("rewritten_caption")
+    return RewrittenCaption.stored(caption, stored) if stored else rewrite_caption(caption)
+
+
 def check_target(record: dict, color_map: dict | None, target_prompt: str | None) -> dict:
     """Whether a new target suits the item: ``{"ok", "problem", "described", "warning"}``.
 
@@ -159,7 +172,13 @@ def check_target(record: dict, color_map: dict | None, target_prompt: str | None
     if color_map and target_prompt:
         return {"ok": False, "problem": "give a colour map or a target prompt, not both"}
     try:
-        rewritten = rewrite_caption(caption)
+        rewritten = _rewritten(record)
+        tokenizer = _tokenizer(str(record.get("model_id") or ""))  # the model's prompt must fit its text encoder
+        too_long = [] if tokenizer is None else prompt_length_problems(
+            PromptLimit(tokenizer.tokenize, tokenizer.model_max_length - 2, tokenizer.model_max_length), rewritten,
+            color_map, [target_prompt] if target_prompt else [])
+        if too_long:
+            return {"ok": False, "problem": too_long[0][1]}
         if color_map:
             described = describe_color_map(rewritten, color_map)
             problem = _multi_token(record, color_map)
@@ -243,7 +262,7 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
         record = latest or versions[-1]
         done = [version for version in versions if version.get("status") == "done"]
         try:
-            slots = list(dict.fromkeys(rewrite_caption(record.get("caption") or "").slots))
+            slots = list(dict.fromkeys(_rewritten(record).slots))
         except PromptError:
             slots = []
         has_state = storage.exists(layout.state_object)

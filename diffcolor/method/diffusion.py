@@ -21,12 +21,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffcolor.common.pixels import describe
-from diffcolor.method.models import Models
+from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import frozen_weights_context
 
 
+def check_prompt_fits(models: Models, text: str, what: str, *, clip: bool = False, hide: str | None = None) -> None:
+    """Raises PromptError, naming the words that would be cut off, when ``text`` is longer than the SD text encoder
+    reads (and, with ``clip``, than CLIP's text model reads): nothing is ever truncated silently.
+
+    ``hide`` (the identifier) is left out of the words named."""
+    prompt_limit(models.tokenizer).check(text, what, hide)
+    if clip:
+        prompt_limit(models.clip_tokenizer).check(text, f"{what} (for CLIP)")
+
+
 def tokenize(models: Models, prompts: list[str]) -> torch.Tensor:
-    """Token ids of ``prompts`` padded to the text encoder's length (77 for SD)."""
+    """Token ids of ``prompts`` padded to the text encoder's length (77 for SD).
+
+    Truncation here only ever cuts padding: every prompt that reaches it was
+    checked with :func:`check_prompt_fits`.
+    """
     return models.tokenizer(
         prompts, padding="max_length", max_length=models.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids

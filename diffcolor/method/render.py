@@ -39,6 +39,7 @@ from diffcolor.common.captions import (
 from diffcolor.common.errors import PromptError, StateError
 from diffcolor.method.align import AlignConfig, Alignment, align_chroma
 from diffcolor.method.diffusion import (
+    check_prompt_fits,
     decode_latent,
     denoising_steps,
     encode_latent,
@@ -126,6 +127,7 @@ def resolve_target(models: Models, state: ColorState, target: str | None, color_
         prompt = slot_prompt(state.rewritten, prompt_slots(state.rewritten, target))
         check_token_alignment(models, state.rewritten, prompt)
     except PromptError as why:
+        check_prompt_fits(models, target, "the target prompt")  # rendered as written: it must fit as written
         return Target(target, target, "unaligned", warning=(
             f"target prompt {target!r} does not line up with the caption {state.rewritten.caption!r} ({why}): it is "
             "interpolated as written, position by position, so its colours may not land on the words they name; "

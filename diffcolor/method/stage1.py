@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from diffcolor.common.errors import PromptError
 from diffcolor.method.color import gray_lightness, lightness
 from diffcolor.method.diffusion import (
+    check_prompt_fits,
     clip_image_features,
     clip_text_features,
     decode_latent,
+    denoising_steps,
     denoising_target,
     draw_noise_and_timesteps,
     encode_latent,
@@ -119,8 +121,12 @@ def check_inputs(models: Models, gray: torch.Tensor, caption: str, config: Stage
         raise ValueError(f"gray must be (1, 1, h, w), got {tuple(gray.shape)}")
     if not caption or not caption.strip():
         raise PromptError("the caption is empty: stage 1 needs a context prompt")
+    check_prompt_fits(models, caption, "the caption", clip=True)
     if not config.anti_prompts:
         raise ValueError("anti_prompts is empty: L_con needs at least one negative prompt")
+    for number, prompt in enumerate(config.anti_prompts, start=1):
+        check_prompt_fits(models, prompt, f"anti-colour prompt {number}", clip=True)
+    denoising_steps(config.primary_steps, config.primary_strength)  # at least one step, as diffusers counts them
     low, high = config.timestep_range
     if not 0 <= low < high <= 1000:
         raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1000, got {config.timestep_range}")
