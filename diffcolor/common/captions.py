@@ -200,8 +200,10 @@ def rewrite_caption(caption: str, identifier: str = "sks", rule: str = "nouns") 
             pieces.append(identifier)
         pieces.append(word)
     if not positions:
-        raise PromptError(f"caption {caption!r} has no word that names a thing to attach colours to"
-                          if rule == "nouns" else f"caption {caption!r} has no content word to attach colours to")
+        content = _slot_positions(words, identifier, "content")
+        raise PromptError(f"caption {caption!r} has no word that names a thing to attach colours to (its content "
+                          f"words {', '.join(repr(words[i]) for i in content)} name none)" if content
+                          else f"caption {caption!r} has no content word to attach colours to")
     return RewrittenCaption(caption=caption, text=" ".join(pieces), identifier=identifier,
                             slots=tuple(words[index].lower() for index in sorted(positions)))
 
@@ -219,7 +221,7 @@ def color_map_slots(rewritten: RewrittenCaption, color_map: dict[str, str]) -> d
             eligible = ", ".join(repr(word) for word in dict.fromkeys(rewritten.slots))
             in_caption = key in {word.lower() for word in WORD_PATTERN.findall(rewritten.caption)}
             why = ("is in the caption but names no thing (identifiers go before the words that name things)"
-                   if in_caption else "is not a word of the caption")
+                   if in_caption else "is not a content word of the caption")
             raise PromptError(f"colour map key {key!r} {why}; the words that can take a colour are {eligible}")
         if not value:
             raise PromptError(f"colour map gives an empty colour for {key!r}")
