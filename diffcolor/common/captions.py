@@ -368,9 +368,10 @@ def prompt_length_problems(limit: PromptLimit, rewritten: RewrittenCaption, colo
         if prompt is not None and limit.problem(prompt, "") is not None:
             lost = limit.tokenize(prompt)[limit.limit :]
             lost_words = {piece.replace("</w>", "") for piece in lost}
-            colours = [f"'{value}' (for '{key}')" for key, value in color_map.items() if value.strip().lower() in lost_words]
+            colours = [f"'{value}' (for '{key}')" for key, value in color_map.items()
+                       if value.strip().lower() in lost_words or key.strip().lower() in lost_words]
             problems.append(("color_map", limit.problem(prompt, "the colour map's prompt", hide)
-                             + (f" (colours lost: {', '.join(colours)})" if colours else "")))
+                             + (f" (colours lost: {', '.join(colours)})" if colours else "")))  # the colour or its word cut off
     for number, target in enumerate(targets, start=1):
         found = limit.problem(target, f"target prompt {number}")
         if found is None:

@@ -58,7 +58,8 @@ from diffcolor.method.performance import (
 )
 
 VARIANT_NAMES = ("default", "baseline", "fp32", "fp32-weights", "no-channels-last", "no-fused", "compile",
-                 "compile-graphs", "cudnn-benchmark")
+                 "compile-graphs", "cudnn-benchmark", "reduced-decode")
+REDUCED_DECODE_SIDE = 224  # the reduced-decode variant's stage1.loss_decode_side: CLIP ViT-L/14's input side
 LOOPS = ("stage1", "embedding", "finetune")
 CAPTION = "a dog sitting on a wooden bench, with grassland and sky"
 TARGET = "a brown dog sitting on a black wooden bench, with green grassland and blue sky"
@@ -151,6 +152,8 @@ def variant_config(config, name: str):
         return with_performance(replace(base, compile_mode="default"))
     if name == "compile-graphs":  # torch.compile with CUDA graphs: launch overhead gone, if the graphs are reused
         return with_performance(replace(base, compile_mode="reduce-overhead"))
+    if name == "reduced-decode":  # stage 1 decodes its x0 estimate for CLIP and L_lum at 224 px, not the working size
+        return replace(config, stage1=replace(config.stage1, loss_decode_side=REDUCED_DECODE_SIDE))
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANT_NAMES)}")
 
 
