@@ -158,3 +158,40 @@ def test_loss_every_must_be_a_positive_integer():
             run_resumable_loop(steps=1, step_fn=lambda _: {"total": weight.sum()}, parameters={"w": weight},
                                optimizer=torch.optim.SGD([weight], lr=0.1), generator=torch.Generator(),
                                checkpoints=None, fingerprint="x", loss_every=bad)
+
+
+def test_the_reduced_loss_decode_decodes_smaller_and_changes_nothing_when_off(models, smoke, monkeypatch):
+    """stage1.loss_decode_side: the losses decode the x0 estimate at about that side; None or a side at or above
+    the working size decode it as before, bit for bit."""
+    from dataclasses import replace
+
+    import diffcolor.method.stage1 as stage1
+    from diffcolor.method.stage1 import loss_latent
+
+    latent = torch.randn(1, 4, 8, 6)
+    assert loss_latent(latent, None, 8) is latent and loss_latent(latent, 48, 8) is latent  # 48 px = 6 cells: as is
+    assert loss_latent(latent, 24, 8).shape[-2:] == (4, 3)  # short side 3 cells = 24 px, aspect kept
+
+    decoded_sizes = []
+    real_decode = stage1.decode_latent
+    monkeypatch.setattr(stage1, "decode_latent", lambda m, x: (decoded_sizes.append(tuple(x.shape[-2:])),
+                                                               real_decode(m, x))[1])
+    gray = _gray(64, 48)
+    noise, timesteps = draw_noise_and_timesteps(torch.zeros(1, 4, 8, 6), (300, 400), torch.Generator().manual_seed(0))
+    losses = {}
+    for side in (None, 64, 24):
+        config = replace(smoke.stage1, loss_decode_side=side)
+        inputs = prepare_inputs(models, gray, "a dog on a bench", config)
+        trainable = make_trainable_unet(models.unet, config.adapter, name="test_decode",
+                                        generator=torch.Generator().manual_seed(1))
+        try:
+            result = stage1_losses(models, trainable.unet, inputs, noise, timesteps, config)
+            result["total"].backward()  # differentiable through the resize
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.parameters.values())
+            losses[side] = {key: float(value.detach()) for key, value in result.items()}
+        finally:
+            trainable.release()
+    assert decoded_sizes == [(8, 6), (8, 6), (4, 3)]
+    assert losses[None] == losses[64] and losses[24] != losses[None]
+    with pytest.raises(ValueError, match="loss_decode_side must be null or a whole number of pixels"):
+        fit_color_prior(models, gray, "a dog", replace(smoke.stage1, loss_decode_side=4), seed=0)
