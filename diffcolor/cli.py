@@ -52,7 +52,7 @@ def _parse_color_map(text: str | None) -> dict[str, str]:
 
 
 def _parse_overrides(pairs: list[str] | None) -> dict:
-    """``["stage1.steps=200", "render.eta=0.8"]`` -> ``{"stage1.steps": 200, "render.eta": 0.8}`` (JSON values, else text)."""
+    """``["stage1.steps=200", "render.alpha=0.8"]`` -> ``{"stage1.steps": 200, "render.alpha": 0.8}`` (JSON values, else text)."""
     overrides = {}
     for pair in pairs or ():
         field, _, text = pair.partition("=")
@@ -284,7 +284,7 @@ def cmd_doctor(args) -> int:
     from diffcolor.tools.doctor import check_model, format_report
 
     report = check_model(args.model, clip=args.clip, revision=args.revision, device=args.device,
-                         weight_dtype=args.weight_dtype)
+                         weight_dtype=args.weight_dtype, captions=args.caption or ())
     # With --json - the JSON is stdout's alone and the text report goes to stderr.
     print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
@@ -306,7 +306,7 @@ def cmd_colorize(args) -> int:
     # 1. Every argument checked before any model loads (the colour map's words against the caption's too).
     config = get_preset(args.preset)
     color_map = _parse_color_map(args.color_map)
-    rewritten = rewrite_caption(args.caption, config.stage2.identifier)
+    rewritten = rewrite_caption(args.caption, config.stage2.identifier, config.stage2.identifier_rule)
     if color_map:
         build_target_prompt(rewritten, color_map)
     item_id = normalize_item_id(args.item_id) if args.item_id else safe_item_id(Path(args.image).stem)
@@ -345,7 +345,13 @@ def cmd_recolor(args) -> int:
     config = stored_config(state_from_bytes(read_state(layout.state), layout.state_object))
     render = config.render
     if args.eta is not None:
-        render = replace(render, eta=args.eta)
+        print("diffcolor: --eta is deprecated, use --alpha (the embedding interpolation weight; DDIM's eta stays 0)",
+              file=sys.stderr)
+        if args.alpha is not None and args.alpha != args.eta:
+            raise ValueError(f"--alpha {args.alpha} and --eta {args.eta} disagree; give --alpha only")
+        args.alpha = args.eta
+    if args.alpha is not None:
+        render = replace(render, alpha=args.alpha)
     if args.steps is not None:
         render = replace(render, steps=args.steps)
 
@@ -406,7 +412,15 @@ def cmd_manifest_validate(args) -> int:
     from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
 
     args.file = _lift_credentials(args.file)[0]
-    problems = validate_manifest(args.file)
+    limit = None
+    if args.model:
+        from diffcolor.tools.tiny import named_prompt_limit
+
+        limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
+    else:
+        print("prompt lengths not checked: give --model to check them against the model's text encoder",
+              file=sys.stderr)
+    problems = validate_manifest(args.file, prompt_limit=limit)
     if problems:
         return _print_problems(
             problems, f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
@@ -440,7 +454,14 @@ def cmd_run(args) -> int:
     apply_overrides(get_preset(args.preset), overrides)
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
-    problems = validate_manifest(manifest)
+    from diffcolor.common.errors import ModelNotFoundError
+    from diffcolor.tools.tiny import named_prompt_limit
+
+    try:  # prompt lengths against the model's tokenizer; a missing model is the preflight's to report
+        limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
+    except ModelNotFoundError:
+        limit = None
+    problems = validate_manifest(manifest, prompt_limit=limit)
     if not problems and args.items:  # unsafe or unknown --items ids, listed the same way
         from diffcolor.archive.manifest import ManifestError, read_items
 
@@ -814,12 +835,13 @@ def _add_single_image_commands(commands) -> None:
 
     recolor = commands.add_parser("recolor", help="render a new target from an item's stored colour state", **_examples(
         "diffcolor recolor out/dog --color-map '{\"dog\": \"black\"}'",
-        "diffcolor recolor out/dog --target 'a black dog on a bench' --eta 1.1"))
+        "diffcolor recolor out/dog --target 'a black dog on a bench' --alpha 1.1"))
     recolor.add_argument("dir", help="the item folder or URI written by colorize")
     recolor.add_argument("--target", help="the new target prompt")
     recolor.add_argument("--color-map", help="JSON colour map instead of --target")
-    recolor.add_argument("--eta", type=float, help="weight of the target embedding, 0 to 1.5; above 1 extrapolates "
-                         "(default: the item's preset)")
+    recolor.add_argument("--alpha", type=float, help="weight of the target embedding (the interpolation weight, "
+                         "Imagic's eta), 0 to 1.5; above 1 extrapolates (default: the item's preset)")
+    recolor.add_argument("--eta", type=float, help="deprecated name of --alpha")
     recolor.add_argument("--steps", type=int, help="DDIM steps (default: the item's preset)")
     recolor.add_argument("--seed", type=int, help="default: the item's seed")
     _add_model_options(recolor, required=False)
@@ -833,6 +855,8 @@ def _add_doctor_command(commands) -> None:
     doctor.add_argument("model", metavar="MODEL", help="Stable Diffusion folder, hub id in the local cache, or 'tiny'")
     doctor.add_argument("--clip", help="CLIP folder or hub id (default: the bundle's clip/ or openai/clip-vit-large-patch14)")
     doctor.add_argument("--revision", help="pinned hub revision of MODEL")
+    doctor.add_argument("--caption", action="append", metavar="TEXT", help="also check that this caption, with its "
+                        "identifiers, fits the text encoder (repeatable)")
     doctor.add_argument("--device", default="auto", help="where the run will go: 'auto' (CUDA when present), 'cpu', "
                                                          "'cuda', 'cuda:1', ...")
     doctor.add_argument("--weight-dtype", choices=("auto", "bf16", "fp32"), default="auto",
@@ -869,6 +893,10 @@ def _add_manifest_commands(commands) -> None:
                                   **_examples("diffcolor manifest validate manifests/demo.parquet"))
     validate.add_argument("file", help="the manifest (path or URI)")
     _add_allow_host_option(validate)
+    validate.add_argument("--model", help="also check every model prompt fits this model's text encoder (a folder, "
+                          "a hub id in the local cache, or 'tiny')")
+    validate.add_argument("--revision", help="the model's hub revision")
+    validate.add_argument("--allow-download", action="store_true", help="fetch the model's tokenizer if missing")
     validate.set_defaults(handler=cmd_manifest_validate)
 
 

@@ -51,8 +51,8 @@ from diffcolor.archive.states import (
     restore_state_lora,
 )
 from diffcolor.archive.storage import ReadLimits
-from diffcolor.common.captions import build_target_prompt, rewrite_caption
-from diffcolor.common.errors import DiffColorError, MissingObjectError, NotGrayscaleError, StateError
+from diffcolor.common.captions import build_target_prompt, prompt_length_problems, rewrite_caption
+from diffcolor.common.errors import DiffColorError, MissingObjectError, NotGrayscaleError, PromptError, StateError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import (
     cache_key,
@@ -66,10 +66,10 @@ from diffcolor.common.redact import redact
 from diffcolor.common.tensorfiles import read_metadata
 from diffcolor.method.align import Alignment, align_chroma
 from diffcolor.method.color import rgb_to_lab
-from diffcolor.method.diffusion import clip_score, resize_for_model
+from diffcolor.method.diffusion import check_prompt_fits, clip_score, resize_for_model
 from diffcolor.method.merge import merge_full_resolution
 from diffcolor.method.metrics import colorfulness
-from diffcolor.method.models import Models
+from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import apply_memory_format
 from diffcolor.method.presets import PipelineConfig
 from diffcolor.method.render import RenderConfig, Target, render_target, resolve_target
@@ -139,7 +139,7 @@ def _fit_state(models: Models, gray: torch.Tensor, request: ItemRequest, config:
 
     # 2. Stage 2: identifier rewrite, embedding optimisation, fine-tune.
     started = time.perf_counter()
-    rewritten = rewrite_caption(request.caption, config.stage2.identifier)
+    rewritten = rewrite_caption(request.caption, config.stage2.identifier, config.stage2.identifier_rule)
     totals = {"embedding": config.stage2.embed_steps, "finetune": config.stage2.finetune_steps}
     stage2 = fit_in_context(
         models, primary.rgb, rewritten, config.stage2, seed=request.seed, checkpoints=checkpoints,
@@ -334,7 +334,7 @@ def _render_versions(models: Models, request: ItemRequest, source: _Source, layo
         record["outputs"]["state"] = state_uri
         record["output_sha256"]["state"] = state_sha
         if color_map is None:
-            record.update(kind="primary", target_prompt=None, color_map=None, eta=None, model_prompt=request.caption,
+            record.update(kind="primary", target_prompt=None, color_map=None, alpha=None, model_prompt=request.caption,
                           prompt_alignment="caption", prompt_warning=None)
             chroma, confidence, prompt = rgb_to_lab(state.primary)[:, 1:], float(state.confidence.mean()), request.caption
         else:
@@ -342,7 +342,7 @@ def _render_versions(models: Models, request: ItemRequest, source: _Source, layo
             wanted = resolve_target(models, state, target, color_map)
             render = render_target(models, state, wanted.model_prompt, config.render, config.align, seed=request.seed)
             record["seconds"]["render"] = time.perf_counter() - started
-            record.update(kind="render", color_map=color_map or None, eta=config.render.eta, **_prompt_fields(wanted))
+            record.update(kind="render", color_map=color_map or None, alpha=config.render.alpha, **_prompt_fields(wanted))
             chroma, confidence, prompt = render.alignment.chroma, render.alignment.mean_confidence, wanted.prompt
         records.append(_write_version(models, source, layout, version, record, chroma, confidence, prompt, config))
         version += 1
@@ -402,13 +402,18 @@ def colorize_item(
                 return [dict(previous, status="skipped_done", finetune_steps_run=0, seconds={})]
 
         # 3. Check prompts before any GPU work.
-        rewritten = rewrite_caption(request.caption, config.stage2.identifier)
+        rewritten = rewrite_caption(request.caption, config.stage2.identifier, config.stage2.identifier_rule)
+        check_prompt_fits(models, request.caption, "the caption", clip=True)
+        too_long = prompt_length_problems(prompt_limit(models.tokenizer), rewritten, request.color_map,
+                                          request.targets)
+        if too_long:
+            raise PromptError("; ".join(problem for _, problem in too_long))
         if request.color_map:
             check_token_alignment(models, rewritten, build_target_prompt(rewritten, request.color_map))
 
         # 4. The gray image at model resolution, and the convolutions in stage 1's memory layout before any
         #    model runs: a resumed item (stage 1 restored) then aligns in the same layout as an uninterrupted one.
-        gray = torch.from_numpy(resize_for_model(source.gray, config.model_pixels, models.vae_scale_factor))[None, None].float()
+        gray = torch.from_numpy(resize_for_model(source.gray, models.working_pixels(config.model_pixels), models.vae_scale_factor))[None, None].float()
         apply_memory_format([models.unet, models.vae], config.stage1.performance, models.device)
 
         # 5. The colour state: reuse a matching stored one, else fit it.
@@ -504,7 +509,7 @@ def recolor_item(
     version = layout.next_version()
     record = base_record(request, models.provenance, previous.get("preset", ""), source_sha256, key)
     record.update(version=version, version_key=key, status="done", kind="render", color_map=color_map or None,
-                  eta=render.eta, rewritten_caption=state.rewritten.text, previous_version=previous.get("version"),
+                  alpha=render.alpha, rewritten_caption=state.rewritten.text, previous_version=previous.get("version"),
                   source=previous.get("source"), seconds=seconds, **_prompt_fields(wanted))
     record["outputs"]["state"], record["output_sha256"]["state"] = _state_output(layout)
     return _write_version(models, _Source(data, source, signing), layout, version, record, rendered.alignment.chroma,

@@ -67,7 +67,14 @@ from diffcolor.archive.decisions import (
 )
 from diffcolor.archive.pages import render_page
 from diffcolor.archive.report import METRIC_EXPLANATIONS
-from diffcolor.common.captions import describe_color_map, prompt_slots, rewrite_caption
+from diffcolor.common.captions import (
+    PromptLimit,
+    RewrittenCaption,
+    describe_color_map,
+    prompt_length_problems,
+    prompt_slots,
+    rewrite_caption,
+)
 from diffcolor.common.errors import DiffColorError, PromptError
 from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
 from review.guard import MAX_BODY_BYTES, BodyLimit, HostGuard, allowed_names, allowed_origins, origin_key
@@ -78,7 +85,7 @@ THUMBNAIL_SIDE = 192
 PAGE_SIZE = 48
 # Fields of a version record the pages show; never model_prompt or rewritten_caption (identifier tokens).
 SHOWN_FIELDS = ("version", "status", "created_at", "caption", "target_prompt", "color_map", "prompt_alignment",
-                "prompt_warning", "seed", "preset", "eta", "finetune_steps_run", "smoke_run")
+                "prompt_warning", "seed", "preset", "alpha", "finetune_steps_run", "smoke_run")
 PROVENANCE_FIELDS = ("model_id", "clip_model_id", "model_hash", "weight_dtype", "software", "software_version",
                      "source_sha256", "output_sha256", "cache_key", "seconds")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -177,6 +184,12 @@ def _multi_token(record: dict, colours: dict[str, str]) -> str | None:
     return None
 
 
+def _rewritten(record: dict) -> RewrittenCaption:
+    """The item's ``c'`` as its state was fitted with (the record's), else the caption rewritten now."""
+    caption, stored = record.get("caption") or "", record.get("rewritten_caption")
+    return RewrittenCaption.stored(caption, stored) if stored else rewrite_caption(caption)
+
+
 def check_target(record: dict, color_map: dict | None, target_prompt: str | None) -> dict:
     """Whether a new target suits the item: ``{"ok", "problem", "described", "warning"}``.
 
@@ -194,7 +207,13 @@ def check_target(record: dict, color_map: dict | None, target_prompt: str | None
     if color_map and target_prompt:
         return {"ok": False, "problem": "give a colour map or a target prompt, not both"}
     try:
-        rewritten = rewrite_caption(caption)
+        rewritten = _rewritten(record)
+        tokenizer = _tokenizer(str(record.get("model_id") or ""))  # the model's prompt must fit its text encoder
+        too_long = [] if tokenizer is None else prompt_length_problems(
+            PromptLimit(tokenizer.tokenize, tokenizer.model_max_length - 2, tokenizer.model_max_length), rewritten,
+            color_map, [target_prompt] if target_prompt else [])
+        if too_long:
+            return {"ok": False, "problem": too_long[0][1]}
         if color_map:
             described = describe_color_map(rewritten, color_map)
             problem = _multi_token(record, color_map)
@@ -302,7 +321,7 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
         record = latest or versions[-1]
         done = [version for version in versions if version.get("status") == "done"]
         try:
-            slots = list(dict.fromkeys(rewrite_caption(record.get("caption") or "").slots))
+            slots = list(dict.fromkeys(_rewritten(record).slots))
         except PromptError:
             slots = []
         has_state = storage.exists(inside(layout.state_object))

@@ -425,3 +425,22 @@ def test_concurrent_processes_report_throughput(cache_dir, tmp_path):
     concurrent = json.loads(out.read_text())["concurrent"]
     assert concurrent["processes"] == 2 and len(concurrent["latency_s"]) == 2
     assert 0 < concurrent["seconds_per_image"] <= concurrent["wall_s"]
+
+
+def test_the_reduced_decode_variant_counts_fewer_stage1_flops_and_nothing_else_changes(models, smoke):
+    config = replace(smoke, stage1=replace(smoke.stage1, loss_decode_side=32))
+    gray = _gray(64, 64)
+    full = bench.count_recipe_flops(models, smoke, gray, CAPTION, "a brown dog")
+    reduced = bench.count_recipe_flops(models, config, gray, CAPTION, "a brown dog")
+    assert reduced.per_step["stage1"] < full.per_step["stage1"]
+    assert reduced.per_step["embedding"] == full.per_step["embedding"] and reduced.render == full.render
+    assert reduced.per_image < full.per_image
+    assert bench.variant_config(smoke, "reduced-decode").stage1.loss_decode_side == bench.REDUCED_DECODE_SIDE == 224
+    assert bench.variant_config(smoke, "default").stage1.loss_decode_side is None  # the default is unchanged
+
+
+def test_loop_rates_use_only_the_steps_whose_losses_were_read():
+    # Losses read every 2 steps: steps 1 and 2 report at the read of step 2 (t=1), 3 and 4 at t=2, 5 and 6 at t=3.
+    stamps = [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 3.0), (6, 3.0)]
+    assert bench._rate(stamps, 0.0, 2) == pytest.approx(2.0)  # 4 steps between the reads at 2 and 6, in 2 s
+    assert bench._rate([(1, 0.5), (2, 1.0), (3, 1.5)], 0.0, 1) == pytest.approx(2.0)

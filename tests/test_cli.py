@@ -76,7 +76,7 @@ def test_manifest_build_works_with_torch_unimportable(tmp_path):
     [
         ("stage1.steps=abc", "'stage1.steps' takes an integer, got 'abc'"),
         ("stage1.stepz=3", "unknown configuration field 'stage1.stepz'"),
-        ("render.eta=true", "'render.eta' takes a number, got True"),
+        ("render.alpha=true", "'render.alpha' takes a number, got True"),
         ("stage1=4", "'stage1' is a group of settings"),
         ("stage1.timestep_range=[100]", "'stage1.timestep_range' takes a list of 2 values"),
         ("stage1.steps", "--set expects FIELD=VALUE"),

@@ -13,7 +13,7 @@ from test_cli import _diffcolor_blocked
 from diffcolor.cli import main
 from diffcolor.common.errors import ModelNotFoundError
 from diffcolor.method.models import resolve_model_hash
-from diffcolor.tools.doctor import ModelCheckError, check_model
+from diffcolor.tools.doctor import ModelCheckError, check_model, format_report
 from diffcolor.tools.tiny import tiny_bundle_folder
 
 
@@ -227,3 +227,17 @@ def test_a_variant_file_is_noted_and_a_variant_alone_is_a_problem(bundle):
     [problem] = check_model(str(bundle)).problems
     assert problem.startswith("weights: unet/ has no diffusion_pytorch_model.safetensors, only "
                               "diffusion_pytorch_model.fp16.safetensors")
+
+
+def test_the_doctor_reports_the_working_size_and_refuses_a_caption_the_text_encoder_would_cut(cache_dir):
+    long_caption = ", ".join(["a dog near a tree and a house"] * 6) + ", and the sky"
+    report = check_model("tiny", device="cpu", probe_memory=False, hashes=False,
+                         captions=["a dog sitting on a wooden bench", long_caption])
+    text = format_report(report)
+    assert report.facts("consistency")["native_side"] == 64 and "working size 64x64 (UNet sample_size 8" in text
+    prompts = report.check("prompts")
+    assert prompts.facts["model_max_length"] == 77 and prompts.facts["identifier_rule"] == "nouns"
+    assert len(prompts.problems) == 1 and prompts.problems[0].startswith("caption 2: the caption with its identifiers is")
+    assert "would be cut off" in prompts.problems[0] and "sks" not in prompts.problems[0]
+    assert "caption 1: 11 of 77 tokens with its identifiers: a sks dog sitting on a wooden sks bench" in text
+    assert not report.ok

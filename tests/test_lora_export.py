@@ -153,7 +153,7 @@ def test_colourised_item_has_a_diffusers_lora_beside_its_state_named_with_its_sh
     # The state object (the commit point) carries the same manifest as its readable copy.
     assert read_description(read_state(item.state))["manifest"] == manifest
     usage = manifest["usage"]
-    assert usage["embedding"] == "embedding" and usage["eta"] == 0.7 and usage["denoising_steps"] == 3
+    assert usage["embedding"] == "embedding" and usage["alpha"] == 0.7 and usage["ddim_eta"] == 0.0 and usage["denoising_steps"] == 3
     # The reader checks the LoRA against its state and finds it.
     uri, checked = read_state_lora(item.state)
     assert uri == storage.join(item.state, LORA_PATH) and checked == lora
@@ -199,8 +199,8 @@ def test_diffusers_with_the_lora_reproduces_the_unet_and_the_render(models, item
 
     # 2. The final latent of the render path (render_target's steps: interpolate, encode the gray, sample)
     #    and diffusers' img2img from the same start latent with the same generator state.
-    eta = state.config["render"]["eta"]
-    embedding = eta * encode_prompts(models, [TARGET]) + (1 - eta) * state.embedding
+    alpha = state.config["render"]["alpha"]
+    embedding = alpha * encode_prompts(models, [TARGET]) + (1 - alpha) * state.embedding
     start = encode_latent(models, state.gray.expand(-1, 3, -1, -1))
     settings = _render_settings(state)
     trainable = load_trained_unet(models.unet, state.adapter_config, state.adapter, name="test_lora_export")
@@ -224,7 +224,7 @@ def test_diffusers_with_the_lora_reproduces_the_unet_and_the_render(models, item
         target, negative = pipe.encode_prompt(TARGET, "cpu", 1, True, negative_prompt="")
         gray = tensors["gray"].expand(-1, 3, -1, -1)
         latent = pipe.vae.encode(gray * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
-    rgb = pipe(prompt_embeds=eta * target + (1 - eta) * tensors["embedding"], negative_prompt_embeds=negative,
+    rgb = pipe(prompt_embeds=alpha * target + (1 - alpha) * tensors["embedding"], negative_prompt_embeds=negative,
                image=latent, generator=phase_generator(state.seed, f"render:{TARGET}"), output_type="pt",
                **settings).images
     rendered = render_target(models, state, TARGET, _stored_render_config(state), seed=state.seed)

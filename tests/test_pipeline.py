@@ -100,12 +100,12 @@ def test_recolor_renders_from_the_state_without_fine_tuning_and_keeps_versions(m
     first = json.loads((out / "result.json").read_text())
     v1_master = _sha256(out / "versions" / "v0001" / "master.tif")
 
-    assert main(["recolor", str(out), "--color-map", '{"dog": "red", "bench": "green"}', "--eta", "0.9"]) == 0
+    assert main(["recolor", str(out), "--color-map", '{"dog": "red", "bench": "green"}', "--alpha", "0.9"]) == 0
     second = json.loads((out / "result.json").read_text())
     assert second["version"] == 2 and second["finetune_steps_run"] == 0 and second["status"] == "done"
     # People read the caption with the colours; the model was given c' with colours in the identifier slots.
-    assert second["target_prompt"] == "a red dog sitting on a wooden green bench" and second["eta"] == 0.9
-    assert second["model_prompt"] == "a red dog sks sitting on a sks wooden green bench"
+    assert second["target_prompt"] == "a red dog sitting on a wooden green bench" and second["alpha"] == 0.9
+    assert second["model_prompt"] == "a red dog sitting on a wooden green bench"
     assert second["prompt_alignment"] == "color_map" and second["prompt_warning"] is None
     assert second["previous_version"] == 1
     # The previous version is kept, byte for byte, with its record.

@@ -150,8 +150,8 @@ def test_planning_streams_and_submission_is_windowed(monkeypatch):
 
 
 def test_overrides_change_nested_fields_and_name_unknown_ones():
-    config = apply_overrides(get_preset("smoke"), {"stage1.steps": 40, "stage1.checkpoints.every": 4, "render.eta": 0.5})
-    assert config.stage1.steps == 40 and config.stage1.checkpoints.every == 4 and config.render.eta == 0.5
+    config = apply_overrides(get_preset("smoke"), {"stage1.steps": 40, "stage1.checkpoints.every": 4, "render.alpha": 0.5})
+    assert config.stage1.steps == 40 and config.stage1.checkpoints.every == 4 and config.render.alpha == 0.5
     assert get_preset("smoke").stage1.steps == 4  # presets are not modified
     with pytest.raises(ValueError, match="'stage1.nope'"):
         apply_overrides(config, {"stage1.nope": 1})

@@ -6,7 +6,9 @@ Excluded by default. On a GPU host with weights (docs/REAL_WEIGHTS.md)::
 
 ``DIFFCOLOR_SD_MODEL`` is a diffusers-layout folder or a hub id in the local
 cache; ``DIFFCOLOR_CLIP_MODEL`` optionally names the CLIP (default: the
-bundle's ``clip/`` or openai/clip-vit-large-patch14). Selected without them,
+bundle's ``clip/`` or openai/clip-vit-large-patch14); ``DIFFCOLOR_SET`` optionally
+overrides preset fields, ``FIELD=VALUE`` separated by spaces (``--set``'s form), e.g.
+``stage1.loss_decode_side=224`` to compare the reduced stage-1 decode. Selected without them,
 the tests fail saying what is missing: a check that was asked for is never
 skipped silently.
 
@@ -21,6 +23,7 @@ colours.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,7 +36,7 @@ from diffcolor.archive.manifest import read_items
 from diffcolor.archive.states import read_state
 from diffcolor.method.diffusion import clip_score
 from diffcolor.method.metrics import colorfulness
-from diffcolor.method.presets import get_preset
+from diffcolor.method.presets import apply_overrides, get_preset
 from diffcolor.method.state import state_from_bytes
 from diffcolor.pipeline import colorize_item
 
@@ -66,7 +69,9 @@ def real_models(cache_dir):
 def test_a_real_colourisation_has_colour_keeps_lightness_and_follows_its_target(real_models, tmp_path, item_id):
     request = next(read_items(str(DEMO_MANIFEST), items={item_id}))
     out = str(tmp_path / item_id)
-    records = colorize_item(real_models, request, out, get_preset("default"))
+    overrides = dict(pair.split("=", 1) for pair in os.environ.get("DIFFCOLOR_SET", "").split())
+    config = apply_overrides(get_preset("default"), {key: json.loads(value) for key, value in overrides.items()})
+    records = colorize_item(real_models, request, out, config)
     layout = ItemLayout(out)
     state = state_from_bytes(read_state(layout.state), layout.state_object)
 

@@ -246,3 +246,96 @@ def test_the_doctor_passes_each_reduced_bundle_and_names_its_scheduler(bundles, 
     scheduler = report.facts("scheduler")
     assert scheduler["prediction_type"] == PREDICTION[name] and scheduler["clip_sample"] is False
     assert "random weights: outputs will be labelled smoke runs" in format_report(report)
+
+
+# Ready for real weights, part two: native size, step counts, prompt lengths, on each published config.
+
+NATIVE_SIDE = {"sd15": 512, "sd21-base": 512, "sd21": 768}  # UNet sample_size (64, 64, 96) x the VAE factor 8
+
+
+class _Fitted(Exception):
+    """Raised in place of the fit: the pipeline got as far as stage 1 with this gray image."""
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_bundle_works_at_its_native_size_counts_steps_as_diffusers_and_refuses_cut_prompts(
+        bundles, name, smoke, tmp_path, monkeypatch):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    import diffcolor.pipeline as pipeline
+    from diffcolor.common.captions import prompt_length_problems, rewrite_caption
+    from diffcolor.method.diffusion import denoising_steps, sample_from
+    from diffcolor.method.models import prompt_limit
+    from diffcolor.method.presets import get_preset
+    from diffcolor.tools.doctor import check_model
+
+    models = load_models(str(bundles(name)))
+    # 1. The working size comes from the model: UNet sample_size x VAE factor; the doctor reports the same.
+    assert models.native_side == NATIVE_SIDE[name] == _published(name, "unet/config.json")["sample_size"] * 8
+    assert models.working_pixels(get_preset("default").model_pixels) == NATIVE_SIDE[name] ** 2
+    assert models.working_pixels(smoke.model_pixels) == 64 * 64  # a preset that sets it wins
+    consistency = check_model(str(bundles(name)), device="cpu", probe_memory=False, hashes=False).facts("consistency")
+    assert consistency["native_side"] == NATIVE_SIDE[name]
+    # ...and the pipeline resizes the gray image to it (aspect kept, sides multiples of 8) before stage 1.
+    seen = {}
+
+    def fitted(_models, gray, *args, **kwargs):
+        seen["shape"] = tuple(gray.shape[-2:])
+        raise _Fitted
+
+    monkeypatch.setattr(pipeline, "fit_color_prior", fitted)
+    source = tmp_path / "gray.png"
+    Image.fromarray(np.round(gray_scene(48, 64) * 255).astype(np.uint8), mode="L").save(source)
+    native = replace(smoke, model_pixels=None)
+    with pytest.raises(_Fitted):
+        colorize_item(models, ItemRequest(item_id="size", source_uri=str(source), caption=CAPTION), str(tmp_path / "o"),
+                      native)
+    height, width = seen["shape"]
+    assert height % 8 == width % 8 == 0 and abs(height * width / NATIVE_SIDE[name] ** 2 - 1) < 0.03
+    assert abs(width / height - 64 / 48) < 0.02
+
+    # 2. Img2img step counts as diffusers' get_timesteps: the DDIM steps sample_from runs are diffusers' own.
+    ran = []
+    step = DDIMScheduler.step
+    monkeypatch.setattr(DDIMScheduler, "step", lambda self, output, t, *a, **k: (ran.append(int(t)),
+                                                                                  step(self, output, t, *a, **k))[1])
+    latent = torch.zeros(1, 4, 4, 4)
+    condition = torch.zeros(1, 77, models.text_encoder.config.hidden_size)
+    for steps, strength in ((10, 0.75), (4, 0.6), (30, 0.29), (50, 0.8), (7, 1.0)):
+        ran.clear()
+        sample_from(models, models.unet, latent, strength=strength, steps=steps, guidance=1.0, condition=condition,
+                    generator=torch.Generator().manual_seed(0))
+        theirs = build_sampling_scheduler(models.scheduler_config)
+        theirs.set_timesteps(steps)
+        timesteps, count = StableDiffusionImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=theirs), steps,
+                                                                         strength, "cpu")
+        assert ran == [int(t) for t in timesteps] and denoising_steps(steps, strength) == count
+    with pytest.raises(ValueError, match="run no denoising step"):
+        denoising_steps(3, 0.3)
+
+    # 3. Prompts: the bundle's tokenizer length, and a rewritten caption past it refused naming the lost words.
+    limit = prompt_limit(models.tokenizer)
+    assert limit.model_max_length == 77 and limit.limit == 75
+    long_caption = ", ".join(["a dog near a tree and a house"] * 6) + ", and the sky"
+    problems = dict(prompt_length_problems(limit, rewrite_caption(long_caption), {"sky": "blue"}))
+    assert "'blue' (for 'sky')" in problems["color_map"] and "would be cut off" in problems["caption"]
+
+
+@pytest.mark.slow
+def test_the_sd21_bundle_colourises_a_smoke_item_at_its_native_768(bundles, smoke, tmp_path):
+    from dataclasses import replace
+
+    models = load_models(str(bundles("sd21")))
+    source = tmp_path / "gray.png"
+    gray = np.round(gray_scene(48, 64) * 255).astype(np.uint8)
+    Image.fromarray(gray, mode="L").save(source)
+    config = replace(smoke, model_pixels=None, stage1=replace(smoke.stage1, steps=1, primary_steps=2),
+                     stage2=replace(smoke.stage2, embed_steps=1, finetune_steps=1), render=replace(smoke.render, steps=2))
+    request = ItemRequest(item_id="native", source_uri=str(source), caption=CAPTION, color_map={"dog": "brown"})
+    [record] = colorize_item(models, request, str(tmp_path / "out"), config, preset="smoke")
+    assert record["status"] == "done" and record["max_delta_l"] <= 1.0
+    state = tifffile.imread(record["outputs"]["master"])
+    assert state.shape[:2] == gray.shape

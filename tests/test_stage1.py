@@ -109,3 +109,89 @@ def test_lora_adapter_is_the_only_trainable_part(models):
     finally:
         trainable.release()
     assert not any(p.requires_grad for p in models.unet.parameters())
+
+
+def test_losses_read_every_n_steps_give_the_same_fit_progress_and_checkpoints(models, smoke, tmp_path, monkeypatch):
+    """Reading the losses every 4 steps (one device sync per 4) changes nothing a fit produces, on a CPU."""
+    from dataclasses import replace
+
+    import diffcolor.method.training as training
+    from diffcolor.archive.items import CheckpointFolder
+
+    reads = []
+    real_read = training._read_losses
+    monkeypatch.setattr(training, "_read_losses", lambda pending, *rest: (reads.append(len(pending)),
+                                                                            real_read(pending, *rest)))
+    runs = {}
+    for every in (1, 4):
+        config = replace(smoke.stage1, steps=10, checkpoints=training.CheckpointPolicy(every=6, keep=5),
+                         performance=replace(smoke.stage1.performance, loss_every=every))
+        seen = []
+        folder = CheckpointFolder(str(tmp_path / f"every-{every}"))
+        reads.clear()
+        result = fit_color_prior(models, _gray(), "a dog on a bench", config, seed=3, checkpoints=folder,
+                                 progress=lambda step, record: seen.append((step, record)))
+        runs[every] = (result, seen, {name: folder.read(name) for name in folder.names()}, list(reads))
+    (one, seen_one, saved_one, reads_one), (four, seen_four, saved_four, reads_four) = runs[1], runs[4]
+    # Read at steps 4, 6 (a checkpoint: its history is complete), 8 and 10 (the last), not at every step.
+    assert reads_one == [1] * 10 and reads_four == [4, 2, 2, 2]
+    assert torch.equal(one.primary, four.primary)
+    assert one.loop.history == four.loop.history and len(four.loop.history) == 10
+    assert seen_one == seen_four and [step for step, _ in seen_four] == list(range(1, 11))
+    assert saved_one.keys() == saved_four.keys() == {"step-00000006.safetensors", "step-00000010.safetensors"}
+    for name in saved_one:  # same tensors, optimiser state, RNG state and history (the fingerprint names the config)
+        from safetensors.torch import load as load_tensors
+
+        from diffcolor.common.tensorfiles import read_description
+
+        a, b = load_tensors(saved_one[name]), load_tensors(saved_four[name])
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+        assert read_description(saved_one[name])["history"] == read_description(saved_four[name])["history"]
+
+
+def test_loss_every_must_be_a_positive_integer():
+    from diffcolor.method.training import run_resumable_loop
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="loss_every must be a positive integer"):
+            run_resumable_loop(steps=1, step_fn=lambda _: {"total": weight.sum()}, parameters={"w": weight},
+                               optimizer=torch.optim.SGD([weight], lr=0.1), generator=torch.Generator(),
+                               checkpoints=None, fingerprint="x", loss_every=bad)
+
+
+def test_the_reduced_loss_decode_decodes_smaller_and_changes_nothing_when_off(models, smoke, monkeypatch):
+    """stage1.loss_decode_side: the losses decode the x0 estimate at about that side; None or a side at or above
+    the working size decode it as before, bit for bit."""
+    from dataclasses import replace
+
+    import diffcolor.method.stage1 as stage1
+    from diffcolor.method.stage1 import loss_latent
+
+    latent = torch.randn(1, 4, 8, 6)
+    assert loss_latent(latent, None, 8) is latent and loss_latent(latent, 48, 8) is latent  # 48 px = 6 cells: as is
+    assert loss_latent(latent, 24, 8).shape[-2:] == (4, 3)  # short side 3 cells = 24 px, aspect kept
+
+    decoded_sizes = []
+    real_decode = stage1.decode_latent
+    monkeypatch.setattr(stage1, "decode_latent", lambda m, x: (decoded_sizes.append(tuple(x.shape[-2:])),
+                                                               real_decode(m, x))[1])
+    gray = _gray(64, 48)
+    noise, timesteps = draw_noise_and_timesteps(torch.zeros(1, 4, 8, 6), (300, 400), torch.Generator().manual_seed(0))
+    losses = {}
+    for side in (None, 64, 24):
+        config = replace(smoke.stage1, loss_decode_side=side)
+        inputs = prepare_inputs(models, gray, "a dog on a bench", config)
+        trainable = make_trainable_unet(models.unet, config.adapter, name="test_decode",
+                                        generator=torch.Generator().manual_seed(1))
+        try:
+            result = stage1_losses(models, trainable.unet, inputs, noise, timesteps, config)
+            result["total"].backward()  # differentiable through the resize
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.parameters.values())
+            losses[side] = {key: float(value.detach()) for key, value in result.items()}
+        finally:
+            trainable.release()
+    assert decoded_sizes == [(8, 6), (8, 6), (4, 3)]
+    assert losses[None] == losses[64] and losses[24] != losses[None]
+    with pytest.raises(ValueError, match="loss_decode_side must be null or a whole number of pixels"):
+        fit_color_prior(models, gray, "a dog", replace(smoke.stage1, loss_decode_side=4), seed=0)

@@ -110,7 +110,7 @@ def signing_from_environment(environ: dict | None = None) -> Signing | None:
 def _manifest(record: dict, mime: str) -> dict:
     prompt = record.get("target_prompt") or record.get("caption")
     assertion = {key: record.get(key) for key in ("item_id", "version", "model_id", "model_hash", "clip_model_id",
-                                                   "seed", "eta", "preset", "source_sha256", "smoke_run")
+                                                   "seed", "alpha", "preset", "source_sha256", "smoke_run")
                  if record.get(key) is not None}
     assertion.update(prompt=prompt, software="DiffColor Archive", software_version=__version__)
     edited = {"action": "c2pa.edited", "digitalSourceType": DIGITAL_SOURCE_TYPE,

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
 from diffcolor.archive.outside import is_http
-from diffcolor.common.captions import build_target_prompt, rewrite_caption
+from diffcolor.common.captions import PromptLimit, build_target_prompt, prompt_length_problems, rewrite_caption
 from diffcolor.common.errors import (
     InputUnavailableError,
     PermanentError,
@@ -279,8 +279,9 @@ def _color_map_pairs(value: Any, kind: str) -> list[tuple[Any, Any]] | str:
 class _RowChecker:
     """The row-level checks, fed batch by batch; holds the ids seen so far (casefolded -> row)."""
 
-    def __init__(self, checkable: set[str], schema: pa.Schema, problems: Problems):
+    def __init__(self, checkable: set[str], schema: pa.Schema, problems: Problems, limit: PromptLimit | None = None):
         self.checkable = checkable
+        self.limit = limit
         self.color_map_kind = _color_map_kind(schema.field("color_map").type) if "color_map" in checkable else None
         self.problems = problems
         self.ids: dict[str, int] = {}
@@ -331,6 +332,15 @@ class _RowChecker:
             # 5. color_map: well-formed, non-empty words and colours, keys that are content words of the caption.
             if "color_map" in columns and columns["color_map"][index] is not None:
                 self._check_color_map(row, columns["color_map"][index], caption)
+            # 5b. with the model's tokenizer: every model prompt fits the text encoder (nothing cut off silently).
+            if self.limit is not None and caption is not None:
+                color_map = columns["color_map"][index] if "color_map" in columns else None
+                pairs = _color_map_pairs(color_map, self.color_map_kind) if color_map is not None else []
+                targets = [t.strip() for t in (columns["target_prompts"][index] if "target_prompts" in columns else None)
+                           or () if t and t.strip()]
+                mapping = {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, str)} if isinstance(pairs, list) else {}
+                for column, problem in prompt_length_problems(self.limit, caption, mapping, targets):
+                    add(row, column, problem)
             # 6. seed: null (the default) or 0 .. 2**63-1.
             if "seed" in columns:
                 seed = columns["seed"][index]
@@ -408,11 +418,12 @@ def _column_values(batch: pa.RecordBatch, name: str) -> list:
     return batch.column(batch.schema.get_field_index(name)).to_pylist()
 
 
-def _validate(schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> tuple[list[ManifestProblem], dict[str, int]]:
+def _validate(schema: pa.Schema, batches: Iterable[pa.RecordBatch],
+              limit: PromptLimit | None = None) -> tuple[list[ManifestProblem], dict[str, int]]:
     """Every problem of a manifest given as its schema and record batches; also the ids seen."""
     problems = Problems()
     checkable = _check_schema(schema, problems)
-    checker = _RowChecker(checkable, schema, problems)
+    checker = _RowChecker(checkable, schema, problems, limit)
     texts = text_columns(schema)
     first_row = 1
     for batch in batches:
@@ -466,7 +477,7 @@ def count_rows(uri: str) -> int:
         return parquet.metadata.num_rows
 
 
-def validate_manifest(uri: str, *, batch_size: int = 65_536) -> list[ManifestProblem]:
+def validate_manifest(uri: str, *, batch_size: int = 65_536, prompt_limit: PromptLimit | None = None) -> list[ManifestProblem]:
     """Every problem of the manifest at ``uri`` (empty when valid), streaming it in record batches.
 
     Checks: required columns present; each known column's type; item_id
@@ -477,22 +488,25 @@ def validate_manifest(uri: str, *, batch_size: int = 65_536) -> list[ManifestPro
     seed null or in 0..2**63-1; ground_truth_uri null or non-empty; no
     credentials in image_uri or ground_truth_uri; no control (but tab and
     newlines) or bidi formatting character in any text column, catalogue
-    fields included (:mod:`diffcolor.common.text`). At most
+    fields included (:mod:`diffcolor.common.text`). With
+    ``prompt_limit`` (the model's tokenizer, :func:`diffcolor.method.diffusion.prompt_limit`)
+    also that each row's model prompts fit its text encoder
+    (:func:`~diffcolor.common.captions.prompt_length_problems`). At most
     1000 problems are listed, then one "... and N more problems".
     Raises InputUnavailableError when the file is missing.
     """
     try:
-        return _scan(uri, batch_size)[0]
+        return _scan(uri, batch_size, prompt_limit)[0]
     except ManifestError as error:  # not a Parquet file, or a corrupt one
         return error.problems
 
 
-def _scan(uri: str, batch_size: int) -> tuple[list[ManifestProblem], dict[str, int]]:
+def _scan(uri: str, batch_size: int, limit: PromptLimit | None = None) -> tuple[list[ManifestProblem], dict[str, int]]:
     with _open_parquet(uri) as parquet:
         schema = parquet.schema_arrow
         checked = [name for name in KNOWN_COLUMNS if schema.names.count(name) == 1]
         checked += [name for name in text_columns(schema) if name not in checked]
-        return _validate(schema, _batches(parquet, uri, batch_size, checked))
+        return _validate(schema, _batches(parquet, uri, batch_size, checked), limit)
 
 
 def validate_table(table: pa.Table) -> list[ManifestProblem]:

@@ -21,12 +21,26 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffcolor.common.pixels import describe
-from diffcolor.method.models import Models
+from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import frozen_weights_context
 
 
+def check_prompt_fits(models: Models, text: str, what: str, *, clip: bool = False, hide: str | None = None) -> None:
+    """Raises PromptError, naming the words that would be cut off, when ``text`` is longer than the SD text encoder
+    reads (and, with ``clip``, than CLIP's text model reads): nothing is ever truncated silently.
+
+    ``hide`` (the identifier) is left out of the words named."""
+    prompt_limit(models.tokenizer).check(text, what, hide)
+    if clip:
+        prompt_limit(models.clip_tokenizer).check(text, f"{what} (for CLIP)")
+
+
 def tokenize(models: Models, prompts: list[str]) -> torch.Tensor:
-    """Token ids of ``prompts`` padded to the text encoder's length (77 for SD)."""
+    """Token ids of ``prompts`` padded to the text encoder's length (77 for SD).
+
+    Truncation here only ever cuts padding: every prompt that reaches it was
+    checked with :func:`check_prompt_fits`.
+    """
     return models.tokenizer(
         prompts, padding="max_length", max_length=models.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
@@ -191,8 +205,18 @@ def clip_score(models: Models, rgb: torch.Tensor, prompt: str) -> float:
 
 
 def denoising_steps(steps: int, strength: float) -> int:
-    """How many of ``steps`` DDIM steps an img2img sample at ``strength`` runs (at least one)."""
-    return max(1, min(steps, int(round(steps * strength))))
+    """How many of ``steps`` DDIM steps an img2img sample at ``strength`` runs: ``int(steps * strength)``.
+
+    As diffusers' img2img pipelines count them (``get_timesteps``: the product
+    truncated, at most ``steps``), so a state's recorded settings run the same
+    steps in diffusers. Raises ValueError when that is no step at all
+    (diffusers refuses it too), naming both values.
+    """
+    count = min(int(steps * strength), steps)
+    if count < 1:
+        raise ValueError(f"{steps} steps at strength {strength} run no denoising step (int(steps * strength) = "
+                         f"{count}); raise the steps or the strength")
+    return count
 
 
 @torch.no_grad()

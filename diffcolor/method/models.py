@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from diffcolor.common.captions import PromptLimit
 from diffcolor.common.errors import ModelNotFoundError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # ours: CLIP ViT-L/14, the family of SD 1.x's text encoder
@@ -68,6 +69,18 @@ class Models:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def native_side(self) -> int:
+        """The side, in pixels, the UNet was trained at: its ``sample_size`` (latent cells) x the VAE factor.
+
+        512 for SD 1.x and 2.x-base, 768 for SD 2.x (768-v, ``sample_size`` 96).
+        """
+        return native_side(self.unet.config.sample_size, self.vae_scale_factor)
+
+    def working_pixels(self, configured: int | None) -> int:
+        """The pixel count the model sees: ``configured`` (a preset's ``model_pixels``), else the native side squared."""
+        return int(configured) if configured else self.native_side ** 2
+
+    @property
     def provenance(self) -> dict:
         """Model ids and hashes as they go into result records and image metadata."""
         return {
@@ -78,6 +91,13 @@ class Models:
             "random_weights": self.random_weights,
             "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
         }
+
+
+def native_side(sample_size, vae_scale_factor: int) -> int:
+    """A UNet's training side in pixels from its config's ``sample_size`` (an int, or [h, w]: the larger)."""
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = max(sample_size)
+    return int(sample_size) * int(vae_scale_factor)
 
 
 def resolve_folder(name: str, *, revision: str | None, allow_download: bool, what: str, check: str) -> Path:
@@ -200,6 +220,27 @@ def resolve_model_hash(model: str, *, clip: str | None = None, revision: str | N
     """
     folder, _, clip_folder = resolve_bundle(model, clip, revision, clip_revision, allow_download)
     return _hash_bundle(folder, clip_folder)[1]
+
+
+def prompt_limit(tokenizer) -> PromptLimit:
+    """The :class:`~diffcolor.common.captions.PromptLimit` of a CLIP tokenizer: its BPE pieces, 2 fewer than its length."""
+    # Measuring a long prompt is the point here: transformers' warning that it is longer than the model reads is not.
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return PromptLimit(tokenize=tokenizer.tokenize, limit=int(tokenizer.model_max_length) - 2,
+                       model_max_length=int(tokenizer.model_max_length))
+
+
+def load_prompt_limit(model: str, *, revision: str | None = None, allow_download: bool = False):
+    """The :class:`~diffcolor.common.captions.PromptLimit` of ``model``'s tokenizer, loading no weights.
+
+    What ``manifest validate --model`` and the doctor check prompts with;
+    raises :class:`ModelNotFoundError` as :func:`load_models` would.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model",
+                            check="tokenizer")
+    return prompt_limit(CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"))
 
 
 def load_models(

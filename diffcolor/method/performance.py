@@ -52,12 +52,14 @@ class PerformanceConfig:
     channels_last: bool | None = None  # UNet and VAE convolutions in NHWC (faster cuDNN kernels); None: on CUDA
     compile_mode: str | None = None  # torch.compile mode for the trained UNet ("default", "max-autotune-no-cudagraphs",
     #                                  "reduce-overhead"); None: eager. Off by default: see docs/PERFORMANCE.md
+    loss_every: int = 10  # read the losses to the host every N steps (one device sync per N; same results)
 
 
 # The naive baseline of spec section 8: fp32, everything re-encoded every step, no fused kernels.
 # (The full fine-tune half of the baseline is the stage's AdapterConfig(mode="full").)
 NAIVE = PerformanceConfig(
-    autocast="off", cache_latents=False, cache_text=False, fused_optimizer=False, channels_last=False, compile_mode=None
+    autocast="off", cache_latents=False, cache_text=False, fused_optimizer=False, channels_last=False, compile_mode=None,
+    loss_every=1,
 )
 
 

@@ -3,7 +3,9 @@
 ``smoke`` runs in seconds on a CPU with the tiny bundle (tests, CI, smoke runs);
 ``default`` is a sensible production recipe; ``paper-scale`` is recipe R of spec
 section 8 (stage 1 500 iterations, embedding 500 steps, fine-tune 1000 steps,
-50 DDIM render steps) at 512x512.
+50 DDIM render steps). Both work at the model's native size (its UNet's
+``sample_size`` x the VAE factor: 512x512 for SD 1.x and 2.x-base, 768x768 for
+SD 2.x 768-v), aspect kept; ``smoke`` sets 64x64.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, replace
 
 from diffcolor.method.align import AlignConfig
@@ -29,7 +32,9 @@ ACCESS_FORMATS = ("JPEG", "JPG", "PNG", "WEBP")
 class PipelineConfig:
     """Everything that decides an item's pixels (it is part of the item's cache key)."""
 
-    model_pixels: int = 512 * 512  # spec: the model sees about 512x512, aspect kept
+    # spec: the model sees about its training size, aspect kept. None: the model's native side squared
+    # (Models.working_pixels: UNet sample_size x VAE factor, 512 for SD 1.x and 2.x-base, 768 for SD 2.x 768-v).
+    model_pixels: int | None = None
     stage1: Stage1Config = field(default_factory=Stage1Config)
     align: AlignConfig = field(default_factory=AlignConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
@@ -52,6 +57,10 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
+        """The configuration of ``to_dict`` output, also of configurations stored under a field's former name."""
+        render = data.get("render")
+        if isinstance(render, dict) and "eta" in render and "alpha" not in render:  # stored before the rename
+            data = dict(data, render={("alpha" if key == "eta" else key): value for key, value in render.items()})
         return _from_dict(cls, data)
 
 
@@ -92,16 +101,25 @@ PRESETS: dict[str, PipelineConfig] = {
 }
 
 
+# Former names of fields, still accepted by apply_overrides with a FutureWarning (shown by default).
+RENAMED_FIELDS = {"render.eta": "render.alpha"}
+
+
 def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> PipelineConfig:
-    """``config`` with dotted fields replaced, e.g. ``{"stage1.steps": 200, "render.eta": 0.8}``.
+    """``config`` with dotted fields replaced, e.g. ``{"stage1.steps": 200, "render.alpha": 0.8}``.
 
     Each value is checked against the field's declared type (an integer
     field takes an integer, a float field a number, a ``tuple[int, int]`` a
     list of two integers, an optional field also ``None``) and converted to it.
     Raises ValueError naming an unknown field, a field that is a whole group
     (``stage1``: set its fields instead), or a value of the wrong type.
+    A field's former name (:data:`RENAMED_FIELDS`) sets the field, with a
+    FutureWarning naming the new one.
     """
     for dotted, value in overrides.items():
+        if dotted in RENAMED_FIELDS:
+            warnings.warn(f"{dotted!r} is deprecated; it is now {RENAMED_FIELDS[dotted]!r}", FutureWarning, stacklevel=2)
+            dotted = RENAMED_FIELDS[dotted]
         path = dotted.split(".")
         parents = [config]
         for name in path[:-1]:

@@ -1,6 +1,8 @@
 """Render a target prompt from a stored colour state, with no fine-tuning.
 
-``e = eta * e_tgt + (1 - eta) * e_opt`` (the paper's embedding interpolation),
+``e = alpha * e_tgt + (1 - alpha) * e_opt`` (the paper's embedding interpolation;
+Imagic calls its weight eta, a name this code keeps for DDIM's own eta, which is 0:
+the sampler is deterministic),
 then DDIM sampling with classifier-free guidance from the gray latent noised to
 ``strength``, with the UNet carrying the item's stage-2 adapter, and alignment
 of the result to the gray image.
@@ -37,7 +39,9 @@ from diffcolor.common.captions import (
 from diffcolor.common.errors import PromptError, StateError
 from diffcolor.method.align import AlignConfig, Alignment, align_chroma
 from diffcolor.method.diffusion import (
+    check_prompt_fits,
     decode_latent,
+    denoising_steps,
     encode_latent,
     encode_prompts,
     sample_from,
@@ -53,9 +57,9 @@ from diffcolor.method.stage2 import check_token_alignment
 from diffcolor.method.state import ColorState
 from diffcolor.method.training import load_trained_unet, phase_generator
 
-# ours: the range of eta a render accepts. Above 1 the embedding extrapolates past the target's, as Imagic
+# ours: the range of alpha a render accepts. Above 1 the embedding extrapolates past the target's, as Imagic
 # allows (diffusers' Imagic pipeline defaults to 1.2 on SD); beyond 1.5 renders leave the photograph.
-ETA_RANGE = (0.0, 1.5)
+ALPHA_RANGE = (0.0, 1.5)
 # How a render's prompt lines up with the rewritten caption (Target.alignment; "caption": the primary colourisation).
 ALIGNMENTS = ("color_map", "aligned", "unaligned", "caption")
 
@@ -64,7 +68,7 @@ ALIGNMENTS = ("color_map", "aligned", "unaligned", "caption")
 class RenderConfig:
     """Render hyper-parameters."""
 
-    eta: float = 0.7  # paper: interpolation weight of e_tgt; the value is ours; ETA_RANGE above 1 extrapolates
+    alpha: float = 0.7  # paper: interpolation weight of e_tgt (Imagic's eta); the value is ours; above 1 extrapolates
     steps: int = 50  # recipe R: 50 DDIM steps
     guidance: float = 7.5  # ours: SD's usual classifier-free guidance
     strength: float = 0.8  # ours: how far the gray latent is noised before sampling
@@ -73,7 +77,8 @@ class RenderConfig:
     channels_last: bool | None = None  # UNet/VAE convolutions in NHWC; None: on CUDA only
 
     def __post_init__(self) -> None:
-        check_eta(self.eta)
+        check_alpha(self.alpha)
+        denoising_steps(self.steps, self.strength)  # at least one step, as diffusers counts them
 
 
 @dataclass
@@ -95,11 +100,11 @@ class Target:
     warning: str | None = None  # why a free prompt could not be aligned
 
 
-def check_eta(eta: float) -> None:
-    """Raises ValueError unless ``eta`` lies in :data:`ETA_RANGE`."""
-    low, high = ETA_RANGE
-    if not low <= eta <= high:
-        raise ValueError(f"eta must be in [{low}, {high}] (above 1 extrapolates past the target), got {eta}")
+def check_alpha(alpha: float) -> None:
+    """Raises ValueError unless ``alpha`` lies in :data:`ALPHA_RANGE`."""
+    low, high = ALPHA_RANGE
+    if not low <= alpha <= high:
+        raise ValueError(f"alpha must be in [{low}, {high}] (above 1 extrapolates past the target), got {alpha}")
 
 
 def resolve_target(models: Models, state: ColorState, target: str | None, color_map: dict[str, str] | None) -> Target:
@@ -122,6 +127,7 @@ def resolve_target(models: Models, state: ColorState, target: str | None, color_
         prompt = slot_prompt(state.rewritten, prompt_slots(state.rewritten, target))
         check_token_alignment(models, state.rewritten, prompt)
     except PromptError as why:
+        check_prompt_fits(models, target, "the target prompt")  # rendered as written: it must fit as written
         return Target(target, target, "unaligned", warning=(
             f"target prompt {target!r} does not line up with the caption {state.rewritten.caption!r} ({why}): it is "
             "interpolated as written, position by position, so its colours may not land on the words they name; "
@@ -141,20 +147,20 @@ def render_target(
 ) -> Render:
     """Renders the model's prompt ``target_prompt`` (a :class:`Target`'s ``model_prompt``) from ``state``.
 
-    Raises StateError for a state of other models, ValueError for an eta
-    outside :data:`ETA_RANGE`.
+    Raises StateError for a state of other models, ValueError for an alpha
+    outside :data:`ALPHA_RANGE`.
     """
     # 1. Check that the state belongs to the loaded models.
     if state.model_hash != models.model_hash:
         raise StateError("the colour state was made with other model weights (model hash differs)")
-    check_eta(config.eta)
+    check_alpha(config.alpha)
     performance = PerformanceConfig(autocast=config.autocast, channels_last=config.channels_last)
     check_performance(performance, models)
     apply_memory_format([models.unet, models.vae], performance, models.device)
 
     # 2. Interpolate the target's embedding with the optimised one.
     target = encode_prompts(models, [target_prompt])
-    embedding = config.eta * target + (1.0 - config.eta) * state.embedding.to(target.device, target.dtype)
+    embedding = config.alpha * target + (1.0 - config.alpha) * state.embedding.to(target.device, target.dtype)
 
     # 3. Sample with the item's adapter from the noised gray latent.
     trainable = load_trained_unet(models.unet, state.adapter_config, state.adapter, name="diffcolor_render")

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from diffcolor.common.errors import PromptError
 from diffcolor.method.color import gray_lightness, lightness
 from diffcolor.method.diffusion import (
+    check_prompt_fits,
     clip_image_features,
     clip_text_features,
     decode_latent,
+    denoising_steps,
     denoising_target,
     draw_noise_and_timesteps,
     encode_latent,
@@ -85,6 +87,10 @@ class Stage1Config:
     primary_strength: float = 0.6  # ours: how far z_g is noised before sampling x_pri
     primary_steps: int = 30  # ours: DDIM steps for x_pri
     primary_guidance: float = 5.0  # ours: classifier-free guidance for x_pri
+    # ours: decode the loop's x0 estimate for L_con and L_lum at about this short side (pixels), its latent resized
+    # (antialiased) first; CLIP sees 224 px, and the VAE decode at 512 px is ~40 % of an SD 1.5 image's FLOPs.
+    # None: decode at the working size. Off until a GPU run with real weights compares the two (docs/REAL_WEIGHTS.md).
+    loss_decode_side: int | None = None
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)  # ours: speed only; CPU defaults = plain fp32
 
@@ -119,8 +125,15 @@ def check_inputs(models: Models, gray: torch.Tensor, caption: str, config: Stage
         raise ValueError(f"gray must be (1, 1, h, w), got {tuple(gray.shape)}")
     if not caption or not caption.strip():
         raise PromptError("the caption is empty: stage 1 needs a context prompt")
+    check_prompt_fits(models, caption, "the caption", clip=True)
     if not config.anti_prompts:
         raise ValueError("anti_prompts is empty: L_con needs at least one negative prompt")
+    for number, prompt in enumerate(config.anti_prompts, start=1):
+        check_prompt_fits(models, prompt, f"anti-colour prompt {number}", clip=True)
+    denoising_steps(config.primary_steps, config.primary_strength)  # at least one step, as diffusers counts them
+    side = config.loss_decode_side
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
+        raise ValueError(f"loss_decode_side must be null or a whole number of pixels of at least 8, got {side!r}")
     low, high = config.timestep_range
     if not 0 <= low < high <= 1000:
         raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1000, got {config.timestep_range}")
@@ -166,12 +179,34 @@ def stage1_losses(models: Models, unet: torch.nn.Module, inputs: Stage1Inputs, n
     noisy = scheduler.add_noise(inputs.latent, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=inputs.condition).sample
     # .float(): under autocast the decoder returns bf16; the colour maths and losses stay fp32 (a no-op in fp32).
-    decoded = decode_latent(models, predicted_x0(scheduler, noisy, timesteps, prediction)).float()
+    x0 = loss_latent(predicted_x0(scheduler, noisy, timesteps, prediction), config.loss_decode_side,
+                     models.vae_scale_factor)
+    decoded = decode_latent(models, x0).float()
     con = contrastive_loss(clip_image_features(models, decoded), inputs.clip_text, config.temperature)
-    lum = (lightness(decoded) / 100.0 - inputs.gray_l).abs().mean()
+    gray_l = inputs.gray_l
+    if gray_l.shape[-2:] != decoded.shape[-2:]:  # the reduced decode: G's L* at its size
+        gray_l = F.interpolate(gray_l, size=decoded.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+    lum = (lightness(decoded) / 100.0 - gray_l).abs().mean()
     diff = F.mse_loss(prediction.float(), denoising_target(scheduler, inputs.latent, noise, timesteps).float())
     total = config.w_con * con + config.l_lum * lum + config.l_diff * diff
     return {"total": total, "con": con, "lum": lum, "diff": diff}
+
+
+def loss_latent(latent: torch.Tensor, side: int | None, vae_scale_factor: int) -> torch.Tensor:
+    """The latent the losses decode: ``latent`` itself, or resized so its decode's short side is about ``side`` pixels.
+
+    Only ever smaller (a ``side`` at or above the working size changes
+    nothing); aspect kept; bilinear with antialiasing, differentiable.
+    """
+    if side is None:
+        return latent
+    height, width = latent.shape[-2:]
+    cells = max(1, round(side / vae_scale_factor))
+    if cells >= min(height, width):
+        return latent
+    scale = cells / min(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(latent, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
 def stage1_step(models: Models, unet: torch.nn.Module, inputs: Stage1Inputs, gray: torch.Tensor, caption: str,
@@ -243,6 +278,7 @@ def fit_color_prior(
             policy=config.checkpoints,
             max_grad_norm=config.max_grad_norm,
             progress=progress,
+            loss_every=performance.loss_every,
         )
         trainable.unet.eval()
 

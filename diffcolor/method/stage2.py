@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from diffcolor.common.captions import RewrittenCaption
 from diffcolor.common.errors import PromptError
 from diffcolor.method.diffusion import (
+    check_prompt_fits,
     denoising_target,
     draw_noise_and_timesteps,
     encode_latent,
@@ -60,6 +61,7 @@ class Stage2Config:
     """Stage 2 hyper-parameters."""
 
     identifier: str = "sks"  # ours: a rare single token, as DreamBooth's; must tokenize to one token
+    identifier_rule: str = "nouns"  # ours: which caption words get one (diffcolor.common.captions.IDENTIFIER_RULES)
     embed_steps: int = 500  # paper: 500 embedding-optimisation steps
     embed_learning_rate: float = 1e-3  # ours (Imagic uses 1e-3 on its embedding)
     finetune_steps: int = 1000  # paper: 1000 fine-tune steps
@@ -72,7 +74,14 @@ class Stage2Config:
 
 
 def check_token_alignment(models: Models, rewritten: RewrittenCaption, target: str) -> None:
-    """Raises PromptError unless ``target`` differs from ``c'`` only in identifier slots, token for token."""
+    """Raises PromptError unless ``target`` differs from ``c'`` only in identifier slots, token for token.
+
+    Both must fit the text encoder whole (a colour past its length would be
+    cut off and the truncated prompts compare equal): PromptError names the
+    words that would be lost.
+    """
+    check_prompt_fits(models, rewritten.text, "the caption with its identifiers", hide=rewritten.identifier)
+    check_prompt_fits(models, target, "the target prompt", hide=rewritten.identifier)
     ids = tokenize(models, [rewritten.text, target])
     identifier = tokenize(models, [rewritten.identifier])[0]
     identifier_id = int(identifier[1])
@@ -133,6 +142,7 @@ def _loop_options(phase: str, loop_fingerprint: str, config: Stage2Config, check
         "policy": config.checkpoints,
         "max_grad_norm": config.max_grad_norm,
         "progress": None if progress is None else (lambda step, record: progress(phase, step, record)),
+        "loss_every": config.performance.loss_every,
     }
 
 
@@ -154,6 +164,7 @@ def fit_in_context(
     """
     performance = config.performance
     check_performance(performance, models)
+    check_prompt_fits(models, rewritten.text, "the caption with its identifiers", hide=rewritten.identifier)
     # 1. Encode the aligned primary image and c' once (c' is only the embedding's start: never re-encoded);
     #    build the noise schedule once; put the convolutions in this device's fast layout.
     apply_memory_format([models.unet, models.vae], performance, models.device)

@@ -40,10 +40,12 @@ outside this package:
   object under ``adapter.<parameter name>``, and no LoRA file is written), and
   ``rank``, ``alpha``, ``targets``;
 - ``usage``: the embedding ``e_opt`` is the state object's tensor
-  ``embedding``; a render gives the UNet ``eta * encode(target) + (1 - eta) *
-  embedding`` as the prompt embedding and ``encode("")`` as the negative one,
-  with the render settings the state was made with (DDIM, eta 0) and the
-  number of denoising steps they run.
+  ``embedding``; a render gives the UNet ``alpha * encode(target) + (1 -
+  alpha) * embedding`` as the prompt embedding and ``encode("")`` as the
+  negative one, with the render settings the state was made with (``alpha``,
+  the interpolation weight; DDIM with ``ddim_eta`` 0) and the number of
+  denoising steps they run. States written before the rename name alpha
+  ``eta`` in their stored configuration; they read as alpha.
 
 States written before the manifest load as before (the format stays 1); their
 ``base_model_id`` is None.
@@ -173,20 +175,27 @@ def state_manifest(state: ColorState, lora: bytes | None) -> dict:
         "adapter": adapter,
         "usage": {
             "embedding": "embedding",  # the state object's tensor e_opt, (1, 77, D)
-            "prompt_embeds": "eta * encode(target) + (1 - eta) * embedding",
+            "prompt_embeds": "alpha * encode(target) + (1 - alpha) * embedding",
             "negative_prompt_embeds": 'encode("")',
-            "eta": render.get("eta"),
+            "alpha": render.get("alpha", render.get("eta")),  # "eta" in configurations stored before the rename
+            "ddim_eta": 0.0,  # DDIM's own eta: deterministic sampling
             "steps": render.get("steps"),
             "guidance": render.get("guidance"),
             "strength": render.get("strength"),
-            # The DDIM steps a render runs. diffusers' img2img runs int(steps * strength), which is the same
-            # unless steps * strength has a fractional part of at least 0.5.
-            "denoising_steps": (denoising_steps(render["steps"], render["strength"])
-                                if "steps" in render and "strength" in render else None),
+            # The DDIM steps a render runs: int(steps * strength), as diffusers' img2img counts them.
+            "denoising_steps": _denoising_steps(render),
             "scheduler": "DDIMScheduler, eta 0, from the base model's scheduler config with clip_sample off, "
                          "steps_offset 1 (diffcolor.method.diffusion.build_sampling_scheduler)",
         },
     }
+
+
+def _denoising_steps(render: dict) -> int | None:
+    """The DDIM steps of a stored render configuration, None where it has none (or none that runs)."""
+    try:
+        return denoising_steps(render["steps"], render["strength"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def export_state(state: ColorState) -> tuple[bytes, bytes | None]:

@@ -299,6 +299,7 @@ def run_resumable_loop(
     policy: CheckpointPolicy = CheckpointPolicy(),
     max_grad_norm: float | None = 1.0,
     progress: Callable[[int, dict], None] | None = None,
+    loss_every: int = 1,
 ) -> LoopResult:
     """Runs ``steps`` optimisation steps of ``step_fn``, resuming from the newest checkpoint.
 
@@ -306,9 +307,22 @@ def run_resumable_loop(
     back-propagated; it must draw every random number from ``generator``.
     ``checkpoints`` is where the loop's checkpoints live (None: no
     checkpoints). Checkpoints with another ``fingerprint`` (another config or
-    input) are ignored. ``progress(step, losses)`` is called after each step,
-    before that step's checkpoint; whatever it raises stops the loop there.
+    input) are ignored. ``progress(step, losses)`` is called once for each
+    step, in order, before that step's checkpoint; whatever it raises stops
+    the loop there.
+
+    The losses stay on the device until they are read, all pending steps in
+    one transfer, every ``loss_every`` steps, at each checkpoint step and at
+    the last step: reading a device tensor waits for the device, so reading
+    one every step would keep the host from queueing the next step's kernels
+    while the device runs this one. The history, the checkpoints and the
+    trained tensors are the same for any ``loss_every``; progress calls come
+    in bursts of up to ``loss_every`` steps, so a progress callback that
+    stops the loop stops it at most ``loss_every - 1`` steps after the step
+    it saw (never after a checkpoint it did not see).
     """
+    if isinstance(loss_every, bool) or not isinstance(loss_every, int) or loss_every < 1:
+        raise ValueError(f"loss_every must be a positive integer, got {loss_every!r}")
     # 1. Resume from the newest matching checkpoint.
     result = LoopResult()
     start = 0
@@ -323,6 +337,7 @@ def run_resumable_loop(
 
     # 2. Optimise.
     trainable = [p for p in parameters.values() if p.requires_grad]
+    pending: list[tuple[int, dict[str, torch.Tensor]]] = []  # steps whose losses are still on the device
     for step in range(start + 1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         losses = step_fn(step)
@@ -330,15 +345,15 @@ def run_resumable_loop(
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
-        record = {key: float(value.detach()) for key, value in losses.items()}
-        result.history.append(record)
+        pending.append((step, {key: value.detach() for key, value in losses.items()}))
         result.steps_run += 1
-        if progress is not None:
-            progress(step, record)
+        checkpoint_now = checkpoints is not None and (step % policy.every == 0 or step == steps)
+        if checkpoint_now or step % loss_every == 0 or step == steps:
+            _read_losses(pending, result.history, progress)
 
         # 3. Checkpoint every K steps and at the end (a restart after the loop
         #    then runs no step), and prune the old ones.
-        if checkpoints is not None and (step % policy.every == 0 or step == steps):
+        if checkpoint_now:
             data = _pack_checkpoint(step, parameters, optimizer, generator, result.history, fingerprint)
             checkpoints.write(f"step-{step:08d}.safetensors", data)
             existing = _checkpoint_names(checkpoints)
@@ -346,6 +361,24 @@ def run_resumable_loop(
                 checkpoints.remove(old)
     optimizer.zero_grad(set_to_none=True)
     return result
+
+
+def _read_losses(pending: list[tuple[int, dict[str, torch.Tensor]]], history: list[dict],
+                 progress: Callable[[int, dict], None] | None) -> None:
+    """Moves the pending steps' losses to the host in one transfer, into ``history`` and ``progress``; empties ``pending``."""
+    if not pending:
+        return
+    keys = [list(losses) for _, losses in pending]
+    values = torch.stack([value.float().reshape(()) for _, losses in pending for value in losses.values()]).cpu().tolist()
+    position = 0
+    steps = [step for step, _ in pending]
+    pending.clear()
+    for step, names in zip(steps, keys):
+        record = dict(zip(names, values[position : position + len(names)]))
+        position += len(names)
+        history.append(record)
+        if progress is not None:
+            progress(step, record)
 
 
 def _checkpoint_names(checkpoints: CheckpointStore) -> list[str]:

@@ -58,7 +58,8 @@ from diffcolor.method.performance import (
 )
 
 VARIANT_NAMES = ("default", "baseline", "fp32", "fp32-weights", "no-channels-last", "no-fused", "compile",
-                 "compile-graphs", "cudnn-benchmark")
+                 "compile-graphs", "cudnn-benchmark", "reduced-decode")
+REDUCED_DECODE_SIDE = 224  # the reduced-decode variant's stage1.loss_decode_side: CLIP ViT-L/14's input side
 LOOPS = ("stage1", "embedding", "finetune")
 CAPTION = "a dog sitting on a wooden bench, with grassland and sky"
 TARGET = "a brown dog sitting on a black wooden bench, with green grassland and blue sky"
@@ -151,6 +152,8 @@ def variant_config(config, name: str):
         return with_performance(replace(base, compile_mode="default"))
     if name == "compile-graphs":  # torch.compile with CUDA graphs: launch overhead gone, if the graphs are reused
         return with_performance(replace(base, compile_mode="reduce-overhead"))
+    if name == "reduced-decode":  # stage 1 decodes its x0 estimate for CLIP and L_lum at 224 px, not the working size
+        return replace(config, stage1=replace(config.stage1, loss_decode_side=REDUCED_DECODE_SIDE))
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANT_NAMES)}")
 
 
@@ -362,7 +365,7 @@ def count_recipe_flops(models, config, gray: torch.Tensor, caption: str, target:
         trainable.release()
 
     # 2. Stage 2: the embedding step (frozen base UNet) and the fine-tune step (its adapter).
-    rewritten = rewrite_caption(caption, config.stage2.identifier)
+    rewritten = rewrite_caption(caption, config.stage2.identifier, config.stage2.identifier_rule)
     primary = torch.rand(1, 3, *gray.shape[-2:], generator=generator).to(device)
     latent = encode_latent(models, primary)
     embedding = encode_prompts(models, [rewritten.text]).float().clone().requires_grad_(True)
@@ -429,11 +432,16 @@ class StageClock:
         return result
 
 
-def _rate(stamps: list[float], started: float) -> float:
-    """Steps per second from per-step timestamps, excluding the first step (warm-up) when there are two or more."""
-    if len(stamps) >= 2 and stamps[-1] > stamps[0]:
-        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    return 1.0 / max(stamps[0] - started, 1e-9) if stamps else float("nan")
+def _rate(stamps: list[tuple[int, float]], started: float, every: int = 1) -> float:
+    """Steps per second from ``(step, time)`` progress stamps, excluding the steps up to the first read (warm-up).
+
+    A loop reads its losses (and calls progress) every ``every`` steps and at its last, all read steps at once:
+    only the stamp of each read step (a multiple of ``every``, or the last) is a synchronised time.
+    """
+    reads = [(step, at) for step, at in stamps if step % every == 0 or step == stamps[-1][0]]
+    if len(reads) >= 2 and reads[-1][1] > reads[0][1]:
+        return (reads[-1][0] - reads[0][0]) / (reads[-1][1] - reads[0][1])
+    return reads[-1][0] / max(reads[-1][1] - started, 1e-9) if reads else float("nan")
 
 
 def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str, seed: int, render_repeats: int,
@@ -449,16 +457,16 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
 
     device = models.device
     clock = StageClock(device)
-    stamps: dict[str, list[float]] = {loop: [] for loop in LOOPS}
+    stamps: dict[str, list[tuple[int, float]]] = {loop: [] for loop in LOOPS}  # (step, time) of each progress call
     starts: dict[str, float] = {}
 
     # 1. Stage 1: its loop (per-step stamps come after each step's loss is read, i.e. synchronised), then x_pri.
     starts["stage1"] = time.perf_counter()
     stage1 = clock.run("stage1", lambda: fit_color_prior(
         models, gray, caption, config.stage1, seed=seed,
-        progress=lambda step, record: stamps["stage1"].append(time.perf_counter())))
+        progress=lambda step, record: stamps["stage1"].append((step, time.perf_counter()))))
     stage1_end = starts["stage1"] + clock.seconds["stage1"]
-    loop_end = stamps["stage1"][-1] if stamps["stage1"] else stage1_end
+    loop_end = stamps["stage1"][-1][1] if stamps["stage1"] else stage1_end
     clock.seconds["stage1_loop"] = loop_end - starts["stage1"]
     clock.seconds["primary_sampling"] = stage1_end - loop_end
 
@@ -466,13 +474,13 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
     aligned = clock.run("align", lambda: align_chroma(models, stage1.primary, gray, config.align))
 
     # 3. Stage 2: the embedding loop, then the fine-tune loop.
-    rewritten = rewrite_caption(caption, config.stage2.identifier)
+    rewritten = rewrite_caption(caption, config.stage2.identifier, config.stage2.identifier_rule)
     starts["embedding"] = time.perf_counter()
     stage2 = clock.run("stage2", lambda: fit_in_context(
         models, aligned.rgb, rewritten, config.stage2, seed=seed,
-        progress=lambda phase, step, record: stamps[phase].append(time.perf_counter())))
+        progress=lambda phase, step, record: stamps[phase].append((step, time.perf_counter()))))
     stage2_end = starts["embedding"] + clock.seconds["stage2"]
-    embed_end = stamps["embedding"][-1] if stamps["embedding"] else starts["embedding"]
+    embed_end = stamps["embedding"][-1][1] if stamps["embedding"] else starts["embedding"]
     starts["finetune"] = embed_end
     clock.seconds["embedding"] = embed_end - starts["embedding"]
     clock.seconds["finetune"] = stage2_end - embed_end
@@ -501,7 +509,9 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
     clock.seconds["render_cold"] = render_seconds[0]
     clock.seconds["render_with_state_load"] = statistics.median(render_seconds[1:] or render_seconds)
 
-    rates = {loop: _rate(stamps[loop], starts[loop]) for loop in LOOPS}
+    every = {"stage1": config.stage1.performance.loss_every, "embedding": config.stage2.performance.loss_every,
+             "finetune": config.stage2.performance.loss_every}
+    rates = {loop: _rate(stamps[loop], starts[loop], every[loop]) for loop in LOOPS}
     return {"seconds": clock.seconds, "peak_memory_bytes": clock.peak_memory, "steps_per_s": rates,
             "steps_run": {loop: len(stamps[loop]) for loop in LOOPS}, "state_prefix": prefix}
 
@@ -695,7 +705,7 @@ def flops_only(args) -> dict:
     device = torch.device("meta")
     models = load_bench_models(args.model, device)
     config = recipe_config(args.preset, steps=args.steps, sample_steps=args.sample_steps)
-    side = args.resolution or _preset_side(config)
+    side = args.resolution or _preset_side(config, models)
     report = {"date": _now(), "command": _command(), "model": args.model, "preset": args.preset, "resolution": side,
               "device": {"type": "meta"}, "variants": {}}
     for name in args.variants:
@@ -725,8 +735,9 @@ def format_flops_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _preset_side(config) -> int:
-    return max(8, int(round(math.sqrt(config.model_pixels) / 8)) * 8)
+def _preset_side(config, models) -> int:
+    """The working side of a square image: the preset's ``model_pixels``, else the model's native side."""
+    return max(8, int(round(math.sqrt(models.working_pixels(config.model_pixels)) / 8)) * 8)
 
 
 def _now() -> str:
@@ -827,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_models = BenchModels(args.model, device)
     models = bench_models.get(args.weight_dtype)
     config = recipe_config(args.preset, steps=args.steps, sample_steps=args.sample_steps)
-    side = args.resolution or _preset_side(config)
+    side = args.resolution or _preset_side(config, models)
     if side % models.vae_scale_factor:
         raise SystemExit(f"--resolution {side} is not a multiple of the VAE factor {models.vae_scale_factor}")
     gray = gray_scene(side)

@@ -14,7 +14,12 @@ what the method will run with, without loading a single weight into a model:
 - **shapes**: each component's module built on the meta device from its config
   and its tensor names and shapes compared with the header's, with the key
   renames ``from_pretrained`` applies;
-- **consistency** between the components, the **scheduler** the method builds
+- **consistency** between the components and the **working size** the
+  method will run at (the UNet's ``sample_size`` x the VAE factor, unless a
+  preset sets ``model_pixels``: 768 for SD 2.x 768-v), the **prompts**
+  (the tokenizer's length, the identifier a single token, the anti-colour
+  prompts and any ``--caption``, rewritten with its identifiers, fitting the
+  text encoder whole), the **scheduler** the method builds
   (:func:`~diffcolor.method.diffusion.scheduler_settings`, every correction a
   note), the **CLIP** model it will use, the **random-weight** marker, and the
   **device** with the memory the frozen weights will take there.
@@ -45,6 +50,7 @@ from diffcolor.method.models import (
     PICKLED_SUFFIXES,
     SD_COMPONENTS,
     TINY_MARKER,
+    native_side,
     resolve_bundle,
     resolve_folder,
     resolve_model_hash,
@@ -182,7 +188,7 @@ class _Component:
 
 def check_model(model: str, *, clip: str | None = None, revision: str | None = None, clip_revision: str | None = None,
                 device: str = "auto", weight_dtype: str = "auto", allow_download: bool = False, hashes: bool = True,
-                probe_memory: bool = True) -> DoctorReport:
+                probe_memory: bool = True, captions: tuple[str, ...] | list[str] = ()) -> DoctorReport:
     """Checks the model ``model`` (a folder, a hub id in the local cache, or ``tiny``) without loading its weights.
 
     ``clip``, ``revision``, ``clip_revision`` and ``allow_download`` are
@@ -191,7 +197,9 @@ def check_model(model: str, *, clip: str | None = None, revision: str | None = N
     ``weight_dtype`` say where and how the frozen weights will be stored.
     ``hashes=False`` skips the sha256 of the weight files (and the model hash);
     ``probe_memory=False`` leaves the device's free memory unread (reading it
-    creates a CUDA context). Returns the report; raises nothing for a bad model
+    creates a CUDA context). ``captions`` are checked as the pipeline checks an
+    item's (rewritten with the identifier, against the text encoder's length).
+    Returns the report; raises nothing for a bad model
     or device (every finding is a problem line), ValueError for a bad ``weight_dtype``.
     """
     started = time.perf_counter()
@@ -219,7 +227,8 @@ def check_model(model: str, *, clip: str | None = None, revision: str | None = N
         # 7. Random weights; 8. the device and the memory the frozen weights take there.
         marker = _check_random_weights(folder)
         device_check = _check_device(device, weight_dtype, components, probe_memory)
-        report.checks += [layout, weights, shapes, consistency, scheduler, clip_check, marker, device_check]
+        prompts = _check_prompts(folder, configs, captions)
+        report.checks += [layout, weights, shapes, consistency, prompts, scheduler, clip_check, marker, device_check]
 
     # 9. Whatever load_models refuses is a problem, even where no check above names it.
     if refusal is not None:
@@ -647,6 +656,63 @@ def _check_consistency(configs: dict, components: dict[str, _Component]) -> Chec
                    "vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1)
                    if isinstance(vae.get("block_out_channels"), list) else None}
     check.summary = ", ".join(agreeing)
+    # The working size: what a preset without model_pixels (default, paper-scale) runs at.
+    sample_size, factor = unet.get("sample_size"), check.facts["vae_scale_factor"]
+    if isinstance(sample_size, (int, list)) and factor:
+        side = native_side(sample_size, factor)
+        check.facts.update(sample_size=sample_size, native_side=side)
+        check.summary += (f"; working size {side}x{side} (UNet sample_size {sample_size} x VAE factor {factor}; "
+                          "a preset's model_pixels overrides it)")
+    elif configs.get("unet") is not None:
+        check.problem("unet sample_size is not set in its config: the working size cannot be known")
+    return check
+
+
+def _check_prompts(folder: Path, configs: dict, captions) -> Check:
+    """The tokenizer loads; the identifier is one token; the anti-colour prompts and ``captions`` (rewritten) fit."""
+    from diffcolor.common.captions import prompt_length_problems, rewrite_caption
+    from diffcolor.common.errors import PromptError
+    from diffcolor.method.models import prompt_limit
+    from diffcolor.method.stage1 import ANTI_COLOR_PROMPTS
+    from diffcolor.method.stage2 import Stage2Config
+
+    check = Check("prompts")
+    if configs.get("tokenizer") is None:
+        check.summary = "no tokenizer config (see layout)"
+        return check
+    try:
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except Exception as error:  # transformers raises several classes for a broken tokenizer
+        check.problem(f"the tokenizer does not load: {type(error).__name__}: {error}")
+        return check
+    limit = prompt_limit(tokenizer)
+    stage2 = Stage2Config()
+    pieces = tokenizer.tokenize(stage2.identifier)
+    if len(pieces) != 1:
+        check.problem(f"the identifier {stage2.identifier!r} is {len(pieces)} tokens for this tokenizer, not one")
+    for number, prompt in enumerate(ANTI_COLOR_PROMPTS, start=1):
+        problem = limit.problem(prompt, f"anti-colour prompt {number}")
+        if problem:
+            check.problem(problem)
+    for number, caption in enumerate(captions, start=1):
+        try:
+            rewritten = rewrite_caption(caption, stage2.identifier, stage2.identifier_rule)
+        except PromptError as error:
+            check.problem(f"caption {number}: {error}")
+            continue
+        too_long = prompt_length_problems(limit, rewritten)
+        for _, problem in too_long:
+            check.problem(f"caption {number}: {problem}")
+        if not too_long:
+            check.details.append(f"caption {number}: {len(tokenizer.tokenize(rewritten.text)) + 2} of "
+                                 f"{limit.model_max_length} tokens with its identifiers: {rewritten.text}")
+    check.facts = {"model_max_length": limit.model_max_length, "identifier": stage2.identifier,
+                   "identifier_rule": stage2.identifier_rule, "captions_checked": len(captions)}
+    check.summary = (f"prompts up to {limit.model_max_length} tokens (start and end included), identifier "
+                     f"{stage2.identifier!r} one token" + (f", {len(captions)} caption(s) checked" if captions else "")
+                     + "; longer prompts are refused, never truncated")
     return check
 
 

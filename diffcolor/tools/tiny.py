@@ -93,6 +93,13 @@ def load_named_models(name: str, **options) -> Models:
     return load_models(resolve_model(name), model_id=name, **options)
 
 
+def named_prompt_limit(name: str, **options):
+    """:func:`~diffcolor.method.models.load_prompt_limit` for a model as a user names it (a folder, a hub id, ``tiny``)."""
+    from diffcolor.method.models import load_prompt_limit
+
+    return load_prompt_limit(resolve_model(name), **options)
+
+
 def named_model_hash(name: str, **options) -> str:
     """The model hash :func:`load_named_models` would report, without loading any weights."""
     return resolve_model_hash(resolve_model(name), **options)
