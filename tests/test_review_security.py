@@ -202,8 +202,8 @@ def test_the_token_is_never_printed_and_lives_in_a_private_file(tmp_path):
                             headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert signed.status == 303 and "HttpOnly" in signed.getheader("set-cookie")
     assert "SameSite=strict" in signed.getheader("set-cookie")
-    server.stop(15)
-    assert server.process.returncode == 0 and token not in server.output()
+    server.stop(15)  # SIGTERM: the server stops cleanly and says so with 128 + 15, as every command does
+    assert server.process.returncode == 143 and token not in server.output()
     assert not token_file.exists()  # removed when the server stops
 
 
