@@ -260,3 +260,22 @@ def test_reruns_that_skip_or_fail_never_hide_an_items_done_version(tmp_path):
     client, _, _ = _client(out)
     fitted = client.get("/api/items?q=fitted").json()["items"][0]
     assert (fitted["status"], fitted["version"], fitted["max_delta_l"]) == ("done", 2, 0.9)
+
+
+def test_the_metric_filters_are_declared_query_parameters_of_the_items_api(output):
+    from diffcolor.archive.browse import METRICS
+
+    client, _, _ = _client(output)
+    parameters = {p["name"]: p for p in client.get("/openapi.json").json()["paths"]["/api/items"]["get"]["parameters"]}
+    for metric in METRICS:
+        for side in ("min", "max"):
+            declared = parameters[f"{side}_{metric}"]
+            assert declared["in"] == "query" and declared["schema"]["type"] == "number" and metric in declared["description"]
+    assert "min_clip_score" in client.get("/api-docs").text
+    # Bounds are numbers; an empty one (a form's blank field) is no bound; anything else is refused, naming it.
+    assert client.get("/api/items?min_clip_score=&max_clip_score=").json()["total"] == 2
+    assert client.get("/api/items?min_clip_score=19.5&max_clip_score=2e1").json()["total"] == 2
+    for bad in ("abc", "nan", "inf", "-Infinity", "1e999"):
+        refused = client.get(f"/api/items?max_max_delta_l={bad}")
+        assert refused.status_code == 400 and "max_max_delta_l must be a finite number" in refused.json()["detail"]
+    assert client.get("/?min_colorfulness=nan").status_code == 400

@@ -3,7 +3,9 @@
 A small collection is colourised with the tiny bundle and the smoke preset,
 then a curator browses it, opens an item, colours a word of its caption,
 watches version 2 appear (the reprocess flow, run by the server) and approves
-it (signed in with the form at /login); the decision is then found in the item's records. Set
+it (signed in with the form at /login): the page shows the approval's result, and
+the decision is then found in the item's records. Before that, two reruns (one
+skipping every item, one where an item fails) must not hide the done versions. Set
 ``DIFFCOLOR_SCREENSHOT_DIR`` to keep the item page's screenshot (README).
 """
 
@@ -107,12 +109,18 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
     assert "a red dog sitting on a wooden bench" in versions
     assert _errors(browser) == []
 
-    # Approve version 2 with a note; the page shows it published.
+    # An approval without a name is refused, and the page says why.
+    browser.find_element("id", "approve").click()
+    WebDriverWait(browser, 30).until(lambda driver: "✗" in driver.find_element("id", "decision-result").text)
+    assert "curator's name" in browser.find_element("id", "decision-result").text
+    # Approve version 2 with a note; the page shows the result, the decision and the version published.
     browser.find_element("id", "curator").send_keys("Ada Curator")
     browser.find_element("id", "note").send_keys("the dog was red")
     browser.find_element("id", "approve").click()
     WebDriverWait(browser, 30).until(lambda driver: "Ada Curator" in driver.find_element("id", "decisions").text)
-    assert "published: v2" in browser.find_element("tag name", "body").text
+    assert browser.find_element("id", "decision-result").text.startswith("✓ approved v2 by Ada Curator at ")
+    assert "published: v2" in browser.find_element("id", "published").text
+    assert _errors(browser) == []
     if os.environ.get("DIFFCOLOR_SCREENSHOT_DIR"):
         browser.set_window_size(1280, 1400)
         browser.execute_script("window.scrollTo(0, 0)")
