@@ -592,3 +592,16 @@ def test_the_accession_number_is_in_the_canvas_metadata(colourised_output, tmp_p
     harbour = _canvases(publish_iiif(str(output), "https://x.org/c", unreviewed=True).manifest)["harbour"]
     assert [e["value"] for e in harbour["metadata"] if e["label"]["en"] == ["Accession number"]] == [
         {"none": ["1921.44.7"]}]
+
+
+def test_an_image_size_is_read_from_the_header_as_shown(tmp_path):
+    from diffcolor.archive.iiif_publish import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 60x20, shown turned by a quarter: 20x60
+    Image.new("RGB", (60, 20)).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("RGB", (60, 20)).save(tmp_path / "plain.tif")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    assert image_size(str(tmp_path / "turned.jpg")) == (20, 60)
+    assert image_size(str(tmp_path / "plain.tif")) == (60, 20)
+    assert image_size(str(tmp_path / "broken.jpg")) is None and image_size(str(tmp_path / "missing.png")) is None

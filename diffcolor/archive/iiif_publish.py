@@ -144,17 +144,21 @@ def _field(catalogue: dict, names: tuple[str, ...]) -> list[str]:
 
 
 def image_size(uri: str) -> tuple[int, int] | None:
-    """The width and height an image file's header states, or None when it cannot be read as an image.
+    """The width and height an image file's header states, as shown, or None when it cannot be read as an image.
 
-    Opened through the file's store, so only the header's first blocks are read, not the whole file.
+    Opened through the file's store, so only the header's first blocks are read, not the whole file. An EXIF
+    orientation that turns the picture by a quarter (5 to 8) swaps the two, as browsers and viewers show it.
     """
     try:
         fs, path = storage.filesystem(uri)
         with fs.open(path, "rb") as file, Image.open(file) as image:
             width, height = image.size
+            turned = int(image.getexif().get(0x0112, 1) or 1) in (5, 6, 7, 8)
     except Exception:  # not an image, unreadable, a decompression bomb: the caller leaves the body out
         return None
-    return (int(width), int(height)) if width > 0 and height > 0 else None
+    if width <= 0 or height <= 0:
+        return None
+    return (int(height), int(width)) if turned else (int(width), int(height))
 
 
 def _text(value) -> dict:
