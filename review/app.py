@@ -167,8 +167,9 @@ metric_ranges.__signature__ = inspect.Signature([
     # read as text, so an empty form field means "no bound"; the schema says what a bound is: a number
     inspect.Parameter(f"{side}_{metric}", inspect.Parameter.KEYWORD_ONLY, annotation=str,
                       default=Query(None, json_schema_extra={"type": "number"},
-                                    description=f"only items whose {metric} is {'at least' if side == 'min' else 'at most'}"
-                                                f" this number: {METRIC_EXPLANATIONS.get(metric, metric)}"))
+                                    description=f"only items whose {metric} is "
+                                                f"{'at least' if side == 'min' else 'at most'} this number: "
+                                                f"{METRIC_EXPLANATIONS.get(metric, metric)}"))
     for metric in METRICS for side in ("min", "max")])
 
 
@@ -344,6 +345,12 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
         except PromptError:
             slots = []
         has_state = storage.exists(inside(layout.state_object))
+        # a failed attempt after the current version (a later run), noted beside it: attempts/ names sort by time
+        attempts = sorted(storage.list_files(inside(layout.attempts))) if storage.exists(inside(layout.attempts)) \
+            else []
+        failure = storage.read_json(inside(attempts[-1])) if attempts and record.get("status") == "done" else None
+        if failure is not None and str(failure.get("created_at") or "") <= str(record.get("created_at") or ""):
+            failure = None
         return {
             "item_id": item_id, "status": record.get("status"), "caption": record.get("caption"),
             "error_message": record.get("error_message") if record.get("status") != "done" else None,
@@ -352,6 +359,8 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
             "has_color_state": has_state, "recolor_mode": "render" if has_state else "full_fit",
             "colour_words": slots, "decisions": read_decisions(output, item_id),
             "approved": read_approved(output, item_id),
+            "later_failure": None if failure is None else {"created_at": failure.get("created_at"),
+                                                           "error_message": failure.get("error_message")},
             "metric_explanations": {name: METRIC_EXPLANATIONS[name] for name in METRIC_EXPLANATIONS},
         }
 

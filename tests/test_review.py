@@ -253,6 +253,16 @@ def test_reruns_that_skip_or_fail_never_hide_an_items_done_version(tmp_path):
     assert "skipped_done</span>" not in page and page.count("<span class=badge>done</span>") == 2
     assert "max ΔL* 1.50" in page and "max ΔL* 0.40" in page and "CLIP 20.0" in page
     assert "latest run (2026-01-03T00:00:00+00:00): failed: the source could not be read" in page
+    # The item page shows the done version too, with the later failed attempt (its record in attempts/) noted.
+    storage.write_json(f"{out}/items/nostate/attempts/20260103T000000Z-0a1b2c3d.json", failure)
+    item = client.get("/api/items/nostate").json()
+    assert item["status"] == "done" and [v["version"] for v in item["versions"]] == [1]
+    assert item["later_failure"] == {"created_at": "2026-01-03T00:00:00+00:00",
+                                     "error_message": "the source could not be read"}
+    assert "A later run failed on this item" in client.get("/items/nostate").text
+    storage.write_json(f"{out}/items/fitted/attempts/20251231T000000Z-0a1b2c3d.json",  # before its version: not noted
+                       dict(failure, item_id="fitted", created_at="2025-12-31T00:00:00+00:00"))
+    assert client.get("/api/items/fitted").json()["later_failure"] is None
     # A reprocess that adds version 2, then a rerun that skips it: version 2 with its own metrics.
     second = dict(records[0], version=2, max_delta_l=0.9, created_at="2026-01-04T00:00:00+00:00")
     write_results([second], f"{out}/runs/20260104T000000Z-dddddd/results.parquet")
