@@ -429,13 +429,13 @@ def cmd_manifest_validate(args) -> int:
 
 
 def cmd_iiif(args) -> int:
-    """``diffcolor iiif``: writes the IIIF manifest of the collection's current colour versions."""
+    """``diffcolor iiif``: writes the IIIF manifest of the approved (``--unreviewed``: and latest done) versions."""
     from diffcolor.archive.iiif_publish import publish_iiif
 
     output, base_url = _lift_credentials(args.output, args.base_url)  # the base URL is published: no credentials
     if base_url != args.base_url:
         raise ValueError("--base-url is published in the manifest: it may carry no credentials")
-    publication = publish_iiif(output, base_url, args.out, label=args.label)
+    publication = publish_iiif(output, base_url, args.out, label=args.label, unreviewed=args.unreviewed)
     for reason in publication.left_out:
         print(f"left out: {reason}", file=sys.stderr)
     print(f"wrote a IIIF manifest of {len(publication.items)} items: {publication.manifest['id']}")
@@ -902,7 +902,8 @@ def _add_manifest_commands(commands) -> None:
 
 def _add_iiif_command(commands) -> None:
     iiif = commands.add_parser(
-        "iiif", help="publish the collection's current colour versions as a IIIF Presentation 3 manifest",
+        "iiif", help="publish the collection's approved colour versions as a IIIF Presentation 3 manifest "
+                     "(--unreviewed: and the latest done version of the others, marked not reviewed)",
         **_examples("diffcolor iiif demo-output --base-url https://images.example.org/demo   "
                     "# -> demo-output/iiif/manifest.json"))
     iiif.add_argument("output", help="the collection's output root (path or URI), as given to run --out")
@@ -910,6 +911,9 @@ def _add_iiif_command(commands) -> None:
                       help="the http(s) URL the output root is served at; image URLs are it + each file's path")
     iiif.add_argument("-o", "--out", metavar="FILE", help="where to write the manifest (default OUTPUT/iiif/manifest.json)")
     iiif.add_argument("--label", help="the manifest's label (default: the output folder's name)")
+    iiif.add_argument("--unreviewed", action="store_true",
+                      help="also publish items no curator approved, with their latest done version, labelled "
+                           "'not reviewed by a curator' (a version a curator rejected is never published)")
     iiif.set_defaults(handler=cmd_iiif)
 
 

@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import io
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Annotated
@@ -139,6 +141,43 @@ class DecisionRequest(BaseModel):
     decision: str = Field(description="approved or rejected", max_length=20)
     decided_by: str = Field(description="the curator's name", max_length=MAX_NAME_CHARS)
     note: str = Field("", max_length=MAX_NOTE_CHARS)
+
+
+def _bound(raw: str | None, name: str) -> float | None:
+    """A metric filter's bound: None when empty; a finite number, else HTTP 400 naming the parameter."""
+    if raw is None or not str(raw).strip():
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise HTTPException(400, f"{name} must be a finite number, got {str(raw)[:40]!r}")
+    return value
+
+
+def metric_ranges(**bounds: str | None) -> tuple[tuple[str, float | None, float | None], ...]:
+    """The metric filters ``min_METRIC`` / ``max_METRIC`` as ``(metric, min, max)`` (a FastAPI dependency).
+
+    Its signature is generated from METRICS below, so every bound is a declared query parameter: /openapi.json
+    lists them, and an unknown one is never silently read.
+    """
+    ranges = []
+    for metric in METRICS:
+        low, high = (_bound(bounds.get(f"{side}_{metric}"), f"{side}_{metric}") for side in ("min", "max"))
+        if low is not None or high is not None:
+            ranges.append((metric, low, high))
+    return tuple(ranges)
+
+
+metric_ranges.__signature__ = inspect.Signature([
+    # read as text, so an empty form field means "no bound"; the schema says what a bound is: a number
+    inspect.Parameter(f"{side}_{metric}", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                      default=Query(None, json_schema_extra={"type": "number"},
+                                    description=f"only items whose {metric} is "
+                                                f"{'at least' if side == 'min' else 'at most'} this number: "
+                                                f"{METRIC_EXPLANATIONS.get(metric, metric)}"))
+    for metric in METRICS for side in ("min", "max")])
 
 
 def _item_id(raw: str) -> str:
@@ -325,6 +364,12 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
         except PromptError:
             slots = []
         has_state = storage.exists(inside(layout.state_object))
+        # a failed attempt after the current version (a later run), noted beside it: attempts/ names sort by time
+        attempts = sorted(storage.list_files(inside(layout.attempts))) if storage.exists(inside(layout.attempts)) \
+            else []
+        failure = storage.read_json(inside(attempts[-1])) if attempts and record.get("status") == "done" else None
+        if failure is not None and str(failure.get("created_at") or "") <= str(record.get("created_at") or ""):
+            failure = None
         return {
             "item_id": item_id, "status": record.get("status"), "caption": record.get("caption"),
             "error_message": record.get("error_message") if record.get("status") != "done" else None,
@@ -333,6 +378,8 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
             "has_color_state": has_state, "recolor_mode": "render" if has_state else "full_fit",
             "colour_words": slots, "decisions": read_decisions(output, item_id),
             "approved": read_approved(output, item_id),
+            "later_failure": None if failure is None else {"created_at": failure.get("created_at"),
+                                                           "error_message": failure.get("error_message")},
             "metric_explanations": {name: METRIC_EXPLANATIONS[name] for name in METRIC_EXPLANATIONS},
         }
 
@@ -342,15 +389,7 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
             raise HTTPException(404, f"item {item_id!r} is not in this output")
         return storage.read_json(layout.result)
 
-    def filters_of(status, collection, q, smoke, decision, request: Request) -> Filters:
-        ranges = []
-        for metric in METRICS:
-            low, high = request.query_params.get(f"min_{metric}"), request.query_params.get(f"max_{metric}")
-            try:
-                if low or high:
-                    ranges.append((metric, float(low) if low else None, float(high) if high else None))
-            except ValueError:
-                raise HTTPException(400, f"min_{metric}/max_{metric} must be numbers") from None
+    def filters_of(status, collection, q, smoke, decision, ranges) -> Filters:
         if decision not in (None, "", "none", *DECISIONS):
             raise HTTPException(400, f"decision must be one of none, {', '.join(DECISIONS)}")
         return Filters(status=status or None, collection=collection or None, text=q or None,
@@ -359,13 +398,14 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
 
     # 3. The JSON API.
     @app.get("/api/items", dependencies=[Depends(may_read)], summary="List items (filtered, paged)")
-    def list_items(request: Request, status: str | None = None, collection: str | None = None,
+    def list_items(status: str | None = None, collection: str | None = None,
                    q: str | None = Query(None, description="text in the item id, caption or catalogue fields"),
                    smoke: str | None = Query(None, description="true or false"),
                    decision: str | None = Query(None, description="approved, rejected or none"),
-                   offset: int = Query(0, ge=0), limit: int = Query(PAGE_SIZE, ge=1, le=500)) -> dict:
-        """Items with their latest state; metric ranges as ``min_METRIC`` / ``max_METRIC`` query parameters."""
-        total, rows = table.page(filters_of(status, collection, q, smoke, decision, request), offset, limit)
+                   offset: int = Query(0, ge=0), limit: int = Query(PAGE_SIZE, ge=1, le=500),
+                   ranges: tuple = Depends(metric_ranges)) -> dict:
+        """Items with their current state; metric ranges as ``min_METRIC`` / ``max_METRIC`` query parameters."""
+        total, rows = table.page(filters_of(status, collection, q, smoke, decision, ranges), offset, limit)
         return {"total": total, "offset": offset, "limit": limit, "items": rows}
 
     @app.get("/api/items/{item_id}", dependencies=[Depends(may_read)], summary="One item: versions, decisions")
@@ -468,8 +508,8 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, dependencies=[Depends(may_read)], include_in_schema=False)
     def collection_page(request: Request, status: str | None = None, collection: str | None = None,
                         q: str | None = None, smoke: str | None = None, decision: str | None = None,
-                        page: int = Query(1, ge=1)) -> str:
-        filters = filters_of(status, collection, q, smoke, decision, request)
+                        page: int = Query(1, ge=1), ranges: tuple = Depends(metric_ranges)) -> str:
+        filters = filters_of(status, collection, q, smoke, decision, ranges)
         total, rows = table.page(filters, (page - 1) * PAGE_SIZE, PAGE_SIZE)
         query = {key: value for key, value in request.query_params.items() if key != "page" and value}
         return render_page("collection.html", package="review", title="DiffColor review", rows=rows, total=total,

@@ -252,18 +252,19 @@ def test_published_manifest_validates_and_every_image_resolves(colourised_output
 
     output, records = colourised_output
     base = "https://images.example.org/collection"
-    publication = publish_iiif(str(output), base)
+    publication = publish_iiif(str(output), base, unreviewed=True)  # nothing approved yet: the latest done versions
     written = (output / "iiif" / "manifest.json").read_text()
     Manifest.model_validate_json(written)  # iiif-prezi3 parses it back
     document = json.loads(written)
     assert document == publication.manifest and publication.items == ["harbour", "street"]
-    assert publication.left_out == ["item 'broken': no result.json"]
+    assert publication.left_out == ["item 'broken': no done version"]
     assert document["id"] == f"{base}/iiif/manifest.json"
 
     harbour, street = document["items"]
     bodies = harbour["items"][0]["items"][0]["body"]["items"]  # Choice: original, then colour
     assert [b["label"]["en"][0] for b in bodies] == [
-        "Original", "AI colourisation (DiffColor) - SMOKE RUN: random weights, not a colourisation"]
+        "Original", "AI colourisation (DiffColor) - SMOKE RUN: random weights, not a colourisation - "
+        "not reviewed by a curator"]
     assert bodies[0]["id"] == f"{base}/sources/harbour.png"
     assert bodies[1]["id"] == f"{base}/items/harbour/versions/v0001/access.jpg"
     street_body = street["items"][0]["items"][0]["body"]  # original outside OUTPUT: the colour one only
@@ -283,9 +284,14 @@ def test_published_manifest_validates_and_every_image_resolves(colourised_output
     assert meta["Digital source type"] == DIGITAL_SOURCE_TYPE
     assert meta["Rights"] == "All rights reserved" and "rights" not in street  # not a rights URI: kept as text
     assert harbour["rights"] == "http://creativecommons.org/publicdomain/mark/1.0/"
-    assert harbour["requiredStatement"]["value"]["none"] == ["The harbour; Unknown photographer"]
+    # Attribution comes from rights and credit fields only: a rights URI is the rights property, a title is no credit.
+    assert "requiredStatement" not in harbour
+    assert street["requiredStatement"]["value"]["none"] == ["All rights reserved"]
     assert (harbour["width"], harbour["height"]) == (56, 40)
-    assert "smoke run" in harbour["label"]["none"][0]
+    assert harbour["label"]["none"] == ["The harbour (smoke run, not reviewed by a curator)"]
+    assert [e["value"] for e in street["metadata"] if e["label"]["en"] == ["Review"]] == [
+        {"en": ["not reviewed by a curator"]}]
+    assert "not been approved" in document["summary"]["en"][0]
     prompts = [e["value"]["none"][0] for e in harbour["metadata"] if e["label"]["en"] == ["Prompt"]]
     assert prompts == ["a boat in a harbour"]  # a primary colourisation: the caption
 
@@ -299,9 +305,12 @@ def test_an_approved_version_is_preferred_and_the_cli_writes_where_asked(colouri
     (output / "items" / "street" / "approved.json").write_text(json.dumps({"version": 1}))
     target = output / "public" / "collection.json"
     assert main(["iiif", str(output), "--base-url", "https://images.example.org/c/", "-o", str(target)]) == 0
-    assert capsys.readouterr().out.strip() == \
-        "wrote a IIIF manifest of 2 items: https://images.example.org/c/public/collection.json"
-    street = json.loads(target.read_text())["items"][1]
+    captured = capsys.readouterr()
+    assert captured.out.strip() == \
+        "wrote a IIIF manifest of 1 items: https://images.example.org/c/public/collection.json"
+    assert "left out: item 'harbour': no version is approved (--unreviewed adds" in captured.err
+    [street] = json.loads(target.read_text())["items"]
+    assert "not reviewed" not in json.dumps(street)
     assert street["items"][0]["items"][0]["body"]["id"].endswith("/items/street/versions/v0001/access.jpg")
     prompts = [e["value"]["none"][0] for e in street["metadata"] if e["label"]["en"] == ["Prompt"]]
     assert prompts == [records["street"][0]["target_prompt"]]
@@ -311,6 +320,8 @@ def test_publishing_refuses_a_bad_base_url_and_an_empty_output(tmp_path, capsys)
     assert main(["iiif", str(tmp_path), "--base-url", "ftp://x"]) == 2
     assert "must be an http(s) URL" in capsys.readouterr().err
     assert main(["iiif", str(tmp_path), "--base-url", "https://x.org"]) == 2
+    assert "has an approved version (--unreviewed adds the latest done versions) to publish" in capsys.readouterr().err
+    assert main(["iiif", str(tmp_path), "--base-url", "https://x.org", "--unreviewed"]) == 2
     assert "has a done version to publish" in capsys.readouterr().err
 
 
@@ -462,3 +473,135 @@ def test_an_image_url_with_control_characters_or_credentials_is_refused():
                 "https://user:pa/ss@images.example/a.jpg"):
         with pytest.raises(RefusedBody):
             image_url({"id": url, "type": "Image"})
+
+
+def _copy(colourised_output, tmp_path) -> Path:
+    import shutil
+
+    output = tmp_path / "copy"
+    shutil.copytree(colourised_output[0], output)
+    return output
+
+
+def _set_fields(output: Path, item_id: str, **fields) -> None:
+    """Record fields as a run would have recorded them, in every record of the item."""
+    folder = output / "items" / item_id
+    for path in [folder / "result.json", *(folder / "versions").glob("*.json")]:
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **fields)))
+
+
+def _set_catalogue(output: Path, item_id: str, catalogue: dict) -> None:
+    _set_fields(output, item_id, catalogue=catalogue)
+
+
+def _canvases(document: dict) -> dict:
+    from iiif_prezi3 import Manifest
+
+    Manifest.model_validate_json(json.dumps(document))  # iiif-prezi3 parses it back
+    return {canvas["id"].rsplit("/", 1)[-1]: canvas for canvas in document["items"]}
+
+
+def test_by_default_only_approved_versions_are_published_and_unreviewed_ones_are_marked(colourised_output, tmp_path,
+                                                                                          capsys):
+    from diffcolor.archive.decisions import record_decision
+    from diffcolor.archive.iiif_publish import publish_iiif
+
+    output = _copy(colourised_output, tmp_path)
+    base = "https://images.example.org/c"
+    assert main(["iiif", str(output), "--base-url", base]) == 2  # nothing approved: nothing to publish
+    assert "no item under" in capsys.readouterr().err
+    record_decision(str(output), "harbour", 1, "approved", "Ada")
+    publication = publish_iiif(str(output), base)
+    assert publication.items == ["harbour"]
+    assert any(why.startswith("item 'street': no version is approved") for why in publication.left_out)
+    harbour = _canvases(publication.manifest)["harbour"]
+    assert "not reviewed" not in json.dumps(harbour) and "not been approved" not in json.dumps(publication.manifest)
+    [review] = [e["value"]["en"][0] for e in harbour["metadata"] if e["label"]["en"] == ["Review"]]
+    assert review.startswith("approved by a curator on 20")
+
+    # --unreviewed adds street's latest done version (v2), marked in its label, its colour body and its metadata.
+    assert main(["iiif", str(output), "--base-url", base, "--unreviewed"]) == 0
+    canvases = _canvases(json.loads((output / "iiif" / "manifest.json").read_text()))
+    street = canvases["street"]
+    assert street["items"][0]["items"][0]["body"]["id"].endswith("/items/street/versions/v0002/access.jpg")
+    assert "not reviewed by a curator" in street["label"]["none"][0]
+    assert "not reviewed by a curator" in street["items"][0]["items"][0]["body"]["label"]["en"][0]
+    assert [e["value"]["en"] for e in street["metadata"] if e["label"]["en"] == ["Review"]] == [
+        ["not reviewed by a curator"]]
+    assert "not reviewed" not in json.dumps(canvases["harbour"])  # the approved one stays approved
+
+    # A version a curator rejected is never published, not even as unreviewed.
+    record_decision(str(output), "street", 2, "rejected", "Bo")
+    publication = publish_iiif(str(output), base, unreviewed=True)
+    assert publication.items == ["harbour"]
+    assert "item 'street': a curator rejected its latest version 2" in publication.left_out
+
+
+def test_every_image_body_states_its_own_files_size(colourised_output, tmp_path):
+    from diffcolor.archive.iiif_publish import publish_iiif
+
+    output = _copy(colourised_output, tmp_path)
+    # The access copy is smaller than the master (as a 512-pixel access copy of a 6000x4000 scan is); the
+    # original was rescanned larger than the record says. Each body must say what its file is.
+    Image.new("RGB", (28, 20), (200, 10, 10)).save(output / "items" / "harbour" / "versions" / "v0001" / "access.jpg")
+    Image.new("L", (112, 80), 128).save(output / "sources" / "harbour.png")
+    _set_fields(output, "harbour", source_uri=str(output / "sources" / "harbour.png"))  # the original in this copy
+    record = json.loads((output / "items" / "harbour" / "result.json").read_text())
+    assert (record["source"]["width"], record["source"]["height"]) == (56, 40)
+    canvases = _canvases(publish_iiif(str(output), "https://x.org/c", unreviewed=True).manifest)
+    original, colour = canvases["harbour"]["items"][0]["items"][0]["body"]["items"]
+    assert (original["width"], original["height"]) == (112, 80)
+    assert (colour["width"], colour["height"]) == (28, 20)
+    assert (canvases["harbour"]["width"], canvases["harbour"]["height"]) == (112, 80)  # the original's size
+    street = canvases["street"]["items"][0]["items"][0]["body"]  # no publishable original: the access copy's size
+    with Image.open(output / "items" / "street" / "versions" / "v0002" / "access.jpg") as image:
+        assert (street["width"], street["height"]) == image.size == (canvases["street"]["width"],
+                                                                     canvases["street"]["height"])
+    # An access copy that is not an image is left out, named, never published with a made-up size.
+    (output / "items" / "street" / "versions" / "v0002" / "access.jpg").write_bytes(b"not a jpeg")
+    publication = publish_iiif(str(output), "https://x.org/c", unreviewed=True)
+    assert publication.items == ["harbour"] and any("not a readable image" in why for why in publication.left_out)
+
+
+@pytest.mark.parametrize(("catalogue", "statement"), [
+    ({"title": "The harbour", "creator": "Unknown photographer"}, None),  # no rights or credit: no statement
+    ({"title": "The harbour", "credit_line": "Photo: City Archive"}, "Photo: City Archive"),
+    ({"Credit Line": "City Archive", "rights": "In copyright"}, "City Archive; In copyright"),
+    ({"attribution": "Gift of A. Donor", "credit": "City Archive",
+      "rights": "http://rightsstatements.org/vocab/InC/1.0/"}, "City Archive; Gift of A. Donor"),
+])
+def test_attribution_comes_from_rights_and_credit_fields_only(colourised_output, tmp_path, catalogue, statement):
+    from diffcolor.archive.iiif_publish import publish_iiif
+
+    output = _copy(colourised_output, tmp_path)
+    _set_catalogue(output, "harbour", catalogue)
+    harbour = _canvases(publish_iiif(str(output), "https://x.org/c", unreviewed=True).manifest)["harbour"]
+    if statement is None:
+        assert "requiredStatement" not in harbour
+    else:
+        assert harbour["requiredStatement"] == {"label": {"en": ["Attribution"]}, "value": {"none": [statement]}}
+    assert "Photographer" not in json.dumps(harbour.get("requiredStatement", {}))
+
+
+@pytest.mark.parametrize("field", ["accession_number", "accession", "Accession Number"])
+def test_the_accession_number_is_in_the_canvas_metadata(colourised_output, tmp_path, field):
+    from diffcolor.archive.iiif_publish import publish_iiif
+
+    output = _copy(colourised_output, tmp_path)
+    _set_catalogue(output, "harbour", {"title": "The harbour", field: "1921.44.7"})
+    harbour = _canvases(publish_iiif(str(output), "https://x.org/c", unreviewed=True).manifest)["harbour"]
+    assert [e["value"] for e in harbour["metadata"] if e["label"]["en"] == ["Accession number"]] == [
+        {"none": ["1921.44.7"]}]
+
+
+def test_an_image_size_is_read_from_the_header_as_shown(tmp_path):
+    from diffcolor.archive.iiif_publish import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 60x20, shown turned by a quarter: 20x60
+    Image.new("RGB", (60, 20)).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("RGB", (60, 20)).save(tmp_path / "plain.tif")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    assert image_size(str(tmp_path / "turned.jpg")) == (20, 60)
+    assert image_size(str(tmp_path / "plain.tif")) == (60, 20)
+    assert image_size(str(tmp_path / "broken.jpg")) is None and image_size(str(tmp_path / "missing.png")) is None

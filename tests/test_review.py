@@ -212,3 +212,80 @@ def test_the_api_is_listed_on_an_offline_page(output):
     assert "<code>/api/items/{item_id}/decisions</code>" in page and "<code>/api/recolour</code>" in page
     assert "https://" not in page and "http://" not in page  # nothing loaded from elsewhere
     assert client.get("/openapi.json").json()["info"]["title"] == "DiffColor Archive review"
+
+
+def _skip_row(record: dict) -> dict:
+    """A rerun's row for a done item, as the collection flow writes it: no metrics, the done version's number."""
+    return {"item_id": record["item_id"], "status": "skipped_done", "version": record["version"],
+            "caption": record["caption"], "catalogue": record["catalogue"], "smoke_run": True,
+            "created_at": "2026-01-02T00:00:00+00:00"}
+
+
+def test_reruns_that_skip_or_fail_never_hide_an_items_done_version(tmp_path):
+    out = str(tmp_path / "out")
+    records = [_write_item(out, "fitted", state=True), _write_item(out, "nostate", state=False)]
+    records[1].update(max_delta_l=1.5, colorfulness=30.0)
+    write_results(records, f"{out}/runs/20260101T000000Z-aaaaaa/results.parquet")
+    # A nightly rerun skips both; the next one fails on one item (a failed attempt, no version).
+    write_results([_skip_row(record) for record in records], f"{out}/runs/20260102T000000Z-bbbbbb/results.parquet")
+    failure = {"item_id": "nostate", "status": "failed", "error_class": "unreadable_input", "version": None,
+               "error_message": "the source could not be read", "catalogue": {"title": "Dog nostate, renamed",
+                                                                              "collection": "Dogs"},
+               "created_at": "2026-01-03T00:00:00+00:00"}
+    write_results([_skip_row(records[0]), failure], f"{out}/runs/20260103T000000Z-cccccc/results.parquet")
+    client, _, _ = _client(out)
+    done = client.get("/api/items?status=done").json()
+    assert done["total"] == 2
+    fitted, nostate = done["items"]
+    assert (fitted["status"], fitted["version"], fitted["clip_score"], fitted["max_delta_l"]) == ("done", 1, 20.0, 0.4)
+    assert (nostate["version"], nostate["max_delta_l"], nostate["colorfulness"]) == (1, 1.5, 30.0)
+    # The failed attempt is noted beside the done version; the catalogue is the latest one.
+    assert (nostate["latest_status"], nostate["latest_error"]) == ("failed", "the source could not be read")
+    assert "Dog nostate, renamed" in nostate["catalogue_text"]
+    assert fitted["latest_status"] == "skipped_done" and fitted["latest_error"] is None
+    assert client.get("/api/items?status=failed").json()["total"] == 0
+    assert client.get("/api/items?status=skipped_done").json()["total"] == 0
+    # Metric filters see the done versions' metrics.
+    assert [i["item_id"] for i in client.get("/api/items?min_max_delta_l=1").json()["items"]] == ["nostate"]
+    assert [i["item_id"] for i in client.get("/api/items?max_max_delta_l=1&min_clip_score=19").json()["items"]] == [
+        "fitted"]
+    page = client.get("/").text
+    assert "skipped_done</span>" not in page and page.count("<span class=badge>done</span>") == 2
+    assert "max ΔL* 1.50" in page and "max ΔL* 0.40" in page and "CLIP 20.0" in page
+    assert "latest run (2026-01-03T00:00:00+00:00): failed: the source could not be read" in page
+    # The item page shows the done version too, with the later failed attempt (its record in attempts/) noted.
+    storage.write_json(f"{out}/items/nostate/attempts/20260103T000000Z-0a1b2c3d.json", failure)
+    item = client.get("/api/items/nostate").json()
+    assert item["status"] == "done" and [v["version"] for v in item["versions"]] == [1]
+    assert item["later_failure"] == {"created_at": "2026-01-03T00:00:00+00:00",
+                                     "error_message": "the source could not be read"}
+    assert "A later run failed on this item" in client.get("/items/nostate").text
+    storage.write_json(f"{out}/items/fitted/attempts/20251231T000000Z-0a1b2c3d.json",  # before its version: not noted
+                       dict(failure, item_id="fitted", created_at="2025-12-31T00:00:00+00:00"))
+    assert client.get("/api/items/fitted").json()["later_failure"] is None
+    # A reprocess that adds version 2, then a rerun that skips it: version 2 with its own metrics.
+    second = dict(records[0], version=2, max_delta_l=0.9, created_at="2026-01-04T00:00:00+00:00")
+    write_results([second], f"{out}/runs/20260104T000000Z-dddddd/results.parquet")
+    write_results([_skip_row(second)], f"{out}/runs/20260105T000000Z-eeeeee/results.parquet")
+    client, _, _ = _client(out)
+    fitted = client.get("/api/items?q=fitted").json()["items"][0]
+    assert (fitted["status"], fitted["version"], fitted["max_delta_l"]) == ("done", 2, 0.9)
+
+
+def test_the_metric_filters_are_declared_query_parameters_of_the_items_api(output):
+    from diffcolor.archive.browse import METRICS
+
+    client, _, _ = _client(output)
+    parameters = {p["name"]: p for p in client.get("/openapi.json").json()["paths"]["/api/items"]["get"]["parameters"]}
+    for metric in METRICS:
+        for side in ("min", "max"):
+            declared = parameters[f"{side}_{metric}"]
+            assert declared["in"] == "query" and declared["schema"]["type"] == "number" and metric in declared["description"]
+    assert "min_clip_score" in client.get("/api-docs").text
+    # Bounds are numbers; an empty one (a form's blank field) is no bound; anything else is refused, naming it.
+    assert client.get("/api/items?min_clip_score=&max_clip_score=").json()["total"] == 2
+    assert client.get("/api/items?min_clip_score=19.5&max_clip_score=2e1").json()["total"] == 2
+    for bad in ("abc", "nan", "inf", "-Infinity", "1e999"):
+        refused = client.get(f"/api/items?max_max_delta_l={bad}")
+        assert refused.status_code == 400 and "max_max_delta_l must be a finite number" in refused.json()["detail"]
+    assert client.get("/?min_colorfulness=nan").status_code == 400

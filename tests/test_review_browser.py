@@ -3,22 +3,28 @@
 A small collection is colourised with the tiny bundle and the smoke preset,
 then a curator browses it, opens an item, colours a word of its caption,
 watches version 2 appear (the reprocess flow, run by the server) and approves
-it (signed in with the form at /login); the decision is then found in the item's records. Set
+it (signed in with the form at /login): the page shows the approval's result, and
+the decision is then found in the item's records. Before that, two reruns (one
+skipping every item, one where an item fails) must not hide the done versions. Set
 ``DIFFCOLOR_SCREENSHOT_DIR`` to keep the item page's screenshot (README).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
+import urllib.request
 
+import pyarrow.parquet as pq
 import pytest
-from test_flows import _collection
+from test_flows import _collection, write_manifest
 from test_report_browser import _errors, browser  # noqa: F401  (the Chromium fixture)
 
 from diffcolor.archive import storage
+from diffcolor.archive.results import read_results
 
 pytestmark = pytest.mark.browser
 TOKEN = "browser-test-token-0123456789"
@@ -41,6 +47,17 @@ def review_server(prefect_server, tmp_path, monkeypatch):
     manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
     assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", pool="inline"),
                                return_state=True).is_completed()
+    # Two nightly reruns: one skips every item; in the next one p1 is asked for again (a new caption) and its
+    # source has become unreadable, so it fails. Neither may hide the done versions.
+    colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", pool="inline"), return_state=True)
+    rows = pq.read_table(manifest).to_pylist()
+    rows[1]["caption"] = "a dog sitting on a bench"
+    write_manifest(manifest, rows)
+    (tmp_path / "images" / "p1.png").write_bytes(b"not an image any more")
+    colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", pool="inline"), return_state=True)
+    runs = [run for run in storage.list_folders(str(out / "runs"))]
+    statuses = [sorted(r["status"] for r in read_results(f"{run}/results.parquet").to_pylist()) for run in runs]
+    assert statuses == [["done", "done"], ["skipped_done", "skipped_done"], ["failed", "skipped_done"]]
     port = _free_port()
     app = create_app(ReviewConfig(output=str(out), token=TOKEN, reprocess_options={"pool": "inline", "device": "cpu"},
                                   port=port))
@@ -65,6 +82,14 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
     WebDriverWait(browser, 30).until(lambda driver: "items match" in driver.find_element("tag name", "body").text)
     assert "2 items match" in browser.find_element("tag name", "body").text
     assert _errors(browser) == []
+    # After the reruns every card shows its done version with its metrics; p1's failed attempt is noted.
+    cards = {card.get_attribute("data-item"): card.text for card in browser.find_elements("css selector", ".card")}
+    assert set(cards) == {"p0", "p1"} and all("done" in text and "skipped_done" not in text for text in cards.values())
+    assert all("max ΔL* –" not in text and "CLIP –" not in text for text in cards.values())
+    assert "failed" in cards["p1"] and "failed" not in cards["p0"]
+    listed = json.loads(urllib.request.urlopen(f"{base}/api/items?status=done&min_max_delta_l=0", timeout=30).read())
+    assert [item["item_id"] for item in listed["items"]] == ["p0", "p1"]
+    assert all(item["version"] == 1 and item["max_delta_l"] is not None for item in listed["items"])
     thumbnails = browser.execute_script("return [...document.images].map(i => [i.complete, i.naturalWidth])")
     assert len(thumbnails) == 4 and all(done and width > 0 for done, width in thumbnails)
 
@@ -84,12 +109,18 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
     assert "a red dog sitting on a wooden bench" in versions
     assert _errors(browser) == []
 
-    # Approve version 2 with a note; the page shows it published.
+    # An approval without a name is refused, and the page says why.
+    browser.find_element("id", "approve").click()
+    WebDriverWait(browser, 30).until(lambda driver: "✗" in driver.find_element("id", "decision-result").text)
+    assert "curator's name" in browser.find_element("id", "decision-result").text
+    # Approve version 2 with a note; the page shows the result, the decision and the version published.
     browser.find_element("id", "curator").send_keys("Ada Curator")
     browser.find_element("id", "note").send_keys("the dog was red")
     browser.find_element("id", "approve").click()
     WebDriverWait(browser, 30).until(lambda driver: "Ada Curator" in driver.find_element("id", "decisions").text)
-    assert "published: v2" in browser.find_element("tag name", "body").text
+    assert browser.find_element("id", "decision-result").text.startswith("✓ approved v2 by Ada Curator at ")
+    assert "published: v2" in browser.find_element("id", "published").text
+    assert _errors(browser) == []
     if os.environ.get("DIFFCOLOR_SCREENSHOT_DIR"):
         browser.set_window_size(1280, 1400)
         browser.execute_script("window.scrollTo(0, 0)")

@@ -532,14 +532,14 @@ def test_iiif_publishing_leaves_out_a_linked_item_and_writes_nothing_outside(lin
     os.remove(f"{out}/items/third/result.json")
     os.symlink(outside / "record.json", f"{out}/items/third/result.json")
     before = _tree(outside)
-    publication = publish_iiif(out, "https://example.org/colour")
+    publication = publish_iiif(out, "https://example.org/colour", unreviewed=True)
     assert publication.items == ["fitted", "nostate"]
     assert any("item 'third'" in why and "outside the output" in why for why in publication.left_out)
     assert "SECRET" not in json.dumps(publication.manifest) and _tree(outside) == before
     os.rename(f"{out}/iiif", outside / "iiif")
     os.symlink(outside / "iiif", f"{out}/iiif")
     with pytest.raises(storage.OutsideRootError):
-        publish_iiif(out, "https://example.org/colour")
+        publish_iiif(out, "https://example.org/colour", unreviewed=True)
     assert json.loads((outside / "iiif" / "manifest.json").read_text()) == publication.manifest  # not rewritten
 
 

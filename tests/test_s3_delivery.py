@@ -63,7 +63,7 @@ def test_review_browses_and_records_a_decision_on_s3(s3_output):
 def test_iiif_manifest_published_into_the_bucket_names_only_its_objects(s3_output):
     output, _ = s3_output
     base = "https://images.example.org/colour"
-    publication = publish_iiif(output, base)
+    publication = publish_iiif(output, base, unreviewed=True)
     document = storage.read_json(f"{output}/iiif/manifest.json")
     assert document == publication.manifest and publication.items == ["harbour", "street"]
     bodies = [canvas["items"][0]["items"][0]["body"] for canvas in document["items"]]

@@ -3,12 +3,17 @@
 Browsing 100,000 items must not read 100,000 item folders. Every run (the
 collection flow, reprocess, review runs of :mod:`diffcolor.archive.decisions`)
 publishes ``OUTPUT/runs/RUN_ID/results.parquet``; run ids sort by time, so
-reading them in name order and keeping each item's last row gives its latest
-outcome. Per item the table keeps:
+reading them in name order gives each item's history. Per item the table keeps
+its current state, which a later skip or failure never hides:
 
-- the latest row's status, caption, prompt, metrics, smoke flag and catalogue
-  (as ``catalogue_text``, "title: ...; accession number: ...", and ``collection``);
-- ``version``: the highest version any done (or skipped-as-done) row names;
+- ``version``: the highest version a done (or skipped-as-done) row names, and
+  from that version's latest done row (else its latest skip) the caption,
+  prompt, metrics and smoke flag; ``status`` is ``done``. An item never done
+  shows its latest row (``failed``, ``not_grayscale``);
+- ``latest_status``, ``latest_error``, ``latest_at``: the latest attempt when it
+  is another row than the current one (a rerun that skipped or failed), else null;
+- the catalogue (as ``catalogue_text``, "title: ...; accession number: ...", and
+  ``collection``), from the latest attempt that has one;
 - the latest decision (``decision``, ``decided_version``, ``decided_by``, ``decided_at``).
 
 :class:`CollectionTable` caches each run's rows by run and re-reads only runs
@@ -70,27 +75,57 @@ def latest_per_item(runs: list[pa.Table]) -> pa.Table:
         return _empty()
     rows = pa.concat_tables(runs, promote_options="permissive")
     rows = rows.append_column("order", pa.array(range(rows.num_rows), pa.int64()))
-    # the latest outcome of each item: its last row that is not a review run's (those repeat a decided version)
-    last = rows.filter(pc.is_null(rows["decision"])).group_by("item_id").aggregate([("order", "max")])
-    latest = rows.take(last["order_max"])  # order is the row's index
-    # the highest version of a done (or skipped-as-done) row
-    done = rows.filter(pc.is_in(rows["status"], pa.array(["done", "skipped_done"])))
-    versions = done.group_by("item_id").aggregate([("version", "max")])
+    # a review run's rows repeat a decided version: they carry decisions, not outcomes
+    attempts = rows.filter(pc.is_null(rows["decision"]))
+    last = attempts.group_by("item_id").aggregate([("order", "max")]).rename_columns(["item_id", "last"])
+    # the current version: the highest version a done (or skipped-as-done) row names; of its rows, the latest
+    # done one (it carries the version's metrics), else the latest skip
+    done = attempts.filter(pc.is_in(attempts["status"], pa.array(["done", "skipped_done"])))
+    rank = pc.add(pc.add(pc.multiply(pc.fill_null(done["version"], 0), _VERSION_STEP),
+                         pc.multiply(pc.cast(pc.equal(done["status"], "done"), pa.int64()), _DONE_STEP)),
+                  done["order"])
+    best = pa.table({"item_id": done["item_id"], "rank": rank}).group_by("item_id").aggregate([("rank", "max")])
+    best = pa.table({"item_id": best["item_id"], "current": pc.bit_wise_and(best["rank_max"], _DONE_STEP - 1)})
+    chosen = last.join(best, "item_id", join_type="left outer")
+    # an item never done shows its latest outcome (failed, not_grayscale)
+    current = rows.take(pc.coalesce(chosen["current"], chosen["last"]))
+    latest = rows.take(chosen["last"])
+    done_now = pc.is_in(current["status"], pa.array(["done", "skipped_done"]))
+    # the latest attempt when it is not the current version's own row: a later failure or skip is noted, never shown
+    # in its place
+    other = pc.not_equal(latest["order"], current["order"])
+    current = current.set_column(current.column_names.index("status"), "status",
+                                 pc.if_else(done_now, pa.scalar("done"), current["status"]))
+    current = current.drop_columns(["decision", "decided_by", "decided_at", "order"]).append_column(
+        "latest_status", pc.if_else(other, latest["status"], pa.scalar(None, pa.string()))).append_column(
+        "latest_error", pc.if_else(other, latest["error_message"], pa.scalar(None, pa.string()))).append_column(
+        "latest_at", pc.if_else(other, latest["created_at"], pa.scalar(None, pa.string())))
     # the latest decision
     decided = rows.filter(pc.is_valid(rows["decision"]))
     last_decision = decided.group_by("item_id").aggregate([("order", "max")])
     decisions = decided.filter(pc.is_in(decided["order"], last_decision["order_max"])).select(
         ["item_id", "decision", "version", "decided_by", "decided_at"]).rename_columns(
         ["item_id", "decision", "decided_version", "decided_by", "decided_at"])
-    latest = latest.drop_columns(["version", "decision", "decided_by", "decided_at"])
-    table = latest.join(versions, "item_id", join_type="left outer").rename_columns(
-        [*latest.column_names, "version"])
-    table = table.join(decisions, "item_id", join_type="left outer")
-    texts = [_catalogue_text(text) for text in table["record_json"].to_pylist()]
+    table = current.join(decisions, "item_id", join_type="left outer")
+    # the catalogue describes the object, not a version: the latest attempt's, else the current row's
+    catalogue_of = dict(zip(latest["item_id"].to_pylist(), latest["record_json"].to_pylist()))
+    texts = [_catalogue_text(_with_catalogue(catalogue_of.get(item_id), own))
+             for item_id, own in zip(table["item_id"].to_pylist(), table["record_json"].to_pylist())]
     table = table.drop_columns(["record_json"]).append_column(
         "catalogue_text", pa.array([text for text, _ in texts], pa.string())).append_column(
         "collection", pa.array([collection for _, collection in texts], pa.string()))
     return table.sort_by([("item_id", "ascending")])
+
+
+_DONE_STEP = 1 << 40  # rank = version * _VERSION_STEP + done * _DONE_STEP + row order (< 2**40 rows)
+_VERSION_STEP = 1 << 41
+
+
+def _with_catalogue(latest: str | None, own: str | None) -> str | None:
+    """The record JSON whose catalogue to show: the latest attempt's when it has one, else the current row's."""
+    if latest and latest != own and (json.loads(latest).get("catalogue") or None) is not None:
+        return latest
+    return own
 
 
 def _empty() -> pa.Table:
@@ -98,6 +133,7 @@ def _empty() -> pa.Table:
                      "version": pa.array([], pa.int64()), "decision": pa.array([], pa.string()),
                      "collection": pa.array([], pa.string()), "catalogue_text": pa.array([], pa.string()),
                      "smoke_run": pa.array([], pa.bool_()), "caption": pa.array([], pa.string()),
+                     **{name: pa.array([], pa.string()) for name in ("latest_status", "latest_error", "latest_at")},
                      **{name: pa.array([], pa.float64()) for name in METRICS}})
 
 
