@@ -417,14 +417,12 @@ def cmd_manifest_validate(args) -> int:
         from diffcolor.tools.tiny import named_prompt_limit
 
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
-    else:
-        print("prompt lengths not checked: give --model to check them against the model's text encoder",
-              file=sys.stderr)
     problems = validate_manifest(args.file, prompt_limit=limit)
     if problems:
         return _print_problems(
             problems, f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
-    print(f"{args.file}: OK, {count_rows(args.file)} items")
+    unchecked = "" if limit else " (prompt lengths not checked: give --model to check them against its text encoder)"
+    print(f"{args.file}: OK, {count_rows(args.file)} items{unchecked}")
     return 0
 
 

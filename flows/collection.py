@@ -184,8 +184,7 @@ def _colorize_collection(manifest: str, output: str, model: str, options: RunOpt
     refuse_credentials(manifest, output, model, options.clip, what="flow parameter")  # a deployment's are stored
     manifest, output = storage.absolute(manifest), storage.absolute(output)  # records name absolute URIs
 
-    # 1. The output can be written, and the manifest (and the selected ids) is valid, before any GPU work.
-    check_output_writable(output)
+    # 1. The manifest (and the selected ids) is valid, before any GPU work:
     #    read_items validates the whole manifest on its first read and raises
     #    ManifestError naming every bad row; unknown --items are refused too.
     requests = read_items(manifest, items=set(options.items) if options.items else None, force=options.force)
@@ -199,6 +198,7 @@ def _colorize_collection(manifest: str, output: str, model: str, options: RunOpt
     checked = preflight_model(model, clip=options.clip, allow_download=options.allow_download,
                               device="auto" if options.pool == "ray" else options.device,
                               weight_dtype=options.weight_dtype, probe_memory=False)
+    check_output_writable(output)  # a small object written and removed, before any model loads
     for note in (f"{check.name}: {note}" for check in checked.checks for note in check.notes):
         logger.info("model %s: %s", model, note)
     model_hash = checked.model_hash

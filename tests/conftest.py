@@ -9,6 +9,11 @@ import pytest
 from PIL import Image
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (real S3 API on loopback)
 
+# The test harness's Prefect server and every flow the tests run send no usage data, as the commands do
+# (flows/local.py): the machine is offline and a failed send only clutters the logs.
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):

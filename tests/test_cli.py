@@ -50,7 +50,7 @@ def test_every_help_works_with_torch_diffusers_and_prefect_unimportable():
 def test_manifest_validate_works_with_torch_unimportable(tmp_path):
     done = _diffcolor_blocked("manifest", "validate", str(DEMO))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("OK, 6 items")
+    assert "OK, 6 items" in done.stdout.strip()
 
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"item_id": ["a", "../b"], "image_uri": ["a.png", "b.png"],

@@ -146,18 +146,24 @@ def test_a_flow_refuses_parameters_that_carry_credentials(prefect_server, tmp_pa
     from flows.collection import RunOptions, colorize_collection
     from flows.reprocess import reprocess
 
+    from prefect.exceptions import FailedRun
+
     from diffcolor.common.redact import CredentialsInUriError
 
+    # A refusal ends the flow run Failed with its one line (flows/checks.py), or raises it before the run starts.
+    refused = (CredentialsInUriError, FailedRun)
     core = f"CANARY{uuid.uuid4().hex}"
-    with pytest.raises(CredentialsInUriError) as caught:
+    with pytest.raises(refused) as caught:
         colorize_collection(f"s3://key:{_canary(core)}@bucket/m.parquet", str(tmp_path / "out"), "tiny",
                             RunOptions(preset="smoke", pool="inline"))
     assert core not in str(caught.value) and "carries credentials" in str(caught.value)
-    with pytest.raises(CredentialsInUriError):
+    with pytest.raises(refused) as caught:
         reprocess(f"https://user:{_canary(core)}@host.example/out", [{"item_id": "a", "target_prompt": "a red dog"}])
-    with pytest.raises(CredentialsInUriError):
+    assert core not in str(caught.value) and "carries credentials" in str(caught.value)
+    with pytest.raises(refused) as caught:
         colorize_collection(str(tmp_path / "m.parquet"), str(tmp_path / "out"), f"https://u:{_canary(core)}@m.example/x",
                             RunOptions(preset="smoke", pool="inline"))
+    assert core not in str(caught.value) and "carries credentials" in str(caught.value)
     assert not (tmp_path / "out").exists()
 
 

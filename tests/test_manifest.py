@@ -94,7 +94,7 @@ def test_cli_validate_prints_one_line_per_problem_and_exits_1(bad_manifest, caps
 
 def test_cli_validate_accepts_the_demo_manifest(capsys):
     assert main(["manifest", "validate", str(REPO / "manifests" / "demo.parquet")]) == 0
-    assert capsys.readouterr().out.strip().endswith("OK, 6 items")
+    assert "OK, 6 items" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

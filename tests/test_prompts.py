@@ -214,7 +214,7 @@ def test_manifest_validate_with_the_model_names_the_row_and_the_lost_words(model
     path = tmp_path / "m.parquet"
     pq.write_table(table, path)
     assert main(["manifest", "validate", str(path)]) == 0  # without a model: lengths are not known
-    assert "prompt lengths not checked: give --model" in capsys.readouterr().err
+    assert "prompt lengths not checked: give --model" in capsys.readouterr().out
     assert main(["manifest", "validate", str(path), "--model", "tiny"]) == 1
     out = capsys.readouterr().out
     assert "row 2, column 'caption': the caption with its identifiers is" in out and "would be cut off" in out

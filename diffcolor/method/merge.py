@@ -146,20 +146,7 @@ def merge_full_resolution(
 
     with torch.no_grad():
         # 3. First pass: the cell means of L*, L*^2, the bilinearly upsampled chroma p and L* p.
-        chroma_columns = F.interpolate(chroma[None], size=(chroma.shape[1], width), mode="bilinear",
-                                       align_corners=False)[0]  # (2, h, W): the width done once
-        sums = []
-        for top in range(0, height, strip_rows):
-            bottom = min(height, top + strip_rows)
-            maps = torch.empty((6, bottom - top, width), dtype=torch.float32, device=device)
-            source_l, _ = _neutral_lightness(_strip(gray, top, bottom, device))
-            maps[0] = source_l
-            torch.mul(source_l, source_l, out=maps[1])
-            maps[2:4] = _upsample_rows(chroma_columns, top, bottom, chroma.shape[1] / height)
-            torch.mul(maps[2:4], source_l, out=maps[4:6])
-            sums.append(F.avg_pool2d(maps[None], cell, ceil_mode=True)[0])
-        cell_means = torch.cat(sums, dim=1)
-        del sums, maps
+        cell_means = _cell_means(gray, chroma, strip_rows, cell, device)
 
         # 4. Guided-filter coefficients on the cell grid: (A_a, A_b, B_a, B_b).
         coefficients = _guided_coefficients(cell_means, (2 * radius + 1) / cell, config.eps * 100.0**2)
@@ -189,6 +176,26 @@ def merge_full_resolution(
         mean_delta_l=numbers["mean_delta_l"],
         ssim_l=numbers["ssim_l"],
     )
+
+
+def _cell_means(gray: np.ndarray, chroma: torch.Tensor, strip_rows: int, cell: int,
+                device: torch.device) -> torch.Tensor:
+    """(6, H/cell, W/cell) means over ``cell`` x ``cell`` cells of L*, L*^2, the chroma p upsampled bilinearly
+    to the full size, and L* p: the guided filter's statistics, gathered strip by strip (no full-size map)."""
+    height, width = gray.shape
+    chroma_columns = F.interpolate(chroma[None], size=(chroma.shape[1], width), mode="bilinear",
+                                   align_corners=False)[0]  # (2, h, W): the width done once
+    sums = []
+    for top in range(0, height, strip_rows):
+        bottom = min(height, top + strip_rows)
+        maps = torch.empty((6, bottom - top, width), dtype=torch.float32, device=device)
+        source_l, _ = _neutral_lightness(_strip(gray, top, bottom, device))
+        maps[0] = source_l
+        torch.mul(source_l, source_l, out=maps[1])
+        maps[2:4] = _upsample_rows(chroma_columns, top, bottom, chroma.shape[1] / height)
+        torch.mul(maps[2:4], source_l, out=maps[4:6])
+        sums.append(F.avg_pool2d(maps[None], cell, ceil_mode=True)[0])
+    return torch.cat(sums, dim=1)
 
 
 def _strip(gray: np.ndarray, top: int, bottom: int, device: torch.device) -> torch.Tensor:

@@ -663,7 +663,7 @@ def _check_consistency(configs: dict, components: dict[str, _Component]) -> Chec
         check.facts.update(sample_size=sample_size, native_side=side)
         check.summary += (f"; working size {side}x{side} (UNet sample_size {sample_size} x VAE factor {factor}; "
                           "a preset's model_pixels overrides it)")
-    elif configs.get("unet") is not None:
+    elif configs.get("unet") is not None and not isinstance(sample_size, (int, list)):  # a missing VAE is its own problem
         check.problem("unet sample_size is not set in its config: the working size cannot be known")
     return check
 
