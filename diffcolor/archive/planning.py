@@ -25,6 +25,7 @@ causes wrong or missing output, only a cheap check.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import time
 import uuid
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 from diffcolor.archive import storage
 from diffcolor.common.ids import normalize_item_id
 from diffcolor.common.items import ItemRequest
-from diffcolor.common.keys import plan_key
+from diffcolor.common.keys import plan_keys
 
 INDEX_SCHEMA = pa.schema([("item_id", pa.string()), ("plan_key", pa.string()), ("status", pa.string()),
                           ("version", pa.int64()), ("updated_at", pa.float64())])
@@ -201,14 +202,22 @@ def plan_items(requests: Iterable[ItemRequest], done: dict[str, DoneEntry], *, c
     ``missing`` (:func:`missing_done_items`) are items the index lists as done that the archive lacks:
     they are done again, never skipped.
     """
-    for request in requests:
-        key = plan_key(request, config_hash, model_hash)
+    for request, key in _with_plan_keys(requests, config_hash, model_hash):
         entry = done.get(request.item_id)
         listed = entry is not None and entry.plan_key == key
         gone = listed and request.item_id in missing
         skip = not force and listed and not gone
         yield PlannedItem(request=request, plan_key=key, skip=skip, version=entry.version if skip else None,
                           missing=gone and not force)
+
+
+PLAN_BATCH = 4096  # ours: requests whose plan keys are computed together (plan_keys), a bounded read-ahead
+
+
+def _with_plan_keys(requests: Iterable[ItemRequest], config_hash: str, model_hash: str) -> Iterator[tuple[ItemRequest, str]]:
+    stream = iter(requests)
+    while batch := list(itertools.islice(stream, PLAN_BATCH)):
+        yield from zip(batch, plan_keys(batch, config_hash, model_hash))
 
 
 def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | None]], *,
