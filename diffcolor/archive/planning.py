@@ -84,7 +84,10 @@ def _latest_entries(output: str, shards: list[str]) -> pa.Table:
     tables = [_index_table(uri) for uri in uris]
     if not tables:
         return INDEX_SCHEMA.empty_table()
-    table = pa.concat_tables(tables).sort_by([("updated_at", "ascending")])
+    table = pa.concat_tables(tables)
+    if pc.count_distinct(table["item_id"]).as_py() == table.num_rows:  # one entry per item: nothing to pick
+        return table
+    table = table.sort_by([("updated_at", "ascending")])
     latest = {item: index for index, item in enumerate(table["item_id"].to_pylist())}  # the newest row wins
     return table.take(pa.array(sorted(latest.values()), pa.int64()))
 
@@ -100,8 +103,8 @@ def read_done_index(output: str) -> dict[str, DoneEntry]:
     """item id -> :class:`DoneEntry` of the items the index lists as done (empty when there is no index)."""
     table = _latest_entries(output, _shard_uris(output))
     done = table.filter(pc.equal(table["status"], "done"))
-    return {item: DoneEntry(key, version) for item, key, version in
-            zip(done["item_id"].to_pylist(), done["plan_key"].to_pylist(), done["version"].to_pylist())}
+    entries = map(DoneEntry._make, zip(done["plan_key"].to_pylist(), done["version"].to_pylist()))
+    return dict(zip(done["item_id"].to_pylist(), entries))
 
 
 LIST_SHARD_ITEMS = 20_000  # ours: done items per S3 listing range; ranges are listed in parallel
@@ -135,8 +138,9 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
     missing when its ``result.json`` is gone, or (when the index names its
     version) that version's record, master or access copy is gone. Found by
     listing, never one request per item: on a local disk one listing of
-    ``items/``, then per done item the listing of its version's folder and
-    two ``stat`` calls (no file is opened, no round trip); on S3 the
+    ``items/``, then per done item a ``stat`` of each object it needs (the
+    version's folder is listed only when its access copy is not ``access.jpg``;
+    no file is opened, no round trip); on S3 the
     ``ListObjectsV2`` pages of ``items/``, cut into ranges of
     :data:`LIST_SHARD_ITEMS` done items listed in parallel. Whether the files
     are whole (their sha256) is ``diffcolor verify``'s audit, not the plan's.
@@ -159,7 +163,16 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
     return {item for item, entry in done.items() if have.get(item, 0) & _needed(entry) != _needed(entry)}
 
 
+def _is_there(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return True
+
+
 def _missing_on_disk(root: str, done: dict[str, DoneEntry]) -> set[str]:
+    stat = os.stat
     try:
         present = set(os.listdir(root))  # one listing of items/
     except (FileNotFoundError, NotADirectoryError):
@@ -170,13 +183,14 @@ def _missing_on_disk(root: str, done: dict[str, DoneEntry]) -> set[str]:
             missing.add(item)
             continue
         folder = f"{root}/{item}"
-        try:
-            os.stat(f"{folder}/result.json")
+        try:  # one stat per object (a path lookup each); a listing of the version's folder only when needed
+            stat(f"{folder}/result.json")
             if entry.version:
                 version = f"{folder}/versions/v{entry.version:04d}"
-                os.stat(f"{version}.json")
-                outputs = os.listdir(version)  # the version's folder: master and access copy
-                if "master.tif" not in outputs or not any(name.startswith("access.") for name in outputs):
+                stat(f"{version}.json")
+                stat(f"{version}/master.tif")
+                if not _is_there(f"{version}/access.jpg") and not any(
+                        name.startswith("access.") for name in os.listdir(version)):  # another access format
                     missing.add(item)
         except OSError:  # gone, or not a folder
             missing.add(item)
