@@ -512,3 +512,18 @@ def test_problem_and_error_lines_show_control_characters_escaped(tmp_path, capsy
     assert "no\\x1b[2Jsuch" in printed.err and len(printed.err.splitlines()) == 1
     for text in (printed.out, printed.err):
         assert not any(char in text for char in "\x1b\x07\u202e")
+
+
+def test_the_caption_check_agrees_with_rewrite_caption_on_every_caption():
+    from diffcolor.common.captions import has_content_word, rewrite_caption
+    from diffcolor.common.errors import PromptError
+
+    captions = ["a dog", "a the of", "sks", "SKS dog", "42 7", "--- !!", "", "  ", "l'été à Paris", "the 1920s",
+                "a 犬", "é", "_under score", "a, the; of.", "Ölbild", "in the of sks a", "x"]
+    for caption in captions:
+        try:
+            rewrite_caption(caption)
+            rewrites = True
+        except PromptError:
+            rewrites = False
+        assert has_content_word(caption) is rewrites, caption

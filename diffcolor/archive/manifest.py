@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
 from diffcolor.archive.outside import is_http
-from diffcolor.common.captions import build_target_prompt, rewrite_caption
+from diffcolor.common.captions import build_target_prompt, has_content_word, rewrite_caption
 from diffcolor.common.errors import (
     InputUnavailableError,
     PermanentError,
@@ -333,10 +333,14 @@ class _RowChecker:
                 if text is None or not text.strip():
                     add(row, "caption", "empty caption")
                 else:
-                    caption = self._rewritten(text.strip())
-                    if isinstance(caption, PromptError):
-                        add(row, "caption", str(caption))
-                        caption = None
+                    stripped = text.strip()
+                    if "color_map" in columns and columns["color_map"][index] is not None:  # its check needs c'
+                        caption = self._rewritten(stripped)
+                        if isinstance(caption, PromptError):
+                            add(row, "caption", str(caption))
+                            caption = None
+                    elif not has_content_word(stripped):
+                        add(row, "caption", str(self._rewritten(stripped)))  # rewrite_caption's PromptError
             # 4. target_prompts: each entry non-empty.
             if "target_prompts" in columns:
                 for number, prompt in enumerate(columns["target_prompts"][index] or (), start=1):
@@ -589,8 +593,9 @@ def _iter_items(uri: str, batch_size: int, wanted: set[str] | None, force: bool)
         kind = _color_map_kind(schema.field("color_map").type) if "color_map" in schema.names else None
         for batch in _batches(parquet, uri, batch_size, None):
             columns = {name: _column_values(batch, name) for name in batch.schema.names}
-            for index in range(batch.num_rows):
-                row = {name: values[index] for name, values in columns.items()}
+            names = list(columns)
+            for values in zip(*columns.values()):
+                row = dict(zip(names, values))
                 item_id = unicodedata.normalize("NFC", row["item_id"]).strip()
                 if wanted is not None and item_id.casefold() not in wanted:
                     continue

@@ -82,7 +82,8 @@ def plan_keys(requests: Sequence[ItemRequest], config_hash: str, model_hash: str
         try:
             return list(map(_STRING, values))  # all str: the common case, one C-level pass
         except TypeError:  # a None or another type somewhere: as the encoder writes each
-            return [_STRING(value) if isinstance(value, str) else _JSON.encode(value) for value in values]
+            return [_STRING(value) if isinstance(value, str) else "null" if value is None else _JSON.encode(value)
+                    for value in values]
 
     def field(name: str) -> list:
         return list(map(attrgetter(name), requests))
