@@ -180,6 +180,8 @@ def test_done_items_missing_from_the_archive_are_found_by_listing_and_not_skippe
     for item in ids:
         _archive_item(output, item)
     _archive_item(output, "not-in-index")
+    storage.write_bytes(f"{output}/items/b/versions/v0001/access.png", b"png")
+    storage.remove(f"{output}/items/b/versions/v0001/access.jpg")  # an access copy in another format counts
     update_done_index(output, [(item, f"k-{item}", "done", 1) for item in ids])
     done = read_done_index(output)
     assert missing_done_items(output, done) == set()

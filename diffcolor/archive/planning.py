@@ -138,7 +138,7 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
     missing when its ``result.json`` is gone, or (when the index names its
     version) that version's record, master or access copy is gone. Found by
     listing, never one request per item: on a local disk one listing of
-    ``items/``, then per done item a ``stat`` of each object it needs (the
+    ``items/``, then per done item an ``access`` check of each object it needs (the
     version's folder is listed only when its access copy is not ``access.jpg``;
     no file is opened, no round trip); on S3 the
     ``ListObjectsV2`` pages of ``items/``, cut into ranges of
@@ -163,37 +163,32 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
     return {item for item, entry in done.items() if have.get(item, 0) & _needed(entry) != _needed(entry)}
 
 
-def _is_there(path: str) -> bool:
+def _lists_an_access_copy(version: str) -> bool:
     try:
-        os.stat(path)
-    except OSError:
+        return any(name.startswith("access.") for name in os.listdir(version))
+    except OSError:  # gone, or not a folder
         return False
-    return True
 
 
 def _missing_on_disk(root: str, done: dict[str, DoneEntry]) -> set[str]:
-    stat = os.stat
     try:
         present = set(os.listdir(root))  # one listing of items/
     except (FileNotFoundError, NotADirectoryError):
         return set(done)
+    there, exists = os.access, os.F_OK  # a path lookup per object, and no stat result built in Python
     missing = set()
     for item, entry in done.items():
         if item not in present:
             missing.add(item)
             continue
         folder = f"{root}/{item}"
-        try:  # one stat per object (a path lookup each); a listing of the version's folder only when needed
-            stat(f"{folder}/result.json")
-            if entry.version:
-                version = f"{folder}/versions/v{entry.version:04d}"
-                stat(f"{version}.json")
-                stat(f"{version}/master.tif")
-                if not _is_there(f"{version}/access.jpg") and not any(
-                        name.startswith("access.") for name in os.listdir(version)):  # another access format
-                    missing.add(item)
-        except OSError:  # gone, or not a folder
+        if not there(f"{folder}/result.json", exists):
             missing.add(item)
+        elif entry.version:
+            version = f"{folder}/versions/v{entry.version:04d}"
+            if not (there(f"{version}.json", exists) and there(f"{version}/master.tif", exists)
+                    and (there(f"{version}/access.jpg", exists) or _lists_an_access_copy(version))):
+                missing.add(item)  # the version's folder is listed only when its access copy is not access.jpg
     return missing
 
 
