@@ -103,7 +103,9 @@ def read_done_index(output: str) -> dict[str, DoneEntry]:
     """item id -> :class:`DoneEntry` of the items the index lists as done (empty when there is no index)."""
     table = _latest_entries(output, _shard_uris(output))
     done = table.filter(pc.equal(table["status"], "done"))
-    entries = map(DoneEntry._make, zip(done["plan_key"].to_pylist(), done["version"].to_pylist()))
+    # DoneEntry tuples made in C (tuple.__new__), not through the NamedTuple's Python-level __new__
+    pairs = zip(done["plan_key"].to_pylist(), done["version"].to_pylist())
+    entries = map(tuple.__new__, itertools.repeat(DoneEntry), pairs)
     return dict(zip(done["item_id"].to_pylist(), entries))
 
 
@@ -223,7 +225,8 @@ def plan_items(requests: Iterable[ItemRequest], done: dict[str, DoneEntry], *, c
 PLAN_BATCH = 4096  # ours: requests whose plan keys are computed together (plan_keys), a bounded read-ahead
 
 
-def _with_plan_keys(requests: Iterable[ItemRequest], config_hash: str, model_hash: str) -> Iterator[tuple[ItemRequest, str]]:
+def _with_plan_keys(requests: Iterable[ItemRequest], config_hash: str,
+                    model_hash: str) -> Iterator[tuple[ItemRequest, str]]:
     stream = iter(requests)
     while batch := list(itertools.islice(stream, PLAN_BATCH)):
         yield from zip(batch, plan_keys(batch, config_hash, model_hash))

@@ -25,7 +25,7 @@ from typing import Sequence
 from diffcolor.common.items import ItemRequest
 
 
-_JSON = json.JSONEncoder(sort_keys=True, default=str)  # what json.dumps(value, sort_keys=True, default=str) builds per call
+_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(value, sort_keys=True, default=str) builds one a call
 _STRING = json.encoder.encode_basestring_ascii  # how _JSON writes a str
 
 
