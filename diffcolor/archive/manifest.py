@@ -285,6 +285,16 @@ class _RowChecker:
         self.problems = problems
         self.ids: dict[str, int] = {}
         self.captions: dict[str, Any] = {}  # caption -> rewrite_caption's result or its PromptError
+        self.content: dict[str, bool] = {}  # caption -> whether it has a content word
+
+    def _has_content_word(self, text: str) -> bool:
+        """has_content_word(text), remembered (bounded), since archives repeat captions."""
+        found = self.content.get(text)
+        if found is None:
+            if len(self.content) >= 65_536:
+                self.content.clear()
+            found = self.content[text] = has_content_word(text)
+        return found
 
     def _rewritten(self, text: str) -> Any:
         """rewrite_caption(text), or the PromptError it raised; remembered, since archives repeat captions."""
@@ -339,7 +349,7 @@ class _RowChecker:
                         if isinstance(caption, PromptError):
                             add(row, "caption", str(caption))
                             caption = None
-                    elif not has_content_word(stripped):
+                    elif not self._has_content_word(stripped):
                         add(row, "caption", str(self._rewritten(stripped)))  # rewrite_caption's PromptError
             # 4. target_prompts: each entry non-empty.
             if "target_prompts" in columns:
