@@ -514,16 +514,13 @@ def test_problem_and_error_lines_show_control_characters_escaped(tmp_path, capsy
         assert not any(char in text for char in "\x1b\x07\u202e")
 
 
-def test_the_caption_check_agrees_with_rewrite_caption_on_every_caption():
-    from diffcolor.common.captions import has_content_word, rewrite_caption
-    from diffcolor.common.errors import PromptError
+def test_a_repeated_caption_is_checked_on_every_row_it_appears_in():
+    from diffcolor.archive.manifest import validate_table
 
-    captions = ["a dog", "a the of", "sks", "SKS dog", "42 7", "--- !!", "", "  ", "l'été à Paris", "the 1920s",
-                "a 犬", "é", "_under score", "a, the; of.", "Ölbild", "in the of sks a", "x"]
-    for caption in captions:
-        try:
-            rewrite_caption(caption)
-            rewrites = True
-        except PromptError:
-            rewrites = False
-        assert has_content_word(caption) is rewrites, caption
+    captions = ["the of and", "a dog", "the of and", "a dog", "the of and"]  # rewrites are remembered per text
+    table = pa.table({"item_id": [f"i{n}" for n in range(5)], "image_uri": ["a.png"] * 5, "caption": captions,
+                      "color_map": pa.array([None, [("dog", "brown")], None, [("cat", "red")], None],
+                                            pa.map_(pa.string(), pa.string()))})
+    problems = [str(problem) for problem in validate_table(table)]
+    assert [p.split(":")[0] for p in problems] == ["row 1, column 'caption'", "row 3, column 'caption'",
+                                                   "row 4, column 'color_map'", "row 5, column 'caption'"]

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
 from diffcolor.archive.outside import is_http
-from diffcolor.common.captions import build_target_prompt, has_content_word, rewrite_caption
+from diffcolor.common.captions import build_target_prompt, rewrite_caption
 from diffcolor.common.errors import (
     InputUnavailableError,
     PermanentError,
@@ -285,16 +285,6 @@ class _RowChecker:
         self.problems = problems
         self.ids: dict[str, int] = {}
         self.captions: dict[str, Any] = {}  # caption -> rewrite_caption's result or its PromptError
-        self.content: dict[str, bool] = {}  # caption -> whether it has a content word
-
-    def _has_content_word(self, text: str) -> bool:
-        """has_content_word(text), remembered (bounded), since archives repeat captions."""
-        found = self.content.get(text)
-        if found is None:
-            if len(self.content) >= 65_536:
-                self.content.clear()
-            found = self.content[text] = has_content_word(text)
-        return found
 
     def _rewritten(self, text: str) -> Any:
         """rewrite_caption(text), or the PromptError it raised; remembered, since archives repeat captions."""
@@ -343,14 +333,10 @@ class _RowChecker:
                 if text is None or not text.strip():
                     add(row, "caption", "empty caption")
                 else:
-                    stripped = text.strip()
-                    if "color_map" in columns and columns["color_map"][index] is not None:  # its check needs c'
-                        caption = self._rewritten(stripped)
-                        if isinstance(caption, PromptError):
-                            add(row, "caption", str(caption))
-                            caption = None
-                    elif not self._has_content_word(stripped):
-                        add(row, "caption", str(self._rewritten(stripped)))  # rewrite_caption's PromptError
+                    caption = self._rewritten(text.strip())
+                    if isinstance(caption, PromptError):
+                        add(row, "caption", str(caption))
+                        caption = None
             # 4. target_prompts: each entry non-empty.
             if "target_prompts" in columns:
                 for number, prompt in enumerate(columns["target_prompts"][index] or (), start=1):

@@ -44,18 +44,6 @@ def _is_slot(word: str, identifier: str) -> bool:
     return word[0].isalpha() and word.lower() not in FUNCTION_WORDS and word.lower() != identifier
 
 
-def has_content_word(caption: str, identifier: str = "sks") -> bool:
-    """Whether :func:`rewrite_caption` finds a content word in ``caption`` (it raises PromptError when not).
-
-    Stops at the first one, and builds nothing: how a manifest's captions are checked.
-    """
-    for word in WORD_PATTERN.findall(caption):
-        lower = word.lower()
-        if word[0].isalpha() and lower not in FUNCTION_WORDS and lower != identifier:
-            return True
-    return False
-
-
 def rewrite_caption(caption: str, identifier: str = "sks") -> RewrittenCaption:
     """Puts ``identifier`` before every content word of ``caption``.
 
@@ -64,10 +52,9 @@ def rewrite_caption(caption: str, identifier: str = "sks") -> RewrittenCaption:
     pieces: list[str] = []
     slots: list[str] = []
     for word in WORD_PATTERN.findall(caption):
-        lower = word.lower()  # _is_slot, inlined: a caption is rewritten once per manifest row
-        if word[0].isalpha() and lower not in FUNCTION_WORDS and lower != identifier:
+        if _is_slot(word, identifier):
             pieces.append(identifier)
-            slots.append(lower)
+            slots.append(word.lower())
         pieces.append(word)
     if not slots:
         raise PromptError(f"caption {caption!r} has no content word to attach colours to")
