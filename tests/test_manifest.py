@@ -512,3 +512,15 @@ def test_problem_and_error_lines_show_control_characters_escaped(tmp_path, capsy
     assert "no\\x1b[2Jsuch" in printed.err and len(printed.err.splitlines()) == 1
     for text in (printed.out, printed.err):
         assert not any(char in text for char in "\x1b\x07\u202e")
+
+
+def test_a_repeated_caption_is_checked_on_every_row_it_appears_in():
+    from diffcolor.archive.manifest import validate_table
+
+    captions = ["the of and", "a dog", "the of and", "a dog", "the of and"]  # rewrites are remembered per text
+    table = pa.table({"item_id": [f"i{n}" for n in range(5)], "image_uri": ["a.png"] * 5, "caption": captions,
+                      "color_map": pa.array([None, [("dog", "brown")], None, [("cat", "red")], None],
+                                            pa.map_(pa.string(), pa.string()))})
+    problems = [str(problem) for problem in validate_table(table)]
+    assert [p.split(":")[0] for p in problems] == ["row 1, column 'caption'", "row 3, column 'caption'",
+                                                   "row 4, column 'color_map'", "row 5, column 'caption'"]

@@ -110,6 +110,7 @@ def test_planning_streams_and_submission_is_windowed(monkeypatch):
     import itertools
     from concurrent.futures import Future
 
+    from diffcolor.archive import planning
     from flows import collection
 
     pulled = []
@@ -120,7 +121,7 @@ def test_planning_streams_and_submission_is_windowed(monkeypatch):
             yield request
 
     planned = plan_items(stream(), {}, config_hash="c", model_hash="m")
-    assert len(list(itertools.islice(planned, 16))) == 16 and len(pulled) == 16  # nothing read ahead
+    assert len(list(itertools.islice(planned, 16))) == 16 and len(pulled) == planning.PLAN_BATCH  # one batch read ahead
 
     # run_items never holds more than `window` submitted items, however long the manifest.
     in_flight, peak = set(), [0]
@@ -179,6 +180,8 @@ def test_done_items_missing_from_the_archive_are_found_by_listing_and_not_skippe
     for item in ids:
         _archive_item(output, item)
     _archive_item(output, "not-in-index")
+    storage.write_bytes(f"{output}/items/b/versions/v0001/access.png", b"png")
+    storage.remove(f"{output}/items/b/versions/v0001/access.jpg")  # an access copy in another format counts
     update_done_index(output, [(item, f"k-{item}", "done", 1) for item in ids])
     done = read_done_index(output)
     assert missing_done_items(output, done) == set()
@@ -227,3 +230,58 @@ def test_listing_an_output_recursively_never_follows_links_and_hides_staging_fil
     names = sorted(name for batch in storage.iter_objects(str(root)) for name in batch)
     assert names == ["a/result.json", "a/versions/v0001/master.tif", "b/result.json", "b/versions"]
     assert list(storage.iter_objects(str(tmp_path / "none"))) == []
+
+
+def _plan_key_per_row(request: ItemRequest, config: str, model: str) -> str:
+    """The plan key as it was first written: one json.dumps per row (the reference plan_keys must equal)."""
+    import hashlib
+    import json
+
+    catalogue = request.catalogue or {}
+    return hashlib.sha256(json.dumps([
+        request.item_id, request.source_uri, request.caption, list(request.targets),
+        dict(sorted(request.color_map.items())), int(request.seed), bool(request.force),
+        catalogue.get("image_sha256"), catalogue.get("image_etag"), config, model,
+    ], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def test_plan_keys_by_column_equal_the_per_row_keys_byte_for_byte(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+
+    from diffcolor.archive.manifest import read_items, write_manifest
+    from diffcolor.archive.planning import PLAN_BATCH
+    from diffcolor.common.keys import plan_keys
+
+    rows = 2 * PLAN_BATCH + 7  # more than one batch, and a ragged last one
+    captions = ["a dog on a bench", 'a "quoted" café in Zürich \\ back', "ein Hund 🐕 auf der Bank", "犬 dog\tby a\nlake"]
+    table = pa.table({
+        "item_id": [f"Item-{n}" if n % 5 else f"Éloïse-{n}" for n in range(rows)],
+        "image_uri": [f"scans/{n}.tif" if n % 3 else f"s3://b/ü/{n}\u00e9.tif" for n in range(rows)],
+        "caption": [captions[n % 4] for n in range(rows)],
+        "target_prompts": pa.array([None if n % 4 == 0 else [] if n % 4 == 1 else ["red 🍎", 'say "hi"'][: n % 3 + 1]
+                                    for n in range(rows)], pa.list_(pa.string())),
+        "color_map": pa.array([None if n % 3 else [("dog", "brown"), ("bench", "grün")] if n % 4 == 0 else [("café", "blue")]
+                               for n in range(rows)], pa.map_(pa.string(), pa.string())),
+        "seed": pa.array([None if n % 7 == 0 else n * 7919 if n % 2 else 2**63 - 1 for n in range(rows)], pa.int64()),
+        "image_sha256": [None if n % 2 else f"{n:064x}" for n in range(rows)],
+        "image_etag": pa.array([n if n % 3 == 0 else None for n in range(rows)], pa.int64()),
+    })
+    # colour-map words must be words of the caption: keep the maps only where they fit
+    fits = [cap == captions[0] or cap == captions[1] for cap in table["caption"].to_pylist()]
+    maps = [value if fit and value is not None and all(k in cap for k, _ in value) else None
+            for value, fit, cap in zip(table["color_map"].to_pylist(), fits, table["caption"].to_pylist())]
+    table = table.set_column(4, "color_map", pa.array(maps, pa.map_(pa.string(), pa.string())))
+    write_manifest(table, str(tmp_path / "m.parquet"))
+    requests = list(read_items(str(tmp_path / "m.parquet"), force=False))
+    requests += [ItemRequest("odd", "u", "c", targets=("x",), color_map={"b": "2", "a": "1"}, seed=True, force=1,
+                             catalogue={"image_sha256": 5, "image_etag": datetime.date(2020, 1, 2)}),
+                 ItemRequest("none", "u", "c", catalogue=None, force=True),
+                 ItemRequest("ctl\x01\u2028", "\ud800x", "c\x7f", catalogue={"image_etag": ["a", {"k": None}]})]
+    assert any(r.color_map for r in requests) and any(r.targets for r in requests)
+    for config, model in (("c" * 64, "m"), ('{"a": 1}', "modèle")):
+        expected = [_plan_key_per_row(request, config, model) for request in requests]
+        assert plan_keys(requests, config, model) == expected
+        assert [plan_key(request, config, model) for request in requests] == expected
+        assert [item.plan_key for item in plan_items(iter(requests), {}, config_hash=config, model_hash=model)] == expected

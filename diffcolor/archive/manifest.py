@@ -285,6 +285,20 @@ class _RowChecker:
         self.color_map_kind = _color_map_kind(schema.field("color_map").type) if "color_map" in checkable else None
         self.problems = problems
         self.ids: dict[str, int] = {}
+        self.captions: dict[str, Any] = {}  # caption -> rewrite_caption's result or its PromptError
+
+    def _rewritten(self, text: str) -> Any:
+        """rewrite_caption(text), or the PromptError it raised; remembered, since archives repeat captions."""
+        found = self.captions.get(text)
+        if found is None:
+            if len(self.captions) >= 65_536:  # bounded memory on a manifest of a million distinct captions
+                self.captions.clear()
+            try:
+                found = rewrite_caption(text)
+            except PromptError as error:
+                found = error
+            self.captions[text] = found
+        return found
 
     def check(self, columns: dict[str, list], first_row: int, count: int) -> None:
         add = self.problems.add
@@ -311,7 +325,7 @@ class _RowChecker:
                 uri = columns["image_uri"][index]
                 if uri is None or not uri.strip():
                     add(row, "image_uri", "empty image_uri")
-                elif has_userinfo(uri):
+                elif "@" in uri and has_userinfo(uri):  # both of userinfo_span's rules need an "@"
                     add(row, "image_uri", f"'{redact(uri)}' carries credentials; {CREDENTIALS_ADVICE}")
             # 3. caption: non-empty, with a content word (stage 2 needs one).
             caption = None
@@ -320,10 +334,10 @@ class _RowChecker:
                 if text is None or not text.strip():
                     add(row, "caption", "empty caption")
                 else:
-                    try:
-                        caption = rewrite_caption(text.strip())
-                    except PromptError as error:
-                        add(row, "caption", str(error))
+                    caption = self._rewritten(text.strip())
+                    if isinstance(caption, PromptError):
+                        add(row, "caption", str(caption))
+                        caption = None
             # 4. target_prompts: each entry non-empty.
             if "target_prompts" in columns:
                 for number, prompt in enumerate(columns["target_prompts"][index] or (), start=1):
@@ -589,8 +603,9 @@ def _iter_items(uri: str, batch_size: int, wanted: set[str] | None, force: bool)
         kind = _color_map_kind(schema.field("color_map").type) if "color_map" in schema.names else None
         for batch in _batches(parquet, uri, batch_size, None):
             columns = {name: _column_values(batch, name) for name in batch.schema.names}
-            for index in range(batch.num_rows):
-                row = {name: values[index] for name, values in columns.items()}
+            names = list(columns)
+            for values in zip(*columns.values()):
+                row = dict(zip(names, values))
                 item_id = unicodedata.normalize("NFC", row["item_id"]).strip()
                 if wanted is not None and item_id.casefold() not in wanted:
                     continue

@@ -25,6 +25,7 @@ causes wrong or missing output, only a cheap check.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import time
 import uuid
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 from diffcolor.archive import storage
 from diffcolor.common.ids import normalize_item_id
 from diffcolor.common.items import ItemRequest
-from diffcolor.common.keys import plan_key
+from diffcolor.common.keys import plan_keys
 
 INDEX_SCHEMA = pa.schema([("item_id", pa.string()), ("plan_key", pa.string()), ("status", pa.string()),
                           ("version", pa.int64()), ("updated_at", pa.float64())])
@@ -83,7 +84,10 @@ def _latest_entries(output: str, shards: list[str]) -> pa.Table:
     tables = [_index_table(uri) for uri in uris]
     if not tables:
         return INDEX_SCHEMA.empty_table()
-    table = pa.concat_tables(tables).sort_by([("updated_at", "ascending")])
+    table = pa.concat_tables(tables)
+    if pc.count_distinct(table["item_id"]).as_py() == table.num_rows:  # one entry per item: nothing to pick
+        return table
+    table = table.sort_by([("updated_at", "ascending")])
     latest = {item: index for index, item in enumerate(table["item_id"].to_pylist())}  # the newest row wins
     return table.take(pa.array(sorted(latest.values()), pa.int64()))
 
@@ -99,8 +103,10 @@ def read_done_index(output: str) -> dict[str, DoneEntry]:
     """item id -> :class:`DoneEntry` of the items the index lists as done (empty when there is no index)."""
     table = _latest_entries(output, _shard_uris(output))
     done = table.filter(pc.equal(table["status"], "done"))
-    return {item: DoneEntry(key, version) for item, key, version in
-            zip(done["item_id"].to_pylist(), done["plan_key"].to_pylist(), done["version"].to_pylist())}
+    # DoneEntry tuples made in C (tuple.__new__), not through the NamedTuple's Python-level __new__
+    pairs = zip(done["plan_key"].to_pylist(), done["version"].to_pylist())
+    entries = map(tuple.__new__, itertools.repeat(DoneEntry), pairs)
+    return dict(zip(done["item_id"].to_pylist(), entries))
 
 
 LIST_SHARD_ITEMS = 20_000  # ours: done items per S3 listing range; ranges are listed in parallel
@@ -134,8 +140,9 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
     missing when its ``result.json`` is gone, or (when the index names its
     version) that version's record, master or access copy is gone. Found by
     listing, never one request per item: on a local disk one listing of
-    ``items/``, then per done item the listing of its version's folder and
-    two ``stat`` calls (no file is opened, no round trip); on S3 the
+    ``items/``, then per done item an ``access`` check of each object it needs (the
+    version's folder is listed only when its access copy is not ``access.jpg``;
+    no file is opened, no round trip); on S3 the
     ``ListObjectsV2`` pages of ``items/``, cut into ranges of
     :data:`LIST_SHARD_ITEMS` done items listed in parallel. Whether the files
     are whole (their sha256) is ``diffcolor verify``'s audit, not the plan's.
@@ -158,27 +165,32 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
     return {item for item, entry in done.items() if have.get(item, 0) & _needed(entry) != _needed(entry)}
 
 
+def _lists_an_access_copy(version: str) -> bool:
+    try:
+        return any(name.startswith("access.") for name in os.listdir(version))
+    except OSError:  # gone, or not a folder
+        return False
+
+
 def _missing_on_disk(root: str, done: dict[str, DoneEntry]) -> set[str]:
     try:
         present = set(os.listdir(root))  # one listing of items/
     except (FileNotFoundError, NotADirectoryError):
         return set(done)
+    there, exists = os.access, os.F_OK  # a path lookup per object, and no stat result built in Python
     missing = set()
     for item, entry in done.items():
         if item not in present:
             missing.add(item)
             continue
         folder = f"{root}/{item}"
-        try:
-            os.stat(f"{folder}/result.json")
-            if entry.version:
-                version = f"{folder}/versions/v{entry.version:04d}"
-                os.stat(f"{version}.json")
-                outputs = os.listdir(version)  # the version's folder: master and access copy
-                if "master.tif" not in outputs or not any(name.startswith("access.") for name in outputs):
-                    missing.add(item)
-        except OSError:  # gone, or not a folder
+        if not there(f"{folder}/result.json", exists):
             missing.add(item)
+        elif entry.version:
+            version = f"{folder}/versions/v{entry.version:04d}"
+            if not (there(f"{version}.json", exists) and there(f"{version}/master.tif", exists)
+                    and (there(f"{version}/access.jpg", exists) or _lists_an_access_copy(version))):
+                missing.add(item)  # the version's folder is listed only when its access copy is not access.jpg
     return missing
 
 
@@ -201,14 +213,23 @@ def plan_items(requests: Iterable[ItemRequest], done: dict[str, DoneEntry], *, c
     ``missing`` (:func:`missing_done_items`) are items the index lists as done that the archive lacks:
     they are done again, never skipped.
     """
-    for request in requests:
-        key = plan_key(request, config_hash, model_hash)
+    for request, key in _with_plan_keys(requests, config_hash, model_hash):
         entry = done.get(request.item_id)
         listed = entry is not None and entry.plan_key == key
         gone = listed and request.item_id in missing
         skip = not force and listed and not gone
         yield PlannedItem(request=request, plan_key=key, skip=skip, version=entry.version if skip else None,
                           missing=gone and not force)
+
+
+PLAN_BATCH = 4096  # ours: requests whose plan keys are computed together (plan_keys), a bounded read-ahead
+
+
+def _with_plan_keys(requests: Iterable[ItemRequest], config_hash: str,
+                    model_hash: str) -> Iterator[tuple[ItemRequest, str]]:
+    stream = iter(requests)
+    while batch := list(itertools.islice(stream, PLAN_BATCH)):
+        yield from zip(batch, plan_keys(batch, config_hash, model_hash))
 
 
 def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | None]], *,

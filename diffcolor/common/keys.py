@@ -18,8 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
+from operator import attrgetter
+from typing import Sequence
 
 from diffcolor.common.items import ItemRequest
+
+
+_JSON = json.JSONEncoder(sort_keys=True, default=str)  # json.dumps(value, sort_keys=True, default=str) builds one a call
+_STRING = json.encoder.encode_basestring_ascii  # how _JSON writes a str
 
 
 def sha256_hex(data: bytes) -> str:
@@ -29,7 +36,7 @@ def sha256_hex(data: bytes) -> str:
 
 def hash_json(value) -> str:
     """The sha256 of ``value`` as canonical JSON (sorted keys; other types as their text)."""
-    return sha256_hex(json.dumps(value, sort_keys=True, default=str).encode())
+    return sha256_hex(_JSON.encode(value).encode())
 
 
 def config_hash(config_dict: dict) -> str:
@@ -59,6 +66,40 @@ def plan_key(request: ItemRequest, config_hash: str, model_hash: str) -> str:
         dict(sorted(request.color_map.items())), int(request.seed), bool(request.force),
         catalogue.get("image_sha256"), catalogue.get("image_etag"), config_hash, model_hash,
     ])
+
+
+def plan_keys(requests: Sequence[ItemRequest], config_hash: str, model_hash: str) -> list[str]:
+    """:func:`plan_key` of each of ``requests``, byte for byte, computed column by column.
+
+    A plan key is the sha256 of a JSON list; the JSON text of a list is its
+    elements' texts joined by ``", "`` in brackets. So each field is encoded
+    for the whole batch at once (a string by the encoder's own C function, the
+    rare other value by the encoder itself), the rows are joined by C-level
+    ``map``, and the constant tail (configuration and model hash) is encoded
+    once. Only the sha256 is per row.
+    """
+    def text(values: list) -> list[str]:
+        try:
+            return list(map(_STRING, values))  # all str: the common case, one C-level pass
+        except TypeError:  # a None or another type somewhere: as the encoder writes each
+            return [_STRING(value) if isinstance(value, str) else "null" if value is None else _JSON.encode(value)
+                    for value in values]
+
+    def field(name: str) -> list:
+        return list(map(attrgetter(name), requests))
+
+    catalogues = [request.catalogue or {} for request in requests]
+    columns = [
+        text(field("item_id")), text(field("source_uri")), text(field("caption")),
+        ["[]" if not value else _JSON.encode(list(value)) for value in field("targets")],
+        ["{}" if not value else _JSON.encode(dict(sorted(value.items()))) for value in field("color_map")],
+        [str(int(seed)) for seed in field("seed")],
+        ["true" if force else "false" for force in field("force")],
+        text([catalogue.get("image_sha256") for catalogue in catalogues]),
+        text([catalogue.get("image_etag") for catalogue in catalogues]),
+    ]
+    tail = (", " + _JSON.encode([config_hash, model_hash])[1:]).encode()
+    return [hashlib.sha256(b"[" + row.encode() + tail).hexdigest() for row in map(", ".join, zip(*columns))]
 
 
 def render_key(source_sha256: str, state_key: str | None, prompt: str, render_dict: dict, seed: int) -> str:
