@@ -113,6 +113,10 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
     browser.find_element("id", "approve").click()
     WebDriverWait(browser, 30).until(lambda driver: "✗" in driver.find_element("id", "decision-result").text)
     assert "curator's name" in browser.find_element("id", "decision-result").text
+    # Chromium logs the refused request (400) as a failed resource; that entry, and no other, is expected.
+    refused = _errors(browser)
+    assert refused and all(entry["source"] == "network" and "/decisions" in entry["message"]
+                           and "400" in entry["message"] for entry in refused), refused
     # Approve version 2 with a note; the page shows the result, the decision and the version published.
     browser.find_element("id", "curator").send_keys("Ada Curator")
     browser.find_element("id", "note").send_keys("the dog was red")
