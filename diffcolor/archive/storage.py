@@ -474,17 +474,38 @@ _UMASK = _current_umask()
 _MEMORY_LOCK = threading.Lock()
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
+def _stage_beside(path: str, data: bytes) -> str:
+    """A complete, fsynced copy of ``data`` in a new staging file beside ``path`` (its folder made); its name.
+
+    The staging file gets the usual mode under the process umask (mkstemp creates 0600 files).
+    """
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
     try:
-        # mkstemp creates 0600 files; published objects get the usual mode under the process umask.
         os.fchmod(handle, 0o666 & ~_UMASK)
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+    except BaseException:
+        os.unlink(staging)
+        raise
+    return staging
+
+
+def _fsync_folder_of(path: str) -> None:
+    """A rename or link into a folder is durable only once the folder's entry is on disk."""
+    directory_handle = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory_handle)
+    finally:
+        os.close(directory_handle)
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    staging = _stage_beside(path, data)
+    try:
         os.replace(staging, path)
     except BaseException:
         try:
@@ -492,37 +513,21 @@ def _write_local_atomic(path: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    # The rename itself is durable only once the directory entry is on disk.
-    directory_handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_handle)
-    finally:
-        os.close(directory_handle)
+    _fsync_folder_of(path)
 
 
 def _create_local_exclusive(path: str, data: bytes) -> bool:
     """The complete file appears at ``path`` at once, or not at all: written beside it, then hard-linked onto
     ``path`` (``link`` fails when ``path`` exists, so a reader never sees a partial file and one writer wins)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    staging = _stage_beside(path, data)
     try:
-        os.fchmod(handle, 0o666 & ~_UMASK)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
         try:
             os.link(staging, path)
         except FileExistsError:
             return False
     finally:
         os.unlink(staging)
-    directory_handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_handle)
-    finally:
-        os.close(directory_handle)
+    _fsync_folder_of(path)
     return True
 
 
