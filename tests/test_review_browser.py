@@ -72,14 +72,29 @@ def review_server(prefect_server, tmp_path, monkeypatch):
     thread.join(timeout=30)
 
 
-def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path):  # noqa: F811
+def _text(browser, by: str, value: str) -> str:
+    """The element's text now, or "" while the page is between documents (a submit or a link being followed)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        return browser.find_element(by, value).text
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""
+
+
+def _wait_for(browser, seconds: float, condition) -> None:
+    """Wait until ``condition(browser)``; elements replaced by a navigation in the meantime are looked up again."""
     from selenium.webdriver.support.ui import WebDriverWait
 
+    WebDriverWait(browser, seconds, poll_frequency=0.5).until(condition)
+
+
+def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path):  # noqa: F811
     base, out = review_server
     browser.get(f"{base}/login")  # the sign-in form: the token is pasted, never put in a URL
     browser.find_element("id", "token").send_keys(TOKEN)
     browser.find_element("id", "sign-in").click()  # signs in and lands on the collection
-    WebDriverWait(browser, 30).until(lambda driver: "items match" in driver.find_element("tag name", "body").text)
+    _wait_for(browser, 30, lambda driver: "items match" in _text(driver, "tag name", "body"))
     assert "2 items match" in browser.find_element("tag name", "body").text
     assert _errors(browser) == []
     # After the reruns every card shows its done version with its metrics; p1's failed attempt is noted.
@@ -95,6 +110,7 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
 
     # Open an item: gray and colour side by side, the slider, explanations, no identifier token.
     browser.find_element("link text", "p0").click()
+    _wait_for(browser, 30, lambda driver: "gray original" in _text(driver, "tag name", "body"))
     body = browser.find_element("tag name", "body").text
     assert "gray original" in body and "largest change of lightness" in body and "sks" not in browser.page_source
     browser.find_element("id", "slider")
@@ -102,8 +118,7 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
     # Colour one word; the check runs before anything starts; version 2 appears when the flow is done.
     browser.find_element("css selector", ".colour-word[data-word=dog]").send_keys("red")
     browser.find_element("id", "recolour").click()
-    WebDriverWait(browser, 400, poll_frequency=1).until(
-        lambda driver: "v2" in driver.find_element("id", "versions").text or "failed" in driver.find_element("id", "job").text)
+    _wait_for(browser, 400, lambda driver: "v2" in _text(driver, "id", "versions") or "failed" in _text(driver, "id", "job"))
     assert "failed" not in browser.find_element("id", "job").text
     versions = browser.find_element("id", "versions").text
     assert "a red dog sitting on a wooden bench" in versions
@@ -111,7 +126,7 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
 
     # An approval without a name is refused, and the page says why.
     browser.find_element("id", "approve").click()
-    WebDriverWait(browser, 30).until(lambda driver: "✗" in driver.find_element("id", "decision-result").text)
+    _wait_for(browser, 30, lambda driver: "✗" in _text(driver, "id", "decision-result"))
     assert "curator's name" in browser.find_element("id", "decision-result").text
     # Chromium logs the refused request (400) as a failed resource; that entry, and no other, is expected.
     refused = _errors(browser)
@@ -121,7 +136,7 @@ def test_browse_recolour_approve_in_chromium(browser, review_server, tmp_path): 
     browser.find_element("id", "curator").send_keys("Ada Curator")
     browser.find_element("id", "note").send_keys("the dog was red")
     browser.find_element("id", "approve").click()
-    WebDriverWait(browser, 30).until(lambda driver: "Ada Curator" in driver.find_element("id", "decisions").text)
+    _wait_for(browser, 30, lambda driver: "Ada Curator" in _text(driver, "id", "decisions"))
     assert browser.find_element("id", "decision-result").text.startswith("✓ approved v2 by Ada Curator at ")
     assert "published: v2" in browser.find_element("id", "published").text
     assert _errors(browser) == []
