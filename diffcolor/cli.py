@@ -689,8 +689,8 @@ HOW_TO_GET_WEIGHTS = """\
 No Stable Diffusion weights and GPU found, so this demo is a SMOKE RUN on the tiny random bundle:
 the pipeline runs end to end, but the pictures are noise-coloured, not colourisations.
 To colourise for real:
-  1. on a machine with internet access:  huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5
-                                          huggingface-cli download openai/clip-vit-large-patch14
+  1. on a machine with internet access:  hf download stable-diffusion-v1-5/stable-diffusion-v1-5
+                                          hf download openai/clip-vit-large-patch14
      (or copy a diffusers-layout folder of any SD 1.x/2.x-base model)
   2. copy the Hugging Face cache (~/.cache/huggingface) to this machine, or set
      DIFFCOLOR_MODEL=/path/to/model-folder

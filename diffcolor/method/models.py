@@ -122,7 +122,7 @@ def resolve_folder(name: str, *, revision: str | None, allow_download: bool, wha
         )
     except Exception as error:  # the hub raises several classes for "not available offline"
         hint = (
-            f"download it once with `huggingface-cli download {name}` on a connected machine and copy the cache, "
+            f"download it once with `hf download {name}` on a connected machine and copy the cache, "
             "point at a local folder, or pass --allow-download"
         )
         if allow_download:
