@@ -1,4 +1,4 @@
-"""The ``diffcolor`` command line (spec section 10): every command, in one place.
+"""The ``diffcolor`` command line (docs/DESIGN.md §10): every command, in one place.
 
 Building the parser imports nothing heavy: each command's handler imports
 what it needs when it runs, so ``diffcolor --help``, every ``--help`` and the

@@ -1,0 +1,80 @@
+"""The documents say what the code does: every citation names a section that exists, the CLI reference is
+the parser's, and every sample in the README is what its command prints."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DESIGN = ROOT / "docs" / "DESIGN.md"
+CITED_FROM = ("diffcolor", "flows", "review", "tests", "manifests", "deploy", "docs")
+SECTION = re.compile(r"§(\d+(?:\.\d+)*)")
+HEADING = re.compile(r"^#{2,4} (\d+(?:\.\d+)*)\.? \S", re.MULTILINE)
+
+
+def _sources() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "Makefile", ROOT / "pyproject.toml"]
+    for folder in CITED_FROM:
+        files += [path for path in (ROOT / folder).rglob("*")
+                  if path.is_file() and path.suffix in {".py", ".md", ".yaml", ".yml", ".toml", ".html", ".js", ".sh"}]
+    return files
+
+
+def design_sections() -> set[str]:
+    return set(HEADING.findall(DESIGN.read_text(encoding="utf-8")))
+
+
+def citations(line: str) -> list[str]:
+    """The section numbers a line cites: every ``§N`` after its first ``DESIGN.md``."""
+    _, cited, rest = line.partition("DESIGN.md")
+    return SECTION.findall(rest) if cited else []
+
+
+def test_design_numbers_its_sections_in_order():
+    numbers = HEADING.findall(DESIGN.read_text(encoding="utf-8"))
+    top = [int(number) for number in numbers if "." not in number]
+    assert top == list(range(1, len(top) + 1)) and len(top) >= 10, top
+    for number in numbers:
+        if "." in number:
+            assert number.rsplit(".", 1)[0] in numbers, f"§{number} has no parent section"
+
+
+def test_citations_are_found_in_the_forms_the_code_uses():
+    assert citations("(docs/DESIGN.md §4.1 and §9)") == ["4.1", "9"]
+    assert citations('docs/DESIGN.md §4.3 "Images in" and §4.4 "Images out".') == ["4.3", "4.4"]
+    assert citations("# §12 of RFC 1234, no design citation") == []
+
+
+def test_every_design_citation_names_an_existing_section():
+    sections = design_sections()
+    cited, missing = 0, []
+    for path in _sources():
+        for line_number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            numbers = SECTION.findall(line) if path == DESIGN else citations(line)  # DESIGN.md's own references
+            cited += len(numbers)
+            missing += [f"{path.relative_to(ROOT)}:{line_number} cites §{n}" for n in numbers if n not in sections]
+    assert not missing, "no such section in docs/DESIGN.md:\n" + "\n".join(missing)
+    assert cited >= 27, f"only {cited} citations found: is the pattern still right?"
+
+
+def test_no_code_cites_a_spec_that_is_not_in_the_repository():
+    pattern = re.compile(r"spec(ification)? sections? \d|#\s*spec:|the spec's|/work/shared|SPEC\.md", re.IGNORECASE)
+    found = []
+    for path in _sources():
+        if path == Path(__file__):
+            continue
+        for line_number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{line_number}: {line.strip()}")
+    assert not found, "cite docs/DESIGN.md §N instead:\n" + "\n".join(found)
+
+
+def test_no_document_or_message_advises_the_retired_huggingface_cli():
+    found = [f"{path.relative_to(ROOT)}:{number}"
+             for path in _sources() if path != Path(__file__) and path.name != "test_deploy.py"
+             for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if "huggingface-cli download" in line]
+    assert not found, "current huggingface_hub ships `hf download`: " + ", ".join(found)
