@@ -3,6 +3,7 @@ the parser's, and every sample in the README is what its command prints."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -78,3 +79,32 @@ def test_no_document_or_message_advises_the_retired_huggingface_cli():
              for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
              if "huggingface-cli download" in line]
     assert not found, "current huggingface_hub ships `hf download`: " + ", ".join(found)
+
+
+def test_the_cli_reference_is_the_parsers(tmp_path):
+    """docs/CLI.md is what ``python -m diffcolor.clidoc`` writes now: a flag added without regenerating it fails."""
+    import subprocess
+    import sys
+
+    written = subprocess.run([sys.executable, "-m", "diffcolor.clidoc"], cwd=ROOT, capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert written == (ROOT / "docs" / "CLI.md").read_text(encoding="utf-8"), (
+        "docs/CLI.md is out of date: run `python -m diffcolor.clidoc > docs/CLI.md`")
+
+
+def test_the_cli_reference_lists_every_command_and_option():
+    import argparse
+
+    from diffcolor import clidoc
+    from diffcolor.cli import build_parser
+
+    parser = build_parser()
+    text = clidoc.render(parser)
+    for name, _, _, sub in clidoc._subcommands(parser):
+        assert f"### diffcolor {name}\n" in text
+        for action in sub._actions:
+            if action.help != argparse.SUPPRESS and action.option_strings and "-h" not in action.option_strings:
+                assert f"`{action.option_strings[-1]}`" in text, (name, action.option_strings)
+    probe = argparse.ArgumentParser(prog="probe")
+    probe.add_argument("--level", type=float, default=0.5, help="how much (default %(default)s) | a pipe")
+    assert "| `--level` `LEVEL` |  | `0.5` | how much (default 0.5) \\| a pipe |" in clidoc.render(probe)
