@@ -108,3 +108,16 @@ def test_the_cli_reference_lists_every_command_and_option():
     probe = argparse.ArgumentParser(prog="probe")
     probe.add_argument("--level", type=float, default=0.5, help="how much (default %(default)s) | a pipe")
     assert "| `--level` `LEVEL` |  | `0.5` | how much (default 0.5) \\| a pipe |" in clidoc.render(probe)
+
+
+def test_the_architecture_page_draws_the_layers_and_names_the_contracts_of_pyproject():
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]["contracts"]
+    page = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    picture = page.split("## Layers", 1)[1].split("```", 2)[1]
+    drawn = [line.split("   ")[0].strip() for line in picture.strip().splitlines()]
+    [layers] = [contract["layers"] for contract in contracts if contract["type"] == "layers"]
+    assert drawn == layers, "docs/ARCHITECTURE.md's layer picture differs from pyproject.toml's layers contract"
+    for contract in contracts:
+        assert f'"{contract["name"]}"' in page, f"docs/ARCHITECTURE.md does not list the contract {contract['name']!r}"
