@@ -121,3 +121,91 @@ def test_the_architecture_page_draws_the_layers_and_names_the_contracts_of_pypro
     assert drawn == layers, "docs/ARCHITECTURE.md's layer picture differs from pyproject.toml's layers contract"
     for contract in contracts:
         assert f'"{contract["name"]}"' in page, f"docs/ARCHITECTURE.md does not list the contract {contract['name']!r}"
+
+
+# --- README samples: each block marked ``<!-- sample: COMMAND -->`` is what COMMAND prints ---------------------------
+
+SAMPLE = re.compile(r"<!-- sample: (?P<command>[^>]+?) -->\n```[a-z]*\n\$ (?P<shown>[^\n]+)\n(?P<output>.*?)```", re.DOTALL)
+VOLATILE = [  # what differs between machines and runs, and nothing else
+    (re.compile(r"\((\d+\.)?\d+ s\)"), "(N s)"),  # how long the command took
+]
+
+
+def readme_samples() -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    samples = [(match["command"], match["output"]) for match in SAMPLE.finditer(text)]
+    for match in SAMPLE.finditer(text):
+        assert match["shown"] == match["command"], f"the sample shows {match['shown']!r} but is marked {match['command']!r}"
+    assert text.count("<!-- sample:") == len(samples), "a sample marker is not followed by a ``` block starting with $"
+    return samples
+
+
+def normalise(text: str, cache: Path | None = None) -> str:
+    if cache is not None:
+        text = text.replace(str(cache), "~/.cache/diffcolor")
+    for pattern, replacement in VOLATILE:
+        text = pattern.sub(replacement, text)
+    return "\n".join(line.rstrip() for line in text.strip().splitlines())
+
+
+def test_the_readme_marks_its_samples():
+    commands = [command for command, _ in readme_samples()]
+    assert "diffcolor doctor tiny --device cpu" in commands
+    assert "diffcolor manifest validate manifests/demo.parquet" in commands
+
+
+@pytest.mark.parametrize("command, shown", [pytest.param(*sample, id=sample[0]) for sample in readme_samples()])
+def test_each_readme_sample_is_what_its_command_prints(command, shown, cache_dir, monkeypatch, capsys):
+    """The README's samples are run (in this checkout, on the session's tiny bundle) and compared line by line."""
+    import shlex
+
+    from diffcolor.cli import main
+
+    words = shlex.split(command)
+    assert words[0] == "diffcolor"
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("COLUMNS", "100")
+    capsys.readouterr()
+    status = main(words[1:])
+    captured = capsys.readouterr()
+    printed = normalise(captured.out + captured.err, cache_dir)
+    assert status == 0, printed
+    assert printed == normalise(shown), (
+        f"README.md's sample of `{command}` is not what it prints now; it prints:\n{printed}")
+
+
+# --- links: every relative link of the README and docs/ leads to a file and a heading that exist -------------------
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)}
+
+
+def test_every_relative_link_leads_to_an_existing_file_and_heading():
+    broken = []
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (page.parent / file_part).resolve() if file_part else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)} -> {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_is_a_guide_that_starts_with_the_quick_start_and_its_contents():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", re.sub(r"```.*?```", "", text, flags=re.DOTALL), re.MULTILINE)
+    assert headings[:2] == ["Contents", "Quick start"]
+    assert text.index("make demo") < text.index("make test") < text.index("## Colourising one photograph")
+    contents = text.split("## Contents", 1)[1].split("\n## ", 1)[0]
+    for heading in headings[1:]:
+        assert f"[{heading.replace('`', '')}](#" in contents, f"the contents do not list {heading!r}"
