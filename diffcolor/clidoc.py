@@ -22,7 +22,7 @@ What the commands are for: the [README](../README.md); the design they implement
 """
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, list[str], argparse.ArgumentParser]]:
+def subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, list[str], argparse.ArgumentParser]]:
     """``(name, help, aliases, parser)`` of each subcommand, in the order they were added."""
     found = []
     for action in parser._actions:
@@ -115,7 +115,7 @@ def _command(prog: str, help_text: str, aliases: list[str], parser: argparse.Arg
         lines += [f"{'Exactly' if group.required else 'At most'} one of {options}.", ""]
     if parser.epilog:
         lines += ["```", parser.epilog.rstrip(), "```", ""]
-    for name, sub_help, sub_aliases, sub in _subcommands(parser):
+    for name, sub_help, sub_aliases, sub in subcommands(parser):
         lines += _command(f"{prog} {name}", sub_help, sub_aliases, sub, min(level + 1, 4))
     return lines
 
@@ -126,7 +126,7 @@ def render(parser: argparse.ArgumentParser | None = None) -> str:
         from diffcolor.cli import build_parser
 
         parser = build_parser()
-    names = [name for name, *_ in _subcommands(parser)]
+    names = [name for name, *_ in subcommands(parser)]
     contents = " · ".join(f"[{name}](#diffcolor-{name})" for name in names)
     lines = [HEADER, f"Commands: {contents}", ""]
     lines += _command(parser.prog, "", [], parser, 2)

@@ -100,7 +100,7 @@ def test_the_cli_reference_lists_every_command_and_option():
 
     parser = build_parser()
     text = clidoc.render(parser)
-    for name, _, _, sub in clidoc._subcommands(parser):
+    for name, _, _, sub in clidoc.subcommands(parser):
         assert f"### diffcolor {name}\n" in text
         for action in sub._actions:
             if action.help != argparse.SUPPRESS and action.option_strings and "-h" not in action.option_strings:
