@@ -15,7 +15,7 @@ import sys
 HEADER = """\
 # Command-line reference
 
-Generated from the parser (`diffcolor/cli.py`) by `python -m diffcolor.clidoc > docs/CLI.md`;
+Generated from the parser (`diffcolor/cli.py`) by `python -m diffcolor.clidoc > docs/CLI.md` (`make cli-doc`);
 `tests/test_docs.py` fails when this file is out of date, so do not edit it by hand.
 What the commands are for: the [README](../README.md); the design they implement:
 [DESIGN.md §10](DESIGN.md#10-interfaces).
