@@ -1,4 +1,4 @@
-"""The ``diffcolor`` command line (spec section 10): every command, in one place.
+"""The ``diffcolor`` command line (docs/DESIGN.md §10): every command, in one place.
 
 Building the parser imports nothing heavy: each command's handler imports
 what it needs when it runs, so ``diffcolor --help``, every ``--help`` and the
@@ -689,8 +689,8 @@ HOW_TO_GET_WEIGHTS = """\
 No Stable Diffusion weights and GPU found, so this demo is a SMOKE RUN on the tiny random bundle:
 the pipeline runs end to end, but the pictures are noise-coloured, not colourisations.
 To colourise for real:
-  1. on a machine with internet access:  huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5
-                                          huggingface-cli download openai/clip-vit-large-patch14
+  1. on a machine with internet access:  hf download stable-diffusion-v1-5/stable-diffusion-v1-5
+                                          hf download openai/clip-vit-large-patch14
      (or copy a diffusers-layout folder of any SD 1.x/2.x-base model)
   2. copy the Hugging Face cache (~/.cache/huggingface) to this machine, or set
      DIFFCOLOR_MODEL=/path/to/model-folder

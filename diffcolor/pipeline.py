@@ -216,7 +216,7 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     merged = merge_full_resolution(source.gray, chroma[0], source.bit_depth, config.merge, device=merge_device)
     record["seconds"]["merge"] = time.perf_counter() - started
 
-    # 2. Master and access copy, with provenance embedded in both (spec section 4); a JPEG gets
+    # 2. Master and access copy, with provenance embedded in both (docs/DESIGN.md §4.4); a JPEG gets
     #    shortened free texts if they do not fit.
     started = time.perf_counter()
     access_format = config.access_format.upper()
@@ -247,7 +247,7 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     if sidecar is not None:
         record["output_sha256"]["master_credentials"] = sha256_hex(sidecar)
 
-    # 3. Metrics (spec section 7), then the record: the version's, then result.json.
+    # 3. Metrics (docs/DESIGN.md §7), then the record: the version's, then result.json.
     small = torch.from_numpy(unit_rgb(merged.rgb).astype(np.float32))
     record.update(
         clip_score=clip_score(models, small.permute(2, 0, 1)[None], prompt),

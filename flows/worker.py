@@ -116,7 +116,7 @@ def placed(record: dict) -> dict:
 
     ``device_seconds`` is the seconds of the item's stages on its worker over
     the workers sharing that device: the device time the item cost when every
-    worker of the device is busy (spec section 7's GPU-seconds per item; on
+    worker of the device is busy (docs/DESIGN.md §7's GPU-seconds per item; on
     the CPU, CPU-pool seconds). A record that did no work (skipped) costs 0.
     """
     where = placement()

@@ -6,7 +6,7 @@ optional known columns: ``target_prompts``, ``color_map``, ``seed``,
 (accession number, creator, rights, ...) carried through as text. The schema,
 the id rule and the conventions are documented in ``manifests/README.md``.
 
-A manifest is validated before any GPU work (spec sections 4 and 9): every
+A manifest is validated before any GPU work (docs/DESIGN.md §4.1 and §9): every
 problem is reported with its row and column, and the run does not start.
 Rows are numbered from 1: row 1 is the first data row (a spreadsheet shows it
 on line 2, under the header). Validation and reading stream the Parquet file in

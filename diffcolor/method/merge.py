@@ -1,6 +1,6 @@
 """Full-resolution merge: model-resolution chroma onto the original's lightness.
 
-SPEC section 3, "Full-resolution merge". The model works at about 512x512; the
+docs/DESIGN.md §3.6, "Full-resolution merge". The model works at about 512x512; the
 archive wants the original's pixel size, bit depth and exact lightness. So the
 derivative takes its L* from the original at full resolution and only its chroma
 (a*, b*) from the model:

@@ -55,7 +55,7 @@ class PerformanceConfig:
     loss_every: int = 10  # read the losses to the host every N steps (one device sync per N; same results)
 
 
-# The naive baseline of spec section 8: fp32, everything re-encoded every step, no fused kernels.
+# The naive baseline of docs/DESIGN.md §8: fp32, everything re-encoded every step, no fused kernels.
 # (The full fine-tune half of the baseline is the stage's AdapterConfig(mode="full").)
 NAIVE = PerformanceConfig(
     autocast="off", cache_latents=False, cache_text=False, fused_optimizer=False, channels_last=False, compile_mode=None,

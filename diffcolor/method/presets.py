@@ -1,8 +1,8 @@
-"""The whole pipeline's configuration and the named presets (spec section 10).
+"""The whole pipeline's configuration and the named presets (docs/DESIGN.md §10.2).
 
 ``smoke`` runs in seconds on a CPU with the tiny bundle (tests, CI, smoke runs);
-``default`` is a sensible production recipe; ``paper-scale`` is recipe R of spec
-section 8 (stage 1 500 iterations, embedding 500 steps, fine-tune 1000 steps,
+``default`` is a sensible production recipe; ``paper-scale`` is recipe R of
+docs/DESIGN.md §8 (stage 1 500 iterations, embedding 500 steps, fine-tune 1000 steps,
 50 DDIM render steps). Both work at the model's native size (its UNet's
 ``sample_size`` x the VAE factor: 512x512 for SD 1.x and 2.x-base, 768x768 for
 SD 2.x 768-v), aspect kept; ``smoke`` sets 64x64.
@@ -32,7 +32,7 @@ ACCESS_FORMATS = ("JPEG", "JPG", "PNG", "WEBP")
 class PipelineConfig:
     """Everything that decides an item's pixels (it is part of the item's cache key)."""
 
-    # spec: the model sees about its training size, aspect kept. None: the model's native side squared
+    # docs/DESIGN.md §3.2: the model sees about its training size, aspect kept. None: the model's native side squared
     # (Models.working_pixels: UNet sample_size x VAE factor, 512 for SD 1.x and 2.x-base, 768 for SD 2.x 768-v).
     model_pixels: int | None = None
     stage1: Stage1Config = field(default_factory=Stage1Config)

@@ -74,7 +74,7 @@ ANTI_COLOR_PROMPTS = (  # the paper's examples, plus two of ours for archival ma
 class Stage1Config:
     """Stage 1 hyper-parameters. The paper gives the losses, not their values."""
 
-    steps: int = 500  # recipe R (spec section 8); the paper's pseudo-code uses up to 1500
+    steps: int = 500  # recipe R (docs/DESIGN.md §8); the paper's pseudo-code uses up to 1500
     learning_rate: float | None = None  # ours: AdamW; None: the adapter mode's default (training.DEFAULT_LEARNING_RATES)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # paper: fine-tune the UNet; ours: LoRA by default
     timestep_range: tuple[int, int] = (200, 700)  # ours: of 1000 training timesteps; high enough to let colour change
@@ -154,7 +154,7 @@ def prepare_inputs(models: Models, gray: torch.Tensor, caption: str, config: Sta
 def step_inputs(models: Models, inputs: Stage1Inputs, gray: torch.Tensor, caption: str, config: Stage1Config) -> Stage1Inputs:
     """What one step reads: the cached encodings, or fresh ones where the performance config turns caching off.
 
-    Re-encoding is the naive baseline of spec section 8 (same values, more work).
+    Re-encoding is the naive baseline of docs/DESIGN.md §8 (same values, more work).
     """
     performance = config.performance
     if performance.cache_latents and performance.cache_text:

@@ -1,6 +1,6 @@
 """What every fine-tune loop of the method shares: trainable UNets and resumable loops.
 
-Two ways to make the UNet trainable (spec section 3): a LoRA adapter on the
+Two ways to make the UNet trainable (docs/DESIGN.md §3.2, §3.4): a LoRA adapter on the
 attention projections (default; the base weights stay frozen and shared by
 all items of a worker) or a full fine-tune of a private copy (the loaded base
 is never modified either way).
