@@ -218,7 +218,7 @@ def build_from_folder(folder: str, captions: str | None = None, *, checks: Manif
     if captions is None:
         raise ManifestError([ManifestProblem(None, "caption", f"image '{name}' has no caption (no captions file given)") for name in names], folder)
     records, key_column, catalogue_columns = _read_captions(captions, problems)
-    checks.column_names(catalogue_columns, problems)
+    checks.check_column_names(catalogue_columns, problems)
 
     # 3. Item ids: derived from file names, or the captions file's item_id.
     derived = {name: safe_item_id(posixpath.splitext(name)[0]) for name in names}
@@ -306,7 +306,7 @@ def build_from_csv(csv_uri: str, *, checks: ManifestChecks | None = None) -> pa.
     checks = ManifestChecks() if checks is None else checks
     problems = Problems()
     columns, records = _read_csv(csv_uri, problems, _ALIASES)
-    checks.column_names([name for name in columns if name not in KNOWN_COLUMNS], problems)
+    checks.check_column_names([name for name in columns if name not in KNOWN_COLUMNS], problems)
     for name in REQUIRED_COLUMNS:
         if name not in columns:
             problems.add(None, name, f"required column missing (columns found: {', '.join(columns)})")

@@ -587,7 +587,7 @@ def _read_iiif(document: dict[str, Any], source: str, language: str | None,
     catalogue += list(dict.fromkeys(name for row in rows for name in row if name not in KNOWN_COLUMNS and name not in IIIF_COLUMNS))
     labels = [f"canvas {_shown(row.get('iiif_canvas'), 200)}" for row in rows]
     named = Problems()  # column names near a known one, with checks.strict
-    checks.column_names([name for name in catalogue if name not in IIIF_COLUMNS], named)
+    checks.check_column_names([name for name in catalogue if name not in IIIF_COLUMNS], named)
     table = finish_table(rows, list(range(1, len(rows) + 1)), labels, catalogue, named, source, checks)
     for problem in left_out:
         logger.warning("%s: %s", source, problem)
