@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -632,21 +632,31 @@ def _remote_source_problem(uri: str) -> str | None:
     return None
 
 
+def _each(check: Callable[[str], str | None], uris: list[str], chunk: int = 512) -> list[str | None]:
+    """``check`` of each of ``uris``, in order, SOURCE_CHECK_WORKERS threads each taking ``chunk`` at a time."""
+    if len(uris) <= chunk:
+        return [check(uri) for uri in uris]
+    chunks = [uris[start:start + chunk] for start in range(0, len(uris), chunk)]
+    with ThreadPoolExecutor(min(SOURCE_CHECK_WORKERS, len(chunks))) as pool:
+        return [problem for done in pool.map(lambda part: [check(uri) for uri in part], chunks) for problem in done]
+
+
 def source_problems(sources: list[tuple[int, str, str, str]], remote: bool) -> list[ManifestProblem]:
     """A problem for each source that cannot be read, in row order: ``sources`` are (row, item id, column, URI).
 
     Local files are checked always (existing, regular, readable); remote ones
-    (``s3://``, ``http(s)://``, ...) only with ``remote``, SOURCE_CHECK_WORKERS
-    at a time. A URI carrying credentials or a control character is not
+    (``s3://``, ``http(s)://``, ...) only with ``remote``. Both are checked
+    SOURCE_CHECK_WORKERS at a time (a network file system answers a stat
+    slowly too). A URI carrying credentials or a control character is not
     checked (it is a problem of its own).
     """
-    sources = [entry for entry in sources if not has_userinfo(entry[3]) and unsafe_character(entry[3]) is None]
-    found = [(entry, _local_source_problem(entry[3])) for entry in sources if _is_local_source(entry[3])]
+    sources = [entry for entry in sources
+               if not ("@" in entry[3] and has_userinfo(entry[3])) and unsafe_character(entry[3]) is None]
+    local = [entry for entry in sources if _is_local_source(entry[3])]
+    found = list(zip(local, _each(_local_source_problem, [entry[3] for entry in local])))
     if remote:
         far = [entry for entry in sources if not _is_local_source(entry[3])]
-        if far:
-            with ThreadPoolExecutor(min(SOURCE_CHECK_WORKERS, len(far))) as pool:
-                found += zip(far, pool.map(_remote_source_problem, [entry[3] for entry in far]))
+        found += zip(far, _each(_remote_source_problem, [entry[3] for entry in far], chunk=1))
     found.sort(key=lambda pair: pair[0][0])
     return [ManifestProblem(row, column, f"item {item_id!r}: {SOURCE_COLUMNS[column]} {problem}")
             for (row, item_id, column, _), problem in found if problem is not None]
@@ -658,13 +668,13 @@ def source_cells(columns: dict[str, list], first_row: int, count: int,
 
     Relative URIs resolve against ``base_uri`` (none: taken as they are).
     """
+    resolve = uri_resolver(base_uri) if base_uri else str.strip
+    ids = columns.get("item_id") or [None] * count
     found = []
     for name in SOURCE_COLUMNS:
-        for index, value in enumerate(columns.get(name) or [None] * count):
+        for index, value in enumerate(columns.get(name) or ()):
             if isinstance(value, str) and value.strip():
-                item_id = (columns.get("item_id") or [None] * count)[index]
-                uri = resolve_uri(value, base_uri) if base_uri else value.strip()
-                found.append((first_row + index, (item_id or "").strip(), name, uri))
+                found.append((first_row + index, (ids[index] or "").strip(), name, resolve(value)))
     return found
 
 
@@ -796,16 +806,30 @@ def resolve_uri(value: str, manifest_uri: str) -> str:
     ``/abs/path/manifests/demo/camera.png``; in ``s3://b/m/x.parquet`` it is
     ``s3://b/m/demo/camera.png``. ``..`` segments are folded.
     """
-    value = value.strip()
-    if URI_SCHEME.match(value) or os.path.isabs(value) or _WINDOWS_DRIVE.match(value):
-        return value
+    return uri_resolver(manifest_uri)(value)
+
+
+def uri_resolver(manifest_uri: str) -> Callable[[str], str]:
+    """:func:`resolve_uri` against ``manifest_uri``, its folder worked out once (a million rows resolve fast)."""
     match = URI_SCHEME.match(manifest_uri)
     if match:
-        scheme, rest = match.group(0), manifest_uri[match.end():]
-        folder = posixpath.dirname(rest)
-        return scheme + posixpath.normpath(posixpath.join(folder, value))
-    folder = os.path.dirname(os.path.abspath(manifest_uri))
-    return os.path.normpath(os.path.join(folder, value))
+        scheme, folder = match.group(0), posixpath.dirname(manifest_uri[match.end():])
+
+        def against(value: str) -> str:
+            return scheme + posixpath.normpath(posixpath.join(folder, value))
+    else:
+        folder = os.path.dirname(os.path.abspath(manifest_uri))
+
+        def against(value: str) -> str:
+            return os.path.normpath(os.path.join(folder, value))
+
+    def resolve(value: str) -> str:
+        value = value.strip()
+        if URI_SCHEME.match(value) or os.path.isabs(value) or _WINDOWS_DRIVE.match(value):
+            return value
+        return against(value)
+
+    return resolve
 
 
 def catalogue_text(value: Any) -> str:
