@@ -62,11 +62,12 @@ def test_british_and_record_spellings_in_parquet_are_read_as_the_known_columns(t
 
 
 @pytest.mark.parametrize(("first", "second"), [("color_map", "colour_map"), ("caption", "Caption"),
-                                               ("target_prompts", "target_prompt"), ("image_uri", "source_uri")])
+                                               ("target_prompts", "target_prompt"), ("image_uri", "source_uri"),
+                                               ("seed", "Seed")])
 def test_two_spellings_of_one_column_are_refused_naming_both(tmp_path, capsys, first, second):
     _images(tmp_path, "a.png")
     values = {"color_map": '{"dog": "brown"}', "caption": CAPTION, "target_prompts": "a brown dog on a bench",
-              "image_uri": "a.png"}
+              "image_uri": "a.png", "seed": 7}
     columns = {"item_id": ["a"], "image_uri": ["a.png"], "caption": [CAPTION]}
     canonical = first
     columns[first] = columns[second] = [values[canonical]]
