@@ -43,8 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from diffcolor.archive import storage
-from diffcolor.archive import outside
+from diffcolor.archive import outside, storage
 from diffcolor.archive.outside import is_http
 from diffcolor.common.captions import PromptLimit, build_target_prompt, prompt_length_problems, rewrite_caption
 from diffcolor.common.errors import (
