@@ -373,6 +373,19 @@ def _print_problems(problems: list, verdict: str) -> int:
     return 1
 
 
+def _manifest_checks(args):
+    """What ``manifest build`` and ``validate`` check beyond the cells: sources (remote ones with --check-sources)
+    and near-miss column names (problems with --strict)."""
+    from diffcolor.archive.manifest import ManifestChecks
+
+    return ManifestChecks(sources="all" if args.check_sources else "local", strict=args.strict)
+
+
+def _print_warnings(checks) -> None:
+    for warning in checks.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def cmd_manifest_build(args) -> int:
     """``diffcolor manifest build``: writes the manifest, or prints every problem and exits 1."""
     from diffcolor.archive.builders import (
@@ -382,6 +395,8 @@ def cmd_manifest_build(args) -> int:
     from diffcolor.archive.iiif import read_iiif, read_info_json
     from diffcolor.archive.manifest import ManifestError, problem_count, write_manifest
 
+    checks = _manifest_checks(args)
+
     if args.captions and not args.from_folder:
         raise ValueError("--captions goes with --from-folder only")
     if (args.language or args.image_info) and not args.from_iiif:
@@ -390,19 +405,21 @@ def cmd_manifest_build(args) -> int:
         args.from_folder, args.captions, args.from_csv, args.from_iiif, args.out, *(args.image_info or ()))
     try:
         if args.from_folder:
-            table = build_from_folder(args.from_folder, captions=args.captions)
+            table = build_from_folder(args.from_folder, captions=args.captions, checks=checks)
         elif args.from_csv:
-            table = build_from_csv(args.from_csv)
+            table = build_from_csv(args.from_csv, checks=checks)
         else:
             image_info = {base: info for uri in args.image_info or () for base, info in read_info_json(uri).items()}
-            imported = read_iiif(args.from_iiif, language=args.language, image_info=image_info)
+            imported = read_iiif(args.from_iiif, language=args.language, image_info=image_info, checks=checks)
             for problem in imported.left_out:  # one line per canvas that gave no row; the others are written
                 print(problem, file=sys.stderr)
             table = imported.table
         write_manifest(table, args.out)
     except ManifestError as error:
+        _print_warnings(checks)
         return _print_problems(error.problems,
                                f"diffcolor: manifest not written: {problem_count(error.problems)} problem(s) in '{error.uri}'")
+    _print_warnings(checks)
     print(f"wrote {table.num_rows} items to {args.out}")
     return 0
 
@@ -417,7 +434,9 @@ def cmd_manifest_validate(args) -> int:
         from diffcolor.tools.tiny import named_prompt_limit
 
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
-    problems = validate_manifest(args.file, prompt_limit=limit)
+    checks = _manifest_checks(args)
+    problems = validate_manifest(args.file, prompt_limit=limit, checks=checks)
+    _print_warnings(checks)
     if problems:
         return _print_problems(
             problems, f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
@@ -864,6 +883,15 @@ def _add_doctor_command(commands) -> None:
     doctor.set_defaults(handler=cmd_doctor)
 
 
+def _add_manifest_check_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check-sources", action="store_true",
+                        help="also ask remote stores that every image exists (s3://: the store; http(s)://: a HEAD "
+                             "request, SSRF-checked); local files are always checked")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a column whose name is close to a known one (captoin, colormap) instead of "
+                             "warning and keeping it as a catalogue field")
+
+
 def _add_manifest_commands(commands) -> None:
     manifest = commands.add_parser("manifest", help="build or validate a Parquet manifest")
     actions = manifest.add_subparsers(dest="manifest_command", required=True)
@@ -884,12 +912,14 @@ def _add_manifest_commands(commands) -> None:
     build.add_argument("--image-info", action="append", metavar="INFO_JSON",
                        help="--from-iiif: a cached Image API info.json (its size limits are honoured); repeatable")
     build.add_argument("-o", "--out", required=True, metavar="OUT.parquet", help="the manifest to write (path or URI)")
+    _add_manifest_check_options(build)
     _add_allow_host_option(build)
     build.set_defaults(handler=cmd_manifest_build)
 
     validate = actions.add_parser("validate", help="check a manifest; one line per problem, naming row and column",
                                   **_examples("diffcolor manifest validate manifests/demo.parquet"))
     validate.add_argument("file", help="the manifest (path or URI)")
+    _add_manifest_check_options(validate)
     _add_allow_host_option(validate)
     validate.add_argument("--model", help="also check every model prompt fits this model's text encoder (a folder, "
                           "a hub id in the local cache, or 'tiny')")

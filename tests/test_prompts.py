@@ -230,6 +230,8 @@ def test_the_pipeline_refuses_an_over_long_prompt_before_any_model_work(models, 
 def test_manifest_validate_with_the_model_names_the_row_and_the_lost_words(models, tmp_path, capsys):
     import pyarrow as pa
 
+    for name in ("a.png", "b.png"):  # the images exist (manifest validate checks local sources)
+        (tmp_path / name).write_bytes(b"\x89PNG")
     table = pa.table({"item_id": ["ok", "long"], "image_uri": ["a.png", "b.png"],
                       "caption": [CAPTION, LONG_CAPTION], "color_map": ['{"dog": "brown"}', '{"sky": "blue"}']})
     path = tmp_path / "m.parquet"
