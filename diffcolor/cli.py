@@ -7,8 +7,11 @@ what it needs when it runs, so ``diffcolor --help``, every ``--help`` and the
 place in ``diffcolor/`` that reaches them, and only from those two handlers.
 
 Errors that DiffColor raises on purpose (a missing model, a bad image, a bad
-prompt, a bad ``--set``) are printed as one line naming the problem, with
-exit status 2 and no traceback; progress bars appear only on a terminal.
+prompt, a bad ``--set``: :class:`~diffcolor.common.errors.UserError` and the
+other ``DiffColorError`` classes) are printed as one line naming the problem,
+with exit status 2 and no traceback. Any other exception is a bug: its
+traceback is shown, with where to report it, and the exit status is 1.
+Progress bars appear only on a terminal.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from diffcolor import __version__
+from diffcolor.common.errors import UserError
 
 SMOKE_BANNER = (
     "SMOKE RUN: random-weight tiny bundle, not a colourisation. "
@@ -57,7 +61,7 @@ def _parse_overrides(pairs: list[str] | None) -> dict:
     for pair in pairs or ():
         field, _, text = pair.partition("=")
         if not field.strip() or not text:
-            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
+            raise UserError(f"--set expects FIELD=VALUE, got {pair!r}")
         try:
             overrides[field.strip()] = json.loads(text)
         except json.JSONDecodeError:
@@ -184,11 +188,21 @@ def _finish_flow(state) -> int:
         _print_summary(summary)
         return 1 if summary["counts"].get("failed") else 0
     if isinstance(summary, BaseException):
+        if not _is_refusal(summary):
+            raise summary  # the flow crashed: a bug, whose traceback main() shows
         message = str(summary).splitlines()[0] if str(summary) else type(summary).__name__
     else:
         message = state.message or str(summary)
     print(f"diffcolor: error: {message}", file=sys.stderr)
     return 2
+
+
+def _is_refusal(error: BaseException) -> bool:
+    """Whether a failed flow's result is a refusal (an error raised on purpose, or Prefect's stand-in for the
+    one-line message flows.runs.refusal gives the run) rather than the exception of a crashed flow."""
+    from diffcolor.common.errors import DiffColorError
+
+    return isinstance(error, DiffColorError) or type(error).__module__.split(".")[0] == "prefect"
 
 
 @contextmanager
@@ -218,7 +232,7 @@ def _lift_credentials(*uris: str | None) -> list[str | None]:
     A flow's parameters are stored by Prefect with the run, so credentials must
     never be among them: ``s3://KEY:SECRET@bucket/...`` is passed on as
     ``s3://bucket/...`` and KEY/SECRET go into this process's environment
-    (inherited by the pool's workers). Raises ValueError for credentials in any
+    (inherited by the pool's workers). Raises UserError for credentials in any
     other kind of URI, or two different S3 credentials in one command. What
     counts as credentials (a secret holding ``/``, ``@``, ``:``, ...):
     :func:`diffcolor.common.redact.userinfo_span`.
@@ -233,13 +247,13 @@ def _lift_credentials(*uris: str | None) -> list[str | None]:
         bare, user, password = split_userinfo(uri)
         if user is not None:
             if not bare.startswith(("s3://", "s3a://")):
-                raise ValueError(f"'{redact(uri)}' carries credentials; give them to its store in the environment "
-                                 "(a .netrc for http) instead: a run's URIs are stored with the run")
+                raise UserError(f"'{redact(uri)}' carries credentials; give them to its store in the environment "
+                                "(a .netrc for http) instead: a run's URIs are stored with the run")
             found.add((user, password))
         clean.append(bare)
     if len(found) > 1:
-        raise ValueError("the URIs carry two different S3 credentials; set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY in the environment instead")
+        raise UserError("the URIs carry two different S3 credentials; set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY in the environment instead")
     for user, password in found:
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = user, password or ""
     return clean
@@ -348,7 +362,7 @@ def cmd_recolor(args) -> int:
         print("diffcolor: --eta is deprecated, use --alpha (the embedding interpolation weight; DDIM's eta stays 0)",
               file=sys.stderr)
         if args.alpha is not None and args.alpha != args.eta:
-            raise ValueError(f"--alpha {args.alpha} and --eta {args.eta} disagree; give --alpha only")
+            raise UserError(f"--alpha {args.alpha} and --eta {args.eta} disagree; give --alpha only")
         args.alpha = args.eta
     if args.alpha is not None:
         render = replace(render, alpha=args.alpha)
@@ -383,9 +397,9 @@ def cmd_manifest_build(args) -> int:
     from diffcolor.archive.manifest import ManifestError, problem_count, write_manifest
 
     if args.captions and not args.from_folder:
-        raise ValueError("--captions goes with --from-folder only")
+        raise UserError("--captions goes with --from-folder only")
     if (args.language or args.image_info) and not args.from_iiif:
-        raise ValueError("--language and --image-info go with --from-iiif only")
+        raise UserError("--language and --image-info go with --from-iiif only")
     args.from_folder, args.captions, args.from_csv, args.from_iiif, args.out, *args.image_info = _lift_credentials(
         args.from_folder, args.captions, args.from_csv, args.from_iiif, args.out, *(args.image_info or ()))
     try:
@@ -432,7 +446,7 @@ def cmd_iiif(args) -> int:
 
     output, base_url = _lift_credentials(args.output, args.base_url)  # the base URL is published: no credentials
     if base_url != args.base_url:
-        raise ValueError("--base-url is published in the manifest: it may carry no credentials")
+        raise UserError("--base-url is published in the manifest: it may carry no credentials")
     publication = publish_iiif(output, base_url, args.out, label=args.label, unreviewed=args.unreviewed)
     for reason in publication.left_out:
         print(f"left out: {reason}", file=sys.stderr)
@@ -548,11 +562,11 @@ def cmd_review(args) -> int:
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
     for name in [args.host, *args.allowed_host]:
         if normalize_host(name) is None:
-            raise ValueError(f"{name!r} is not a host name or IP address")
+            raise UserError(f"{name!r} is not a host name or IP address")
     if args.token_file:
         token = _read_token_file(args.token_file)
     elif not loopback:
-        raise ValueError(f"--host {args.host} serves beyond this machine: give --token-file with a secret token")
+        raise UserError(f"--host {args.host} serves beyond this machine: give --token-file with a secret token")
     else:
         token = None
     out = storage.absolute(_lift_credentials(args.out)[0])
@@ -609,9 +623,9 @@ def _read_token_file(path: str) -> str:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or type(error).__name__
-        raise ValueError(f"--token-file '{path}' cannot be read: {reason}") from None
+        raise UserError(f"--token-file '{path}' cannot be read: {reason}") from None
     if len(token) < 16 or any(char.isspace() for char in token):
-        raise ValueError(f"--token-file '{path}' must hold one token of at least 16 characters, no spaces")
+        raise UserError(f"--token-file '{path}' must hold one token of at least 16 characters, no spaces")
     return token
 
 
@@ -1103,13 +1117,37 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         from diffcolor.common.errors import DiffColorError
 
-        if not isinstance(error, (DiffColorError, ValueError)):
-            raise
+        if not isinstance(error, DiffColorError):  # not raised on purpose (a plain ValueError neither): a bug
+            return _report_bug(error)
         from diffcolor.common.text import escape_controls
 
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"diffcolor: error: {escape_controls(message)}", file=sys.stderr)
         return 2
+
+
+def _report_bug(error: BaseException) -> int:
+    """An exception DiffColor did not raise on purpose: its traceback and where to report it; exit status 1."""
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    print(f"diffcolor: internal error ({type(error).__name__}), a bug in diffcolor-archive {__version__}: "
+          f"{_where_to_report()}", file=sys.stderr)
+    return 1
+
+
+def _where_to_report() -> str:
+    """The issue tracker of the installed package's metadata (``[project.urls]``), else the maintainers."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("diffcolor-archive").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    for label, _, url in (entry.partition(",") for entry in urls):
+        if label.strip().lower().replace(" ", "").replace("-", "") in ("issues", "bugtracker", "tracker", "bugs"):
+            return f"please report it at {url.strip()} with this traceback"
+    return "please report it to the maintainers with this traceback"
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def refusal(error: BaseException) -> str | None:
     The flows end Failed with that line as their message instead of raising:
     Prefect would log the refusal's traceback, and the operator needs the line only.
     """
-    if isinstance(error, (DiffColorError, ValueError)):
+    if isinstance(error, DiffColorError):  # raised on purpose (UserError among them); anything else is a bug
         return str(error).splitlines()[0] if str(error) else type(error).__name__
     return None
 
