@@ -69,6 +69,16 @@ def _parse_overrides(pairs: list[str] | None) -> dict:
     return overrides
 
 
+def _configured(args, config=None):
+    """The configuration a command works with: ``config`` (default: the ``--preset``) with every ``--set``
+    applied and type-checked against the preset's dataclasses before any work starts (UserError naming an
+    unknown field or a bad value); and the overrides themselves, for the flows."""
+    from diffcolor.method.presets import apply_overrides, get_preset
+
+    overrides = _parse_overrides(args.set)
+    return apply_overrides(get_preset(args.preset) if config is None else config, overrides), overrides
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -314,11 +324,10 @@ def cmd_colorize(args) -> int:
     from diffcolor.common.errors import InputUnavailableError
     from diffcolor.common.ids import normalize_item_id, safe_item_id
     from diffcolor.common.items import ItemRequest
-    from diffcolor.method.presets import get_preset
     from diffcolor.pipeline import colorize_item
 
     # 1. Every argument checked before any model loads (the colour map's words against the caption's too).
-    config = get_preset(args.preset)
+    config, _ = _configured(args)
     color_map = _parse_color_map(args.color_map)
     rewritten = rewrite_caption(args.caption, config.stage2.identifier, config.stage2.identifier_rule)
     if color_map:
@@ -347,16 +356,19 @@ def cmd_recolor(args) -> int:
     from diffcolor.archive.items import ItemLayout
     from diffcolor.archive.states import read_state
     from diffcolor.common.errors import StateError
+    from diffcolor.method.presets import PipelineConfig
     from diffcolor.method.state import state_from_bytes
     from diffcolor.pipeline import recolor_item, stored_config
 
-    # 1. The item and its colour state, and the arguments, before any model loads.
+    # 1. The arguments (--set against the configuration's fields first), the item and its colour state, before
+    #    any model loads.
+    _configured(args, PipelineConfig())
     layout = ItemLayout(args.dir)
     if not storage.exists(layout.result):
         raise StateError(f"'{args.dir}' holds no result.json: colourise the item first")
     previous = storage.read_json(layout.result)
     color_map = _parse_color_map(args.color_map) or None
-    config = stored_config(state_from_bytes(read_state(layout.state), layout.state_object))
+    config, _ = _configured(args, stored_config(state_from_bytes(read_state(layout.state), layout.state_object)))
     render = config.render
     if args.eta is not None:
         print("diffcolor: --eta is deprecated, use --alpha (the embedding interpolation weight; DDIM's eta stays 0)",
@@ -458,12 +470,10 @@ def cmd_run(args) -> int:
     from diffcolor.archive import storage
     from diffcolor.common.redact import refuse_credentials
     from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
-    from diffcolor.method.presets import apply_overrides, get_preset
 
     # 1. The preset and its overrides, type-checked before any work starts; credentials out of the URIs;
     #    the manifest's every problem listed (as `manifest validate` does) before any flow or model starts.
-    overrides = _parse_overrides(args.set)
-    apply_overrides(get_preset(args.preset), overrides)
+    _, overrides = _configured(args)
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     from diffcolor.common.errors import ModelNotFoundError
@@ -523,7 +533,8 @@ def cmd_reprocess(args) -> int:
     from diffcolor.common.errors import PromptError
     from diffcolor.common.ids import normalize_item_id
 
-    # 1. The targets, every item id through the item-id rule, before any flow starts.
+    # 1. The targets, every item id through the item-id rule, and the --set, before any flow starts.
+    _, overrides = _configured(args)
     color_map = _parse_color_map(args.color_map) or None
     if not args.targets and (not args.items or not (args.target or color_map)):
         raise PromptError("give --items with --target or --color-map, or a --targets file")
@@ -531,21 +542,34 @@ def cmd_reprocess(args) -> int:
     out, targets_uri = _lift_credentials(args.out, args.targets)
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     out = storage.absolute(out)
+
+    # 2. Every target against its item's caption (the colour words must be words of it that take a colour),
+    #    then the model and the output: one line per unsuitable target, exit 2, before any model loads.
+    if targets_uri:
+        _quiet_prefect()
+        from flows.reprocess import read_targets
+
+        targets = [(each.item_id, each.target_prompt, each.color_map) for each in read_targets(targets_uri)]
+    else:
+        targets = [(item, args.target, color_map) for item in items]
+    problems = _unsuitable_targets(out, targets)
+    for problem in problems:
+        print(f"diffcolor: error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     _preflight(args.model, out, args)
     if args.model:
         _smoke_notice(args.model)
 
-    # 2. The reprocess flow, as `run` starts its flow (private Prefect server, stop on SIGINT/SIGTERM).
+    # 3. The reprocess flow, as `run` starts its flow (private Prefect server, stop on SIGINT/SIGTERM).
     _quiet_prefect()
     from flows.local import LocalPrefect
-    from flows.reprocess import ReprocessOptions, Retarget, read_targets, reprocess
+    from flows.reprocess import ReprocessOptions, Retarget, reprocess
     from flows.stopping import graceful, handling_signals
 
-    if targets_uri:
-        targets = read_targets(targets_uri)
-    else:
-        targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in items]
+    targets = [Retarget(item_id=item, target_prompt=target, color_map=colors) for item, target, colors in targets]
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
+                               preset=args.preset, overrides=overrides,
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype,
                                workers_per_device=args.workers_per_device, pool=args.pool, **_source_limits(args))
     with handling_signals(), LocalPrefect(), _following_runs(), graceful():
@@ -553,12 +577,34 @@ def cmd_reprocess(args) -> int:
     return _finish_flow(state)
 
 
+def _unsuitable_targets(out: str, targets: list[tuple[str, str | None, dict | None]]) -> list[str]:
+    """One line per target that does not suit its item, as the review application checks a recolour: a colour
+    map must name words of the item's caption that take a colour, with one-word colours; a target prompt must
+    fit the text encoder. An item never colourised here is left to the flow, which records it as failed."""
+    from diffcolor.archive import storage
+    from diffcolor.archive.items import ItemLayout
+    from diffcolor.archive.planning import item_prefix
+    from diffcolor.common.text import escape_controls
+    from review.app import check_target
+
+    problems = []
+    for item_id, target, color_map in targets:  # (item id, target prompt, colour map)
+        layout = ItemLayout(item_prefix(out, item_id))
+        if not storage.exists(layout.result):
+            continue
+        verdict = check_target(storage.read_json(layout.result), color_map, target)
+        if not verdict["ok"]:
+            problems.append(f"item '{item_id}': {escape_controls(verdict['problem'])}")
+    return problems
+
+
 def cmd_review(args) -> int:
     """``diffcolor review OUTPUT``: the curators' web application (``review/``) until interrupted."""
     from diffcolor.archive import storage
     from review.guard import normalize_host
 
-    # 1. The host names answered, and the token: from --token-file, else a random one in a private file.
+    # 1. The --set, the host names answered, and the token: from --token-file, else a random one in a private file.
+    _, overrides = _configured(args)
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
     for name in [args.host, *args.allowed_host]:
         if normalize_host(name) is None:
@@ -585,7 +631,7 @@ def cmd_review(args) -> int:
     token_path, private = None, None
     if token is None:
         token, token_path, private = _private_token()
-    options = {"pool": args.pool, "device": args.device, "preset": args.preset}
+    options = {"pool": args.pool, "device": args.device, "preset": args.preset, "overrides": overrides}
     app = create_app(ReviewConfig(output=out, token=token, read_only=args.read_only, host=args.host,
                                 reprocess_options=options, port=args.port, allowed_hosts=tuple(args.allowed_host)))
     address = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
@@ -651,7 +697,6 @@ def _private_token() -> tuple[str, str, str]:
 
 def cmd_eval(args) -> int:
     """``diffcolor eval``: exit 0 when every item with a ground truth was evaluated, 1 when any failed."""
-    from diffcolor.method.presets import get_preset
     from diffcolor.tools.eval_report import format_summary
     from diffcolor.tools.evaluate import (
         EvalConfig,
@@ -659,7 +704,7 @@ def cmd_eval(args) -> int:
         evaluate_manifest,
     )
 
-    config = get_preset(args.preset)
+    config, _ = _configured(args)
     args.manifest, args.out = _lift_credentials(args.manifest, args.out)
     max_side = EvalConfig.max_side if args.max_side is None else (None if args.max_side == 0 else args.max_side)
     models = _load_models(args, args.model)
@@ -792,10 +837,21 @@ def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
                              "fp32 on a GPU for runs whose presets set autocast off")
 
 
-def _add_preset_option(parser: argparse.ArgumentParser) -> None:
+def _add_preset_option(parser: argparse.ArgumentParser, use: str = "") -> None:
     parser.add_argument("--preset", default="default", choices=PRESET_NAMES,
-                        help="step counts: smoke (seconds on a CPU with 'tiny'), default, or paper-scale (recipe R); "
-                             "default: %(default)s")
+                        help=f"step counts{use}: smoke (seconds on a CPU with 'tiny'), default, or paper-scale "
+                             "(recipe R); default: %(default)s")
+
+
+def _add_former_spelling(parser: argparse.ArgumentParser, option: str, dest: str) -> None:
+    """``option``, another spelling of the option of ``dest``, accepted but not shown: one spelling in the help."""
+    parser.add_argument(option, dest=dest, help=argparse.SUPPRESS)
+
+
+def _add_set_option(parser: argparse.ArgumentParser, what: str = "the preset's") -> None:
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                        help=f"change one of {what} fields, e.g. stage1.steps=200 or render.alpha=0.9 (a JSON value, "
+                             "else text; checked against the configuration before any work starts); repeatable")
 
 
 def _add_source_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -835,8 +891,10 @@ def _add_single_image_commands(commands) -> None:
     colorize.add_argument("--caption", required=True, help="catalogue caption: the context prompt")
     colorize.add_argument("--target", action="append", help="a target prompt; repeat for several (one version each)")
     colorize.add_argument("--color-map", help='JSON object of caption word to colour, e.g. \'{"dog": "brown"}\'')
+    _add_former_spelling(colorize, "--colour-map", "color_map")
     colorize.add_argument("--out", required=True, help="item output folder or URI")
     _add_preset_option(colorize)
+    _add_set_option(colorize)
     colorize.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same pixels "
                                                               "(default: %(default)s)")
     colorize.add_argument("--item-id", help="item id (default: from the file name)")
@@ -851,11 +909,13 @@ def _add_single_image_commands(commands) -> None:
     recolor.add_argument("dir", help="the item folder or URI written by colorize")
     recolor.add_argument("--target", help="the new target prompt")
     recolor.add_argument("--color-map", help="JSON colour map instead of --target")
+    _add_former_spelling(recolor, "--colour-map", "color_map")
     recolor.add_argument("--alpha", type=float, help="weight of the target embedding (the interpolation weight, "
                          "Imagic's eta), 0 to 1.5; above 1 extrapolates (default: the item's preset)")
     recolor.add_argument("--eta", type=float, help="deprecated name of --alpha")
     recolor.add_argument("--steps", type=int, help="DDIM steps (default: the item's preset)")
     recolor.add_argument("--seed", type=int, help="default: the item's seed")
+    _add_set_option(recolor, "the item's stored configuration")
     _add_model_options(recolor, required=False)
     recolor.set_defaults(handler=cmd_recolor)
 
@@ -946,8 +1006,7 @@ def _add_collection_commands(commands) -> None:
     run.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 (default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--gpus-per-item", type=_gpu_share, default=1.0, metavar="F",
                      help="Ray only: the GPU share each item task reserves, e.g. 0.5 for two items per GPU (default 1)")
-    run.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                     help="override a preset field, e.g. stage1.steps=200 (type-checked; repeat for several)")
+    _add_set_option(run)
     _add_model_options(run, required=True)
     _add_workers_option(run)
     _add_source_limit_options(run)
@@ -961,9 +1020,14 @@ def _add_collection_commands(commands) -> None:
     again.add_argument("out", metavar="OUTPUT", help="collection output root")
     again.add_argument("--items", help="comma-separated item ids")
     again.add_argument("--target", help="new target prompt for every selected item")
-    again.add_argument("--color-map", help="JSON colour map for every selected item")
-    again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map")
+    again.add_argument("--color-map", help="JSON colour map for every selected item: each item's caption must have "
+                                           "its words (checked before any model loads)")
+    again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map: a target per item, "
+                                         "the way to recolour several items whose captions differ")
+    _add_former_spelling(again, "--colour-map", "color_map")
     again.add_argument("--seed", type=int, help="random seed of the renders (default: each item's own)")
+    _add_preset_option(again, " of the full fit of an item without a colour state")
+    _add_set_option(again, "the configuration's (the preset's for a full fit, the item's stored one for a render)")
     again.add_argument("--pool", choices=("local", "inline"), default="local",
                        help="local: worker processes on this machine's GPUs; inline: in the flow's own process")
     _add_model_options(again, required=False)
@@ -1037,6 +1101,7 @@ def _add_eval_commands(commands) -> None:
     evaluate.add_argument("manifest", help="a manifest whose rows have ground_truth_uri (colour originals)")
     evaluate.add_argument("--out", required=True, help="output root; the eval goes under OUT/eval/")
     _add_preset_option(evaluate)
+    _add_set_option(evaluate)
     evaluate.add_argument("--items", help="only these item ids, comma-separated")
     evaluate.add_argument("--lpips-weights", metavar="PATH",
                           help="torchvision's alexnet-owt-7be5be79.pth (file or folder); without it LPIPS is not computed")
@@ -1075,6 +1140,7 @@ def _add_review_command(commands) -> None:
                         help="where recolouring runs without PREFECT_API_URL: local worker processes or inline")
     review.add_argument("--device", default="auto", help="device of local recolouring (default %(default)s)")
     _add_preset_option(review)
+    _add_set_option(review, "the preset's (for the full fit of a recoloured item without a colour state)")
     _add_allow_host_option(review)
     review.set_defaults(handler=cmd_review)
 

@@ -6,6 +6,7 @@ arguments, and a bug injected by patching a function before ``cli.main`` runs.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,54 @@ def test_a_crashed_flow_is_reported_as_a_bug_and_a_refusal_as_one_line():
     with pytest.raises(ZeroDivisionError):
         cli._finish_flow(State(ZeroDivisionError("boom")))
     assert cli._finish_flow(State(UserError("a bad targets file"))) == 2
+
+
+def _colourised(out: Path, item_id: str, caption: str, rewritten: str) -> None:
+    """An item as a colourisation leaves it, as far as a reprocess's checks read it (its result.json)."""
+    folder = out / "items" / item_id
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({
+        "item_id": item_id, "version": 1, "status": "done", "caption": caption, "rewritten_caption": rewritten,
+        "model_id": "no-such-model", "source_uri": str(out / f"{item_id}.png")}))
+
+
+@pytest.fixture
+def two_items(tmp_path):
+    out = tmp_path / "out"
+    _colourised(out, "camera", "a camera on a table", "a sks camera on a sks table")
+    _colourised(out, "coat", "a man in a coat", "a sks man in a sks coat")
+    return out
+
+
+def test_reprocess_names_the_item_whose_caption_lacks_a_colour_word_before_any_model(two_items, tmp_path):
+    missing_model = tmp_path / "no-model"
+    done = _diffcolor("reprocess", str(two_items), "--items", "camera,coat", "--color-map", '{"coat": "gray"}',
+                      "--model", str(missing_model))
+    _assert_user_error(done, "item 'camera'", "'coat'")
+    assert "item 'coat'" not in done.stderr  # the coat's caption has the word
+    assert str(missing_model) not in done.stderr, "refused before the model was even checked"
+    assert not (two_items / "runs").exists()
+
+
+def test_reprocess_checks_each_row_of_a_targets_file_against_its_own_item(two_items, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    suitable = tmp_path / "suitable.parquet"
+    pq.write_table(pa.table({"item_id": ["camera", "coat"],
+                             "color_map": [json.dumps({"camera": "black"}), json.dumps({"coat": "gray"})]}), suitable)
+    done = _diffcolor("reprocess", str(two_items), "--targets", str(suitable), "--model", str(tmp_path / "no-model"))
+    assert done.returncode == 2 and "no-model" in done.stderr and "item '" not in done.stderr  # on to the model
+
+    crossed = tmp_path / "crossed.parquet"
+    pq.write_table(pa.table({"item_id": ["camera", "coat"], "color_map": [json.dumps({"coat": "gray"}), None],
+                             "target_prompt": [None, "a man in a green coat"]}), crossed)
+    done = _diffcolor("reprocess", str(two_items), "--targets", str(crossed), "--model", str(tmp_path / "no-model"))
+    _assert_user_error(done, "item 'camera'", "'coat'")
+    assert "item 'coat'" not in done.stderr and "no-model" not in done.stderr
+
+
+def test_reprocess_refuses_a_target_and_a_colour_map_together(two_items):
+    done = _diffcolor("reprocess", str(two_items), "--items", "coat", "--color-map", '{"coat": "gray"}',
+                      "--target", "a man in a gray coat")
+    _assert_user_error(done, "item 'coat'", "not both")
