@@ -1183,7 +1183,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         from diffcolor.common.errors import DiffColorError
 
-        if not isinstance(error, DiffColorError):  # not raised on purpose (a plain ValueError neither): a bug
+        # A file the system refused (missing, not a folder, no permission) is the user's to fix, named; anything
+        # else not raised on purpose (a plain ValueError too) is a bug.
+        if not isinstance(error, DiffColorError) and not (isinstance(error, OSError) and error.filename is not None):
             return _report_bug(error)
         from diffcolor.common.text import escape_controls
 

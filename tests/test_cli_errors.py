@@ -163,3 +163,18 @@ def test_reprocess_refuses_a_target_and_a_colour_map_together(two_items):
     done = _diffcolor("reprocess", str(two_items), "--items", "coat", "--color-map", '{"coat": "gray"}',
                       "--target", "a man in a gray coat")
     _assert_user_error(done, "item 'coat'", "not both")
+
+
+def test_a_corrupt_record_is_one_line_naming_it(tmp_path):
+    item = tmp_path / "dog"
+    item.mkdir()
+    (item / "result.json").write_text("{not json")
+    done = _diffcolor("recolor", str(item), "--target", "a red dog")
+    _assert_user_error(done, str(item / "result.json"), "is not JSON")
+
+
+def test_a_file_the_system_refuses_is_one_line_naming_it(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the bundle's folder should go")
+    done = _diffcolor("tiny-bundle", str(blocker / "tiny"))
+    _assert_user_error(done, str(blocker))
