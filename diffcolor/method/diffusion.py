@@ -294,7 +294,7 @@ def resize_for_model(gray: np.ndarray, target_pixels: int, multiple: int) -> np.
         raise ValueError(f"gray values must lie in [0, 1], got range [{low}, {high}]")
     for label, value in (("target_pixels", target_pixels), ("multiple", multiple)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
+            raise UserError(f"{label} must be a positive int, got {value!r}")
 
     # 2. Target size: same aspect, about target_pixels, sides multiples of `multiple`.
     height, width = gray.shape
