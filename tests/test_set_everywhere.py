@@ -138,3 +138,18 @@ def test_reprocess_set_changes_a_render_and_a_refit_with_the_chosen_preset(prefe
     refit = json.loads((out / "items" / "p1" / "result.json").read_text())
     # The chosen preset, changed: smoke's 4 stage-1 steps, 4 embedding steps and 2 fine-tune steps (not 4).
     assert refit["preset"] == "smoke" and refit["finetune_steps_run"] == 4 + 4 + 2
+
+
+def test_every_kind_of_value_set_reaches_the_flows_options():
+    from flows.collection import RunOptions
+    from flows.reprocess import ReprocessOptions
+
+    from diffcolor.method.presets import apply_overrides, get_preset
+
+    overrides = cli._parse_overrides(["stage1.timestep_range=[100, 800]", "model_pixels=null", "render.alpha=0.5",
+                                      "stage2.finetune_steps=2", "access_format=PNG"])
+    apply_overrides(get_preset("smoke"), overrides)  # every one a valid setting
+    for options in (RunOptions(overrides=overrides), ReprocessOptions(overrides=overrides)):
+        assert options.overrides == overrides
+        config = apply_overrides(get_preset("smoke"), options.overrides)
+        assert config.stage1.timestep_range == (100, 800) and config.model_pixels is None
