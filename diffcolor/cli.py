@@ -538,6 +538,8 @@ def cmd_reprocess(args) -> int:
     color_map = _parse_color_map(args.color_map) or None
     if not args.targets and (not args.items or not (args.target or color_map)):
         raise PromptError("give --items with --target or --color-map, or a --targets file")
+    if args.targets and (args.items or args.target or color_map):
+        raise UserError("--targets names each item and its target: give no --items, --target or --color-map with it")
     items = [normalize_item_id(item) for item in args.items.split(",")] if args.items and not args.targets else []
     out, targets_uri = _lift_credentials(args.out, args.targets)
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
@@ -604,7 +606,7 @@ def cmd_review(args) -> int:
     from review.guard import normalize_host
 
     # 1. The --set, the host names answered, and the token: from --token-file, else a random one in a private file.
-    _, overrides = _configured(args)
+    overrides = _configured(args)[1] if args.set else {}  # the configuration's modules load torch: only for a --set
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
     for name in [args.host, *args.allowed_host]:
         if normalize_host(name) is None:

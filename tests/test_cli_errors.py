@@ -178,3 +178,8 @@ def test_a_file_the_system_refuses_is_one_line_naming_it(tmp_path):
     blocker.write_text("a file where the bundle's folder should go")
     done = _diffcolor("tiny-bundle", str(blocker / "tiny"))
     _assert_user_error(done, str(blocker))
+
+
+def test_reprocess_refuses_a_targets_file_mixed_with_targets_for_every_item(two_items, tmp_path):
+    done = _diffcolor("reprocess", str(two_items), "--targets", str(tmp_path / "t.parquet"), "--items", "coat")
+    _assert_user_error(done, "--targets", "--items")
