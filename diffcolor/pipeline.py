@@ -71,7 +71,7 @@ from diffcolor.method.merge import merge_full_resolution
 from diffcolor.method.metrics import colorfulness
 from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import apply_memory_format
-from diffcolor.method.presets import PipelineConfig
+from diffcolor.method.presets import PipelineConfig, apply_overrides
 from diffcolor.method.render import RenderConfig, Target, render_target, resolve_target
 from diffcolor.method.stage1 import fit_color_prior
 from diffcolor.method.stage2 import check_token_alignment, fit_in_context
@@ -457,8 +457,12 @@ def recolor_item(
     limits: ReadLimits = ReadLimits(),
     progress: Progress | None = None,
     signing: Signing | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """Renders a new target from the item's stored colour state and adds it as a new version.
+
+    ``config`` defaults to the configuration the state was made with; ``overrides`` (``--set``) change its
+    fields, as :func:`diffcolor.method.presets.apply_overrides` does.
 
     No fine-tuning happens (``finetune_steps_run`` is 0). The previous versions
     stay; the same render asked again (same state, prompt, settings and seed)
@@ -474,7 +478,7 @@ def recolor_item(
         raise StateError(f"'{output_prefix}' holds no result.json: colourise the item first")
     previous = storage.read_json(layout.result)
     state = state_from_bytes(read_state(layout.state), layout.state_object)
-    config = config or stored_config(state)
+    config = apply_overrides(config or stored_config(state), overrides or {})
     render = render or config.render
     request = ItemRequest(
         item_id=previous["item_id"], source_uri=previous["source_uri"], caption=state.rewritten.caption,

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
-from diffcolor.common.errors import PromptError
+from diffcolor.common.errors import PromptError, UserError
 
 # ours: words that never get an identifier (function words)
 FUNCTION_WORDS = frozenset(
@@ -179,7 +179,7 @@ def _names_a_thing(words: list[str], index: int) -> bool:
 def _slot_positions(words: list[str], identifier: str, rule: str) -> list[int]:
     """Indices of the words of ``words`` that get an identifier under ``rule``."""
     if rule not in IDENTIFIER_RULES:
-        raise ValueError(f"identifier rule must be one of {', '.join(IDENTIFIER_RULES)}, got {rule!r}")
+        raise UserError(f"identifier rule must be one of {', '.join(IDENTIFIER_RULES)}, got {rule!r}")
     content = [index for index, word in enumerate(words)
                if word[0].isalpha() and word.lower() not in FUNCTION_WORDS and word.lower() != identifier.lower()]
     if rule == "content":

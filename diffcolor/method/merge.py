@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffcolor.common.errors import UserError
 from diffcolor.method.metrics import FidelityAccumulator
 
 # kornia's (and so scikit-image's) sRGB / CIE Lab constants (D65, 2 degree observer),
@@ -415,4 +416,4 @@ def _check_inputs(gray: np.ndarray, chroma_ab: torch.Tensor, bit_depth: int, con
         or not config.cells_per_radius > 0
         or config.gamut_iterations < 1
     ):
-        raise ValueError(f"invalid MergeConfig: {config}")
+        raise UserError(f"invalid MergeConfig: {config}")

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from diffcolor.common.errors import PromptError
+from diffcolor.common.errors import PromptError, UserError
 from diffcolor.method.color import gray_lightness, lightness
 from diffcolor.method.diffusion import (
     check_prompt_fits,
@@ -127,16 +127,16 @@ def check_inputs(models: Models, gray: torch.Tensor, caption: str, config: Stage
         raise PromptError("the caption is empty: stage 1 needs a context prompt")
     check_prompt_fits(models, caption, "the caption", clip=True)
     if not config.anti_prompts:
-        raise ValueError("anti_prompts is empty: L_con needs at least one negative prompt")
+        raise UserError("anti_prompts is empty: L_con needs at least one negative prompt")
     for number, prompt in enumerate(config.anti_prompts, start=1):
         check_prompt_fits(models, prompt, f"anti-colour prompt {number}", clip=True)
     denoising_steps(config.primary_steps, config.primary_strength)  # at least one step, as diffusers counts them
     side = config.loss_decode_side
     if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
-        raise ValueError(f"loss_decode_side must be null or a whole number of pixels of at least 8, got {side!r}")
+        raise UserError(f"loss_decode_side must be null or a whole number of pixels of at least 8, got {side!r}")
     low, high = config.timestep_range
     if not 0 <= low < high <= 1000:
-        raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1000, got {config.timestep_range}")
+        raise UserError(f"timestep_range must satisfy 0 <= low < high <= 1000, got {config.timestep_range}")
     check_performance(config.performance, models)
 
 
