@@ -317,4 +317,5 @@ def test_readable_values_for_pages():
     assert readable(0.30000000000000004) == "0.3" and readable(float("nan")) == "–" and readable(True) == "yes"
     assert readable("2026-12-07T05:50:09+02:00") == "2026-12-07 03:50:09 UTC"
     assert readable("2026-13-45T00:00") == "2026-13-45T00:00" and readable("sha256:abc") == "sha256:abc"
-    assert flat_rows({"b": {"c": {"d": 1.0}}, "a": []}) == [("a", ""), ("b.c.d", "1")]
+    assert flat_rows({"b": {"c": {"d": 1.0}}, "a": [], "e": {}}) == [("a", ""), ("b.c.d", "1"), ("e", "–")]
+    assert readable([{"x": 0.123456}]) == "x: 0.1235"

@@ -45,6 +45,8 @@ def readable(value) -> str:
         return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(readable(item) for item in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {readable(item)}" for key, item in value.items()) or "–"
     if isinstance(value, str):
         try:
             moment = datetime.fromisoformat(value) if _ISO_TIME.match(value) else None

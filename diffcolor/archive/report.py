@@ -182,13 +182,15 @@ def _git_commit() -> str | None:
     from pathlib import Path
 
     folder = Path(__file__).resolve().parent
-    try:
+    try:  # this file tracked: an installed copy inside some other repository is not that repository's code
+        tracked = subprocess.run(["git", "-C", str(folder), "ls-files", "--error-unmatch", "--", Path(__file__).name],
+                                 capture_output=True, text=True, timeout=5, check=False)
         done = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     commit = done.stdout.strip()
-    return commit if done.returncode == 0 and commit else None
+    return commit if tracked.returncode == 0 and done.returncode == 0 and commit else None
 
 
 _GIT_COMMIT: list = []  # looked up once per process
