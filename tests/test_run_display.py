@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from diffcolor.tools.progress import TerminalDisplay
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,6 +82,15 @@ def _on_a_terminal(*args: str, cwd: Path) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+def test_the_header_counts_the_distinct_items_that_items_selects():
+    from diffcolor.cli import _selected_count
+
+    assert _selected_count(str(DEMO), None) == "6 items"
+    assert _selected_count(str(DEMO), "camera,coins,camera") == "2 items (selected by --items)"
+    assert _selected_count(str(DEMO), "coins") == "1 item (selected by --items)"
+
+
+@pytest.mark.slow  # a real run through the command line on a pseudo-terminal
 def test_a_run_of_selected_items_on_a_terminal(prefect_server, tmp_path):
     shown = _on_a_terminal("run", str(DEMO), "--items", "camera,camera", "--out", "out", "--model", "tiny",
                            "--preset", "smoke", cwd=tmp_path)
