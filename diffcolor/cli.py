@@ -488,7 +488,7 @@ def cmd_iiif(args) -> int:
 def cmd_run(args) -> int:
     from diffcolor.archive import storage
     from diffcolor.common.redact import refuse_credentials
-    from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
+    from diffcolor.archive.manifest import problem_count, validate_manifest
 
     # 1. The preset and its overrides, type-checked before any work starts; credentials out of the URIs;
     #    the manifest's every problem listed (as `manifest validate` does) before any flow or model starts.
@@ -516,8 +516,8 @@ def cmd_run(args) -> int:
     _preflight(args.model, out, args)
     _smoke_notice(args.model)
     _signing()
-    print(f"run: {count_rows(manifest)} items of {manifest} -> {out} (model {args.model}, preset {args.preset})",
-          file=sys.stderr)  # the URIs without credentials
+    print(f"run: {_selected_count(manifest, args.items)} of {manifest} -> {out} (model {args.model}, "
+          f"preset {args.preset})", file=sys.stderr)  # the URIs without credentials
 
     # 2. The collection flow (a private temporary Prefect server unless PREFECT_API_URL names one); SIGINT or
     #    SIGTERM stops it within seconds, with a record of the items finished (flows/stopping.py).
@@ -527,6 +527,18 @@ def cmd_run(args) -> int:
 
     with handling_signals(), LocalPrefect():
         return _run_collection(args, manifest, out, overrides)
+
+
+def _selected_count(manifest: str, items: str | None) -> str:
+    """"9 items", or with ``--items`` the distinct ids it selects: "4 items (selected by --items)"."""
+    from diffcolor.archive.manifest import count_rows
+    from diffcolor.common.ids import normalize_item_id
+
+    if not items:
+        count = count_rows(manifest)
+        return f"{count} item{'' if count == 1 else 's'}"
+    count = len({normalize_item_id(item) for item in items.split(",")})
+    return f"{count} item{'' if count == 1 else 's'} (selected by --items)"
 
 
 def _run_collection(args, manifest: str, out: str, overrides: dict) -> int:

@@ -39,6 +39,7 @@ from diffcolor.archive.planning import (
 from diffcolor.archive.report import describe_counts, write_report
 from diffcolor.archive.results import RecordSpool, write_results
 from diffcolor.archive.storage import ReadLimits
+from diffcolor.common.ids import normalize_item_id
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import config_hash
 from diffcolor.common.redact import refuse_credentials
@@ -368,4 +369,4 @@ def _report_records(records: RecordSpool) -> list[dict]:
 
 
 def _count(manifest: str, items: list[str] | None) -> int:
-    return len(items) if items else count_rows(manifest)
+    return len({normalize_item_id(item) for item in items}) if items else count_rows(manifest)

@@ -141,7 +141,9 @@ def publish_summary(summary: dict, records) -> None:
              "error": r.get("error_message")} for r in records[:1000]]
     create_table_artifact(rows, key="colorize-collection-items", description=f"run {summary['run_id']} (first 1000 items)")
     create_markdown_artifact(
-        f"### Run {summary['run_id']}\n\n{describe_counts(summary['items'], summary['versions_written'])}\n\n"
+        ("## SMOKE RUN\n\n**Random-weight tiny bundle: these images test the pipeline; they are not "
+         "colourisations.**\n\n" if summary.get("smoke") else "")
+        + f"### Run {summary['run_id']}\n\n{describe_counts(summary['items'], summary['versions_written'])}\n\n"
         + f"Results: `{summary['results']}` (and `{summary['results_csv']}`)  \nReport: `{summary['report']}`",
         key="colorize-collection-summary",
     )

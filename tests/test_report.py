@@ -60,3 +60,37 @@ def test_links_on_object_storage_stay_inside_the_bucket():
     assert '<a href="../../items/dog/versions/v0002/access.jpg">access</a>' in html
     other = dict(record, outputs={"master": "s3://elsewhere/m.tif"})
     assert "elsewhere" not in render_report([other], run_id="r", report_uri="s3://museum/out/runs/r/report.html")
+
+
+def test_the_top_names_the_model_preset_date_code_version_and_a_smoke_run(tmp_path):
+    from diffcolor import __version__
+
+    records = [_done("dog", tmp_path, model_id="/models/sd15", model_hash="sha256:" + "ab" * 32, preset="paper-scale",
+                     software_version=__version__, smoke_run=True, created_at="2026-12-07T03:50:09+00:00"),
+               dict(_done("cat", tmp_path), status="skipped_done", version=1)]
+    html = render_report(records, run_id="20261207T035003Z-0a1b2c")
+    header = html[html.index("<table id=header>"):html.index("</table>", html.index("<table id=header>"))]
+    assert "/models/sd15 <small>hash <code>sha256:" + "ab" * 32 + "</code>" in header
+    assert "<th>preset</th><td>paper-scale</td>" in header
+    assert "<th>started</th><td>2026-12-07 03:50:03 UTC</td>" in header
+    assert f"<th>code</th><td>diffcolor-archive {__version__}" in header
+    assert "SMOKE RUN" in html
+
+    # A run id of another shape dates the run by its first record; an unknown model says so.
+    other = render_report([dict(records[0], model_id=None)], run_id="my-run", smoke=False)
+    assert "<th>started</th><td>2026-12-07 03:50:09 UTC</td>" in other and "<th>model</th><td>–</td>" in other
+    assert "SMOKE RUN" not in other
+
+
+def test_the_code_version_names_the_git_commit_of_a_checkout():
+    import subprocess
+    from pathlib import Path
+
+    from diffcolor.archive.report import code_version
+
+    checkout = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True)
+    version = code_version([{"software_version": "9.9"}])
+    assert version.startswith("diffcolor-archive 9.9")
+    if checkout.returncode == 0:  # a source checkout (an sdist has no .git)
+        assert version.endswith(f"(git {checkout.stdout.strip()})")

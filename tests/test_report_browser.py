@@ -83,3 +83,26 @@ def test_report_renders_offline_with_thumbnails_and_no_console_error(browser, mo
     browser.save_screenshot(str(screenshot))
     pixels = np.asarray(Image.open(screenshot).convert("RGB")).astype(int)
     assert ((pixels.max(-1) - pixels.min(-1)) > 40).sum() > 500
+
+
+def test_long_urls_and_paths_wrap_inside_their_cells(browser, tmp_path):
+    access = tmp_path / "items" / "dog" / "access.jpg"
+    access.parent.mkdir(parents=True)
+    Image.new("RGB", (300, 200), (120, 80, 40)).save(access)
+    long = "https://archive.example.org/" + "collections/very-long-segment-without-breaks-" * 6 + "dog.tif"
+    record = {"item_id": "dog", "status": "done", "version": 1, "caption": "a dog " + long,
+              "catalogue": {"title": "Dog", "source": long, "path": "/srv/" + "x" * 300 + ".tif"},
+              "outputs": {"access": str(access)}, "model_id": "/models/" + "m" * 200, "model_hash": "f" * 64}
+    failure = {"item_id": "cat", "status": "failed", "error_class": "bad_image", "error_message": f"'{long}' broke"}
+    report = write_report([record, failure], str(tmp_path / "runs" / "r1" / "report.html"), run_id="wrap-check")
+    browser.get("file://" + report)
+    # The item cell ends before the gray thumbnail's cell starts; no cell's text runs past its own edge.
+    item, gray = browser.execute_script(
+        "const c = document.querySelectorAll('#items tr:nth-child(2) td');"
+        "return [c[0].getBoundingClientRect().right, c[1].getBoundingClientRect().left]")
+    assert item <= gray + 1
+    overflowing = browser.execute_script(
+        "return [...document.querySelectorAll('td')].filter(c => c.scrollWidth > c.clientWidth + 1)"
+        ".map(c => c.textContent.slice(0, 60))")
+    assert overflowing == []
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 1280

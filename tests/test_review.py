@@ -306,3 +306,33 @@ def test_the_metric_filters_are_declared_query_parameters_of_the_items_api(outpu
         refused = client.get(f"/api/items?max_max_delta_l={bad}")
         assert refused.status_code == 400 and "max_max_delta_l must be a finite number" in refused.json()["detail"]
     assert client.get("/?min_colorfulness=nan").status_code == 400
+
+
+def test_the_item_page_shows_provenance_as_a_readable_table(output):
+    record = json.loads(storage.read_bytes(f"{output}/items/fitted/result.json"))
+    record.update(model_hash="sha256:" + "c" * 64, software_version="0.1.0",
+                  seconds={"stage1": 12.345678901234567, "finetune": 1234.5678901, "embedding": 0.000123456789},
+                  output_sha256={"master": "0" * 64, "access": "1" * 64})
+    for uri in (ItemLayout(f"{output}/items/fitted").record(1), f"{output}/items/fitted/result.json"):
+        storage.write_json(uri, record)
+    client, _, _ = _client(output)
+    page = client.get("/items/fitted").text
+    provenance = page[page.index("<table class=provenance>"):]
+    provenance = provenance[:provenance.index("</table>")]
+    # One row per value, nested values under dotted keys, floats to four significant digits.
+    assert "<tr><th>seconds.stage1</th><td>12.35</td></tr>" in provenance
+    assert "<tr><th>seconds.finetune</th><td>1,235</td></tr>" in provenance
+    assert "<tr><th>seconds.embedding</th><td>0.0001235</td></tr>" in provenance
+    assert f"<tr><th>output sha256.access</th><td>{'1' * 64}</td></tr>" in provenance
+    assert "{" not in provenance and "12.345678" not in provenance
+    assert "<td>2026-01-01 00:00:00 UTC<br>" in page  # when the version was made, readable
+
+
+def test_readable_values_for_pages():
+    from diffcolor.archive.pages import flat_rows, readable
+
+    assert readable(0.30000000000000004) == "0.3" and readable(float("nan")) == "–" and readable(True) == "yes"
+    assert readable("2026-12-07T05:50:09+02:00") == "2026-12-07 03:50:09 UTC"
+    assert readable("2026-13-45T00:00") == "2026-13-45T00:00" and readable("sha256:abc") == "sha256:abc"
+    assert flat_rows({"b": {"c": {"d": 1.0}}, "a": [], "e": {}}) == [("a", ""), ("b.c.d", "1"), ("e", "–")]
+    assert readable([{"x": 0.123456}]) == "x: 0.1235"

@@ -8,7 +8,8 @@ derivative, the prompts as the curator wrote them, the key metrics and links
 to the item's files (relative to the report, so they work on disk and in a
 copied or served output folder). The metrics are explained once, above the
 rows. Skipped items (already done) and failures are listed with their reason.
-A smoke run (random-weight tiny bundle) is labelled at the top.
+The top names the model (id and hash), the preset, the run's date (UTC) and the
+code version; a smoke run (random-weight tiny bundle) is labelled there.
 """
 
 from __future__ import annotations
@@ -175,6 +176,53 @@ def _item_row(record: dict, report_uri: str | None) -> dict:
     return row
 
 
+def _git_commit() -> str | None:
+    """The commit of the checkout this code runs from, when it runs from one (not an installed package)."""
+    import subprocess
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent
+    try:  # this file tracked: an installed copy inside some other repository is not that repository's code
+        tracked = subprocess.run(["git", "-C", str(folder), "ls-files", "--error-unmatch", "--", Path(__file__).name],
+                                 capture_output=True, text=True, timeout=5, check=False)
+        done = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if tracked.returncode == 0 and done.returncode == 0 and commit else None
+
+
+_GIT_COMMIT: list = []  # looked up once per process
+
+
+def code_version(records: Iterable[dict] = ()) -> str:
+    """The software that wrote ``records`` (their ``software_version``; this package's when none says), and
+    the git commit of this code when it runs from a checkout: "diffcolor-archive 0.1.0 (git 0123456789ab)"."""
+    from diffcolor import __version__
+
+    versions = sorted({str(r["software_version"]) for r in records if r.get("software_version")}) or [__version__]
+    if not _GIT_COMMIT:
+        _GIT_COMMIT.append(_git_commit())
+    return f"diffcolor-archive {', '.join(versions)}" + (f" (git {_GIT_COMMIT[0]})" if _GIT_COMMIT[0] else "")
+
+
+def run_header(records: list[dict], run_id: str) -> dict:
+    """What the top of a run's report says: the models (id and hash, as the records and ``diffcolor doctor``
+    give them), the presets, the run's start (UTC, from the run id; else the first record) and the code version."""
+    from datetime import datetime, timezone
+
+    models = sorted({(str(r.get("model_id")), str(r.get("model_hash") or "–")) for r in records if r.get("model_id")})
+    presets = sorted({str(r["preset"]) for r in records if r.get("preset")})
+    try:
+        started = datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        date = started.strftime("%Y-%m-%d %H:%M:%S UTC")
+    except ValueError:  # a run id of another shape: the first record's time
+        times = sorted(str(r["created_at"]) for r in records if r.get("created_at"))
+        date = times[0].replace("T", " ").replace("+00:00", " UTC") if times else "–"
+    return {"models": models, "presets": presets, "date": date, "code": code_version(records)}
+
+
 def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor Archive run", max_rows: int = 2000,
                   all_records: Iterable[dict] | None = None, report_uri: str | None = None,
                   smoke: bool | None = None) -> str:
@@ -195,6 +243,7 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
         "run_report.html",
         title=title,
         run_id=run_id,
+        header=run_header(records, run_id),
         summary=describe_counts(items, counts.get("done", 0)),
         smoke=any(record.get("smoke_run") for record in records) if smoke is None else smoke,
         statistics=[(name, values, METRIC_EXPLANATIONS.get(name, "")) for name, values in stats.items()

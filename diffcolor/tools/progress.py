@@ -11,11 +11,15 @@ command line hangs one of these displays there:
   per item (or per percent of a large run, at most one a second), with the
   same figures, so logs stay readable and grep-able.
 
+On a terminal, log lines (Prefect's console lines among them) print through the
+display, above its bars; they reach Prefect's API logs as before.
+
 A display never fails a run: the flows ignore a listener that raises.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import threading
 import time
@@ -116,6 +120,7 @@ class TerminalDisplay:
         self.rate = _Rate()
         self.lock = threading.Lock()  # steps arrive on the pool's thread, items on the flow's
         self.progress.start()
+        self.rerouted = _route_log_handlers(stream or sys.stderr, self.console)
 
     def start(self, run_id: str, total: int) -> None:
         with self.lock:
@@ -150,7 +155,72 @@ class TerminalDisplay:
             for task in self.items.values():
                 self.progress.remove_task(task)
             self.items.clear()
+            _restore_log_handlers(self.rerouted)
+            self.rerouted = []
             self.progress.stop()
+
+
+def _same_file(one, other) -> bool:
+    if one is other:
+        return True
+    try:
+        return one.fileno() == other.fileno()
+    except (AttributeError, OSError, ValueError):  # a StringIO, a closed file
+        return False
+
+
+class _ThroughConsole(io.TextIOBase):
+    """A text stream whose lines ``console`` prints (above its live bars), their colours kept."""
+
+    def __init__(self, console, stream: TextIO):
+        from rich.ansi import AnsiDecoder
+
+        self.console, self.stream, self.decoder, self.pending = console, stream, AnsiDecoder(), ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.console.print(self.decoder.decode_line(line), soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.console.print(self.decoder.decode_line(self.pending), soft_wrap=True)
+            self.pending = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def _route_log_handlers(stream: TextIO, console) -> list[tuple]:
+    """Every logging handler that writes to ``stream`` (Prefect's console handler, a library's stderr
+    handler) writes through ``console`` instead, so its lines print above the live bars rather than into
+    them; Prefect's API log handlers are untouched. Returns what :func:`_restore_log_handlers` puts back."""
+    import logging
+
+    proxy = _ThroughConsole(console, stream)
+    loggers = [logging.getLogger()] + [logger for logger in list(logging.Logger.manager.loggerDict.values())
+                                       if isinstance(logger, logging.Logger)]
+    rerouted = []
+    for handler in {handler for logger in loggers for handler in logger.handlers}:
+        if not isinstance(handler, logging.StreamHandler) or not _same_file(handler.stream, stream):
+            continue
+        own_console = getattr(handler, "console", None)  # Prefect's handler prints through its own rich Console
+        rerouted.append((handler, handler.stream, own_console))
+        handler.setStream(proxy)
+        if own_console is not None and hasattr(own_console, "file"):
+            own_console.file = proxy
+    return rerouted
+
+
+def _restore_log_handlers(rerouted: list[tuple]) -> None:
+    for handler, stream, own_console in rerouted:
+        handler.setStream(stream)
+        if own_console is not None and hasattr(own_console, "file"):
+            own_console.file = stream
 
 
 def make_display(stream: TextIO | None = None):
