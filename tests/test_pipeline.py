@@ -104,7 +104,7 @@ def test_recolor_renders_from_the_state_without_fine_tuning_and_keeps_versions(m
     second = json.loads((out / "result.json").read_text())
     assert second["version"] == 2 and second["finetune_steps_run"] == 0 and second["status"] == "done"
     # People read the caption with the colours; the model was given c' with colours in the identifier slots.
-    assert second["target_prompt"] == "a red dog sitting on a wooden green bench" and second["alpha"] == 0.9
+    assert second["target_prompt"] == "a red dog sitting on a green wooden bench" and second["alpha"] == 0.9
     assert second["model_prompt"] == "a red dog sitting on a wooden green bench"
     assert second["prompt_alignment"] == "color_map" and second["prompt_warning"] is None
     assert second["previous_version"] == 1

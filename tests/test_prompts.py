@@ -268,7 +268,7 @@ def test_targets_say_how_they_line_up(models, smoke, tmp_path, gray_png):
     assert aligned.prompt == "a brown dog sitting on a wooden bench"
 
     mapped = resolve_target(models, state, None, {"bench": "green"})
-    assert mapped.alignment == "color_map" and mapped.prompt == "A dog, sitting on a wooden green bench."
+    assert mapped.alignment == "color_map" and mapped.prompt == "A dog, sitting on a green wooden bench."
 
     # Another sentence, and a colour of two tokens: rendered as written, with the reason recorded.
     for target, why in (("a photo of a red car", "changes the caption's words"),

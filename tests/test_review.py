@@ -161,7 +161,7 @@ def test_an_item_without_colour_state_offers_a_full_fit_and_pages_hide_identifie
     bad = client.post("/api/items/nostate/check", json={"item_id": "nostate", "color_map": {"cat": "red"}}).json()
     assert bad["ok"] is False and "'cat' is not a content word" in bad["problem"]
     good = client.post("/api/items/nostate/check", json={"item_id": "nostate", "color_map": {"bench": "green"}}).json()
-    assert good == {"ok": True, "described": "a dog sitting on a wooden green bench", "color_map": {"bench": "green"}}
+    assert good == {"ok": True, "described": "a dog sitting on a green wooden bench", "color_map": {"bench": "green"}}
 
 
 def test_a_decision_is_appended_published_and_listed(output):
