@@ -109,7 +109,7 @@ def _bars():
 
 def _load_models(args, model: str):
     """The models named on the command line (a folder, a hub id or ``tiny``), with the SMOKE RUN banner for random weights."""
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     models = load_named_models(model, clip=args.clip, revision=args.revision, device=_device(args.device),
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype)
@@ -143,8 +143,8 @@ def _signing():
 
 def _smoke_notice(model: str) -> None:
     """The SMOKE RUN banner on stderr when ``model`` is a random-weight bundle on this machine (checked cheaply)."""
+    from diffcolor.method.model_names import TINY, resolve_model
     from diffcolor.method.models import TINY_MARKER
-    from diffcolor.tools.tiny import TINY, resolve_model
 
     folder = Path(resolve_model(model)).expanduser() if model == TINY or Path(model).expanduser().is_dir() else None
     if folder is not None and (folder / TINY_MARKER).exists():
@@ -271,7 +271,7 @@ def _preflight(model: str | None, out: str, args) -> None:
 
 
 def cmd_tiny_bundle(args) -> int:
-    from diffcolor.tools.tiny import write_tiny_bundle
+    from diffcolor.method.tiny import write_tiny_bundle
 
     folder = write_tiny_bundle(args.dir)
     print(f"wrote the tiny random bundle to {folder} (for tests and smoke runs only)")
@@ -414,7 +414,7 @@ def cmd_manifest_validate(args) -> int:
     args.file = _lift_credentials(args.file)[0]
     limit = None
     if args.model:
-        from diffcolor.tools.tiny import named_prompt_limit
+        from diffcolor.method.model_names import named_prompt_limit
 
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
     problems = validate_manifest(args.file, prompt_limit=limit)
@@ -453,7 +453,7 @@ def cmd_run(args) -> int:
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     from diffcolor.common.errors import ModelNotFoundError
-    from diffcolor.tools.tiny import named_prompt_limit
+    from diffcolor.method.model_names import named_prompt_limit
 
     try:  # prompt lengths against the model's tokenizer; a missing model is the preflight's to report
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)

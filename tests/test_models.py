@@ -9,7 +9,7 @@ import pytest
 
 from diffcolor.common.errors import ModelNotFoundError
 from diffcolor.method.models import load_models
-from diffcolor.tools.tiny import write_tiny_bundle
+from diffcolor.method.tiny import write_tiny_bundle
 
 
 def test_tiny_bundle_has_the_diffusers_layout_and_loads_from_its_folder(tmp_path, models):
