@@ -258,7 +258,7 @@ def _preflight(model: str | None, out: str, args) -> None:
     from flows.checks import check_output_writable
 
     if model:
-        from diffcolor.tools.doctor import preflight_model
+        from diffcolor.method.doctor import preflight_model
 
         preflight_model(model, clip=args.clip, allow_download=args.allow_download,
                         device="auto" if getattr(args, "pool", None) == "ray" else args.device,
@@ -281,7 +281,7 @@ def cmd_tiny_bundle(args) -> int:
 def cmd_doctor(args) -> int:
     """``diffcolor doctor MODEL``: the model checked offline without loading it; exit 0 when no problem, else 1."""
     from diffcolor.archive import storage
-    from diffcolor.tools.doctor import check_model, format_report
+    from diffcolor.method.doctor import check_model, format_report
 
     report = check_model(args.model, clip=args.clip, revision=args.revision, device=args.device,
                          weight_dtype=args.weight_dtype, captions=args.caption or ())
