@@ -966,7 +966,7 @@ def _add_collection_commands(commands) -> None:
 
 def cmd_bag(args) -> int:
     """``diffcolor bag OUTPUT --run RUN_ID -o DIR``: the run's derivatives and records as a validated BagIt bag."""
-    from diffcolor.tools.bag import write_bag
+    from diffcolor.archive.bag import write_bag
 
     summary = write_bag(_lift_credentials(args.out)[0], args.run, args.bag, organization=args.organization)
     print(f"bag {summary['bag']}: run {summary['run_id']}, {summary['versions']} versions, {summary['files']} files; "
