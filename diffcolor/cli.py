@@ -194,7 +194,7 @@ def _finish_flow(state) -> int:
 @contextmanager
 def _following_runs():
     """Progress of the flows this process runs: rich bars on a terminal, plain lines otherwise (stderr)."""
-    from diffcolor.tools.progress import make_display
+    from flows.progress import make_display
     from flows.runs import PROGRESS_LISTENERS
 
     display = make_display(sys.stderr)
