@@ -38,6 +38,11 @@ test-faults: install
 	$(BIN)/python -m diffcolor.tools.faults --check docs/RELIABILITY.md
 	$(BIN)/python -m diffcolor.tools.faults
 
+# The CLI reference written from the parser; tests/test_docs.py fails when docs/CLI.md is out of date.
+.PHONY: cli-doc
+cli-doc: install
+	$(BIN)/python -m diffcolor.clidoc > docs/CLI.md
+
 lint-imports: install
 	$(BIN)/lint-imports
 

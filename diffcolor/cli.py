@@ -1,4 +1,4 @@
-"""The ``diffcolor`` command line (spec section 10): every command, in one place.
+"""The ``diffcolor`` command line (docs/DESIGN.md §10): every command, in one place.
 
 Building the parser imports nothing heavy: each command's handler imports
 what it needs when it runs, so ``diffcolor --help``, every ``--help`` and the
@@ -7,8 +7,11 @@ what it needs when it runs, so ``diffcolor --help``, every ``--help`` and the
 place in ``diffcolor/`` that reaches them, and only from those two handlers.
 
 Errors that DiffColor raises on purpose (a missing model, a bad image, a bad
-prompt, a bad ``--set``) are printed as one line naming the problem, with
-exit status 2 and no traceback; progress bars appear only on a terminal.
+prompt, a bad ``--set``: :class:`~diffcolor.common.errors.UserError` and the
+other ``DiffColorError`` classes) are printed as one line naming the problem,
+with exit status 2 and no traceback. Any other exception is a bug: its
+traceback is shown, with where to report it, and the exit status is 1.
+Progress bars appear only on a terminal.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from diffcolor import __version__
+from diffcolor.common.errors import UserError
 
 SMOKE_BANNER = (
     "SMOKE RUN: random-weight tiny bundle, not a colourisation. "
@@ -57,12 +61,22 @@ def _parse_overrides(pairs: list[str] | None) -> dict:
     for pair in pairs or ():
         field, _, text = pair.partition("=")
         if not field.strip() or not text:
-            raise ValueError(f"--set expects FIELD=VALUE, got {pair!r}")
+            raise UserError(f"--set expects FIELD=VALUE, got {pair!r}")
         try:
             overrides[field.strip()] = json.loads(text)
         except json.JSONDecodeError:
             overrides[field.strip()] = text
     return overrides
+
+
+def _configured(args, config=None):
+    """The configuration a command works with: ``config`` (default: the ``--preset``) with every ``--set``
+    applied and type-checked against the preset's dataclasses before any work starts (UserError naming an
+    unknown field or a bad value); and the overrides themselves, for the flows."""
+    from diffcolor.method.presets import apply_overrides, get_preset
+
+    overrides = _parse_overrides(args.set)
+    return apply_overrides(get_preset(args.preset) if config is None else config, overrides), overrides
 
 
 def _device(name: str) -> str:
@@ -184,11 +198,21 @@ def _finish_flow(state) -> int:
         _print_summary(summary)
         return 1 if summary["counts"].get("failed") else 0
     if isinstance(summary, BaseException):
+        if not _is_refusal(summary):
+            raise summary  # the flow crashed: a bug, whose traceback main() shows
         message = str(summary).splitlines()[0] if str(summary) else type(summary).__name__
     else:
         message = state.message or str(summary)
     print(f"diffcolor: error: {message}", file=sys.stderr)
     return 2
+
+
+def _is_refusal(error: BaseException) -> bool:
+    """Whether a failed flow's result is a refusal (an error raised on purpose, or Prefect's stand-in for the
+    one-line message flows.runs.refusal gives the run) rather than the exception of a crashed flow."""
+    from diffcolor.common.errors import DiffColorError
+
+    return isinstance(error, DiffColorError) or type(error).__module__.split(".")[0] == "prefect"
 
 
 @contextmanager
@@ -218,7 +242,7 @@ def _lift_credentials(*uris: str | None) -> list[str | None]:
     A flow's parameters are stored by Prefect with the run, so credentials must
     never be among them: ``s3://KEY:SECRET@bucket/...`` is passed on as
     ``s3://bucket/...`` and KEY/SECRET go into this process's environment
-    (inherited by the pool's workers). Raises ValueError for credentials in any
+    (inherited by the pool's workers). Raises UserError for credentials in any
     other kind of URI, or two different S3 credentials in one command. What
     counts as credentials (a secret holding ``/``, ``@``, ``:``, ...):
     :func:`diffcolor.common.redact.userinfo_span`.
@@ -233,13 +257,13 @@ def _lift_credentials(*uris: str | None) -> list[str | None]:
         bare, user, password = split_userinfo(uri)
         if user is not None:
             if not bare.startswith(("s3://", "s3a://")):
-                raise ValueError(f"'{redact(uri)}' carries credentials; give them to its store in the environment "
-                                 "(a .netrc for http) instead: a run's URIs are stored with the run")
+                raise UserError(f"'{redact(uri)}' carries credentials; give them to its store in the environment "
+                                "(a .netrc for http) instead: a run's URIs are stored with the run")
             found.add((user, password))
         clean.append(bare)
     if len(found) > 1:
-        raise ValueError("the URIs carry two different S3 credentials; set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY in the environment instead")
+        raise UserError("the URIs carry two different S3 credentials; set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY in the environment instead")
     for user, password in found:
         os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = user, password or ""
     return clean
@@ -300,11 +324,10 @@ def cmd_colorize(args) -> int:
     from diffcolor.common.errors import InputUnavailableError
     from diffcolor.common.ids import normalize_item_id, safe_item_id
     from diffcolor.common.items import ItemRequest
-    from diffcolor.method.presets import get_preset
     from diffcolor.pipeline import colorize_item
 
     # 1. Every argument checked before any model loads (the colour map's words against the caption's too).
-    config = get_preset(args.preset)
+    config, _ = _configured(args)
     color_map = _parse_color_map(args.color_map)
     rewritten = rewrite_caption(args.caption, config.stage2.identifier, config.stage2.identifier_rule)
     if color_map:
@@ -333,22 +356,25 @@ def cmd_recolor(args) -> int:
     from diffcolor.archive.items import ItemLayout
     from diffcolor.archive.states import read_state
     from diffcolor.common.errors import StateError
+    from diffcolor.method.presets import PipelineConfig
     from diffcolor.method.state import state_from_bytes
     from diffcolor.pipeline import recolor_item, stored_config
 
-    # 1. The item and its colour state, and the arguments, before any model loads.
+    # 1. The arguments (--set against the configuration's fields first), the item and its colour state, before
+    #    any model loads.
+    _configured(args, PipelineConfig())
     layout = ItemLayout(args.dir)
     if not storage.exists(layout.result):
         raise StateError(f"'{args.dir}' holds no result.json: colourise the item first")
     previous = storage.read_json(layout.result)
     color_map = _parse_color_map(args.color_map) or None
-    config = stored_config(state_from_bytes(read_state(layout.state), layout.state_object))
+    config, _ = _configured(args, stored_config(state_from_bytes(read_state(layout.state), layout.state_object)))
     render = config.render
     if args.eta is not None:
         print("diffcolor: --eta is deprecated, use --alpha (the embedding interpolation weight; DDIM's eta stays 0)",
               file=sys.stderr)
         if args.alpha is not None and args.alpha != args.eta:
-            raise ValueError(f"--alpha {args.alpha} and --eta {args.eta} disagree; give --alpha only")
+            raise UserError(f"--alpha {args.alpha} and --eta {args.eta} disagree; give --alpha only")
         args.alpha = args.eta
     if args.alpha is not None:
         render = replace(render, alpha=args.alpha)
@@ -373,6 +399,19 @@ def _print_problems(problems: list, verdict: str) -> int:
     return 1
 
 
+def _manifest_checks(args):
+    """What ``manifest build`` and ``validate`` check beyond the cells: sources (remote ones with --check-sources)
+    and near-miss column names (problems with --strict)."""
+    from diffcolor.archive.manifest import ManifestChecks
+
+    return ManifestChecks(sources="all" if args.check_sources else "local", strict=args.strict)
+
+
+def _print_warnings(checks) -> None:
+    for warning in checks.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def cmd_manifest_build(args) -> int:
     """``diffcolor manifest build``: writes the manifest, or prints every problem and exits 1."""
     from diffcolor.archive.builders import (
@@ -382,27 +421,31 @@ def cmd_manifest_build(args) -> int:
     from diffcolor.archive.iiif import read_iiif, read_info_json
     from diffcolor.archive.manifest import ManifestError, problem_count, write_manifest
 
+    checks = _manifest_checks(args)
+
     if args.captions and not args.from_folder:
-        raise ValueError("--captions goes with --from-folder only")
+        raise UserError("--captions goes with --from-folder only")
     if (args.language or args.image_info) and not args.from_iiif:
-        raise ValueError("--language and --image-info go with --from-iiif only")
+        raise UserError("--language and --image-info go with --from-iiif only")
     args.from_folder, args.captions, args.from_csv, args.from_iiif, args.out, *args.image_info = _lift_credentials(
         args.from_folder, args.captions, args.from_csv, args.from_iiif, args.out, *(args.image_info or ()))
     try:
         if args.from_folder:
-            table = build_from_folder(args.from_folder, captions=args.captions)
+            table = build_from_folder(args.from_folder, captions=args.captions, checks=checks)
         elif args.from_csv:
-            table = build_from_csv(args.from_csv)
+            table = build_from_csv(args.from_csv, checks=checks)
         else:
             image_info = {base: info for uri in args.image_info or () for base, info in read_info_json(uri).items()}
-            imported = read_iiif(args.from_iiif, language=args.language, image_info=image_info)
+            imported = read_iiif(args.from_iiif, language=args.language, image_info=image_info, checks=checks)
             for problem in imported.left_out:  # one line per canvas that gave no row; the others are written
                 print(problem, file=sys.stderr)
             table = imported.table
         write_manifest(table, args.out)
     except ManifestError as error:
+        _print_warnings(checks)
         return _print_problems(error.problems,
                                f"diffcolor: manifest not written: {problem_count(error.problems)} problem(s) in '{error.uri}'")
+    _print_warnings(checks)
     print(f"wrote {table.num_rows} items to {args.out}")
     return 0
 
@@ -417,7 +460,9 @@ def cmd_manifest_validate(args) -> int:
         from diffcolor.method.model_names import named_prompt_limit
 
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
-    problems = validate_manifest(args.file, prompt_limit=limit)
+    checks = _manifest_checks(args)
+    problems = validate_manifest(args.file, prompt_limit=limit, checks=checks)
+    _print_warnings(checks)
     if problems:
         return _print_problems(
             problems, f"{args.file}: INVALID, {problem_count(problems)} problem(s); nothing may run on this manifest")
@@ -432,7 +477,7 @@ def cmd_iiif(args) -> int:
 
     output, base_url = _lift_credentials(args.output, args.base_url)  # the base URL is published: no credentials
     if base_url != args.base_url:
-        raise ValueError("--base-url is published in the manifest: it may carry no credentials")
+        raise UserError("--base-url is published in the manifest: it may carry no credentials")
     publication = publish_iiif(output, base_url, args.out, label=args.label, unreviewed=args.unreviewed)
     for reason in publication.left_out:
         print(f"left out: {reason}", file=sys.stderr)
@@ -444,12 +489,10 @@ def cmd_run(args) -> int:
     from diffcolor.archive import storage
     from diffcolor.common.redact import refuse_credentials
     from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
-    from diffcolor.method.presets import apply_overrides, get_preset
 
     # 1. The preset and its overrides, type-checked before any work starts; credentials out of the URIs;
     #    the manifest's every problem listed (as `manifest validate` does) before any flow or model starts.
-    overrides = _parse_overrides(args.set)
-    apply_overrides(get_preset(args.preset), overrides)
+    _, overrides = _configured(args)
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     from diffcolor.common.errors import ModelNotFoundError
@@ -509,29 +552,45 @@ def cmd_reprocess(args) -> int:
     from diffcolor.common.errors import PromptError
     from diffcolor.common.ids import normalize_item_id
 
-    # 1. The targets, every item id through the item-id rule, before any flow starts.
+    # 1. The targets, every item id through the item-id rule, and the --set, before any flow starts.
+    _, overrides = _configured(args)
     color_map = _parse_color_map(args.color_map) or None
     if not args.targets and (not args.items or not (args.target or color_map)):
         raise PromptError("give --items with --target or --color-map, or a --targets file")
+    if args.targets and (args.items or args.target or color_map):
+        raise UserError("--targets names each item and its target: give no --items, --target or --color-map with it")
     items = [normalize_item_id(item) for item in args.items.split(",")] if args.items and not args.targets else []
     out, targets_uri = _lift_credentials(args.out, args.targets)
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     out = storage.absolute(out)
+
+    # 2. Every target against its item's caption (the colour words must be words of it that take a colour),
+    #    then the model and the output: one line per unsuitable target, exit 2, before any model loads.
+    if targets_uri:
+        _quiet_prefect()
+        from flows.reprocess import read_targets
+
+        targets = [(each.item_id, each.target_prompt, each.color_map) for each in read_targets(targets_uri)]
+    else:
+        targets = [(item, args.target, color_map) for item in items]
+    problems = _unsuitable_targets(out, targets)
+    for problem in problems:
+        print(f"diffcolor: error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     _preflight(args.model, out, args)
     if args.model:
         _smoke_notice(args.model)
 
-    # 2. The reprocess flow, as `run` starts its flow (private Prefect server, stop on SIGINT/SIGTERM).
+    # 3. The reprocess flow, as `run` starts its flow (private Prefect server, stop on SIGINT/SIGTERM).
     _quiet_prefect()
     from flows.local import LocalPrefect
-    from flows.reprocess import ReprocessOptions, Retarget, read_targets, reprocess
+    from flows.reprocess import ReprocessOptions, Retarget, reprocess
     from flows.stopping import graceful, handling_signals
 
-    if targets_uri:
-        targets = read_targets(targets_uri)
-    else:
-        targets = [Retarget(item_id=item, target_prompt=args.target, color_map=color_map) for item in items]
+    targets = [Retarget(item_id=item, target_prompt=target, color_map=colors) for item, target, colors in targets]
     options = ReprocessOptions(model=args.model, clip=args.clip, device=args.device, seed=args.seed,
+                               preset=args.preset, overrides=overrides,
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype,
                                workers_per_device=args.workers_per_device, pool=args.pool, **_source_limits(args))
     with handling_signals(), LocalPrefect(), _following_runs(), graceful():
@@ -539,20 +598,42 @@ def cmd_reprocess(args) -> int:
     return _finish_flow(state)
 
 
+def _unsuitable_targets(out: str, targets: list[tuple[str, str | None, dict | None]]) -> list[str]:
+    """One line per target that does not suit its item, as the review application checks a recolour: a colour
+    map must name words of the item's caption that take a colour, with one-word colours; a target prompt must
+    fit the text encoder. An item never colourised here is left to the flow, which records it as failed."""
+    from diffcolor.archive import storage
+    from diffcolor.archive.items import ItemLayout
+    from diffcolor.archive.planning import item_prefix
+    from diffcolor.common.text import escape_controls
+    from review.app import check_target
+
+    problems = []
+    for item_id, target, color_map in targets:  # (item id, target prompt, colour map)
+        layout = ItemLayout(item_prefix(out, item_id))
+        if not storage.exists(layout.result):
+            continue
+        verdict = check_target(storage.read_json(layout.result), color_map, target)
+        if not verdict["ok"]:
+            problems.append(f"item '{item_id}': {escape_controls(verdict['problem'])}")
+    return problems
+
+
 def cmd_review(args) -> int:
     """``diffcolor review OUTPUT``: the curators' web application (``review/``) until interrupted."""
     from diffcolor.archive import storage
     from review.guard import normalize_host
 
-    # 1. The host names answered, and the token: from --token-file, else a random one in a private file.
+    # 1. The --set, the host names answered, and the token: from --token-file, else a random one in a private file.
+    overrides = _configured(args)[1] if args.set else {}  # the configuration's modules load torch: only for a --set
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
     for name in [args.host, *args.allowed_host]:
         if normalize_host(name) is None:
-            raise ValueError(f"{name!r} is not a host name or IP address")
+            raise UserError(f"{name!r} is not a host name or IP address")
     if args.token_file:
         token = _read_token_file(args.token_file)
     elif not loopback:
-        raise ValueError(f"--host {args.host} serves beyond this machine: give --token-file with a secret token")
+        raise UserError(f"--host {args.host} serves beyond this machine: give --token-file with a secret token")
     else:
         token = None
     out = storage.absolute(_lift_credentials(args.out)[0])
@@ -571,7 +652,7 @@ def cmd_review(args) -> int:
     token_path, private = None, None
     if token is None:
         token, token_path, private = _private_token()
-    options = {"pool": args.pool, "device": args.device, "preset": args.preset}
+    options = {"pool": args.pool, "device": args.device, "preset": args.preset, "overrides": overrides}
     app = create_app(ReviewConfig(output=out, token=token, read_only=args.read_only, host=args.host,
                                 reprocess_options=options, port=args.port, allowed_hosts=tuple(args.allowed_host)))
     address = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
@@ -609,9 +690,9 @@ def _read_token_file(path: str) -> str:
         token = Path(path).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or type(error).__name__
-        raise ValueError(f"--token-file '{path}' cannot be read: {reason}") from None
+        raise UserError(f"--token-file '{path}' cannot be read: {reason}") from None
     if len(token) < 16 or any(char.isspace() for char in token):
-        raise ValueError(f"--token-file '{path}' must hold one token of at least 16 characters, no spaces")
+        raise UserError(f"--token-file '{path}' must hold one token of at least 16 characters, no spaces")
     return token
 
 
@@ -637,7 +718,6 @@ def _private_token() -> tuple[str, str, str]:
 
 def cmd_eval(args) -> int:
     """``diffcolor eval``: exit 0 when every item with a ground truth was evaluated, 1 when any failed."""
-    from diffcolor.method.presets import get_preset
     from diffcolor.tools.eval_report import format_summary
     from diffcolor.tools.evaluate import (
         EvalConfig,
@@ -645,7 +725,7 @@ def cmd_eval(args) -> int:
         evaluate_manifest,
     )
 
-    config = get_preset(args.preset)
+    config, _ = _configured(args)
     args.manifest, args.out = _lift_credentials(args.manifest, args.out)
     max_side = EvalConfig.max_side if args.max_side is None else (None if args.max_side == 0 else args.max_side)
     models = _load_models(args, args.model)
@@ -689,8 +769,8 @@ HOW_TO_GET_WEIGHTS = """\
 No Stable Diffusion weights and GPU found, so this demo is a SMOKE RUN on the tiny random bundle:
 the pipeline runs end to end, but the pictures are noise-coloured, not colourisations.
 To colourise for real:
-  1. on a machine with internet access:  huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5
-                                          huggingface-cli download openai/clip-vit-large-patch14
+  1. on a machine with internet access:  hf download stable-diffusion-v1-5/stable-diffusion-v1-5
+                                          hf download openai/clip-vit-large-patch14
      (or copy a diffusers-layout folder of any SD 1.x/2.x-base model)
   2. copy the Hugging Face cache (~/.cache/huggingface) to this machine, or set
      DIFFCOLOR_MODEL=/path/to/model-folder
@@ -778,10 +858,21 @@ def _add_model_options(parser: argparse.ArgumentParser, required: bool) -> None:
                              "fp32 on a GPU for runs whose presets set autocast off")
 
 
-def _add_preset_option(parser: argparse.ArgumentParser) -> None:
+def _add_preset_option(parser: argparse.ArgumentParser, use: str = "") -> None:
     parser.add_argument("--preset", default="default", choices=PRESET_NAMES,
-                        help="step counts: smoke (seconds on a CPU with 'tiny'), default, or paper-scale (recipe R); "
-                             "default: %(default)s")
+                        help=f"step counts{use}: smoke (seconds on a CPU with 'tiny'), default, or paper-scale "
+                             "(recipe R); default: %(default)s")
+
+
+def _add_former_spelling(parser: argparse.ArgumentParser, option: str, dest: str) -> None:
+    """``option``, another spelling of the option of ``dest``, accepted but not shown: one spelling in the help."""
+    parser.add_argument(option, dest=dest, help=argparse.SUPPRESS)
+
+
+def _add_set_option(parser: argparse.ArgumentParser, what: str = "the preset's") -> None:
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                        help=f"change one of {what} fields, e.g. stage1.steps=200 or render.alpha=0.9 (a JSON value, "
+                             "else text; checked against the configuration before any work starts); repeatable")
 
 
 def _add_source_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -821,8 +912,10 @@ def _add_single_image_commands(commands) -> None:
     colorize.add_argument("--caption", required=True, help="catalogue caption: the context prompt")
     colorize.add_argument("--target", action="append", help="a target prompt; repeat for several (one version each)")
     colorize.add_argument("--color-map", help='JSON object of caption word to colour, e.g. \'{"dog": "brown"}\'')
+    _add_former_spelling(colorize, "--colour-map", "color_map")
     colorize.add_argument("--out", required=True, help="item output folder or URI")
     _add_preset_option(colorize)
+    _add_set_option(colorize)
     colorize.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same pixels "
                                                               "(default: %(default)s)")
     colorize.add_argument("--item-id", help="item id (default: from the file name)")
@@ -837,11 +930,13 @@ def _add_single_image_commands(commands) -> None:
     recolor.add_argument("dir", help="the item folder or URI written by colorize")
     recolor.add_argument("--target", help="the new target prompt")
     recolor.add_argument("--color-map", help="JSON colour map instead of --target")
+    _add_former_spelling(recolor, "--colour-map", "color_map")
     recolor.add_argument("--alpha", type=float, help="weight of the target embedding (the interpolation weight, "
                          "Imagic's eta), 0 to 1.5; above 1 extrapolates (default: the item's preset)")
     recolor.add_argument("--eta", type=float, help="deprecated name of --alpha")
     recolor.add_argument("--steps", type=int, help="DDIM steps (default: the item's preset)")
     recolor.add_argument("--seed", type=int, help="default: the item's seed")
+    _add_set_option(recolor, "the item's stored configuration")
     _add_model_options(recolor, required=False)
     recolor.set_defaults(handler=cmd_recolor)
 
@@ -864,6 +959,15 @@ def _add_doctor_command(commands) -> None:
     doctor.set_defaults(handler=cmd_doctor)
 
 
+def _add_manifest_check_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--check-sources", action="store_true",
+                        help="also ask remote stores that every image exists (s3://: the store; http(s)://: a HEAD "
+                             "request, SSRF-checked); local files are always checked")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a column whose name is close to a known one (captoin, colormap) instead of "
+                             "warning and keeping it as a catalogue field")
+
+
 def _add_manifest_commands(commands) -> None:
     manifest = commands.add_parser("manifest", help="build or validate a Parquet manifest")
     actions = manifest.add_subparsers(dest="manifest_command", required=True)
@@ -884,12 +988,14 @@ def _add_manifest_commands(commands) -> None:
     build.add_argument("--image-info", action="append", metavar="INFO_JSON",
                        help="--from-iiif: a cached Image API info.json (its size limits are honoured); repeatable")
     build.add_argument("-o", "--out", required=True, metavar="OUT.parquet", help="the manifest to write (path or URI)")
+    _add_manifest_check_options(build)
     _add_allow_host_option(build)
     build.set_defaults(handler=cmd_manifest_build)
 
     validate = actions.add_parser("validate", help="check a manifest; one line per problem, naming row and column",
                                   **_examples("diffcolor manifest validate manifests/demo.parquet"))
     validate.add_argument("file", help="the manifest (path or URI)")
+    _add_manifest_check_options(validate)
     _add_allow_host_option(validate)
     validate.add_argument("--model", help="also check every model prompt fits this model's text encoder (a folder, "
                           "a hub id in the local cache, or 'tiny')")
@@ -932,8 +1038,7 @@ def _add_collection_commands(commands) -> None:
     run.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 (default: RAY_ADDRESS or a local Ray)")
     run.add_argument("--gpus-per-item", type=_gpu_share, default=1.0, metavar="F",
                      help="Ray only: the GPU share each item task reserves, e.g. 0.5 for two items per GPU (default 1)")
-    run.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                     help="override a preset field, e.g. stage1.steps=200 (type-checked; repeat for several)")
+    _add_set_option(run)
     _add_model_options(run, required=True)
     _add_workers_option(run)
     _add_source_limit_options(run)
@@ -947,9 +1052,14 @@ def _add_collection_commands(commands) -> None:
     again.add_argument("out", metavar="OUTPUT", help="collection output root")
     again.add_argument("--items", help="comma-separated item ids")
     again.add_argument("--target", help="new target prompt for every selected item")
-    again.add_argument("--color-map", help="JSON colour map for every selected item")
-    again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map")
+    again.add_argument("--color-map", help="JSON colour map for every selected item: each item's caption must have "
+                                           "its words (checked before any model loads)")
+    again.add_argument("--targets", help="Parquet file of item_id, target_prompt and/or color_map: a target per item, "
+                                         "the way to recolour several items whose captions differ")
+    _add_former_spelling(again, "--colour-map", "color_map")
     again.add_argument("--seed", type=int, help="random seed of the renders (default: each item's own)")
+    _add_preset_option(again, " of the full fit of an item without a colour state")
+    _add_set_option(again, "the configuration's (the preset's for a full fit, the item's stored one for a render)")
     again.add_argument("--pool", choices=("local", "inline"), default="local",
                        help="local: worker processes on this machine's GPUs; inline: in the flow's own process")
     _add_model_options(again, required=False)
@@ -1023,6 +1133,7 @@ def _add_eval_commands(commands) -> None:
     evaluate.add_argument("manifest", help="a manifest whose rows have ground_truth_uri (colour originals)")
     evaluate.add_argument("--out", required=True, help="output root; the eval goes under OUT/eval/")
     _add_preset_option(evaluate)
+    _add_set_option(evaluate)
     evaluate.add_argument("--items", help="only these item ids, comma-separated")
     evaluate.add_argument("--lpips-weights", metavar="PATH",
                           help="torchvision's alexnet-owt-7be5be79.pth (file or folder); without it LPIPS is not computed")
@@ -1061,6 +1172,7 @@ def _add_review_command(commands) -> None:
                         help="where recolouring runs without PREFECT_API_URL: local worker processes or inline")
     review.add_argument("--device", default="auto", help="device of local recolouring (default %(default)s)")
     _add_preset_option(review)
+    _add_set_option(review, "the preset's (for the full fit of a recoloured item without a colour state)")
     _add_allow_host_option(review)
     review.set_defaults(handler=cmd_review)
 
@@ -1103,13 +1215,39 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         from diffcolor.common.errors import DiffColorError
 
-        if not isinstance(error, (DiffColorError, ValueError)):
-            raise
+        # A file the system refused (missing, not a folder, no permission) is the user's to fix, named; anything
+        # else not raised on purpose (a plain ValueError too) is a bug.
+        if not isinstance(error, DiffColorError) and not (isinstance(error, OSError) and error.filename is not None):
+            return _report_bug(error)
         from diffcolor.common.text import escape_controls
 
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"diffcolor: error: {escape_controls(message)}", file=sys.stderr)
         return 2
+
+
+def _report_bug(error: BaseException) -> int:
+    """An exception DiffColor did not raise on purpose: its traceback and where to report it; exit status 1."""
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    print(f"diffcolor: internal error ({type(error).__name__}), a bug in diffcolor-archive {__version__}: "
+          f"{_where_to_report()}", file=sys.stderr)
+    return 1
+
+
+def _where_to_report() -> str:
+    """The issue tracker of the installed package's metadata (``[project.urls]``), else the maintainers."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("diffcolor-archive").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    for label, _, url in (entry.partition(",") for entry in urls):
+        if label.strip().lower().replace(" ", "").replace("-", "") in ("issues", "bugtracker", "tracker", "bugs"):
+            return f"please report it at {url.strip()} with this traceback"
+    return "please report it to the maintainers with this traceback"
 
 
 if __name__ == "__main__":

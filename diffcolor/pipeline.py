@@ -71,7 +71,7 @@ from diffcolor.method.merge import merge_full_resolution
 from diffcolor.method.metrics import colorfulness
 from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import apply_memory_format
-from diffcolor.method.presets import PipelineConfig
+from diffcolor.method.presets import PipelineConfig, apply_overrides
 from diffcolor.method.render import RenderConfig, Target, render_target, resolve_target
 from diffcolor.method.stage1 import fit_color_prior
 from diffcolor.method.stage2 import check_token_alignment, fit_in_context
@@ -216,7 +216,7 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     merged = merge_full_resolution(source.gray, chroma[0], source.bit_depth, config.merge, device=merge_device)
     record["seconds"]["merge"] = time.perf_counter() - started
 
-    # 2. Master and access copy, with provenance embedded in both (spec section 4); a JPEG gets
+    # 2. Master and access copy, with provenance embedded in both (docs/DESIGN.md §4.4); a JPEG gets
     #    shortened free texts if they do not fit.
     started = time.perf_counter()
     access_format = config.access_format.upper()
@@ -247,7 +247,7 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     if sidecar is not None:
         record["output_sha256"]["master_credentials"] = sha256_hex(sidecar)
 
-    # 3. Metrics (spec section 7), then the record: the version's, then result.json.
+    # 3. Metrics (docs/DESIGN.md §7), then the record: the version's, then result.json.
     small = torch.from_numpy(unit_rgb(merged.rgb).astype(np.float32))
     record.update(
         clip_score=clip_score(models, small.permute(2, 0, 1)[None], prompt),
@@ -457,8 +457,12 @@ def recolor_item(
     limits: ReadLimits = ReadLimits(),
     progress: Progress | None = None,
     signing: Signing | None = None,
+    overrides: dict | None = None,
 ) -> dict:
     """Renders a new target from the item's stored colour state and adds it as a new version.
+
+    ``config`` defaults to the configuration the state was made with; ``overrides`` (``--set``) change its
+    fields, as :func:`diffcolor.method.presets.apply_overrides` does.
 
     No fine-tuning happens (``finetune_steps_run`` is 0). The previous versions
     stay; the same render asked again (same state, prompt, settings and seed)
@@ -474,7 +478,7 @@ def recolor_item(
         raise StateError(f"'{output_prefix}' holds no result.json: colourise the item first")
     previous = storage.read_json(layout.result)
     state = state_from_bytes(read_state(layout.state), layout.state_object)
-    config = config or stored_config(state)
+    config = apply_overrides(config or stored_config(state), overrides or {})
     render = render or config.render
     request = ItemRequest(
         item_id=previous["item_id"], source_uri=previous["source_uri"], caption=state.rewritten.caption,

@@ -1,4 +1,4 @@
-"""Orchestration benchmarks (spec section 5; issue targets in brackets). Prints its figures.
+"""Orchestration benchmarks (docs/DESIGN.md §5; issue targets in brackets). Prints its figures.
 
 ``python -m flows.bench plan --rows 1000000``
     Plans a manifest whose items are all done: validation, streaming read,

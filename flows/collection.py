@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -75,7 +75,7 @@ class RunOptions(BaseModel):
     window: int | None = Field(None, description="items in flight at once (default: 2 per worker)")
     retries: int = Field(3, description="retries of an item after a transient fault")
     retry_delay_seconds: list[float] = Field([5, 30, 120], description="backoff before each retry")
-    overrides: dict[str, float | int | str | bool] = Field(
+    overrides: dict[str, Any] = Field(  # JSON values, as --set parses them (lists for tuples, null)
         default_factory=dict, description='preset fields to change, e.g. {"stage1.steps": 200}')
     allow_download: bool = Field(False, description="let models be fetched from the hub")
     weight_dtype: Literal["auto", "bf16", "fp32"] = Field(

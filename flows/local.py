@@ -39,7 +39,7 @@ import threading
 import time
 from contextlib import ExitStack
 
-from diffcolor.common.errors import DiffColorError
+from diffcolor.common.errors import DiffColorError, UserError
 from flows import stopping
 
 STARTUP_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -85,9 +85,9 @@ def startup_seconds() -> float:
     try:
         value = int(text)  # as Prefect reads it
     except ValueError:
-        raise ValueError(f"{STARTUP_VARIABLE} must be a whole number of seconds, got {text!r}") from None
+        raise UserError(f"{STARTUP_VARIABLE} must be a whole number of seconds, got {text!r}") from None
     if value <= 0:
-        raise ValueError(f"{STARTUP_VARIABLE} must be above 0, got {text!r}")
+        raise UserError(f"{STARTUP_VARIABLE} must be above 0, got {text!r}")
     return value
 
 

@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from diffcolor.common.errors import WorkerLostError
+from diffcolor.common.errors import UserError, WorkerLostError
 from flows import stopping, worker
 
 
@@ -114,13 +114,13 @@ class DevicePool:
     def __init__(self, spec: ModelSpec, *, device: str = "auto", cpu_threads: int | None = None,
                  workers_per_device: int = 1, inline: bool = False, on_stage=None):
         if isinstance(workers_per_device, bool) or not isinstance(workers_per_device, int) or workers_per_device < 1:
-            raise ValueError(f"workers_per_device must be a whole number of at least 1, got {workers_per_device!r}")
+            raise UserError(f"workers_per_device must be a whole number of at least 1, got {workers_per_device!r}")
         self.workers_per_device = workers_per_device
         self._progress, self._progress_thread = None, None
         self._stopping = False
         if inline:
             if workers_per_device != 1:
-                raise ValueError("an inline pool runs items in the calling process: workers_per_device must be 1")
+                raise UserError("an inline pool runs items in the calling process: workers_per_device must be 1")
             self._setup([_InlineSlot(spec, ("cuda" if visible_gpus() else "cpu") if device == "auto" else device,
                                      on_stage)])
             return

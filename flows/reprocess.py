@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
@@ -38,7 +38,7 @@ from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.redact import redact, refuse_credentials
 from diffcolor.method.doctor import preflight_model
-from diffcolor.method.presets import get_preset
+from diffcolor.method.presets import apply_overrides, get_preset
 from flows import stopping, worker
 from flows.checks import check_output_writable
 from flows.pool import DevicePool, ModelSpec
@@ -82,6 +82,9 @@ class ReprocessOptions(BaseModel):
     retry_delay_seconds: list[float] = Field([5, 30, 120], description="backoff before each retry")
     seed: int | None = Field(None, description="default: each item's seed")
     preset: str = Field("default", description="preset of the full fit for items without a colour state")
+    overrides: dict[str, Any] = Field(default_factory=dict, description='configuration fields to change (JSON values), '
+                                      'e.g. {"render.steps": 40}: of the preset for a full fit, of the item\'s stored '
+                                      'configuration for a render')
     allow_download: bool = False
     weight_dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="frozen weights' storage: auto (bf16 on CUDA), bf16 or fp32")
@@ -121,8 +124,9 @@ def read_targets(uri: str) -> list[Retarget]:
 @task(name="recolor-item", cache_policy=NO_CACHE, retry_condition_fn=is_transient,
       task_run_name="recolor {item_id}")
 def recolor_item_task(run_id: str, spec: ModelSpec, item_id: str, prefix: str, target: str | None,
-                      color_map: dict | None, seed: int | None, limits: ReadLimits) -> list[dict] | None:
-    record = run_on_worker(run_id, spec, worker.run_recolor, prefix, target, color_map, seed, limits)
+                      color_map: dict | None, seed: int | None, limits: ReadLimits,
+                      overrides: dict | None = None) -> list[dict] | None:
+    record = run_on_worker(run_id, spec, worker.run_recolor, prefix, target, color_map, seed, limits, overrides)
     return None if record is None else [record]  # None: the run was stopped before the item finished
 
 
@@ -231,7 +235,7 @@ def _run_group(run_id: str, output: str, model: str, group: list[Retarget], prev
     ACTIVE_POOLS[run_id] = pool
     records, futures = [], {}
     try:
-        config_dict = get_preset(options.preset).to_dict()
+        config_dict = apply_overrides(get_preset(options.preset), options.overrides).to_dict()
         for target in group:
             if stopping.STOP.is_set():
                 break
@@ -239,7 +243,8 @@ def _run_group(run_id: str, output: str, model: str, group: list[Retarget], prev
             record = previous[target.item_id]
             if storage.exists(ItemLayout(prefix).state_object):
                 future = recolor_item_task.with_options(**retry).submit(
-                    run_id, spec, target.item_id, prefix, target.target_prompt, target.color_map, options.seed, limits)
+                    run_id, spec, target.item_id, prefix, target.target_prompt, target.color_map, options.seed, limits,
+                    options.overrides)
             else:
                 request = ItemRequest(
                     item_id=target.item_id, source_uri=record["source_uri"], caption=record["caption"],

@@ -95,7 +95,7 @@ def refusal(error: BaseException) -> str | None:
     The flows end Failed with that line as their message instead of raising:
     Prefect would log the refusal's traceback, and the operator needs the line only.
     """
-    if isinstance(error, (DiffColorError, ValueError)):
+    if isinstance(error, DiffColorError):  # raised on purpose (UserError among them); anything else is a bug
         return str(error).splitlines()[0] if str(error) else type(error).__name__
     return None
 
@@ -137,7 +137,7 @@ def publish_summary(summary: dict, records) -> None:
     records = records.head if isinstance(records, RecordSpool) else records
     rows = [{"item": r["item_id"], "status": r["status"], "version": r.get("version"),
              "max dL*": None if r.get("max_delta_l") is None else round(r["max_delta_l"], 3),
-             "colourfulness": None if r.get("colorfulness") is None else round(r["colorfulness"], 1),
+             "colorfulness": None if r.get("colorfulness") is None else round(r["colorfulness"], 1),
              "error": r.get("error_message")} for r in records[:1000]]
     create_table_artifact(rows, key="colorize-collection-items", description=f"run {summary['run_id']} (first 1000 items)")
     create_markdown_artifact(

@@ -116,7 +116,7 @@ def placed(record: dict) -> dict:
 
     ``device_seconds`` is the seconds of the item's stages on its worker over
     the workers sharing that device: the device time the item cost when every
-    worker of the device is busy (spec section 7's GPU-seconds per item; on
+    worker of the device is busy (docs/DESIGN.md §7's GPU-seconds per item; on
     the CPU, CPU-pool seconds). A record that did no work (skipped) costs 0.
     """
     where = placement()
@@ -189,8 +189,10 @@ def run_colorize(request, prefix: str, config_dict: dict, preset: str, limits=No
         _BUSY[0] -= 1
 
 
-def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: int | None, limits=None) -> dict:
-    """Renders a new target from an item's stored colour state (no fine-tuning), holding its lease."""
+def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: int | None, limits=None,
+                overrides: dict | None = None) -> dict:
+    """Renders a new target from an item's stored colour state (no fine-tuning), holding its lease; ``overrides``
+    change fields of the item's stored configuration."""
     from diffcolor.archive.leases import item_lease
     from diffcolor.archive.storage import ReadLimits
     from diffcolor.common.errors import DeviceOutOfMemoryError
@@ -199,7 +201,7 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
     _BUSY[0] += 1
     try:
         with item_lease(prefix) as lease:
-            record = recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed,
+            record = recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed, overrides=overrides,
                                   limits=limits or ReadLimits(), progress=_following(prefix.rstrip("/").rsplit("/", 1)[-1], lease),
                                   signing=_SIGNING)
             return placed(record)

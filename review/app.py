@@ -51,7 +51,7 @@ from urllib.parse import parse_qs
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from PIL import Image
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import AliasChoices, BaseModel, Field, StringConstraints, field_validator
 
 from diffcolor.archive import storage
 from diffcolor.archive.browse import METRICS, CollectionTable, Filters
@@ -117,11 +117,12 @@ class ReviewConfig:
         return hmac.new(self.token.encode(), b"diffcolor-review-csrf", hashlib.sha256).hexdigest()
 
 
-class ColourRequest(BaseModel):
+class ColorRequest(BaseModel):
     """A new target for one item: a colour map of caption words, or a target prompt."""
 
     item_id: str = Field(max_length=400)
-    color_map: dict[_Word, _Word] | None = Field(None, max_length=MAX_COLOUR_MAP_ENTRIES)
+    color_map: dict[_Word, _Word] | None = Field(None, max_length=MAX_COLOUR_MAP_ENTRIES,
+                                                 validation_alias=AliasChoices("color_map", "colour_map"))
     target_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
 
     @field_validator("target_prompt")
@@ -132,8 +133,8 @@ class ColourRequest(BaseModel):
         return prompt
 
 
-class RecolourRequest(BaseModel):
-    targets: list[ColourRequest] = Field(min_length=1, max_length=500)
+class RecolorRequest(BaseModel):
+    targets: list[ColorRequest] = Field(min_length=1, max_length=500)
 
 
 class DecisionRequest(BaseModel):
@@ -376,7 +377,8 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
             "catalogue": record.get("catalogue") or {}, "current_version": record.get("version"),
             "versions": [_public(version) for version in done],
             "has_color_state": has_state, "recolor_mode": "render" if has_state else "full_fit",
-            "colour_words": slots, "decisions": read_decisions(output, item_id),
+            "color_words": slots, "colour_words": slots,  # the second: the former spelling, for existing clients
+            "decisions": read_decisions(output, item_id),
             "approved": read_approved(output, item_id),
             "later_failure": None if failure is None else {"created_at": failure.get("created_at"),
                                                            "error_message": failure.get("error_message")},
@@ -415,7 +417,7 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
     @app.get("/api/items/{item_id}/versions/{version}/image", dependencies=[Depends(may_read)],
              summary="A version's access copy (colour) or its gray original, full or thumbnail",
              response_class=Response)
-    def version_image(item_id: str, version: int, kind: str = Query("colour", pattern="^(colour|gray)$"),
+    def version_image(item_id: str, version: int, kind: str = Query("color", pattern="^(color|colour|gray)$"),
                       size: str = Query("full", pattern="^(full|thumb)$")) -> Response:
         layout = item_layout(output, _item_id(item_id))
         record_uri = inside(layout.record(version))
@@ -429,12 +431,13 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
 
     @app.post("/api/items/{item_id}/check", dependencies=[Depends(may_read)],
               summary="Check a colour map or target prompt against the item's caption (changes nothing)")
-    def check(item_id: str, target: ColourRequest) -> dict:
+    def check(item_id: str, target: ColorRequest) -> dict:
         return check_target(latest_record(_item_id(item_id)), target.color_map, target.target_prompt)
 
-    @app.post("/api/recolour", dependencies=[Depends(may_change)], status_code=202,
+    @app.post("/api/recolor", dependencies=[Depends(may_change)], status_code=202,
               summary="Recolour one or more items (starts the reprocess flow)")
-    def recolour(body: RecolourRequest) -> dict:
+    @app.post("/api/recolour", dependencies=[Depends(may_change)], status_code=202, include_in_schema=False)
+    def recolor(body: RecolorRequest) -> dict:  # /api/recolour: the former spelling, kept for existing clients
         targets, problems = [], {}
         for target in body.targets:
             item_id = _item_id(target.item_id)

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from kornia.color import rgb_to_lab
 from kornia.filters import guided_blur
 
 from diffcolor.method.color import gamut_map_lab, gray_lightness
+from diffcolor.method.merge import VISIBLE_CHROMA
 from diffcolor.method.metrics import lightness_fidelity
 
 
@@ -45,7 +47,7 @@ class ReferenceMergedImage:
     """The merged derivative and its luminance-fidelity numbers."""
 
     rgb: np.ndarray  # (H, W, 3) uint8 for bit_depth 8, uint16 for bit_depth 16
-    gamut_clipped_fraction: float  # fraction of pixels whose chroma was reduced
+    gamut_clipped_fraction: float  # fraction of pixels whose chroma was visibly reduced
     max_delta_l: float  # max |L*(output) - L*(source)| over pixels not reduced
     mean_delta_l: float  # mean of the same
     ssim_l: float  # SSIM of the two L* channels, data_range 100
@@ -95,6 +97,7 @@ def reference_merge_full_resolution(
 
     rgb = np.empty((height, width, 3), dtype=out_dtype)
     reduced = np.empty((height, width), dtype=bool)
+    clipped = 0
     for top in range(0, height, strip_rows):
         bottom = min(height, top + strip_rows)
         lo, hi = max(0, top - halo), min(height, bottom + halo)
@@ -117,12 +120,17 @@ def reference_merge_full_resolution(
         codes = torch.round(strip_rgb * max_code).permute(1, 2, 0).numpy()
         rgb[top:bottom] = codes.astype(out_dtype)
         reduced[top:bottom] = strip_reduced[0].numpy()
+        # Visibly clipped: more than VISIBLE_CHROMA lost where the output keeps at least that much chroma.
+        asked = torch.hypot(lab[1], lab[2])
+        kept_lab = rgb_to_lab(strip_rgb)
+        kept = torch.hypot(kept_lab[1], kept_lab[2])
+        clipped += int((strip_reduced[0] & (kept >= VISIBLE_CHROMA) & (asked - kept > VISIBLE_CHROMA)).sum())
 
     # 7. Fidelity of the quantised result against the source.
     fidelity = lightness_fidelity(gray, rgb, ignore=reduced)
     return ReferenceMergedImage(
         rgb=rgb,
-        gamut_clipped_fraction=float(np.count_nonzero(reduced) / reduced.size),
+        gamut_clipped_fraction=clipped / reduced.size,
         max_delta_l=fidelity["max_delta_l"],
         mean_delta_l=fidelity["mean_delta_l"],
         ssim_l=fidelity["ssim_l"],

@@ -1,4 +1,4 @@
-"""Each awkward input of spec section 9 gets its stated status, and inputs are never written."""
+"""Each awkward input of docs/DESIGN.md §9 gets its stated status, and inputs are never written."""
 
 from __future__ import annotations
 

@@ -46,7 +46,9 @@ def write_parquet(path: Path, columns: dict) -> str:
 
 @pytest.fixture
 def bad_manifest(tmp_path) -> str:
-    """Duplicate ids, an empty caption, a wrong column type (seed as text) and the id '../../etc'."""
+    """Duplicate ids, an empty caption, a wrong column type (seed as text) and the id '../../etc'; the images exist."""
+    for name in ("a.tif", "b.tif", "c.tif", "d.tif"):
+        (tmp_path / name).write_bytes(b"II*\x00")
     return write_parquet(tmp_path / "bad.parquet", {
         "item_id": ["plate-1", "plate-1", "../../etc", "plate-4"],
         "image_uri": ["a.tif", "b.tif", "c.tif", "d.tif"],
@@ -139,14 +141,14 @@ def test_wrong_types_and_bad_values_are_named(tmp_path):
     uri = write_parquet(tmp_path / "m.parquet", {
         "item_id": ["a", "A", "b", None],
         "caption": pa.array([1, 2, 3, 4], pa.int64()),
-        "target_prompts": ["x", "y", "z", "w"],
+        "target_prompts": pa.array([1.0, 2.0, 3.0, 4.0]),
         "scan": pa.array([b"\x00", b"\x01", b"\x02", b"\x03"], pa.binary()),
     })
     problems = [str(problem) for problem in validate_manifest(uri)]
     assert problems == [
         "column 'image_uri': required column missing (columns found: item_id, caption, target_prompts, scan)",
         "column 'caption': has type int64; expected string",
-        "column 'target_prompts': has type string; expected list<string>",
+        "column 'target_prompts': has type double; expected list<string> (or string: one prompt per row)",
         "column 'scan': catalogue column has type binary; catalogue fields must be text, numbers, dates or lists",
         "row 2, column 'item_id': duplicate item_id 'A': row 1 has the same id (letter case ignored)",
         "row 4, column 'item_id': empty item_id",
@@ -376,6 +378,8 @@ def test_csv_builder_on_the_example_export():
 
 
 def test_csv_builder_names_bad_rows_and_takes_header_aliases(tmp_path):
+    for name in ("p1.tif", "p3.tif", "p4.tif"):  # the images exist: only the cells are wrong
+        (tmp_path / name).write_bytes(b"II*\x00")
     export = tmp_path / "export.csv"
     export.write_text(
         "\ufeffID,Image,Description,Seed,Color Map,Creator\n"
@@ -446,6 +450,8 @@ def test_cli_build_then_validate(tmp_path, capsys):
 
 
 def test_validate_names_control_and_bidi_characters_in_every_text_column(tmp_path, capsys):
+    for name in ("a.png", "b.png"):  # the images exist: only the text is wrong
+        (tmp_path / name).write_bytes(b"\x89PNG")
     rows = [
         {"item_id": "a", "image_uri": "a.png", "caption": "a dog\x1b[2J on a bench", "creator": "Jane",
          "target_prompts": ["a red dog on a bench"]},
@@ -467,6 +473,8 @@ def test_validate_names_control_and_bidi_characters_in_every_text_column(tmp_pat
 
 
 def test_a_catalogue_csv_with_control_characters_is_refused_naming_the_row(tmp_path):
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG")
     source = tmp_path / "catalogue.csv"
     source.write_text("item_id,image_uri,caption,creator\na,a.png,a dog on a bench,Jane\n"
                       "b,b.png,a dog on a bench,\u202eenaJ\n", encoding="utf-8")

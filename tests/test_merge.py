@@ -67,6 +67,18 @@ def test_merge_carries_uniform_chroma_through():
     np.testing.assert_allclose(lab[..., 2], -10.0, atol=0.1)
 
 
+def test_a_black_silhouette_is_not_reported_as_gamut_clipped():
+    # Black (and white) can show no chroma: reducing the model's chroma there loses nothing visible.
+    gray = np.zeros((60, 80))
+    gray[:, 40:] = 1.0
+    chroma = torch.tensor([40.0, 30.0]).reshape(2, 1, 1).expand(2, 8, 10).contiguous()
+    merged = merge_full_resolution(gray, chroma, 8)
+    assert merged.gamut_clipped_fraction == 0.0
+    # A mid gray asked for more chroma than sRGB holds at its L* is clipped, visibly, everywhere.
+    vivid = torch.tensor([120.0, 90.0]).reshape(2, 1, 1).expand(2, 8, 10).contiguous()
+    assert merge_full_resolution(np.full((60, 80), 0.5), vivid, 8).gamut_clipped_fraction == 1.0
+
+
 def test_guided_refinement_snaps_chroma_to_luminance_edges():
     # A dark/bright step at a column the 8x coarser chroma grid cannot represent.
     height, width, edge = 64, 256, 101
@@ -196,7 +208,7 @@ def test_closed_form_colour_steps_agree_with_the_colour_module():
     lab[1:] = (lab[1:] - 0.5) * 300.0
     fy = (lab[0] + 16.0) / 116.0
     luminance = torch.where(fy > 0.2068966, fy**3, (fy - 4.0 / 29.0) / 7.787)
-    linear, reduced = merge_module._lab_to_linear_rgb_in_gamut(lab[0], lab[1], lab[2], luminance, 16)
+    linear, reduced, _ = merge_module._lab_to_linear_rgb_in_gamut(lab[0], lab[1], lab[2], luminance, 16)
     codes = merge_module._encode_and_quantise(linear, 65535)
     expected, expected_reduced = gamut_map_lab(lab)
     assert 0.3 < float(reduced.float().mean()) < 0.99

@@ -16,6 +16,7 @@ from diffcolor.common.captions import (
     WORD_PATTERN,
     RewrittenCaption,
     build_target_prompt,
+    color_map_slots,
     colored_caption,
     describe_color_map,
     prompt_slots,
@@ -47,7 +48,8 @@ def test_free_prompt_colours_go_into_the_slots_of_the_words_they_precede():
     colors = prompt_slots(rewritten, "a brown dog sitting on a wooden green bench")
     assert colors == {0: "brown", 1: "green"}
     assert slot_prompt(rewritten, colors) == "A brown dog , sitting on a wooden green bench ."
-    assert colored_caption(rewritten, colors) == "A brown dog, sitting on a wooden green bench."
+    # For people the colour goes where English puts it: before a material adjective.
+    assert colored_caption(rewritten, colors) == "A brown dog, sitting on a green wooden bench."
 
 
 @pytest.mark.parametrize("target, reason", [
@@ -64,10 +66,29 @@ def test_free_prompt_that_departs_from_the_caption_says_where(target, reason):
 def test_colour_map_reads_as_the_caption_with_its_colours_and_builds_the_same_model_prompt_as_before():
     rewritten = rewrite_caption(CAPTION)
     color_map = {"Dog": "brown", "bench": "green"}
-    assert describe_color_map(rewritten, color_map) == "A brown dog, sitting on a wooden green bench."
+    assert describe_color_map(rewritten, color_map) == "A brown dog, sitting on a green wooden bench."
     assert build_target_prompt(rewritten, color_map) == "A brown dog , sitting on a wooden green bench ."
     with pytest.raises(PromptError, match="'cat' is not a content word"):
         describe_color_map(rewritten, {"cat": "red"})
+
+
+@pytest.mark.parametrize("caption, color_map, described", [
+    ("A spacesuit on a stand", {"spacesuit": "orange"}, "An orange spacesuit on a stand"),
+    ("An apple on a plate", {"apple": "red"}, "A red apple on a plate"),
+    ("an old car", {"car": "orange"}, "an old orange car"),  # the article agrees with "old", unchanged
+    ("a dog on a grass field", {"field": "yellow"}, "a dog on a yellow grass field"),  # not "a grass yellow field"
+    ("a grass field", {"grass": "green", "field": "yellow"}, "a green grass yellow field"),
+    ("a French car, a bench", {"car": "ivory", "bench": "umber"}, "an ivory French car, an umber bench"),
+    ("a jug", {"jug": "ultramarine"}, "an ultramarine jug"),
+])
+def test_colour_map_prompt_for_people_is_good_english(caption, color_map, described):
+    assert describe_color_map(rewrite_caption(caption), color_map) == described
+
+
+def test_a_target_whose_article_agrees_with_its_colour_is_understood():
+    rewritten = rewrite_caption("A spacesuit on a stand")
+    assert prompt_slots(rewritten, "an orange spacesuit on a stand") == {0: "orange"}
+    assert slot_prompt(rewritten, {0: "orange"}) == "A orange spacesuit on a sks stand"  # the model's slots
 
 
 # The identifier rule: identifiers before the words that name things (diffcolor.common.captions).
@@ -209,6 +230,8 @@ def test_the_pipeline_refuses_an_over_long_prompt_before_any_model_work(models, 
 def test_manifest_validate_with_the_model_names_the_row_and_the_lost_words(models, tmp_path, capsys):
     import pyarrow as pa
 
+    for name in ("a.png", "b.png"):  # the images exist (manifest validate checks local sources)
+        (tmp_path / name).write_bytes(b"\x89PNG")
     table = pa.table({"item_id": ["ok", "long"], "image_uri": ["a.png", "b.png"],
                       "caption": [CAPTION, LONG_CAPTION], "color_map": ['{"dog": "brown"}', '{"sky": "blue"}']})
     path = tmp_path / "m.parquet"

@@ -108,9 +108,26 @@ def test_changes_need_the_token_and_the_csrf_header(output):
     assert review.csrf in client.get("/items/fitted").text
     refused = client.post("/api/recolour", json={"targets": [{"item_id": "fitted", "color_map": {"dog": "red"}}]})
     assert refused.status_code == 403 and "X-CSRF-Token" in refused.text
-    assert client.post("/api/recolour", headers={"X-CSRF-Token": review.csrf},
+    assert client.post("/api/recolor", headers={"X-CSRF-Token": review.csrf},
                        json={"targets": [{"item_id": "fitted", "color_map": {"dog": "red"}}]}).status_code == 202
     assert jobs.started == [[{"item_id": "fitted", "color_map": {"dog": "red"}, "target_prompt": None}]]
+
+
+def test_the_former_spellings_of_the_api_are_accepted_as_aliases(output):
+    client, review, jobs = _client(output)
+    headers = _changing(review)
+    assert client.post("/api/recolour", headers=headers,
+                       json={"targets": [{"item_id": "fitted", "colour_map": {"dog": "red"}}]}).status_code == 202
+    assert jobs.started == [[{"item_id": "fitted", "color_map": {"dog": "red"}, "target_prompt": None}]]
+    item = client.get("/api/items/fitted").json()
+    assert item["color_words"] == item["colour_words"] == ["dog", "wooden", "bench"]
+    for kind in ("color", "colour"):
+        assert client.get(f"/api/items/fitted/versions/1/image?kind={kind}").content == \
+            client.get("/api/items/fitted/versions/1/image").content
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/api/recolor" in paths and "/api/recolour" not in paths  # one spelling documented
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert not [name for name in schemas if "Colour" in name]
 
 
 def test_off_loopback_even_reads_need_the_token(output):
@@ -136,7 +153,7 @@ def test_an_item_without_colour_state_offers_a_full_fit_and_pages_hide_identifie
     item = client.get("/api/items/nostate").json()
     assert item["has_color_state"] is False and item["recolor_mode"] == "full_fit"
     assert client.get("/api/items/fitted").json()["recolor_mode"] == "render"
-    assert item["colour_words"] == ["dog", "wooden", "bench"]  # the slots of the record's own c'
+    assert item["color_words"] == ["dog", "wooden", "bench"]  # the slots of the record's own c'
     page = client.get("/items/nostate").text
     assert "no colour state" in page and "full fit" in page
     assert "sks" not in page and "sks" not in json.dumps(item)
@@ -189,7 +206,7 @@ def test_collection_filters_and_pages(output):
     page = client.get("/").text
     assert "2 items match" in page and "/api/items/fitted/versions/1/image?kind=gray&size=thumb" in page
     assert client.get("/api/items/fitted/versions/1/image?kind=gray&size=thumb").headers["content-type"] == "image/jpeg"
-    assert client.get("/openapi.json").json()["paths"]["/api/recolour"]
+    assert client.get("/openapi.json").json()["paths"]["/api/recolor"]
 
 
 def test_colours_the_items_model_cannot_take_in_one_token_are_refused_before_anything_starts(output, cache_dir):
@@ -209,7 +226,7 @@ def test_colours_the_items_model_cannot_take_in_one_token_are_refused_before_any
 def test_the_api_is_listed_on_an_offline_page(output):
     client, _, _ = _client(output)
     page = client.get("/api-docs", headers={"Authorization": f"Bearer {TOKEN}"}).text
-    assert "<code>/api/items/{item_id}/decisions</code>" in page and "<code>/api/recolour</code>" in page
+    assert "<code>/api/items/{item_id}/decisions</code>" in page and "<code>/api/recolor</code>" in page
     assert "https://" not in page and "http://" not in page  # nothing loaded from elsewhere
     assert client.get("/openapi.json").json()["info"]["title"] == "DiffColor Archive review"
 

@@ -1,4 +1,4 @@
-"""URLs from outside never reach this host's own network unless the operator allows the host (spec section 9).
+"""URLs from outside never reach this host's own network unless the operator allows the host (docs/DESIGN.md §9).
 
 A real HTTP server on 127.0.0.1 stands for the internal service an attacker
 aims at: each test checks both the answer DiffColor gives and what the server

@@ -29,12 +29,17 @@ from diffcolor.archive.manifest import (
     KNOWN_COLUMNS,
     REQUIRED_COLUMNS,
     URI_SCHEME,
+    ManifestChecks,
     ManifestError,
     ManifestProblem,
     Problems,
     catalogue_text,
+    column_key,
+    column_spellings,
     manifest_table,
     resolve_uri,
+    source_cells,
+    source_problems,
     validate_table,
 )
 from diffcolor.common.ids import safe_item_id
@@ -59,25 +64,26 @@ _ALIASES = {
 }
 
 
-def _header_key(header: str) -> str:
-    return re.sub(r"[\s-]+", "_", header.strip().lower())
-
-
 def _map_headers(headers: list[str], problems: Problems, aliases: dict[str, str]) -> dict[str, str]:
-    """Header -> column name: known columns matched ignoring case, spaces and hyphens; aliases where unambiguous."""
+    """Header -> column name: known columns and their spellings (:func:`~diffcolor.archive.manifest.canonical_column`,
+    two spellings of one column refused), then the builder's own ``aliases`` where unambiguous."""
     mapping: dict[str, str] = {}
     for header in headers:
         if not header.strip():
             problems.add(None, None, "a column has an empty header")
         elif headers.count(header) > 1:
             problems.add(None, header, f"column appears {headers.count(header)} times")
-        key = _header_key(header)
-        mapping[header] = key if key in KNOWN_COLUMNS or key in aliases.values() else header.strip()
+        key = column_key(header)
+        mapping[header] = key if key in aliases.values() and key not in KNOWN_COLUMNS else header.strip()
+    spellings, twice = column_spellings(headers)
+    for problem in twice:
+        problems.add(problem.row, problem.column, problem.message)
+    mapping.update(spellings)
     present = set(mapping.values())
     for canonical in set(aliases.values()):
         if canonical in present:
             continue
-        candidates = [header for header in headers if aliases.get(_header_key(header)) == canonical]
+        candidates = [header for header in headers if aliases.get(column_key(header)) == canonical]
         if len(candidates) == 1:
             mapping[candidates[0]] = canonical
     return mapping
@@ -153,10 +159,16 @@ def _read_csv(uri: str, problems: Problems, aliases: dict[str, str]) -> tuple[li
 
 
 def finish_table(rows: list[dict[str, Any]], row_numbers: list[int | None], labels: list[str | None],
-                 catalogue_columns: list[str], problems: Problems, uri: str) -> pa.Table:
-    """The table of ``rows``, validated; its problems named by the builder input's own row (and label)."""
+                 catalogue_columns: list[str], problems: Problems, uri: str,
+                 checks: ManifestChecks | None = None) -> pa.Table:
+    """The table of ``rows``, validated, with the sources ``checks`` asks for (none without);
+    its problems named by the builder input's own row (and label)."""
     table = manifest_table(rows, catalogue_columns)
-    for problem in validate_table(table):
+    found = validate_table(table)
+    if checks is not None and checks.sources != "none":
+        columns = {name: table.column(name).to_pylist() for name in ("item_id", "image_uri", "ground_truth_uri")}
+        found += source_problems(source_cells(columns, 1, table.num_rows, None), remote=checks.sources == "all")
+    for problem in found:
         if problem.row is None:
             problems.add(None, problem.column, problem.message)
             continue
@@ -179,7 +191,7 @@ def _input_row(table_row: int, row_numbers: list[int | None], labels: list[str |
 # Builders
 
 
-def build_from_folder(folder: str, captions: str | None = None) -> pa.Table:
+def build_from_folder(folder: str, captions: str | None = None, *, checks: ManifestChecks | None = None) -> pa.Table:
     """A manifest of the images directly in ``folder`` (allowlisted extensions, sorted by file name).
 
     Each item id is derived from the file name's stem with :func:`safe_item_id`
@@ -190,8 +202,10 @@ def build_from_folder(folder: str, captions: str | None = None) -> pa.Table:
     of file name to caption, or a list of objects with the same keys as the
     CSV columns). Raises ManifestError listing every image without a caption,
     every caption row that names no image, two images with the same id, and
-    every invalid value.
+    every invalid value. ``checks``: which sources are checked and how near-miss
+    column names count (default :class:`ManifestChecks`: local sources, warnings).
     """
+    checks = ManifestChecks() if checks is None else checks
     problems = Problems()
     # 1. The images.
     root = folder if URI_SCHEME.match(folder) else os.path.abspath(folder)
@@ -204,6 +218,7 @@ def build_from_folder(folder: str, captions: str | None = None) -> pa.Table:
     if captions is None:
         raise ManifestError([ManifestProblem(None, "caption", f"image '{name}' has no caption (no captions file given)") for name in names], folder)
     records, key_column, catalogue_columns = _read_captions(captions, problems)
+    checks.check_column_names(catalogue_columns, problems)
 
     # 3. Item ids: derived from file names, or the captions file's item_id.
     derived = {name: safe_item_id(posixpath.splitext(name)[0]) for name in names}
@@ -238,7 +253,7 @@ def build_from_folder(folder: str, captions: str | None = None) -> pa.Table:
     for key, (number, _) in by_key.items():
         if key not in used:
             problems.add(number, key_column, f"{key_column} {key!r} names no image in '{folder}'")
-    return finish_table(rows, row_numbers, labels, catalogue_columns, problems, captions)
+    return finish_table(rows, row_numbers, labels, catalogue_columns, problems, captions, checks)
 
 
 def _read_captions(uri: str, problems: Problems) -> tuple[list[tuple[int | None, dict[str, Any]]], str, list[str]]:
@@ -255,6 +270,10 @@ def _read_captions(uri: str, problems: Problems) -> tuple[list[tuple[int | None,
                     "filename", [])
         if not isinstance(document, list) or not all(isinstance(entry, dict) for entry in document):
             raise ManifestError([ManifestProblem(None, None, "a captions JSON must be an object (file name -> caption) or a list of objects")], uri)
+        spellings, twice = column_spellings(key for entry in document for key in entry)
+        for problem in twice:
+            problems.add(problem.row, problem.column, problem.message)
+        document = [{spellings.get(key, key): value for key, value in entry.items()} for entry in document]
         columns = list(dict.fromkeys(key for entry in document for key in entry))
         records = list(enumerate(document, start=1))
     elif extension == ".csv":
@@ -269,21 +288,25 @@ def _read_captions(uri: str, problems: Problems) -> tuple[list[tuple[int | None,
     return records, key_column, catalogue
 
 
-def build_from_csv(csv_uri: str) -> pa.Table:
+def build_from_csv(csv_uri: str, *, checks: ManifestChecks | None = None) -> pa.Table:
     """A manifest from a catalogue CSV export with ``item_id``, ``image_uri`` and ``caption`` columns.
 
     Headers match the known columns ignoring case, spaces and hyphens
     (``Item ID`` is ``item_id``); where a known column is absent, one
     unambiguous alias stands in (``id``/``identifier`` for item_id;
     ``image``/``image_url``/``url``/``file``/``filename``/``path`` for
-    image_uri; ``description`` for caption). ``target_prompts`` is
+    image_uri; ``description`` for caption); two spellings of one known
+    column (``color_map`` and ``colour_map``) are refused. ``target_prompts`` is
     ``|``-separated text, ``color_map`` JSON object text, ``seed`` an integer;
     relative image URIs resolve against the CSV's folder; every other column is
-    a catalogue field. Ids are not rewritten. Raises ManifestError listing
-    every problem with its row (row 1 = first data row).
+    a catalogue field. Ids are not rewritten. ``checks`` as for
+    :func:`build_from_folder`. Raises ManifestError listing every problem with
+    its row (row 1 = first data row).
     """
+    checks = ManifestChecks() if checks is None else checks
     problems = Problems()
     columns, records = _read_csv(csv_uri, problems, _ALIASES)
+    checks.check_column_names([name for name in columns if name not in KNOWN_COLUMNS], problems)
     for name in REQUIRED_COLUMNS:
         if name not in columns:
             problems.add(None, name, f"required column missing (columns found: {', '.join(columns)})")
@@ -296,7 +319,7 @@ def build_from_csv(csv_uri: str) -> pa.Table:
         rows.append(_parse_record(record, number, csv_uri, problems))
         row_numbers.append(number)
     catalogue = [name for name in columns if name not in KNOWN_COLUMNS]
-    return finish_table(rows, row_numbers, [None] * len(rows), catalogue, problems, csv_uri)
+    return finish_table(rows, row_numbers, [None] * len(rows), catalogue, problems, csv_uri, checks)
 
 
 def unique_ids(candidates: list[str]) -> list[str]:

@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 
 from diffcolor.archive import storage
 from diffcolor.archive.planning import read_done_index, update_done_index
-from diffcolor.common.errors import InputUnavailableError, MissingObjectError
+from diffcolor.common.errors import InputUnavailableError, MissingObjectError, UserError
 
 REPAIR_STATUS = "needs_repair"  # a done-index status: the item is done again by the next run
 _LINK_PROBLEM = "symbolic link leaving the output root (not read)"
@@ -118,7 +118,7 @@ def audit_output(output: str, *, repair: bool = False, on_problem: Callable[[Pro
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     if not done and not (os.path.isdir(os.path.join(root_path, "items")) if local
                          else any(True for _ in storage.iter_objects(storage.join(output, "items")))):
-        raise ValueError(f"'{output}' holds no collection output (no items/ folder, no done-index)")
+        raise UserError(f"'{output}' holds no collection output (no items/ folder, no done-index)")
 
     def report(problem: Problem) -> None:
         audit.problems.append(problem)

@@ -56,9 +56,11 @@ from diffcolor.archive import storage
 from diffcolor.archive.builders import finish_table, unique_ids
 from diffcolor.archive.manifest import (
     KNOWN_COLUMNS,
+    ManifestChecks,
     ManifestError,
     ManifestProblem,
     Problems,
+    canonical_column,
 )
 from diffcolor.common.captions import rewrite_caption
 from diffcolor.common.errors import PromptError
@@ -373,8 +375,9 @@ def _metadata(resource: dict[str, Any], language: str | None) -> dict[str, str]:
 
 
 def _catalogue_fields(metadata: dict[str, str]) -> dict[str, str]:
-    """Metadata as catalogue fields: a name taken by a known or IIIF column gets a ``metadata_`` prefix."""
-    return {(f"metadata_{name}" if name in KNOWN_COLUMNS or name in IIIF_COLUMNS else name): value
+    """Metadata as catalogue fields: a name taken by a known column (any spelling: ``colour_map``) or a IIIF
+    column gets a ``metadata_`` prefix, so that a publisher's label never sets a prompt, a colour map or a seed."""
+    return {(f"metadata_{name}" if canonical_column(name) or name in IIIF_COLUMNS else name): value
             for name, value in metadata.items()}
 
 
@@ -489,7 +492,8 @@ def _required_statement(resource: dict[str, Any], language: str | None) -> str |
     return language_text(statement.get("value"), language) if isinstance(statement, dict) else None
 
 
-def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[str, dict] | None = None) -> IiifImport:
+def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[str, dict] | None = None,
+              checks: ManifestChecks | None = None) -> IiifImport:
     """The manifest table of a IIIF Presentation 3 manifest (a file or URI), and the canvases left out.
 
     One row per painting body that resolves to an image (see the module
@@ -501,6 +505,8 @@ def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[s
     ``iiif_manifest``, ``iiif_canvas``, ``iiif_note`` and the ``metadata``
     pairs (canvas over manifest). ``language``: the language to take from
     language maps (default: "none", else "en", else the first given).
+    ``checks``: as for :func:`diffcolor.archive.builders.build_from_csv` (the
+    image URLs are remote: checked only with ``sources="all"``).
 
     Raises ManifestError when the document is not a Presentation 3 Manifest,
     when an annotation page is referenced rather than embedded, or when no
@@ -508,7 +514,7 @@ def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[s
     """
     document = _read_document(source)
     try:
-        return _read_iiif(document, source, language, dict(image_info or {}))
+        return _read_iiif(document, source, language, dict(image_info or {}), ManifestChecks() if checks is None else checks)
     except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as error:
         # Every field is type-checked where it is read; this is the net under that: a problem line, never a traceback.
         raise ManifestError([ManifestProblem(None, None, f"the IIIF manifest has a field of an unexpected type or "
@@ -517,7 +523,7 @@ def read_iiif(source: str, *, language: str | None = None, image_info: Mapping[s
 
 
 def _read_iiif(document: dict[str, Any], source: str, language: str | None,
-               image_info: dict[str, dict]) -> IiifImport:
+               image_info: dict[str, dict], checks: ManifestChecks) -> IiifImport:
     problems = Problems()
     image_info = {base: info for base, info in image_info.items() if isinstance(info, dict)}
     # 1. What the manifest says for every canvas.
@@ -580,12 +586,15 @@ def _read_iiif(document: dict[str, Any], source: str, language: str | None,
     catalogue = [name for name in IIIF_COLUMNS if any(name in row for row in rows)]
     catalogue += list(dict.fromkeys(name for row in rows for name in row if name not in KNOWN_COLUMNS and name not in IIIF_COLUMNS))
     labels = [f"canvas {_shown(row.get('iiif_canvas'), 200)}" for row in rows]
-    table = finish_table(rows, list(range(1, len(rows) + 1)), labels, catalogue, Problems(), source)
+    named = Problems()  # column names near a known one, with checks.strict
+    checks.check_column_names([name for name in catalogue if name not in IIIF_COLUMNS], named)
+    table = finish_table(rows, list(range(1, len(rows) + 1)), labels, catalogue, named, source, checks)
     for problem in left_out:
         logger.warning("%s: %s", source, problem)
     return IiifImport(table, left_out)
 
 
-def build_from_iiif(source: str, *, language: str | None = None, image_info: Mapping[str, dict] | None = None) -> pa.Table:
+def build_from_iiif(source: str, *, language: str | None = None, image_info: Mapping[str, dict] | None = None,
+                    checks: ManifestChecks | None = None) -> pa.Table:
     """The table of :func:`read_iiif`; canvases left out are logged as warnings (``read_iiif`` returns them)."""
-    return read_iiif(source, language=language, image_info=image_info).table
+    return read_iiif(source, language=language, image_info=image_info, checks=checks).table

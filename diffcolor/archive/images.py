@@ -1,6 +1,6 @@
 """Archival image I/O on bytes: read sources, classify their tone, write derivatives.
 
-SPEC section 4, "Images in" and "Images out". No filesystem access: callers hand
+docs/DESIGN.md §4.3 "Images in" and §4.4 "Images out". No filesystem access: callers hand
 over the bytes they read through storage and get bytes back to write.
 
 Reading keeps Pillow's decompression-bomb guard on, decodes only an allowlist of
@@ -42,7 +42,7 @@ from diffcolor import __version__
 from diffcolor.common.errors import BadImageError
 from diffcolor.common.pixels import describe, unit_rgb
 
-# Pillow format names we decode (SPEC section 4). MPO is how Pillow names camera
+# Pillow format names we decode (docs/DESIGN.md §4.3). MPO is how Pillow names camera
 # JPEGs that carry extra preview frames: a JPEG all the same.
 ALLOWED_FORMATS = frozenset({"TIFF", "PNG", "JPEG", "MPO", "JPEG2000", "WEBP"})
 ACCESS_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})

@@ -15,7 +15,7 @@ The item layout under an item's output prefix (any storage URI) is stable:
     PREFIX/attempts/TIME-ID.json         every failed attempt's record, never overwritten
     PREFIX/lock/...                      the item's lease while a worker holds it (diffcolor.archive.leases)
 
-A record is a JSON object per item version (spec section 10): what was asked,
+A record is a JSON object per item version (docs/DESIGN.md §10.3): what was asked,
 what was made, with which models and software, and how it went.
 
 How a version is committed, so that a retry never duplicates one and a reader

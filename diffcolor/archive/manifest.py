@@ -3,10 +3,15 @@
 One row per item. Required columns: ``item_id``, ``image_uri``, ``caption``;
 optional known columns: ``target_prompts``, ``color_map``, ``seed``,
 ``collection``, ``ground_truth_uri``; every other column is a catalogue field
-(accession number, creator, rights, ...) carried through as text. The schema,
-the id rule and the conventions are documented in ``manifests/README.md``.
+(accession number, creator, rights, ...) carried through as text. A column
+name matches ignoring case, spaces and hyphens, and a few other spellings
+stand for a known column (:data:`COLUMN_ALIASES`: ``colour_map``,
+``target_prompt``, ...); a manifest with two spellings of one column is
+refused, and a name close to a known one is a warning (:func:`near_misses`).
+The schema, the id rule and the conventions are documented in
+``manifests/README.md``.
 
-A manifest is validated before any GPU work (spec sections 4 and 9): every
+A manifest is validated before any GPU work (docs/DESIGN.md §4.1 and §9): every
 problem is reported with its row and column, and the run does not start.
 Rows are numbered from 1: row 1 is the first data row (a spreadsheet shows it
 on line 2, under the header). Validation and reading stream the Parquet file in
@@ -20,22 +25,25 @@ All I/O goes through :mod:`diffcolor.archive.storage`, by fsspec URI.
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import os
 import posixpath
 import re
+import stat
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from diffcolor.archive import storage
+from diffcolor.archive import outside, storage
 from diffcolor.archive.outside import is_http
 from diffcolor.common.captions import PromptLimit, build_target_prompt, prompt_length_problems, rewrite_caption
 from diffcolor.common.errors import (
@@ -56,6 +64,17 @@ from diffcolor.common.text import BIDI_CONTROLS, escape_controls, unsafe_charact
 REQUIRED_COLUMNS = ("item_id", "image_uri", "caption")
 OPTIONAL_COLUMNS = ("target_prompts", "color_map", "seed", "collection", "ground_truth_uri")
 KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+# Other spellings of the known columns, each read as its canonical column: the project's British spelling,
+# and the names the results records use (``target_prompt``, ``source_uri``). Compared after column_key.
+COLUMN_ALIASES = {
+    "colour_map": "color_map",
+    "color_words": "color_map",
+    "colour_words": "color_map",
+    "target_prompt": "target_prompts",
+    "targets": "target_prompts",
+    "source_uri": "image_uri",
+}
+NEAR_MISS_CUTOFF = 0.85  # ours, difflib's ratio: 'captoin' (0.86), 'colormap', 'target_promt' near; 'image_id' (0.82) not
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -154,6 +173,110 @@ class Problems:
         return items
 
 
+@dataclass
+class ManifestChecks:
+    """What a check of a manifest looks at beyond its own cells, and the warnings it found.
+
+    ``sources``: "none" (a run's check: a missing image fails its item, not the
+    run), "local" (every local ``image_uri`` and ``ground_truth_uri`` is an
+    existing, regular, readable file) or "all" (also every remote one: a store
+    asked through :mod:`diffcolor.archive.storage`, an http(s) URL sent a HEAD
+    through the SSRF-checked :func:`diffcolor.archive.outside.fetch`).
+    ``strict``: a column name near a known one (:func:`near_misses`) is a
+    problem; else it is added to ``warnings``.
+    """
+
+    sources: str = "local"
+    strict: bool = False
+    warnings: list[ManifestProblem] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.sources not in ("none", "local", "all"):
+            raise ValueError(f"sources must be 'none', 'local' or 'all', got {self.sources!r}")
+
+    def check_column_names(self, names: Iterable[str], problems: Problems) -> None:
+        """Near-miss column names of ``names``: problems when strict, else warnings."""
+        for miss in near_misses(names):
+            if self.strict:
+                problems.add(miss.row, miss.column, miss.message)
+            else:
+                self.warnings.append(miss)
+
+
+# ---------------------------------------------------------------------------
+# Column names: one spelling per column
+
+
+def column_key(name: str) -> str:
+    """``name`` as column names compare: lower case, runs of spaces and hyphens made ``_`` (``Item ID``: ``item_id``)."""
+    return re.sub(r"[\s-]+", "_", name.strip().lower())
+
+
+def canonical_column(name: str) -> str | None:
+    """The known column that ``name`` spells (``Colour Map``: ``color_map``), or None for a catalogue field."""
+    key = column_key(name)
+    return key if key in KNOWN_COLUMNS else COLUMN_ALIASES.get(key)
+
+
+def column_spellings(names: Iterable[str]) -> tuple[dict[str, str], list[ManifestProblem]]:
+    """(each name that spells a known column -> that column), and a problem per known column spelt twice.
+
+    Two names of one column (``color_map`` and ``colour_map``, ``caption`` and
+    ``Caption``) would leave it unclear which one holds the values: refused,
+    naming both, and neither is mapped.
+    """
+    spellings: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        canonical = canonical_column(name)
+        if canonical is not None:
+            spellings.setdefault(canonical, []).append(name)
+    mapping, problems = {}, []
+    for canonical, found in spellings.items():
+        if len(found) == 1:
+            mapping[found[0]] = canonical
+        else:
+            shown = ", ".join(repr(name) for name in found[:-1]) + f" and {found[-1]!r}"
+            problems.append(ManifestProblem(None, None, f"columns {shown} are {len(found)} spellings of one column, "
+                                                        f"{canonical!r}; keep one"))
+    return mapping, problems
+
+
+def near_misses(names: Iterable[str]) -> list[ManifestProblem]:
+    """A problem naming each column that is not a known one but close to one (``captoin``: ``caption``).
+
+    Close: a :func:`difflib.get_close_matches` ratio of at least
+    NEAR_MISS_CUTOFF to a known column or an alias. A name that extends a
+    known one (``caption_fr``, ``collection_id``) is a catalogue field of its
+    own, and so is every name near none (``creator``, ``rights``).
+    """
+    candidates = [*KNOWN_COLUMNS, *COLUMN_ALIASES]
+    found = []
+    for name in dict.fromkeys(names):
+        key = column_key(name)
+        if not key or canonical_column(name) is not None:
+            continue
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=NEAR_MISS_CUTOFF)
+        if close and not key.startswith(close[0] + "_"):
+            meant = COLUMN_ALIASES.get(close[0], close[0])
+            found.append(ManifestProblem(None, name, f"not a known column, so read as a catalogue field; did you "
+                                                     f"mean {meant!r}?"))
+    return found
+
+
+def _renamed_schema(schema: pa.Schema, renamed: dict[str, str]) -> pa.Schema:
+    return pa.schema([field.with_name(renamed.get(field.name, field.name)) for field in schema], metadata=schema.metadata)
+
+
+def _renamed_batch(batch: pa.RecordBatch, renamed: dict[str, str]) -> pa.RecordBatch:
+    return batch.rename_columns([renamed.get(name, name) for name in batch.schema.names]) if renamed else batch
+
+
+def _as_spelt(problems: list[ManifestProblem], renamed: dict[str, str]) -> list[ManifestProblem]:
+    """``problems`` naming each column as the manifest spells it (``colour_map``, not ``color_map``)."""
+    spelt = {canonical: name for name, canonical in renamed.items()}
+    return [ManifestProblem(p.row, spelt.get(p.column, p.column), p.message) for p in problems]
+
+
 # ---------------------------------------------------------------------------
 # Column types
 
@@ -199,7 +322,7 @@ _EXPECTED = {
     "caption": "string",
     "collection": "string",
     "ground_truth_uri": "string",
-    "target_prompts": "list<string>",
+    "target_prompts": "list<string> (or string: one prompt per row)",
     "color_map": "map<string, string> (or a list of key/value string structs, or JSON object text)",
     "seed": "an integer type (int64)",
 }
@@ -211,7 +334,7 @@ def _known_type_ok(name: str, data_type: pa.DataType) -> bool:
     if name in ("item_id", "image_uri", "caption", "collection", "ground_truth_uri"):
         return _is_text(data_type)
     if name == "target_prompts":
-        return _is_list(data_type) and _is_text(data_type.value_type)
+        return (_is_list(data_type) and _is_text(data_type.value_type)) or _is_text(data_type)
     if name == "color_map":
         return _color_map_kind(data_type) is not None
     if name == "seed":
@@ -228,8 +351,11 @@ def _catalogue_type_ok(data_type: pa.DataType) -> bool:
     )
 
 
-def _check_schema(schema: pa.Schema, problems: Problems) -> set[str]:
-    """Adds the file-level problems of ``schema``; returns the known columns whose values can be checked."""
+def _check_schema(schema: pa.Schema, problems: Problems, spelt: list[str] | None = None) -> set[str]:
+    """Adds the file-level problems of ``schema``; returns the known columns whose values can be checked.
+
+    ``spelt``: the column names as the manifest spells them, for the message of a missing column.
+    """
     names = schema.names
     for name in sorted(set(names)):
         if names.count(name) > 1:
@@ -238,7 +364,7 @@ def _check_schema(schema: pa.Schema, problems: Problems) -> set[str]:
         problems.add(None, None, "a column has an empty name")
     for name in REQUIRED_COLUMNS:
         if name not in names:
-            problems.add(None, name, f"required column missing (columns found: {', '.join(names) or 'none'})")
+            problems.add(None, name, f"required column missing (columns found: {', '.join(spelt or names) or 'none'})")
     checkable = set()
     for name in KNOWN_COLUMNS:
         if name not in names or names.count(name) > 1:
@@ -259,6 +385,13 @@ def _check_schema(schema: pa.Schema, problems: Problems) -> set[str]:
 
 # ---------------------------------------------------------------------------
 # Values
+
+
+def prompt_list(value: Any) -> list:
+    """A ``target_prompts`` cell as a list: a list as it is, a text as its one prompt, null as none."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _color_map_pairs(value: Any, kind: str) -> list[tuple[Any, Any]] | str:
@@ -340,7 +473,7 @@ class _RowChecker:
                         caption = None
             # 4. target_prompts: each entry non-empty.
             if "target_prompts" in columns:
-                for number, prompt in enumerate(columns["target_prompts"][index] or (), start=1):
+                for number, prompt in enumerate(prompt_list(columns["target_prompts"][index]), start=1):
                     if prompt is None or not prompt.strip():
                         add(row, "target_prompts", f"target prompt {number} is empty")
             # 5. color_map: well-formed, non-empty words and colours, keys that are content words of the caption.
@@ -350,8 +483,8 @@ class _RowChecker:
             if self.limit is not None and caption is not None:
                 color_map = columns["color_map"][index] if "color_map" in columns else None
                 pairs = _color_map_pairs(color_map, self.color_map_kind) if color_map is not None else []
-                targets = [t.strip() for t in (columns["target_prompts"][index] if "target_prompts" in columns else None)
-                           or () if t and t.strip()]
+                targets = [t.strip() for t in prompt_list(columns["target_prompts"][index] if "target_prompts" in columns
+                                                          else None) if t and t.strip()]
                 mapping = {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, str)} if isinstance(pairs, list) else {}
                 for column, problem in prompt_length_problems(self.limit, caption, mapping, targets):
                     add(row, column, problem)
@@ -432,20 +565,153 @@ def _column_values(batch: pa.RecordBatch, name: str) -> list:
     return batch.column(batch.schema.get_field_index(name)).to_pylist()
 
 
-def _validate(schema: pa.Schema, batches: Iterable[pa.RecordBatch],
-              limit: PromptLimit | None = None) -> tuple[list[ManifestProblem], dict[str, int]]:
-    """Every problem of a manifest given as its schema and record batches; also the ids seen."""
+# ---------------------------------------------------------------------------
+# Sources: the images (and ground truths) a manifest names
+
+
+SOURCE_COLUMNS = {"image_uri": "image", "ground_truth_uri": "ground truth"}  # column -> what its problem calls it
+SOURCE_CHECK_SECONDS = 15.0  # ours: one HEAD or one store request, a check and not a read; 16 at a time
+SOURCE_CHECK_WORKERS = 16  # ours: remote checks in flight at once (each waits on the network, not the CPU)
+_LOCAL_SCHEMES = ("file://", "local://", "memory://")  # checked always: this machine's files (memory: this process)
+
+
+def _is_local_source(uri: str) -> bool:
+    return not URI_SCHEME.match(uri) or uri.lower().startswith(_LOCAL_SCHEMES)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _local_source_problem(uri: str) -> str | None:
+    """Why the local source ``uri`` cannot be read: missing, not a regular file, or not readable; None when it can."""
+    if URI_SCHEME.match(uri):
+        fs, path = storage.filesystem(uri)
+        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):  # memory://
+            return None if fs.isfile(path) else f"'{uri}' does not exist"
+    else:
+        path = uri
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return f"'{path}' does not exist"
+    except PermissionError:
+        return f"'{path}' cannot be reached: permission denied"
+    except (OSError, ValueError) as error:  # a name too long, a NUL in it
+        return f"'{path}' cannot be checked ({getattr(error, 'strerror', None) or error})"
+    if not stat.S_ISREG(mode):
+        return f"'{path}' is {_file_kind(mode)}, not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"'{path}' cannot be read: permission denied"
+    return None
+
+
+def _remote_source_problem(uri: str) -> str | None:
+    """Why the remote source ``uri`` cannot be read, asking its store (http(s): a HEAD, SSRF-checked); None when it can."""
+    try:
+        if is_http(uri):
+            outside.fetch(uri, method="HEAD", seconds=SOURCE_CHECK_SECONDS)
+            return None
+        fs, path = storage.filesystem(uri)
+        fs.invalidate_cache(path)
+        try:
+            info = fs.info(path)
+        except Exception as error:  # made one of DiffColor's errors, with the URI redacted
+            raise storage.backend_error(uri, "checking", error, fs) from error
+    except (PermanentError, StorageError) as error:  # missing, denied, refused (SSRF), unreachable
+        return str(error)
+    except ImportError as error:  # a store whose fsspec package is not installed (gcsfs, adlfs)
+        return f"'{redact(uri)}' cannot be checked: {error}"
+    if info.get("type") != "file":
+        return f"'{redact(uri)}' is a folder, not an object"
+    return None
+
+
+def _each(check: Callable[[str], str | None], uris: list[str], chunk: int = 512) -> list[str | None]:
+    """``check`` of each of ``uris``, in order, SOURCE_CHECK_WORKERS threads each taking ``chunk`` at a time."""
+    if len(uris) <= chunk:
+        return [check(uri) for uri in uris]
+    chunks = [uris[start:start + chunk] for start in range(0, len(uris), chunk)]
+    with ThreadPoolExecutor(min(SOURCE_CHECK_WORKERS, len(chunks))) as pool:
+        return [problem for done in pool.map(lambda part: [check(uri) for uri in part], chunks) for problem in done]
+
+
+def source_problems(sources: list[tuple[int, str, str, str]], remote: bool) -> list[ManifestProblem]:
+    """A problem for each source that cannot be read, in row order: ``sources`` are (row, item id, column, URI).
+
+    Local files are checked always (existing, regular, readable); remote ones
+    (``s3://``, ``http(s)://``, ...) only with ``remote``. Both are checked
+    SOURCE_CHECK_WORKERS at a time (a network file system answers a stat
+    slowly too). A URI carrying credentials or a control character is not
+    checked (it is a problem of its own).
+    """
+    sources = [entry for entry in sources
+               if not ("@" in entry[3] and has_userinfo(entry[3])) and unsafe_character(entry[3]) is None]
+    local = [entry for entry in sources if _is_local_source(entry[3])]
+    found = list(zip(local, _each(_local_source_problem, [entry[3] for entry in local])))
+    if remote:
+        far = [entry for entry in sources if not _is_local_source(entry[3])]
+        found += zip(far, _each(_remote_source_problem, [entry[3] for entry in far], chunk=1))
+    found.sort(key=lambda pair: pair[0][0])
+    return [ManifestProblem(row, column, f"item {item_id!r}: {SOURCE_COLUMNS[column]} {problem}")
+            for (row, item_id, column, _), problem in found if problem is not None]
+
+
+def source_cells(columns: dict[str, list], first_row: int, count: int,
+                 base_uri: str | None) -> list[tuple[int, str, str, str]]:
+    """(row, item id, column, URI) of each non-empty source cell of ``columns`` (name -> values), for :func:`source_problems`.
+
+    Relative URIs resolve against ``base_uri`` (none: taken as they are).
+    """
+    resolve = uri_resolver(base_uri) if base_uri else str.strip
+    ids = columns.get("item_id") or [None] * count
+    found = []
+    for name in SOURCE_COLUMNS:
+        for index, value in enumerate(columns.get(name) or ()):
+            if isinstance(value, str) and value.strip():
+                found.append((first_row + index, (ids[index] or "").strip(), name, resolve(value)))
+    return found
+
+
+def _validate(schema: pa.Schema, batches: Iterable[pa.RecordBatch], limit: PromptLimit | None = None, *,
+              checks: ManifestChecks | None = None, base_uri: str | None = None) -> tuple[list[ManifestProblem], dict[str, int]]:
+    """Every problem of a manifest given as its schema and record batches; also the ids seen.
+
+    Columns are read under their canonical names (:func:`column_spellings`);
+    problems name them as the manifest spells them. With ``checks``: near-miss
+    column names and the sources too (relative ones against ``base_uri``).
+    """
+    # 1. Column names: one spelling each, then the near misses.
     problems = Problems()
-    checkable = _check_schema(schema, problems)
+    spellings, twice = column_spellings(schema.names)
+    for problem in twice:
+        problems.add(problem.row, problem.column, problem.message)
+    if checks is not None:
+        checks.check_column_names(schema.names, problems)
+    renamed = {name: canonical for name, canonical in spellings.items() if name != canonical}
+    spelt, schema = schema.names, _renamed_schema(schema, renamed)
+
+    # 2. The schema, then the rows batch by batch.
+    checkable = _check_schema(schema, problems, spelt)
     checker = _RowChecker(checkable, schema, problems, limit)
     texts = text_columns(schema)
+    sources = checks is not None and checks.sources != "none"
     first_row = 1
     for batch in batches:
+        batch = _renamed_batch(batch, renamed)
         columns = {name: _column_values(batch, name) for name in checkable}
         checker.check(columns, first_row, batch.num_rows)
         _check_characters(batch, [name for name in texts if name in batch.schema.names], first_row, problems)
+        if sources:
+            for problem in source_problems(source_cells(columns, first_row, batch.num_rows, base_uri),
+                                           remote=checks.sources == "all"):
+                problems.add(problem.row, problem.column, problem.message)
         first_row += batch.num_rows
-    return problems.result(), checker.ids
+    return _as_spelt(problems.result(by_row=sources), renamed), checker.ids
 
 
 # ---------------------------------------------------------------------------
@@ -491,7 +757,8 @@ def count_rows(uri: str) -> int:
         return parquet.metadata.num_rows
 
 
-def validate_manifest(uri: str, *, batch_size: int = 65_536, prompt_limit: PromptLimit | None = None) -> list[ManifestProblem]:
+def validate_manifest(uri: str, *, batch_size: int = 65_536, prompt_limit: PromptLimit | None = None,
+                      checks: ManifestChecks | None = None) -> list[ManifestProblem]:
     """Every problem of the manifest at ``uri`` (empty when valid), streaming it in record batches.
 
     Checks: required columns present; each known column's type; item_id
@@ -505,22 +772,25 @@ def validate_manifest(uri: str, *, batch_size: int = 65_536, prompt_limit: Promp
     fields included (:mod:`diffcolor.common.text`). With
     ``prompt_limit`` (the model's tokenizer, :func:`diffcolor.method.diffusion.prompt_limit`)
     also that each row's model prompts fit its text encoder
-    (:func:`~diffcolor.common.captions.prompt_length_problems`). At most
+    (:func:`~diffcolor.common.captions.prompt_length_problems`). With
+    ``checks`` (``manifest validate``; a run gives none): the sources it asks
+    for, and column names near a known one (:class:`ManifestChecks`). At most
     1000 problems are listed, then one "... and N more problems".
     Raises InputUnavailableError when the file is missing.
     """
     try:
-        return _scan(uri, batch_size, prompt_limit)[0]
+        return _scan(uri, batch_size, prompt_limit, checks)[0]
     except ManifestError as error:  # not a Parquet file, or a corrupt one
         return error.problems
 
 
-def _scan(uri: str, batch_size: int, limit: PromptLimit | None = None) -> tuple[list[ManifestProblem], dict[str, int]]:
+def _scan(uri: str, batch_size: int, limit: PromptLimit | None = None,
+          checks: ManifestChecks | None = None) -> tuple[list[ManifestProblem], dict[str, int]]:
     with _open_parquet(uri) as parquet:
         schema = parquet.schema_arrow
-        checked = [name for name in KNOWN_COLUMNS if schema.names.count(name) == 1]
+        checked = [name for name in schema.names if canonical_column(name) and schema.names.count(name) == 1]
         checked += [name for name in text_columns(schema) if name not in checked]
-        return _validate(schema, _batches(parquet, uri, batch_size, checked), limit)
+        return _validate(schema, _batches(parquet, uri, batch_size, checked), limit, checks=checks, base_uri=uri)
 
 
 def validate_table(table: pa.Table) -> list[ManifestProblem]:
@@ -535,16 +805,30 @@ def resolve_uri(value: str, manifest_uri: str) -> str:
     ``/abs/path/manifests/demo/camera.png``; in ``s3://b/m/x.parquet`` it is
     ``s3://b/m/demo/camera.png``. ``..`` segments are folded.
     """
-    value = value.strip()
-    if URI_SCHEME.match(value) or os.path.isabs(value) or _WINDOWS_DRIVE.match(value):
-        return value
+    return uri_resolver(manifest_uri)(value)
+
+
+def uri_resolver(manifest_uri: str) -> Callable[[str], str]:
+    """:func:`resolve_uri` against ``manifest_uri``, its folder worked out once (a million rows resolve fast)."""
     match = URI_SCHEME.match(manifest_uri)
     if match:
-        scheme, rest = match.group(0), manifest_uri[match.end():]
-        folder = posixpath.dirname(rest)
-        return scheme + posixpath.normpath(posixpath.join(folder, value))
-    folder = os.path.dirname(os.path.abspath(manifest_uri))
-    return os.path.normpath(os.path.join(folder, value))
+        scheme, folder = match.group(0), posixpath.dirname(manifest_uri[match.end():])
+
+        def against(value: str) -> str:
+            return scheme + posixpath.normpath(posixpath.join(folder, value))
+    else:
+        folder = os.path.dirname(os.path.abspath(manifest_uri))
+
+        def against(value: str) -> str:
+            return os.path.normpath(os.path.join(folder, value))
+
+    def resolve(value: str) -> str:
+        value = value.strip()
+        if URI_SCHEME.match(value) or os.path.isabs(value) or _WINDOWS_DRIVE.match(value):
+            return value
+        return against(value)
+
+    return resolve
 
 
 def catalogue_text(value: Any) -> str:
@@ -599,9 +883,12 @@ def read_items(
 
 def _iter_items(uri: str, batch_size: int, wanted: set[str] | None, force: bool) -> Iterator[ItemRequest]:
     with _open_parquet(uri) as parquet:
-        schema = parquet.schema_arrow
+        renamed = {name: canonical for name, canonical in column_spellings(parquet.schema_arrow.names)[0].items()
+                   if name != canonical}
+        schema = _renamed_schema(parquet.schema_arrow, renamed)
         kind = _color_map_kind(schema.field("color_map").type) if "color_map" in schema.names else None
         for batch in _batches(parquet, uri, batch_size, None):
+            batch = _renamed_batch(batch, renamed)
             columns = {name: _column_values(batch, name) for name in batch.schema.names}
             names = list(columns)
             for values in zip(*columns.values()):
@@ -633,7 +920,7 @@ def _item_request(row: dict[str, Any], item_id: str, uri: str, kind: str | None,
         item_id=item_id,
         source_uri=resolve_uri(row["image_uri"], uri),
         caption=row["caption"].strip(),
-        targets=tuple(prompt.strip() for prompt in row.get("target_prompts") or ()),
+        targets=tuple(prompt.strip() for prompt in prompt_list(row.get("target_prompts"))),
         color_map=color_map,
         seed=DEFAULT_SEED if seed is None else int(seed),
         catalogue=catalogue,

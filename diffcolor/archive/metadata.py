@@ -1,6 +1,6 @@
 """Embedded provenance of the derivatives: an XMP packet built from an item's record.
 
-SPEC section 4, "Images out": every master and access copy says, inside the file,
+docs/DESIGN.md §4.4, "Images out": every master and access copy says, inside the file,
 that it is an AI-colourised composite (IPTC ``DigitalSourceType``
 ``compositeWithTrainedAlgorithmicMedia``), how it was made (prompts, model ids and
 hashes, seed, software) and what it was made from (the source's sha256 and the

@@ -78,7 +78,7 @@ def _thumbnails(access_uri: str) -> tuple[str, str]:
     return uris[0], uris[1]
 
 
-# What each metric means and which way is good, shown once on every report (spec section 7).
+# What each metric means and which way is good, shown once on every report (docs/DESIGN.md §7).
 METRIC_EXPLANATIONS = {
     "max_delta_l": "largest change of lightness (CIE L*, 0 to 100) between the source and the colourised master; "
                    "the photograph's tones are kept when it stays below 1",

@@ -2,7 +2,7 @@
 
 Each item version has a JSON record (see :mod:`diffcolor.archive.items`); a run
 collects the records it produced or skipped into ``results.parquet`` with a
-fixed schema: the contract fields of spec section 10 as typed columns, the
+fixed schema: the contract fields of docs/DESIGN.md §10.3 as typed columns, the
 role-keyed fields (``outputs``, ``output_sha256``, ``seconds``) as maps, and the
 whole record as JSON text so nothing is lost. Records are written in batches,
 so the table is built in bounded memory.

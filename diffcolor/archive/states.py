@@ -1,6 +1,6 @@
 """Colour-state files: the one object a new-prompt render needs, its readable copy, and its diffusers LoRA.
 
-A colour state (spec section 3, stage 2) is made by the method as one
+A colour state (docs/DESIGN.md §3.4) is made by the method as one
 safetensors object whose header metadata holds its JSON description under
 the ``diffcolor`` key. The archive stores it as bytes under the item's state
 folder (``PREFIX/state``):

@@ -90,6 +90,7 @@ from diffcolor.common.errors import (
     MissingObjectError,
     StorageConfigError,
     StorageError,
+    UserError,
 )
 from diffcolor.archive import outside
 from diffcolor.common.redact import redact, split_userinfo
@@ -790,8 +791,12 @@ def sha256_of(uri: str) -> str:
 
 
 def read_json(uri: str) -> Any:
-    """Parsed JSON object at ``uri``."""
-    return json.loads(read_bytes(uri).decode("utf-8"))
+    """Parsed JSON object at ``uri``; UserError naming it when it is not UTF-8 JSON (a ValueError too)."""
+    data = read_bytes(uri)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"'{redact(uri)}' is not JSON: {error}") from None
 
 
 def write_json(uri: str, value: Any) -> None:

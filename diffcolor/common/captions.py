@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
-from diffcolor.common.errors import PromptError
+from diffcolor.common.errors import PromptError, UserError
 
 # ours: words that never get an identifier (function words)
 FUNCTION_WORDS = frozenset(
@@ -179,7 +179,7 @@ def _names_a_thing(words: list[str], index: int) -> bool:
 def _slot_positions(words: list[str], identifier: str, rule: str) -> list[int]:
     """Indices of the words of ``words`` that get an identifier under ``rule``."""
     if rule not in IDENTIFIER_RULES:
-        raise ValueError(f"identifier rule must be one of {', '.join(IDENTIFIER_RULES)}, got {rule!r}")
+        raise UserError(f"identifier rule must be one of {', '.join(IDENTIFIER_RULES)}, got {rule!r}")
     content = [index for index, word in enumerate(words)
                if word[0].isalpha() and word.lower() not in FUNCTION_WORDS and word.lower() != identifier.lower()]
     if rule == "content":
@@ -243,18 +243,55 @@ def slot_prompt(rewritten: RewrittenCaption, colors: dict[int, str]) -> str:
     return " ".join(pieces)
 
 
+# ours: adjectives that follow a colour in English ("a brown wooden bench", "a red French car"): a colour
+# goes in front of them, as it goes in front of a noun that modifies the coloured word ("a yellow grass field").
+AFTER_COLOUR = frozenset(
+    """wooden woolen woollen silken leaden oaken earthen golden american british english french german greek roman
+    italian spanish dutch chinese japanese indian african european""".split()
+)
+
+
+def _article_for(word: str) -> str:
+    """"an" before a word that starts with a vowel sound ("an orange", "an ivory"), "a" otherwise."""
+    lower = word.lower()
+    if lower.startswith(("uni", "use", "usu", "eu", "one", "once")):
+        return "a"  # a yellow-sounding vowel: "a unicorn", "a European"
+    return "an" if lower[:1] in set("aeiou") else "a"
+
+
 def colored_caption(rewritten: RewrittenCaption, colors: dict[int, str]) -> str:
-    """The prompt for people: the caption as written, each slot in ``colors`` preceded by its colour.
+    """The prompt for people: the caption as written, with each slot's colour in ``colors`` in good English.
 
     ``{0: "brown"}`` on "A dog, on a bench." gives "A brown dog, on a bench.": no
-    identifier token and the caption's own spacing and punctuation.
+    identifier token and the caption's own spacing and punctuation. The colour
+    goes in front of what English puts after a colour, nouns that modify the
+    coloured word and material or origin adjectives ("a grass field" -> "a
+    yellow grass field", "a wooden bench" -> "a brown wooden bench"), and the
+    article before it agrees with it ("a spacesuit" -> "an orange spacesuit").
+    The model's own prompt (:func:`slot_prompt`) keeps the identifier slots.
     """
+    matches = list(WORD_PATTERN.finditer(rewritten.caption))
+    words = [match.group() for match in matches]
     slot_of = {position: slot for slot, position in enumerate(rewritten.positions)}
+    colored = {position for position, slot in slot_of.items() if slot in colors}
+    inserted: dict[int, str] = {}  # word index -> colour put in front of it
+    for position in sorted(colored):
+        at = position
+        while at > 0 and at - 1 not in colored and (
+                at - 1 in slot_of or words[at - 1].lower() in AFTER_COLOUR):
+            at -= 1
+        inserted[at] = colors[slot_of[position]]
     pieces: list[str] = []
     end = 0
-    for index, match in enumerate(WORD_PATTERN.finditer(rewritten.caption)):
-        if slot_of.get(index) in colors:
-            pieces.append(rewritten.caption[end : match.start()] + colors[slot_of[index]] + " ")
+    for index, match in enumerate(matches):
+        # The article before a colour agrees with the colour ("an orange spacesuit", "a red apple").
+        if index + 1 in inserted and words[index].lower() in ("a", "an"):
+            article = _article_for(inserted[index + 1])
+            pieces.append(rewritten.caption[end : match.start()] + (article.capitalize() if words[index][0].isupper()
+                                                                     else article))
+            end = match.end()
+        if index in inserted:
+            pieces.append(rewritten.caption[end : match.start()] + inserted[index] + " ")
             end = match.start()
     pieces.append(rewritten.caption[end:])
     return "".join(pieces).strip()
@@ -264,8 +301,8 @@ def prompt_slots(rewritten: RewrittenCaption, target: str) -> dict[int, str]:
     """The colours a free target prompt puts before the caption's content words, by slot.
 
     The target must be the caption with words added in front of slot words
-    and no other word changed (case, spacing and punctuation aside: the model's
-    prompt keeps the caption's): "a brown dog on a green bench" for "A dog on a
+    and no other word changed (case, spacing, punctuation and "a"/"an" aside: the
+    model's prompt keeps the caption's): "a brown dog on a green bench" for "A dog on a
     bench." gives ``{0: "brown", 1: "green"}``. Raises PromptError saying where
     the target departs from the caption otherwise.
     """
@@ -275,7 +312,11 @@ def prompt_slots(rewritten: RewrittenCaption, target: str) -> dict[int, str]:
     slot_at = {position: slot for slot, position in enumerate(rewritten.positions)}
     slot_of = {position: slot_at[index] for position, index in enumerate(kept) if index in slot_at}
     added = [word for word in WORD_PATTERN.findall(target) if word[0].isalnum()]
-    matcher = difflib.SequenceMatcher(None, [w.lower() for w in words], [w.lower() for w in added], autojunk=False)
+    def key(word: str) -> str:  # "an orange spacesuit" for "a spacesuit": the article may agree with the colour
+        lower = word.lower()
+        return "a" if lower == "an" else lower
+
+    matcher = difflib.SequenceMatcher(None, [key(w) for w in words], [key(w) for w in added], autojunk=False)
     colors: dict[int, str] = {}
     for operation, i1, i2, j1, j2 in matcher.get_opcodes():
         if operation == "equal":

@@ -22,6 +22,16 @@ class PermanentError(DiffColorError):
     error_class = "permanent"
 
 
+class UserError(PermanentError, ValueError):
+    """Something the user can fix: a bad argument, option or ``--set``, a manifest or targets problem, a colour
+    word the caption lacks, a missing file, an unusable model folder. The command line prints its first line
+    and exits 2, without a traceback. A ValueError too, so that ``except ValueError`` still catches it; a plain
+    ValueError is not one: the command line shows it as a bug, with its traceback.
+    """
+
+    error_class = "bad_input"
+
+
 class TransientError(DiffColorError):
     """Retrying may help: storage, worker or memory trouble."""
 

@@ -1,4 +1,4 @@
-"""The hashes that decide what is already done (spec section 4, "Idempotency").
+"""The hashes that decide what is already done (docs/DESIGN.md §4.6, "Idempotency").
 
 - the **cache key** of an item: image bytes, caption, targets, colour map,
   seed, configuration and model hash; a record with the same key is the same

@@ -1,4 +1,4 @@
-"""One redaction rule for every URI and message that leaves the process (spec section 9, credentials).
+"""One redaction rule for every URI and message that leaves the process (docs/DESIGN.md §9, credentials).
 
 Credentials can reach DiffColor in three ways: the environment (AWS variables),
 storage options, and the URIs themselves (``s3://KEY:SECRET@bucket/...``,

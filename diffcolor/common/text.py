@@ -1,4 +1,4 @@
-"""The characters a caption, a label or a catalogue field may not hold (spec section 9).
+"""The characters a caption, a label or a catalogue field may not hold (docs/DESIGN.md §9).
 
 Control characters (C0 but tab, line feed and carriage return; DEL; C1) reach
 a terminal as escape sequences (``ESC [``, BEL) or cut a string (NUL); the

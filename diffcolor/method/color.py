@@ -7,7 +7,7 @@ Everything here is sRGB with the D65 white and the 2 degree observer, L* in
 any device; this module adds what kornia does not have: lightness of gray levels
 and back, and a gamut mapping that keeps L* exact.
 
-Why L* matters: the product's archival invariant (SPEC section 3, "Full-resolution
+Why L* matters: the product's archival invariant (docs/DESIGN.md §3.6, "Full-resolution
 merge") is that a colourised derivative keeps the original's CIE L* within 1.0,
 so gamut mapping may only ever give up chroma, never lightness.
 """

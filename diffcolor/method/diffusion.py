@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffcolor.common.errors import UserError
 from diffcolor.common.pixels import describe
 from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import frozen_weights_context
@@ -106,8 +107,8 @@ def scheduler_settings(raw: dict) -> tuple[dict, list[str]]:
         settings["thresholding"] = False
     settings.setdefault("prediction_type", "epsilon")
     if settings["prediction_type"] not in PREDICTION_TYPES:
-        raise ValueError(f"scheduler prediction_type {settings['prediction_type']!r} is not supported; "
-                         f"the method handles {', '.join(PREDICTION_TYPES)}")
+        raise UserError(f"scheduler prediction_type {settings['prediction_type']!r} is not supported; "
+                        f"the method handles {', '.join(PREDICTION_TYPES)}")
     return settings, corrections
 
 
@@ -142,7 +143,7 @@ def predicted_x0(scheduler, noisy: torch.Tensor, timesteps: torch.Tensor, model_
         return (noisy - (1 - alphas).sqrt() * model_output) / alphas.sqrt()
     if scheduler.config.prediction_type == "v_prediction":
         return alphas.sqrt() * noisy - (1 - alphas).sqrt() * model_output
-    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    raise UserError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
 
 
 def denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -214,8 +215,8 @@ def denoising_steps(steps: int, strength: float) -> int:
     """
     count = min(int(steps * strength), steps)
     if count < 1:
-        raise ValueError(f"{steps} steps at strength {strength} run no denoising step (int(steps * strength) = "
-                         f"{count}); raise the steps or the strength")
+        raise UserError(f"{steps} steps at strength {strength} run no denoising step (int(steps * strength) = "
+                        f"{count}); raise the steps or the strength")
     return count
 
 
@@ -237,7 +238,7 @@ def sample_from(
     the empty prompt. Returns the final latent. Deterministic given ``generator``.
     """
     if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+        raise UserError(f"strength must be in (0, 1], got {strength}")
     # 1. Timesteps: the last `strength` fraction of the DDIM schedule.
     scheduler = sampling_scheduler(models)
     scheduler.set_timesteps(steps, device=start.device)
@@ -293,7 +294,7 @@ def resize_for_model(gray: np.ndarray, target_pixels: int, multiple: int) -> np.
         raise ValueError(f"gray values must lie in [0, 1], got range [{low}, {high}]")
     for label, value in (("target_pixels", target_pixels), ("multiple", multiple)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
+            raise UserError(f"{label} must be a positive int, got {value!r}")
 
     # 2. Target size: same aspect, about target_pixels, sides multiples of `multiple`.
     height, width = gray.shape

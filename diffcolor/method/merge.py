@@ -1,6 +1,6 @@
 """Full-resolution merge: model-resolution chroma onto the original's lightness.
 
-SPEC section 3, "Full-resolution merge". The model works at about 512x512; the
+docs/DESIGN.md §3.6, "Full-resolution merge". The model works at about 512x512; the
 archive wants the original's pixel size, bit depth and exact lightness. So the
 derivative takes its L* from the original at full resolution and only its chroma
 (a*, b*) from the model:
@@ -22,7 +22,8 @@ derivative takes its L* from the original at full resolution and only its chroma
    strip by strip (``metrics.FidelityAccumulator``).
 
 Invariant (tested): |L*(output) - L*(source)| <= 1.0 for every pixel whose chroma
-was not reduced, at 8 and 16 bits; the reduced fraction is reported.
+was not reduced, at 8 and 16 bits; the fraction of pixels whose chroma was visibly
+reduced is reported (:data:`VISIBLE_CHROMA`: a black silhouette reports none).
 
 The image is processed in horizontal strips twice (cell means, then the output),
 so working memory is a small multiple of one strip plus the output and the cell
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffcolor.common.errors import UserError
 from diffcolor.method.metrics import FidelityAccumulator
 
 # kornia's (and so scikit-image's) sRGB / CIE Lab constants (D65, 2 degree observer),
@@ -60,6 +62,11 @@ _LUMINANCE = (0.212671, 0.715160, 0.072169)  # Y of linear sRGB (row 2 of the RG
 # color.gamut_map_lab's tolerance of 1e-4 on encoded sRGB, as bounds on linear values.
 _LINEAR_LOW = -1e-4 / 12.92
 _LINEAR_HIGH = ((1.0 + 1e-4 + 0.055) / 1.055) ** 2.4
+# A just-noticeable difference of chroma, in Delta E*ab (about 2.3: Sharma, Digital Color Imaging Handbook, 2003).
+# A pixel counts as gamut-clipped when the mapping took away more than this AND the gamut holds at least this
+# much chroma of its hue at its L*: near black and near white (a silhouette, a blown sky) no chroma can be
+# shown at all, so reducing it there loses nothing a viewer could see.
+VISIBLE_CHROMA = 2.3
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ class MergedImage:
     """The merged derivative and its luminance-fidelity numbers."""
 
     rgb: np.ndarray  # (H, W, 3) uint8 for bit_depth 8, uint16 for bit_depth 16
-    gamut_clipped_fraction: float  # fraction of pixels whose chroma was reduced
+    gamut_clipped_fraction: float  # fraction of pixels whose chroma was visibly reduced (see VISIBLE_CHROMA)
     max_delta_l: float  # max |L*(output) - L*(source)| over pixels not reduced
     mean_delta_l: float  # mean of the same
     ssim_l: float  # SSIM of the two L* channels, data_range 100
@@ -155,23 +162,23 @@ def merge_full_resolution(
         # 5. Second pass: L*, chroma, sRGB with chroma-only gamut mapping, quantised; fidelity.
         rgb = np.empty((height, width, 3), dtype=out_dtype)
         fidelity = FidelityAccumulator(height, width)
-        reduced_count = 0
+        clipped_count = 0
         for top in range(0, height, strip_rows):
             bottom = min(height, top + strip_rows)
             source_l, luminance = _neutral_lightness(_strip(gray, top, bottom, device))
             a_star, b_star = _apply_coefficients(coefficients, source_l, top, bottom, cell, width)
-            linear, reduced = _lab_to_linear_rgb_in_gamut(source_l, a_star, b_star, luminance,
-                                                           config.gamut_iterations)
+            linear, reduced, clipped = _lab_to_linear_rgb_in_gamut(source_l, a_star, b_star, luminance,
+                                                                    config.gamut_iterations)
             codes = _encode_and_quantise(linear, max_code)
             rgb[top:bottom] = codes.permute(1, 2, 0).to(torch.int32).cpu().numpy()
             fidelity.add(source_l, _lightness_of_codes(codes, max_code), ignore=reduced)
-            reduced_count += int(reduced.sum())
+            clipped_count += clipped
 
     # 6. Fidelity of the quantised result against the source.
     numbers = fidelity.result()
     return MergedImage(
         rgb=rgb,
-        gamut_clipped_fraction=reduced_count / (height * width),
+        gamut_clipped_fraction=clipped_count / (height * width),
         max_delta_l=numbers["max_delta_l"],
         mean_delta_l=numbers["mean_delta_l"],
         ssim_l=numbers["ssim_l"],
@@ -325,11 +332,15 @@ def _outside_gamut(linear: torch.Tensor) -> torch.Tensor:
 
 
 def _lab_to_linear_rgb_in_gamut(lightness: torch.Tensor, a_star: torch.Tensor, b_star: torch.Tensor,
-                                luminance: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(linear sRGB (3, H, W) in [0, 1], reduced (H, W) bool): chroma-only gamut mapping of the pixels
-    outside the gamut, by bisection of the chroma scale as ``color.gamut_map_lab`` does."""
+                                luminance: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(linear sRGB (3, H, W) in [0, 1], reduced (H, W) bool, visibly clipped count): chroma-only gamut mapping
+    of the pixels outside the gamut, by bisection of the chroma scale as ``color.gamut_map_lab`` does.
+
+    The count is of the reduced pixels that lost more than :data:`VISIBLE_CHROMA` of chroma where the gamut
+    holds at least that much of their hue at their L*."""
     linear = _lab_to_linear(lightness, a_star, b_star, luminance)
     reduced = _outside_gamut(linear)
+    clipped = 0
     if bool(reduced.any()):
         # 1. The out-of-gamut pixels alone, as flat vectors.
         pixel_l, pixel_y = lightness[reduced], luminance[reduced]
@@ -341,10 +352,13 @@ def _lab_to_linear_rgb_in_gamut(lightness: torch.Tensor, a_star: torch.Tensor, b
             outside = _outside_gamut(_lab_to_linear(pixel_l, pixel_a * middle, pixel_b * middle, pixel_y))
             low.add_(outside.logical_not_().to(low.dtype), alpha=step)
         mapped = _lab_to_linear(pixel_l, pixel_a * low, pixel_b * low, pixel_y)
+        chroma = torch.hypot(pixel_a, pixel_b)
+        kept = chroma * low
+        clipped = int(((kept >= VISIBLE_CHROMA) & (chroma - kept > VISIBLE_CHROMA)).sum())
         for channel in range(3):
             linear[channel][reduced] = mapped[channel]
     # 3. Clip the round-off that the tolerance let through.
-    return linear.clamp_(0.0, 1.0), reduced
+    return linear.clamp_(0.0, 1.0), reduced, clipped
 
 
 def _encode_and_quantise(linear: torch.Tensor, max_code: int) -> torch.Tensor:
@@ -402,4 +416,4 @@ def _check_inputs(gray: np.ndarray, chroma_ab: torch.Tensor, bit_depth: int, con
         or not config.cells_per_radius > 0
         or config.gamut_iterations < 1
     ):
-        raise ValueError(f"invalid MergeConfig: {config}")
+        raise UserError(f"invalid MergeConfig: {config}")

@@ -1,4 +1,4 @@
-"""Per-item image metrics (SPEC section 7); their per-run distributions are the report's.
+"""Per-item image metrics (docs/DESIGN.md §7); their per-run distributions are the report's.
 
 Numpy arrays in, plain floats out; no model code here (the CLIP score lives with
 the models). Images are accepted as uint8, uint16 (rescaled to [0, 1]) or float in

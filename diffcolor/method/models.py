@@ -33,7 +33,7 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # ours: CLIP ViT-L/14, the famil
 TINY_MARKER = "TINY_RANDOM_BUNDLE.txt"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors",)
-# Weight files in a pickle-based format: loading one can run code, so DiffColor refuses them (spec section 9).
+# Weight files in a pickle-based format: loading one can run code, so DiffColor refuses them (docs/DESIGN.md §9).
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _VARIANT_INFIXES = (".fp16.", ".bf16.", ".non_ema.", ".ema.")
@@ -123,7 +123,7 @@ def resolve_folder(name: str, *, revision: str | None, allow_download: bool, wha
         )
     except Exception as error:  # the hub raises several classes for "not available offline"
         hint = (
-            f"download it once with `huggingface-cli download {name}` on a connected machine and copy the cache, "
+            f"download it once with `hf download {name}` on a connected machine and copy the cache, "
             "point at a local folder, or pass --allow-download"
         )
         if allow_download:

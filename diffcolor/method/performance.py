@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from diffcolor.common.errors import UserError
+
 AUTOCAST_CHOICES = ("auto", "bf16", "off")
 WEIGHT_DTYPE_CHOICES = ("auto", "bf16", "fp32")
 # The layers whose weights autocast casts to bf16 at every use: their stored copy may as well be bf16.
@@ -55,7 +57,7 @@ class PerformanceConfig:
     loss_every: int = 10  # read the losses to the host every N steps (one device sync per N; same results)
 
 
-# The naive baseline of spec section 8: fp32, everything re-encoded every step, no fused kernels.
+# The naive baseline of docs/DESIGN.md §8: fp32, everything re-encoded every step, no fused kernels.
 # (The full fine-tune half of the baseline is the stage's AdapterConfig(mode="full").)
 NAIVE = PerformanceConfig(
     autocast="off", cache_latents=False, cache_text=False, fused_optimizer=False, channels_last=False, compile_mode=None,
@@ -76,12 +78,12 @@ def autocast_dtype(autocast: str, device: torch.device, weight_dtype: torch.dtyp
     fp32 weights.
     """
     if autocast not in AUTOCAST_CHOICES:
-        raise ValueError(f"autocast must be one of {AUTOCAST_CHOICES}, got {autocast!r}")
+        raise UserError(f"autocast must be one of {AUTOCAST_CHOICES}, got {autocast!r}")
     device = torch.device(device)
     if weight_dtype == torch.bfloat16:
         if autocast == "off":
-            raise ValueError("autocast='off' computes in fp32, but the models' frozen weights are stored in bf16: "
-                             "load them with weight_dtype='fp32' for an fp32 run")
+            raise UserError("autocast='off' computes in fp32, but the models' frozen weights are stored in bf16: "
+                            "load them with weight_dtype='fp32' for an fp32 run")
         return torch.bfloat16
     if autocast == "bf16" or (autocast == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -99,7 +101,7 @@ def autocast_context(autocast: str, models):
 def frozen_weight_dtype(weight_dtype: str, device: torch.device) -> torch.dtype:
     """The storage dtype of the frozen linear and convolution weights: "auto" is bf16 on CUDA, fp32 elsewhere."""
     if weight_dtype not in WEIGHT_DTYPE_CHOICES:
-        raise ValueError(f"weight_dtype must be one of {WEIGHT_DTYPE_CHOICES}, got {weight_dtype!r}")
+        raise UserError(f"weight_dtype must be one of {WEIGHT_DTYPE_CHOICES}, got {weight_dtype!r}")
     if weight_dtype == "bf16" or (weight_dtype == "auto" and torch.device(device).type == "cuda"):
         return torch.bfloat16
     return torch.float32

@@ -1,8 +1,8 @@
-"""The whole pipeline's configuration and the named presets (spec section 10).
+"""The whole pipeline's configuration and the named presets (docs/DESIGN.md §10.2).
 
 ``smoke`` runs in seconds on a CPU with the tiny bundle (tests, CI, smoke runs);
-``default`` is a sensible production recipe; ``paper-scale`` is recipe R of spec
-section 8 (stage 1 500 iterations, embedding 500 steps, fine-tune 1000 steps,
+``default`` is a sensible production recipe; ``paper-scale`` is recipe R of
+docs/DESIGN.md §8 (stage 1 500 iterations, embedding 500 steps, fine-tune 1000 steps,
 50 DDIM render steps). Both work at the model's native size (its UNet's
 ``sample_size`` x the VAE factor: 512x512 for SD 1.x and 2.x-base, 768x768 for
 SD 2.x 768-v), aspect kept; ``smoke`` sets 64x64.
@@ -16,6 +16,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field, replace
 
+from diffcolor.common.errors import UserError
 from diffcolor.method.align import AlignConfig
 from diffcolor.method.merge import MergeConfig
 from diffcolor.method.render import RenderConfig
@@ -32,7 +33,7 @@ ACCESS_FORMATS = ("JPEG", "JPG", "PNG", "WEBP")
 class PipelineConfig:
     """Everything that decides an item's pixels (it is part of the item's cache key)."""
 
-    # spec: the model sees about its training size, aspect kept. None: the model's native side squared
+    # docs/DESIGN.md §3.2: the model sees about its training size, aspect kept. None: the model's native side squared
     # (Models.working_pixels: UNet sample_size x VAE factor, 512 for SD 1.x and 2.x-base, 768 for SD 2.x 768-v).
     model_pixels: int | None = None
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -47,10 +48,10 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         # Refused when the configuration is made (a --set), not after a fit when the first master is written.
         if self.master_compression not in MASTER_COMPRESSIONS:
-            raise ValueError(f"master_compression must be one of {', '.join(MASTER_COMPRESSIONS)}, "
-                             f"got {self.master_compression!r}")
+            raise UserError(f"master_compression must be one of {', '.join(MASTER_COMPRESSIONS)}, "
+                            f"got {self.master_compression!r}")
         if str(self.access_format).upper() not in ACCESS_FORMATS:
-            raise ValueError(f"access_format must be one of {', '.join(ACCESS_FORMATS)}, got {self.access_format!r}")
+            raise UserError(f"access_format must be one of {', '.join(ACCESS_FORMATS)}, got {self.access_format!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,7 +112,7 @@ def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> Pip
     Each value is checked against the field's declared type (an integer
     field takes an integer, a float field a number, a ``tuple[int, int]`` a
     list of two integers, an optional field also ``None``) and converted to it.
-    Raises ValueError naming an unknown field, a field that is a whole group
+    Raises UserError naming an unknown field, a field that is a whole group
     (``stage1``: set its fields instead), or a value of the wrong type.
     A field's former name (:data:`RENAMED_FIELDS`) sets the field, with a
     FutureWarning naming the new one.
@@ -135,7 +136,7 @@ def apply_overrides(config: PipelineConfig, overrides: dict[str, object]) -> Pip
 
 def _field_name(parent: object, name: str, dotted: str) -> str:
     if not dataclasses.is_dataclass(parent) or name not in {f.name for f in dataclasses.fields(parent)}:
-        raise ValueError(f"unknown configuration field {dotted!r}")
+        raise UserError(f"unknown configuration field {dotted!r}")
     return name
 
 
@@ -143,11 +144,11 @@ _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str:
 
 
 def _typed_value(declared, value: object, dotted: str):
-    """``value`` as the declared type of field ``dotted``, or ValueError saying what the field takes."""
+    """``value`` as the declared type of field ``dotted``, or UserError saying what the field takes."""
     origin, arguments = typing.get_origin(declared), typing.get_args(declared)
     if dataclasses.is_dataclass(declared):
         fields = ", ".join(f"{dotted}.{f.name}" for f in dataclasses.fields(declared))
-        raise ValueError(f"{dotted!r} is a group of settings; set its fields instead ({fields})")
+        raise UserError(f"{dotted!r} is a group of settings; set its fields instead ({fields})")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in arguments:
             return None
@@ -156,7 +157,7 @@ def _typed_value(declared, value: object, dotted: str):
                 return _typed_value(option, value, dotted)
             except ValueError:
                 continue
-        raise ValueError(f"{dotted!r} takes {_describe_type(declared)}, got {value!r}")
+        raise UserError(f"{dotted!r} takes {_describe_type(declared)}, got {value!r}")
     if origin is tuple and isinstance(value, (list, tuple)):
         kinds = arguments[:1] * len(value) if arguments[-1:] == (Ellipsis,) else arguments  # tuple[str, ...] or fixed
         try:
@@ -168,7 +169,7 @@ def _typed_value(declared, value: object, dotted: str):
         return float(value)
     if declared in _TYPE_WORDS and isinstance(value, declared) and not (declared is int and isinstance(value, bool)):
         return value
-    raise ValueError(f"{dotted!r} takes {_describe_type(declared)}, got {value!r}")
+    raise UserError(f"{dotted!r} takes {_describe_type(declared)}, got {value!r}")
 
 
 def _describe_type(declared) -> str:
@@ -183,11 +184,11 @@ def _describe_type(declared) -> str:
 
 
 def get_preset(name: str) -> PipelineConfig:
-    """The named preset; raises ValueError naming the known ones."""
+    """The named preset; raises UserError naming the known ones."""
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
 __all__ = ["PRESETS", "PipelineConfig", "apply_overrides", "get_preset", "replace"]

@@ -36,7 +36,7 @@ from diffcolor.common.captions import (
     prompt_slots,
     slot_prompt,
 )
-from diffcolor.common.errors import PromptError, StateError
+from diffcolor.common.errors import PromptError, StateError, UserError
 from diffcolor.method.align import AlignConfig, Alignment, align_chroma
 from diffcolor.method.diffusion import (
     check_prompt_fits,
@@ -104,7 +104,7 @@ def check_alpha(alpha: float) -> None:
     """Raises ValueError unless ``alpha`` lies in :data:`ALPHA_RANGE`."""
     low, high = ALPHA_RANGE
     if not low <= alpha <= high:
-        raise ValueError(f"alpha must be in [{low}, {high}] (above 1 extrapolates past the target), got {alpha}")
+        raise UserError(f"alpha must be in [{low}, {high}] (above 1 extrapolates past the target), got {alpha}")
 
 
 def resolve_target(models: Models, state: ColorState, target: str | None, color_map: dict[str, str] | None) -> Target:

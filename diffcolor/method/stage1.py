@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from diffcolor.common.errors import PromptError
+from diffcolor.common.errors import PromptError, UserError
 from diffcolor.method.color import gray_lightness, lightness
 from diffcolor.method.diffusion import (
     check_prompt_fits,
@@ -74,7 +74,7 @@ ANTI_COLOR_PROMPTS = (  # the paper's examples, plus two of ours for archival ma
 class Stage1Config:
     """Stage 1 hyper-parameters. The paper gives the losses, not their values."""
 
-    steps: int = 500  # recipe R (spec section 8); the paper's pseudo-code uses up to 1500
+    steps: int = 500  # recipe R (docs/DESIGN.md §8); the paper's pseudo-code uses up to 1500
     learning_rate: float | None = None  # ours: AdamW; None: the adapter mode's default (training.DEFAULT_LEARNING_RATES)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # paper: fine-tune the UNet; ours: LoRA by default
     timestep_range: tuple[int, int] = (200, 700)  # ours: of 1000 training timesteps; high enough to let colour change
@@ -127,16 +127,16 @@ def check_inputs(models: Models, gray: torch.Tensor, caption: str, config: Stage
         raise PromptError("the caption is empty: stage 1 needs a context prompt")
     check_prompt_fits(models, caption, "the caption", clip=True)
     if not config.anti_prompts:
-        raise ValueError("anti_prompts is empty: L_con needs at least one negative prompt")
+        raise UserError("anti_prompts is empty: L_con needs at least one negative prompt")
     for number, prompt in enumerate(config.anti_prompts, start=1):
         check_prompt_fits(models, prompt, f"anti-colour prompt {number}", clip=True)
     denoising_steps(config.primary_steps, config.primary_strength)  # at least one step, as diffusers counts them
     side = config.loss_decode_side
     if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 8):
-        raise ValueError(f"loss_decode_side must be null or a whole number of pixels of at least 8, got {side!r}")
+        raise UserError(f"loss_decode_side must be null or a whole number of pixels of at least 8, got {side!r}")
     low, high = config.timestep_range
     if not 0 <= low < high <= 1000:
-        raise ValueError(f"timestep_range must satisfy 0 <= low < high <= 1000, got {config.timestep_range}")
+        raise UserError(f"timestep_range must satisfy 0 <= low < high <= 1000, got {config.timestep_range}")
     check_performance(config.performance, models)
 
 
@@ -154,7 +154,7 @@ def prepare_inputs(models: Models, gray: torch.Tensor, caption: str, config: Sta
 def step_inputs(models: Models, inputs: Stage1Inputs, gray: torch.Tensor, caption: str, config: Stage1Config) -> Stage1Inputs:
     """What one step reads: the cached encodings, or fresh ones where the performance config turns caching off.
 
-    Re-encoding is the naive baseline of spec section 8 (same values, more work).
+    Re-encoding is the naive baseline of docs/DESIGN.md §8 (same values, more work).
     """
     performance = config.performance
     if performance.cache_latents and performance.cache_text:

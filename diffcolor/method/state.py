@@ -84,7 +84,7 @@ LORA_COMPONENT = "unet"  # diffusers' prefix of a UNet LoRA's keys and metadata 
 
 @dataclass
 class ColorState:
-    """An item's stored colour state (spec section 3, stage 2)."""
+    """An item's stored colour state (docs/DESIGN.md §3.4)."""
 
     embedding: torch.Tensor  # e_opt, (1, 77, D)
     adapter: dict[str, torch.Tensor]  # trained UNet tensors (LoRA, or the full UNet)

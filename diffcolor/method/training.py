@@ -1,6 +1,6 @@
 """What every fine-tune loop of the method shares: trainable UNets and resumable loops.
 
-Two ways to make the UNet trainable (spec section 3): a LoRA adapter on the
+Two ways to make the UNet trainable (docs/DESIGN.md §3.2, §3.4): a LoRA adapter on the
 attention projections (default; the base weights stay frozen and shared by
 all items of a worker) or a full fine-tune of a private copy (the loaded base
 is never modified either way).
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from diffcolor.common.errors import StateError
+from diffcolor.common.errors import StateError, UserError
 from diffcolor.common.tensorfiles import DESCRIPTION_KEY, read_description
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # ours: attention projections, as diffusers' LoRA examples
@@ -60,10 +60,10 @@ def learning_rate(adapter: AdapterConfig, configured: float | None) -> float:
     Raises ValueError for an unknown mode or a learning rate that is not positive.
     """
     if adapter.mode not in DEFAULT_LEARNING_RATES:
-        raise ValueError(f"adapter mode must be one of {sorted(DEFAULT_LEARNING_RATES)}, got {adapter.mode!r}")
+        raise UserError(f"adapter mode must be one of {sorted(DEFAULT_LEARNING_RATES)}, got {adapter.mode!r}")
     rate = DEFAULT_LEARNING_RATES[adapter.mode] if configured is None else float(configured)
     if not rate > 0:
-        raise ValueError(f"learning rate must be positive, got {configured!r}")
+        raise UserError(f"learning rate must be positive, got {configured!r}")
     return rate
 
 
@@ -126,7 +126,7 @@ def make_trainable_unet(base: torch.nn.Module, config: AdapterConfig, *, name: s
         unet.train()
         return TrainableUNet(unet, dict(unet.named_parameters()), None)
     if config.mode != "lora":
-        raise ValueError(f"adapter mode must be 'lora' or 'full', got {config.mode!r}")
+        raise UserError(f"adapter mode must be 'lora' or 'full', got {config.mode!r}")
     from peft import LoraConfig
 
     if name in getattr(base, "peft_config", {}):

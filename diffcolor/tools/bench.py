@@ -1,4 +1,4 @@
-"""``python -m diffcolor.tools.bench``: seconds, steps/s, memory and TFLOP/s of recipe R (spec section 8).
+"""``python -m diffcolor.tools.bench``: seconds, steps/s, memory and TFLOP/s of recipe R (docs/DESIGN.md §8).
 
 One run times the optimised default and the naive baseline (fp32, full
 fine-tune, VAE and text re-encoded every step) on the same model, image and

@@ -77,7 +77,7 @@ from diffcolor.archive import storage
 from diffcolor.archive.images import SourceImage, read_image
 from diffcolor.archive.items import ItemLayout
 from diffcolor.archive.report import summarise
-from diffcolor.common.errors import DiffColorError, PermanentError
+from diffcolor.common.errors import DiffColorError, PermanentError, UserError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import hash_json, sha256_hex
 from diffcolor.common.pixels import unit_rgb
@@ -340,7 +340,7 @@ def _safe_state_dict(data: bytes, uri_hint: str) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{uri_hint}: not a plain PyTorch state dict ({type(error).__name__}: {error})") from None
+        raise UserError(f"{uri_hint}: not a plain PyTorch state dict ({type(error).__name__}: {error})") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
@@ -369,7 +369,7 @@ def load_lpips_network(data: bytes, net: str = "alex") -> torch.nn.Module:
         else:
             absent.append(source)
     if absent:
-        raise ValueError(f"the LPIPS backbone file lacks {len(absent)} of the {net} keys, e.g. {absent[0]!r}")
+        raise UserError(f"the LPIPS backbone file lacks {len(absent)} of the {net} keys, e.g. {absent[0]!r}")
     backbone.load_state_dict(mapped, strict=True)
     return network.eval()
 

@@ -1,6 +1,6 @@
 """An SD-1.5-shaped model with random weights, built in memory from the configs below (no download).
 
-Speed does not depend on the weights (spec section 8), so the benchmark times
+Speed does not depend on the weights (docs/DESIGN.md §8), so the benchmark times
 the real architecture without needing the real checkpoint: the UNet, VAE and
 text encoder of Stable Diffusion 1.5 and a CLIP ViT-L/14, with exactly their
 published layer shapes (the configs are copied from the model cards'
