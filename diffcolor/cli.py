@@ -123,7 +123,7 @@ def _bars():
 
 def _load_models(args, model: str):
     """The models named on the command line (a folder, a hub id or ``tiny``), with the SMOKE RUN banner for random weights."""
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     models = load_named_models(model, clip=args.clip, revision=args.revision, device=_device(args.device),
                                allow_download=args.allow_download, weight_dtype=args.weight_dtype)
@@ -157,8 +157,8 @@ def _signing():
 
 def _smoke_notice(model: str) -> None:
     """The SMOKE RUN banner on stderr when ``model`` is a random-weight bundle on this machine (checked cheaply)."""
+    from diffcolor.method.model_names import TINY, resolve_model
     from diffcolor.method.models import TINY_MARKER
-    from diffcolor.tools.tiny import TINY, resolve_model
 
     folder = Path(resolve_model(model)).expanduser() if model == TINY or Path(model).expanduser().is_dir() else None
     if folder is not None and (folder / TINY_MARKER).exists():
@@ -218,7 +218,7 @@ def _is_refusal(error: BaseException) -> bool:
 @contextmanager
 def _following_runs():
     """Progress of the flows this process runs: rich bars on a terminal, plain lines otherwise (stderr)."""
-    from diffcolor.tools.progress import make_display
+    from flows.progress import make_display
     from flows.runs import PROGRESS_LISTENERS
 
     display = make_display(sys.stderr)
@@ -282,7 +282,7 @@ def _preflight(model: str | None, out: str, args) -> None:
     from flows.checks import check_output_writable
 
     if model:
-        from diffcolor.tools.doctor import preflight_model
+        from diffcolor.method.doctor import preflight_model
 
         preflight_model(model, clip=args.clip, allow_download=args.allow_download,
                         device="auto" if getattr(args, "pool", None) == "ray" else args.device,
@@ -295,7 +295,7 @@ def _preflight(model: str | None, out: str, args) -> None:
 
 
 def cmd_tiny_bundle(args) -> int:
-    from diffcolor.tools.tiny import write_tiny_bundle
+    from diffcolor.method.tiny import write_tiny_bundle
 
     folder = write_tiny_bundle(args.dir)
     print(f"wrote the tiny random bundle to {folder} (for tests and smoke runs only)")
@@ -305,7 +305,7 @@ def cmd_tiny_bundle(args) -> int:
 def cmd_doctor(args) -> int:
     """``diffcolor doctor MODEL``: the model checked offline without loading it; exit 0 when no problem, else 1."""
     from diffcolor.archive import storage
-    from diffcolor.tools.doctor import check_model, format_report
+    from diffcolor.method.doctor import check_model, format_report
 
     report = check_model(args.model, clip=args.clip, revision=args.revision, device=args.device,
                          weight_dtype=args.weight_dtype, captions=args.caption or ())
@@ -457,7 +457,7 @@ def cmd_manifest_validate(args) -> int:
     args.file = _lift_credentials(args.file)[0]
     limit = None
     if args.model:
-        from diffcolor.tools.tiny import named_prompt_limit
+        from diffcolor.method.model_names import named_prompt_limit
 
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
     checks = _manifest_checks(args)
@@ -496,7 +496,7 @@ def cmd_run(args) -> int:
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     from diffcolor.common.errors import ModelNotFoundError
-    from diffcolor.tools.tiny import named_prompt_limit
+    from diffcolor.method.model_names import named_prompt_limit
 
     try:  # prompt lengths against the model's tokenizer; a missing model is the preflight's to report
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
@@ -1088,7 +1088,7 @@ def _add_collection_commands(commands) -> None:
 
 def cmd_bag(args) -> int:
     """``diffcolor bag OUTPUT --run RUN_ID -o DIR``: the run's derivatives and records as a validated BagIt bag."""
-    from diffcolor.tools.bag import write_bag
+    from diffcolor.archive.bag import write_bag
 
     summary = write_bag(_lift_credentials(args.out)[0], args.run, args.bag, organization=args.organization)
     print(f"bag {summary['bag']}: run {summary['run_id']}, {summary['versions']} versions, {summary['files']} files; "

@@ -92,7 +92,7 @@ def bench_overhead(items: int) -> dict:
     from diffcolor.archive.manifest import read_items
     from diffcolor.method.presets import get_preset
     from diffcolor.pipeline import colorize_item
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
     from flows.collection import RunOptions, colorize_collection
 
     with tempfile.TemporaryDirectory() as folder:

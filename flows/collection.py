@@ -43,8 +43,8 @@ from diffcolor.common.ids import normalize_item_id
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import config_hash
 from diffcolor.common.redact import refuse_credentials
+from diffcolor.method.doctor import preflight_model
 from diffcolor.method.presets import apply_overrides, get_preset
-from diffcolor.tools.doctor import preflight_model
 from flows import stopping, worker
 from flows.checks import check_output_writable
 from flows.pool import DevicePool, ModelSpec, RunInterrupted

@@ -75,7 +75,7 @@ def init_worker(spec, device: str, threads: int | None, env: dict[str, str], sha
     _SIGNING = signing_from_environment()
     import torch
 
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     if threads:
         torch.set_num_threads(threads)

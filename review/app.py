@@ -201,8 +201,8 @@ def _tokenizer(model_id: str):
     try:
         from transformers import CLIPTokenizer
 
+        from diffcolor.method.model_names import resolve_model
         from diffcolor.method.models import resolve_folder
-        from diffcolor.tools.tiny import resolve_model
 
         folder = resolve_folder(resolve_model(model_id), revision=None, allow_download=False,
                                 what="Stable Diffusion model", check="tokenizer")

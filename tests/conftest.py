@@ -26,7 +26,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def models(cache_dir):
     """The tiny bundle, written to the cache and loaded through from_pretrained like real weights."""
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     return load_named_models("tiny")  # written to DIFFCOLOR_CACHE, the session's cache folder
 
@@ -34,7 +34,7 @@ def models(cache_dir):
 @pytest.fixture(scope="session")
 def bf16_models(cache_dir):
     """The tiny bundle with its frozen matrix weights stored in bf16, as CUDA loads them by default."""
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     return load_named_models("tiny", weight_dtype="bf16")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import bagit
 import pytest
 
+from diffcolor.archive.bag import BagError, write_bag
 from diffcolor.archive.planning import run_prefix
 from diffcolor.archive.report import write_report
 from diffcolor.archive.results import write_results
 from diffcolor.cli import main
 from diffcolor.common.items import ItemRequest
 from diffcolor.pipeline import colorize_item
-from diffcolor.tools.bag import BagError, write_bag
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from diffcolor.method.stage2 import fit_in_context, reconstruction_step
 from diffcolor.method.state import ColorState
 from diffcolor.method.training import AdapterConfig, make_trainable_unet
 from diffcolor.tools import bench
-from diffcolor.tools.tiny import load_named_models
+from diffcolor.method.model_names import load_named_models
 
 CAPTION = "a dog sitting on a wooden bench"
 BF16 = PerformanceConfig(autocast="bf16")

@@ -12,9 +12,9 @@ from test_cli import _diffcolor_blocked
 
 from diffcolor.cli import main
 from diffcolor.common.errors import ModelNotFoundError
+from diffcolor.method.doctor import check_model, format_report
 from diffcolor.method.models import resolve_model_hash
-from diffcolor.tools.doctor import check_model, format_report
-from diffcolor.tools.tiny import tiny_bundle_folder
+from diffcolor.method.tiny import tiny_bundle_folder
 
 
 @pytest.fixture

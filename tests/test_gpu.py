@@ -43,7 +43,7 @@ def device() -> torch.device:
 
 @pytest.fixture(scope="module")
 def fast_models(cache_dir, device):
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     return load_named_models("tiny", device=device, weight_dtype="bf16")
 
@@ -62,7 +62,7 @@ def test_auto_resolves_to_the_fast_path_on_cuda(cache_dir, device):
     if device.type != "cuda":
         pytest.skip("what 'auto' resolves to on CUDA")
     from diffcolor.method.performance import autocast_dtype, make_adamw
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     models = load_named_models("tiny", device=device)  # every option left to its default
     assert models.weight_dtype == torch.bfloat16

@@ -225,7 +225,7 @@ def test_reprocess_renders_each_item_with_its_own_recorded_model(prefect_server,
     from diffcolor.common.items import ItemRequest
     from diffcolor.method.models import load_models
     from diffcolor.pipeline import colorize_item
-    from diffcolor.tools.tiny import write_tiny_bundle
+    from diffcolor.method.tiny import write_tiny_bundle
     from flows.reprocess import ReprocessOptions, Retarget, reprocess
 
     out = tmp_path / "out"

@@ -97,7 +97,7 @@ def _diffusers_pipeline(models, lora):
     """diffusers' img2img pipeline of the tiny bundle with DiffColor's DDIM sampler and ``lora`` loaded."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from diffcolor.tools.tiny import tiny_bundle_folder
+    from diffcolor.method.tiny import tiny_bundle_folder
 
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(str(tiny_bundle_folder()), safety_checker=None,
                                                           requires_safety_checker=False)

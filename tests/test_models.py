@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import pytest
 
 from diffcolor.common.errors import ModelNotFoundError
 from diffcolor.method.models import load_models
-from diffcolor.tools.tiny import write_tiny_bundle
+from diffcolor.method.tiny import write_tiny_bundle
 
 
 def test_tiny_bundle_has_the_diffusers_layout_and_loads_from_its_folder(tmp_path, models):
@@ -58,6 +60,31 @@ def test_uncached_hub_id_fails_offline_with_a_hint(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="not available locally") as info:
         load_models("example-org/not-cached-model")
     assert "--allow-download" in str(info.value)
+
+
+# What a worker process or the review application does with the model name "tiny" when nothing has written the bundle.
+FIRST_USE = """
+import json, sys
+from diffcolor.method.model_names import resolve_model
+from review.app import _tokenizer
+tokenizer = _tokenizer("tiny")
+print(json.dumps({"folder": resolve_model("tiny"), "tokens": tokenizer.tokenize("a red dog on a bench"),
+                  "tools": sorted(name for name in sys.modules if name.startswith("diffcolor.tools"))}))
+"""
+
+
+def test_tiny_is_written_on_first_use_by_racing_processes_that_never_import_the_tools(tmp_path):
+    cache = tmp_path / "fresh-cache"
+    env = {**os.environ, "DIFFCOLOR_CACHE": str(cache)}
+    racers = [subprocess.Popen([sys.executable, "-c", FIRST_USE], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [racer.communicate(timeout=300) for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0], [err for _, err in outcomes]
+    found = [json.loads(out.splitlines()[-1]) for out, _ in outcomes]
+    assert found[0] == found[1]
+    assert found[0]["tools"] == []  # resolution and the bundle writer are product code, not tools
+    assert found[0]["tokens"] == ["a</w>", "red</w>", "dog</w>", "on</w>", "a</w>", "bench</w>"]
+    assert [path.name for path in cache.iterdir()] == [os.path.basename(found[0]["folder"])]  # no staging left over
 
 
 def test_cli_missing_model_prints_one_line_and_no_traceback(tmp_path, gray_png, cache_dir):

@@ -14,7 +14,7 @@ import pytest
 from test_flows import _diffcolor
 
 from diffcolor.cli import SMOKE_BANNER, main
-from diffcolor.tools.progress import LogDisplay, TerminalDisplay, make_display
+from flows.progress import LogDisplay, TerminalDisplay, make_display
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "manifests" / "demo.parquet"

@@ -185,7 +185,7 @@ def test_refusals_are_one_line_before_prefect_starts(tmp_path, capsys, no_prefec
     assert message.count("\n") == 0 and message.startswith("diffcolor: error: output 's3://Not_A_Bucket!/colour' "
                                                            "cannot be written")
 
-    from diffcolor.tools.tiny import resolve_model
+    from diffcolor.method.model_names import resolve_model
 
     pickled = tmp_path / "pickled"
     shutil.copytree(resolve_model("tiny"), pickled)
@@ -197,9 +197,9 @@ def test_refusals_are_one_line_before_prefect_starts(tmp_path, capsys, no_prefec
 
 def test_an_unwritable_output_is_a_storage_error_before_any_model_loads(tmp_path, capsys, no_prefect, monkeypatch,
                                                                        cache_dir, s3_bucket):
-    import diffcolor.tools.tiny as tiny
+    import diffcolor.method.model_names as model_names
 
-    monkeypatch.setattr(tiny, "load_named_models", lambda *_, **__: pytest.fail("models loaded"))
+    monkeypatch.setattr(model_names, "load_named_models", lambda *_, **__: pytest.fail("models loaded"))
     manifest = _collection(tmp_path, count=1)
     run = [str(manifest), "--model", "tiny", "--preset", "smoke"]
 

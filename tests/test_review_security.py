@@ -30,12 +30,12 @@ from fastapi.testclient import TestClient
 from test_review import CAPTION, TOKEN, FakeJobs, _write_item
 
 from diffcolor.archive import storage
+from diffcolor.archive.bag import BagError, write_bag
 from diffcolor.archive.decisions import pointer_of, read_decisions, record_decision
 from diffcolor.archive.iiif_publish import publish_iiif
 from diffcolor.archive.items import ItemLayout
 from diffcolor.archive.results import write_results
 from diffcolor.cli import main
-from diffcolor.tools.bag import BagError, write_bag
 from review.app import MAX_PROMPT_CHARS, ReviewConfig, create_app
 from review.guard import MAX_BODY_BYTES, RedactQuery
 

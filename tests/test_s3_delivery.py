@@ -12,12 +12,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from diffcolor.archive import storage
+from diffcolor.archive.bag import write_bag
 from diffcolor.archive.iiif_publish import publish_iiif
 from diffcolor.archive.planning import item_prefix, run_prefix
 from diffcolor.archive.results import write_results
 from diffcolor.common.items import ItemRequest
 from diffcolor.pipeline import colorize_item
-from diffcolor.tools.bag import write_bag
 from review.app import ReviewConfig, create_app
 
 TOKEN = "s" * 32

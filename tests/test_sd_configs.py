@@ -239,7 +239,7 @@ def test_reduced_bundle_loads_and_colourises_a_smoke_item_keeping_lightness(bund
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_doctor_passes_each_reduced_bundle_and_names_its_scheduler(bundles, name):
-    from diffcolor.tools.doctor import check_model, format_report
+    from diffcolor.method.doctor import check_model, format_report
 
     report = check_model(str(bundles(name)), device="cpu", probe_memory=False)
     assert report.ok, format_report(report)
@@ -270,7 +270,7 @@ def test_each_bundle_works_at_its_native_size_counts_steps_as_diffusers_and_refu
     from diffcolor.method.diffusion import denoising_steps, sample_from
     from diffcolor.method.models import prompt_limit
     from diffcolor.method.presets import get_preset
-    from diffcolor.tools.doctor import check_model
+    from diffcolor.method.doctor import check_model
 
     models = load_models(str(bundles(name)))
     # 1. The working size comes from the model: UNet sample_size x VAE factor; the doctor reports the same.

@@ -3,9 +3,10 @@
 A model is named by a local folder in the diffusers layout or a Hugging Face
 hub id (with an optional pinned revision). Every name is first resolved to a
 local folder; then each component is loaded from that folder with
-``from_pretrained``, the same path for real and random weights (the test and
-smoke bundles of :mod:`diffcolor.tools` are folders like any other; the
-command line's ``tiny`` names one of them). The network is only used when the caller
+``from_pretrained``, the same path for real and random weights (the tiny
+bundle of :mod:`diffcolor.method.tiny`, which the name ``tiny`` stands for
+(:mod:`diffcolor.method.model_names`), and the random bundles of
+:mod:`diffcolor.tools` are folders like any other). The network is only used when the caller
 allows downloads; otherwise a missing model is a :class:`ModelNotFoundError`
 with one line saying what is missing and how to get it, raised before any item
 is touched.

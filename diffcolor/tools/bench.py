@@ -74,7 +74,7 @@ def load_bench_models(name: str, device: torch.device, weight_dtype: str = "auto
     """``tiny``, ``sd15-random`` (built in memory, SD 1.5 shapes) or a model folder / hub id, on ``device``,
     with the frozen matrix weights stored as ``weight_dtype`` says (see :func:`diffcolor.method.models.load_models`)."""
     from diffcolor.tools.sd15_random import NAME, build_sd15_random_models
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     if name == NAME:
         return build_sd15_random_models(device, weight_dtype=weight_dtype)

@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown and args.check:
         parser.error("--markdown or --check, not both")
 
-    from diffcolor.tools.tiny import load_named_models
+    from diffcolor.method.model_names import load_named_models
 
     models = load_named_models("tiny", device="cpu")
     operations, outcomes = {}, []

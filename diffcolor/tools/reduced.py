@@ -9,7 +9,7 @@ in the diffusers layout (``model_index.json``, ``scheduler/scheduler_config.json
 the test fixtures in ``tests/fixtures/sd_configs/`` hold SD 1.5, 2.1-base and
 2.1) and writes a bundle with random weights that has the real model's
 structure but runs a smoke item in seconds on a CPU. Like the tiny bundle
-(:mod:`diffcolor.tools.tiny`) it is saved with ``save_pretrained`` in
+(:mod:`diffcolor.method.tiny`) it is saved with ``save_pretrained`` in
 safetensors, carries a toy CLIP in ``clip/`` and the random-weights marker, and
 is loaded by :func:`diffcolor.method.models.load_models` like real weights: the
 method never knows. What it adds over the tiny bundle is that the settings which
@@ -44,7 +44,7 @@ Shrunk:
   so every head is 8 times narrower.
 - ``norm_num_groups`` 32 -> 8 (groups must divide the shrunk widths).
 - ``layers_per_block`` 2 -> 1 (UNet and VAE); text ``num_hidden_layers`` -> 2.
-- The vocabulary: the tiny bundle's BPE over :data:`~diffcolor.tools.tiny.TINY_WORDS`
+- The vocabulary: the tiny bundle's BPE over :data:`~diffcolor.method.tiny.TINY_WORDS`
   instead of CLIP's 49408 entries; the text config's token ids are that tokenizer's.
 - CLIP for the losses and the score: the tiny bundle's toy CLIP around the
   reduced text tower (the real method uses ViT-L/14).
@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 
 from diffcolor.method.models import TINY_MARKER
-from diffcolor.tools.tiny import (
+from diffcolor.method.tiny import (
     tiny_clip_config,
     write_clip_folder,
     write_tiny_tokenizer,

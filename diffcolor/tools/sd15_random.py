@@ -112,7 +112,7 @@ def build_tokenizer():
     """A CLIP tokenizer with the tiny bundle's merges and CLIP's vocabulary size (49408, specials last)."""
     from transformers import CLIPTokenizer
 
-    from diffcolor.tools.tiny import TINY_WORDS, build_tiny_vocab
+    from diffcolor.method.tiny import TINY_WORDS, build_tiny_vocab
 
     vocab, merges = build_tiny_vocab(sorted(set(TINY_WORDS.split())))
     ordinary = [token for token in sorted(vocab, key=vocab.get) if not token.startswith("<|")]

@@ -45,6 +45,7 @@ from diffcolor.common.tensorfiles import (
     MAX_HEADER_BYTES,
     read_header,
 )
+from diffcolor.method.model_names import TINY, resolve_model
 from diffcolor.method.models import (
     DEFAULT_CLIP,
     PICKLED_SUFFIXES,
@@ -56,7 +57,6 @@ from diffcolor.method.models import (
     resolve_model_hash,
     sha256_file,
 )
-from diffcolor.tools.tiny import TINY, resolve_model
 
 # The weight folders load_models reads, the library that reads each, and the file stem from_pretrained looks for
 # (SHARDED: the same stem's ``.safetensors.index.json`` naming the shards).

@@ -6,9 +6,11 @@ bundle in the diffusers layout (``model_index.json``, ``unet/``, ``vae/``,
 ``clip/`` (transformers layout with its tokenizer and ``preprocessor_config.json``).
 Everything is written with ``save_pretrained`` and read back by
 :func:`diffcolor.method.models.load_models` through ``from_pretrained``: exactly the path
-real weights take. Nothing in the method knows this bundle exists; the command
-line and the flows name it ``tiny`` (:func:`resolve_model`), which stands for a
-copy written once to the cache folder.
+real weights take. Nothing that loads or runs a model knows this bundle exists;
+a model named ``tiny`` (:func:`diffcolor.method.model_names.resolve_model`, in
+every process that names one: the command line, the flows and their workers,
+the review application) stands for :func:`tiny_bundle_folder`, a copy written
+once to the cache folder.
 
 The shapes mirror Stable Diffusion 1.x where it matters to the code: the VAE
 downsamples by 8 with 4 latent channels, the UNet has cross-attention blocks
@@ -29,9 +31,7 @@ from pathlib import Path
 import torch
 
 from diffcolor import __version__
-from diffcolor.method.models import TINY_MARKER, Models, load_models, resolve_model_hash
-
-TINY = "tiny"  # the name that stands for the cached tiny bundle wherever a model is named
+from diffcolor.method.models import TINY_MARKER
 
 # Words that become single tokens in the tiny vocabulary. Real CLIP has these as
 # single tokens too, which keeps token-alignment behaviour the same in tests.
@@ -78,31 +78,6 @@ def tiny_bundle_folder(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
-
-
-def resolve_model(name: str) -> str:
-    """The folder or hub id a model name stands for: ``tiny`` is the cached tiny bundle, anything else itself."""
-    return str(tiny_bundle_folder()) if name == TINY else name
-
-
-def load_named_models(name: str, **options) -> Models:
-    """:func:`~diffcolor.method.models.load_models` for a model as a user names it (a folder, a hub id, ``tiny``).
-
-    The name goes into provenance as given; ``options`` are load_models' own.
-    """
-    return load_models(resolve_model(name), model_id=name, **options)
-
-
-def named_prompt_limit(name: str, **options):
-    """:func:`~diffcolor.method.models.load_prompt_limit` for a model as a user names it (a folder, a hub id, ``tiny``)."""
-    from diffcolor.method.models import load_prompt_limit
-
-    return load_prompt_limit(resolve_model(name), **options)
-
-
-def named_model_hash(name: str, **options) -> str:
-    """The model hash :func:`load_named_models` would report, without loading any weights."""
-    return resolve_model_hash(resolve_model(name), **options)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
