@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from diffcolor.tools.progress import TerminalDisplay
+from flows.progress import TerminalDisplay
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "manifests" / "demo.parquet"
