@@ -288,8 +288,8 @@ def summary_line(record: VersionRecord | dict) -> str:
 
 
 def with_columns(table: pa.Table) -> pa.Table:
-    """``table`` with every declared column it lacks added as nulls (an older results table)."""
-    for declared in FIELDS:
-        if declared.name not in table.column_names:
-            table = table.append_column(pa.field(declared.name, declared.type), pa.nulls(table.num_rows, declared.type))
+    """``table`` with every column of :func:`results_schema` it lacks added as nulls (an older results table)."""
+    for column in results_schema():
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
     return table
