@@ -168,6 +168,8 @@ class VersionRecord(TypedDict, total=False):
     output_height: int
     output_bit_depth: int
     peak_memory_kind: str  # device or host_rss
+    placement: dict[str, Any]  # where the item ran (flows.worker)
+    plan_key: str | None  # the collection flow's plan key of the item
 
 
 RECORD_JSON = "record_json"  # the results table's last column: the whole record, for fields without a column
