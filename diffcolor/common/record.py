@@ -162,6 +162,7 @@ class VersionRecord(TypedDict, total=False):
     rewritten_caption: str
     color_map: dict[str, str] | None
     alpha: float | None
+    eta: float | None  # alpha, in records written before its rename
     source: dict[str, Any] | None
     content_credentials: dict[str, Any]
     output_width: int
@@ -194,8 +195,14 @@ def _declared() -> tuple[Field, ...]:
         if typing.get_origin(hint) is Annotated:
             kind, *extras = typing.get_args(hint)
             [declared] = [extra for extra in extras if isinstance(extra, Field)]
-            found.append(dataclasses.replace(declared, name=name, type=_arrow(kind, name)))
+            found.append(_checked(dataclasses.replace(declared, name=name, type=_arrow(kind, name))))
     return tuple(found)
+
+
+def _checked(declared: Field) -> Field:
+    if declared.filterable and not declared.is_number:
+        raise TypeError(f"record field {declared.name!r}: curators filter by numeric ranges, not {declared.type}")
+    return declared
 
 
 FIELDS: tuple[Field, ...] = _declared()  # the results table's columns, in order (record_json follows)
@@ -206,7 +213,7 @@ def declare(field: Field, *, type: pa.DataType | None = None, name: str | None =
     field = dataclasses.replace(field, name=name or field.name, type=type or field.type)
     if not field.name or field.type is None or field.name in names() or field.name == RECORD_JSON:
         raise ValueError(f"a new field needs a fresh name and a type, got {field.name!r}")
-    return (*FIELDS, field)
+    return (*FIELDS, _checked(field))
 
 
 def names() -> list[str]:
@@ -253,6 +260,17 @@ def results_schema() -> pa.Schema:
     return pa.schema([pa.field(declared.name, declared.type) for declared in FIELDS] + [(RECORD_JSON, pa.string())])
 
 
+_COLUMNS: tuple[tuple[Field, ...], list[tuple[str, bool]]] = ((), [])
+
+
+def _columns() -> list[tuple[str, bool]]:
+    """``(name, is_map)`` of each column, worked out once per :data:`FIELDS` (a row per record of a large run)."""
+    global _COLUMNS
+    if _COLUMNS[0] is not FIELDS:
+        _COLUMNS = (FIELDS, [(declared.name, declared.is_map) for declared in FIELDS])
+    return _COLUMNS[1]
+
+
 def to_row(record: VersionRecord | dict, *, record_json: str | None = None) -> dict:
     """``record`` as a row of :func:`results_schema` (maps as key-value pairs, absent fields null).
 
@@ -260,9 +278,9 @@ def to_row(record: VersionRecord | dict, *, record_json: str | None = None) -> d
     of it (the results writer passes its own strict encoding).
     """
     row: dict[str, Any] = {}
-    for declared in FIELDS:
-        value = record.get(declared.name)
-        row[declared.name] = list((value or {}).items()) if declared.is_map else value
+    for name, is_map in _columns():
+        value = record.get(name)
+        row[name] = list((value or {}).items()) if is_map else value
     row[RECORD_JSON] = json.dumps(record, default=str) if record_json is None else record_json
     return row
 
