@@ -68,6 +68,7 @@ from diffcolor.archive.decisions import (
     version_output,
 )
 from diffcolor.archive.pages import render_page
+from diffcolor.common import record as declarations
 from diffcolor.common.captions import (
     PromptLimit,
     RewrittenCaption,
@@ -76,7 +77,6 @@ from diffcolor.common.captions import (
     prompt_slots,
     rewrite_caption,
 )
-from diffcolor.common import record as declarations
 from diffcolor.common.errors import DiffColorError, PromptError
 from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
 from review.guard import MAX_BODY_BYTES, BodyLimit, HostGuard, allowed_names, allowed_origins, origin_key
