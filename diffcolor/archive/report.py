@@ -153,8 +153,8 @@ def _catalogue(record: dict) -> list[tuple[str, str]]:
 
 def _item_row(record: dict, report_uri: str | None) -> dict:
     row = {name: record.get(name) for name in ("item_id", "version")}
-    row["metrics"] = [(declared.shown_label, record.get(declared.name), 3 if declared.digits is None else declared.digits)
-                      for declared in declarations.report_row()]
+    row["metrics"] = [(declared.shown_label, record.get(declared.name),
+                       3 if declared.digits is None else declared.digits) for declared in declarations.report_row()]
     outputs = record.get("outputs") or {}
     links = {role: _relative(report_uri, outputs.get(role)) for role in FILE_LINKS} if report_uri else {}
     if report_uri and outputs.get("master"):

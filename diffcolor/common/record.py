@@ -138,8 +138,10 @@ class VersionRecord(TypedDict, total=False):
     software_version: Annotated[str, Field("the diffcolor version that made the record")]
     preset: Annotated[str, Field("the settings preset")]
     caption: Annotated[str, Field("the caption as the curator wrote it")]
-    target_prompt: Annotated[str | None, Field("the prompt as the curator wrote it, or the caption with the colour map")]
-    model_prompt: Annotated[str | None, Field("what the text encoder was given (identifier tokens in uncoloured slots)")]
+    target_prompt: Annotated[str | None, Field("the prompt as the curator wrote it, or the caption with the colour "
+                                               "map")]
+    model_prompt: Annotated[str | None, Field("what the text encoder was given (identifier tokens in uncoloured "
+                                              "slots)")]
     prompt_alignment: Annotated[str | None, Field("color_map, aligned, unaligned or caption")]
     prompt_warning: Annotated[str | None, Field("why a free prompt could not be aligned, when it could not")]
     smoke_run: Annotated[bool | None, Field("made with random weights (a smoke run): not a colourisation")]
