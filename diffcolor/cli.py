@@ -133,13 +133,12 @@ def _load_models(args, model: str):
 
 
 def _print_records(records: list[dict]) -> None:
+    from diffcolor.common.record import summary_line
+
     for record in records:
         if record["status"] in ("done", "skipped_done"):
-            print(
-                f"{record['item_id']} v{record['version']} {record['status']}: {record['outputs'].get('master')} "
-                f"(max dL* {record['max_delta_l']:.2f}, colourfulness {record['colorfulness']:.1f}, "
-                f"CLIP {record['clip_score']:.1f}, fine-tune steps {record['finetune_steps_run']})"
-            )
+            print(f"{record['item_id']} v{record['version']} {record['status']}: {record['outputs'].get('master')} "
+                  f"({summary_line(record)})")
         else:
             print(f"{record['item_id']} {record['status']}: {record['error_message']}")
 

@@ -62,6 +62,7 @@ from diffcolor.common.keys import (
     version_key,
 )
 from diffcolor.common.pixels import unit_rgb
+from diffcolor.common.record import VersionRecord
 from diffcolor.common.redact import redact
 from diffcolor.common.tensorfiles import read_metadata
 from diffcolor.method.align import Alignment, align_chroma
@@ -205,8 +206,8 @@ class _Source:
     signing: Signing | None
 
 
-def _write_version(models: Models, read: _Source, layout: ItemLayout, version: int, record: dict,
-                   chroma: torch.Tensor, confidence: float, prompt: str, config: PipelineConfig) -> dict:
+def _write_version(models: Models, read: _Source, layout: ItemLayout, version: int, record: VersionRecord,
+                   chroma: torch.Tensor, confidence: float, prompt: str, config: PipelineConfig) -> VersionRecord:
     """Merges at full resolution, writes master and access copy (signed with content credentials when a key
     is configured), fills the record's metrics and publishes it."""
     source = read.image
@@ -265,7 +266,7 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     return publish_record(layout, record)
 
 
-def _readable_result(layout: ItemLayout) -> dict | None:
+def _readable_result(layout: ItemLayout) -> VersionRecord | None:
     """The item's ``result.json``; None when there is none or it is not a JSON object (then the work is redone)."""
     try:
         previous = storage.read_json(layout.result) if storage.exists(layout.result) else None
@@ -307,8 +308,8 @@ def _targets(request: ItemRequest) -> list[tuple[str | None, dict | None]]:
 
 
 def _render_versions(models: Models, request: ItemRequest, source: _Source, layout: ItemLayout, state: ColorState,
-                     config: PipelineConfig, new_record: Callable[[], dict], steps_run: int,
-                     progress: Progress | None) -> list[dict]:
+                     config: PipelineConfig, new_record: Callable[[], VersionRecord], steps_run: int,
+                     progress: Progress | None) -> list[VersionRecord]:
     """One version per target prompt and one for the colour map; the primary colourisation when there is neither.
 
     ``new_record()`` gives each version its base record; the fit's steps are
@@ -361,7 +362,7 @@ def colorize_item(
     progress: Progress | None = None,
     limits: ReadLimits = ReadLimits(),
     signing: Signing | None = None,
-) -> list[dict]:
+) -> list[VersionRecord]:
     """Colourises one item; returns its records (one per version, in order), as written (redacted).
 
     ``signing`` signs every derivative with content credentials
@@ -427,7 +428,7 @@ def colorize_item(
             state, steps_run = _fit_state(models, gray, request, config, layout, fit_key, seconds, progress)
 
         # 6. One version per target; the primary colourisation when there is none.
-        def new_record() -> dict:
+        def new_record() -> VersionRecord:
             record = base_record(request, models.provenance, preset, source_sha256, key)
             record.update(seconds=dict(seconds), source={"width": source.width, "height": source.height,
                                                          "bit_depth": source.bit_depth, "format": source.format,
@@ -458,7 +459,7 @@ def recolor_item(
     progress: Progress | None = None,
     signing: Signing | None = None,
     overrides: dict | None = None,
-) -> dict:
+) -> VersionRecord:
     """Renders a new target from the item's stored colour state and adds it as a new version.
 
     ``config`` defaults to the configuration the state was made with; ``overrides`` (``--set``) change its

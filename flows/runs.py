@@ -17,6 +17,7 @@ from diffcolor.archive import storage
 from diffcolor.archive.items import failure_record
 from diffcolor.archive.report import describe_counts
 from diffcolor.archive.results import RecordSpool
+from diffcolor.common import record as declarations
 from diffcolor.common.errors import DiffColorError, TransientError
 from diffcolor.common.items import ItemRequest
 from flows import stopping, worker
@@ -132,12 +133,16 @@ def write_summary(summary: dict) -> None:
     storage.write_json(summary["summary"], summary)
 
 
+def _rounded(value, digits: int | None):
+    return round(value, digits) if isinstance(value, float) and digits is not None else value
+
+
 def publish_summary(summary: dict, records) -> None:
     """The run's summary as Prefect artifacts: a table of the first 1000 records and a markdown summary."""
     records = records.head if isinstance(records, RecordSpool) else records
+    shown = declarations.summary()  # the record's summary fields, as the CLI prints them
     rows = [{"item": r["item_id"], "status": r["status"], "version": r.get("version"),
-             "max dL*": None if r.get("max_delta_l") is None else round(r["max_delta_l"], 3),
-             "colorfulness": None if r.get("colorfulness") is None else round(r["colorfulness"], 1),
+             **{field.ascii_label: _rounded(r.get(field.name), field.digits) for field in shown},
              "error": r.get("error_message")} for r in records[:1000]]
     create_table_artifact(rows, key="colorize-collection-items", description=f"run {summary['run_id']} (first 1000 items)")
     create_markdown_artifact(

@@ -54,7 +54,7 @@ from PIL import Image
 from pydantic import AliasChoices, BaseModel, Field, StringConstraints, field_validator
 
 from diffcolor.archive import storage
-from diffcolor.archive.browse import METRICS, CollectionTable, Filters
+from diffcolor.archive.browse import CollectionTable, Filters, metrics
 from diffcolor.archive.decisions import (
     DECISIONS,
     MAX_NAME_CHARS,
@@ -68,7 +68,7 @@ from diffcolor.archive.decisions import (
     version_output,
 )
 from diffcolor.archive.pages import render_page
-from diffcolor.archive.report import METRIC_EXPLANATIONS
+from diffcolor.common import record as declarations
 from diffcolor.common.captions import (
     PromptLimit,
     RewrittenCaption,
@@ -157,28 +157,33 @@ def _bound(raw: str | None, name: str) -> float | None:
     return value
 
 
-def metric_ranges(**bounds: str | None) -> tuple[tuple[str, float | None, float | None], ...]:
+def metric_ranges_dependency():
     """The metric filters ``min_METRIC`` / ``max_METRIC`` as ``(metric, min, max)`` (a FastAPI dependency).
 
-    Its signature is generated from METRICS below, so every bound is a declared query parameter: /openapi.json
-    lists them, and an unknown one is never silently read.
+    Its signature is generated from the filterable metrics the record declares
+    (:mod:`diffcolor.common.record`), so every bound is a declared query
+    parameter: /openapi.json lists them, and an unknown one is never silently read.
     """
-    ranges = []
-    for metric in METRICS:
-        low, high = (_bound(bounds.get(f"{side}_{metric}"), f"{side}_{metric}") for side in ("min", "max"))
-        if low is not None or high is not None:
-            ranges.append((metric, low, high))
-    return tuple(ranges)
+    filtered = declarations.filterable()
 
+    def metric_ranges(**bounds: str | None) -> tuple[tuple[str, float | None, float | None], ...]:
+        ranges = []
+        for declared in filtered:
+            metric = declared.name
+            low, high = (_bound(bounds.get(f"{side}_{metric}"), f"{side}_{metric}") for side in ("min", "max"))
+            if low is not None or high is not None:
+                ranges.append((metric, low, high))
+        return tuple(ranges)
 
-metric_ranges.__signature__ = inspect.Signature([
-    # read as text, so an empty form field means "no bound"; the schema says what a bound is: a number
-    inspect.Parameter(f"{side}_{metric}", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-                      default=Query(None, json_schema_extra={"type": "number"},
-                                    description=f"only items whose {metric} is "
-                                                f"{'at least' if side == 'min' else 'at most'} this number: "
-                                                f"{METRIC_EXPLANATIONS.get(metric, metric)}"))
-    for metric in METRICS for side in ("min", "max")])
+    metric_ranges.__signature__ = inspect.Signature([
+        # read as text, so an empty form field means "no bound"; the schema says what a bound is: a number
+        inspect.Parameter(f"{side}_{declared.name}", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=Query(None, json_schema_extra={"type": "number"},
+                                        description=f"only items whose {declared.name} is "
+                                                    f"{'at least' if side == 'min' else 'at most'} this number: "
+                                                    f"{declared.describe()}"))
+        for declared in filtered for side in ("min", "max")])
+    return metric_ranges
 
 
 def _item_id(raw: str) -> str:
@@ -190,7 +195,8 @@ def _item_id(raw: str) -> str:
 
 def _public(record: dict) -> dict:
     shown = {name: record.get(name) for name in SHOWN_FIELDS}
-    shown["metrics"] = {name: record.get(name) for name in (*METRICS, "device_seconds") if record.get(name) is not None}
+    shown["metrics"] = {declared.name: record.get(declared.name) for declared in declarations.metrics()
+                        if record.get(declared.name) is not None}
     shown["provenance"] = {name: record.get(name) for name in PROVENANCE_FIELDS if record.get(name)}
     return shown
 
@@ -292,6 +298,7 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
     output = table.output
     jobs = jobs or Jobs(output, config.reprocess_options)
     app.state.config, app.state.table, app.state.jobs = config, table, jobs
+    metric_ranges = metric_ranges_dependency()  # the query parameters of the declared metric filters
     open_reads = config.host in LOOPBACK
     origins = allowed_origins(config.host, config.port, config.allowed_hosts)
     # Outermost last: the Host is checked first, then the body's size, then the routes run.
@@ -382,7 +389,7 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
             "approved": read_approved(output, item_id),
             "later_failure": None if failure is None else {"created_at": failure.get("created_at"),
                                                            "error_message": failure.get("error_message")},
-            "metric_explanations": {name: METRIC_EXPLANATIONS[name] for name in METRIC_EXPLANATIONS},
+            "metric_explanations": declarations.explanations(),
         }
 
     def latest_record(item_id: str) -> dict:
@@ -516,7 +523,8 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
         total, rows = table.page(filters, (page - 1) * PAGE_SIZE, PAGE_SIZE)
         query = {key: value for key, value in request.query_params.items() if key != "page" and value}
         return render_page("collection.html", package="review", title="DiffColor review", rows=rows, total=total,
-                           page=page, pages=max(1, -(-total // PAGE_SIZE)), query=query, metrics=METRICS,
+                           page=page, pages=max(1, -(-total // PAGE_SIZE)), query=query, metrics=metrics(),
+                           card_metrics=[declared for declared in declarations.metrics() if declared.summary],
                            collections=table.collections(), smoke_any=any(row.get("smoke_run") for row in rows),
                            **page_context(request))
 

@@ -14,6 +14,7 @@ from PIL import Image
 from diffcolor.archive import storage
 from diffcolor.archive.results import read_results
 from diffcolor.cli import main
+from diffcolor.common.record import VersionRecord
 
 CAPTION = "a dog sitting on a wooden bench"
 
@@ -61,6 +62,8 @@ def test_mixed_manifest_gets_statuses_results_report_and_nonzero_exit(prefect_se
     assert "corrupt.png" in report and "SMOKE RUN" in report and report.count("data:image/jpeg;base64") == 4
     good = json.loads((out / "items" / "good" / "result.json").read_text())
     assert good["catalogue"]["accession_number"] == "A.1" and good["finetune_steps_run"] > 0
+    # Every field a real run writes is declared in the typed record.
+    assert all(set(json.loads(row["record_json"])) <= set(VersionRecord.__annotations__) for row in table)
 
     # A second run of the same manifest does no fine-tuning at all.
     code = main(["run", str(mixed_collection), "--out", str(out), "--model", "tiny", "--preset", "smoke"])

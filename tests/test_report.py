@@ -44,7 +44,7 @@ def test_report_shows_catalogue_fields_explained_metrics_file_links_and_skipped_
     assert "title: Dog on a &lt;bench&gt;</small><br><small>accession number: 1921.4.7" in html
     assert "rights: CC0</small><br><small>photographer: A. N." in html
     # Every metric shown is explained.
-    assert "largest change of lightness (CIE L*" in html
+    assert "<td>max_delta_l</td><td>CIE L*, 0 to 100</td><td class=explain>largest change of lightness" in html
     # Links relative to the report: they work on disk and in a copied or served output folder.
     assert '<a href="../../items/dog/versions/v0002/master.tif">master</a>' in html
     assert '<a href="../../items/dog/state/color-state.safetensors">state</a>' in html

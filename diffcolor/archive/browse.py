@@ -36,15 +36,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
+from diffcolor.common import record as declarations
 from diffcolor.common.errors import MissingObjectError
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction")
 _READ = ("item_id", "version", "status", "error_class", "error_message", "caption", "target_prompt", "smoke_run",
-         "created_at", *METRICS, "decision", "decided_by", "decided_at", "record_json")
+         "created_at", "decision", "decided_by", "decided_at", "record_json")
 CATALOGUE_FIRST = ("title", "accession_number", "creator", "date", "collection")
 REFRESH_SECONDS = 2.0  # ours: at most one listing of runs/ per two seconds, however many pages are served
+
+
+def metrics() -> tuple[str, ...]:
+    """The metrics curators filter by (declared ``filterable``, :mod:`diffcolor.common.record`)."""
+    return tuple(declared.name for declared in declarations.filterable())
+
+
+def _read() -> tuple[str, ...]:
+    """The columns of a run this table keeps: its own, and the filtered and summary metrics."""
+    shown = [declared.name for declared in declarations.filterable() + declarations.summary()]
+    return (*_READ[:-1], *dict.fromkeys(name for name in shown if name not in _READ), _READ[-1])
+
+
+def __getattr__(name: str):
+    if name == "METRICS":  # the name older code imports
+        return metrics()
+    raise AttributeError(name)
 
 
 def _catalogue_text(record_json: str | None) -> tuple[str, str | None]:
@@ -57,16 +74,8 @@ def _catalogue_text(record_json: str | None) -> tuple[str, str | None]:
 
 def _run_rows(uri: str) -> pa.Table:
     """One run's rows, the columns this table needs (missing ones as nulls: older runs lack decisions)."""
-    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-    columns = {}
-    for name in _READ:
-        if name in table.column_names:
-            columns[name] = table[name]
-        else:
-            kind = pa.float64() if name in METRICS else pa.bool_() if name == "smoke_run" else \
-                pa.int64() if name == "version" else pa.string()
-            columns[name] = pa.nulls(table.num_rows, kind)
-    return pa.table(columns)
+    table = declarations.with_columns(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
+    return table.select(list(_read()))
 
 
 def latest_per_item(runs: list[pa.Table]) -> pa.Table:
@@ -134,7 +143,7 @@ def _empty() -> pa.Table:
                      "collection": pa.array([], pa.string()), "catalogue_text": pa.array([], pa.string()),
                      "smoke_run": pa.array([], pa.bool_()), "caption": pa.array([], pa.string()),
                      **{name: pa.array([], pa.string()) for name in ("latest_status", "latest_error", "latest_at")},
-                     **{name: pa.array([], pa.float64()) for name in METRICS}})
+                     **{name: pa.array([], declarations.field(name).type) for name in _read() if name not in _READ}})
 
 
 @dataclass(frozen=True)
@@ -175,8 +184,8 @@ def filter_table(table: pa.Table, filters: Filters) -> pa.Table:
     elif filters.decision:
         mask = both(pc.equal(table["decision"], filters.decision))
     for metric, low, high in filters.ranges:
-        if metric not in METRICS:
-            raise ValueError(f"unknown metric {metric!r}; filter by one of {METRICS}")
+        if metric not in metrics():
+            raise ValueError(f"unknown metric {metric!r}; filter by one of {metrics()}")
         if low is not None:
             mask = both(pc.greater_equal(table[metric], low))
         if high is not None:

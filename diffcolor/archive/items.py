@@ -45,6 +45,7 @@ from diffcolor.archive import storage
 from diffcolor.common.errors import BadImageError, DiffColorError, InputUnavailableError, MissingObjectError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import sha256_hex
+from diffcolor.common.record import VersionRecord
 from diffcolor.common.redact import redact, redact_value
 
 SOFTWARE = "diffcolor-archive"
@@ -136,7 +137,7 @@ def outputs_whole(record: dict) -> bool:
 
 
 def base_record(request: ItemRequest, provenance: dict | None, preset: str, source_sha256: str | None,
-                key: str | None) -> dict:
+                key: str | None) -> VersionRecord:
     """A record of ``request`` with every contract field present and nothing done yet.
 
     ``provenance`` is the loaded models' description (``Models.provenance``:
@@ -175,7 +176,7 @@ def base_record(request: ItemRequest, provenance: dict | None, preset: str, sour
 
 
 def failure_record(request: ItemRequest, error: BaseException, *, status: str = "failed", provenance: dict | None = None,
-                   preset: str = "", source_sha256: str | None = None) -> dict:
+                   preset: str = "", source_sha256: str | None = None) -> VersionRecord:
     """A record for an item that could not be processed (no version, no outputs); its message redacted."""
     record = base_record(request, provenance, preset, source_sha256, None)
     if isinstance(error, DiffColorError):
@@ -186,7 +187,7 @@ def failure_record(request: ItemRequest, error: BaseException, *, status: str = 
     return record
 
 
-def publish_record(layout: ItemLayout, record: dict) -> dict:
+def publish_record(layout: ItemLayout, record: VersionRecord) -> VersionRecord:
     """Commits a done version: its record (steps 2 and 3 of the protocol), then ``result.json``; returns it redacted."""
     record = redact_value(record)
     if record.get("version") is not None:
@@ -195,7 +196,7 @@ def publish_record(layout: ItemLayout, record: dict) -> dict:
     return record
 
 
-def publish_failure(layout: ItemLayout, record: dict) -> dict:
+def publish_failure(layout: ItemLayout, record: VersionRecord) -> VersionRecord:
     """Records a failed attempt beside the item's versions; ``result.json`` only while no done version exists.
 
     Returns the record as written (redacted). A ``result.json`` that cannot be

@@ -26,6 +26,7 @@ from PIL import Image
 
 from diffcolor.archive import storage
 from diffcolor.archive.pages import render_page
+from diffcolor.common import record as declarations
 
 THUMBNAIL_SIDE = 192  # pixels, long side
 
@@ -79,21 +80,16 @@ def _thumbnails(access_uri: str) -> tuple[str, str]:
     return uris[0], uris[1]
 
 
-# What each metric means and which way is good, shown once on every report (docs/DESIGN.md §7).
-METRIC_EXPLANATIONS = {
-    "max_delta_l": "largest change of lightness (CIE L*, 0 to 100) between the source and the colourised master; "
-                   "the photograph's tones are kept when it stays below 1",
-    "colorfulness": "Hasler-Suesstrunk colourfulness: 0 for gray, about 15 to 35 for a muted colour photograph, "
-                    "100 for a very colourful one",
-    "clip_score": "CLIP similarity (x100) of the image and its prompt as the curator wrote it: higher follows the "
-                  "prompt better; compare items of one run, not across models",
-    "alignment_confidence": "how sure the spatial alignment is that the generated colours sit on the right "
-                            "pixels of the source (0 to 1); low values mean colours may bleed across edges",
-    "gamut_clipped_fraction": "share of pixels whose colour had to be pulled into sRGB to keep their lightness",
-    "device_seconds": "the item's share of GPU (or CPU) time in this run",
-}
-STATISTICS = ("max_delta_l", "colorfulness", "clip_score", "alignment_confidence", "gamut_clipped_fraction",
-              "device_seconds")
+# What each metric means and which way is good, shown once on every report (docs/DESIGN.md §7), and which
+# metrics the report summarises: both from the record's declarations (diffcolor.common.record).
+
+
+def __getattr__(name: str):
+    if name == "METRIC_EXPLANATIONS":  # the names older code imports
+        return declarations.explanations()
+    if name == "STATISTICS":
+        return tuple(declared.name for declared in declarations.statistics())
+    raise AttributeError(name)
 
 
 STATUS_WORDS = {"done": "done", "skipped_done": "skipped (already done)", "failed": "failed",
@@ -109,12 +105,13 @@ def describe_counts(items: dict[str, int], versions_written: int) -> str:
 
 
 def run_statistics(records: Iterable[dict]) -> tuple[Counter, dict[str, dict], int, Counter]:
-    """Records by status, the distribution of each of :data:`STATISTICS` over the done records, the
+    """Records by status, the distribution of each declared statistic over the done records, the
     number of done records (new versions) and items by outcome, in one pass that keeps only the numbers
     (8 bytes per value). An item's records arrive together (the flows add them so)."""
     counts: Counter = Counter()
     items: Counter = Counter()
-    values = {name: array("d") for name in STATISTICS}
+    names = [declared.name for declared in declarations.statistics()]
+    values = {name: array("d") for name in names}
     done = 0
     last_item = None
     for record in records:
@@ -124,7 +121,7 @@ def run_statistics(records: Iterable[dict]) -> tuple[Counter, dict[str, dict], i
             last_item = record["item_id"]
         if record["status"] == "done":
             done += 1
-            for name in STATISTICS:
+            for name in names:
                 if record.get(name) is not None:
                     values[name].append(record[name])
     return counts, {name: summarise(list(column)) for name, column in values.items()}, done, items
@@ -156,8 +153,9 @@ def _catalogue(record: dict) -> list[tuple[str, str]]:
 
 
 def _item_row(record: dict, report_uri: str | None) -> dict:
-    row = {name: record.get(name) for name in ("item_id", "version", "max_delta_l", "colorfulness", "clip_score",
-                                                "alignment_confidence", "gamut_clipped_fraction")}
+    row = {name: record.get(name) for name in ("item_id", "version")}
+    row["metrics"] = [(declared.shown_label, record.get(declared.name),
+                       3 if declared.digits is None else declared.digits) for declared in declarations.report_row()]
     outputs = record.get("outputs") or {}
     links = {role: _relative(report_uri, outputs.get(role)) for role in FILE_LINKS} if report_uri else {}
     if report_uri and outputs.get("master"):
@@ -246,8 +244,8 @@ def render_report(records: list[dict], *, run_id: str, title: str = "DiffColor A
         header=run_header(records, run_id),
         summary=describe_counts(items, counts.get("done", 0)),
         smoke=any(record.get("smoke_run") for record in records) if smoke is None else smoke,
-        statistics=[(name, values, METRIC_EXPLANATIONS.get(name, "")) for name, values in stats.items()
-                    if values.get("count")],
+        statistics=[(name, values, declarations.field(name).explanation, declarations.field(name).unit)
+                    for name, values in stats.items() if values.get("count")],
         rows=[_item_row(record, report_uri) for record in done[:max_rows]],
         more=max(0, done_count - min(len(done), max_rows)),
         skipped=[{"item_id": r["item_id"], "version": r.get("version"), "catalogue": _catalogue(r)}

@@ -2,7 +2,8 @@
 
 Each item version has a JSON record (see :mod:`diffcolor.archive.items`); a run
 collects the records it produced or skipped into ``results.parquet`` with a
-fixed schema: the contract fields of docs/DESIGN.md §10.3 as typed columns, the
+fixed schema: the contract fields of docs/DESIGN.md §10.3 as typed columns (as
+:mod:`diffcolor.common.record` declares them), the
 role-keyed fields (``outputs``, ``output_sha256``, ``seconds``) as maps, and the
 whole record as JSON text so nothing is lost. Records are written in batches,
 so the table is built in bounded memory.
@@ -29,68 +30,25 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
+from diffcolor.common import record as declarations
 from diffcolor.common.redact import redact_value
 
-RESULTS_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("version", pa.int64()),
-        ("status", pa.string()),
-        ("error_class", pa.string()),
-        ("error_message", pa.string()),
-        ("cache_key", pa.string()),
-        ("source_uri", pa.string()),
-        ("source_sha256", pa.string()),
-        ("outputs", pa.map_(pa.string(), pa.string())),
-        ("output_sha256", pa.map_(pa.string(), pa.string())),
-        ("clip_score", pa.float64()),
-        ("colorfulness", pa.float64()),
-        ("max_delta_l", pa.float64()),
-        ("mean_delta_l", pa.float64()),
-        ("ssim_l", pa.float64()),
-        ("gamut_clipped_fraction", pa.float64()),
-        ("alignment_confidence", pa.float64()),
-        ("seconds", pa.map_(pa.string(), pa.float64())),
-        ("device_seconds", pa.float64()),  # the item's share of device time (flows.worker.placed)
-        ("finetune_steps_run", pa.int64()),
-        ("peak_memory_bytes", pa.int64()),
-        ("seed", pa.int64()),
-        ("model_id", pa.string()),
-        ("model_hash", pa.string()),
-        ("software_version", pa.string()),
-        ("preset", pa.string()),
-        ("caption", pa.string()),
-        ("target_prompt", pa.string()),  # for people: as the curator wrote it, or the caption with the colour map
-        ("model_prompt", pa.string()),  # what the text encoder was given (identifier tokens in uncoloured slots)
-        ("prompt_alignment", pa.string()),  # color_map, aligned, unaligned or caption (diffcolor.method.render)
-        ("prompt_warning", pa.string()),  # why a free prompt could not be aligned, when it could not
-        ("smoke_run", pa.bool_()),
-        ("created_at", pa.string()),
-        ("decision", pa.string()),  # approved or rejected: a curator's decision (review runs only)
-        ("decided_by", pa.string()),
-        ("decided_at", pa.string()),
-        ("decision_note", pa.string()),
-        ("record_json", pa.string()),  # the whole record, for fields without a column
-    ]
-)
-_MAPS = {"outputs", "output_sha256", "seconds"}
+# The schema is derived from the record's declarations (diffcolor.common.record) when it is used.
+
+
+def __getattr__(name: str):
+    if name == "RESULTS_SCHEMA":  # the name older code imports
+        return declarations.results_schema()
+    raise AttributeError(name)
 
 
 def _row(record: dict) -> dict:
-    row = {}
-    for name in RESULTS_SCHEMA.names:
-        if name == "record_json":
-            row[name] = storage.strict_json(record, default=str)
-        elif name in _MAPS:
-            row[name] = list((record.get(name) or {}).items())
-        else:
-            row[name] = record.get(name)
-    return row
+    return declarations.to_row(record, record_json=storage.strict_json(record, default=str))
 
 
 def results_table(records: Iterable[dict]) -> pa.Table:
-    """The records as a table with :data:`RESULTS_SCHEMA`."""
-    return pa.Table.from_pylist([_row(r) for r in records], schema=RESULTS_SCHEMA)
+    """The records as a table with the declared schema (:func:`diffcolor.common.record.results_schema`)."""
+    return pa.Table.from_pylist([_row(r) for r in records], schema=declarations.results_schema())
 
 
 def write_results(records: Iterable[dict], uri: str, *, batch_size: int = 10_000, csv: bool = True) -> int:
@@ -101,16 +59,17 @@ def write_results(records: Iterable[dict], uri: str, *, batch_size: int = 10_000
     """
     buffer = io.BytesIO()
     count = 0
-    with pq.ParquetWriter(buffer, RESULTS_SCHEMA, compression="zstd") as writer:
+    schema = declarations.results_schema()
+    with pq.ParquetWriter(buffer, schema, compression="zstd") as writer:
         batch: list[dict] = []
         for record in records:
             batch.append(_row(record))
             if len(batch) >= batch_size:
-                writer.write_table(pa.Table.from_pylist(batch, schema=RESULTS_SCHEMA))
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
                 count += len(batch)
                 batch = []
         if batch or count == 0:
-            writer.write_table(pa.Table.from_pylist(batch, schema=RESULTS_SCHEMA))
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
             count += len(batch)
     storage.write_bytes(uri, buffer.getvalue())
     if csv:
@@ -124,7 +83,7 @@ def csv_uri(uri: str) -> str:
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-CSV_LEFT_OUT = ("record_json",)
+CSV_LEFT_OUT = (declarations.RECORD_JSON,)
 
 
 def _map_keys(parquet: pq.ParquetFile, name: str) -> list[str]:
@@ -144,8 +103,10 @@ def _defused(column: pa.Array) -> pa.Array:
 def results_csv(parquet_bytes: bytes, *, batch_size: int = 10_000) -> bytes:
     """The CSV copy of a results table (module docstring), batch by batch."""
     parquet = pq.ParquetFile(io.BytesIO(parquet_bytes))
-    keys = {name: _map_keys(parquet, name) for name in _MAPS}
-    names = [name for name in RESULTS_SCHEMA.names if name not in CSV_LEFT_OUT]
+    schema = parquet.schema_arrow
+    maps = {name for name in schema.names if pa.types.is_map(schema.field(name).type)}
+    keys = {name: _map_keys(parquet, name) for name in maps}
+    names = [name for name in schema.names if name not in CSV_LEFT_OUT]
     out = io.BytesIO()
     out.write("\ufeff".encode("utf-8"))
     writer = None
@@ -153,9 +114,9 @@ def results_csv(parquet_bytes: bytes, *, batch_size: int = 10_000) -> bytes:
         columns: dict[str, pa.Array] = {}
         for name in names:
             column = batch.column(name)
-            if name in _MAPS:
+            if name in maps:
                 pairs = [dict(entry or []) for entry in column.to_pylist()]
-                kind = RESULTS_SCHEMA.field(name).type.item_type
+                kind = schema.field(name).type.item_type
                 for key in keys[name]:
                     values = pa.array([entry.get(key) for entry in pairs], type=kind)
                     columns[f"{name}.{key}"] = _defused(values) if pa.types.is_string(kind) else values
@@ -168,7 +129,7 @@ def results_csv(parquet_bytes: bytes, *, batch_size: int = 10_000) -> bytes:
             writer = pcsv.CSVWriter(out, table.schema)
         writer.write_table(table)
     if writer is None:  # no rows: the header alone
-        header = [name for name in names if name not in _MAPS]
+        header = [name for name in names if name not in maps]
         out.write((",".join(f'"{name}"' for name in header) + "\n").encode())
     else:
         writer.close()
@@ -176,8 +137,8 @@ def results_csv(parquet_bytes: bytes, *, batch_size: int = 10_000) -> bytes:
 
 
 def read_results(uri: str) -> pa.Table:
-    """A results table written by :func:`write_results`."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    """A results table written by :func:`write_results`; a column an older table lacks reads as nulls."""
+    return declarations.with_columns(pq.read_table(io.BytesIO(storage.read_bytes(uri))))
 
 
 class RecordSpool:
