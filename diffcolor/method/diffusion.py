@@ -22,6 +22,7 @@ from PIL import Image
 
 from diffcolor.common.errors import UserError
 from diffcolor.common.pixels import describe
+from diffcolor.method.libraries import model_libraries
 from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import frozen_weights_context
 
@@ -114,6 +115,7 @@ def scheduler_settings(raw: dict) -> tuple[dict, list[str]]:
 
 def build_noise_scheduler(raw: dict):
     """The training-time noise schedule (DDPM form) of a bundle's scheduler config, with safe settings."""
+    model_libraries()
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler_settings(raw)[0])
@@ -121,6 +123,7 @@ def build_noise_scheduler(raw: dict):
 
 def build_sampling_scheduler(raw: dict):
     """A deterministic DDIM sampler (eta = 0) of a bundle's scheduler config, with safe settings."""
+    model_libraries()
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(scheduler_settings(raw)[0])

@@ -45,6 +45,7 @@ from diffcolor.common.tensorfiles import (
     MAX_HEADER_BYTES,
     read_header,
 )
+from diffcolor.method.libraries import model_libraries
 from diffcolor.method.model_names import TINY, resolve_model
 from diffcolor.method.models import (
     DEFAULT_CLIP,
@@ -527,6 +528,8 @@ def _check_shapes(components: dict[str, _Component]) -> Check:
 def _meta_module(component: _Component):
     """The module load_models builds for ``component``, with no memory behind its tensors (accelerate's meta device)."""
     from accelerate import init_empty_weights
+
+    model_libraries()
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()

@@ -27,6 +27,7 @@ import torch
 
 from diffcolor.common.captions import PromptLimit
 from diffcolor.common.errors import ModelNotFoundError
+from diffcolor.method.libraries import model_libraries
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # ours: CLIP ViT-L/14, the family of SD 1.x's text encoder
 # A bundle holding this file declares random weights: its outputs are labelled smoke runs, not colourisations.
@@ -237,6 +238,7 @@ def load_prompt_limit(model: str, *, revision: str | None = None, allow_download
     What ``manifest validate --model`` and the doctor check prompts with;
     raises :class:`ModelNotFoundError` as :func:`load_models` would.
     """
+    model_libraries()
     from transformers import CLIPTokenizer
 
     folder = resolve_folder(model, revision=revision, allow_download=allow_download, what="Stable Diffusion model",
@@ -306,6 +308,7 @@ def load_models(
 
 def _load_components(folder: Path, clip_folder: Path) -> dict:
     """Every component of the bundle and of CLIP, loaded with ``from_pretrained`` (CPU, fp32, as saved)."""
+    model_libraries()
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from diffcolor import __version__
+from diffcolor.method.libraries import model_libraries
 from diffcolor.method.models import TINY_MARKER
 
 # Words that become single tokens in the tiny vocabulary. Real CLIP has these as
@@ -141,6 +142,7 @@ def write_tiny_tokenizer(folder: Path, **special_tokens: str) -> int:
     ``special_tokens`` (``pad_token="!"`` for SD 2.x) replace CLIP's defaults;
     each must be a token of the vocabulary (a byte symbol or a special token).
     """
+    model_libraries()
     from transformers import CLIPTokenizer
 
     vocab, merges = build_tiny_vocab(sorted(set(TINY_WORDS.split())))
@@ -158,6 +160,7 @@ def write_tiny_bundle(folder: str | os.PathLike, seed: int = 0) -> Path:
 
     Returns the folder. Needs no network; takes a few seconds on a CPU.
     """
+    model_libraries()
     from transformers import CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 

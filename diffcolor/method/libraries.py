@@ -1,0 +1,44 @@
+"""The model libraries, imported whole once per process, under a lock.
+
+diffusers and transformers import their classes lazily, on first attribute
+access. Two threads of one process doing that first access at once (two flow
+runs, or two tasks of one run, each checking or loading a model) can see a
+half-imported module and fail with ``ImportError: cannot import name
+'PNDMScheduler' from 'diffusers'``. Every entry point of the method that reaches
+a model class calls :func:`model_libraries` first: the first caller imports
+every class the method uses while the others wait; later calls return at once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_LOCK = threading.Lock()
+_DONE = False
+
+
+def model_libraries() -> None:
+    """Imports every diffusers and transformers class the method uses, once, before any thread uses them."""
+    global _DONE
+    if _DONE:
+        return
+    with _LOCK:
+        if _DONE:
+            return
+        from transformers.utils import logging as transformers_logging
+
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # the SD pipeline class warns that CLIP's processor wants torchvision
+        try:
+            import diffusers
+            import transformers
+
+            for name in ("AutoencoderKL", "UNet2DConditionModel", "DDIMScheduler", "DDPMScheduler", "PNDMScheduler",
+                         "StableDiffusionPipeline"):
+                getattr(diffusers, name)
+            for name in ("CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer"):
+                getattr(transformers, name)
+            from diffusers.utils import logging as _diffusers_logging  # noqa: F401
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        _DONE = True
