@@ -443,13 +443,15 @@ def cmd_iiif(args) -> int:
 def cmd_run(args) -> int:
     from diffcolor.archive import storage
     from diffcolor.common.redact import refuse_credentials
-    from diffcolor.archive.manifest import count_rows, problem_count, validate_manifest
+    from diffcolor.archive.manifest import count_rows, problem_count, read_manifest, validate_manifest
     from diffcolor.method.presets import apply_overrides, get_preset
+    from flows.checks import Checked
 
     # 1. The preset and its overrides, type-checked before any work starts; credentials out of the URIs;
     #    the manifest's every problem listed (as `manifest validate` does) before any flow or model starts.
+    #    The manifest read and the configuration resolved here are the flow's (read and applied once).
     overrides = _parse_overrides(args.set)
-    apply_overrides(get_preset(args.preset), overrides)
+    config = apply_overrides(get_preset(args.preset), overrides)
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     from diffcolor.common.errors import ModelNotFoundError
@@ -459,12 +461,13 @@ def cmd_run(args) -> int:
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
     except ModelNotFoundError:
         limit = None
-    problems = validate_manifest(manifest, prompt_limit=limit)
+    source = read_manifest(manifest)
+    problems = validate_manifest(source, prompt_limit=limit)
     if not problems and args.items:  # unsafe or unknown --items ids, listed the same way
         from diffcolor.archive.manifest import ManifestError, read_items
 
         try:
-            read_items(manifest, items=set(args.items.split(",")))
+            read_items(source, items=set(args.items.split(",")))
         except ManifestError as error:
             problems = error.problems
     if problems:
@@ -473,7 +476,7 @@ def cmd_run(args) -> int:
     _preflight(args.model, out, args)
     _smoke_notice(args.model)
     _signing()
-    print(f"run: {count_rows(manifest)} items of {manifest} -> {out} (model {args.model}, preset {args.preset})",
+    print(f"run: {count_rows(source)} items of {manifest} -> {out} (model {args.model}, preset {args.preset})",
           file=sys.stderr)  # the URIs without credentials
 
     # 2. The collection flow (a private temporary Prefect server unless PREFECT_API_URL names one); SIGINT or
@@ -483,10 +486,11 @@ def cmd_run(args) -> int:
     from flows.stopping import handling_signals
 
     with handling_signals(), LocalPrefect():
-        return _run_collection(args, manifest, out, overrides)
+        return _run_collection(args, manifest, out, overrides, Checked(source, args.preset, overrides, config))
 
 
-def _run_collection(args, manifest: str, out: str, overrides: dict) -> int:
+def _run_collection(args, manifest: str, out: str, overrides: dict, checked) -> int:
+    from flows.checks import handing_over
     from flows.collection import RunOptions, colorize_collection, ray_runner
     from flows.stopping import graceful
 
@@ -498,7 +502,7 @@ def _run_collection(args, manifest: str, out: str, overrides: dict) -> int:
     flow_to_run = colorize_collection
     if args.pool == "ray":
         flow_to_run = colorize_collection.with_options(task_runner=ray_runner(args.ray_address))
-    with _following_runs(), graceful():
+    with _following_runs(), graceful(), handing_over(checked):
         state = flow_to_run(manifest, out, args.model, options, return_state=True)
     return _finish_flow(state)
 
