@@ -182,6 +182,8 @@ def _colorize_collection(manifest: str, output: str, model: str, options: RunOpt
         logger.info("model %s: %s", model, note)
     model_hash = checked.model_hash
     smoke = checked.random_weights
+    _check_pool(options)
+    run.mark("started")
     run.write_config(manifest=manifest, model=model, model_hash=model_hash, random_weights=smoke,
                      device=options.device, pool=options.pool, workers_per_device=options.workers_per_device,
                      options=options.model_dump(mode="json"))
@@ -224,17 +226,22 @@ def _colorize_collection(manifest: str, output: str, model: str, options: RunOpt
     return run.outcome(summary)
 
 
-@contextmanager
-def _pool(run: Run, spec: ModelSpec, options: RunOptions):
-    """The run's pool (local worker processes, or inline) with its models loaded; None in Ray mode (Ray places items)."""
+def _check_pool(options: RunOptions) -> None:
+    """ValueError for a pool the run cannot have (refused before the run records anything)."""
     if options.pool == "ray":
         if "Ray" not in type(FlowRunContext.get().task_runner).__name__:
             raise ValueError("pool 'ray' needs the Ray task runner: run flows/ray_collection.py:colorize_collection_ray "
                              "(or diffcolor run --pool ray)")
+    elif options.pool not in ("local", "inline"):
+        raise ValueError(f"pool must be 'local', 'inline' or 'ray', got {options.pool!r}")
+
+
+@contextmanager
+def _pool(run: Run, spec: ModelSpec, options: RunOptions):
+    """The run's pool (local worker processes, or inline) with its models loaded; None in Ray mode (Ray places items)."""
+    if options.pool == "ray":
         yield None
         return
-    if options.pool not in ("local", "inline"):
-        raise ValueError(f"pool must be 'local', 'inline' or 'ray', got {options.pool!r}")
     with run.pool(spec, device=options.device, workers_per_device=options.workers_per_device,
                   inline=options.pool == "inline") as pool:
         pool.describe()  # every worker up, its models loaded

@@ -36,6 +36,7 @@ from diffcolor.archive.report import describe_counts, write_report
 from diffcolor.archive.results import RecordSpool, write_results
 from diffcolor.common.errors import DiffColorError, TransientError
 from diffcolor.common.items import ItemRequest
+from diffcolor.common.redact import redact_value
 from diffcolor.method.presets import PipelineConfig, apply_overrides, get_preset
 from flows import stopping, worker
 from flows.checks import handed_over
@@ -219,7 +220,7 @@ class Run:
         self.config_uri = storage.join(self.prefix, "config.json")
         self.records = RecordSpool()
         self.devices: int | None = None  # the devices of the run's last pool (None: no pool, or Ray's)
-        self._times = {"started": time.perf_counter()}
+        self._times: dict[str, float] = {}
 
     # -- Opening ----------------------------------------------------------------
 
@@ -233,11 +234,12 @@ class Run:
 
     def write_config(self, **facts) -> str:
         """Publishes ``runs/RUN_ID/config.json`` before any item starts: the preset, its overrides and every
-        resolved setting, the code version, and ``facts`` (model, model hash, device, pool,
-        the flow's options; JSON values); returns its URI, which every record of the run carries as ``run_config``."""
+        resolved setting, the code version, and ``facts`` (model, model hash, device, pool, the flow's options;
+        JSON values); returns its URI, which every record of the run carries as ``run_config``."""
         storage.write_json(self.config_uri, {
             "run_id": self.run_id, "kind": self.name, "software_version": __version__,
-            "preset": self.preset, "overrides": self.overrides, "config": self.config.to_dict(), **facts})
+            "preset": self.preset, "overrides": self.overrides, "config": self.config.to_dict(),
+            **redact_value(facts)})  # a URI with credentials in it is not recorded as such
         return self.config_uri
 
     @contextmanager
@@ -254,7 +256,8 @@ class Run:
             pool.close()
 
     def mark(self, phase: str) -> None:
-        """The time ``phase`` ended (``pool_ready``, ``items_done``): the summary's seconds per phase."""
+        """The time ``phase`` began (``started``: the pool's start) or ended (``pool_ready``, ``items_done``): the
+        summary's seconds per phase (none when not marked)."""
         self._times.setdefault(phase, time.perf_counter())
 
     # -- Records ----------------------------------------------------------------
