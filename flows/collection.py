@@ -2,10 +2,12 @@
 
 The flow body reads as the script it is: validate, check the model (the
 checks of ``diffcolor doctor``: a broken model fails the run, every problem
-named, before any item), plan, start the device pool, submit the items in
-bounded windows, collect, write the run's results and report. Item work happens in :func:`colorize_item_task`, a thin task
-around :func:`diffcolor.pipeline.colorize_item` run on a pool worker that keeps
-the models loaded. Transient faults (storage, lost worker, out of memory) are
+named, before any item), record the run's configuration, plan, start the device
+pool, submit the items in bounded windows, collect, write the run's results and
+report (the lifecycle the reprocess run shares: :class:`flows.runs.Run`). Item
+work happens in :func:`colorize_item_task`, a thin task around
+:func:`diffcolor.pipeline.colorize_item` run on a pool worker that keeps the
+models loaded. Transient faults (storage, lost worker, out of memory) are
 retried with backoff and resume from the item's checkpoints; permanent ones
 (bad image, bad prompt) fail the item at once. One failed item never fails
 the others; the flow ends Failed, with the summary, when any item failed.
