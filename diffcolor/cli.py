@@ -487,11 +487,13 @@ def cmd_iiif(args) -> int:
 def cmd_run(args) -> int:
     from diffcolor.archive import storage
     from diffcolor.common.redact import refuse_credentials
-    from diffcolor.archive.manifest import problem_count, validate_manifest
+    from diffcolor.archive.manifest import problem_count, read_manifest, validate_manifest
+    from flows.checks import Checked
 
     # 1. The preset and its overrides, type-checked before any work starts; credentials out of the URIs;
     #    the manifest's every problem listed (as `manifest validate` does) before any flow or model starts.
-    _, overrides = _configured(args)
+    #    The manifest read and the configuration resolved here are the flow's (read and applied once).
+    config, overrides = _configured(args)
     manifest, out = (storage.absolute(uri) for uri in _lift_credentials(args.manifest, args.out))
     refuse_credentials(args.model, args.clip, what="--model/--clip")  # flow parameters, stored by Prefect
     from diffcolor.common.errors import ModelNotFoundError
@@ -501,12 +503,13 @@ def cmd_run(args) -> int:
         limit = named_prompt_limit(args.model, revision=args.revision, allow_download=args.allow_download)
     except ModelNotFoundError:
         limit = None
-    problems = validate_manifest(manifest, prompt_limit=limit)
+    source = read_manifest(manifest)
+    problems = validate_manifest(source, prompt_limit=limit)
     if not problems and args.items:  # unsafe or unknown --items ids, listed the same way
         from diffcolor.archive.manifest import ManifestError, read_items
 
         try:
-            read_items(manifest, items=set(args.items.split(",")))
+            read_items(source, items=set(args.items.split(",")))
         except ManifestError as error:
             problems = error.problems
     if problems:
@@ -515,7 +518,7 @@ def cmd_run(args) -> int:
     _preflight(args.model, out, args)
     _smoke_notice(args.model)
     _signing()
-    print(f"run: {_selected_count(manifest, args.items)} of {manifest} -> {out} (model {args.model}, "
+    print(f"run: {_selected_count(source, args.items)} of {manifest} -> {out} (model {args.model}, "
           f"preset {args.preset})", file=sys.stderr)  # the URIs without credentials
 
     # 2. The collection flow (a private temporary Prefect server unless PREFECT_API_URL names one); SIGINT or
@@ -525,22 +528,24 @@ def cmd_run(args) -> int:
     from flows.stopping import handling_signals
 
     with handling_signals(), LocalPrefect():
-        return _run_collection(args, manifest, out, overrides)
+        return _run_collection(args, manifest, out, overrides, Checked(source, args.preset, overrides, config))
 
 
-def _selected_count(manifest: str, items: str | None) -> str:
-    """"9 items", or with ``--items`` the distinct ids it selects: "4 items (selected by --items)"."""
+def _selected_count(source, items: str | None) -> str:
+    """"9 items" (``source``: the manifest as read once), or with ``--items`` the distinct ids it selects:
+    "4 items (selected by --items)"."""
     from diffcolor.archive.manifest import count_rows
     from diffcolor.common.ids import normalize_item_id
 
     if not items:
-        count = count_rows(manifest)
+        count = count_rows(source)
         return f"{count} item{'' if count == 1 else 's'}"
     count = len({normalize_item_id(item) for item in items.split(",")})
     return f"{count} item{'' if count == 1 else 's'} (selected by --items)"
 
 
-def _run_collection(args, manifest: str, out: str, overrides: dict) -> int:
+def _run_collection(args, manifest: str, out: str, overrides: dict, checked) -> int:
+    from flows.checks import handing_over
     from flows.collection import RunOptions, colorize_collection, ray_runner
     from flows.stopping import graceful
 
@@ -552,7 +557,7 @@ def _run_collection(args, manifest: str, out: str, overrides: dict) -> int:
     flow_to_run = colorize_collection
     if args.pool == "ray":
         flow_to_run = colorize_collection.with_options(task_runner=ray_runner(args.ray_address))
-    with _following_runs(), graceful():
+    with _following_runs(), graceful(), handing_over(checked):
         state = flow_to_run(manifest, out, args.model, options, return_state=True)
     return _finish_flow(state)
 

@@ -2,15 +2,25 @@
 
 Imports no Prefect, so the command line runs it first; the flows run it
 again as their first step (a deployment's run has no command line before it).
+What the command line read and resolved for its checks (the manifest, the
+preset with its overrides) it hands over to the flow it starts in this process
+(:func:`handing_over`), so that a run reads its manifest and applies its
+overrides once.
 """
 
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Iterator
 
 from diffcolor.archive import storage
 from diffcolor.common.errors import DiffColorError, StorageError
+from diffcolor.archive.manifest import ManifestFile
 from diffcolor.common.redact import redact
+from diffcolor.method.presets import PipelineConfig
 
 
 class OutputNotWritableError(StorageError):
@@ -34,3 +44,33 @@ def check_output_writable(output: str) -> None:
     except (DiffColorError, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise OutputNotWritableError(f"output '{redact(output)}' cannot be written: {redact(reason)}") from None
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the command line read and resolved before it started a flow: the manifest (read once, validated),
+    and ``preset`` with ``overrides`` applied (``config``). The flow takes each only where its own parameters
+    name the same (flows.runs.Run)."""
+
+    manifest: ManifestFile | None = None
+    preset: str | None = None
+    overrides: dict = field(default_factory=dict)
+    config: PipelineConfig | None = None
+
+
+_CHECKED: ContextVar[Checked | None] = ContextVar("diffcolor_checked", default=None)
+
+
+@contextmanager
+def handing_over(checked: Checked) -> Iterator[None]:
+    """Within the block, the flows started in this context find ``checked`` (:func:`handed_over`)."""
+    token = _CHECKED.set(checked)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
+def handed_over() -> Checked | None:
+    """What the command line handed over to the flow under way, if anything."""
+    return _CHECKED.get()

@@ -2,10 +2,12 @@
 
 The flow body reads as the script it is: validate, check the model (the
 checks of ``diffcolor doctor``: a broken model fails the run, every problem
-named, before any item), plan, start the device pool, submit the items in
-bounded windows, collect, write the run's results and report. Item work happens in :func:`colorize_item_task`, a thin task
-around :func:`diffcolor.pipeline.colorize_item` run on a pool worker that keeps
-the models loaded. Transient faults (storage, lost worker, out of memory) are
+named, before any item), record the run's configuration, plan, start the device
+pool, submit the items in bounded windows, collect, write the run's results and
+report (the lifecycle the reprocess run shares: :class:`flows.runs.Run`). Item
+work happens in :func:`colorize_item_task`, a thin task around
+:func:`diffcolor.pipeline.colorize_item` run on a pool worker that keeps the
+models loaded. Transient faults (storage, lost worker, out of memory) are
 retried with backoff and resume from the item's checkpoints; permanent ones
 (bad image, bad prompt) fail the item at once. One failed item never fails
 the others; the flow ends Failed, with the summary, when any item failed.
@@ -14,7 +16,7 @@ the others; the flow ends Failed, with the summary, when any item failed.
 from __future__ import annotations
 
 import itertools
-import time
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -22,46 +24,30 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
-from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from diffcolor.archive import storage
-from diffcolor.archive.manifest import count_rows, read_items
-from diffcolor.archive.planning import (
-    item_prefix,
-    missing_done_items,
-    plan_items,
-    read_done_index,
-    run_prefix,
-    update_done_index,
-)
-from diffcolor.archive.report import describe_counts, write_report
-from diffcolor.archive.results import RecordSpool, write_results
+from diffcolor.archive.manifest import ManifestFile, count_rows, read_items
+from diffcolor.archive.planning import item_prefix, missing_done_items, plan_items, read_done_index
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.ids import normalize_item_id
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import config_hash
 from diffcolor.common.redact import refuse_credentials
 from diffcolor.method.doctor import preflight_model
-from diffcolor.method.presets import apply_overrides, get_preset
 from flows import stopping, worker
 from flows.checks import check_output_writable
-from flows.pool import DevicePool, ModelSpec, RunInterrupted
+from flows.pool import ModelSpec, RunInterrupted
 from flows.runs import (
-    ACTIVE_POOLS,
-    PROGRESS_LISTENERS,
-    current_run_id,
-    interruption,
+    Run,
     is_transient,
     new_run_id,
     notify,
-    publish_summary,
     record_of_failure,
-    refusal,
+    refusing,
+    resolve_config,
     run_on_worker,
-    run_summary,
-    write_summary,
 )
 
 
@@ -167,28 +153,23 @@ def colorize_collection(manifest: str, output: str, model: str, options: RunOpti
     the one line of a refusal (bad manifest, model or output); Cancelled, with the
     record of the items finished, when the run was stopped (SIGINT, SIGTERM).
     """
-    stopping.reclaim_signals()  # the command line's stop handling, in place of Prefect's SIGTERM handler
-    try:
-        return _colorize_collection(manifest, output, model, options)
-    except Exception as error:
-        line = refusal(error)
-        if line is None:
-            raise
-        get_run_logger().error("run refused: %s", line)
-        return Failed(message=line)
+    return refusing("run", _colorize_collection, manifest, output, model, options)
 
 
 def _colorize_collection(manifest: str, output: str, model: str, options: RunOptions):
     logger = get_run_logger()
-    run_id = current_run_id()  # the flow run's name
-    config_dict = apply_overrides(get_preset(options.preset), options.overrides).to_dict()
+    config = resolve_config(options.preset, options.overrides)  # applied once a run (the command line's, if any)
     refuse_credentials(manifest, output, model, options.clip, what="flow parameter")  # a deployment's are stored
     manifest, output = storage.absolute(manifest), storage.absolute(output)  # records name absolute URIs
+    run = Run(output, "run", preset=options.preset, overrides=options.overrides, config=config)
+    config_dict = config.to_dict()
 
-    # 1. The manifest (and the selected ids) is valid, before any GPU work:
-    #    read_items validates the whole manifest on its first read and raises
-    #    ManifestError naming every bad row; unknown --items are refused too.
-    requests = read_items(manifest, items=set(options.items) if options.items else None, force=options.force)
+    # 1. The manifest (and the selected ids) is valid, before any GPU work: read once for the whole run
+    #    (the command line's read when it started this flow); read_items validates the whole manifest
+    #    unless that read was validated already, and raises ManifestError naming every bad row; unknown
+    #    --items are refused too.
+    source = run.read_manifest(manifest)
+    requests = read_items(source, items=set(options.items) if options.items else None, force=options.force)
     first = next(requests, None)
     requests = itertools.chain([first] if first is not None else [], requests)
 
@@ -204,88 +185,85 @@ def _colorize_collection(manifest: str, output: str, model: str, options: RunOpt
         logger.info("model %s: %s", model, note)
     model_hash = checked.model_hash
     smoke = checked.random_weights
-    timings = {"started": time.perf_counter()}
+    _check_pool(options)
+    run.mark("started")
+    run.write_config(manifest=manifest, model=model, model_hash=model_hash, random_weights=smoke,
+                     device=options.device, pool=options.pool, workers_per_device=options.workers_per_device,
+                     options=options.model_dump(mode="json"))
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                      weight_dtype=options.weight_dtype)
-    records, pool = RecordSpool(), None
+    redone: list[str] = []
     try:
         if stopping.STOP.is_set():
             raise RunInterrupted("stopped before the pool started")
-        pool = _start_pool(run_id, spec, options)
-        timings["pool_ready"] = time.perf_counter()
+        with _pool(run, spec, options) as pool:
+            run.mark("pool_ready")
 
-        # 3. Plan: skip what the done-index lists as done and the archive still holds (one listing), stream the rest.
-        done = read_done_index(output)
-        missing = missing_done_items(output, done)
-        redone: list[str] = []
-        planned = _noting_missing(plan_items(requests, done, config_hash=config_hash(config_dict), model_hash=model_hash,
-                                             force=options.force, missing=missing), redone)
+            # 3. Plan: skip what the done-index lists as done and the archive still holds (one listing), stream
+            #    the rest.
+            done = read_done_index(output)
+            missing = missing_done_items(output, done)
+            planned = _noting_missing(plan_items(requests, done, config_hash=config_hash(config_dict),
+                                                 model_hash=model_hash, force=options.force, missing=missing), redone)
 
-        # 4. Run the items, windowed, and follow progress; records are spooled to disk.
-        window = options.window or 2 * (pool.size if pool else _ray_gpu_count(options.gpus_per_item))
-        ray_options = {"num_gpus": options.gpus_per_item} if options.pool == "ray" else None
-        on_record, on_item, keys = _progress_recorder(records, _count(manifest, options.items), run_id)
-        run_items(run_id, spec, _with_keys(planned, keys), output, config_dict, options.preset, window,
-                  options.retries, options.retry_delay_seconds, on_record, ray_options, options.read_limits(),
-                  smoke=smoke, on_item=on_item)
-        timings["items_done"] = time.perf_counter()
+            # 4. Run the items, windowed, and follow progress; records are spooled to disk.
+            window = options.window or 2 * (pool.size if pool else _ray_gpu_count(options.gpus_per_item))
+            ray_options = {"num_gpus": options.gpus_per_item} if options.pool == "ray" else None
+            on_record, on_item, keys = _progress_recorder(run, _count(source, options.items))
+            run_items(run.run_id, spec, _with_keys(planned, keys), output, config_dict, options.preset, window,
+                      options.retries, options.retry_delay_seconds, on_record, ray_options, options.read_limits(),
+                      smoke=smoke, on_item=on_item)
+            run.mark("items_done")
     except RunInterrupted:  # stopped while the pool started: the run's record has no item
-        timings.setdefault("pool_ready", time.perf_counter())
-        timings["items_done"] = time.perf_counter()
-    finally:
-        if pool is not None:
-            ACTIVE_POOLS.pop(run_id, None)
-            pool.close()
+        run.mark("pool_ready")
+        run.mark("items_done")
 
     # 5. Results, done-index, report and summary.
-    summary = _write_run(output, run_id, records, timings, None if pool is None else pool.devices, smoke)
+    summary = run.finish(smoke=smoke, done_index=True)
     summary["redone_missing"] = len(redone)
     summary["redone_missing_items"] = redone[:1000]
-    logger.info("run %s: %s", run_id, describe_counts(summary["items"], summary["versions_written"]))
     if redone:
         logger.warning("run %s: %d item(s) the done-index listed as done were missing from the archive and were "
-                       "done again: %s", run_id, len(redone), ", ".join(redone[:20]) + (" ..." if len(redone) > 20 else ""))
-    if summary["interrupted"]:
-        return Cancelled(message=f"run {run_id} stopped by {summary['signal']}", data=summary)
-    if summary["counts"].get("failed"):
-        return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
-    return Completed(message=f"run {run_id} done", data=summary)
+                       "done again: %s", run.run_id, len(redone),
+                       ", ".join(redone[:20]) + (" ..." if len(redone) > 20 else ""))
+    return run.outcome(summary)
 
 
-def _start_pool(run_id: str, spec: ModelSpec, options: RunOptions) -> DevicePool | None:
-    """The run's pool (local worker processes, or inline) with its models loaded; None in Ray mode (Ray places items)."""
+def _check_pool(options: RunOptions) -> None:
+    """ValueError for a pool the run cannot have (refused before the run records anything)."""
     if options.pool == "ray":
         if "Ray" not in type(FlowRunContext.get().task_runner).__name__:
             raise ValueError("pool 'ray' needs the Ray task runner: run flows/ray_collection.py:colorize_collection_ray "
                              "(or diffcolor run --pool ray)")
-        return None
-    if options.pool not in ("local", "inline"):
+    elif options.pool not in ("local", "inline"):
         raise ValueError(f"pool must be 'local', 'inline' or 'ray', got {options.pool!r}")
-    pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
-                      inline=options.pool == "inline",
-                      on_stage=(lambda *step: notify("stage", *step)) if PROGRESS_LISTENERS else None)
-    ACTIVE_POOLS[run_id] = pool
-    try:
+
+
+@contextmanager
+def _pool(run: Run, spec: ModelSpec, options: RunOptions):
+    """The run's pool (local worker processes, or inline) with its models loaded; None in Ray mode (Ray places items)."""
+    if options.pool == "ray":
+        yield None
+        return
+    with run.pool(spec, device=options.device, workers_per_device=options.workers_per_device,
+                  inline=options.pool == "inline") as pool:
         pool.describe()  # every worker up, its models loaded
-    except BaseException:
-        ACTIVE_POOLS.pop(run_id, None)
-        pool.close()
-        raise
-    return pool
+        yield pool
 
 
-def _progress_recorder(records: RecordSpool, total: int, run_id: str):
-    """``on_record(record)``, which spools each record with its plan key; ``on_item(records)``, which moves
-    the progress artifact and tells the progress listeners; and the dict of plan keys of the items in
+def _progress_recorder(run: Run, total: int):
+    """``on_record(record)``, which adds each record to the run with its plan key; ``on_item(records)``, which
+    moves the progress artifact and tells the progress listeners; and the dict of plan keys of the items in
     flight that ``on_record`` reads them from."""
-    progress = create_progress_artifact(0.0, key="colorize-collection-progress", description=f"run {run_id}")
+    progress = create_progress_artifact(0.0, key="colorize-collection-progress", description=f"run {run.run_id}")
     keys: dict[str, str] = {}
-    notify("start", run_id, total)
+    records = run.records
+    notify("start", run.run_id, total)
 
     def on_record(record: dict) -> None:
         # Every version of an item carries its plan key (the done-index then names the item's last version).
         record["plan_key"] = keys.get(record["item_id"], record.get("plan_key"))
-        records.add(record)
+        run.add(record)
 
     def on_item(item_records: list[dict]) -> None:
         keys.pop(item_records[-1]["item_id"], None)
@@ -295,39 +273,6 @@ def _progress_recorder(records: RecordSpool, total: int, run_id: str):
             update_progress_artifact(progress, min(100.0, 100.0 * items / max(total, 1)))
 
     return on_record, on_item, keys
-
-
-def _write_run(output: str, run_id: str, records: RecordSpool, timings: dict, devices: int | None,
-               smoke: bool) -> dict:
-    """The run's results Parquet, the done-index update, the report and the summary (also as artifacts)."""
-    prefix = run_prefix(output, run_id)
-    write_results(records, storage.join(prefix, "results.parquet"))
-    update_done_index(output, (
-        (r["item_id"], r["plan_key"], "done" if r["status"] in ("done", "skipped_done") else r["status"], r.get("version"))
-        for r in records if r["status"] in ("done", "skipped_done", "not_grayscale") and r.get("plan_key")
-    ), run_id=run_id)
-    write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id, all_records=records,
-                 smoke=smoke)
-    summary = run_summary(records, run_id, prefix)
-    summary["smoke"] = smoke
-    summary["seconds"] = {
-        "pool_start": timings["pool_ready"] - timings["started"],
-        "items": timings["items_done"] - timings["pool_ready"],
-        "finish": time.perf_counter() - timings["items_done"],
-    }
-    summary["device_seconds_per_item"] = _device_seconds_per_item(records.counts, summary["seconds"]["items"], devices)
-    write_summary(interruption(summary))
-    publish_summary(summary, records)
-    return summary
-
-
-def _device_seconds_per_item(counts: dict[str, int], items_seconds: float, devices: int | None) -> float | None:
-    """The run's throughput as device time: the devices held for the items' phase over the items that did
-    work (skipped items cost nothing). None on Ray, whose cluster grows and shrinks during a run."""
-    worked = sum(count for status, count in counts.items() if status != "skipped_done")
-    if devices is None or worked == 0:
-        return None
-    return devices * items_seconds / worked
 
 
 def _ray_gpu_count(gpus_per_item: float) -> int:
@@ -362,11 +307,5 @@ def _with_keys(planned, keys: dict[str, str]):
         yield item
 
 
-def _report_records(records: RecordSpool) -> list[dict]:
-    """The records the contact sheet shows: the first ones, plus every kept failure."""
-    seen = {(r["item_id"], r.get("version")) for r in records.head}
-    return records.head + [r for r in records.failures if (r["item_id"], r.get("version")) not in seen]
-
-
-def _count(manifest: str, items: list[str] | None) -> int:
+def _count(manifest: ManifestFile, items: list[str] | None) -> int:
     return len({normalize_item_id(item) for item in items}) if items else count_rows(manifest)

@@ -20,42 +20,33 @@ import json
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.states import Cancelled, Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
 from diffcolor.archive import storage
 from diffcolor.archive.items import ItemLayout, failure_record
-from diffcolor.archive.planning import item_prefix, run_prefix
-from diffcolor.archive.report import describe_counts, write_report
-from diffcolor.archive.results import RecordSpool, write_results
+from diffcolor.archive.planning import item_prefix
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.errors import PromptError, StateError
 from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.redact import redact, refuse_credentials
 from diffcolor.method.doctor import preflight_model
-from diffcolor.method.presets import apply_overrides, get_preset
 from flows import stopping, worker
 from flows.checks import check_output_writable
-from flows.pool import DevicePool, ModelSpec
+from flows.pool import ModelSpec
 from flows.runs import (
-    ACTIVE_POOLS,
-    PROGRESS_LISTENERS,
-    current_run_id,
-    interruption,
+    Run,
     is_transient,
     new_run_id,
     notify,
-    publish_summary,
     record_of_failure,
-    refusal,
+    refusing,
+    resolve_config,
     run_on_worker,
-    run_summary,
-    write_summary,
 )
 
 
@@ -148,24 +139,16 @@ def reprocess(output: str, targets: list[Retarget], options: ReprocessOptions = 
     Ends as the collection run does: Failed when any item failed or the run was refused (one line),
     Cancelled with the record of the items finished when it was stopped (SIGINT, SIGTERM).
     """
-    stopping.reclaim_signals()  # the command line's stop handling, in place of Prefect's SIGTERM handler
-    try:
-        return _reprocess(output, targets, options)
-    except Exception as error:
-        line = refusal(error)
-        if line is None:
-            raise
-        get_run_logger().error("reprocess refused: %s", line)
-        return Failed(message=line)
+    return refusing("reprocess", _reprocess, output, targets, options)
 
 
 def _reprocess(output: str, targets: list[Retarget], options: ReprocessOptions):
-    logger = get_run_logger()
-    run_id = current_run_id()  # the flow run's name
     refuse_credentials(output, what="flow parameter")  # a deployment's parameters are stored
     output = storage.absolute(output)  # records name absolute URIs
     check_output_writable(output)  # before any model loads
-    records = RecordSpool()
+    # The preset of the full fit, for items without a colour state.
+    run = Run(output, "reprocess", preset=options.preset, overrides=options.overrides,
+              config=resolve_config(options.preset, options.overrides))
 
     # 1. What each item is: its latest record (source, caption, seed, model); ids through the item-id rule.
     targets = [Retarget.model_validate(target) for target in targets]
@@ -181,7 +164,7 @@ def _reprocess(output: str, targets: list[Retarget], options: ReprocessOptions):
         record = previous[target.item_id]
         model = options.model or (record or {}).get("model_id")
         if record is None or not record.get("source_uri") or not model:
-            records.add(_never_colourised(target))
+            run.add(_never_colourised(target))
         else:
             by_model.setdefault(model, []).append(target)
 
@@ -193,49 +176,35 @@ def _reprocess(output: str, targets: list[Retarget], options: ReprocessOptions):
                                   device=options.device, weight_dtype=options.weight_dtype, hashes=False,
                                   probe_memory=False)
         smoke = smoke or checked.random_weights
+    run.write_config(models=sorted(by_model), random_weights=smoke, device=options.device, pool=options.pool,
+                     workers_per_device=options.workers_per_device, options=options.model_dump(mode="json"))
 
     # 4. Model by model: a pool with the models loaded once, then every item of that model.
-    notify("start", run_id, len(targets))
+    records = run.records
+    notify("start", run.run_id, len(targets))
     for record in records.head:  # targets refused above count as done with
         notify("item", sum(records.items.values()), len(targets), [record])
     for model, group in by_model.items():
         if stopping.STOP.is_set():
             break
-        for record in _run_group(run_id, output, model, group, previous, options):
-            records.add(record)
+        for record in _run_group(run, model, group, previous, options):
+            run.add(record)
             notify("item", len(records), len(targets), [record])
 
-    # 5. The run's results and report.
-    prefix = run_prefix(output, run_id)
-    write_results(records, storage.join(prefix, "results.parquet"))
-    write_report(records.head + records.failures, storage.join(prefix, "report.html"), run_id=run_id,
-                 all_records=records, smoke=smoke or None)
-    summary = run_summary(records, run_id, prefix)
-    summary["smoke"] = smoke
-    write_summary(interruption(summary))
-    publish_summary(summary, records)
-    logger.info("reprocess %s: %s", run_id, describe_counts(summary["items"], summary["versions_written"]))
-    if summary["interrupted"]:
-        return Cancelled(message=f"reprocess {run_id} stopped by {summary['signal']}", data=summary)
-    if summary["counts"].get("failed"):
-        return Failed(message=f"{summary['counts']['failed']} item(s) failed; see {summary['report']}", data=summary)
-    return Completed(message=f"reprocess {run_id} done", data=summary)
+    # 5. The run's results, report and summary.
+    return run.outcome(run.finish(smoke=smoke))
 
 
-def _run_group(run_id: str, output: str, model: str, group: list[Retarget], previous: dict,
-               options: ReprocessOptions) -> list[dict]:
+def _run_group(run: Run, model: str, group: list[Retarget], previous: dict, options: ReprocessOptions) -> list[dict]:
     """Renders (or, without a colour state, refits) every target of ``group`` on a pool holding ``model``."""
     spec = ModelSpec(model=model, clip=options.clip, allow_download=options.allow_download,
                      weight_dtype=options.weight_dtype)
     limits = ReadLimits.from_mib(options.max_source_mb, options.source_timeout_seconds)
     retry = {"retries": options.retries, "retry_delay_seconds": options.retry_delay_seconds}
-    pool = DevicePool(spec, device=options.device, workers_per_device=options.workers_per_device,
-                      inline=options.pool == "inline",
-                      on_stage=(lambda *step: notify("stage", *step)) if PROGRESS_LISTENERS else None)
-    ACTIVE_POOLS[run_id] = pool
+    run_id, output, config_dict = run.run_id, run.output, run.config.to_dict()
     records, futures = [], {}
-    try:
-        config_dict = apply_overrides(get_preset(options.preset), options.overrides).to_dict()
+    with run.pool(spec, device=options.device, workers_per_device=options.workers_per_device,
+                  inline=options.pool == "inline"):
         for target in group:
             if stopping.STOP.is_set():
                 break
@@ -261,7 +230,4 @@ def _run_group(run_id: str, output: str, model: str, group: list[Retarget], prev
             except Exception as error:
                 target = futures[future]
                 records.append(record_of_failure(ItemRequest(item_id=target.item_id, source_uri="", caption=""), error, ""))
-    finally:
-        ACTIVE_POOLS.pop(run_id, None)
-        pool.close()
     return records

@@ -127,7 +127,7 @@ def test_worker_killed_mid_fit_is_retried_and_ends_identical(prefect_server, mod
     from diffcolor.method.presets import apply_overrides, get_preset
     from diffcolor.pipeline import colorize_item
     from flows.collection import RunOptions, colorize_collection
-    from flows.runs import ACTIVE_POOLS
+    from flows.runs import live_pools
 
     manifest = _collection(tmp_path, count=1)
     overrides = {"stage1.steps": 40, "stage1.checkpoints.every": 4}
@@ -143,7 +143,7 @@ def test_worker_killed_mid_fit_is_retried_and_ends_identical(prefect_server, mod
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             checkpoints = list((out / "items" / "p0" / "checkpoints" / "stage1").glob("step-*.safetensors"))
-            pools = list(ACTIVE_POOLS.values())
+            pools = live_pools()
             if checkpoints and pools:
                 for pid in pools[0].worker_pids():
                     os.kill(pid, signal.SIGKILL)  # a real kill, in the middle of stage 1
@@ -301,6 +301,10 @@ def test_reprocess_renders_new_targets_from_colour_states(prefect_server, tmp_pa
     assert code == 0
     rows = read_results(str(_run_dirs(out)[-1] / "results.parquet")).to_pylist()  # the reprocess run's
     assert sorted((row["version"], json.loads(row["record_json"])["placement"]["workers_on_device"]) for row in rows) == [(2, 2), (2, 2)]
+    run = _run_dirs(out)[-1]
+    assert {json.loads(row["record_json"])["run_config"] for row in rows} == {str(run / "config.json")}
+    config = json.loads((run / "config.json").read_text())
+    assert config["kind"] == "reprocess" and config["models"] == ["tiny"] and config["preset"] == "default"
     for item in ("p0", "p1"):
         record = json.loads((out / "items" / item / "result.json").read_text())
         assert record["version"] == 2 and record["finetune_steps_run"] == 0
@@ -308,6 +312,50 @@ def test_reprocess_renders_new_targets_from_colour_states(prefect_server, tmp_pa
         assert json.loads((out / "items" / item / "versions" / "v0001.json").read_text())["weight_dtype"] == "float32"
         assert record["target_prompt"].startswith("a red dog")
         assert (out / "items" / item / "versions" / "v0001" / "master.tif").exists()
+
+
+def test_a_run_reads_its_manifest_once_and_records_its_resolved_configuration(prefect_server, tmp_path, monkeypatch):
+    from diffcolor.archive import manifest as manifest_module
+    from diffcolor.method.presets import apply_overrides, get_preset
+    from flows.collection import RunOptions, colorize_collection
+    from flows.runs import pipeline_config, read_run_config
+
+    manifest, out = _collection(tmp_path, count=2), tmp_path / "out"
+    reads, scans = [], []
+    open_source, validate = manifest_module._open_source, manifest_module._validate
+    monkeypatch.setattr(manifest_module, "_open_source", lambda uri: reads.append(uri) or open_source(uri))
+    monkeypatch.setattr(manifest_module, "_validate", lambda *a, **k: scans.append(1) or validate(*a, **k))
+    overrides = {"stage1.steps": 6, "render.alpha": 0.5}
+    with pytest.warns(FutureWarning, match="render.eta") as warned:  # a former name: warned of once, applied once
+        code = main(["run", str(manifest), "--out", str(out), "--model", "tiny", "--preset", "smoke", "--device", "cpu",
+                     "--items", "p0,p1", "--set", "stage1.steps=6", "--set", "render.eta=0.5"])
+    assert code == 0
+    assert len([w for w in warned if issubclass(w.category, FutureWarning)]) == 1
+    # The command line's checks (validation, --items, count) and the flow's plan share one read and one validation.
+    assert reads == [str(manifest)] and len(scans) == 1
+
+    [run] = _run_dirs(out)
+    config = read_run_config(str(run / "config.json"))
+    assert config["preset"] == "smoke" and config["overrides"] == {"stage1.steps": 6, "render.eta": 0.5}
+    assert pipeline_config(config) == apply_overrides(get_preset("smoke"), overrides)
+    assert config["model"] == "tiny" and len(config["model_hash"]) == 64 and config["software_version"]
+    assert config["device"] == "cpu" and config["pool"] == "local" and config["run_id"] == run.name
+    first = {row["item_id"]: json.loads(row["record_json"]) for row in read_results(str(run / "results.parquet")).to_pylist()}
+    assert {record["status"] for record in first.values()} == {"done"}
+    assert {record["run_config"] for record in first.values()} == {str(run / "config.json")}
+
+    # A rerun with the recorded configuration alone (no command line: the flow reads its manifest itself, once)
+    # plans the same keys, so every item is found done.
+    reads.clear()
+    options = RunOptions.model_validate(config["options"])
+    state = colorize_collection(config["manifest"], str(out), config["model"], options, return_state=True)
+    assert state.is_completed() and reads == [str(manifest)]
+    rerun = _run_dirs(out)[-1]
+    second = {row["item_id"]: json.loads(row["record_json"]) for row in read_results(str(rerun / "results.parquet")).to_pylist()}
+    assert {record["status"] for record in second.values()} == {"skipped_done"}
+    assert {item: record["plan_key"] for item, record in second.items()} == \
+        {item: record["plan_key"] for item, record in first.items()}
+    assert read_run_config(str(rerun / "config.json"))["config"] == config["config"]
 
 
 def _diffcolor(*args, cwd=None):

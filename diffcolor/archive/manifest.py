@@ -718,24 +718,59 @@ def _validate(schema: pa.Schema, batches: Iterable[pa.RecordBatch], limit: Promp
 # Reading
 
 
-@contextmanager
-def _open_parquet(uri: str) -> Iterator[pq.ParquetFile]:
-    """The Parquet file at ``uri``, opened through the storage layer's filesystem for streaming reads.
+class ManifestFile:
+    """A manifest read once (:func:`read_manifest`): its URI and its bytes.
+
+    Every function here that takes a manifest URI also takes one of these, and
+    then parses the bytes held instead of reading storage again; a validation
+    that found no problem is remembered (:attr:`ids`), so that a run validates
+    its manifest once, whoever asks (the command line, then the flow).
+    """
+
+    def __init__(self, uri: str, data: bytes):
+        self.uri, self.data = uri, data
+        self.ids: dict[str, int] | None = None  # the (case-folded) ids, once a validation found no problem
+
+    def __repr__(self) -> str:
+        return f"ManifestFile({redact(self.uri)!r}, {len(self.data)} bytes)"
+
+
+def read_manifest(uri: str) -> ManifestFile:
+    """The manifest at ``uri`` read whole, once (InputUnavailableError when it is missing)."""
+    with _open_source(uri) as handle:
+        try:
+            return ManifestFile(uri, handle.read())
+        except OSError as error:
+            raise StorageError(f"reading manifest '{uri}' failed: {error}") from error
+
+
+def _uri(manifest: str | ManifestFile) -> str:
+    return manifest.uri if isinstance(manifest, ManifestFile) else manifest
+
+
+def _open_source(uri: str):
+    """The manifest's bytes as a file object: the one place a manifest is read from storage.
 
     An http(s) URL is fetched whole, through the storage layer's checked fetch.
     """
     try:
         if is_http(uri):
-            handle = io.BytesIO(storage.read_bytes(uri))
-        else:
-            fs, path = storage.filesystem(uri)
-            handle = fs.open(path, "rb")
+            return io.BytesIO(storage.read_bytes(uri))
+        fs, path = storage.filesystem(uri)
+        return fs.open(path, "rb")
     except (FileNotFoundError, IsADirectoryError) as error:
         raise InputUnavailableError(f"manifest '{uri}' does not exist") from error
     except PermissionError as error:
         raise InputUnavailableError(f"manifest '{uri}' cannot be read: permission denied") from error
     except OSError as error:
         raise StorageError(f"opening manifest '{uri}' failed: {error}") from error
+
+
+@contextmanager
+def _open_parquet(manifest: str | ManifestFile) -> Iterator[pq.ParquetFile]:
+    """The manifest as a Parquet file: the bytes of a ManifestFile, else streamed from storage."""
+    uri = _uri(manifest)
+    handle = io.BytesIO(manifest.data) if isinstance(manifest, ManifestFile) else _open_source(uri)
     with handle:
         try:
             parquet = pq.ParquetFile(handle)
@@ -751,13 +786,13 @@ def _batches(parquet: pq.ParquetFile, uri: str, batch_size: int, columns: list[s
         raise ManifestError([ManifestProblem(None, None, f"the Parquet file is corrupt: {error}")], uri) from error
 
 
-def count_rows(uri: str) -> int:
+def count_rows(uri: str | ManifestFile) -> int:
     """The number of rows of the manifest at ``uri``, from its Parquet footer (no data read)."""
     with _open_parquet(uri) as parquet:
         return parquet.metadata.num_rows
 
 
-def validate_manifest(uri: str, *, batch_size: int = 65_536, prompt_limit: PromptLimit | None = None,
+def validate_manifest(uri: str | ManifestFile, *, batch_size: int = 65_536, prompt_limit: PromptLimit | None = None,
                       checks: ManifestChecks | None = None) -> list[ManifestProblem]:
     """Every problem of the manifest at ``uri`` (empty when valid), streaming it in record batches.
 
@@ -784,13 +819,20 @@ def validate_manifest(uri: str, *, batch_size: int = 65_536, prompt_limit: Promp
         return error.problems
 
 
-def _scan(uri: str, batch_size: int, limit: PromptLimit | None = None,
+def _scan(uri: str | ManifestFile, batch_size: int, limit: PromptLimit | None = None,
           checks: ManifestChecks | None = None) -> tuple[list[ManifestProblem], dict[str, int]]:
+    """The manifest's problems and ids; a ManifestFile found valid remembers its ids (read once, checked once)."""
+    if isinstance(uri, ManifestFile) and uri.ids is not None and limit is None and checks is None:
+        return [], uri.ids
     with _open_parquet(uri) as parquet:
         schema = parquet.schema_arrow
         checked = [name for name in schema.names if canonical_column(name) and schema.names.count(name) == 1]
         checked += [name for name in text_columns(schema) if name not in checked]
-        return _validate(schema, _batches(parquet, uri, batch_size, checked), limit, checks=checks, base_uri=uri)
+        problems, ids = _validate(schema, _batches(parquet, _uri(uri), batch_size, checked), limit, checks=checks,
+                                  base_uri=_uri(uri))
+    if isinstance(uri, ManifestFile) and not problems:
+        uri.ids = ids
+    return problems, ids
 
 
 def validate_table(table: pa.Table) -> list[ManifestProblem]:
@@ -844,7 +886,7 @@ def catalogue_text(value: Any) -> str:
 
 
 def read_items(
-    uri: str,
+    uri: str | ManifestFile,
     *,
     batch_size: int = 1024,
     items: set[str] | None = None,
@@ -854,10 +896,10 @@ def read_items(
     """The manifest's rows as ItemRequests, streamed in record batches of ``batch_size`` rows.
 
     With ``check`` (the default) the manifest is validated first, in a
-    separate streaming pass, and ManifestError is raised here, before anything
-    is yielded, when it has any problem or when ``items`` names an id that is
-    not in the manifest. ``check=False`` is for callers that have just
-    validated the same file.
+    separate streaming pass (none for a :class:`ManifestFile` already found
+    valid), and ManifestError is raised here, before anything is yielded, when
+    it has any problem or when ``items`` names an id that is not in the
+    manifest. ``check=False`` is for callers that have just validated the same file.
 
     Each request has the normalised item id; ``source_uri`` (and a
     ``ground_truth_uri``) resolved with :func:`resolve_uri`; the caption and
@@ -869,20 +911,22 @@ def read_items(
     try:
         wanted = {normalize_item_id(item) for item in items} if items is not None else None
     except UnsafeItemIdError as error:
-        raise ManifestError([ManifestProblem(None, "item_id", str(error))], uri) from None
+        raise ManifestError([ManifestProblem(None, "item_id", str(error))], _uri(uri)) from None
     if check:
         problems, ids = _scan(uri, 65_536)
         if wanted is not None:
             missing = sorted(item for item in wanted if item.casefold() not in ids)
             problems += [ManifestProblem(None, "item_id", f"requested item {item!r} is not in the manifest") for item in missing]
         if problems:
-            raise ManifestError(problems, uri)
+            raise ManifestError(problems, _uri(uri))
     folded = {item.casefold() for item in wanted} if wanted is not None else None
     return _iter_items(uri, batch_size, folded, force)
 
 
-def _iter_items(uri: str, batch_size: int, wanted: set[str] | None, force: bool) -> Iterator[ItemRequest]:
-    with _open_parquet(uri) as parquet:
+def _iter_items(manifest: str | ManifestFile, batch_size: int, wanted: set[str] | None,
+                force: bool) -> Iterator[ItemRequest]:
+    uri = _uri(manifest)
+    with _open_parquet(manifest) as parquet:
         renamed = {name: canonical for name, canonical in column_spellings(parquet.schema_arrow.names)[0].items()
                    if name != canonical}
         schema = _renamed_schema(parquet.schema_arrow, renamed)
