@@ -193,22 +193,132 @@ def filter_table(table: pa.Table, filters: Filters) -> pa.Table:
     return table.filter(mask)
 
 
-class CollectionTable:
-    """The browsable table of one output root, refreshed from new runs (at most every REFRESH_SECONDS)."""
+_STATE_SQL = """
+CREATE OR REPLACE TABLE items AS
+WITH rows AS (
+    SELECT r.*, files.run * 4294967296 + r.file_row_number AS ord
+    FROM (SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM declared) AS r JOIN files USING (filename)),
+attempts AS (SELECT * FROM rows WHERE decision IS NULL),
+latest AS (SELECT * FROM attempts QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY ord DESC) = 1),
+best AS (SELECT * FROM attempts WHERE status IN ('done', 'skipped_done')
+         QUALIFY row_number() OVER (PARTITION BY item_id
+                                    ORDER BY coalesce(version, 0) DESC, status = 'done' DESC, ord DESC) = 1),
+decided AS (SELECT item_id, decision, version AS decided_version, decided_by, decided_at FROM rows
+            WHERE decision IS NOT NULL QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY ord DESC) = 1),
+chosen AS (
+    SELECT {current}, latest.ord <> coalesce(best.ord, latest.ord) AS other,
+           latest.status AS l_status, latest.error_message AS l_error, latest.created_at AS l_at,
+           CASE WHEN latest.record_json IS DISTINCT FROM coalesce(best.record_json, latest.record_json)
+                     AND catalogue_nonempty(json_extract(latest.record_json, '$.catalogue'))
+                THEN json_extract(latest.record_json, '$.catalogue')
+                ELSE json_extract(coalesce(best.record_json, latest.record_json), '$.catalogue') END AS catalogue
+    FROM latest LEFT JOIN best USING (item_id))
+SELECT {shown},
+       CASE WHEN other THEN l_status END AS latest_status, CASE WHEN other THEN l_error END AS latest_error,
+       CASE WHEN other THEN l_at END AS latest_at,
+       decided.decision, decided.decided_version, decided.decided_by, decided.decided_at,
+       catalogue_text(catalogue) AS catalogue_text, catalogue_value(catalogue, 'collection') AS collection
+FROM chosen LEFT JOIN decided USING (item_id)
+ORDER BY item_id
+"""
 
-    def __init__(self, output: str):
+def _state_sql(source: str) -> str:
+    """The query that builds the per-item state from ``source`` (the rows of every run)."""
+    own = [name for name in _read() if name not in ("decision", "decided_by", "decided_at", "record_json")]
+    current = [name if name == "item_id" else
+               "CASE WHEN best.ord IS NULL THEN latest.status ELSE 'done' END AS status" if name == "status" else
+               f'CASE WHEN best.ord IS NULL THEN latest."{name}" ELSE best."{name}" END AS "{name}"' for name in own]
+    return _STATE_SQL.format(source=source, current=", ".join(current), shown=", ".join(f'"{name}"' for name in own))
+
+
+# A catalogue value as Python's f"{value}" writes it (strings as they are, True/False), null for null or "".
+_MACROS = ("""CREATE OR REPLACE MACRO catalogue_value(c, k) AS CASE
+               WHEN json_type(c) <> 'OBJECT' OR json_type(c, k) IS NULL OR json_type(c, k) = 'NULL' THEN NULL
+               WHEN json_type(c, k) = 'BOOLEAN' THEN CASE WHEN json_extract(c, k)::BOOLEAN THEN 'True' ELSE 'False' END
+               ELSE nullif(json_extract_string(c, k), '') END""",
+           """CREATE OR REPLACE MACRO catalogue_nonempty(c) AS CASE json_type(c)
+               WHEN 'OBJECT' THEN len(json_keys(c)) > 0 WHEN 'ARRAY' THEN json_array_length(c) > 0
+               WHEN 'VARCHAR' THEN json_extract_string(c, '$') <> '' WHEN 'BIGINT' THEN json_extract(c, '$')::DOUBLE <> 0
+               WHEN 'UBIGINT' THEN json_extract(c, '$')::DOUBLE <> 0 WHEN 'DOUBLE' THEN json_extract(c, '$')::DOUBLE <> 0
+               WHEN 'BOOLEAN' THEN json_extract(c, '$')::BOOLEAN ELSE false END""",
+           f"""CREATE OR REPLACE MACRO catalogue_text(c) AS CASE WHEN json_type(c) = 'OBJECT' THEN array_to_string(
+               list_transform(list_filter(list_concat(
+                   list_filter({list(CATALOGUE_FIRST)}, k -> list_contains(json_keys(c), k)),
+                   list_sort(list_filter(json_keys(c), k -> NOT list_contains({list(CATALOGUE_FIRST)}, k)))),
+                   k -> catalogue_value(c, k) IS NOT NULL),
+                   k -> replace(k, '_', ' ') || ': ' || catalogue_value(c, k)), '; ') ELSE '' END""")
+
+
+def _where(filters: Filters) -> tuple[str, list]:
+    """The SQL condition and its parameters for ``filters``. Raises ValueError naming an unknown metric."""
+    conditions, values = ["true"], []
+    if filters.status:
+        conditions.append("status = ?")
+        values.append(filters.status)
+    if filters.collection:
+        conditions.append("collection = ?")
+        values.append(filters.collection)
+    if filters.text:
+        conditions.append("(strpos(lower(item_id), lower(?)) > 0 OR coalesce(strpos(lower(catalogue_text), lower(?)) > 0,"
+                          " false) OR coalesce(strpos(lower(caption), lower(?)) > 0, false))")
+        values += [filters.text.strip()] * 3
+    if filters.smoke is not None:
+        conditions.append("coalesce(smoke_run, false) = ?")
+        values.append(filters.smoke)
+    if filters.decision == "none":
+        conditions.append("decision IS NULL")
+    elif filters.decision:
+        conditions.append("decision = ?")
+        values.append(filters.decision)
+    for metric, low, high in filters.ranges:
+        if metric not in metrics():
+            raise ValueError(f"unknown metric {metric!r}; filter by one of {metrics()}")
+        for bound, operator in ((low, ">="), (high, "<=")):
+            if bound is not None:
+                conditions.append(f'"{metric}" {operator} ?')
+                values.append(float(bound))
+    return " AND ".join(conditions), values
+
+
+class CollectionTable:
+    """The browsable table of one output root, refreshed from new runs (at most every REFRESH_SECONDS).
+
+    The runs' results files are queried where they lie (DuckDB's ``read_parquet``,
+    through the output's fsspec filesystem when it is not local): each refresh
+    that finds a new run rebuilds the per-item state as a table inside DuckDB
+    (columnar, compressed, able to spill to disk), and a page is one query with
+    the filters, the order and the limit in it; only the page's rows become
+    Python objects.
+    """
+
+    def __init__(self, output: str, *, memory_limit: str = "512MB"):
+        import duckdb
+
         self.output = output
-        self._runs: dict[str, pa.Table] = {}
-        self._table: pa.Table = _empty()
+        self._runs: list[str] = []
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._con = duckdb.connect(config={"memory_limit": memory_limit, "autoinstall_known_extensions": False,
+                                           "autoload_known_extensions": False})
+        fs, _ = storage.filesystem(output)
+        self._local = storage._is_local(fs)
+        if not self._local:
+            self._con.register_filesystem(fs)
+        for macro in _MACROS:
+            self._con.execute(macro)
+        self._con.register("declared", declarations.with_columns(pa.table({"item_id": pa.array([], pa.string())}))
+                           .select(list(_read())))
+        self._build([])
 
-    def table(self, *, refresh: bool = False) -> pa.Table:
-        """The latest table (re-listing ``runs/`` when ``refresh`` or when the last listing is old)."""
+    def refresh(self) -> None:
+        """Re-lists ``runs/`` now and folds in any new run."""
         with self._lock:
-            if refresh or time.monotonic() - self._checked > REFRESH_SECONDS:
+            self._refresh()
+
+    def _fresh(self) -> None:
+        with self._lock:
+            if time.monotonic() - self._checked > REFRESH_SECONDS:
                 self._refresh()
-            return self._table
 
     def _refresh(self) -> None:
         try:  # a runs/ folder or run that is a link out of the output is not read (storage.confine)
@@ -216,25 +326,54 @@ class CollectionTable:
         except storage.OutsideRootError as error:
             logger.warning("%s", error)
             runs = []
-        new = [run for run in runs if run not in self._runs]
-        for run in new:
+        files = []
+        for run in sorted(runs):
             try:
-                self._runs[run] = _run_rows(storage.confine(self.output, storage.join(run, "results.parquet")))
-            except MissingObjectError:  # a run under way has no results yet: look again next time
-                continue
+                uri = storage.confine(self.output, storage.join(run, "results.parquet"))
             except storage.OutsideRootError as error:
                 logger.warning("%s", error)
                 continue
-        if any(run in self._runs for run in new):
-            self._table = latest_per_item([self._runs[run] for run in sorted(self._runs)])
+            if run in self._runs or storage.exists(uri):  # a run under way has no results yet: look again next time
+                files.append((run, uri))
+        if [run for run, _ in files] != self._runs:
+            self._build([storage.filesystem(uri)[1] if self._local else uri for _, uri in files])
+            self._runs = [run for run, _ in files]
         self._checked = time.monotonic()
+
+    def _build(self, paths: list[str]) -> None:
+        """Rebuilds the ``items`` table from the results files ``paths`` (oldest run first)."""
+        source = ("read_parquet(?, filename = true, file_row_number = true, union_by_name = true)" if paths else
+                  "(SELECT *, NULL::VARCHAR AS filename, NULL::BIGINT AS file_row_number FROM declared)")
+        self._con.register("files", pa.table({"filename": pa.array(paths, pa.string()),
+                                              "run": pa.array(range(len(paths)), pa.int64())}))
+        try:
+            self._con.execute(_state_sql(source), [paths] if paths else [])
+        finally:
+            self._con.unregister("files")
+
+    def table(self, *, refresh: bool = False) -> pa.Table:
+        """The whole table as Arrow (every row: for tests and exports, not for pages)."""
+        if refresh:
+            self.refresh()
+        else:
+            self._fresh()
+        with self._lock:
+            return self._con.execute("SELECT * FROM items ORDER BY item_id").fetch_arrow_table()
 
     def page(self, filters: Filters, offset: int = 0, limit: int = 48) -> tuple[int, list[dict]]:
         """``(matching, rows)``: how many items pass ``filters`` and the ``limit`` rows from ``offset``."""
-        matching = filter_table(self.table(), filters)
-        return matching.num_rows, matching.slice(max(0, offset), max(0, limit)).to_pylist()
+        where, values = _where(filters)
+        self._fresh()
+        with self._lock:
+            [(total,)] = self._con.execute(f"SELECT count(*) FROM items WHERE {where}", values).fetchall()
+            rows = self._con.execute(f"SELECT * FROM items WHERE {where} ORDER BY item_id LIMIT ? OFFSET ?",
+                                     [*values, max(0, limit), max(0, offset)]).fetch_arrow_table()
+        return total, rows.to_pylist()
 
     def collections(self) -> list[str]:
         """The distinct collection names, for the filter's choices."""
-        values = pc.unique(self.table()["collection"]).to_pylist()
-        return sorted(value for value in values if value)
+        self._fresh()
+        with self._lock:
+            values = self._con.execute("SELECT DISTINCT collection FROM items WHERE collection IS NOT NULL "
+                                       "AND collection <> ''").fetchall()
+        return sorted(value for (value,) in values)
