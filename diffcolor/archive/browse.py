@@ -198,55 +198,61 @@ CREATE OR REPLACE TABLE items AS
 WITH rows AS (
     SELECT r.*, files.run * 4294967296 + r.file_row_number AS ord
     FROM (SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM declared) AS r JOIN files USING (filename)),
-attempts AS (SELECT * FROM rows WHERE decision IS NULL),
-latest AS (SELECT * FROM attempts QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY ord DESC) = 1),
-best AS (SELECT * FROM attempts WHERE status IN ('done', 'skipped_done')
-         QUALIFY row_number() OVER (PARTITION BY item_id
-                                    ORDER BY coalesce(version, 0) DESC, status = 'done' DESC, ord DESC) = 1),
-decided AS (SELECT item_id, decision, version AS decided_version, decided_by, decided_at FROM rows
-            WHERE decision IS NOT NULL QUALIFY row_number() OVER (PARTITION BY item_id ORDER BY ord DESC) = 1),
+-- which rows each item shows, from the narrow columns only: its latest attempt, its current version's row, its
+-- latest decision (a review run's rows repeat a decided version: they carry decisions, not outcomes)
+picked AS MATERIALIZED (
+    SELECT item_id, max(ord) FILTER (WHERE decision IS NULL) AS last,
+           arg_max(ord, {{'version': coalesce(version, 0), 'done': status = 'done', 'ord': ord}})
+               FILTER (WHERE decision IS NULL AND status IN ('done', 'skipped_done')) AS best,
+           max(ord) FILTER (WHERE decision IS NOT NULL) AS decided
+    FROM rows GROUP BY item_id HAVING last IS NOT NULL),
+needed AS MATERIALIZED (
+    SELECT *, json_extract(record_json, '$.catalogue') AS catalogue FROM rows
+    WHERE ord IN (SELECT last FROM picked UNION ALL SELECT best FROM picked UNION ALL SELECT decided FROM picked)),
 chosen AS (
-    SELECT {current}, latest.ord <> coalesce(best.ord, latest.ord) AS other,
+    SELECT {current}, picked.last <> coalesce(picked.best, picked.last) AS other,
            latest.status AS l_status, latest.error_message AS l_error, latest.created_at AS l_at,
+           decided.decision, decided.version AS decided_version, decided.decided_by, decided.decided_at,
            CASE WHEN latest.record_json IS DISTINCT FROM coalesce(best.record_json, latest.record_json)
-                     AND catalogue_nonempty(json_extract(latest.record_json, '$.catalogue'))
-                THEN json_extract(latest.record_json, '$.catalogue')
-                ELSE json_extract(coalesce(best.record_json, latest.record_json), '$.catalogue') END AS catalogue
-    FROM latest LEFT JOIN best USING (item_id))
+                     AND catalogue_nonempty(latest.catalogue)
+                THEN latest.catalogue ELSE coalesce(best.catalogue, latest.catalogue) END AS catalogue
+    FROM picked JOIN needed AS latest ON latest.ord = picked.last LEFT JOIN needed AS best ON best.ord = picked.best
+    LEFT JOIN needed AS decided ON decided.ord = picked.decided),
+mapped AS (SELECT *, CASE WHEN json_type(catalogue) = 'OBJECT' THEN catalogue::MAP(VARCHAR, JSON) END AS m
+           FROM chosen)
 SELECT {shown},
        CASE WHEN other THEN l_status END AS latest_status, CASE WHEN other THEN l_error END AS latest_error,
-       CASE WHEN other THEN l_at END AS latest_at,
-       decided.decision, decided.decided_version, decided.decided_by, decided.decided_at,
-       catalogue_text(catalogue) AS catalogue_text, catalogue_value(catalogue, 'collection') AS collection
-FROM chosen LEFT JOIN decided USING (item_id)
+       CASE WHEN other THEN l_at END AS latest_at, decision, decided_version, decided_by, decided_at,
+       coalesce(catalogue_text(m), '') AS catalogue_text, catalogue_value(m['collection']) AS collection
+FROM mapped
 ORDER BY item_id
 """
+
+# A catalogue value (JSON) as Python's f"{value}" writes it (strings as they are, True/False); null for null or "".
+_MACROS = ("""CREATE OR REPLACE MACRO catalogue_value(v) AS CASE
+               WHEN v IS NULL OR json_type(v) = 'NULL' THEN NULL
+               WHEN json_type(v) = 'BOOLEAN' THEN CASE WHEN v::BOOLEAN THEN 'True' ELSE 'False' END
+               ELSE nullif(json_extract_string(v, '$'), '') END""",
+           """CREATE OR REPLACE MACRO catalogue_nonempty(c) AS CASE json_type(c)
+               WHEN 'OBJECT' THEN len(json_keys(c)) > 0 WHEN 'ARRAY' THEN json_array_length(c) > 0
+               WHEN 'VARCHAR' THEN json_extract_string(c, '$') <> '' WHEN 'BIGINT' THEN c::DOUBLE <> 0
+               WHEN 'UBIGINT' THEN c::DOUBLE <> 0 WHEN 'DOUBLE' THEN c::DOUBLE <> 0
+               WHEN 'BOOLEAN' THEN c::BOOLEAN ELSE false END""",
+           f"""CREATE OR REPLACE MACRO catalogue_text(m) AS array_to_string(
+               list_transform(list_filter(list_concat(
+                   list_filter({list(CATALOGUE_FIRST)}, k -> list_contains(map_keys(m), k)),
+                   list_sort(list_filter(map_keys(m), k -> NOT list_contains({list(CATALOGUE_FIRST)}, k)))),
+                   k -> catalogue_value(m[k]) IS NOT NULL),
+                   k -> replace(k, '_', ' ') || ': ' || catalogue_value(m[k])), '; ')""")
+
 
 def _state_sql(source: str) -> str:
     """The query that builds the per-item state from ``source`` (the rows of every run)."""
     own = [name for name in _read() if name not in ("decision", "decided_by", "decided_at", "record_json")]
-    current = [name if name == "item_id" else
+    current = ["picked.item_id" if name == "item_id" else
                "CASE WHEN best.ord IS NULL THEN latest.status ELSE 'done' END AS status" if name == "status" else
                f'CASE WHEN best.ord IS NULL THEN latest."{name}" ELSE best."{name}" END AS "{name}"' for name in own]
     return _STATE_SQL.format(source=source, current=", ".join(current), shown=", ".join(f'"{name}"' for name in own))
-
-
-# A catalogue value as Python's f"{value}" writes it (strings as they are, True/False), null for null or "".
-_MACROS = ("""CREATE OR REPLACE MACRO catalogue_value(c, k) AS CASE
-               WHEN json_type(c) <> 'OBJECT' OR json_type(c, k) IS NULL OR json_type(c, k) = 'NULL' THEN NULL
-               WHEN json_type(c, k) = 'BOOLEAN' THEN CASE WHEN json_extract(c, k)::BOOLEAN THEN 'True' ELSE 'False' END
-               ELSE nullif(json_extract_string(c, k), '') END""",
-           """CREATE OR REPLACE MACRO catalogue_nonempty(c) AS CASE json_type(c)
-               WHEN 'OBJECT' THEN len(json_keys(c)) > 0 WHEN 'ARRAY' THEN json_array_length(c) > 0
-               WHEN 'VARCHAR' THEN json_extract_string(c, '$') <> '' WHEN 'BIGINT' THEN json_extract(c, '$')::DOUBLE <> 0
-               WHEN 'UBIGINT' THEN json_extract(c, '$')::DOUBLE <> 0 WHEN 'DOUBLE' THEN json_extract(c, '$')::DOUBLE <> 0
-               WHEN 'BOOLEAN' THEN json_extract(c, '$')::BOOLEAN ELSE false END""",
-           f"""CREATE OR REPLACE MACRO catalogue_text(c) AS CASE WHEN json_type(c) = 'OBJECT' THEN array_to_string(
-               list_transform(list_filter(list_concat(
-                   list_filter({list(CATALOGUE_FIRST)}, k -> list_contains(json_keys(c), k)),
-                   list_sort(list_filter(json_keys(c), k -> NOT list_contains({list(CATALOGUE_FIRST)}, k)))),
-                   k -> catalogue_value(c, k) IS NOT NULL),
-                   k -> replace(k, '_', ' ') || ': ' || catalogue_value(c, k)), '; ') ELSE '' END""")
 
 
 def _where(filters: Filters) -> tuple[str, list]:
