@@ -77,6 +77,13 @@ def test_the_query_gives_the_state_and_pages_of_the_in_memory_path(tmp_path, see
         total, rows = table.page(filters, offset=3, limit=7)
         assert (total, rows) == (matching.num_rows, matching.slice(3, 7).to_pylist()), filters
     assert table.collections() == ["a", "b"]
+    early = CollectionTable(output)  # pages served before the catalogues are built read their own rows' catalogues
+    early._fresh()
+    early._ready = lambda wait: False
+    for filters in FILTERS:
+        if not (filters.text or filters.collection):
+            matching = filter_table(expected, filters)
+            assert early.page(filters, offset=3, limit=7) == (matching.num_rows, matching.slice(3, 7).to_pylist())
 
 
 def test_a_new_run_is_folded_in_and_a_later_failure_never_hides_the_done_version(tmp_path):
@@ -123,7 +130,7 @@ def test_a_page_reads_the_files_in_place_and_materialises_only_its_rows(tmp_path
     total, rows = table.page(Filters(ranges=(("clip_score", 10.0, None),)), offset=5000, limit=50)
     assert total == sum(index % 30 >= 10 for index in range(20_000)) and len(rows) == 50
     assert rows[0]["item_id"] == "item-07510" and rows[0]["catalogue_text"] == "title: Photo 7510"
-    assert sum(fetched) <= 51, fetched  # the page's rows and one count, never the table
+    assert max(fetched) <= 50 and sum(fetched) <= 101, fetched  # the page's rows, their catalogues, one count
 
 
 class _Result:

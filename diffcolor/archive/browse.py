@@ -24,11 +24,13 @@ page at 100,000 items (``python -m review.bench``).
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -193,39 +195,51 @@ def filter_table(table: pa.Table, filters: Filters) -> pa.Table:
     return table.filter(mask)
 
 
-_STATE_SQL = """
+# Each row's place in the history: its run's position (oldest first), then its row in the run's file.
+_ORD = "(list_position($paths, filename) - 1) * 4294967296 + file_row_number"
+_SOURCE = "read_parquet($paths, filename = true, file_row_number = true, union_by_name = true)"
+
+# The per-item state but the catalogue, in one pass over the narrow columns (record_json is not read): per item,
+# its latest attempt, its current version's row (the highest version done or skipped as done; its latest done row,
+# else its latest skip) and its latest decision (a review run's rows repeat a decided version: they carry
+# decisions, not outcomes).
+_ITEMS_SQL = """
 CREATE OR REPLACE TABLE items AS
-WITH rows AS (
-    SELECT r.*, files.run * 4294967296 + r.file_row_number AS ord
-    FROM (SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM declared) AS r JOIN files USING (filename)),
--- which rows each item shows, from the narrow columns only: its latest attempt, its current version's row, its
--- latest decision (a review run's rows repeat a decided version: they carry decisions, not outcomes)
-picked AS MATERIALIZED (
-    SELECT item_id, max(ord) FILTER (WHERE decision IS NULL) AS last,
-           arg_max(ord, {{'version': coalesce(version, 0), 'done': status = 'done', 'ord': ord}})
+WITH rows AS (SELECT * EXCLUDE (record_json), {ord} AS ord
+              FROM (SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM declared)),
+picked AS (
+    SELECT item_id,
+           arg_max({{{own}}}, ord) FILTER (WHERE decision IS NULL) AS latest,
+           arg_max({{{own}}}, {{'version': coalesce(version, 0), 'done': status = 'done', 'ord': ord}})
                FILTER (WHERE decision IS NULL AND status IN ('done', 'skipped_done')) AS best,
-           max(ord) FILTER (WHERE decision IS NOT NULL) AS decided
-    FROM rows GROUP BY item_id HAVING last IS NOT NULL),
-needed AS MATERIALIZED (
-    SELECT *, json_extract(record_json, '$.catalogue') AS catalogue FROM rows
-    WHERE ord IN (SELECT last FROM picked UNION ALL SELECT best FROM picked UNION ALL SELECT decided FROM picked)),
-chosen AS (
-    SELECT {current}, picked.last <> coalesce(picked.best, picked.last) AS other,
-           latest.status AS l_status, latest.error_message AS l_error, latest.created_at AS l_at,
-           decided.decision, decided.version AS decided_version, decided.decided_by, decided.decided_at,
-           CASE WHEN latest.record_json IS DISTINCT FROM coalesce(best.record_json, latest.record_json)
-                     AND catalogue_nonempty(latest.catalogue)
-                THEN latest.catalogue ELSE coalesce(best.catalogue, latest.catalogue) END AS catalogue
-    FROM picked JOIN needed AS latest ON latest.ord = picked.last LEFT JOIN needed AS best ON best.ord = picked.best
-    LEFT JOIN needed AS decided ON decided.ord = picked.decided),
-mapped AS (SELECT *, CASE WHEN json_type(catalogue) = 'OBJECT' THEN catalogue::MAP(VARCHAR, JSON) END AS m
-           FROM chosen)
-SELECT {shown},
-       CASE WHEN other THEN l_status END AS latest_status, CASE WHEN other THEN l_error END AS latest_error,
-       CASE WHEN other THEN l_at END AS latest_at, decision, decided_version, decided_by, decided_at,
-       coalesce(catalogue_text(m), '') AS catalogue_text, catalogue_value(m['collection']) AS collection
-FROM mapped
+           arg_max({{'decision': decision, 'decided_version': version, 'decided_by': decided_by,
+                     'decided_at': decided_at}}, ord) FILTER (WHERE decision IS NOT NULL) AS decided
+    FROM rows GROUP BY item_id)
+SELECT item_id, {current},
+       CASE WHEN latest.ord <> coalesce(best.ord, latest.ord) THEN latest.status END AS latest_status,
+       CASE WHEN latest.ord <> coalesce(best.ord, latest.ord) THEN latest.error_message END AS latest_error,
+       CASE WHEN latest.ord <> coalesce(best.ord, latest.ord) THEN latest.created_at END AS latest_at,
+       decided.decision AS decision, decided.decided_version AS decided_version, decided.decided_by AS decided_by,
+       decided.decided_at AS decided_at, latest.ord AS latest_ord, coalesce(best.ord, latest.ord) AS own_ord
+FROM picked WHERE latest IS NOT NULL
 ORDER BY item_id
+"""
+
+# The catalogue shown for the items ``want`` names: the latest attempt's when it has one, else the current row's.
+_CATALOGUE_SQL = """
+WITH raw AS MATERIALIZED (
+    SELECT ord, record_json, json_extract(record_json, '$.catalogue') AS catalogue
+    FROM (SELECT record_json, {ord} AS ord FROM {source} {pushed})
+    WHERE ord IN (SELECT latest_ord FROM want UNION ALL SELECT own_ord FROM want)),
+chosen AS (
+    SELECT want.item_id, CASE WHEN latest.record_json IS DISTINCT FROM own.record_json
+                                   AND catalogue_nonempty(latest.catalogue)
+                              THEN latest.catalogue ELSE own.catalogue END AS catalogue
+    FROM want LEFT JOIN raw AS latest ON latest.ord = want.latest_ord LEFT JOIN raw AS own ON own.ord = want.own_ord),
+mapped AS (SELECT item_id, CASE WHEN json_type(catalogue) = 'OBJECT' THEN catalogue::MAP(VARCHAR, JSON) END AS m
+           FROM chosen)
+SELECT item_id, coalesce(catalogue_text(m), '') AS catalogue_text, catalogue_value(m['collection']) AS collection
+FROM mapped
 """
 
 # A catalogue value (JSON) as Python's f"{value}" writes it (strings as they are, True/False); null for null or "".
@@ -246,13 +260,17 @@ _MACROS = ("""CREATE OR REPLACE MACRO catalogue_value(v) AS CASE
                    k -> replace(k, '_', ' ') || ': ' || catalogue_value(m[k])), '; ')""")
 
 
-def _state_sql(source: str) -> str:
-    """The query that builds the per-item state from ``source`` (the rows of every run)."""
-    own = [name for name in _read() if name not in ("decision", "decided_by", "decided_at", "record_json")]
-    current = ["picked.item_id" if name == "item_id" else
-               "CASE WHEN best.ord IS NULL THEN latest.status ELSE 'done' END AS status" if name == "status" else
-               f'CASE WHEN best.ord IS NULL THEN latest."{name}" ELSE best."{name}" END AS "{name}"' for name in own]
-    return _STATE_SQL.format(source=source, current=", ".join(current), shown=", ".join(f'"{name}"' for name in own))
+def _items_sql(source: str) -> str:
+    """The query that builds the per-item state (the catalogue aside) from ``source`` (the rows of every run)."""
+    own = [name for name in _read() if name not in ("item_id", "decision", "decided_by", "decided_at", "record_json")]
+    current = ["CASE WHEN best IS NULL THEN latest.status ELSE 'done' END AS status" if name == "status" else
+               f'CASE WHEN best IS NULL THEN latest."{name}" ELSE best."{name}" END AS "{name}"' for name in own]
+    return _ITEMS_SQL.format(ord=_ORD, source=source, current=", ".join(current),
+                             own=", ".join(f"'{name}': \"{name}\"" for name in [*own, "ord"]))
+
+
+def _catalogue_sql(*, pushed: str = "") -> str:
+    return _CATALOGUE_SQL.format(ord=_ORD, source=_SOURCE, pushed=pushed)
 
 
 def _where(filters: Filters) -> tuple[str, list]:
@@ -290,18 +308,24 @@ class CollectionTable:
     """The browsable table of one output root, refreshed from new runs (at most every REFRESH_SECONDS).
 
     The runs' results files are queried where they lie (DuckDB's ``read_parquet``,
-    through the output's fsspec filesystem when it is not local): each refresh
-    that finds a new run rebuilds the per-item state as a table inside DuckDB
-    (columnar, compressed, able to spill to disk), and a page is one query with
-    the filters, the order and the limit in it; only the page's rows become
-    Python objects.
+    through the output's fsspec filesystem when it is not local). A refresh that
+    finds a new run rebuilds the per-item state as a table inside DuckDB from the
+    narrow columns; the catalogues (parsed from each shown row's record JSON, the
+    costly part) are then built in the background. Until they are, a page reads
+    the record JSON of its own rows only (the scan skips to those rows), and a
+    filter by text or collection waits for them. A page is one query with the
+    filters, the order and the limit in it; only the page's rows become Python
+    objects.
     """
 
-    def __init__(self, output: str, *, memory_limit: str = "512MB"):
+    def __init__(self, output: str, *, memory_limit: str = "768MB"):
         import duckdb
 
         self.output = output
         self._runs: list[str] = []
+        self._paths: list[str] = []
+        self._catalogues: threading.Thread | None = None
+        self._failed: BaseException | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
         self._con = duckdb.connect(config={"memory_limit": memory_limit, "autoinstall_known_extensions": False,
@@ -312,9 +336,13 @@ class CollectionTable:
             self._con.register_filesystem(fs)
         for macro in _MACROS:
             self._con.execute(macro)
-        self._con.register("declared", declarations.with_columns(pa.table({"item_id": pa.array([], pa.string())}))
-                           .select(list(_read())))
+        declared = declarations.with_columns(pa.table({"item_id": pa.array([], pa.string())})).select(list(_read()))
+        self._con.register("declared_arrow", declared)
+        self._con.execute("CREATE TABLE declared AS SELECT * FROM declared_arrow")
+        self._con.unregister("declared_arrow")
         self._build([])
+        # a query still running when the interpreter exits aborts it: interrupt it and wait
+        atexit.register(_stop, weakref.ref(self))
 
     def refresh(self) -> None:
         """Re-lists ``runs/`` now and folds in any new run."""
@@ -347,15 +375,43 @@ class CollectionTable:
         self._checked = time.monotonic()
 
     def _build(self, paths: list[str]) -> None:
-        """Rebuilds the ``items`` table from the results files ``paths`` (oldest run first)."""
-        source = ("read_parquet(?, filename = true, file_row_number = true, union_by_name = true)" if paths else
-                  "(SELECT *, NULL::VARCHAR AS filename, NULL::BIGINT AS file_row_number FROM declared)")
-        self._con.register("files", pa.table({"filename": pa.array(paths, pa.string()),
-                                              "run": pa.array(range(len(paths)), pa.int64())}))
-        try:
-            self._con.execute(_state_sql(source), [paths] if paths else [])
-        finally:
-            self._con.unregister("files")
+        """Rebuilds the ``items`` table from the results files ``paths`` (oldest run first), then, in the
+        background, its catalogues."""
+        if self._catalogues is not None:
+            self._catalogues.join()
+        self._con.execute("DROP TABLE IF EXISTS catalogues")
+        if not paths:
+            self._con.execute(_items_sql("(SELECT *, NULL::VARCHAR AS filename, NULL::BIGINT AS file_row_number "
+                                         "FROM declared)"), {"paths": []})
+            self._con.execute("CREATE TABLE catalogues (item_id VARCHAR, catalogue_text VARCHAR, collection VARCHAR)")
+            self._paths, self._catalogues = paths, None
+            return
+        self._con.execute(_items_sql(_SOURCE), {"paths": paths})
+        self._paths, self._failed = paths, None
+        cursor = self._con.cursor()
+
+        def build() -> None:
+            try:
+                cursor.execute("CREATE TABLE catalogues AS " + _catalogue_sql().replace(
+                    "WITH raw", "WITH want AS (SELECT item_id, latest_ord, own_ord FROM items), raw", 1),
+                    {"paths": paths})
+            except BaseException as error:  # noqa: BLE001  (raised where the catalogues are needed)
+                self._failed = error
+            finally:
+                cursor.close()
+
+        self._catalogues = threading.Thread(target=build, name="catalogues", daemon=True)
+        self._catalogues.start()
+        self._cursor = cursor
+
+    def _ready(self, wait: bool) -> bool:
+        """Whether the catalogues table is built (waiting for it when ``wait``)."""
+        if self._catalogues is not None and (wait or not self._catalogues.is_alive()):
+            self._catalogues.join()
+            self._catalogues = None
+            if self._failed is not None:
+                raise self._failed
+        return self._catalogues is None
 
     def table(self, *, refresh: bool = False) -> pa.Table:
         """The whole table as Arrow (every row: for tests and exports, not for pages)."""
@@ -364,22 +420,61 @@ class CollectionTable:
         else:
             self._fresh()
         with self._lock:
-            return self._con.execute("SELECT * FROM items ORDER BY item_id").fetch_arrow_table()
+            self._ready(wait=True)
+            return self._con.execute(f"SELECT {_SHOWN} FROM items LEFT JOIN catalogues USING (item_id) "
+                                     "ORDER BY item_id").fetch_arrow_table()
 
     def page(self, filters: Filters, offset: int = 0, limit: int = 48) -> tuple[int, list[dict]]:
         """``(matching, rows)``: how many items pass ``filters`` and the ``limit`` rows from ``offset``."""
         where, values = _where(filters)
         self._fresh()
         with self._lock:
+            if self._ready(wait=bool(filters.text or filters.collection)):
+                source = "items LEFT JOIN catalogues USING (item_id)"
+                [(total,)] = self._con.execute(f"SELECT count(*) FROM {source} WHERE {where}", values).fetchall()
+                return total, self._con.execute(f"SELECT {_SHOWN} FROM {source} WHERE {where} ORDER BY item_id "
+                                                "LIMIT ? OFFSET ?", [*values, max(0, limit), max(0, offset)]
+                                                ).fetch_arrow_table().to_pylist()
+            # the catalogues are still being built: this page's own, from its rows' record JSON only
             [(total,)] = self._con.execute(f"SELECT count(*) FROM items WHERE {where}", values).fetchall()
             rows = self._con.execute(f"SELECT * FROM items WHERE {where} ORDER BY item_id LIMIT ? OFFSET ?",
                                      [*values, max(0, limit), max(0, offset)]).fetch_arrow_table()
-        return total, rows.to_pylist()
+            self._con.register("want", rows.select(["item_id", "latest_ord", "own_ord"]))
+            try:
+                numbers = sorted({ord_ & 0xFFFFFFFF for ord_ in rows["latest_ord"].to_pylist() + rows["own_ord"]
+                                  .to_pylist()})
+                catalogues = self._con.execute(
+                    _catalogue_sql(pushed="WHERE file_row_number = ANY($rows)"),
+                    {"paths": self._paths, "rows": numbers}).fetch_arrow_table()
+            finally:
+                self._con.unregister("want")
+        shown = dict(zip(catalogues["item_id"].to_pylist(), zip(catalogues["catalogue_text"].to_pylist(),
+                                                               catalogues["collection"].to_pylist())))
+        result = []
+        for row in rows.drop_columns(["latest_ord", "own_ord"]).to_pylist():
+            row["catalogue_text"], row["collection"] = shown.get(row["item_id"], ("", None))
+            result.append(row)
+        return total, result
 
     def collections(self) -> list[str]:
         """The distinct collection names, for the filter's choices."""
         self._fresh()
         with self._lock:
-            values = self._con.execute("SELECT DISTINCT collection FROM items WHERE collection IS NOT NULL "
+            self._ready(wait=True)
+            values = self._con.execute("SELECT DISTINCT collection FROM catalogues WHERE collection IS NOT NULL "
                                        "AND collection <> ''").fetchall()
         return sorted(value for (value,) in values)
+
+
+_SHOWN = "* EXCLUDE (latest_ord, own_ord)"
+
+
+def _stop(table: weakref.ref) -> None:
+    running = table()
+    thread = running._catalogues if running is not None else None
+    if thread is not None and thread.is_alive():
+        try:
+            running._cursor.interrupt()
+        except Exception:  # noqa: BLE001  (closed meanwhile)
+            pass
+        thread.join()
