@@ -28,6 +28,7 @@ import atexit
 import io
 import json
 import logging
+import tempfile
 import threading
 import time
 import weakref
@@ -205,24 +206,26 @@ _SOURCE = "read_parquet($paths, filename = true, file_row_number = true, union_b
 # decisions, not outcomes).
 _ITEMS_SQL = """
 CREATE OR REPLACE TABLE items AS
-WITH rows AS (SELECT * EXCLUDE (record_json), {ord} AS ord
-              FROM (SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM declared)),
-picked AS (
-    SELECT item_id,
-           arg_max({{{own}}}, ord) FILTER (WHERE decision IS NULL) AS latest,
-           arg_max({{{own}}}, {{'version': coalesce(version, 0), 'done': status = 'done', 'ord': ord}})
-               FILTER (WHERE decision IS NULL AND status IN ('done', 'skipped_done')) AS best,
-           arg_max({{'decision': decision, 'decided_version': version, 'decided_by': decided_by,
-                     'decided_at': decided_at}}, ord) FILTER (WHERE decision IS NOT NULL) AS decided
-    FROM rows GROUP BY item_id)
-SELECT item_id, {current},
-       CASE WHEN latest.ord <> coalesce(best.ord, latest.ord) THEN latest.status END AS latest_status,
-       CASE WHEN latest.ord <> coalesce(best.ord, latest.ord) THEN latest.error_message END AS latest_error,
-       CASE WHEN latest.ord <> coalesce(best.ord, latest.ord) THEN latest.created_at END AS latest_at,
-       decided.decision AS decision, decided.decided_version AS decided_version, decided.decided_by AS decided_by,
-       decided.decided_at AS decided_at, latest.ord AS latest_ord, coalesce(best.ord, latest.ord) AS own_ord
-FROM picked WHERE latest IS NOT NULL
-ORDER BY item_id
+WITH rows AS NOT MATERIALIZED (
+    SELECT * EXCLUDE (record_json), {ord} AS ord
+    FROM (SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM declared)),
+picked AS MATERIALIZED (
+    SELECT item_id, latest, coalesce(best, latest) AS own, best IS NOT NULL AS done, decided
+    FROM (SELECT item_id, max(ord) FILTER (WHERE decision IS NULL) AS latest,
+                 arg_max(ord, {{'version': coalesce(version, 0), 'done': status = 'done', 'ord': ord}})
+                     FILTER (WHERE decision IS NULL AND status IN ('done', 'skipped_done')) AS best,
+                 max(ord) FILTER (WHERE decision IS NOT NULL) AS decided
+          FROM rows GROUP BY item_id)
+    WHERE latest IS NOT NULL)
+SELECT picked.item_id, {current},
+       CASE WHEN picked.latest <> picked.own THEN latest.status END AS latest_status,
+       CASE WHEN picked.latest <> picked.own THEN latest.error_message END AS latest_error,
+       CASE WHEN picked.latest <> picked.own THEN latest.created_at END AS latest_at,
+       decided.decision AS decision, decided.version AS decided_version, decided.decided_by AS decided_by,
+       decided.decided_at AS decided_at, picked.latest AS latest_ord, picked.own AS own_ord
+FROM picked JOIN rows AS own ON own.ord = picked.own
+JOIN (SELECT ord, status, error_message, created_at FROM rows) AS latest ON latest.ord = picked.latest
+LEFT JOIN (SELECT ord, decision, version, decided_by, decided_at FROM rows) AS decided ON decided.ord = picked.decided
 """
 
 # The catalogue shown for the items ``want`` names: the latest attempt's when it has one, else the current row's.
@@ -263,10 +266,9 @@ _MACROS = ("""CREATE OR REPLACE MACRO catalogue_value(v) AS CASE
 def _items_sql(source: str) -> str:
     """The query that builds the per-item state (the catalogue aside) from ``source`` (the rows of every run)."""
     own = [name for name in _read() if name not in ("item_id", "decision", "decided_by", "decided_at", "record_json")]
-    current = ["CASE WHEN best IS NULL THEN latest.status ELSE 'done' END AS status" if name == "status" else
-               f'CASE WHEN best IS NULL THEN latest."{name}" ELSE best."{name}" END AS "{name}"' for name in own]
-    return _ITEMS_SQL.format(ord=_ORD, source=source, current=", ".join(current),
-                             own=", ".join(f"'{name}': \"{name}\"" for name in [*own, "ord"]))
+    current = ["CASE WHEN picked.done THEN 'done' ELSE own.status END AS status" if name == "status" else
+               f'own."{name}"' for name in own]
+    return _ITEMS_SQL.format(ord=_ORD, source=source, current=", ".join(current))
 
 
 def _catalogue_sql(*, pushed: str = "") -> str:
@@ -318,17 +320,19 @@ class CollectionTable:
     objects.
     """
 
-    def __init__(self, output: str, *, memory_limit: str = "768MB"):
+    def __init__(self, output: str, *, memory_limit: str = "640MB"):
         import duckdb
 
         self.output = output
+        self._spill = tempfile.TemporaryDirectory(prefix="diffcolor-review-")  # removed with this table
         self._runs: list[str] = []
         self._paths: list[str] = []
         self._catalogues: threading.Thread | None = None
         self._failed: BaseException | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
-        self._con = duckdb.connect(config={"memory_limit": memory_limit, "autoinstall_known_extensions": False,
+        self._con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": self._spill.name,
+                                           "preserve_insertion_order": False, "autoinstall_known_extensions": False,
                                            "autoload_known_extensions": False})
         fs, _ = storage.filesystem(output)
         self._local = storage._is_local(fs)
