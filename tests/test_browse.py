@@ -143,8 +143,8 @@ class _Result:
         self._fetched.append(len(rows))
         return rows
 
-    def fetch_arrow_table(self):
-        table = self._result.fetch_arrow_table()
+    def to_arrow_table(self):
+        table = browse._arrow(self._result)
         self._fetched.append(table.num_rows)
         return table
 

@@ -421,8 +421,8 @@ class CollectionTable:
             self._fresh()
         with self._lock:
             self._ready(wait=True)
-            return self._con.execute(f"SELECT {_SHOWN} FROM items LEFT JOIN catalogues USING (item_id) "
-                                     "ORDER BY item_id").fetch_arrow_table()
+            return _arrow(self._con.execute(f"SELECT {_SHOWN} FROM items LEFT JOIN catalogues USING (item_id) "
+                                            "ORDER BY item_id"))
 
     def page(self, filters: Filters, offset: int = 0, limit: int = 48) -> tuple[int, list[dict]]:
         """``(matching, rows)``: how many items pass ``filters`` and the ``limit`` rows from ``offset``."""
@@ -432,20 +432,17 @@ class CollectionTable:
             if self._ready(wait=bool(filters.text or filters.collection)):
                 source = "items LEFT JOIN catalogues USING (item_id)"
                 [(total,)] = self._con.execute(f"SELECT count(*) FROM {source} WHERE {where}", values).fetchall()
-                return total, self._con.execute(_page_sql(source, where, _SHOWN),
-                                                [*values, max(0, limit), max(0, offset)]
-                                                ).fetch_arrow_table().to_pylist()
+                return total, _arrow(self._con.execute(_page_sql(source, where, _SHOWN),
+                                                       [*values, max(0, limit), max(0, offset)])).to_pylist()
             # the catalogues are still being built: this page's own, from its rows' record JSON only
             [(total,)] = self._con.execute(f"SELECT count(*) FROM items WHERE {where}", values).fetchall()
-            rows = self._con.execute(_page_sql("items", where, "*"),
-                                     [*values, max(0, limit), max(0, offset)]).fetch_arrow_table()
+            rows = _arrow(self._con.execute(_page_sql("items", where, "*"), [*values, max(0, limit), max(0, offset)]))
             self._con.register("want", rows.select(["item_id", "latest_ord", "own_ord"]))
             try:
                 numbers = sorted({ord_ & 0xFFFFFFFF for ord_ in rows["latest_ord"].to_pylist() + rows["own_ord"]
                                   .to_pylist()})
-                catalogues = self._con.execute(
-                    _catalogue_sql(pushed="WHERE file_row_number = ANY($rows)"),
-                    {"paths": self._paths, "rows": numbers}).fetch_arrow_table()
+                catalogues = _arrow(self._con.execute(_catalogue_sql(pushed="WHERE file_row_number = ANY($rows)"),
+                                                      {"paths": self._paths, "rows": numbers}))
             finally:
                 self._con.unregister("want")
         shown = dict(zip(catalogues["item_id"].to_pylist(), zip(catalogues["catalogue_text"].to_pylist(),
@@ -467,6 +464,12 @@ class CollectionTable:
 
 
 _SHOWN = "* EXCLUDE (latest_ord, own_ord)"
+
+
+def _arrow(result) -> pa.Table:
+    """A query's rows as one Arrow table (``to_arrow_table`` in newer DuckDB, ``fetch_arrow_table`` in older)."""
+    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+    return fetch()
 
 
 def _page_sql(source: str, where: str, shown: str) -> str:
