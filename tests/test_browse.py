@@ -116,6 +116,7 @@ def test_a_page_reads_the_files_in_place_and_materialises_only_its_rows(tmp_path
         monkeypatch.setattr(browse, name, refused)
     monkeypatch.setattr(storage, "read_bytes", refused)
     table = CollectionTable(output)
+    table.refresh()  # the runs listed and the state built: what a page then reads
     fetched = []
     connection = table._con
 
@@ -161,3 +162,15 @@ def test_the_table_reads_results_on_s3(s3_bucket):
 def test_an_unknown_metric_is_named(tmp_path):
     with pytest.raises(ValueError, match="unknown metric 'nope'"):
         CollectionTable(str(tmp_path)).page(Filters(ranges=(("nope", 1.0, None),)))
+
+
+def test_an_unreadable_results_file_is_left_out_with_a_warning(tmp_path, caplog):
+    output = str(tmp_path / "out")
+    _publish(output, [[{"item_id": "x", "version": 1, "status": "done", "created_at": "2026-01-01T00:00:00+00:00"}]])
+    storage.write_bytes(storage.join(output, "runs", "20260109T000000Z-bad", "results.parquet"), b"not parquet")
+    table = CollectionTable(output)
+    assert table.page(Filters())[0] == 1
+    assert "20260109T000000Z-bad/results.parquet is not a readable results table" in caplog.text
+    caplog.clear()
+    table.refresh()
+    assert table.page(Filters())[0] == 1 and "not a readable" not in caplog.text  # warned once

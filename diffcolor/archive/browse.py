@@ -322,6 +322,7 @@ class CollectionTable:
         self.output = output
         self._spill = tempfile.TemporaryDirectory(prefix="diffcolor-review-")  # removed with this table
         self._runs: list[str] = []
+        self._unreadable: set[str] = set()
         self._paths: list[str] = []
         self._catalogues: threading.Thread | None = None
         self._failed: BaseException | None = None
@@ -367,12 +368,27 @@ class CollectionTable:
             except storage.OutsideRootError as error:
                 logger.warning("%s", error)
                 continue
-            if run in self._runs or storage.exists(uri):  # a run under way has no results yet: look again next time
-                files.append((run, uri))
+            if run in self._runs or (run not in self._unreadable and storage.exists(uri) and self._readable(run, uri)):
+                files.append((run, uri))  # a run under way has no results yet: look again next time
         if [run for run, _ in files] != self._runs:
             self._build([storage.filesystem(uri)[1] if self._local else uri for _, uri in files])
             self._runs = [run for run, _ in files]
         self._checked = time.monotonic()
+
+    def _readable(self, run: str, uri: str) -> bool:
+        """Whether the results file of a new run is Parquet (its footer read); one that is not is left out, once
+        warned about (results files are published whole: it will not become readable)."""
+        import duckdb
+
+        try:
+            self._con.execute("SELECT count(*) FROM parquet_schema(?)",
+                              [storage.filesystem(uri)[1] if self._local else uri]).fetchall()
+            return True
+        except duckdb.Error as error:
+            logger.warning("%s is not a readable results table, left out of the collection: %s", storage.redact(uri),
+                           str(error).splitlines()[0])
+            self._unreadable.add(run)
+            return False
 
     def _build(self, paths: list[str]) -> None:
         """Rebuilds the ``items`` table from the results files ``paths`` (oldest run first), then, in the
