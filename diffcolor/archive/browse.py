@@ -316,7 +316,7 @@ class CollectionTable:
     objects.
     """
 
-    def __init__(self, output: str, *, memory_limit: str = "640MB"):
+    def __init__(self, output: str, *, memory_limit: str = "512MB"):
         import duckdb
 
         self.output = output
