@@ -152,10 +152,11 @@ def _smoke_notice(model: str) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    from diffcolor.archive.layout import RESULTS_CSV
     from diffcolor.archive.report import describe_counts
 
     print(f"run {summary['run_id']}: {describe_counts(summary.get('items', {}), summary.get('versions_written', 0))}")
-    print(f"results: {summary['results']} (and {summary.get('results_csv', 'results.csv')} for spreadsheets)")
+    print(f"results: {summary['results']} (and {summary.get('results_csv', RESULTS_CSV)} for spreadsheets)")
     print(f"report:  {summary['report']}")
     if summary.get("redone_missing"):
         print(f"redone (missing from the archive though the done-index listed them) {summary['redone_missing']}: "
@@ -330,7 +331,7 @@ def cmd_recolor(args) -> int:
     from dataclasses import replace
 
     from diffcolor.archive import storage
-    from diffcolor.archive.items import ItemLayout
+    from diffcolor.archive.layout import ItemLayout
     from diffcolor.archive.states import read_state
     from diffcolor.common.errors import StateError
     from diffcolor.method.state import state_from_bytes

@@ -27,13 +27,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from diffcolor.archive import storage
+from diffcolor.archive.layout import OutputLayout, RunLayout
 from diffcolor.archive.manifest import count_rows, read_items
 from diffcolor.archive.planning import (
-    item_prefix,
     missing_done_items,
     plan_items,
     read_done_index,
-    run_prefix,
     update_done_index,
 )
 from diffcolor.archive.report import describe_counts, write_report
@@ -144,7 +143,7 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
             continue
         while len(in_flight) >= window:
             collect(next(as_completed(list(in_flight))))
-        arguments = (run_id, spec, item.request, item_prefix(output, item.request.item_id), config_dict, preset, limits)
+        arguments = (run_id, spec, item.request, OutputLayout(output).item_prefix(item.request.item_id), config_dict, preset, limits)
         if ray_options:
             from prefect_ray.context import remote_options
 
@@ -299,13 +298,13 @@ def _progress_recorder(records: RecordSpool, total: int, run_id: str):
 def _write_run(output: str, run_id: str, records: RecordSpool, timings: dict, devices: int | None,
                smoke: bool) -> dict:
     """The run's results Parquet, the done-index update, the report and the summary (also as artifacts)."""
-    prefix = run_prefix(output, run_id)
-    write_results(records, storage.join(prefix, "results.parquet"))
+    prefix = OutputLayout(output).run_prefix(run_id)
+    write_results(records, RunLayout(prefix).results)
     update_done_index(output, (
         (r["item_id"], r["plan_key"], "done" if r["status"] in ("done", "skipped_done") else r["status"], r.get("version"))
         for r in records if r["status"] in ("done", "skipped_done", "not_grayscale") and r.get("plan_key")
     ), run_id=run_id)
-    write_report(_report_records(records), storage.join(prefix, "report.html"), run_id=run_id, all_records=records,
+    write_report(_report_records(records), RunLayout(prefix).report, run_id=run_id, all_records=records,
                  smoke=smoke)
     summary = run_summary(records, run_id, prefix)
     summary["smoke"] = smoke

@@ -28,8 +28,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
 from diffcolor.archive import storage
-from diffcolor.archive.items import ItemLayout, failure_record
-from diffcolor.archive.planning import item_prefix, run_prefix
+from diffcolor.archive.items import failure_record
+from diffcolor.archive.layout import ItemLayout, OutputLayout, RunLayout
 from diffcolor.archive.report import describe_counts, write_report
 from diffcolor.archive.results import RecordSpool, write_results
 from diffcolor.archive.storage import ReadLimits
@@ -168,7 +168,7 @@ def _reprocess(output: str, targets: list[Retarget], options: ReprocessOptions):
     previous: dict[str, dict | None] = {}
     for target in targets:
         if target.item_id not in previous:
-            layout = ItemLayout(item_prefix(output, target.item_id))
+            layout = OutputLayout(output).item(target.item_id)
             previous[target.item_id] = storage.read_json(layout.result) if storage.exists(layout.result) else None
 
     # 2. Group by model: each item's own recorded model unless the options name one.
@@ -202,9 +202,9 @@ def _reprocess(output: str, targets: list[Retarget], options: ReprocessOptions):
             notify("item", len(records), len(targets), [record])
 
     # 5. The run's results and report.
-    prefix = run_prefix(output, run_id)
-    write_results(records, storage.join(prefix, "results.parquet"))
-    write_report(records.head + records.failures, storage.join(prefix, "report.html"), run_id=run_id,
+    prefix = OutputLayout(output).run_prefix(run_id)
+    write_results(records, RunLayout(prefix).results)
+    write_report(records.head + records.failures, RunLayout(prefix).report, run_id=run_id,
                  all_records=records, smoke=smoke or None)
     summary = run_summary(records, run_id, prefix)
     summary["smoke"] = smoke
@@ -235,7 +235,7 @@ def _run_group(run_id: str, output: str, model: str, group: list[Retarget], prev
         for target in group:
             if stopping.STOP.is_set():
                 break
-            prefix = item_prefix(output, target.item_id)
+            prefix = OutputLayout(output).item_prefix(target.item_id)
             record = previous[target.item_id]
             if storage.exists(ItemLayout(prefix).state_object):
                 future = recolor_item_task.with_options(**retry).submit(

@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from diffcolor.archive import storage
 from diffcolor.archive.items import failure_record
+from diffcolor.archive.layout import RunLayout
 from diffcolor.archive.report import describe_counts
 from diffcolor.archive.results import RecordSpool
 from diffcolor.common.errors import DiffColorError, TransientError
@@ -121,9 +122,9 @@ def run_summary(records, run_id: str, prefix: str) -> dict:
             spool.add(record)
         records = spool
     return {"run_id": run_id, "items": dict(records.items), "versions_written": records.versions_written,
-            "counts": dict(records.counts), "results": storage.join(prefix, "results.parquet"),
-            "results_csv": storage.join(prefix, "results.csv"), "report": storage.join(prefix, "report.html"),
-            "summary": storage.join(prefix, "summary.json"), "interrupted": False,
+            "counts": dict(records.counts), "results": RunLayout(prefix).results,
+            "results_csv": RunLayout(prefix).results_csv, "report": RunLayout(prefix).report,
+            "summary": RunLayout(prefix).summary, "interrupted": False,
             "failed_items": [r["item_id"] for r in records.failures if r["status"] == "failed"]}
 
 
