@@ -27,8 +27,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
 from diffcolor.archive import storage
-from diffcolor.archive.items import ItemLayout, failure_record
-from diffcolor.archive.planning import item_prefix
+from diffcolor.archive.items import failure_record
+from diffcolor.archive.layout import ItemLayout, OutputLayout
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.errors import PromptError, StateError
 from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
@@ -155,7 +155,7 @@ def _reprocess(output: str, targets: list[Retarget], options: ReprocessOptions):
     previous: dict[str, dict | None] = {}
     for target in targets:
         if target.item_id not in previous:
-            layout = ItemLayout(item_prefix(output, target.item_id))
+            layout = OutputLayout(output).item(target.item_id)
             previous[target.item_id] = storage.read_json(layout.result) if storage.exists(layout.result) else None
 
     # 2. Group by model: each item's own recorded model unless the options name one.
@@ -208,7 +208,7 @@ def _run_group(run: Run, model: str, group: list[Retarget], previous: dict, opti
         for target in group:
             if stopping.STOP.is_set():
                 break
-            prefix = item_prefix(output, target.item_id)
+            prefix = OutputLayout(output).item_prefix(target.item_id)
             record = previous[target.item_id]
             if storage.exists(ItemLayout(prefix).state_object):
                 future = recolor_item_task.with_options(**retry).submit(

@@ -41,6 +41,7 @@ def _median_ms(call, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     from fastapi.testclient import TestClient
 
+    from diffcolor.archive.layout import OutputLayout
     from diffcolor.archive.results import write_results
     from review.app import ReviewConfig, create_app
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        write_results(generated_records(args.items), f"{folder}/runs/20260101T000000Z-bench0/results.parquet",
+        write_results(generated_records(args.items), OutputLayout(folder).run("20260101T000000Z-bench0").results,
                       csv=False)
         print(f"generated {args.items} records in {time.perf_counter() - start:.1f} s")
         client = TestClient(create_app(ReviewConfig(output=folder, token="b" * 32)), base_url="http://127.0.0.1")

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
+from diffcolor.archive.layout import OutputLayout, RunLayout
 from diffcolor.common import record as declarations
 from diffcolor.common.errors import MissingObjectError
 
@@ -212,14 +213,14 @@ class CollectionTable:
 
     def _refresh(self) -> None:
         try:  # a runs/ folder or run that is a link out of the output is not read (storage.confine)
-            runs = storage.list_folders(storage.confine(self.output, storage.join(self.output, "runs")))
+            runs = storage.list_folders(storage.confine(self.output, OutputLayout(self.output).runs))
         except storage.OutsideRootError as error:
             logger.warning("%s", error)
             runs = []
         new = [run for run in runs if run not in self._runs]
         for run in new:
             try:
-                self._runs[run] = _run_rows(storage.confine(self.output, storage.join(run, "results.parquet")))
+                self._runs[run] = _run_rows(storage.confine(self.output, RunLayout(run).results))
             except MissingObjectError:  # a run under way has no results yet: look again next time
                 continue
             except storage.OutsideRootError as error:
