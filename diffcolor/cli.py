@@ -165,10 +165,11 @@ def _smoke_notice(model: str) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    from diffcolor.archive.layout import RESULTS_CSV
     from diffcolor.archive.report import describe_counts
 
     print(f"run {summary['run_id']}: {describe_counts(summary.get('items', {}), summary.get('versions_written', 0))}")
-    print(f"results: {summary['results']} (and {summary.get('results_csv', 'results.csv')} for spreadsheets)")
+    print(f"results: {summary['results']} (and {summary.get('results_csv', RESULTS_CSV)} for spreadsheets)")
     print(f"report:  {summary['report']}")
     if summary.get("redone_missing"):
         print(f"redone (missing from the archive though the done-index listed them) {summary['redone_missing']}: "
@@ -352,7 +353,7 @@ def cmd_recolor(args) -> int:
     from dataclasses import replace
 
     from diffcolor.archive import storage
-    from diffcolor.archive.items import ItemLayout
+    from diffcolor.archive.layout import ItemLayout
     from diffcolor.archive.states import read_state
     from diffcolor.common.errors import StateError
     from diffcolor.method.presets import PipelineConfig
@@ -619,14 +620,13 @@ def _unsuitable_targets(out: str, targets: list[tuple[str, str | None, dict | No
     map must name words of the item's caption that take a colour, with one-word colours; a target prompt must
     fit the text encoder. An item never colourised here is left to the flow, which records it as failed."""
     from diffcolor.archive import storage
-    from diffcolor.archive.items import ItemLayout
-    from diffcolor.archive.planning import item_prefix
+    from diffcolor.archive.layout import OutputLayout
     from diffcolor.common.text import escape_controls
     from review.app import check_target
 
     problems = []
     for item_id, target, color_map in targets:  # (item id, target prompt, colour map)
-        layout = ItemLayout(item_prefix(out, item_id))
+        layout = OutputLayout(out).item(item_id)
         if not storage.exists(layout.result):
             continue
         verdict = check_target(storage.read_json(layout.result), color_map, target)

@@ -3,7 +3,7 @@
 This is the one module that joins the two rooms of the package: the method
 (:mod:`diffcolor.method`, tensors in, tensors out) and the archive
 (:mod:`diffcolor.archive`, every file, object and record). The item layout under
-an item's output prefix is :class:`diffcolor.archive.items.ItemLayout`'s.
+an item's output prefix is :class:`diffcolor.archive.layout.ItemLayout`'s.
 
 :func:`colorize_item` fits the colour state (stage 1, alignment, stage 2) unless
 a matching one is stored, then renders every target (or keeps the primary
@@ -35,13 +35,14 @@ from diffcolor.archive.images import (
 )
 from diffcolor.archive.items import (
     CheckpointFolder,
-    ItemLayout,
     base_record,
+    committed_versions,
     failure_record,
     outputs_whole,
     publish_failure,
     publish_record,
 )
+from diffcolor.archive.layout import ItemLayout
 from diffcolor.archive.metadata import xmp_for_format
 from diffcolor.archive.states import (
     has_state,
@@ -236,9 +237,9 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     else:
         record["content_credentials"] = dict(UNSIGNED)
     access_ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[access_format]
-    outputs = {"master": layout.output(version, "master.tif"), "access": layout.output(version, f"access.{access_ext}")}
+    outputs = {"master": layout.master(version), "access": layout.access(version, access_ext)}
     if sidecar is not None:
-        outputs["master_credentials"] = layout.output(version, "master.c2pa")
+        outputs["master_credentials"] = layout.master_credentials(version)
         storage.write_bytes(outputs["master_credentials"], sidecar)
     storage.write_bytes(outputs["master"], master)
     storage.write_bytes(outputs["access"], access)
@@ -318,7 +319,7 @@ def _render_versions(models: Models, request: ItemRequest, source: _Source, layo
     again, so a retry never adds a duplicate; ``result.json`` then names the last.
     """
     targets = _targets(request)
-    committed = layout.committed_versions()
+    committed = committed_versions(layout)
     state_uri, state_sha = _state_output(layout)
     records = []
     version = layout.next_version()
@@ -499,7 +500,7 @@ def recolor_item(
     wanted = resolve_target(models, state, target, color_map)
     key = render_key(source_sha256, state.config.get("state_key"), wanted.model_prompt, dataclasses.asdict(render),
                      request.seed)
-    committed = layout.committed_versions()
+    committed = committed_versions(layout)
     if key in committed:
         return publish_record(layout, committed[key])
 

@@ -28,8 +28,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from diffcolor.archive import storage
+from diffcolor.archive.layout import OutputLayout
 from diffcolor.archive.manifest import ManifestFile, count_rows, read_items
-from diffcolor.archive.planning import item_prefix, missing_done_items, plan_items, read_done_index
+from diffcolor.archive.planning import missing_done_items, plan_items, read_done_index
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.ids import normalize_item_id
 from diffcolor.common.items import ItemRequest
@@ -131,7 +132,7 @@ def run_items(run_id: str, spec: ModelSpec, planned, output: str, config_dict: d
             continue
         while len(in_flight) >= window:
             collect(next(as_completed(list(in_flight))))
-        arguments = (run_id, spec, item.request, item_prefix(output, item.request.item_id), config_dict, preset, limits)
+        arguments = (run_id, spec, item.request, OutputLayout(output).item_prefix(item.request.item_id), config_dict, preset, limits)
         if ray_options:
             from prefect_ray.context import remote_options
 

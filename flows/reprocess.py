@@ -27,8 +27,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, field_validator
 
 from diffcolor.archive import storage
-from diffcolor.archive.items import ItemLayout, failure_record
-from diffcolor.archive.planning import item_prefix
+from diffcolor.archive.items import failure_record
+from diffcolor.archive.layout import ItemLayout, OutputLayout
+from diffcolor.archive.manifest import column_spellings
 from diffcolor.archive.storage import ReadLimits
 from diffcolor.common.errors import PromptError, StateError
 from diffcolor.common.ids import UnsafeItemIdError, normalize_item_id
@@ -87,13 +88,21 @@ class ReprocessOptions(BaseModel):
 
 
 def read_targets(uri: str) -> list[Retarget]:
-    """Targets from a Parquet file with ``item_id`` and ``target_prompt`` and/or ``color_map`` columns.
+    """Targets from a Parquet file with ``item_id`` and ``target_prompt`` and/or ``color_map`` columns (or the
+    manifest's other spellings of them: ``colour_map``, ``target_prompts``).
 
     Raises PromptError naming the file (and the row) for a file without those columns, a colour map that
     is not a JSON object, or an unsafe item id.
     """
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     shown = redact(uri)
+    # The manifest's spellings of these columns are read as them (colour_map, target_prompts, Item-ID); a column
+    # spelt twice is refused naming both.
+    spellings, problems = column_spellings(table.column_names)
+    if problems:
+        raise PromptError(f"targets file '{shown}': {problems[0].message}")
+    names = {name: "target_prompt" if canonical == "target_prompts" else canonical for name, canonical in spellings.items()}
+    table = table.rename_columns([names.get(name, name) for name in table.column_names])
     if "item_id" not in table.column_names or not {"target_prompt", "color_map"} & set(table.column_names):
         raise PromptError(f"targets file '{shown}' needs item_id and target_prompt or color_map columns")
     targets = []
@@ -155,7 +164,7 @@ def _reprocess(output: str, targets: list[Retarget], options: ReprocessOptions):
     previous: dict[str, dict | None] = {}
     for target in targets:
         if target.item_id not in previous:
-            layout = ItemLayout(item_prefix(output, target.item_id))
+            layout = OutputLayout(output).item(target.item_id)
             previous[target.item_id] = storage.read_json(layout.result) if storage.exists(layout.result) else None
 
     # 2. Group by model: each item's own recorded model unless the options name one.
@@ -208,7 +217,7 @@ def _run_group(run: Run, model: str, group: list[Retarget], previous: dict, opti
         for target in group:
             if stopping.STOP.is_set():
                 break
-            prefix = item_prefix(output, target.item_id)
+            prefix = OutputLayout(output).item_prefix(target.item_id)
             record = previous[target.item_id]
             if storage.exists(ItemLayout(prefix).state_object):
                 future = recolor_item_task.with_options(**retry).submit(

@@ -30,8 +30,9 @@ from prefect.states import Cancelled, Completed, Failed, State
 from diffcolor import __version__
 from diffcolor.archive import storage
 from diffcolor.archive.items import failure_record
+from diffcolor.archive.layout import OutputLayout, RunLayout
 from diffcolor.archive.manifest import ManifestFile, read_manifest
-from diffcolor.archive.planning import run_prefix, update_done_index
+from diffcolor.archive.planning import update_done_index
 from diffcolor.archive.report import describe_counts, write_report
 from diffcolor.archive.results import RecordSpool, write_results
 from diffcolor.common import record as declarations
@@ -142,9 +143,9 @@ def run_summary(records, run_id: str, prefix: str) -> dict:
             spool.add(record)
         records = spool
     return {"run_id": run_id, "items": dict(records.items), "versions_written": records.versions_written,
-            "counts": dict(records.counts), "results": storage.join(prefix, "results.parquet"),
-            "results_csv": storage.join(prefix, "results.csv"), "report": storage.join(prefix, "report.html"),
-            "summary": storage.join(prefix, "summary.json"), "interrupted": False,
+            "counts": dict(records.counts), "results": RunLayout(prefix).results,
+            "results_csv": RunLayout(prefix).results_csv, "report": RunLayout(prefix).report,
+            "summary": RunLayout(prefix).summary, "interrupted": False,
             "failed_items": [r["item_id"] for r in records.failures if r["status"] == "failed"]}
 
 
@@ -223,8 +224,8 @@ class Run:
         self.run_id = current_run_id()  # the flow run's name
         self.output, self.name = output, name
         self.preset, self.overrides, self.config = preset, dict(overrides), config
-        self.prefix = run_prefix(output, self.run_id)
-        self.config_uri = storage.join(self.prefix, "config.json")
+        self.prefix = OutputLayout(output).run_prefix(self.run_id)
+        self.config_uri = RunLayout(self.prefix).config
         self.records = RecordSpool()
         self.devices: int | None = None  # the devices of the run's last pool (None: no pool, or Ray's)
         self._times: dict[str, float] = {}
@@ -281,14 +282,14 @@ class Run:
         (``done_index``: the collection run), the report, ``summary.json`` (``interrupted`` when stopped)
         and the Prefect artifacts; returns the summary."""
         records, prefix = self.records, self.prefix
-        write_results(records, storage.join(prefix, "results.parquet"))
+        write_results(records, RunLayout(prefix).results)
         if done_index:
             update_done_index(self.output, (
                 (r["item_id"], r["plan_key"], "done" if r["status"] in ("done", "skipped_done") else r["status"],
                  r.get("version"))
                 for r in records if r["status"] in ("done", "skipped_done", "not_grayscale") and r.get("plan_key")
             ), run_id=self.run_id)
-        write_report(report_records(records), storage.join(prefix, "report.html"), run_id=self.run_id,
+        write_report(report_records(records), RunLayout(prefix).report, run_id=self.run_id,
                      all_records=records, smoke=smoke or None)
         summary = run_summary(records, self.run_id, prefix)
         summary["smoke"] = smoke

@@ -193,6 +193,7 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
                 overrides: dict | None = None) -> dict:
     """Renders a new target from an item's stored colour state (no fine-tuning), holding its lease; ``overrides``
     change fields of the item's stored configuration."""
+    from diffcolor.archive.layout import item_id_from
     from diffcolor.archive.leases import item_lease
     from diffcolor.archive.storage import ReadLimits
     from diffcolor.common.errors import DeviceOutOfMemoryError
@@ -202,7 +203,7 @@ def run_recolor(prefix: str, target: str | None, color_map: dict | None, seed: i
     try:
         with item_lease(prefix) as lease:
             record = recolor_item(_MODELS, prefix, target=target, color_map=color_map, seed=seed, overrides=overrides,
-                                  limits=limits or ReadLimits(), progress=_following(prefix.rstrip("/").rsplit("/", 1)[-1], lease),
+                                  limits=limits or ReadLimits(), progress=_following(item_id_from(prefix), lease),
                                   signing=_SIGNING)
             return placed(record)
     except RuntimeError as error:

@@ -3,7 +3,7 @@
 Pages and a JSON API under ``/api/`` (FastAPI's OpenAPI page at ``/docs``)
 over one output root, read through :mod:`diffcolor.archive` only: the
 collection table (:mod:`diffcolor.archive.browse`), each item's records
-(:class:`diffcolor.archive.items.ItemLayout`) and decisions
+(:class:`diffcolor.archive.layout.ItemLayout`) and decisions
 (:mod:`diffcolor.archive.decisions`). Recolouring starts the reprocess flow
 (:mod:`review.jobs`).
 

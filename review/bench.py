@@ -71,14 +71,15 @@ def _cpu_seconds() -> float:
 
 
 def _generate(folder: str, items: int) -> None:
+    from diffcolor.archive.layout import OutputLayout
     from diffcolor.archive.results import write_results
 
-    later = f"{folder}/runs/20260102T000000Z-bench1/results.parquet"
+    later = OutputLayout(folder).run("20260102T000000Z-bench1").results
     if os.path.exists(later):
         print(f"reusing the generated records in {folder}")
         return
     start = time.perf_counter()
-    write_results(generated_records(items), f"{folder}/runs/20260101T000000Z-bench0/results.parquet", csv=False)
+    write_results(generated_records(items), OutputLayout(folder).run("20260101T000000Z-bench0").results, csv=False)
     write_results(later_records(items), later, csv=False)
     print(f"generated {items} records in {time.perf_counter() - start:.1f} s")
 

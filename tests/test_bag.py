@@ -6,7 +6,7 @@ import bagit
 import pytest
 
 from diffcolor.archive.bag import BagError, write_bag
-from diffcolor.archive.planning import run_prefix
+from diffcolor.archive.layout import OutputLayout
 from diffcolor.archive.report import write_report
 from diffcolor.archive.results import write_results
 from diffcolor.cli import main
@@ -22,8 +22,8 @@ def run_output(models, smoke, tmp_path, gray_png):
                                                 targets=("a brown dog on a bench",), color_map={"bench": "green"}),
                             f"{out}/items/bench", smoke)
     records.append({"item_id": "broken", "status": "failed", "error_class": "bad_image", "error_message": "truncated"})
-    write_results(records, f"{run_prefix(out, 'r1')}/results.parquet")
-    write_report(records, f"{run_prefix(out, 'r1')}/report.html", run_id="r1")
+    write_results(records, OutputLayout(out).run("r1").results)
+    write_report(records, OutputLayout(out).run("r1").report, run_id="r1")
     return out, records
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from diffcolor.archive import browse, storage
 from diffcolor.archive.browse import CollectionTable, Filters, filter_table, latest_per_item
+from diffcolor.archive.layout import OutputLayout, RunLayout
 from diffcolor.archive.results import write_results
 from diffcolor.common import record as declarations
 
@@ -44,15 +45,14 @@ def _history(seed: int, items: int, runs: int) -> list[list[dict]]:
 
 def _publish(output: str, history: list[list[dict]]) -> None:
     for run, rows in enumerate(history):
-        write_results(rows, storage.join(output, "runs", f"2026010{run + 1}T000000Z-run{run}", "results.parquet"),
-                      csv=False)
+        write_results(rows, OutputLayout(output).run(f"2026010{run + 1}T000000Z-run{run}").results, csv=False)
 
 
 def _reference(output: str) -> list:
     """The state the former in-memory path (pyarrow, every row loaded) builds from the same runs."""
     runs = [declarations.with_columns(pq.read_table(io.BytesIO(storage.read_bytes(
-        storage.join(run, "results.parquet"))))).select(list(browse._read()))
-        for run in storage.list_folders(storage.join(output, "runs"))]
+        RunLayout(run).results)))).select(list(browse._read()))
+        for run in storage.list_folders(OutputLayout(output).runs)]
     return latest_per_item(runs)
 
 
@@ -95,7 +95,7 @@ def test_a_new_run_is_folded_in_and_a_later_failure_never_hides_the_done_version
     assert table.page(Filters())[1][0]["status"] == "done"
     write_results([{"item_id": "x", "version": 3, "status": "failed", "error_message": "out of memory",
                     "created_at": "2026-01-02T00:00:00+00:00"}],
-                  storage.join(output, "runs", "20260102T000000Z-run1", "results.parquet"), csv=False)
+                  OutputLayout(output).run("20260102T000000Z-run1").results, csv=False)
     table.refresh()
     [row] = table.page(Filters())[1]
     assert (row["status"], row["version"], row["clip_score"], row["latest_status"], row["latest_error"],
@@ -107,7 +107,7 @@ def test_a_page_reads_the_files_in_place_and_materialises_only_its_rows(tmp_path
     write_results(({"item_id": f"item-{index:05d}", "version": 1, "status": "done", "caption": "a dog",
                     "clip_score": float(index % 30), "created_at": "2026-01-01T00:00:00+00:00",
                     "catalogue": {"title": f"Photo {index}"}} for index in range(20_000)),
-                  storage.join(output, "runs", "20260101T000000Z-run0", "results.parquet"), csv=False)
+                  OutputLayout(output).run("20260101T000000Z-run0").results, csv=False)
 
     def refused(*args, **kwargs):
         raise AssertionError("the results were loaded whole into Python")
@@ -167,7 +167,7 @@ def test_an_unknown_metric_is_named(tmp_path):
 def test_an_unreadable_results_file_is_left_out_with_a_warning(tmp_path, caplog):
     output = str(tmp_path / "out")
     _publish(output, [[{"item_id": "x", "version": 1, "status": "done", "created_at": "2026-01-01T00:00:00+00:00"}]])
-    storage.write_bytes(storage.join(output, "runs", "20260109T000000Z-bad", "results.parquet"), b"not parquet")
+    storage.write_bytes(OutputLayout(output).run("20260109T000000Z-bad").results, b"not parquet")
     table = CollectionTable(output)
     assert table.page(Filters())[0] == 1
     assert "20260109T000000Z-bad/results.parquet is not a readable results table" in caplog.text

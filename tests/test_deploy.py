@@ -32,7 +32,7 @@ import yaml
 from conftest import gray_scene
 from PIL import Image
 
-from diffcolor.archive.planning import item_prefix
+from diffcolor.archive.layout import OutputLayout
 from diffcolor.common.items import ItemRequest
 from diffcolor.pipeline import colorize_item
 
@@ -109,7 +109,7 @@ def colourised_item(models, smoke, tmp_path):
     Image.fromarray(np.round(gray_scene(48, 64) * 255).astype(np.uint8)).save(source)
     output = tmp_path / "collection-out"
     request = ItemRequest(item_id="bench", source_uri=str(source), caption=CAPTION, seed=7)
-    [record] = colorize_item(models, request, item_prefix(str(output), "bench"), smoke, preset="smoke")
+    [record] = colorize_item(models, request, OutputLayout(str(output)).item_prefix("bench"), smoke, preset="smoke")
     assert record["version"] == 1 and record["status"] == "done"
     return output, "bench"
 

@@ -214,7 +214,7 @@ def test_item_ids_drop_json_and_fall_back_to_the_label(tmp_path):
 @pytest.fixture(scope="module")
 def colourised_output(models, smoke, tmp_path_factory):
     """An output root with two items colourised by the real pipeline (tiny bundle, smoke preset); copy to change it."""
-    from diffcolor.archive.planning import item_prefix
+    from diffcolor.archive.layout import OutputLayout
     from diffcolor.common.items import ItemRequest
     from diffcolor.pipeline import colorize_item
 
@@ -232,7 +232,7 @@ def colourised_output(models, smoke, tmp_path_factory):
         ItemRequest(item_id="street", source_uri=str(outside), caption="a tram on a street",
                     targets=("a green tram on a street",), color_map={"tram": "red"}, catalogue={"rights": "All rights reserved"}),
     ]
-    records = {r.item_id: colorize_item(models, r, item_prefix(str(output), r.item_id), smoke, preset="smoke")
+    records = {r.item_id: colorize_item(models, r, OutputLayout(str(output)).item_prefix(r.item_id), smoke, preset="smoke")
                for r in requests}
     (output / "items" / "broken").mkdir()  # an item folder without a done version
     return output, records

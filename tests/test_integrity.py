@@ -17,7 +17,7 @@ from s3server import FAKE_ACCESS_KEY, s3_client
 from test_flows import CAPTION
 
 from diffcolor.archive import storage
-from diffcolor.archive.planning import item_prefix
+from diffcolor.archive.layout import OutputLayout
 from diffcolor.archive.results import read_results
 from diffcolor.common.ids import UnsafeItemIdError
 
@@ -205,7 +205,7 @@ def test_traversal_ids_are_refused_everywhere_and_create_nothing_outside_the_roo
     hostile = ["../../..", "../escape", "a/b", "..", "CON", "x\\y"]
     for item in hostile:
         with pytest.raises(UnsafeItemIdError):
-            item_prefix(str(out), item)
+            OutputLayout(str(out)).item_prefix(item)
     done = _diffcolor("reprocess", str(out), "--items", "ok,../../escape", "--color-map", '{"dog": "red"}')
     assert done.returncode == 2 and "unsafe item_id '../../escape'" in done.stderr and "Traceback" not in done.stderr
     targets = write_manifest(tmp_path / "targets.parquet", [{"item_id": "../../../etc", "target_prompt": "a red dog"}])
@@ -231,9 +231,9 @@ def test_reprocess_renders_each_item_with_its_own_recorded_model(prefect_server,
     out = tmp_path / "out"
     other_folder = write_tiny_bundle(tmp_path / "other-model", seed=1)  # another model: other weights, other hash
     other = load_models(str(other_folder))
-    colorize_item(models, ItemRequest(item_id="a", source_uri=str(gray_png), caption=CAPTION), item_prefix(str(out), "a"),
+    colorize_item(models, ItemRequest(item_id="a", source_uri=str(gray_png), caption=CAPTION), OutputLayout(str(out)).item_prefix("a"),
                   smoke)
-    colorize_item(other, ItemRequest(item_id="b", source_uri=str(gray_png), caption=CAPTION), item_prefix(str(out), "b"),
+    colorize_item(other, ItemRequest(item_id="b", source_uri=str(gray_png), caption=CAPTION), OutputLayout(str(out)).item_prefix("b"),
                   smoke)
 
     state = reprocess(str(out), [Retarget(item_id="a", color_map={"dog": "red"}),

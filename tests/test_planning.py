@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from s3server import s3_bucket, s3_endpoint  # noqa: F401 (fixtures)
 
+from diffcolor.archive.layout import OutputLayout
 from diffcolor.archive.planning import plan_items, read_done_index, update_done_index
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import config_hash, plan_key
@@ -84,7 +85,7 @@ def test_runs_updating_the_index_at_once_lose_no_entry_through_compactions(tmp_p
     assert [worker.returncode for worker in workers] == [0] * processes, "\n".join(errors)
     done = read_done_index(output)
     assert len(done) == processes * runs_each * per_run + earlier and done["r7-i3"] == ("key-7-3", 1)
-    assert storage.exists(planning.index_uri(output))  # compactions happened under the load
+    assert storage.exists(OutputLayout(output).index_table)  # compactions happened under the load
     assert storage.list_files(f"{output}/index/lock") == []
     assert planning.compact_done_index(output)  # one more folds every shard left, losing nothing
     assert storage.list_files(f"{output}/index/runs") == [] and read_done_index(output) == done
@@ -102,7 +103,8 @@ def test_a_compaction_that_lost_the_index_lease_writes_no_index(tmp_path, monkey
 
     monkeypatch.setattr(leases.Lease, "check", lost)
     assert planning.compact_done_index(output) is False
-    assert not storage.exists(planning.index_uri(output)) and len(storage.list_files(f"{output}/index/runs")) == 3
+    assert not storage.exists(OutputLayout(output).index_table)
+    assert len(storage.list_files(OutputLayout(output).index_shards)) == 3
     assert storage.list_files(f"{output}/index/lock") == [] and len(read_done_index(output)) == 3
 
 

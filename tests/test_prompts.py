@@ -16,7 +16,6 @@ from diffcolor.common.captions import (
     WORD_PATTERN,
     RewrittenCaption,
     build_target_prompt,
-    color_map_slots,
     colored_caption,
     describe_color_map,
     prompt_slots,

@@ -104,3 +104,26 @@ def test_a_flow_takes_the_command_lines_configuration_only_when_it_names_the_sam
         assert resolve_config("default", {"stage1.steps": 9}).stage1.steps == 9
     assert len(applied) == 2
     assert resolve_config("smoke", {"stage1.steps": 9}) is not resolved  # no command line: applied here
+
+
+def test_a_targets_file_reads_the_manifest_spellings_of_its_columns(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from diffcolor.common.errors import PromptError
+    from flows.reprocess import read_targets
+
+    path = tmp_path / "targets.parquet"
+    pq.write_table(pa.table({"item_id": ["p0", "p1"], "colour_map": [json.dumps({"dog": "red"}), None],
+                             "target_prompts": [None, "a brown dog on a bench"]}), path)
+    targets = read_targets(str(path))
+    assert [(t.item_id, t.color_map, t.target_prompt) for t in targets] == [
+        ("p0", {"dog": "red"}, None), ("p1", None, "a brown dog on a bench")]
+    # Two spellings of one column: which holds the colours is unclear, so the file is refused naming both.
+    pq.write_table(pa.table({"item_id": ["p0"], "color_map": ['{"dog": "red"}'], "colour_map": ['{"dog": "blue"}']}),
+                   path)
+    with pytest.raises(PromptError, match="'color_map' and 'colour_map'"):
+        read_targets(str(path))

@@ -14,7 +14,7 @@ from PIL import Image
 from diffcolor.archive import storage
 from diffcolor.archive.bag import write_bag
 from diffcolor.archive.iiif_publish import publish_iiif
-from diffcolor.archive.planning import item_prefix, run_prefix
+from diffcolor.archive.layout import OutputLayout
 from diffcolor.archive.results import write_results
 from diffcolor.common.items import ItemRequest
 from diffcolor.pipeline import colorize_item
@@ -35,8 +35,8 @@ def s3_output(models, smoke, s3_bucket, tmp_path):
         Image.fromarray(np.round(gray_scene(40, 56, seed=index) * 255).astype(np.uint8)).save(path)
         storage.write_bytes(source, path.read_bytes())
         request = ItemRequest(item_id=item, source_uri=source, caption=caption, catalogue={"title": item.title()})
-        records += colorize_item(models, request, item_prefix(output, item), smoke, preset="smoke")
-    write_results(records, storage.join(run_prefix(output, RUN), "results.parquet"))
+        records += colorize_item(models, request, OutputLayout(output).item_prefix(item), smoke, preset="smoke")
+    write_results(records, OutputLayout(output).run(RUN).results)
     return output, records
 
 

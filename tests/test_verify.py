@@ -160,7 +160,8 @@ def test_verify_over_a_real_s3_api(models, smoke, s3_bucket, tmp_path, capsys):
     from PIL import Image
 
     from diffcolor.archive.fixity import REPAIR_STATUS
-    from diffcolor.archive.planning import item_prefix, read_done_index, update_done_index
+    from diffcolor.archive.layout import OutputLayout
+    from diffcolor.archive.planning import read_done_index, update_done_index
     from diffcolor.common.items import ItemRequest
     from diffcolor.pipeline import colorize_item
 
@@ -168,7 +169,7 @@ def test_verify_over_a_real_s3_api(models, smoke, s3_bucket, tmp_path, capsys):
     source = tmp_path / "p0.png"
     Image.fromarray((gray_scene(48, 64) * 255).round().astype("uint8")).save(source)
     request = ItemRequest(item_id="p0", source_uri=str(source), caption="a dog on a bench", seed=0)
-    colorize_item(models, request, item_prefix(output, "p0"), smoke, preset="smoke")
+    colorize_item(models, request, OutputLayout(output).item_prefix("p0"), smoke, preset="smoke")
     for copy in ("p1", "p2"):  # two more items: p0's objects, their records naming the copies
         for batch in storage.iter_objects(f"{output}/items/p0"):
             for name in batch:

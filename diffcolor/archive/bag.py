@@ -31,12 +31,11 @@ from pathlib import Path
 
 from diffcolor import __version__
 from diffcolor.archive import storage
-from diffcolor.archive.planning import item_prefix, run_prefix
+from diffcolor.archive.layout import OutputLayout
 from diffcolor.archive.results import read_results
 from diffcolor.common.errors import PermanentError
 from diffcolor.common.keys import sha256_hex
 
-RUN_FILES = ("results.parquet", "results.csv", "report.html")
 DELIVERED_ROLES = ("master", "access", "master_credentials")
 
 
@@ -87,8 +86,8 @@ def write_bag(output: str, run_id: str, destination: str | os.PathLike, *,
     bag = Path(destination)
     if bag.exists() and any(bag.iterdir()):
         raise BagError(f"'{bag}' is not empty: a bag is made in a new folder")
-    prefix = run_prefix(output, run_id)
-    results = _inside(output, storage.join(prefix, "results.parquet"))
+    run = OutputLayout(output).run(run_id)
+    results = _inside(output, run.results)
     if not storage.exists(results):
         raise BagError(f"run '{run_id}' has no results in '{output}'")
     records = [json.loads(text) for text in read_results(results).column("record_json").to_pylist()]
@@ -109,13 +108,13 @@ def write_bag(output: str, run_id: str, destination: str | os.PathLike, *,
                 raise BagError(f"'{uri}' differs from the sha256 its record names: not delivered")
             _put(bag, relative, data)
             files += 1
-        record_uri = storage.join(item_prefix(output, record["item_id"]), "versions", f"v{int(record['version']):04d}.json")
+        record_uri = OutputLayout(output).item(record["item_id"]).record(int(record["version"]))
         _put(bag, _relative(output, record_uri), storage.read_bytes(_inside(output, record_uri)))
         files += 1
 
     # 3. The run's own files.
-    for name in RUN_FILES:
-        uri = _inside(output, storage.join(prefix, name))
+    for uri in run.files:
+        uri = _inside(output, uri)
         if storage.exists(uri):
             _put(bag, _relative(output, uri), storage.read_bytes(uri))
             files += 1

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from diffcolor.archive import storage
+from diffcolor.archive.layout import OutputLayout, RunLayout
 from diffcolor.common import record as declarations
 
 logger = logging.getLogger(__name__)
@@ -357,14 +358,14 @@ class CollectionTable:
 
     def _refresh(self) -> None:
         try:  # a runs/ folder or run that is a link out of the output is not read (storage.confine)
-            runs = storage.list_folders(storage.confine(self.output, storage.join(self.output, "runs")))
+            runs = storage.list_folders(storage.confine(self.output, OutputLayout(self.output).runs))
         except storage.OutsideRootError as error:
             logger.warning("%s", error)
             runs = []
         files = []
         for run in sorted(runs):
             try:
-                uri = storage.confine(self.output, storage.join(run, "results.parquet"))
+                uri = storage.confine(self.output, RunLayout(run).results)
             except storage.OutsideRootError as error:
                 logger.warning("%s", error)
                 continue

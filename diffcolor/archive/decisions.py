@@ -55,9 +55,8 @@ import uuid
 from datetime import datetime, timezone
 
 from diffcolor.archive import storage
-from diffcolor.archive.items import ItemLayout
+from diffcolor.archive.layout import ItemLayout, OutputLayout, RunLayout
 from diffcolor.archive.metadata import replace_jpeg_xmp, xmp_for_format
-from diffcolor.archive.planning import item_prefix, run_prefix
 from diffcolor.archive.report import write_report
 from diffcolor.archive.results import write_results
 from diffcolor.common.errors import PermanentError, StorageError
@@ -77,16 +76,16 @@ class DecisionError(PermanentError):
 
 
 def decisions_folder(layout: ItemLayout) -> str:
-    return storage.join(layout.prefix, "decisions")
+    return layout.decisions
 
 
 def approved_uri(layout: ItemLayout) -> str:
-    return storage.join(layout.prefix, "approved.json")
+    return layout.approved
 
 
 def item_layout(output: str, item_id: str) -> ItemLayout:
     """The layout of ``item_id`` under ``output``; OutsideRootError when its folder leads outside the output."""
-    return ItemLayout(storage.confine(output, item_prefix(output, item_id)))
+    return ItemLayout(storage.confine(output, OutputLayout(output).item_prefix(item_id)))
 
 
 def _order(name: str) -> tuple:
@@ -196,7 +195,7 @@ def _publish_copy(output: str, layout: ItemLayout, record: dict, entry: dict, na
     published = data = None
     if access and access.lower().endswith((".jpg", ".jpeg")) and storage.exists(storage.confine(output, access)):
         data = replace_jpeg_xmp(storage.read_bytes(access), xmp_for_format(fields, "JPEG"))
-        published = storage.confine(output, storage.join(layout.prefix, "published", f"{name}.jpg"))
+        published = storage.confine(output, layout.published(name))
         storage.write_bytes(published, data)
     return {"master": version_output(layout, record, "master"),
             "master_sha256": (record.get("output_sha256") or {}).get("master"),
@@ -208,7 +207,7 @@ def _approval_pointer(output: str, layout: ItemLayout, entry: dict) -> dict:
     """``approved.json`` for the approval ``entry`` (an approval of before sequence numbers: from its record)."""
     if "published_access" not in entry:  # written before decisions named their published copy
         record = storage.read_json(storage.confine(output, layout.record(int(entry["version"]))))
-        published = storage.join(layout.prefix, "published", f"{entry['decision_id']}.jpg")
+        published = layout.published(entry["decision_id"])
         data = storage.read_bytes(storage.confine(output, published)) if storage.exists(published) else None
         entry = dict(entry, master=version_output(layout, record, "master"),
                      master_sha256=(record.get("output_sha256") or {}).get("master"),
@@ -275,8 +274,8 @@ def publish_review_run(output: str, entries: list[dict], *, now: datetime | None
     """Publishes a review run of ``entries`` (decisions): its results table and report; returns its prefix."""
     now = now or datetime.now(timezone.utc)
     run_id = _stamp(now) + "-review"  # sorts by time among the flows' run ids (flows.runs.new_run_id)
-    prefix = storage.confine(output, run_prefix(output, run_id))
+    run = RunLayout(storage.confine(output, OutputLayout(output).run_prefix(run_id)))
     records = [decided_record(output, entry) for entry in entries]
-    write_results(records, storage.join(prefix, "results.parquet"))
-    write_report(records, storage.join(prefix, "report.html"), run_id=run_id)
-    return prefix
+    write_results(records, run.results)
+    write_report(records, run.report, run_id=run_id)
+    return run.prefix

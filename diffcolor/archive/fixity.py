@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 from diffcolor.archive import storage
+from diffcolor.archive.layout import ITEMS, RESULT, OutputLayout, is_record_path, path_in_item, record_path
 from diffcolor.archive.planning import read_done_index, update_done_index
 from diffcolor.common.errors import InputUnavailableError, MissingObjectError, UserError
 
@@ -116,8 +117,8 @@ def audit_output(output: str, *, repair: bool = False, on_problem: Callable[[Pro
     done = read_done_index(output)
     fs, root_path = storage.filesystem(output)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    if not done and not (os.path.isdir(os.path.join(root_path, "items")) if local
-                         else any(True for _ in storage.iter_objects(storage.join(output, "items")))):
+    if not done and not (os.path.isdir(os.path.join(root_path, ITEMS)) if local
+                         else any(True for _ in storage.iter_objects(OutputLayout(output).items))):
         raise UserError(f"'{output}' holds no collection output (no items/ folder, no done-index)")
 
     def report(problem: Problem) -> None:
@@ -144,7 +145,7 @@ def audit_output(output: str, *, repair: bool = False, on_problem: Callable[[Pro
         _repair(audit)
     audit.seconds = time.perf_counter() - started
     if repair:
-        audit.report = storage.join(output, "verify", f"{audit.started.replace(':', '').replace('-', '')}.json")
+        audit.report = OutputLayout(output).verify_report(audit.started.replace(':', '').replace('-', ''))
         storage.write_json(audit.report, audit.to_dict())
     return audit
 
@@ -164,7 +165,7 @@ def _repair(audit: Audit) -> None:
 
 def _local_items(root: str) -> Iterator[tuple[str, set[str], set[str]]]:
     real_root = os.path.realpath(root)
-    items_root = os.path.join(root, "items")
+    items_root = os.path.join(root, ITEMS)
     if os.path.islink(items_root) and not _inside(os.path.realpath(items_root), real_root):
         yield "(items)", set(), {""}
         return
@@ -212,7 +213,7 @@ def _inside(path: str, root: str) -> bool:
 def _remote_items(output: str) -> Iterator[tuple[str, set[str], set[str]]]:
     """From the sorted listing of ``items/``: an item's keys are contiguous, so one item is held at a time."""
     current, files = None, set()
-    for page in storage.iter_objects(storage.join(output, "items")):
+    for page in storage.iter_objects(OutputLayout(output).items):
         for name in page:
             item, _, rest = name.partition("/")
             if not rest:
@@ -232,7 +233,7 @@ def _remote_items(output: str) -> Iterator[tuple[str, set[str], set[str]]]:
 
 def _audit_item(output: str, item_id: str, files: set[str], links: set[str], indexed: bool, report, note) -> int:
     """Checks one item; reports its problems; returns how many files it hashed."""
-    prefix = storage.join(output, "items", item_id)
+    prefix = OutputLayout(output).listed_item(item_id).prefix
     if "" in links:  # the item folder itself
         report(Problem(item_id, "", _LINK_PROBLEM))
         return 0
@@ -260,18 +261,17 @@ def _audit_item(output: str, item_id: str, files: set[str], links: set[str], ind
             return None
         return value
 
-    version_names = sorted(name for name in files if name.startswith("versions/") and name.count("/") == 1
-                           and name.endswith(".json"))
+    version_names = sorted(name for name in files if is_record_path(name))
     result = None
-    if "result.json" in files:
-        result = read_record("result.json")
+    if RESULT in files:
+        result = read_record(RESULT)
     elif version_names or indexed:
-        report(Problem(item_id, "result.json", "missing"))
+        report(Problem(item_id, RESULT, "missing"))
     current = _number(result.get("version")) if result and result.get("status") == "done" else None
     if result and result.get("status") == "done" and current is None:
-        report(Problem(item_id, "result.json", f"names no valid version ({result.get('version')!r})"))
-    if current is not None and f"versions/v{current:04d}.json" not in files:
-        report(Problem(item_id, f"versions/v{current:04d}.json", "missing (the version result.json names)"))
+        report(Problem(item_id, RESULT, f"names no valid version ({result.get('version')!r})"))
+    if current is not None and record_path(current) not in files:
+        report(Problem(item_id, record_path(current), f"missing (the version {RESULT} names)"))
 
     records = [(result, True)] if current is not None else []
     for name in version_names:
@@ -285,13 +285,13 @@ def _audit_item(output: str, item_id: str, files: set[str], links: set[str], ind
         found_problems = []
         expected_hashes, outputs = record.get("output_sha256") or {}, record.get("outputs") or {}
         if not isinstance(expected_hashes, dict) or not isinstance(outputs, dict):
-            where = "result.json" if record is result else f"versions/v{_number(record.get('version')) or 0:04d}.json"
+            where = RESULT if record is result else record_path(_number(record.get("version")) or 0)
             report(Problem(item_id, where, "its outputs or output_sha256 is not a JSON object"))
             continue
         for role, uri in sorted(outputs.items()):
             if role == "state" and not is_current:
                 continue  # one object, replaced by a refit: only the current version's hash must hold
-            name = _inside_item(str(uri), item_id)
+            name = path_in_item(str(uri), item_id)
             expected = expected_hashes.get(role)
             if name is None:
                 found_problems.append(Problem(item_id, str(uri), f"the record of version {record.get('version')} "
@@ -334,19 +334,6 @@ def _audit_item(output: str, item_id: str, files: set[str], links: set[str], ind
 def _number(value) -> int | None:
     """A version number as records give it; None for anything else."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _inside_item(uri: str, item_id: str) -> str | None:
-    """The path of ``uri`` inside its item's folder (records name absolute URIs; the output may have moved since),
-    or None when it names no file of this item."""
-    marker = f"/items/{item_id}/"
-    if marker not in uri:
-        return None
-    name = uri.rsplit(marker, 1)[1]
-    parts = name.split("/")
-    if not name or any(part in ("", ".", "..") for part in parts):
-        return None
-    return name
 
 
 def _sha256(uri: str) -> str | None:

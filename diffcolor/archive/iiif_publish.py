@@ -47,13 +47,12 @@ from PIL import Image
 
 from diffcolor.archive import storage
 from diffcolor.archive.decisions import read_decisions
-from diffcolor.archive.items import ItemLayout
+from diffcolor.archive.layout import APPROVED, IIIF, IIIF_MANIFEST, ItemLayout, OutputLayout, item_id_from
 from diffcolor.common.errors import PermanentError
 from diffcolor.common.ids import UnsafeItemIdError
 
 # IPTC NewsCodes, digital source type: media made by a trained model from a human-made source.
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
-APPROVED_FILE = "approved.json"
 # Catalogue fields (names compared in lower case, spaces and hyphens as underscores).
 CREDIT_FIELDS = ("credit_line", "credit", "attribution", "rights")  # what requiredStatement is built from
 ACCESSION_FIELDS = ("accession_number", "accession")
@@ -94,14 +93,14 @@ def _current_record(output: str, layout: ItemLayout, item_id: str,
     an unreviewed one. OutsideRootError for a link out of ``output``.
     """
     layout = ItemLayout(storage.confine(output, layout.prefix))
-    approved = storage.confine(output, storage.join(layout.prefix, APPROVED_FILE))
+    approved = storage.confine(output, layout.approved)
     pointer = storage.read_json(approved) if storage.exists(approved) else None
     version = pointer.get("version") if isinstance(pointer, dict) else None
     if pointer is not None and not (isinstance(pointer, dict) and "version" in pointer and version is None):
         if not isinstance(version, int) or isinstance(version, bool):
-            return None, f"{APPROVED_FILE} names no version (expected {{\"version\": N}}, got {pointer!r})", None
+            return None, f"{APPROVED} names no version (expected {{\"version\": N}}, got {pointer!r})", None
         if not storage.exists(storage.confine(output, layout.record(version))):
-            return None, f"{APPROVED_FILE} names version {version}, which has no record", None
+            return None, f"{APPROVED} names version {version}, which has no record", None
         record = storage.read_json(layout.record(version))
         if record.get("status") != "done" or not (record.get("outputs") or {}).get("access"):
             return None, f"its approved version {version} is not a done version", None
@@ -181,7 +180,7 @@ def _canvas(record: dict, access: str, access_size: tuple[int, int], base_url: s
     )
 
     item_id, version = record["item_id"], int(record["version"])
-    canvas_id = f"{base_url.rstrip('/')}/iiif/canvas/{quote(item_id, safe='~-._')}"
+    canvas_id = f"{base_url.rstrip('/')}/{IIIF}/canvas/{quote(item_id, safe='~-._')}"
     catalogue = record.get("catalogue") or {}
     smoke = bool(record.get("smoke_run"))
     # 1. The bodies: the original (when publishable), then the colour access copy, each with its own file's size.
@@ -264,14 +263,14 @@ def publish_iiif(output: str, base_url: str, manifest_uri: str | None = None, *,
     if not re.match(r"https?://[^/\s]+", base_url or ""):
         raise PublishError(f"--base-url must be an http(s) URL, got {base_url!r}")
     output = storage.absolute(output).rstrip("/")
-    manifest_uri = storage.absolute(manifest_uri) if manifest_uri else storage.join(output, "iiif", "manifest.json")
+    manifest_uri = storage.absolute(manifest_uri) if manifest_uri else OutputLayout(output).iiif_manifest
     if manifest_uri.startswith(output + "/"):  # a manifest in the output stays in it; one named elsewhere is the caller's
         manifest_uri = storage.confine(output, manifest_uri)
 
     # 2. Each item's current version, as a canvas.
     canvases, items, left_out = [], [], []
-    for prefix in storage.list_folders(storage.join(output, "items")):
-        item_id = prefix.rsplit("/", 1)[-1]
+    for prefix in storage.list_folders(OutputLayout(output).items):
+        item_id = item_id_from(prefix)
         layout = ItemLayout(prefix)
         try:
             record, why, approval = _current_record(output, layout, item_id, unreviewed)
@@ -297,7 +296,7 @@ def publish_iiif(output: str, base_url: str, manifest_uri: str | None = None, *,
                            (f" ({'; '.join(left_out[:5])}{'; ...' if len(left_out) > 5 else ''})" if left_out else ""))
 
     # 3. The manifest, validated by the models, written through storage.
-    manifest_id = _url(base_url, output, manifest_uri) or f"{base_url.rstrip('/')}/iiif/manifest.json"
+    manifest_id = _url(base_url, output, manifest_uri) or f"{base_url.rstrip('/')}/{IIIF}/{IIIF_MANIFEST}"
     manifest = Manifest(
         id=manifest_id, label={"en": [label or f"{output.rsplit('/', 1)[-1]}: AI colourisations"]},
         summary={"en": ["Black-and-white photographs with colour versions made by an AI model (DiffColor). "

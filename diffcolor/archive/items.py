@@ -1,19 +1,8 @@
 """One item under its output prefix: the layout of its objects, its records, its checkpoint folder.
 
-The item layout under an item's output prefix (any storage URI) is stable:
-
-    PREFIX/result.json                   the latest version's record (written last: marks the item done)
-    PREFIX/versions/v0001.json           every version's record, never overwritten
-    PREFIX/versions/v0001/master.tif     archival master (16-bit when the source was 16-bit)
-    PREFIX/versions/v0001/access.jpg     access copy
-    PREFIX/state/color-state.safetensors the colour state (and state.json, a readable copy)
-    PREFIX/state/lora/pytorch_lora_weights.safetensors
-                                         its adapter as a diffusers LoRA file (LoRA mode; written before
-                                         the state, named with its sha256 in the state's manifest:
-                                         diffcolor.archive.states)
-    PREFIX/checkpoints/...               loop checkpoints while a fit is under way
-    PREFIX/attempts/TIME-ID.json         every failed attempt's record, never overwritten
-    PREFIX/lock/...                      the item's lease while a worker holds it (diffcolor.archive.leases)
+The item's layout under its output prefix (``result.json``, ``versions/``,
+``state/``, ``attempts/``, ...) is :mod:`diffcolor.archive.layout`'s
+(:class:`~diffcolor.archive.layout.ItemLayout`).
 
 A record is a JSON object per item version (docs/DESIGN.md §10.3): what was asked,
 what was made, with which models and software, and how it went.
@@ -37,11 +26,11 @@ is redacted (:mod:`diffcolor.common.redact`) before it is written or returned.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from diffcolor import __version__
 from diffcolor.archive import storage
+from diffcolor.archive.layout import ItemLayout
 from diffcolor.common.errors import BadImageError, DiffColorError, InputUnavailableError, MissingObjectError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import sha256_hex
@@ -49,73 +38,25 @@ from diffcolor.common.record import VersionRecord
 from diffcolor.common.redact import redact, redact_value
 
 SOFTWARE = "diffcolor-archive"
-STATE_FILE = "color-state.safetensors"
 
 
-@dataclass(frozen=True)
-class ItemLayout:
-    """The URIs of one item's objects under its output prefix."""
+def committed_versions(layout: ItemLayout) -> dict[str, dict]:
+    """``version_key`` -> record of every done version whose outputs are all whole (step 2 of the protocol).
 
-    prefix: str
-
-    @property
-    def result(self) -> str:
-        return storage.join(self.prefix, "result.json")
-
-    @property
-    def versions(self) -> str:
-        return storage.join(self.prefix, "versions")
-
-    def record(self, version: int) -> str:
-        return storage.join(self.versions, f"v{version:04d}.json")
-
-    def output(self, version: int, name: str) -> str:
-        return storage.join(self.versions, f"v{version:04d}", name)
-
-    @property
-    def state(self) -> str:
-        """The folder of the colour state (the state object, state.json and the LoRA folder ``lora/``)."""
-        return storage.join(self.prefix, "state")
-
-    @property
-    def state_object(self) -> str:
-        """The colour state itself: one safetensors object."""
-        return storage.join(self.state, STATE_FILE)
-
-    @property
-    def checkpoints(self) -> str:
-        return storage.join(self.prefix, "checkpoints")
-
-    @property
-    def attempts(self) -> str:
-        return storage.join(self.prefix, "attempts")
-
-    def version_records(self) -> list[str]:
-        """The URIs of every version record, oldest first."""
-        return [uri for uri in storage.list_files(self.versions) if uri.endswith(".json")]
-
-    def next_version(self) -> int:
-        """One more than the highest version recorded so far."""
-        numbers = [int(uri.rsplit("/v", 1)[1][:4]) for uri in self.version_records()]
-        return max(numbers, default=0) + 1
-
-    def committed_versions(self) -> dict[str, dict]:
-        """``version_key`` -> record of every done version whose outputs are all whole (step 2 of the protocol).
-
-        A version whose record exists but cannot be read, or whose outputs are
-        gone or no longer match their recorded sha256, is left out: its work is
-        done again, as a new version.
-        """
-        committed = {}
-        for uri in self.version_records():
-            try:
-                record = storage.read_json(uri)
-            except (MissingObjectError, ValueError):  # gone since the listing, or not JSON any more
-                continue
-            key = record.get("version_key") if isinstance(record, dict) else None
-            if key and record.get("status") == "done" and outputs_whole(record):
-                committed[key] = record
-        return committed
+    A version whose record exists but cannot be read, or whose outputs are
+    gone or no longer match their recorded sha256, is left out: its work is
+    done again, as a new version.
+    """
+    committed = {}
+    for uri in layout.version_records():
+        try:
+            record = storage.read_json(uri)
+        except (MissingObjectError, ValueError):  # gone since the listing, or not JSON any more
+            continue
+        key = record.get("version_key") if isinstance(record, dict) else None
+        if key and record.get("status") == "done" and outputs_whole(record):
+            committed[key] = record
+    return committed
 
 
 def outputs_whole(record: dict) -> bool:

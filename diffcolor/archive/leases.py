@@ -65,6 +65,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from diffcolor.archive import storage
+from diffcolor.archive.layout import lock_folder
 from diffcolor.common.errors import (
     DiffColorError,
     MissingObjectError,
@@ -442,7 +443,7 @@ def acquire(prefix: str, *, lease_seconds: float = LEASE_SECONDS, poll_seconds: 
     Waits while another live worker holds it. Raises TimeoutError after
     ``timeout_seconds`` (None: wait as long as it takes).
     """
-    folder = storage.join(prefix, "lock")
+    folder = lock_folder(prefix)
     owner = uuid.uuid4().hex
     started = time.monotonic()
     while True:

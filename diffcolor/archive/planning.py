@@ -1,12 +1,7 @@
 """Planning a collection run: what to skip, what to do, in windows. Plain functions.
 
-The output root of a collection is laid out as::
-
-    OUTPUT/items/ITEM_ID/...          each item's layout (see diffcolor.archive.items)
-    OUTPUT/runs/RUN_ID/results.parquet  the run's records
-    OUTPUT/runs/RUN_ID/report.html      the run's contact sheet
-    OUTPUT/index/items.parquet          the done-index: the latest plan key and status per item (compacted)
-    OUTPUT/index/runs/*.parquet         the entries each run added since the last compaction
+The output root's layout (``items/``, ``runs/``, the done-index under
+``index/``) is :mod:`diffcolor.archive.layout`'s.
 
 Planning must not touch every item's objects: for a nightly run over a
 million-row manifest that is a million storage requests. Instead each manifest
@@ -37,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from diffcolor.archive import storage
-from diffcolor.common.ids import normalize_item_id
+from diffcolor.archive.layout import ACCESS, MASTER, RESULT, OutputLayout, record_path, version_path
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.keys import plan_keys
 
@@ -46,29 +41,8 @@ INDEX_SCHEMA = pa.schema([("item_id", pa.string()), ("plan_key", pa.string()), (
 COMPACT_AFTER_SHARDS = 16  # ours: a run folds the shards into the compacted index once there are more than this
 
 
-def item_prefix(output: str, item_id: str) -> str:
-    """Where an item's objects live under a collection's output root.
-
-    Every id that reaches storage passes here, so every one goes through the
-    item-id rule (:func:`diffcolor.common.ids.normalize_item_id`): an unsafe id
-    (``../..``, a separator, a device name) raises UnsafeItemIdError, and nothing
-    is ever read or written outside ``OUTPUT/items/``.
-    """
-    return storage.join(output, "items", normalize_item_id(item_id))
-
-
-def run_prefix(output: str, run_id: str) -> str:
-    """Where a run's results and report live."""
-    return storage.join(output, "runs", run_id)
-
-
-def index_uri(output: str) -> str:
-    """The compacted done-index."""
-    return storage.join(output, "index", "items.parquet")
-
-
 def _shard_uris(output: str) -> list[str]:
-    return [uri for uri in storage.list_files(storage.join(output, "index", "runs")) if uri.endswith(".parquet")]
+    return [uri for uri in storage.list_files(OutputLayout(output).index_shards) if uri.endswith(".parquet")]
 
 
 def _index_table(uri: str) -> pa.Table:
@@ -80,7 +54,8 @@ def _index_table(uri: str) -> pa.Table:
 
 def _latest_entries(output: str, shards: list[str]) -> pa.Table:
     """The compacted index and ``shards`` merged: one row per item, its newest entry."""
-    uris = ([index_uri(output)] if storage.exists(index_uri(output)) else []) + shards
+    compacted = OutputLayout(output).index_table
+    uris = ([compacted] if storage.exists(compacted) else []) + shards
     tables = [_index_table(uri) for uri in uris]
     if not tables:
         return INDEX_SCHEMA.empty_table()
@@ -119,16 +94,16 @@ def _needed(entry: DoneEntry) -> int:
 
 def _found(rest: str, entry: DoneEntry) -> int:
     """Which of the objects a done item needs ``rest`` (a path inside the item's folder) is."""
-    if rest == "result.json":
+    if rest == RESULT:
         return _RESULT
     if not entry.version:
         return 0
-    version = f"versions/v{entry.version:04d}"
-    if rest == f"{version}.json":
+    version = version_path(entry.version)
+    if rest == record_path(entry.version):
         return _RECORD
-    if rest == f"{version}/master.tif":
+    if rest == f"{version}/{MASTER}":
         return _MASTER
-    if rest.startswith(f"{version}/access."):
+    if rest.startswith(f"{version}/{ACCESS}."):
         return _ACCESS
     return 0
 
@@ -149,7 +124,7 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
     """
     if not done:
         return set()
-    root = storage.join(output, "items")
+    root = OutputLayout(output).items
     fs, path = storage.filesystem(root)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return _missing_on_disk(path, done)
@@ -167,7 +142,7 @@ def missing_done_items(output: str, done: dict[str, DoneEntry]) -> set[str]:
 
 def _lists_an_access_copy(version: str) -> bool:
     try:
-        return any(name.startswith("access.") for name in os.listdir(version))
+        return any(name.startswith(f"{ACCESS}.") for name in os.listdir(version))
     except OSError:  # gone, or not a folder
         return False
 
@@ -184,12 +159,12 @@ def _missing_on_disk(root: str, done: dict[str, DoneEntry]) -> set[str]:
             missing.add(item)
             continue
         folder = f"{root}/{item}"
-        if not there(f"{folder}/result.json", exists):
+        if not there(f"{folder}/{RESULT}", exists):
             missing.add(item)
         elif entry.version:
-            version = f"{folder}/versions/v{entry.version:04d}"
-            if not (there(f"{version}.json", exists) and there(f"{version}/master.tif", exists)
-                    and (there(f"{version}/access.jpg", exists) or _lists_an_access_copy(version))):
+            version = f"{folder}/{version_path(entry.version)}"
+            if not (there(f"{version}.json", exists) and there(f"{version}/{MASTER}", exists)
+                    and (there(f"{version}/{ACCESS}.jpg", exists) or _lists_an_access_copy(version))):
                 missing.add(item)  # the version's folder is listed only when its access copy is not access.jpg
     return missing
 
@@ -249,7 +224,7 @@ def update_done_index(output: str, entries: Iterable[tuple[str, str, str, int | 
     table = pa.table([pa.array(list(column), type=field.type) for column, field in zip(columns, INDEX_SCHEMA)],
                      schema=INDEX_SCHEMA)
     name = run_id or f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}-{uuid.uuid4().hex[:8]}"
-    storage.write_bytes(storage.join(output, "index", "runs", f"{name}.parquet"), _parquet(table))
+    storage.write_bytes(OutputLayout(output).index_shard(name), _parquet(table))
     if len(_shard_uris(output)) > COMPACT_AFTER_SHARDS:
         compact_done_index(output)
     return table.num_rows
@@ -260,11 +235,11 @@ def compact_done_index(output: str) -> bool:
     from diffcolor.archive.leases import LeaseLostError, item_lease
 
     try:
-        with item_lease(storage.join(output, "index"), timeout_seconds=0) as lease:
+        with item_lease(OutputLayout(output).index, timeout_seconds=0) as lease:
             shards = _shard_uris(output)
             merged = _parquet(_latest_entries(output, shards))
             lease.check()  # a compaction that stalled past its lease must not overwrite a newer one's index
-            storage.write_bytes(index_uri(output), merged)
+            storage.write_bytes(OutputLayout(output).index_table, merged)
             for uri in shards:
                 storage.remove(uri)
     except (TimeoutError, LeaseLostError):  # held by another run, or lost to one: its compaction folds the shards

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from diffcolor.archive import storage
+from diffcolor.archive.layout import record_beside
 from diffcolor.archive.pages import render_page
 from diffcolor.common import record as declarations
 
@@ -159,7 +160,7 @@ def _item_row(record: dict, report_uri: str | None) -> dict:
     outputs = record.get("outputs") or {}
     links = {role: _relative(report_uri, outputs.get(role)) for role in FILE_LINKS} if report_uri else {}
     if report_uri and outputs.get("master"):
-        links["record"] = _relative(report_uri, outputs["master"].rsplit("/", 2)[0] + f"/v{int(record['version']):04d}.json"
+        links["record"] = _relative(report_uri, record_beside(outputs["master"], int(record["version"]))
                                     if record.get("version") else None)
     row.update(caption=record.get("caption", ""), thumbnails=None, thumbnail_error=None,
                prompt=record.get("target_prompt") or f"(primary colourisation) {record.get('caption', '')}",

@@ -23,12 +23,10 @@ header only, not the tensors.
 from __future__ import annotations
 
 from diffcolor.archive import storage
-from diffcolor.archive.items import STATE_FILE
+from diffcolor.archive.layout import STATE_DESCRIPTION, STATE_FILE
 from diffcolor.common.errors import InputUnavailableError, StateError
 from diffcolor.common.keys import sha256_hex
 from diffcolor.common.tensorfiles import read_description
-
-DESCRIPTION_FILE = "state.json"
 
 
 def state_description(data: bytes, name: str = "colour state") -> dict:
@@ -99,7 +97,7 @@ def publish_state(folder: str, data: bytes, lora: bytes | None = None) -> str:
         written = named["path"]
         storage.write_bytes(storage.join(folder, written), lora)
     storage.write_bytes(uri, data)
-    storage.write_json(storage.join(folder, DESCRIPTION_FILE), description)
+    storage.write_json(storage.join(folder, STATE_DESCRIPTION), description)
 
     # 3. A LoRA the previous state named and this one does not is no longer any state's.
     if previous is not None and previous != (named or {}).get("path"):
@@ -109,7 +107,7 @@ def publish_state(folder: str, data: bytes, lora: bytes | None = None) -> str:
 
 def _previous_lora_path(folder: str) -> str | None:
     """The LoRA path the stored ``state.json`` names, if any (only to clean up after a replacement)."""
-    readable = storage.join(folder, DESCRIPTION_FILE)
+    readable = storage.join(folder, STATE_DESCRIPTION)
     if not storage.exists(readable):
         return None
     try:

@@ -38,7 +38,7 @@ def model_libraries() -> None:
                 getattr(diffusers, name)
             for name in ("CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer"):
                 getattr(transformers, name)
-            from diffusers.utils import logging as _diffusers_logging  # noqa: F401
+            import diffusers.utils.logging  # noqa: F401  (the doctor's verbosity switch)
         finally:
             transformers_logging.set_verbosity(verbosity)
         _DONE = True

@@ -451,6 +451,7 @@ def _rate(stamps: list[tuple[int, float]], started: float, every: int = 1) -> fl
 def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str, seed: int, render_repeats: int,
                 state_dir: Path) -> dict:
     """Runs stage 1, alignment, stage 2, state save and new-prompt renders once; returns the timings."""
+    from diffcolor.archive.layout import ItemLayout
     from diffcolor.archive.states import publish_state, read_state
     from diffcolor.common.captions import rewrite_caption
     from diffcolor.method.align import align_chroma
@@ -497,7 +498,7 @@ def time_recipe(models, config, gray: torch.Tensor, *, caption: str, target: str
         gray=gray.cpu(), primary=aligned.rgb, confidence=aligned.confidence, rewritten=rewritten,
         seed=seed, model_hash=models.model_hash, config={"bench": True},
     )
-    prefix = str(state_dir / "state")
+    prefix = ItemLayout(str(state_dir)).state
     clock.run("state_save", lambda: publish_state(prefix, *export_state(state)))
 
     # 5. New-prompt renders from the stored state: load it, resolve the prompt, sample, align (cold, then warm).

@@ -29,6 +29,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffcolor.archive.layout import OutputLayout
 from diffcolor.archive.manifest import read_items
 from diffcolor.archive.planning import (
     missing_done_items,
@@ -56,10 +57,9 @@ def build(folder: str, rows: int) -> tuple[str, str]:
         if number % 15_000 == 0:  # a file system limits the links to one inode (ext4: 65,000)
             blank = os.path.join(folder, f"blank-{number}")
             open(blank, "wb").close()
-        version = os.path.join(output, "items", item, "versions", "v0001")
-        os.makedirs(version)
-        for path in (os.path.join(output, "items", item, "result.json"), version + ".json",
-                     os.path.join(version, "master.tif"), os.path.join(version, "access.jpg")):
+        layout = OutputLayout(output).item(item)
+        os.makedirs(layout.version(1))
+        for path in (layout.result, layout.record(1), layout.master(1), layout.access(1, "jpg")):
             os.link(blank, path)
     return manifest, output
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from diffcolor.archive import storage
 from diffcolor.archive.images import read_image
+from diffcolor.archive.layout import EvalLayout
 from diffcolor.archive.pages import render_page
 from diffcolor.tools.eval_metrics import METRICS
 
@@ -159,7 +160,7 @@ def write_eval_report(rows: list[dict], summary: dict, prefix: str, report_uri: 
         summary = dict(summary, missing={**summary["missing"], "plots": PLOTS_MISSING})
     uris = {}
     for name, data in plots.items():
-        uris[f"plot_{name}"] = storage.join(prefix, "plots", f"{name}.png")
+        uris[f"plot_{name}"] = EvalLayout(prefix).plot(name)
         storage.write_bytes(uris[f"plot_{name}"], data)
     storage.write_bytes(report_uri, render_eval_report(rows, summary, plots).encode("utf-8"))
     return uris

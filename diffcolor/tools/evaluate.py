@@ -75,7 +75,7 @@ from safetensors.torch import save as save_safetensors
 from diffcolor import __version__
 from diffcolor.archive import storage
 from diffcolor.archive.images import SourceImage, read_image
-from diffcolor.archive.items import ItemLayout
+from diffcolor.archive.layout import EvalLayout, ItemLayout, OutputLayout, eval_table_candidates, summary_beside
 from diffcolor.archive.report import summarise
 from diffcolor.common.errors import DiffColorError, PermanentError, UserError
 from diffcolor.common.items import ItemRequest
@@ -176,7 +176,7 @@ class EvalError(PermanentError):
 
 def eval_prefix(output: str) -> str:
     """Where an eval's objects live under an output root."""
-    return storage.join(output, "eval")
+    return OutputLayout(output).eval.prefix
 
 
 # ---------------------------------------------------------------------------
@@ -458,11 +458,11 @@ def _read_master(uri: str) -> np.ndarray:
 
 
 def _row_uri(prefix: str, item_id: str, version: int) -> str:
-    return storage.join(prefix, "rows", item_id, f"v{version:04d}.json")
+    return EvalLayout(prefix).row(item_id, version)
 
 
 def _features_uri(prefix: str, item_id: str, version: int) -> str:
-    return storage.join(prefix, "features", item_id, f"v{version:04d}.safetensors")
+    return EvalLayout(prefix).features(item_id, version)
 
 
 def _base_row(request: ItemRequest, ground_truth_uri: str | None) -> dict:
@@ -507,13 +507,13 @@ def evaluate_item(
         truth = read_image(truth_bytes, ground_truth_uri)
         if truth.rgb is None or truth.tone == "gray":
             raise EvalError(f"ground truth '{ground_truth_uri}' is a gray image; an eval needs colour originals")
-        gray_uri = storage.join(prefix, "inputs", f"{request.item_id}.png")
+        gray_uri = EvalLayout(prefix).input(request.item_id)
         gray_bytes = gray_png(truth)
         _write_if_changed(gray_uri, gray_bytes)
 
         # 2. Colourise the gray through the normal pipeline (reused when done with the same key).
         item = dataclasses.replace(request, source_uri=gray_uri, force=False)
-        layout = ItemLayout(storage.join(prefix, "items", request.item_id))
+        layout = EvalLayout(prefix).items.item(request.item_id)
         records = colorize_item(models, item, layout.prefix, config, preset=preset)
         if records and records[0]["status"] == "skipped_done":
             records = [dict(r, status="skipped_done") for r in _versions_of(layout, records[0]["cache_key"])] or records
@@ -740,8 +740,8 @@ def evaluate_manifest(
     # 5. Summary, table and report.
     summary = summarise_eval(rows, fid=fid, fid_images=fid_images, missing=missing, preset=preset, models=models,
                              eval_config=eval_config)
-    uris = {"parquet": storage.join(prefix, "eval.parquet"), "summary": storage.join(prefix, "summary.json"),
-            "report": storage.join(prefix, "report.html")}
+    uris = {"parquet": EvalLayout(prefix).table, "summary": EvalLayout(prefix).summary,
+            "report": EvalLayout(prefix).report}
     buffer = io.BytesIO()
     pq.write_table(eval_table(rows), buffer, compression="zstd")
     storage.write_bytes(uris["parquet"], buffer.getvalue())
@@ -767,13 +767,12 @@ def read_eval(location: str) -> tuple[list[dict], dict]:
     Raises:
         EvalError: nothing readable there.
     """
-    candidates = [location] if location.endswith(".parquet") else [
-        storage.join(location, "eval", "eval.parquet"), storage.join(location, "eval.parquet")]
+    candidates = [location] if location.endswith(".parquet") else eval_table_candidates(location)
     for uri in candidates:
         if storage.exists(uri):
             table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
             rows = [_from_json_safe(json.loads(text)) for text in table.column("row_json").to_pylist()]
-            summary_uri = uri.rsplit("/", 1)[0] + "/summary.json"
+            summary_uri = summary_beside(uri)
             summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
             return rows, summary
     raise EvalError(f"no eval found at '{location}' (looked for {' and '.join(candidates)})")

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from diffcolor.archive import leases, storage
-from diffcolor.archive.items import ItemLayout
+from diffcolor.archive.layout import ItemLayout
 from diffcolor.common.errors import DiffColorError, StorageError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.tensorfiles import read_header
@@ -248,7 +248,7 @@ def check_invariants(prefix: str, reference: dict, versions: int, source_uri: st
             problems.append(f"v{record['version']} differs from the uninterrupted run")
     if hashlib.sha256(storage.read_bytes(source_uri)).hexdigest() != source_sha:
         problems.append("the original changed")
-    if storage.list_files(storage.join(prefix, "lock")):
+    if storage.list_files(layout.lock):
         problems.append("a lease object was left behind")
     return problems
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffcolor.archive.layout import STATE, VERSIONS
 from diffcolor.tools.startup import HERE, entry_point
 
 SOURCE = HERE / "manifests" / "demo" / "camera.png"
@@ -67,7 +68,7 @@ def run_items(checkout: Path, inputs: dict[str, Path], out: Path) -> dict[str, s
                               capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{checkout}: diffcolor {arguments[0]} exited {done.returncode}: {done.stderr[-800:]}")
-    files = sorted(path for pattern in ("*/versions/*/*", "*/state/*.safetensors", "*/state/lora/*.safetensors")
+    files = sorted(path for pattern in (f"*/{VERSIONS}/*/*", f"*/{STATE}/*.safetensors", f"*/{STATE}/lora/*.safetensors")
                    for path in out.glob(pattern))
     return {str(path.relative_to(out)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
