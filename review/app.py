@@ -470,7 +470,7 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
     def decide(item_id: str, body: DecisionRequest) -> dict:
         entry = record_decision(output, _item_id(item_id), body.version, body.decision, body.decided_by, body.note)
         publish_review_run(output, [entry])
-        table.table(refresh=True)
+        table.refresh()
         return entry
 
     # 4. Pages.

@@ -1,17 +1,28 @@
 """How fast the review pages page through a large collection: ``python -m review.bench [--items 100000]``.
 
-Writes a generated output of records only (one run's results table, no image
-or item folder), then times, through the application (FastAPI's TestClient):
-the first load of the collection table, and pages of the JSON API and of the
-HTML collection page, unfiltered and filtered, at the start and deep into the
-collection. Prints one line per measurement (median of the repeats).
+Writes a generated output of records only (one run's results table and a
+later run that fails or skips one item in a hundred; no image or item
+folder), then measures the first page from a cold start in a fresh process
+(the application created, the collection table built, ``/api/items`` page 1
+served) with that process's peak resident memory, and times, through the
+application (FastAPI's TestClient), pages of the JSON API and of the HTML
+collection page, unfiltered and filtered, at the start and deep into the
+collection. Prints one line per measurement (median of the repeats);
+``--json PATH`` writes them too. ``--output DIR`` keeps the generated output
+there and reuses it when it is already there (a million records take minutes
+to generate).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -29,6 +40,50 @@ def generated_records(count: int, seed: int = 0):
                              "collection": f"collection-{index % 7}"}}
 
 
+def later_records(count: int):
+    """A later run: every hundredth item's rerun fails, every hundred-and-first's is skipped as done."""
+    for index in range(0, count, 100):
+        yield {"item_id": f"item-{index:06d}", "version": 1 + index % 3, "status": "failed",
+               "error_class": "ModelError", "error_message": "out of memory", "created_at": "2026-01-02T00:00:00+00:00"}
+    for index in range(1, count, 101):
+        yield {"item_id": f"item-{index:06d}", "version": 1 + index % 3, "status": "skipped_done",
+               "created_at": "2026-01-02T00:00:00+00:00"}
+
+
+def _first_page(output: str, expected: int) -> None:
+    """In this (fresh) process: the application created and its first page served; prints seconds and peak RSS."""
+    start = time.perf_counter()
+    from fastapi.testclient import TestClient
+
+    from review.app import ReviewConfig, create_app
+    imported, used = time.perf_counter(), _cpu_seconds()
+    client = TestClient(create_app(ReviewConfig(output=output, token="b" * 32)), base_url="http://127.0.0.1")
+    response = client.get("/api/items?limit=48")
+    served, used = time.perf_counter(), _cpu_seconds() - used
+    assert response.status_code == 200 and response.json()["total"] == expected, response.text[:200]
+    print(json.dumps({"imports_s": imported - start, "first_page_s": served - imported, "first_page_cpu_s": used,
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process (DuckDB's included)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _generate(folder: str, items: int) -> None:
+    from diffcolor.archive.layout import OutputLayout
+    from diffcolor.archive.results import write_results
+
+    later = OutputLayout(folder).run("20260102T000000Z-bench1").results
+    if os.path.exists(later):
+        print(f"reusing the generated records in {folder}")
+        return
+    start = time.perf_counter()
+    write_results(generated_records(items), OutputLayout(folder).run("20260101T000000Z-bench0").results, csv=False)
+    write_results(later_records(items), later, csv=False)
+    print(f"generated {items} records in {time.perf_counter() - start:.1f} s")
+
+
 def _median_ms(call, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -39,41 +94,58 @@ def _median_ms(call, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fastapi.testclient import TestClient
-
-    from diffcolor.archive.layout import OutputLayout
-    from diffcolor.archive.results import write_results
-    from review.app import ReviewConfig, create_app
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", help="where to generate (or find) the records; default: a temporary folder")
+    parser.add_argument("--json", help="also write the measurements to this JSON file")
+    parser.add_argument("--first-page", help=argparse.SUPPRESS)  # the fresh process that measures the cold start
     args = parser.parse_args(argv)
+    if args.first_page:
+        return _first_page(args.first_page, args.items)
 
-    with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        write_results(generated_records(args.items), OutputLayout(folder).run("20260101T000000Z-bench0").results,
-                      csv=False)
-        print(f"generated {args.items} records in {time.perf_counter() - start:.1f} s")
-        client = TestClient(create_app(ReviewConfig(output=folder, token="b" * 32)), base_url="http://127.0.0.1")
-        start = time.perf_counter()
-        assert client.get("/api/items?limit=1").json()["total"] == args.items
-        print(f"first load of the collection table: {time.perf_counter() - start:.2f} s (once per server)")
-        deep = (args.items // 48 - 1) * 48
-        cases = {
-            "API page 1": "/api/items?limit=48",
-            f"API page at offset {deep}": f"/api/items?limit=48&offset={deep}",
-            "API filtered (status, collection, text, clip range, smoke)":
-                "/api/items?status=done&collection=collection-3&q=1921.4&min_clip_score=20&smoke=false",
-            "API filtered by decision": "/api/items?decision=none&offset=4800",
-            "HTML collection page 1": "/",
-            f"HTML collection page {deep // 48 + 1}": f"/?page={deep // 48 + 1}",
-            "HTML filtered page": "/?q=Photograph%2099&min_colorfulness=10&max_colorfulness=40",
-        }
-        for name, path in cases.items():
-            assert client.get(path).status_code == 200, path
-            print(f"{name}: {_median_ms(lambda: client.get(path), args.repeats):.1f} ms per page "
-                  f"(median of {args.repeats})")
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = args.output or temporary
+        _generate(folder, args.items)
+        measured = _measure(folder, args.items, args.repeats)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump(measured, file, indent=2)
+
+
+def _measure(folder: str, items: int, repeats: int) -> dict:
+    from fastapi.testclient import TestClient
+
+    from review.app import ReviewConfig, create_app
+
+    cold = json.loads(subprocess.run([sys.executable, "-m", "review.bench", "--first-page", folder, "--items",
+                                      str(items)], check=True, capture_output=True, text=True).stdout)
+    measured = {"items": items, "first_page_s": round(cold["first_page_s"], 3),
+                "first_page_cpu_s": round(cold["first_page_cpu_s"], 3), "cpus": os.cpu_count(),
+                "imports_s": round(cold["imports_s"], 3), "peak_rss_mib": round(cold["peak_rss_bytes"] / 2**20, 1),
+                "pages_ms": {}}
+    print(f"first page from a cold start (application created, table built, page served): "
+          f"{cold['first_page_s']:.2f} s ({cold['first_page_cpu_s']:.2f} s of CPU on {os.cpu_count()} CPUs), "
+          f"after {cold['imports_s']:.2f} s of imports; "
+          f"peak RSS {cold['peak_rss_bytes'] / 2**20:.0f} MiB")
+    client = TestClient(create_app(ReviewConfig(output=folder, token="b" * 32)), base_url="http://127.0.0.1")
+    assert client.get("/api/items?limit=1").json()["total"] == items
+    deep = (items // 48 - 1) * 48
+    cases = {
+        "API page 1": "/api/items?limit=48",
+        f"API page at offset {deep}": f"/api/items?limit=48&offset={deep}",
+        "API filtered (status, collection, text, clip range, smoke)":
+            "/api/items?status=done&collection=collection-3&q=1921.4&min_clip_score=20&smoke=false",
+        "API filtered by decision": "/api/items?decision=none&offset=4800",
+        "HTML collection page 1": "/",
+        f"HTML collection page {deep // 48 + 1}": f"/?page={deep // 48 + 1}",
+        "HTML filtered page": "/?q=Photograph%2099&min_colorfulness=10&max_colorfulness=40",
+    }
+    for name, path in cases.items():
+        assert client.get(path).status_code == 200, path
+        measured["pages_ms"][name] = round(_median_ms(lambda: client.get(path), repeats), 1)
+        print(f"{name}: {measured['pages_ms'][name]:.1f} ms per page (median of {repeats})")
+    return measured
 
 
 if __name__ == "__main__":
