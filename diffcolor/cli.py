@@ -1240,6 +1240,13 @@ def main(argv: list[str] | None = None) -> int:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"diffcolor: error: {escape_controls(message)}", file=sys.stderr)
         return 2
+    finally:
+        # Arrow objects still held by reference cycles (an exception's traceback and its frames hold a table) are
+        # freed now, while Arrow is whole: freed at interpreter teardown, beside torch, Arrow's reader threads
+        # can abort the process ("terminate called without an active exception", exit 134; apache/arrow#34314).
+        import gc
+
+        gc.collect()
 
 
 def _report_bug(error: BaseException) -> int:

@@ -7,6 +7,7 @@ arguments, and a bug injected by patching a function before ``cli.main`` runs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,19 @@ def test_a_file_the_system_refuses_is_one_line_naming_it(tmp_path):
 def test_reprocess_refuses_a_targets_file_mixed_with_targets_for_every_item(two_items, tmp_path):
     done = _diffcolor("reprocess", str(two_items), "--targets", str(tmp_path / "t.parquet"), "--items", "coat")
     _assert_user_error(done, "--targets", "--items")
+
+
+def test_the_exit_status_survives_the_interpreter_teardown(tmp_path):
+    # A refused targets file leaves an Arrow table in the exception's frames; freed at teardown beside torch,
+    # Arrow's threads aborted the process (exit 134) in about a third of the runs. Six runs, one after another.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    targets = tmp_path / "targets.parquet"
+    pq.write_table(pa.table({"item_id": ["../../../etc"], "target_prompt": ["a red dog"]}), targets)
+    (tmp_path / "out").mkdir()
+    command = [sys.executable, "-m", "diffcolor", "reprocess", str(tmp_path / "out"), "--targets", str(targets)]
+    environment = dict(os.environ, PREFECT_API_URL="http://127.0.0.1:9/api")  # never reached: refused before
+    finished = [subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300) for _ in range(6)]
+    assert all(run.returncode == 2 and "unsafe item_id" in run.stderr and "terminate called" not in run.stderr
+               for run in finished), [(run.returncode, run.stderr[-300:]) for run in finished]

@@ -1,9 +1,11 @@
 """Fault injection at every storage operation of one item (diffcolor.tools.faults), on local disk and a real S3 API.
 
-The default suite faults every operation on local disk with a transient error,
-and a spread of them with the other modes and on S3; ``-m slow`` runs the
-whole matrix (every operation, every mode, both stores), which is also what
-``python -m diffcolor.tools.faults`` prints as a table.
+The default suite keeps the fault table true, faults a spread of operations
+with lost answers and kills on local disk, and the lease and the heartbeat in
+every mode; ``-m slow`` adds every operation on local disk with a
+transient error, a spread of them on S3, and the whole matrix (every
+operation, every mode, both stores), which is what ``make test-faults`` (in CI)
+runs as ``python -m diffcolor.tools.faults`` and prints as a table.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def _assert_all_held(store: str, operations: dict[str, list[str]], outcomes) -> 
     assert failed == [], summary_table({store: operations}, outcomes) + "\n" + "\n".join(failed)
 
 
+@pytest.mark.slow  # a part of the matrix that make test-faults runs whole
 def test_every_operation_enumerated_and_faulted_on_local_disk(models, tmp_path):
     operations, outcomes = run_harness(models, str(tmp_path), store="local", modes=("error-before",))
     # The list is the pipeline's own: reads, the checkpoints, the state, both versions and their records.
@@ -44,6 +47,7 @@ def test_lost_answers_and_kills_on_local_disk(models, tmp_path):
     _assert_all_held("local", operations, outcomes)
 
 
+@pytest.mark.slow  # a part of the matrix that make test-faults runs whole
 def test_faults_on_a_real_s3_api(models, s3_bucket):
     operations, outcomes = run_harness(models, f"{s3_bucket}/faults", store="s3", modes=MODES,
                                        only=lambda k: k % 9 == 4 or k == 2)
