@@ -579,14 +579,6 @@ def _is_local_source(uri: str) -> bool:
     return not URI_SCHEME.match(uri) or uri.lower().startswith(_LOCAL_SCHEMES)
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def _local_source_problem(uri: str) -> str | None:
     """Why the local source ``uri`` cannot be read: missing, not a regular file, or not readable; None when it can."""
     if URI_SCHEME.match(uri):
@@ -604,7 +596,7 @@ def _local_source_problem(uri: str) -> str | None:
     except (OSError, ValueError) as error:  # a name too long, a NUL in it
         return f"'{path}' cannot be checked ({getattr(error, 'strerror', None) or error})"
     if not stat.S_ISREG(mode):
-        return f"'{path}' is {_file_kind(mode)}, not a regular file"
+        return f"'{path}' is {storage.file_kind(mode)}, not a regular file"
     if not os.access(path, os.R_OK):
         return f"'{path}' cannot be read: permission denied"
     return None

@@ -374,7 +374,7 @@ def _read_bounded(uri: str, fs: fsspec.AbstractFileSystem, path: str, limits: Re
         kind = os.fstat(handle).st_mode
         if not stat.S_ISREG(kind):
             stream.close()
-            raise InputUnavailableError(_redact(f"'{uri}' is not a regular file ({_file_kind(kind)}); only files are read"))
+            raise InputUnavailableError(_redact(f"'{uri}' is not a regular file ({file_kind(kind)}); only files are read"))
     else:
         size = (fs.info(path) or {}).get("size")
         if size is not None and size > limits.max_bytes:
@@ -401,7 +401,8 @@ def _too_large(uri: str, size: int, limits: ReadLimits) -> BadImageError:
                                  f"({'at least ' if size > limits.max_bytes else ''}{size} bytes)"))
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is ("a FIFO", "a directory"...), from its ``st_mode``."""
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
         if test(mode):
