@@ -8,8 +8,8 @@ ramp, discs of other gray levels and noise; a*/b* at model resolution, long
 side 512, one colour per disc, some of them outside the sRGB gamut), then,
 interleaved, ``--repeats`` times each: ``rgb2lab`` of the merged uint16 RGB, and
 the merge. It reports the best time of each, their ratio, the clipped
-fraction, and the merge's peak memory above its inputs (the RSS high-water
-mark of a fresh process that runs one merge), and writes everything to
+fraction, and the merge's peak memory above its inputs (the resident set
+sampled while a fresh process runs one merge), and writes everything to
 ``--json``.
 
 ``--merge MODULE:FUNCTION`` times another implementation with the same
@@ -22,12 +22,14 @@ signature, e.g. the reference the tests keep (run from the repository root)::
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import multiprocessing
+import os
 import platform
-import resource
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -74,16 +76,51 @@ def load_merge(spec: str):
     return getattr(importlib.import_module(module), function)
 
 
+class _RssSampler:
+    """The process's resident set size, sampled every few milliseconds while in use; ``peak`` is the highest seen.
+
+    The RSS high-water mark of ``getrusage`` never resets, so in a process whose inputs were built with larger
+    temporaries it says nothing about what came after; sampling the current RSS does."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "_RssSampler":
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
 def _peak_memory(spec: str, megapixels: float, bit_depth: int, device: str, queue) -> None:
-    """In a fresh process: the RSS high-water mark one merge adds above its inputs, in bytes."""
+    """In a fresh process: how far the resident set rises above its level before one merge (inputs and
+    libraries loaded, temporaries of building the inputs freed), in bytes, sampled while the merge runs."""
     gray, chroma = synthetic_scan(megapixels, bit_depth)
     merge = load_merge(spec)
     small_gray, small_chroma = synthetic_scan(0.05, bit_depth)
     merge(small_gray, small_chroma, bit_depth, **_device_argument(device))  # libraries loaded, pools warm
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    merge(gray, chroma, bit_depth, **_device_argument(device))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+    gc.collect()
+    sampler = _RssSampler()
+    before = sampler.current()
+    with sampler:
+        merged = merge(gray, chroma, bit_depth, **_device_argument(device))
+    queue.put(sampler.peak - before)
+    del merged
 
 
 def _device_argument(device: str) -> dict:
