@@ -196,14 +196,32 @@ def pool_for(spec: ModelSpec, *, device: str, workers_per_device: int, inline: b
                 yield pool
             return
         address = os.environ.get(SERVICE_ENV)
+        remote = None
         if address:
-            yield RemotePool(address, spec, device=device, workers_per_device=workers_per_device)
+            try:
+                remote = RemotePool(address, spec, device=device, workers_per_device=workers_per_device)
+            except UserError as error:  # the service is down: this run loads its models, as without one
+                _logger().warning("%s; this run starts a pool of its own", error)
+        if remote is not None:
+            yield remote
             return
     pool = DevicePool(spec, device=device, workers_per_device=workers_per_device, inline=inline, on_stage=on_stage)
     try:
         yield pool
     finally:
         pool.close()
+
+
+def _logger():
+    """The flow run's logger (its lines in the Prefect UI), else this module's."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        import logging
+
+        return logging.getLogger(__name__)
 
 
 # -- The warm-pool service: warm pools for the flow runs of a Prefect worker -------------------------------------
@@ -280,6 +298,8 @@ def serve(address: str, idle_seconds: float = DEFAULT_IDLE_SECONDS, max_pools: i
           ready=None) -> None:
     """Serves warm pools on the Unix socket ``address`` until SIGTERM or SIGINT; its key is written beside it
     (``ADDRESS.key``, readable by this user only). The pools' workers exit with the service."""
+    if len(os.fsencode(address)) > 100:  # a Unix socket's path has room for about 104 bytes
+        raise UserError(f"the warm-pool socket path '{address}' is too long for a Unix socket (at most 100 bytes)")
     pools = WarmPools(idle_seconds, max_pools)
     service = _Service(pools)
 
@@ -317,19 +337,67 @@ def serve(address: str, idle_seconds: float = DEFAULT_IDLE_SECONDS, max_pools: i
                 pass
 
 
+def with_service(command: list[str], address: str, idle_seconds: float = DEFAULT_IDLE_SECONDS,
+                 max_pools: int = DEFAULT_MAX_POOLS, start_timeout: float = 120.0) -> int:
+    """Runs ``command`` (a Prefect worker) beside a warm-pool service on ``address``, with ``DIFFCOLOR_WARM_POOL``
+    naming it: the service starts first, SIGTERM and SIGINT go to the command, and the service stops after the
+    command has ended (its flow runs first). Returns the command's exit status (containers: compose, Kubernetes)."""
+    import subprocess
+
+    if idle_seconds == 0:  # no warm pools: the command alone, as if started without this
+        os.execvp(command[0], command)
+    service = subprocess.Popen([sys.executable, "-m", "flows.warm", "serve", "--socket", address, "--idle-seconds",
+                                repr(float(idle_seconds)), "--max-pools", str(max_pools)])
+    child = None
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not os.path.exists(_key_file(address)):
+            if service.poll() is not None:
+                return service.returncode or 1
+            if time.monotonic() > deadline:
+                print(f"error: the warm-pool service did not start in {start_timeout:g} s", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        child = subprocess.Popen(command, env=dict(os.environ, **{SERVICE_ENV: address}))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda number, frame: child.send_signal(number))
+        code = child.wait()
+        return 128 - code if code < 0 else code  # killed by a signal: 128 + its number, as a shell says
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        if service.poll() is None:
+            service.terminate()
+            try:
+                service.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                service.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.warm", description="The warm-pool service: device pools "
                                      "kept between the reprocess deployment's flow runs (deploy/README.md).")
     commands = parser.add_subparsers(dest="command", required=True)
     serving = commands.add_parser("serve", help="serve warm pools on a Unix socket until SIGTERM")
-    serving.add_argument("--socket", required=True, metavar="PATH",
+    beside = commands.add_parser("with", help="run a command (the Prefect worker) beside a warm-pool service, "
+                                              f"{SERVICE_ENV} naming it: python -m flows.warm with -- prefect worker ...")
+    for sub in (serving, beside):
+        sub.add_argument("--socket", required=sub is serving, default="/tmp/diffcolor-warm.sock", metavar="PATH",
                          help=f"the socket to serve on; the flow runs find it in {SERVICE_ENV}")
-    serving.add_argument("--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS,
+        sub.add_argument("--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS,
                          help="close a pool unused for this long (default %(default)g)")
-    serving.add_argument("--max-pools", type=int, default=DEFAULT_MAX_POOLS,
+        sub.add_argument("--max-pools", type=int, default=DEFAULT_MAX_POOLS,
                          help="keys (model, device, workers per device) kept at most (default %(default)s)")
+    beside.add_argument("run", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the command to run")
     args = parser.parse_args(argv)
     try:
+        if args.command == "with":
+            command = args.run[1:] if args.run[:1] == ["--"] else args.run
+            if not command:
+                raise UserError("name the command to run after --, e.g. -- prefect worker start --pool diffcolor")
+            WarmPools(args.idle_seconds or 1.0, args.max_pools).close()  # bad values refused before anything starts
+            return with_service(command, args.socket, args.idle_seconds, args.max_pools)
         serve(args.socket, args.idle_seconds, args.max_pools)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -186,3 +186,47 @@ def test_review_refuses_a_bad_keep_warm_in_one_line(tmp_path):
                             env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "-5" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_whose_service_is_down_starts_a_pool_of_its_own(tmp_path, monkeypatch):
+    from flows.pool import DevicePool, ModelSpec
+    from flows.warm import SERVICE_ENV, pool_for
+
+    monkeypatch.setenv(SERVICE_ENV, str(tmp_path / "gone.sock"))
+    with pool_for(ModelSpec(model="tiny"), device="cpu", workers_per_device=1, warm=True) as pool:
+        assert isinstance(pool, DevicePool)  # its workers start with its first item (none here)
+    assert pool.stopped is False and not pool.worker_pids()
+
+
+def test_with_service_refuses_a_missing_command_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "flows.warm", "with", "--"], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "name the command" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_with_service_runs_the_command_beside_the_service_and_stops_it_after(tmp_path):
+    # The containers' entry: the service first, the command with DIFFCOLOR_WARM_POOL naming it, SIGTERM to the
+    # command, the service gone after the command.
+    socket_path = f"/tmp/dcw-{os.getpid()}-{time.monotonic_ns()}.sock"
+    script = ("import os, signal, sys, time; from pathlib import Path; address = os.environ['DIFFCOLOR_WARM_POOL']; "
+              "assert Path(address + '.key').stat().st_mode & 0o077 == 0; "
+              "Path(sys.argv[1]).write_text(address); time.sleep(120)")
+    seen = tmp_path / "seen"
+    process = subprocess.Popen([sys.executable, "-m", "flows.warm", "with", "--socket", socket_path, "--",
+                                sys.executable, "-c", script, str(seen)], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not seen.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.2)
+        assert seen.read_text() == socket_path
+        service = [child for child in psutil.Process(process.pid).children() if "serve" in child.cmdline()]
+        assert len(service) == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 128 + signal.SIGTERM
+        assert _gone([service[0].pid]) and not os.path.exists(socket_path)
+        assert not os.path.exists(socket_path + ".key")
+    finally:
+        if process.poll() is None:
+            process.kill()
