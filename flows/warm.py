@@ -307,6 +307,13 @@ def serve(address: str, idle_seconds: float = DEFAULT_IDLE_SECONDS, max_pools: i
         pass
 
     Server.register("service", callable=lambda: service)
+    if os.path.exists(address):
+        try:
+            _connect(address)
+        except UserError:
+            pass  # a socket left by a service that is gone: replaced below
+        else:
+            raise UserError(f"a warm-pool service already answers at '{address}'")
     authkey = secrets.token_bytes(32)
     for stale in (address, _key_file(address)):
         if os.path.exists(stale):

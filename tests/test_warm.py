@@ -141,6 +141,9 @@ def test_warm_pool_service_keeps_models_between_flow_runs_and_stops_with_its_wor
             assert service.poll() is None and time.monotonic() < deadline, service.stderr.read()
             time.sleep(0.2)
         monkeypatch.setenv(SERVICE_ENV, str(socket_path))
+        twice = subprocess.run([sys.executable, "-m", "flows.warm", "serve", "--socket", str(socket_path)],
+                               env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+        assert twice.returncode == 2 and "already answers" in twice.stderr  # the live service keeps its socket
         _recolour(colourised, "red")
         described = RemotePool(str(socket_path), _spec(), device="cpu", workers_per_device=1).describe()
         [entry] = described
@@ -230,3 +233,71 @@ def test_with_service_runs_the_command_beside_the_service_and_stops_it_after(tmp
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.slow
+def test_review_server_recolours_twice_on_one_warm_worker_and_leaves_none_behind(tmp_path):
+    # The real command: `diffcolor review`, two recolours of one item through the JSON API, then SIGTERM.
+    import hashlib
+    import hmac
+    import socket
+    import uuid
+
+    import httpx
+    from test_flows import _collection
+    from test_processes import _environment, _no_survivor, _start, _wait_for
+
+    from flows.collection import RunOptions, colorize_collection
+    from flows.local import LocalPrefect
+
+    manifest, out = _collection(tmp_path, count=1), tmp_path / "out"
+    with LocalPrefect():
+        assert colorize_collection(str(manifest), str(out), "tiny", RunOptions(preset="smoke", pool="inline"),
+                                   return_state=True).is_completed()
+    token = "t" * 32
+    (tmp_path / "token").write_text(token)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mark, stderr = uuid.uuid4().hex, tmp_path / "stderr"
+    process = _start("review", str(out), "--port", str(port), "--token-file", str(tmp_path / "token"),
+                     "--device", "cpu", cwd=tmp_path, env=_environment(mark), stderr=stderr)
+    csrf = hmac.new(token.encode(), b"diffcolor-review-csrf", hashlib.sha256).hexdigest()
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", timeout=300,
+                       headers={"Authorization": f"Bearer {token}", "X-CSRF-Token": csrf})
+
+    def workers() -> set[int]:  # the review server's pool workers (spawned children)
+        children = psutil.Process(process.pid).children()
+        return {child.pid for child in children if "multiprocessing" in " ".join(child.cmdline())
+                and "resource_tracker" not in " ".join(child.cmdline())}
+
+    def recolour(colour: str) -> None:
+        job = api.post("/recolour", json={"targets": [{"item_id": "p0", "color_map": {"dog": colour}}]}).json()
+        deadline = time.monotonic() + 600
+        while (state := api.get(f"/jobs/{job['job_id']}").json())["state"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert state["state"] == "completed", (state["message"], stderr.read_text()[-3000:])
+
+    try:
+        _wait_for(stderr, "sign in to recolour", process, 300)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                api.get("/items")
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline and process.poll() is None, stderr.read_text()[-3000:]
+                time.sleep(0.5)
+        recolour("red")
+        first = workers()
+        assert len(first) == 1, first  # kept after the job, its model loaded
+        recolour("blue")
+        assert workers() == first  # the second job ran there: no new worker, no model loaded
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in stderr.read_text()
+    _no_survivor(mark)
