@@ -202,8 +202,8 @@ def test_a_run_whose_service_is_down_starts_a_pool_of_its_own(tmp_path, monkeypa
 
 
 def test_with_service_refuses_a_missing_command_in_one_line():
-    result = subprocess.run([sys.executable, "-m", "flows.warm", "with", "--"], env=dict(os.environ, PYTHONPATH=str(REPO)),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "flows.warm", "with", "--"],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "name the command" in result.stderr and "Traceback" not in result.stderr
 
 
