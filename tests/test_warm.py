@@ -301,3 +301,11 @@ def test_review_server_recolours_twice_on_one_warm_worker_and_leaves_none_behind
             process.kill()
     assert "Traceback" not in stderr.read_text()
     _no_survivor(mark)
+
+
+def test_with_service_and_no_idle_time_runs_the_command_alone():
+    check = "import os, sys; sys.exit(3 if 'DIFFCOLOR_WARM_POOL' in os.environ else 0)"
+    env = {name: value for name, value in os.environ.items() if name != "DIFFCOLOR_WARM_POOL"}
+    result = subprocess.run([sys.executable, "-m", "flows.warm", "with", "--idle-seconds", "0", "--",
+                             sys.executable, "-c", check], env=dict(env, PYTHONPATH=str(REPO)), timeout=120)
+    assert result.returncode == 0  # no service started, none named
