@@ -669,6 +669,9 @@ def cmd_review(args) -> int:
     if token is None:
         token, token_path, private = _private_token()
     options = {"pool": args.pool, "device": args.device, "preset": args.preset, "overrides": overrides}
+    from review.jobs import keep_warm
+
+    keep_warm(args.keep_warm, args.warm_models)  # a bad value refused now, in one line
     app = create_app(ReviewConfig(output=out, token=token, read_only=args.read_only, host=args.host,
                                 reprocess_options=options, port=args.port, allowed_hosts=tuple(args.allowed_host)))
     address = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
@@ -1187,6 +1190,12 @@ def _add_review_command(commands) -> None:
     review.add_argument("--pool", choices=("local", "inline"), default="local",
                         help="where recolouring runs without PREFECT_API_URL: local worker processes or inline")
     review.add_argument("--device", default="auto", help="device of local recolouring (default %(default)s)")
+    review.add_argument("--keep-warm", type=float, default=600.0, metavar="SECONDS",
+                        help="local recolouring keeps each model's workers loaded until unused for this long "
+                             "(default %(default)g; 0: load the models for every job)")
+    review.add_argument("--warm-models", type=int, default=2, metavar="N",
+                        help="models (with their device settings) kept loaded at most, the least recently used "
+                             "freed first (default %(default)s)")
     _add_preset_option(review)
     _add_set_option(review, "the preset's (for the full fit of a recoloured item without a colour state)")
     _add_allow_host_option(review)

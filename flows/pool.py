@@ -55,10 +55,12 @@ class _Slot:
         self.sharing = sharing  # workers on this slot's device, this one included
         self.progress = progress  # the pool's progress queue (None: steps are not reported)
         self.executor: ProcessPoolExecutor | None = None
+        self.starts = 0  # worker processes started on this slot, each loading the models once
         self.start()
 
     def start(self) -> None:
         env = {} if self.visible is None else {"CUDA_VISIBLE_DEVICES": self.visible}
+        self.starts += 1
         self.executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
@@ -70,6 +72,13 @@ class _Slot:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
         self.start()
+
+    def lost(self) -> bool:
+        """Whether this slot's worker died (killed, crashed) since it started: its executor cannot run items."""
+        executor = self.executor
+        if executor is None or getattr(executor, "_broken", False):
+            return True
+        return any(process.exitcode is not None for process in list((executor._processes or {}).values()))
 
 
 def visible_gpus() -> list[int]:
@@ -83,6 +92,8 @@ class _InlineSlot:
     """Runs items in the calling process: the one slot of an ``inline`` pool."""
 
     index = 0
+
+    starts = 1  # the models, loaded in the calling process
 
     def __init__(self, spec: ModelSpec, device: str, on_stage=None):
         self.device = device
@@ -195,6 +206,27 @@ class DevicePool:
                 raise WorkerLostError(f"the worker on slot {slot.index} ({slot.device}) died while running the item") from None
         finally:
             self._free.put(slot)
+
+    @property
+    def model_loads(self) -> int:
+        """How many times this pool's workers loaded the models: once per worker started, restarts included."""
+        return sum(slot.starts for slot in self.slots)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the pool was stopped or killed (it runs no more items)."""
+        return self._stopping
+
+    def heal(self) -> int:
+        """Restarts the slots whose worker died while no item ran on them; returns how many. For a pool kept
+        between runs (flows.warm), before a run starts on it: call it only while no item runs."""
+        healed = 0
+        with self._lock:
+            for slot in self.slots:
+                if isinstance(slot, _Slot) and slot.lost():
+                    slot.restart()
+                    healed += 1
+        return healed
 
     def describe(self) -> list[dict]:
         """Each worker's pid and device (starts the workers if they are not yet up)."""

@@ -213,7 +213,7 @@ def _run_group(run: Run, model: str, group: list[Retarget], previous: dict, opti
     run_id, output, config_dict = run.run_id, run.output, run.config.to_dict()
     records, futures = [], {}
     with run.pool(spec, device=options.device, workers_per_device=options.workers_per_device,
-                  inline=options.pool == "inline"):
+                  inline=options.pool == "inline", warm=True):
         for target in group:
             if stopping.STOP.is_set():
                 break

@@ -43,6 +43,7 @@ from diffcolor.method.presets import PipelineConfig, apply_overrides, get_preset
 from flows import stopping, worker
 from flows.checks import handed_over
 from flows.pool import DevicePool, ModelSpec, RunInterrupted
+from flows.warm import pool_for
 
 _POOLS: dict[str, DevicePool] = {}  # run id -> the run's local pool, while the run is under way (Run.pool)
 # Displays following the runs of this process (the command line's progress): objects with any of
@@ -251,17 +252,18 @@ class Run:
         return self.config_uri
 
     @contextmanager
-    def pool(self, spec: ModelSpec, *, device: str, workers_per_device: int, inline: bool) -> Iterator[DevicePool]:
-        """A device pool holding ``spec``'s models for the block (the run's tasks find it; closed after it)."""
-        pool = DevicePool(spec, device=device, workers_per_device=workers_per_device, inline=inline,
-                          on_stage=(lambda *step: notify("stage", *step)) if PROGRESS_LISTENERS else None)
-        _POOLS[self.run_id] = pool
-        try:
-            self.devices = pool.devices
-            yield pool
-        finally:
-            _POOLS.pop(self.run_id, None)
-            pool.close()
+    def pool(self, spec: ModelSpec, *, device: str, workers_per_device: int, inline: bool,
+             warm: bool = False) -> Iterator[DevicePool]:
+        """A device pool holding ``spec``'s models for the block (the run's tasks find it; closed after it).
+        ``warm``: a warm pool where this process keeps them or a warm-pool service is named (flows.warm)."""
+        with pool_for(spec, device=device, workers_per_device=workers_per_device, inline=inline, warm=warm,
+                      on_stage=(lambda *step: notify("stage", *step)) if PROGRESS_LISTENERS else None) as pool:
+            _POOLS[self.run_id] = pool
+            try:
+                self.devices = pool.devices
+                yield pool
+            finally:
+                _POOLS.pop(self.run_id, None)
 
     def mark(self, phase: str) -> None:
         """The time ``phase`` began (``started``: the pool's start) or ended (``pool_ready``, ``items_done``): the

@@ -8,10 +8,16 @@ Either way the flow adds a version per item and publishes a run's results,
 which the collection table picks up.
 
 Local jobs share one temporary Prefect server (:class:`flows.local.LocalPrefect`:
-a private database, telemetry off), started by the first job. :func:`shutdown`,
-called when ``diffcolor review`` ends (normally, or on SIGINT/SIGTERM), stops
-the jobs under way (their pools' workers release their items' leases) and then
-that server: nothing the review server started outlives it.
+a private database, telemetry off), started by the first job, and warm pools
+(:mod:`flows.warm`): the first job of a model starts its workers, which load
+the model and stay up, so the next job of that model loads nothing. A pool
+unused for :data:`WARM` ``idle_seconds`` (``diffcolor review --keep-warm``,
+default 10 minutes) is closed, and at most ``max_pools`` (2) are kept, the
+least recently used freed first; ``--keep-warm 0`` starts and closes a pool
+per job. :func:`shutdown`, called when ``diffcolor review`` ends (normally, or
+on SIGINT/SIGTERM), stops the jobs under way (their pools' workers release
+their items' leases), then the warm pools' workers and that server: nothing
+the review server started outlives it.
 """
 
 from __future__ import annotations
@@ -25,13 +31,27 @@ from dataclasses import dataclass, field
 DEPLOYMENT = "reprocess/reprocess"  # flow name / deployment name in deploy/prefect.yaml
 _LOCAL: dict = {"prefect": None, "threads": []}  # the local jobs' Prefect server and threads (see shutdown)
 _LOCAL_LOCK = threading.Lock()
+WARM = {"idle_seconds": 600.0, "max_pools": 2}  # the local jobs' warm pools (flows.warm); idle_seconds 0: none
+
+
+def keep_warm(idle_seconds: float, max_pools: int = 2) -> None:
+    """How the local jobs keep their pools: closed after ``idle_seconds`` unused (0: a pool per job), at most
+    ``max_pools`` kept. Set before the first job."""
+    from flows.warm import WarmPools
+
+    WarmPools(idle_seconds or 1.0, max_pools).close()  # refuses bad values now (UserError), not at the first job
+    WARM.update(idle_seconds=float(idle_seconds), max_pools=max_pools)
 
 
 def _local_prefect() -> None:
-    """Starts the local jobs' temporary Prefect server once (unless PREFECT_API_URL names one)."""
+    """Starts the local jobs' temporary Prefect server once (unless PREFECT_API_URL names one), and keeps their
+    pools warm (unless ``WARM["idle_seconds"]`` is 0)."""
     from flows.local import LocalPrefect
+    from flows.warm import keep_warm as keep_pools_warm
 
     with _LOCAL_LOCK:
+        if WARM["idle_seconds"] > 0:
+            keep_pools_warm(WARM["idle_seconds"], WARM["max_pools"])
         if _LOCAL["prefect"] is None:
             prefect = LocalPrefect()
             prefect.start()
@@ -50,6 +70,9 @@ def shutdown(timeout: float = 15.0) -> None:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         stopping.kill_registered()  # what did not stop in time
+    from flows.warm import stop_keeping_warm
+
+    stop_keeping_warm()  # the warm pools' workers exit (stopped above when a job was under way)
     with _LOCAL_LOCK:
         prefect, _LOCAL["prefect"] = _LOCAL["prefect"], None
     if prefect is not None:

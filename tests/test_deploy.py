@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from conftest import gray_scene
@@ -163,6 +164,14 @@ def _stop(process: subprocess.Popen, home: Path) -> None:
     process.wait(timeout=10)
 
 
+def _placement(output: Path, run_name: str) -> dict:
+    """Where the one item of a run ran (its record's ``placement``: the worker's pid and device)."""
+    from diffcolor.archive.results import read_results
+
+    [row] = read_results(str(output / "runs" / run_name / "results.parquet")).to_pylist()
+    return json.loads(row["record_json"])["placement"]
+
+
 def _logs(home: Path) -> str:
     return "\n".join(f"--- {path.name}\n{path.read_text()[-4000:]}" for path in sorted((home / "logs").glob("*.log")))
 
@@ -235,6 +244,19 @@ def test_deployments_register_on_a_local_server_and_a_reprocess_run_completes(lo
             time.sleep(1)
         assert run.state.is_completed(), f"flow run ended {run.state!r}\n{_logs(home)}"
 
+        # 3a. A second reprocess run (a fresh flow-run process) finds the model loaded in the warm-pool service:
+        #     its item ran on the same worker process as the first run's.
+        second = client.create_flow_run_from_deployment(again.id, parameters={
+            "output": str(output), "targets": [{"item_id": item_id, "color_map": {"dog": "red"}}],
+            "options": {"device": "cpu", "retries": 0}})
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not (second := client.read_flow_run(second.id)).state.is_final() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert second.state.is_completed(), f"flow run ended {second.state!r}\n{_logs(home)}"
+        first_pid, second_pid = (_placement(output, name)["pid"] for name in (run.name, second.name))
+        assert first_pid == second_pid and psutil.pid_exists(first_pid), _logs(home)
+        assert "warm pools at" in (home / "logs" / "warm.log").read_text()
+
         # 3b. The fixity audit, started by hand on that output: every record holds.
         audit_run = client.create_flow_run_from_deployment(audit.id, parameters={"output": str(output)})
         deadline = time.monotonic() + RUN_TIMEOUT
@@ -245,13 +267,15 @@ def test_deployments_register_on_a_local_server_and_a_reprocess_run_completes(lo
             time.sleep(1)
         assert audit_run.state.is_completed(), f"verify run ended {audit_run.state!r}\n{_logs(home)}"
 
-    # 4. The item got a new version, rendered from its colour state, with the new prompt.
-    result = json.loads((output / "items" / item_id / "result.json").read_text())
+    # 4. The item got a new version per run, rendered from its colour state, the first with the new prompt.
+    result = json.loads((output / "items" / item_id / "versions" / "v0002.json").read_text())
     assert result["version"] == 2 and result["status"] == "done"
     assert result["target_prompt"] == NEW_TARGET and result["finetune_steps_run"] == 0
     assert (output / "items" / item_id / "versions" / "v0001.json").exists()
-    [run_folder] = (output / "runs").iterdir()
-    assert (run_folder / "report.html").exists() and (run_folder / "results.parquet").exists()
+    assert json.loads((output / "items" / item_id / "result.json").read_text())["version"] == 3
+    assert len(list((output / "runs").iterdir())) == 2
+    for run_folder in (output / "runs").iterdir():
+        assert (run_folder / "report.html").exists() and (run_folder / "results.parquet").exists()
 
 
 # --- container and cluster files (no Docker engine or cluster here) ------------------------
@@ -337,7 +361,10 @@ def test_compose_references_only_the_project_image_public_images_declared_volume
     [gpus] = worker["deploy"]["resources"]["reservations"]["devices"]
     assert gpus["driver"] == "nvidia" and "gpu" in gpus["capabilities"]
     assert "models:/models" in worker["volumes"] and ("VOLUME", '["/models"]') in _dockerfile_instructions()
-    assert worker["command"][:5] == ["prefect", "worker", "start", "--pool", "diffcolor"]
+    # The Prefect worker, beside the warm-pool service that keeps the reprocess runs' models loaded.
+    assert worker["command"][:4] == ["python", "-m", "flows.warm", "with"]
+    command = worker["command"][worker["command"].index("--") + 1:]
+    assert command[:5] == ["prefect", "worker", "start", "--pool", "diffcolor"]
 
 
 def _pod_specs(document: dict) -> list[tuple[str, dict]]:
@@ -392,7 +419,9 @@ def test_kubernetes_manifests_parse_and_reference_declared_volumes_claims_config
     address = {e["name"]: e["value"] for e in container["env"]}["RAY_ADDRESS"]
     head_ports = {p["containerPort"] for p in ray["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
     assert address == f"ray://{ray['metadata']['name']}-head-svc:10001" and 10001 in head_ports
-    assert container["args"][:5] == ["prefect", "worker", "start", "--pool", "diffcolor"]
+    assert container["args"][:4] == ["python", "-m", "flows.warm", "with"]
+    command = container["args"][container["args"].index("--") + 1:]
+    assert command[:5] == ["prefect", "worker", "start", "--pool", "diffcolor"]
 
     # kustomize (built into kubectl) renders the whole set, offline, when kubectl is installed.
     if shutil.which("kubectl"):

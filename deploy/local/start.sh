@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One machine, nothing else installed: a local Prefect server (SQLite), the
 # `diffcolor` process work pool with its `reprocess` and `nightly` queues, the
-# deployments of deploy/prefect.yaml, and process worker(s).
+# deployments of deploy/prefect.yaml, the warm-pool service (reprocess runs'
+# models kept loaded between runs) and process worker(s).
 #
 #   deploy/local/start.sh                # start in the background, then return
 #   deploy/local/start.sh --foreground   # stay attached; Ctrl-C / SIGTERM stops all (systemd)
@@ -38,6 +39,8 @@ fi
 : "${DIFFCOLOR_WORKERS:=1}"                          # worker processes; each starts one device pool per flow run
 : "${DIFFCOLOR_WORKER_LIMIT:=2}"                     # flow runs at once per worker (a nightly and a reprocess)
 : "${DIFFCOLOR_PRESET:=default}"
+: "${DIFFCOLOR_WARM_IDLE_SECONDS:=600}"             # reprocess models kept loaded this long unused (0: no service)
+: "${DIFFCOLOR_WARM_MODELS:=2}"                      # models (with their device settings) kept loaded at most
 : "${DIFFCOLOR_VENV:=$ROOT/.venv}"
 for required in DIFFCOLOR_MANIFEST DIFFCOLOR_OUTPUT DIFFCOLOR_MODEL; do
   if [ -z "${!required:-}" ]; then
@@ -69,9 +72,11 @@ export PATH="$DIFFCOLOR_VENV/bin:$PATH"
 . "$ROOT/deploy/local/lib.sh"
 server_pid=""   # set only when this script started the server
 worker_pids=()
-stop_started() {  # workers first, then the server (see lib.sh)
+warm_pid=""     # the warm-pool service, when started
+stop_started() {  # workers first, then the warm pools, then the server (see lib.sh)
   trap - TERM INT EXIT
   for pid in "${worker_pids[@]}"; do stop_worker "$pid"; done
+  [ -z "$warm_pid" ] || stop_server "$warm_pid"
   [ -z "$server_pid" ] || stop_server "$server_pid"
 }
 if [ "$FOREGROUND" = 1 ]; then
@@ -116,7 +121,26 @@ if ! bash "$ROOT/deploy/register.sh" >"$LOGS/register.log" 2>&1; then
 fi
 echo "== registered deploy/prefect.yaml (log: $LOGS/register.log) =="
 
-# 5. The worker(s): they run each flow run as a subprocess of this machine.
+# 5. The warm-pool service: the reprocess runs' device pools, kept between runs (a flow run is a fresh
+#    process; this service is not), so that a recolour finds its model loaded. The workers' flow runs
+#    find it through DIFFCOLOR_WARM_POOL.
+if [ "$DIFFCOLOR_WARM_IDLE_SECONDS" != 0 ]; then
+  export DIFFCOLOR_WARM_POOL="$PIDS/warm.sock"
+  echo "== starting the warm-pool service on $DIFFCOLOR_WARM_POOL (log: $LOGS/warm.log) =="
+  launch warm env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$DIFFCOLOR_VENV/bin/python" -m flows.warm serve \
+    --socket "$DIFFCOLOR_WARM_POOL" --idle-seconds "$DIFFCOLOR_WARM_IDLE_SECONDS" --max-pools "$DIFFCOLOR_WARM_MODELS"
+  warm_pid="$launched"
+  for _ in $(seq 1 120); do
+    [ -e "$DIFFCOLOR_WARM_POOL.key" ] && break
+    kill -0 "$warm_pid" 2>/dev/null || { cat "$LOGS/warm.log" >&2; echo "the warm-pool service exited" >&2; exit 1; }
+    sleep 0.5
+  done
+  [ -e "$DIFFCOLOR_WARM_POOL.key" ] || { echo "the warm-pool service did not start in 60 s; see $LOGS/warm.log" >&2; exit 1; }
+else
+  unset DIFFCOLOR_WARM_POOL
+fi
+
+# 6. The worker(s): they run each flow run as a subprocess of this machine.
 for i in $(seq 1 "$DIFFCOLOR_WORKERS"); do
   launch "worker-$i" "$PREFECT" worker start --pool diffcolor --name "diffcolor-$(hostname)-$i" \
     --limit "$DIFFCOLOR_WORKER_LIMIT"
@@ -130,6 +154,6 @@ if [ "$FOREGROUND" = 0 ]; then
   exit 0
 fi
 # Foreground: stay until a signal (the traps stop everything in order) or until a service dies.
-wait -n "${worker_pids[@]}" ${server_pid:+"$server_pid"} || true
+wait -n "${worker_pids[@]}" ${warm_pid:+"$warm_pid"} ${server_pid:+"$server_pid"} || true
 echo "a DiffColor service process exited; stopping the others (logs in $LOGS)" >&2
 exit 1
