@@ -84,7 +84,7 @@ def measure(keep_warm: float | None = None, timeout: float = 900.0) -> dict:
             seconds = []
             for colour in ("red", "blue"):
                 start = time.perf_counter()
-                job = api.post("/recolour", json={"targets": [{"item_id": "p0", "color_map": {"dog": colour}}]}).json()
+                job = api.post("/recolor", json={"targets": [{"item_id": "p0", "color_map": {"dog": colour}}]}).json()
                 while (state := api.get(f"/jobs/{job['job_id']}").json())["state"] not in ("completed", "failed"):
                     if time.perf_counter() - start > timeout:
                         raise RuntimeError(f"recolour job {job['job_id']} did not end in {timeout} s")
