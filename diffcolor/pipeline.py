@@ -26,12 +26,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from diffcolor.archive import storage
-from diffcolor.archive.credentials import UNSIGNED, Signing, sign
+from diffcolor.archive.credentials import UNSIGNED, Signing, sign, sign_file
 from diffcolor.archive.images import (
     SourceImage,
     encode_access,
-    encode_master,
     read_image,
+    reduced_8bit,
+    write_master,
 )
 from diffcolor.archive.items import (
     CheckpointFolder,
@@ -219,40 +220,43 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     record["seconds"]["merge"] = time.perf_counter() - started
 
     # 2. Master and access copy, with provenance embedded in both (docs/DESIGN.md §4.4); a JPEG gets
-    #    shortened free texts if they do not fit.
+    #    shortened free texts if they do not fit. The master is written strip by strip into its staging
+    #    file and published from there (never held encoded in memory), its sha256 read as it is sent.
     started = time.perf_counter()
     access_format = config.access_format.upper()
-    master = encode_master(merged.rgb, xmp=xmp_for_format(record, "TIFF"), resolution=source.resolution,
-                           compression=config.master_compression)
-    access = encode_access(merged.rgb, format=access_format, max_side=config.access_max_side,
-                           xmp=xmp_for_format(record, access_format), resolution=source.resolution)
     access_format = "JPEG" if access_format == "JPG" else access_format
-    sidecar = None
-    if read.signing is not None:
-        record["content_credentials"] = {"signed": True, "signer": read.signing.signer_name,
-                                         "algorithm": read.signing.algorithm,
-                                         "master": "embedded" if read.signing.embed_in_tiff else "sidecar"}
-        master, sidecar = sign(master, "TIFF", record, read.data, source.format, read.signing)
-        access, _ = sign(access, access_format, record, read.data, source.format, read.signing)
-    else:
-        record["content_credentials"] = dict(UNSIGNED)
     access_ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[access_format]
     outputs = {"master": layout.master(version), "access": layout.access(version, access_ext)}
-    if sidecar is not None:
-        outputs["master_credentials"] = layout.master_credentials(version)
-        storage.write_bytes(outputs["master_credentials"], sidecar)
-    storage.write_bytes(outputs["master"], master)
+    with storage.staged(outputs["master"]) as master:
+        master.write(lambda stream: write_master(stream, merged.rgb, xmp=xmp_for_format(record, "TIFF"),
+                                                 resolution=source.resolution, compression=config.master_compression))
+        access = encode_access(merged.rgb, format=access_format, max_side=config.access_max_side,
+                               xmp=xmp_for_format(record, access_format), resolution=source.resolution)
+        sidecar = None
+        if read.signing is not None:
+            record["content_credentials"] = {"signed": True, "signer": read.signing.signer_name,
+                                             "algorithm": read.signing.algorithm,
+                                             "master": "embedded" if read.signing.embed_in_tiff else "sidecar"}
+            sidecar = sign_file(master.path, "TIFF", record, read.data, source.format, read.signing)
+            access, _ = sign(access, access_format, record, read.data, source.format, read.signing)
+        else:
+            record["content_credentials"] = dict(UNSIGNED)
+        if sidecar is not None:
+            outputs["master_credentials"] = layout.master_credentials(version)
+            storage.write_bytes(outputs["master_credentials"], sidecar)
+        master_sha256 = master.publish()
     storage.write_bytes(outputs["access"], access)
     record["seconds"]["write"] = time.perf_counter() - started
     record["outputs"].update(outputs)
-    record["output_sha256"].update(master=sha256_hex(master), access=sha256_hex(access))
+    record["output_sha256"].update(master=master_sha256, access=sha256_hex(access))
     if sidecar is not None:
         record["output_sha256"]["master_credentials"] = sha256_hex(sidecar)
 
-    # 3. Metrics (docs/DESIGN.md §7), then the record: the version's, then result.json.
-    small = torch.from_numpy(unit_rgb(merged.rgb).astype(np.float32))
+    # 3. Metrics (docs/DESIGN.md §7), then the record: the version's, then result.json. CLIP sees the
+    #    output reduced by whole factors to at least twice its input size (it resizes to that anyway);
+    #    colourfulness is summed strip by strip: no full-size float copy.
     record.update(
-        clip_score=clip_score(models, small.permute(2, 0, 1)[None], prompt),
+        clip_score=clip_score(models, _clip_input(merged.rgb, models.clip_image_size), prompt),
         colorfulness=colorfulness(merged.rgb),
         max_delta_l=merged.max_delta_l,
         mean_delta_l=merged.mean_delta_l,
@@ -265,6 +269,16 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     )
     record["peak_memory_bytes"], record["peak_memory_kind"] = _peak_memory(models.device)
     return publish_record(layout, record)
+
+
+def _clip_input(rgb: np.ndarray, clip_size: int) -> torch.Tensor:
+    """(1, 3, h, w) float [0, 1] of the output for the CLIP score: reduced by whole factors (box means, 8 bits)
+    while its short side stays at least twice ``clip_size``; a small output is taken as it is."""
+    factor = max(1, min(rgb.shape[:2]) // (2 * clip_size))
+    small = np.asarray(reduced_8bit(rgb, factor)) if factor > 1 else unit_rgb(rgb).astype(np.float32)
+    if small.dtype == np.uint8:
+        small = small.astype(np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(small, dtype=np.float32)).permute(2, 0, 1)[None]
 
 
 def _readable_result(layout: ItemLayout) -> VersionRecord | None:

@@ -1,7 +1,7 @@
 """Archival image I/O on bytes: read sources, classify their tone, write derivatives.
 
 docs/DESIGN.md §4.3 "Images in" and §4.4 "Images out". No filesystem access: callers hand
-over the bytes they read through storage and get bytes back to write.
+over the bytes they read through storage and get bytes (or a file they opened) back to write.
 
 Reading keeps Pillow's decompression-bomb guard on, decodes only an allowlist of
 formats, rejects truncated files, applies EXIF orientation, converts embedded ICC
@@ -16,6 +16,9 @@ the archive decodes and classifies files without loading torch.
 
 Writing gives the archival master (lossless TIFF, 8 or 16 bit) and the access
 copy (8-bit JPEG/PNG/WebP), both with an sRGB ICC profile and optional XMP.
+A scan's master is written strip by strip into a file the caller opened (its
+staging file, :func:`diffcolor.archive.storage.staged`), never held encoded in
+memory; the access copy is built from a reduced 8-bit image.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import io
 import math
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import skimage.color
@@ -62,6 +66,9 @@ _ICC_LATTICE_STEP = 5
 SRGB_PROFILE_DATE = (2024, 1, 1, 0, 0, 0)
 # Pixels per batch in the float64 colour conversions (bounds working memory).
 _CHUNK_PIXELS = 1 << 20
+# The access copy's downscale reduces by whole factors first while at least this many times the final size
+# is left, then resamples with Lanczos (Pillow's ``reducing_gap``; 2.0 is what its ``thumbnail`` uses).
+_REDUCING_GAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,20 @@ def classify_tone(rgb: np.ndarray, config: ToneConfig = ToneConfig()) -> str:
 
 def encode_master(rgb: np.ndarray, xmp: bytes | None = None, *, resolution: Resolution | None = None,
                   compression: str = "lzw") -> bytes:
-    """Encode the archival master: a lossless RGB TIFF at the image's bit depth.
+    """The archival master's bytes: :func:`write_master` into memory (for small images and tests; a scan's
+    master is written to a file with :func:`write_master`, which holds no encoded copy).
+
+    Raises:
+        ValueError: as :func:`write_master`.
+    """
+    buffer = io.BytesIO()
+    write_master(buffer, rgb, xmp, resolution=resolution, compression=compression)
+    return buffer.getvalue()
+
+
+def write_master(file: BinaryIO | str, rgb: np.ndarray, xmp: bytes | None = None, *,
+                 resolution: Resolution | None = None, compression: str = "lzw") -> None:
+    """Write the archival master, a lossless RGB TIFF at the image's bit depth, to ``file``.
 
     LZW compression with horizontal differencing by default (lossless, part of
     TIFF 6 and accepted by every archival validator; ``"none"`` writes it
@@ -278,14 +298,17 @@ def encode_master(rgb: np.ndarray, xmp: bytes | None = None, *, resolution: Reso
     sRGB ICC profile (tag 34675: the pixels are sRGB-encoded, whatever the
     source's profile was) and, when given, the XMP packet in tag 700.
 
+    The pixels are written as strips of about 256 KB, each compressed and
+    written in turn (tifffile's default for compressed data), so the memory
+    the write needs beyond ``rgb`` is a few strips, whatever the image size;
+    the same pixels and arguments give the same bytes.
+
     Args:
-        rgb: (H, W, 3) uint8 (8-bit master) or uint16 (16-bit master).
+        file: a seekable binary file opened for writing, or a local path.
+        rgb: (H, W, 3) uint8 (8-bit master) or uint16 (16-bit master), C-contiguous (else copied once).
         xmp: an XMP packet (UTF-8 bytes) or None.
         resolution: the source's stated resolution; None writes none.
         compression: one of :data:`MASTER_COMPRESSIONS`.
-
-    Returns:
-        The TIFF file's bytes.
 
     Raises:
         ValueError: on a wrong shape or dtype, ``xmp`` that is not bytes, or an unknown compression.
@@ -305,10 +328,9 @@ def encode_master(rgb: np.ndarray, xmp: bytes | None = None, *, resolution: Reso
     if xmp:
         extratags.append((700, 1, len(xmp), bytes(xmp), True))
 
-    # 3. Write.
-    buffer = io.BytesIO()
+    # 3. Write, strip by strip.
     tifffile.imwrite(
-        buffer,
+        file,
         np.ascontiguousarray(rgb),
         photometric="rgb",
         compression=codec,
@@ -318,7 +340,6 @@ def encode_master(rgb: np.ndarray, xmp: bytes | None = None, *, resolution: Reso
         software=f"DiffColor Archive {__version__}",
         extratags=extratags,
     )
-    return buffer.getvalue()
 
 
 def encode_access(
@@ -366,19 +387,21 @@ def encode_access(
             "shorten it or use PNG/WEBP for the access copy"
         )
 
-    # 2. 8 bits with rounding (v * 255 / 65535 rounded, in integers).
-    if rgb.dtype == np.uint16:
-        rgb = ((rgb.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    image = Image.fromarray(np.ascontiguousarray(rgb))
+    # 2. 8 bits (v * 255 / 65535 rounded, in integers), downscaled keeping the aspect ratio: Lanczos after
+    #    an exact box reduction by whole factors that leaves at least twice the final size (what Pillow's
+    #    ``resize(reducing_gap=2.0)`` does, here strip by strip, so a scan is never held whole at 8 bits).
+    height, width = rgb.shape[:2]
+    if max_side is not None and max(height, width) > max_side:
+        factor = max_side / max(height, width)
+        size = (max(1, round(width * factor)), max(1, round(height * factor)))
+        resolution = None if resolution is None else resolution.scaled(size[0] / width)
+        reduce_by = (int(width / size[0] / _REDUCING_GAP) or 1, int(height / size[1] / _REDUCING_GAP) or 1)
+        image = reduced_8bit(rgb, reduce_by)
+        image = image.resize(size, Image.Resampling.LANCZOS, box=(0, 0, width / reduce_by[0], height / reduce_by[1]))
+    else:
+        image = reduced_8bit(rgb, (1, 1))
 
-    # 3. Downscale keeping the aspect ratio.
-    if max_side is not None and max(image.size) > max_side:
-        factor = max_side / max(image.size)
-        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-        resolution = None if resolution is None else resolution.scaled(size[0] / image.width)
-        image = image.resize(size, Image.Resampling.LANCZOS)
-
-    # 4. Save with the sRGB profile, the resolution and the XMP packet.
+    # 3. Save with the sRGB profile, the resolution and the XMP packet.
     options: dict = {"icc_profile": _srgb_icc()}
     if resolution is not None:
         options["dpi"] = tuple(round(value, 4) for value in resolution.per_inch())
@@ -398,6 +421,30 @@ def encode_access(
     buffer = io.BytesIO()
     image.save(buffer, format=pillow_format, **options)
     return buffer.getvalue()
+
+
+def reduced_8bit(rgb: np.ndarray, factor: int | tuple[int, int]) -> Image.Image:
+    """``rgb`` at 8 bits (16-bit values scaled with rounding) reduced by whole ``factor`` (x, y) by box means,
+    as a Pillow RGB image: ``Image.fromarray(rgb8).reduce(factor)`` computed strip by strip, so the memory
+    it needs beyond ``rgb`` is the result and one strip.
+
+    Raises:
+        ValueError: on a wrong shape or dtype, or a factor below 1.
+    """
+    _check_output_rgb(rgb)
+    factor_x, factor_y = (factor, factor) if isinstance(factor, int) else factor
+    if factor_x < 1 or factor_y < 1:
+        raise ValueError(f"reduction factor must be at least 1, got {factor!r}")
+    height, width = rgb.shape[:2]
+    reduced = Image.new("RGB", (-(-width // factor_x), -(-height // factor_y)))
+    rows = max(1, _CHUNK_PIXELS // width // factor_y) * factor_y  # whole boxes per strip: the same means
+    for top in range(0, height, rows):
+        strip = rgb[top : top + rows]
+        if strip.dtype == np.uint16:
+            strip = ((strip.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        image = Image.fromarray(np.ascontiguousarray(strip))
+        reduced.paste(image.reduce((factor_x, factor_y)) if factor_x > 1 or factor_y > 1 else image, (0, top // factor_y))
+    return reduced
 
 
 # --- reading helpers -------------------------------------------------------------

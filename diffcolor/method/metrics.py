@@ -46,15 +46,25 @@ def colorfulness(rgb: np.ndarray) -> float:
     Raises:
         ValueError: on a wrong shape, dtype or range.
     """
-    # 1. Bring the image to float64 on the paper's 0..255 scale.
-    values = unit_rgb(rgb, "rgb") * 255.0
-    red, green, blue = values[..., 0], values[..., 1], values[..., 2]
-    # 2. Opponent channels.
-    rg = red - green
-    yb = 0.5 * (red + green) - blue
-    # 3. Spread plus a weighted mean of the opponent channels.
-    spread = math.hypot(float(rg.std()), float(yb.std()))
-    offset = math.hypot(float(rg.mean()), float(yb.mean()))
+    # 1. Strip by strip (a scan is never copied whole as floats): the image on the paper's 0..255 scale,
+    #    its opponent channels, their count, means and sums of squared deviations, merged exactly
+    #    (Chan, Golub and LeVeque 1979's pairwise update).
+    unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) and rgb.ndim == 3 else rgb, "rgb", check_range=False)
+    count, means, squares = 0, np.zeros(2), np.zeros(2)
+    rows = max(1, FidelityConfig.chunk_pixels // max(1, rgb.shape[1]))
+    for top in range(0, rgb.shape[0], rows):
+        values = unit_rgb(rgb[top : top + rows], "rgb") * 255.0
+        red, green, blue = values[..., 0], values[..., 1], values[..., 2]
+        opponent = np.stack([(red - green).ravel(), (0.5 * (red + green) - blue).ravel()])
+        strip_count, strip_means = opponent.shape[1], opponent.mean(axis=1)
+        strip_squares = ((opponent - strip_means[:, None]) ** 2).sum(axis=1)
+        delta, total = strip_means - means, count + strip_count
+        squares += strip_squares + delta**2 * (count * strip_count / total)
+        means += delta * (strip_count / total)
+        count = total
+    # 2. Spread plus a weighted mean of the opponent channels.
+    spread = math.hypot(*np.sqrt(squares / count))
+    offset = math.hypot(*means)
     return spread + 0.3 * offset
 
 
