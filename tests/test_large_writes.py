@@ -19,6 +19,7 @@ import tifffile
 from PIL import Image
 from s3server import s3_bucket, s3_client, s3_endpoint  # noqa: F401 (fixtures)
 
+from diffcolor import __version__
 from diffcolor.archive import images, storage
 from diffcolor.archive.images import encode_access, encode_master, reduced_8bit, write_master
 from diffcolor.common.errors import StorageError
@@ -88,6 +89,52 @@ def test_master_written_to_a_file_is_the_encoded_master_in_strips(tmp_path):
         assert page.tags["Compression"].value == 5 and page.tags["Predictor"].value == 2
         assert page.tags["RowsPerStrip"].value < 700 and len(page.dataoffsets) > 1  # strips, not one block
         assert 34675 in page.tags and page.tags[700].value == xmp
+
+
+def test_master_bytes_do_not_depend_on_how_the_strips_cut_the_rows(tmp_path):
+    rgb = _smooth_rgb16(257, 90, seed=5)
+    expected = encode_master(rgb, compression="lzw")
+    for cuts in ([257], [1] * 257, [100, 57, 100], [3, 250, 4]):
+        buffer = io.BytesIO()
+        tops = np.cumsum([0, *cuts])
+        images.write_master_strips(buffer, (rgb[a:b] for a, b in zip(tops[:-1], tops[1:])), (257, 90), np.uint16)
+        assert buffer.getvalue() == expected, cuts
+    # The same bytes tifffile writes from the whole array, for every compression.
+    for name, codec in images.MASTER_COMPRESSIONS.items():
+        direct = io.BytesIO()
+        tifffile.imwrite(direct, rgb, photometric="rgb", compression=codec, predictor=codec is not None,
+                         rowsperstrip=262144 // (90 * 6), metadata=None, software=f"DiffColor Archive {__version__}",
+                         extratags=[(34675, 7, len(images._srgb_icc()), images._srgb_icc(), True)])
+        assert encode_master(rgb, compression=name) == direct.getvalue(), name
+
+
+@pytest.mark.parametrize("cuts", [[10, 10], [25], [5, 21]])
+def test_strips_that_do_not_make_the_image_are_refused(cuts):
+    rgb = _smooth_rgb16(20, 8)
+    tops = np.cumsum([0, *cuts])
+    strips = (np.resize(rgb, (b - a, 8, 3)).astype(np.uint16) for a, b in zip(tops[:-1], tops[1:]))
+    if sum(cuts) == 20:
+        strips = (np.zeros((10, 8, 3), np.uint8) for _ in range(2))  # wrong dtype
+    with pytest.raises(ValueError, match="strip"):
+        images.write_master_strips(io.BytesIO(), strips, (20, 8), np.uint16)
+
+
+def test_the_strip_merge_gives_merge_full_resolutions_pixels_and_numbers():
+    import torch
+
+    from diffcolor.method.merge import MergeConfig, StripMerge, merge_full_resolution
+
+    rng = np.random.default_rng(6)
+    gray = np.clip(rng.random((300, 220)) * 0.2 + np.linspace(0.1, 0.9, 220)[None, :], 0, 1)
+    chroma = torch.from_numpy(rng.normal(0, 30, (2, 40, 30)).astype(np.float32))
+    config = MergeConfig(strip_pixels=220 * 16)
+    whole = merge_full_resolution(gray, chroma, 16, config)
+    merge = StripMerge(gray, chroma, 16, config)
+    strips = list(merge)
+    assert len(strips) > 1 and all(strip.dtype == np.uint16 for strip in strips)
+    assert np.array_equal(np.concatenate(strips), whole.rgb)
+    assert merge.numbers.max_delta_l == whole.max_delta_l and merge.numbers.ssim_l == whole.ssim_l
+    assert merge.numbers.gamut_clipped_fraction == whole.gamut_clipped_fraction
 
 
 def test_colorfulness_strip_by_strip_equals_the_whole_image_formula():

@@ -471,44 +471,11 @@ class StagedFile:
             raise backend_error(self.uri, "writing", error, self._fs) from error
 
     def publish(self) -> str:
-        """Publishes the file's content at the URI atomically; returns its sha256 (hex), read as it is sent.
-
-        Local: fsynced, renamed onto the target, the folder fsynced. S3: one PUT
-        below ``S3_MULTIPART_THRESHOLD``, else a multipart upload of parts read
-        from the file in turn (memory: one part), completed whole or aborted.
-        Other backends: one ``pipe_file`` of the complete bytes.
-
-        Raises:
-            InputUnavailableError, StorageError: as :func:`write_bytes`.
-        """
-        import hashlib
-
-        digest = hashlib.sha256()
-        try:
-            if _is_local(self._fs):
-                with open(self.path, "rb+") as stream:
-                    for chunk in iter(lambda: stream.read(READ_CHUNK_BYTES), b""):
-                        digest.update(chunk)
-                    os.fsync(stream.fileno())
-                os.replace(self.path, self._target)
-                _fsync_folder_of(self._target)
-            elif _is_s3(self._fs):
-                _put_s3_file(self._fs, self._target, self.path, digest)
-            else:
-                with open(self.path, "rb") as stream:
-                    data = stream.read()
-                digest.update(data)
-                self._fs.pipe_file(self._target, data)
-        except Exception as error:
-            if not _is_backend_error(error):
-                raise
-            raise backend_error(self.uri, "writing", error, self._fs) from error
-        finally:
-            if not _is_local(self._fs):
-                self._fs.invalidate_cache(self._target)
+        """Publishes the file's content at the URI atomically (:func:`publish_file`); returns its sha256 (hex)."""
+        digest = publish_file(self.uri, self.path)
         self.published = True
         self.discard()
-        return digest.hexdigest()
+        return digest
 
     def discard(self) -> None:
         """Removes the local file (a published local file was renamed away: nothing left to remove)."""
@@ -516,6 +483,47 @@ class StagedFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def publish_file(uri: str, local: str) -> str:
+    """Publishes the local file ``local`` at ``uri`` atomically; returns its sha256 (hex), read as it is sent.
+
+    Local: fsynced, renamed onto the target (so ``local`` must be on the
+    target's filesystem: :func:`staged` puts it beside the target), the folder
+    fsynced. S3: one PUT below ``S3_MULTIPART_THRESHOLD``, else a multipart
+    upload of parts read from the file in turn (memory: one part), completed
+    whole or aborted. Other backends: one ``pipe_file`` of the complete bytes.
+
+    Raises:
+        InputUnavailableError, StorageError: as :func:`write_bytes`.
+    """
+    import hashlib
+
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    try:
+        if _is_local(fs):
+            with open(local, "rb+") as stream:
+                for chunk in iter(lambda: stream.read(READ_CHUNK_BYTES), b""):
+                    digest.update(chunk)
+                os.fsync(stream.fileno())
+            os.replace(local, path)
+            _fsync_folder_of(path)
+        elif _is_s3(fs):
+            _put_s3_file(fs, path, local, digest)
+        else:
+            with open(local, "rb") as stream:
+                data = stream.read()
+            digest.update(data)
+            fs.pipe_file(path, data)
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "writing", error, fs) from error
+    finally:
+        if not _is_local(fs):
+            fs.invalidate_cache(path)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -46,26 +46,40 @@ def colorfulness(rgb: np.ndarray) -> float:
     Raises:
         ValueError: on a wrong shape, dtype or range.
     """
-    # 1. Strip by strip (a scan is never copied whole as floats): the image on the paper's 0..255 scale,
-    #    its opponent channels, their count, means and sums of squared deviations, merged exactly
-    #    (Chan, Golub and LeVeque 1979's pairwise update).
+    # 1. Strip by strip: a scan is never copied whole as floats.
     unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) and rgb.ndim == 3 else rgb, "rgb", check_range=False)
-    count, means, squares = 0, np.zeros(2), np.zeros(2)
+    accumulator = ColorfulnessAccumulator()
     rows = max(1, FidelityConfig.chunk_pixels // max(1, rgb.shape[1]))
     for top in range(0, rgb.shape[0], rows):
-        values = unit_rgb(rgb[top : top + rows], "rgb") * 255.0
+        accumulator.add(rgb[top : top + rows])
+    return accumulator.result()
+
+
+class ColorfulnessAccumulator:
+    """:func:`colorfulness` of an image from its rows fed in any strips: the opponent channels' count, means
+    and sums of squared deviations, merged exactly (Chan, Golub and LeVeque 1979's pairwise update)."""
+
+    def __init__(self) -> None:
+        self._count, self._means, self._squares = 0, np.zeros(2), np.zeros(2)
+
+    def add(self, strip: np.ndarray) -> None:
+        """The next rows: (rows, W, 3) uint8, uint16 or float in [0, 1]."""
+        # 1. The rows on the paper's 0..255 scale, and their opponent channels.
+        values = unit_rgb(strip, "rgb") * 255.0
         red, green, blue = values[..., 0], values[..., 1], values[..., 2]
         opponent = np.stack([(red - green).ravel(), (0.5 * (red + green) - blue).ravel()])
-        strip_count, strip_means = opponent.shape[1], opponent.mean(axis=1)
-        strip_squares = ((opponent - strip_means[:, None]) ** 2).sum(axis=1)
-        delta, total = strip_means - means, count + strip_count
-        squares += strip_squares + delta**2 * (count * strip_count / total)
-        means += delta * (strip_count / total)
-        count = total
-    # 2. Spread plus a weighted mean of the opponent channels.
-    spread = math.hypot(*np.sqrt(squares / count))
-    offset = math.hypot(*means)
-    return spread + 0.3 * offset
+        # 2. Their statistics, merged into the image's.
+        count, means = opponent.shape[1], opponent.mean(axis=1)
+        squares = ((opponent - means[:, None]) ** 2).sum(axis=1)
+        delta, total = means - self._means, self._count + count
+        self._squares += squares + delta**2 * (self._count * count / total)
+        self._means += delta * (count / total)
+        self._count = total
+
+    def result(self) -> float:
+        """M: the spread plus a weighted mean of the opponent channels."""
+        spread = math.hypot(*np.sqrt(self._squares / self._count))
+        return spread + 0.3 * math.hypot(*self._means)
 
 
 def lightness_fidelity(
