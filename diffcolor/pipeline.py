@@ -18,7 +18,7 @@ import json
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,12 +26,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from diffcolor.archive import storage
-from diffcolor.archive.credentials import UNSIGNED, Signing, sign
+from diffcolor.archive.credentials import UNSIGNED, Signing, sign, sign_file
 from diffcolor.archive.images import (
+    AccessCopy,
+    Reduction,
     SourceImage,
-    encode_access,
-    encode_master,
     read_image,
+    write_master_strips,
 )
 from diffcolor.archive.items import (
     CheckpointFolder,
@@ -62,15 +63,14 @@ from diffcolor.common.keys import (
     state_key,
     version_key,
 )
-from diffcolor.common.pixels import unit_rgb
 from diffcolor.common.record import VersionRecord
 from diffcolor.common.redact import redact
 from diffcolor.common.tensorfiles import read_metadata
 from diffcolor.method.align import Alignment, align_chroma
 from diffcolor.method.color import rgb_to_lab
 from diffcolor.method.diffusion import check_prompt_fits, clip_score, resize_for_model
-from diffcolor.method.merge import merge_full_resolution
-from diffcolor.method.metrics import colorfulness
+from diffcolor.method.merge import StripMerge
+from diffcolor.method.metrics import ColorfulnessAccumulator
 from diffcolor.method.models import Models, prompt_limit
 from diffcolor.method.performance import apply_memory_format
 from diffcolor.method.presets import PipelineConfig, apply_overrides
@@ -210,57 +210,85 @@ class _Source:
 def _write_version(models: Models, read: _Source, layout: ItemLayout, version: int, record: VersionRecord,
                    chroma: torch.Tensor, confidence: float, prompt: str, config: PipelineConfig) -> VersionRecord:
     """Merges at full resolution, writes master and access copy (signed with content credentials when a key
-    is configured), fills the record's metrics and publishes it."""
-    source = read.image
-    # 1. Full-resolution merge: the source's L*, the model's chroma; on the item's GPU when it has one.
-    started = time.perf_counter()
-    merge_device = models.device if models.device.type == "cuda" else None
-    merged = merge_full_resolution(source.gray, chroma[0], source.bit_depth, config.merge, device=merge_device)
-    record["seconds"]["merge"] = time.perf_counter() - started
+    is configured), fills the record's metrics and publishes it.
 
-    # 2. Master and access copy, with provenance embedded in both (docs/DESIGN.md §4.4); a JPEG gets
-    #    shortened free texts if they do not fit.
+    The merge's strips go straight into the master's staging file (encoded as
+    they come), the access copy's and CLIP's reductions and the colourfulness
+    sums: the output is never held whole, encoded or not (docs/PERFORMANCE.md).
+    """
+    source = read.image
+    size = source.gray.shape
     started = time.perf_counter()
     access_format = config.access_format.upper()
-    master = encode_master(merged.rgb, xmp=xmp_for_format(record, "TIFF"), resolution=source.resolution,
-                           compression=config.master_compression)
-    access = encode_access(merged.rgb, format=access_format, max_side=config.access_max_side,
-                           xmp=xmp_for_format(record, access_format), resolution=source.resolution)
     access_format = "JPEG" if access_format == "JPG" else access_format
-    sidecar = None
-    if read.signing is not None:
-        record["content_credentials"] = {"signed": True, "signer": read.signing.signer_name,
-                                         "algorithm": read.signing.algorithm,
-                                         "master": "embedded" if read.signing.embed_in_tiff else "sidecar"}
-        master, sidecar = sign(master, "TIFF", record, read.data, source.format, read.signing)
-        access, _ = sign(access, access_format, record, read.data, source.format, read.signing)
-    else:
-        record["content_credentials"] = dict(UNSIGNED)
     access_ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[access_format]
     outputs = {"master": layout.master(version), "access": layout.access(version, access_ext)}
-    if sidecar is not None:
-        outputs["master_credentials"] = layout.master_credentials(version)
-        storage.write_bytes(outputs["master_credentials"], sidecar)
-    storage.write_bytes(outputs["master"], master)
-    storage.write_bytes(outputs["access"], access)
-    record["seconds"]["write"] = time.perf_counter() - started
+
+    # 1. What the output's strips feed besides the master: the access copy (provenance embedded; a JPEG gets
+    #    shortened free texts if they do not fit), CLIP's input (reduced by whole factors while its short side
+    #    stays twice CLIP's: it resizes to that anyway) and colourfulness.
+    access = AccessCopy(size, access_format, max_side=config.access_max_side,
+                        xmp=xmp_for_format(record, access_format), resolution=source.resolution)
+    clip_input = Reduction(size, max(1, min(size) // (2 * models.clip_image_size)))
+    colour = ColorfulnessAccumulator()
+    merge_device = models.device if models.device.type == "cuda" else None
+    merge = StripMerge(source.gray, chroma[0], source.bit_depth, config.merge, device=merge_device)
+    merge_seconds = 0.0
+
+    def merged_strips() -> Iterator[np.ndarray]:
+        nonlocal merge_seconds
+        begun = time.perf_counter()
+        for strip in merge:
+            merge_seconds += time.perf_counter() - begun
+            access.add(strip)
+            clip_input.add(strip)
+            colour.add(strip)
+            yield strip
+            begun = time.perf_counter()
+        merge_seconds += time.perf_counter() - begun
+
+    # 2. Full-resolution merge (the source's L*, the model's chroma; on the item's GPU when it has one) into
+    #    the master's staging file, published from there with its sha256 read as it is sent; the access copy
+    #    and the signatures (docs/DESIGN.md §4.4) before it.
+    with storage.staged(outputs["master"]) as master:
+        master.write(lambda stream: write_master_strips(
+            stream, merged_strips(), size, np.uint8 if source.bit_depth == 8 else np.uint16,
+            xmp_for_format(record, "TIFF"), resolution=source.resolution, compression=config.master_compression))
+        access_bytes = access.encode()
+        sidecar = None
+        if read.signing is not None:
+            record["content_credentials"] = {"signed": True, "signer": read.signing.signer_name,
+                                             "algorithm": read.signing.algorithm,
+                                             "master": "embedded" if read.signing.embed_in_tiff else "sidecar"}
+            sidecar = sign_file(master.path, "TIFF", record, read.data, source.format, read.signing)
+            access_bytes, _ = sign(access_bytes, access_format, record, read.data, source.format, read.signing)
+        else:
+            record["content_credentials"] = dict(UNSIGNED)
+        if sidecar is not None:
+            outputs["master_credentials"] = layout.master_credentials(version)
+            storage.write_bytes(outputs["master_credentials"], sidecar)
+        master_sha256 = master.publish()
+    storage.write_bytes(outputs["access"], access_bytes)
+    record["seconds"]["merge"] = merge_seconds
+    record["seconds"]["write"] = time.perf_counter() - started - merge_seconds
     record["outputs"].update(outputs)
-    record["output_sha256"].update(master=sha256_hex(master), access=sha256_hex(access))
+    record["output_sha256"].update(master=master_sha256, access=sha256_hex(access_bytes))
     if sidecar is not None:
         record["output_sha256"]["master_credentials"] = sha256_hex(sidecar)
 
     # 3. Metrics (docs/DESIGN.md §7), then the record: the version's, then result.json.
-    small = torch.from_numpy(unit_rgb(merged.rgb).astype(np.float32))
+    small = torch.from_numpy(np.asarray(clip_input.image(), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    numbers = merge.numbers
     record.update(
-        clip_score=clip_score(models, small.permute(2, 0, 1)[None], prompt),
-        colorfulness=colorfulness(merged.rgb),
-        max_delta_l=merged.max_delta_l,
-        mean_delta_l=merged.mean_delta_l,
-        ssim_l=merged.ssim_l,
-        gamut_clipped_fraction=merged.gamut_clipped_fraction,
+        clip_score=clip_score(models, small, prompt),
+        colorfulness=colour.result(),
+        max_delta_l=numbers.max_delta_l,
+        mean_delta_l=numbers.mean_delta_l,
+        ssim_l=numbers.ssim_l,
+        gamut_clipped_fraction=numbers.gamut_clipped_fraction,
         alignment_confidence=confidence,
-        output_width=int(merged.rgb.shape[1]),
-        output_height=int(merged.rgb.shape[0]),
+        output_width=int(size[1]),
+        output_height=int(size[0]),
         output_bit_depth=source.bit_depth,
     )
     record["peak_memory_bytes"], record["peak_memory_kind"] = _peak_memory(models.device)

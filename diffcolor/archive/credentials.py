@@ -139,6 +139,15 @@ def sign(data: bytes, format: str, record: dict, source: bytes, source_format: s
     Raises SigningConfigError when the key or certificate is refused.
     """
     sidecar = format.upper() == "TIFF" and not signing.embed_in_tiff
+    signed = io.BytesIO()
+    manifest = _sign_stream(io.BytesIO(data), signed, format, record, source, source_format, signing, sidecar)
+    return (data, manifest) if sidecar else (signed.getvalue(), None)
+
+
+def _sign_stream(asset, out, format: str, record: dict, source: bytes, source_format: str, signing: Signing,
+                 sidecar: bool) -> bytes:
+    """Signs the derivative read from ``asset`` into ``out`` (a signed copy; with ``sidecar``, a copy without
+    the manifest); returns the manifest's bytes."""
     import c2pa
 
     mime, source_mime = MIME_TYPES[format.upper()], MIME_TYPES.get(source_format.upper(), "image/tiff")
@@ -153,12 +162,37 @@ def sign(data: bytes, format: str, record: dict, source: bytes, source_format: s
                             "format": source_mime, "label": "source"}, source_mime, io.BytesIO(source))
     if sidecar:
         builder.set_no_embed()
-    signed = io.BytesIO()
     try:
-        manifest = builder.sign(signer, mime, io.BytesIO(data), signed)
+        return bytes(builder.sign(signer, mime, asset, out))
     except c2pa.C2paError as error:
         raise SigningConfigError(f"C2PA signing failed: {error}") from None
-    return (data, bytes(manifest)) if sidecar else (signed.getvalue(), None)
+
+
+def sign_file(path: str, format: str, record: dict, source: bytes, source_format: str,
+              signing: Signing) -> bytes | None:
+    """The local file at ``path`` (a derivative of ``format``) signed for ``record`` as :func:`sign` signs
+    bytes, read and written as streams (a scan's master is never held in memory).
+
+    With the manifest embedded the file is replaced by its signed copy (written
+    beside it, then renamed over it); with a sidecar the file is unchanged.
+    Returns the sidecar manifest, or None when embedded.
+    Raises SigningConfigError when the key or certificate is refused.
+    """
+    import tempfile
+
+    sidecar = format.upper() == "TIFF" and not signing.embed_in_tiff
+    handle, signed = tempfile.mkstemp(prefix=".signing.", suffix=".partial", dir=os.path.dirname(path) or ".")
+    try:
+        with open(path, "rb") as asset, os.fdopen(handle, "w+b") as out:
+            manifest = _sign_stream(asset, out, format, record, source, source_format, signing, sidecar)
+        if sidecar:
+            return manifest
+        os.chmod(signed, os.stat(path).st_mode & 0o777)
+        os.replace(signed, path)
+        return None
+    finally:
+        if os.path.exists(signed):
+            os.unlink(signed)
 
 
 def read_credentials(data: bytes, format: str, sidecar: bytes | None = None) -> dict | None:

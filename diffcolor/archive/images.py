@@ -1,7 +1,7 @@
 """Archival image I/O on bytes: read sources, classify their tone, write derivatives.
 
 docs/DESIGN.md §4.3 "Images in" and §4.4 "Images out". No filesystem access: callers hand
-over the bytes they read through storage and get bytes back to write.
+over the bytes they read through storage and get bytes (or a file they opened) back to write.
 
 Reading keeps Pillow's decompression-bomb guard on, decodes only an allowlist of
 formats, rejects truncated files, applies EXIF orientation, converts embedded ICC
@@ -16,6 +16,9 @@ the archive decodes and classifies files without loading torch.
 
 Writing gives the archival master (lossless TIFF, 8 or 16 bit) and the access
 copy (8-bit JPEG/PNG/WebP), both with an sRGB ICC profile and optional XMP.
+A scan's master is written strip by strip into a file the caller opened (its
+staging file, :func:`diffcolor.archive.storage.staged`), never held encoded in
+memory; the access copy is built from a reduced 8-bit image.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import io
 import math
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 import skimage.color
@@ -62,6 +66,9 @@ _ICC_LATTICE_STEP = 5
 SRGB_PROFILE_DATE = (2024, 1, 1, 0, 0, 0)
 # Pixels per batch in the float64 colour conversions (bounds working memory).
 _CHUNK_PIXELS = 1 << 20
+# The access copy's downscale reduces by whole factors first while at least this many times the final size
+# is left, then resamples with Lanczos (Pillow's ``reducing_gap``; 2.0 is what its ``thumbnail`` uses).
+_REDUCING_GAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -269,7 +276,33 @@ def classify_tone(rgb: np.ndarray, config: ToneConfig = ToneConfig()) -> str:
 
 def encode_master(rgb: np.ndarray, xmp: bytes | None = None, *, resolution: Resolution | None = None,
                   compression: str = "lzw") -> bytes:
-    """Encode the archival master: a lossless RGB TIFF at the image's bit depth.
+    """The archival master's bytes: :func:`write_master` into memory (for small images and tests; a scan's
+    master is written to a file with :func:`write_master`, which holds no encoded copy).
+
+    Raises:
+        ValueError: as :func:`write_master`.
+    """
+    buffer = io.BytesIO()
+    write_master(buffer, rgb, xmp, resolution=resolution, compression=compression)
+    return buffer.getvalue()
+
+
+def write_master(file: BinaryIO | str, rgb: np.ndarray, xmp: bytes | None = None, *,
+                 resolution: Resolution | None = None, compression: str = "lzw") -> None:
+    """Write the archival master of ``rgb`` ((H, W, 3) uint8 or uint16) to ``file``: :func:`write_master_strips`
+    of the whole array.
+
+    Raises:
+        ValueError: as :func:`write_master_strips`.
+    """
+    _check_output_rgb(rgb)
+    write_master_strips(file, [rgb], rgb.shape[:2], rgb.dtype, xmp, resolution=resolution, compression=compression)
+
+
+def write_master_strips(file: BinaryIO | str, strips: Iterable[np.ndarray], size: tuple[int, int], dtype,
+                        xmp: bytes | None = None, *, resolution: Resolution | None = None,
+                        compression: str = "lzw") -> None:
+    """Write the archival master, a lossless RGB TIFF at the image's bit depth, to ``file`` from its rows.
 
     LZW compression with horizontal differencing by default (lossless, part of
     TIFF 6 and accepted by every archival validator; ``"none"`` writes it
@@ -278,20 +311,32 @@ def encode_master(rgb: np.ndarray, xmp: bytes | None = None, *, resolution: Reso
     sRGB ICC profile (tag 34675: the pixels are sRGB-encoded, whatever the
     source's profile was) and, when given, the XMP packet in tag 700.
 
+    The image is organised in strips of about 256 KB (tifffile's default for
+    compressed data), each encoded and written as soon as its rows have come,
+    so the memory the write needs is a few strips whatever the image size. The
+    bytes depend on the pixels and the arguments only, not on how ``strips``
+    cut the rows.
+
     Args:
-        rgb: (H, W, 3) uint8 (8-bit master) or uint16 (16-bit master).
+        file: a seekable binary file opened for writing, or a local path.
+        strips: (rows, W, 3) arrays of ``dtype``, the image's rows top to bottom, any number of rows each.
+        size: (H, W) of the image.
+        dtype: uint8 (8-bit master) or uint16 (16-bit master).
         xmp: an XMP packet (UTF-8 bytes) or None.
         resolution: the source's stated resolution; None writes none.
         compression: one of :data:`MASTER_COMPRESSIONS`.
 
-    Returns:
-        The TIFF file's bytes.
-
     Raises:
-        ValueError: on a wrong shape or dtype, ``xmp`` that is not bytes, or an unknown compression.
+        ValueError: on a wrong dtype or size, strips that do not fit it or do not make ``size`` rows,
+            ``xmp`` that is not bytes, or an unknown compression.
     """
     # 1. Check inputs.
-    _check_output_rgb(rgb)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"rgb must be uint8 or uint16, got dtype {dtype}")
+    height, width = (int(side) for side in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"a master needs at least one pixel, got size {size!r}")
     if xmp is not None and not isinstance(xmp, (bytes, bytearray)):
         raise ValueError(f"xmp must be bytes, got {type(xmp).__name__}")
     if compression not in MASTER_COMPRESSIONS:
@@ -305,20 +350,51 @@ def encode_master(rgb: np.ndarray, xmp: bytes | None = None, *, resolution: Reso
     if xmp:
         extratags.append((700, 1, len(xmp), bytes(xmp), True))
 
-    # 3. Write.
-    buffer = io.BytesIO()
+    # 3. Each strip encoded as tifffile encodes it (its predictor and codec functions: the same bytes as
+    #    tifffile writing the whole array), then written.
+    rows_per_strip = max(1, 262144 // (width * 3 * dtype.itemsize))
+    compress = None if codec is None else tifffile.TIFF.COMPRESSORS[{"lzw": 5, "zlib": 8}[codec]]
+    predict = tifffile.TIFF.PREDICTORS[2]  # horizontal differencing
+
+    def encoded() -> Iterator[bytes]:
+        for block in _row_blocks(strips, rows_per_strip, height, width, dtype):
+            yield block.tobytes() if compress is None else compress(predict(block, axis=-2))
+
     tifffile.imwrite(
-        buffer,
-        np.ascontiguousarray(rgb),
+        file,
+        encoded(),
+        shape=(height, width, 3),
+        dtype=dtype,
         photometric="rgb",
         compression=codec,
         predictor=codec is not None,
+        rowsperstrip=rows_per_strip,
         metadata=None,
         **place,
         software=f"DiffColor Archive {__version__}",
         extratags=extratags,
     )
-    return buffer.getvalue()
+
+
+def _row_blocks(strips: Iterable[np.ndarray], rows: int, height: int, width: int, dtype) -> Iterator[np.ndarray]:
+    """The rows of ``strips`` regrouped into blocks of ``rows`` rows (the last may be shorter); ValueError
+    when a strip does not fit (W, 3) of ``dtype`` or the strips do not make ``height`` rows."""
+    carry, seen = None, 0
+    for strip in strips:
+        if not isinstance(strip, np.ndarray) or strip.ndim != 3 or strip.shape[1:] != (width, 3) or strip.dtype != dtype:
+            raise ValueError(f"a strip of the master must be a (rows, {width}, 3) {dtype} array, got {describe(strip)}")
+        seen += strip.shape[0]
+        if seen > height:
+            raise ValueError(f"the strips hold more than the master's {height} rows")
+        buffer = strip if carry is None or not len(carry) else np.concatenate([carry, strip])
+        whole = len(buffer) // rows * rows
+        for top in range(0, whole, rows):
+            yield np.ascontiguousarray(buffer[top : top + rows])
+        carry = buffer[whole:]
+    if seen != height:
+        raise ValueError(f"the strips hold {seen} rows, the master {height}")
+    if carry is not None and len(carry):
+        yield np.ascontiguousarray(carry)
 
 
 def encode_access(
@@ -349,55 +425,141 @@ def encode_access(
         ValueError: on a wrong shape/dtype, unknown format, quality out of range,
             non-positive ``max_side``, or XMP that is not bytes or too long for JPEG.
     """
-    # 1. Check inputs.
     _check_output_rgb(rgb)
-    pillow_format = "JPEG" if format.upper() == "JPG" else format.upper()
-    if pillow_format not in ACCESS_FORMATS:
-        raise ValueError(f"access format must be one of {sorted(ACCESS_FORMATS)}, got {format!r}")
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
-    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
-        raise ValueError(f"max_side must be a positive int or None, got {max_side!r}")
-    if xmp is not None and not isinstance(xmp, (bytes, bytearray)):
-        raise ValueError(f"xmp must be bytes, got {type(xmp).__name__}")
-    if xmp and pillow_format == "JPEG" and len(xmp) > _JPEG_MAX_XMP_BYTES:
-        raise ValueError(
-            f"XMP packet of {len(xmp)} bytes does not fit a JPEG APP1 segment (max {_JPEG_MAX_XMP_BYTES}); "
-            "shorten it or use PNG/WEBP for the access copy"
-        )
+    access = AccessCopy(rgb.shape[:2], format, quality, max_side, xmp, resolution)
+    rows = max(1, _CHUNK_PIXELS // rgb.shape[1])
+    for top in range(0, rgb.shape[0], rows):
+        access.add(rgb[top : top + rows])
+    return access.encode()
 
-    # 2. 8 bits with rounding (v * 255 / 65535 rounded, in integers).
-    if rgb.dtype == np.uint16:
-        rgb = ((rgb.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    image = Image.fromarray(np.ascontiguousarray(rgb))
 
-    # 3. Downscale keeping the aspect ratio.
-    if max_side is not None and max(image.size) > max_side:
-        factor = max_side / max(image.size)
-        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
-        resolution = None if resolution is None else resolution.scaled(size[0] / image.width)
-        image = image.resize(size, Image.Resampling.LANCZOS)
+class AccessCopy:
+    """:func:`encode_access` from the image's rows fed top to bottom (:meth:`add`), then :meth:`encode`:
+    the arguments are checked first, and only the reduced 8-bit image is kept, never the image whole."""
 
-    # 4. Save with the sRGB profile, the resolution and the XMP packet.
-    options: dict = {"icc_profile": _srgb_icc()}
-    if resolution is not None:
-        options["dpi"] = tuple(round(value, 4) for value in resolution.per_inch())
-    if pillow_format == "JPEG":
-        options.update(quality=quality, optimize=True)
-    elif pillow_format == "WEBP":
-        options.update(quality=quality)
-    if xmp:
-        if pillow_format == "PNG":
-            # Pillow writes no XMP for PNG itself; iTXt "XML:com.adobe.xmp" is the
-            # XMP specification's PNG embedding, and what Pillow reads back.
-            info = PngImagePlugin.PngInfo()
-            info.add_itxt("XML:com.adobe.xmp", bytes(xmp).decode("utf-8"), zip=False)
-            options["pnginfo"] = info
-        else:
-            options["xmp"] = bytes(xmp)
-    buffer = io.BytesIO()
-    image.save(buffer, format=pillow_format, **options)
-    return buffer.getvalue()
+    def __init__(self, size: tuple[int, int], format: str = "JPEG", quality: int = 92, max_side: int | None = None,
+                 xmp: bytes | None = None, resolution: Resolution | None = None) -> None:
+        # 1. Check inputs.
+        pillow_format = "JPEG" if format.upper() == "JPG" else format.upper()
+        if pillow_format not in ACCESS_FORMATS:
+            raise ValueError(f"access format must be one of {sorted(ACCESS_FORMATS)}, got {format!r}")
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ValueError(f"quality must be an int in 1..100, got {quality!r}")
+        if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+            raise ValueError(f"max_side must be a positive int or None, got {max_side!r}")
+        if xmp is not None and not isinstance(xmp, (bytes, bytearray)):
+            raise ValueError(f"xmp must be bytes, got {type(xmp).__name__}")
+        if xmp and pillow_format == "JPEG" and len(xmp) > _JPEG_MAX_XMP_BYTES:
+            raise ValueError(
+                f"XMP packet of {len(xmp)} bytes does not fit a JPEG APP1 segment (max {_JPEG_MAX_XMP_BYTES}); "
+                "shorten it or use PNG/WEBP for the access copy"
+            )
+        self.format, self.quality, self.xmp, self.resolution = pillow_format, quality, xmp, resolution
+
+        # 2. The final size keeping the aspect ratio, and the whole factors reduced by first: an exact box
+        #    reduction that leaves at least twice the final size, then Lanczos (what Pillow's
+        #    ``resize(reducing_gap=2.0)`` does), so a scan is never held whole at 8 bits.
+        height, width = size
+        self.size, self.box = None, None
+        reduce_by = (1, 1)
+        if max_side is not None and max(height, width) > max_side:
+            factor = max_side / max(height, width)
+            self.size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            self.resolution = None if resolution is None else resolution.scaled(self.size[0] / width)
+            reduce_by = (int(width / self.size[0] / _REDUCING_GAP) or 1, int(height / self.size[1] / _REDUCING_GAP) or 1)
+            self.box = (0, 0, width / reduce_by[0], height / reduce_by[1])
+        self._reduction = Reduction(size, reduce_by)
+
+    def add(self, strip: np.ndarray) -> None:
+        """The next rows of the image: (rows, W, 3) uint8 or uint16."""
+        self._reduction.add(strip)
+
+    def encode(self) -> bytes:
+        """The access copy's bytes, once every row was added."""
+        # 3. Downscale.
+        image = self._reduction.image()
+        if self.size is not None:
+            image = image.resize(self.size, Image.Resampling.LANCZOS, box=self.box)
+
+        # 4. Save with the sRGB profile, the resolution and the XMP packet.
+        options: dict = {"icc_profile": _srgb_icc()}
+        if self.resolution is not None:
+            options["dpi"] = tuple(round(value, 4) for value in self.resolution.per_inch())
+        if self.format == "JPEG":
+            options.update(quality=self.quality, optimize=True)
+        elif self.format == "WEBP":
+            options.update(quality=self.quality)
+        if self.xmp:
+            if self.format == "PNG":
+                # Pillow writes no XMP for PNG itself; iTXt "XML:com.adobe.xmp" is the
+                # XMP specification's PNG embedding, and what Pillow reads back.
+                info = PngImagePlugin.PngInfo()
+                info.add_itxt("XML:com.adobe.xmp", bytes(self.xmp).decode("utf-8"), zip=False)
+                options["pnginfo"] = info
+            else:
+                options["xmp"] = bytes(self.xmp)
+        buffer = io.BytesIO()
+        image.save(buffer, format=self.format, **options)
+        return buffer.getvalue()
+
+
+def reduced_8bit(rgb: np.ndarray, factor: int | tuple[int, int]) -> Image.Image:
+    """``rgb`` ((H, W, 3) uint8 or uint16) at 8 bits reduced by whole ``factor`` (x, y) by box means:
+    ``Image.fromarray(rgb8).reduce(factor)``, computed strip by strip (:class:`Reduction`).
+
+    Raises:
+        ValueError: on a wrong shape or dtype, or a factor below 1.
+    """
+    _check_output_rgb(rgb)
+    reduction = Reduction(rgb.shape[:2], factor)
+    rows = max(1, _CHUNK_PIXELS // rgb.shape[1])
+    for top in range(0, rgb.shape[0], rows):
+        reduction.add(rgb[top : top + rows])
+    return reduction.image()
+
+
+class Reduction:
+    """An image at 8 bits (16-bit values scaled with rounding) reduced by whole factors by box means, from its
+    rows fed top to bottom: the same pixels as Pillow's ``reduce`` of the whole image, with the memory of
+    the result and one strip."""
+
+    def __init__(self, size: tuple[int, int], factor: int | tuple[int, int]) -> None:
+        self.factor_x, self.factor_y = (factor, factor) if isinstance(factor, int) else factor
+        if self.factor_x < 1 or self.factor_y < 1:
+            raise ValueError(f"reduction factor must be at least 1, got {factor!r}")
+        self.height, self.width = size
+        self._reduced = Image.new("RGB", (-(-self.width // self.factor_x), -(-self.height // self.factor_y)))
+        self._carry: np.ndarray | None = None  # rows short of a whole box, kept for the next strip
+        self._row = 0  # the next row of the reduced image
+
+    def add(self, strip: np.ndarray) -> None:
+        """The next rows: (rows, W, 3) uint8 or uint16."""
+        _check_output_rgb(strip)
+        if strip.shape[1] != self.width:
+            raise ValueError(f"a strip must be {self.width} pixels wide, got {describe(strip)}")
+        if strip.dtype == np.uint16:
+            strip = ((strip.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        if self._carry is not None:
+            strip = np.concatenate([self._carry, strip])
+        whole = len(strip) // self.factor_y * self.factor_y  # whole boxes only: the same means
+        self._paste(strip[:whole])
+        self._carry = strip[whole:].copy() if whole < len(strip) else None
+
+    def image(self) -> Image.Image:
+        """The reduced image, once every row was added (a last partial box is the mean of its rows)."""
+        if self._carry is not None:
+            self._paste(self._carry)
+            self._carry = None
+        return self._reduced
+
+    def _paste(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        image = Image.fromarray(np.ascontiguousarray(rows))
+        if self.factor_x > 1 or self.factor_y > 1:
+            image = image.reduce((self.factor_x, self.factor_y))
+        self._reduced.paste(image, (0, self._row))
+        self._row += image.height
 
 
 # --- reading helpers -------------------------------------------------------------

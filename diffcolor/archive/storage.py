@@ -35,6 +35,11 @@ Writes publish whole objects only:
 - other fsspec backends (``memory://``): one ``pipe_file`` call of the complete
   bytes.
 
+Objects too large to hold in memory (a scan's master) are written into a local
+file first (:func:`staged`: on a local disk the ``.partial`` file beside the
+target, elsewhere a temporary file) and published from it the same ways, read
+part by part, their sha256 computed as they are read.
+
 Existence checks and listings invalidate fsspec's listing cache first, since
 another process (another worker, another run) may have just written the object.
 
@@ -68,6 +73,7 @@ credentials.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -79,7 +85,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -436,6 +442,138 @@ def write_bytes(uri: str, data: bytes) -> None:
             fs.invalidate_cache(path)
 
 
+class StagedFile:
+    """A local file to write an object into, published whole at its URI by :meth:`publish` (see :func:`staged`)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._fs, self._target = filesystem(uri)
+        if _is_local(self._fs):  # beside the target: publishing is a rename, never a copy
+            directory = os.path.dirname(self._target) or "."
+            os.makedirs(directory, exist_ok=True)
+            prefix = f".{os.path.basename(self._target)}."
+        else:  # a local file first, then streamed to the store
+            directory, prefix = None, "diffcolor-"
+        handle, self.path = tempfile.mkstemp(prefix=prefix, suffix=".partial", dir=directory)
+        os.fchmod(handle, 0o666 & ~_UMASK)
+        os.close(handle)
+        self.published = False
+
+    def write(self, writer: Callable[[BinaryIO], None]) -> None:
+        """Calls ``writer`` with the file opened for writing (from empty); a failure to write it (disk full,
+        permission) raises StorageError or InputUnavailableError as :func:`write_bytes` would."""
+        try:
+            with open(self.path, "wb") as stream:
+                writer(stream)
+        except Exception as error:
+            if not _is_backend_error(error):
+                raise
+            raise backend_error(self.uri, "writing", error, self._fs) from error
+
+    def publish(self) -> str:
+        """Publishes the file's content at the URI atomically (:func:`publish_file`); returns its sha256 (hex)."""
+        digest = publish_file(self.uri, self.path)
+        self.published = True
+        self.discard()
+        return digest
+
+    def discard(self) -> None:
+        """Removes the local file (a published local file was renamed away: nothing left to remove)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def publish_file(uri: str, local: str) -> str:
+    """Publishes the local file ``local`` at ``uri`` atomically; returns its sha256 (hex), read as it is sent.
+
+    Local: fsynced, renamed onto the target (so ``local`` must be on the
+    target's filesystem: :func:`staged` puts it beside the target), the folder
+    fsynced. S3: one PUT below ``S3_MULTIPART_THRESHOLD``, else a multipart
+    upload of parts read from the file in turn (memory: one part), completed
+    whole or aborted. Other backends: one ``pipe_file`` of the complete bytes.
+
+    Raises:
+        InputUnavailableError, StorageError: as :func:`write_bytes`.
+    """
+    import hashlib
+
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    try:
+        if _is_local(fs):
+            with open(local, "rb+") as stream:
+                for chunk in iter(lambda: stream.read(READ_CHUNK_BYTES), b""):
+                    digest.update(chunk)
+                os.fsync(stream.fileno())
+            os.replace(local, path)
+            _fsync_folder_of(path)
+        elif _is_s3(fs):
+            _put_s3_file(fs, path, local, digest)
+        else:
+            with open(local, "rb") as stream:
+                data = stream.read()
+            digest.update(data)
+            fs.pipe_file(path, data)
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "writing", error, fs) from error
+    finally:
+        if not _is_local(fs):
+            fs.invalidate_cache(path)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def staged(uri: str) -> Iterator[StagedFile]:
+    """A local file (``.path``) to write the object at ``uri`` into, for objects too large to hold in memory.
+
+    Nothing is visible at ``uri`` until :meth:`StagedFile.publish`, which
+    publishes the whole file atomically (as :func:`write_bytes` does) and
+    returns its sha256; leaving the block, by an error or not, removes the
+    local file. On a local disk the file is a ``.partial`` file beside the
+    target, so publishing is a rename.
+    """
+    try:
+        file = StagedFile(uri)
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "writing", error, filesystem(uri)[0]) from error
+    try:
+        yield file
+    finally:
+        file.discard()
+
+
+def _put_s3_file(fs: fsspec.AbstractFileSystem, path: str, local: str, digest) -> None:
+    """The file at ``local`` as one PUT, or as a multipart upload of parts read in turn, completed whole or
+    aborted (as :func:`_write_s3_atomic`); ``digest`` is updated with every byte sent."""
+    bucket, key, _ = fs.split_path(path)
+    with open(local, "rb") as stream:
+        if os.fstat(stream.fileno()).st_size < S3_MULTIPART_THRESHOLD:
+            data = stream.read()
+            digest.update(data)
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, ContentType=content_type(path))
+            return
+        upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key,
+                               ContentType=content_type(path))["UploadId"]
+        try:
+            parts = []
+            for number, part in enumerate(iter(lambda: stream.read(S3_PART_SIZE), b""), start=1):
+                digest.update(part)
+                answer = fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                    Body=part)
+                parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+            fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+                       MultipartUpload={"Parts": parts})
+        except BaseException as error:
+            _abort_upload(fs, bucket, key, upload_id, error)
+            raise
+
+
 def _write_s3_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """One PUT, or a multipart upload that is completed whole or aborted."""
     bucket, key, _ = fs.split_path(path)
@@ -455,15 +593,23 @@ def _write_s3_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> N
             "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
         )
     except BaseException as error:
-        # BaseException: a KeyboardInterrupt or a cancelled task must not leave an
-        # open upload behind either. The original error is what the caller sees.
-        try:
-            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-        except Exception as abort_error:
-            note = _redact(f"aborting multipart upload {upload_id} of s3://{bucket}/{key} also failed: {abort_error}", fs)
-            logger.warning("%s; a lifecycle rule AbortIncompleteMultipartUpload will remove it", note)
-            error.add_note(note)
+        _abort_upload(fs, bucket, key, upload_id, error)
         raise
+
+
+def _abort_upload(fs: fsspec.AbstractFileSystem, bucket: str, key: str, upload_id: str, error: BaseException) -> None:
+    """Aborts a multipart upload that failed with ``error``.
+
+    Called for BaseException too: a KeyboardInterrupt or a cancelled task must
+    not leave an open upload behind either. The original error is what the
+    caller sees; a failed abort is noted on it.
+    """
+    try:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+    except Exception as abort_error:
+        note = _redact(f"aborting multipart upload {upload_id} of s3://{bucket}/{key} also failed: {abort_error}", fs)
+        logger.warning("%s; a lifecycle rule AbortIncompleteMultipartUpload will remove it", note)
+        error.add_note(note)
 
 
 def _current_umask() -> int:

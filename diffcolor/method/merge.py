@@ -28,15 +28,19 @@ reduced is reported (:data:`VISIBLE_CHROMA`: a black silhouette reports none).
 The image is processed in horizontal strips twice (cell means, then the output),
 so working memory is a small multiple of one strip plus the output and the cell
 grid (six float32 maps of one value per cell, a cell being about 3x3 pixels at
-a 24 Mpx scan's upscale), and no full-size float copy is made. The strips need no halo: the result does not depend on the strip
+a 24 Mpx scan's upscale), and no full-size float copy is made. :class:`StripMerge`
+hands the output's strips out as they are made, so that a caller encoding them
+(the pipeline writing a master) never holds the output whole either. The strips need no halo: the result does not depend on the strip
 size. Everything runs in torch on the given device (CUDA where the item runs
 there); on the CPU the result is identical run to run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -136,53 +140,85 @@ def merge_full_resolution(
             float array in [0, 1], or a ``chroma_ab`` that is not a finite
             (2, h, w) float tensor.
     """
-    # 1. Check inputs.
-    _check_inputs(gray, chroma_ab, bit_depth, config)
-    device = torch.device("cpu") if device is None else torch.device(device)
-    height, width = gray.shape
-    chroma = chroma_ab.detach().to(device=device, dtype=torch.float32)
-    max_code = 255 if bit_depth == 8 else 65535
-    out_dtype = np.uint8 if bit_depth == 8 else np.uint16
+    merge = StripMerge(gray, chroma_ab, bit_depth, config, device)
+    rgb = np.empty((*gray.shape, 3), dtype=np.uint8 if bit_depth == 8 else np.uint16)
+    top = 0
+    for strip in merge:
+        rgb[top : top + strip.shape[0]] = strip
+        top += strip.shape[0]
+    return MergedImage(rgb=rgb, **dataclasses.asdict(merge.numbers))
 
-    # 2. Filter size from the upscale factor, the cell grid of the coefficients.
-    scale = max(height / chroma.shape[1], width / chroma.shape[2])
-    radius = max(config.min_radius, int(round(config.radius_per_scale * scale)))
-    radius = max(0, min(radius, height - 1, width - 1))  # the window stays inside the image
-    cell = max(1, int(radius / config.cells_per_radius))
-    strip_rows = max(cell, config.strip_pixels // width // cell * cell)  # whole cells per strip
 
-    with torch.no_grad():
-        # 3. First pass: the cell means of L*, L*^2, the bilinearly upsampled chroma p and L* p.
-        cell_means = _cell_means(gray, chroma, strip_rows, cell, device)
+@dataclass(frozen=True)
+class MergeNumbers:
+    """The merged derivative's luminance-fidelity numbers (:class:`MergedImage`'s, without the pixels)."""
 
-        # 4. Guided-filter coefficients on the cell grid: (A_a, A_b, B_a, B_b).
-        coefficients = _guided_coefficients(cell_means, (2 * radius + 1) / cell, config.eps * 100.0**2)
-        del cell_means
+    gamut_clipped_fraction: float
+    max_delta_l: float
+    mean_delta_l: float
+    ssim_l: float
 
-        # 5. Second pass: L*, chroma, sRGB with chroma-only gamut mapping, quantised; fidelity.
-        rgb = np.empty((height, width, 3), dtype=out_dtype)
+
+class StripMerge:
+    """:func:`merge_full_resolution` as strips: iterating gives the output's rows top to bottom as
+    (rows, W, 3) uint8 or uint16 arrays, so a caller can encode them as they come and never hold the whole
+    image; :attr:`numbers` is set once the last strip is out. Same arguments, same checks, the same pixels."""
+
+    def __init__(self, gray: np.ndarray, chroma_ab: torch.Tensor, bit_depth: int,
+                 config: MergeConfig = MergeConfig(), device: torch.device | str | None = None) -> None:
+        _check_inputs(gray, chroma_ab, bit_depth, config)
+        self.gray, self.chroma_ab, self.bit_depth, self.config = gray, chroma_ab, bit_depth, config
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.height, self.width = gray.shape
+        self.numbers: MergeNumbers | None = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        # 1. The inputs on the device.
+        gray, config, device, height, width = self.gray, self.config, self.device, self.height, self.width
+        chroma = self.chroma_ab.detach().to(device=device, dtype=torch.float32)
+        max_code = 255 if self.bit_depth == 8 else 65535
+        out_dtype = np.uint8 if self.bit_depth == 8 else np.uint16
+
+        # 2. Filter size from the upscale factor, the cell grid of the coefficients.
+        scale = max(height / chroma.shape[1], width / chroma.shape[2])
+        radius = max(config.min_radius, int(round(config.radius_per_scale * scale)))
+        radius = max(0, min(radius, height - 1, width - 1))  # the window stays inside the image
+        cell = max(1, int(radius / config.cells_per_radius))
+        strip_rows = max(cell, config.strip_pixels // width // cell * cell)  # whole cells per strip
+
+        with torch.no_grad():
+            # 3. First pass: the cell means of L*, L*^2, the bilinearly upsampled chroma p and L* p.
+            cell_means = _cell_means(gray, chroma, strip_rows, cell, device)
+
+            # 4. Guided-filter coefficients on the cell grid: (A_a, A_b, B_a, B_b).
+            coefficients = _guided_coefficients(cell_means, (2 * radius + 1) / cell, config.eps * 100.0**2)
+            del cell_means
+
+        # 5. Second pass: L*, chroma, sRGB with chroma-only gamut mapping, quantised; fidelity. Each strip
+        #    goes out as soon as it is made (outside no_grad: the consumer's code runs between strips).
         fidelity = FidelityAccumulator(height, width)
         clipped_count = 0
         for top in range(0, height, strip_rows):
             bottom = min(height, top + strip_rows)
-            source_l, luminance = _neutral_lightness(_strip(gray, top, bottom, device))
-            a_star, b_star = _apply_coefficients(coefficients, source_l, top, bottom, cell, width)
-            linear, reduced, clipped = _lab_to_linear_rgb_in_gamut(source_l, a_star, b_star, luminance,
-                                                                    config.gamut_iterations)
-            codes = _encode_and_quantise(linear, max_code)
-            rgb[top:bottom] = codes.permute(1, 2, 0).to(torch.int32).cpu().numpy()
-            fidelity.add(source_l, _lightness_of_codes(codes, max_code), ignore=reduced)
-            clipped_count += clipped
+            with torch.no_grad():
+                source_l, luminance = _neutral_lightness(_strip(gray, top, bottom, device))
+                a_star, b_star = _apply_coefficients(coefficients, source_l, top, bottom, cell, width)
+                linear, reduced, clipped = _lab_to_linear_rgb_in_gamut(source_l, a_star, b_star, luminance,
+                                                                        config.gamut_iterations)
+                codes = _encode_and_quantise(linear, max_code)
+                fidelity.add(source_l, _lightness_of_codes(codes, max_code), ignore=reduced)
+                clipped_count += clipped
+                strip = codes.permute(1, 2, 0).to(torch.int32).cpu().numpy().astype(out_dtype)
+            yield strip
 
-    # 6. Fidelity of the quantised result against the source.
-    numbers = fidelity.result()
-    return MergedImage(
-        rgb=rgb,
-        gamut_clipped_fraction=clipped_count / (height * width),
-        max_delta_l=numbers["max_delta_l"],
-        mean_delta_l=numbers["mean_delta_l"],
-        ssim_l=numbers["ssim_l"],
-    )
+        # 6. Fidelity of the quantised result against the source.
+        numbers = fidelity.result()
+        self.numbers = MergeNumbers(
+            gamut_clipped_fraction=clipped_count / (height * width),
+            max_delta_l=numbers["max_delta_l"],
+            mean_delta_l=numbers["mean_delta_l"],
+            ssim_l=numbers["ssim_l"],
+        )
 
 
 def _cell_means(gray: np.ndarray, chroma: torch.Tensor, strip_rows: int, cell: int,

@@ -46,16 +46,40 @@ def colorfulness(rgb: np.ndarray) -> float:
     Raises:
         ValueError: on a wrong shape, dtype or range.
     """
-    # 1. Bring the image to float64 on the paper's 0..255 scale.
-    values = unit_rgb(rgb, "rgb") * 255.0
-    red, green, blue = values[..., 0], values[..., 1], values[..., 2]
-    # 2. Opponent channels.
-    rg = red - green
-    yb = 0.5 * (red + green) - blue
-    # 3. Spread plus a weighted mean of the opponent channels.
-    spread = math.hypot(float(rg.std()), float(yb.std()))
-    offset = math.hypot(float(rg.mean()), float(yb.mean()))
-    return spread + 0.3 * offset
+    # 1. Strip by strip: a scan is never copied whole as floats.
+    unit_rgb(rgb[:1, :1] if isinstance(rgb, np.ndarray) and rgb.ndim == 3 else rgb, "rgb", check_range=False)
+    accumulator = ColorfulnessAccumulator()
+    rows = max(1, FidelityConfig.chunk_pixels // max(1, rgb.shape[1]))
+    for top in range(0, rgb.shape[0], rows):
+        accumulator.add(rgb[top : top + rows])
+    return accumulator.result()
+
+
+class ColorfulnessAccumulator:
+    """:func:`colorfulness` of an image from its rows fed in any strips: the opponent channels' count, means
+    and sums of squared deviations, merged exactly (Chan, Golub and LeVeque 1979's pairwise update)."""
+
+    def __init__(self) -> None:
+        self._count, self._means, self._squares = 0, np.zeros(2), np.zeros(2)
+
+    def add(self, strip: np.ndarray) -> None:
+        """The next rows: (rows, W, 3) uint8, uint16 or float in [0, 1]."""
+        # 1. The rows on the paper's 0..255 scale, and their opponent channels.
+        values = unit_rgb(strip, "rgb") * 255.0
+        red, green, blue = values[..., 0], values[..., 1], values[..., 2]
+        opponent = np.stack([(red - green).ravel(), (0.5 * (red + green) - blue).ravel()])
+        # 2. Their statistics, merged into the image's.
+        count, means = opponent.shape[1], opponent.mean(axis=1)
+        squares = ((opponent - means[:, None]) ** 2).sum(axis=1)
+        delta, total = means - self._means, self._count + count
+        self._squares += squares + delta**2 * (self._count * count / total)
+        self._means += delta * (count / total)
+        self._count = total
+
+    def result(self) -> float:
+        """M: the spread plus a weighted mean of the opponent channels."""
+        spread = math.hypot(*np.sqrt(self._squares / self._count))
+        return spread + 0.3 * math.hypot(*self._means)
 
 
 def lightness_fidelity(

@@ -66,7 +66,7 @@ from diffcolor.common.errors import DiffColorError, StorageError
 from diffcolor.common.items import ItemRequest
 from diffcolor.common.tensorfiles import read_header
 
-OPERATIONS = ("read_bytes", "write_bytes", "exists", "list_files", "remove", "modified_time")
+OPERATIONS = ("read_bytes", "write_bytes", "publish_file", "exists", "list_files", "remove", "modified_time")
 LEASE_OPERATIONS = ("_create_exclusive", "_replace_if_owner", "_remove_if_owner")  # the leases' conditional writes
 MODES = ("error-before", "error-after", "kill")
 GROUPS = ("item", "heartbeat")
