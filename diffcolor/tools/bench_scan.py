@@ -19,9 +19,6 @@ records give (read, render, merge, write), and writes everything to ``--json``::
 
     python -m diffcolor.tools.bench_scan --megapixels 24 --json bench-scan.json
     python -m diffcolor.tools.bench_scan --megapixels 24 --megapixels 100 --repeats 1
-
-A scan above Pillow's decompression-bomb limit needs the limit raised as an
-operator does (``--max-pixels``, passed on as ``DIFFCOLOR_MAX_IMAGE_PIXELS``).
 """
 
 from __future__ import annotations
@@ -132,11 +129,9 @@ def _goal_peak(megapixels: float) -> int:
                 GOAL_PEAK_BYTES[max(GOAL_PEAK_BYTES)])
 
 
-def run(sizes: list[float], repeats: int, workdir: Path, compression: str, max_pixels: int | None) -> dict:
+def run(sizes: list[float], repeats: int, workdir: Path, compression: str) -> dict:
     """Makes the images, colourises each once, times the recolours interleaved; returns every figure."""
     env = dict(os.environ)
-    if max_pixels is not None:
-        env["DIFFCOLOR_MAX_IMAGE_PIXELS"] = str(max_pixels)
     common = ["--model", "tiny", "--device", "cpu"]
 
     # 1. The images, and one colourisation of each (the state every recolour renders from).
@@ -200,8 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="recolours of each, interleaved; the best counts")
     parser.add_argument("--compression", choices=("lzw", "none", "zlib"), default="lzw",
                         help="the scan TIFF's compression (default lzw)")
-    parser.add_argument("--max-pixels", type=int, default=None,
-                        help="the decompression-bomb limit the commands run with (needed above Pillow's 89 Mpx)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the images and items go (default: a "
                         "temporary folder, removed afterwards)")
     parser.add_argument("--json", type=Path, default=Path("bench-scan.json"), help="where to write the figures")
@@ -213,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-scan-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(sizes, args.repeats, workdir, args.compression, args.max_pixels)
+        result = run(sizes, args.repeats, workdir, args.compression)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
