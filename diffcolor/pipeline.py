@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -200,9 +201,10 @@ def _load_matching_state(layout: ItemLayout, key: str) -> ColorState | None:
 
 @dataclass(frozen=True)
 class _Source:
-    """The source as read: its bytes (the C2PA parent ingredient) and decoded image, and the signing material."""
+    """The source as read: its bytes (the C2PA parent ingredient; None when nothing is signed) and decoded image,
+    and the signing material."""
 
-    data: bytes
+    data: bytes | None
     image: SourceImage
     signing: Signing | None
 
@@ -217,7 +219,7 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     sums: the output is never held whole, encoded or not (docs/PERFORMANCE.md).
     """
     source = read.image
-    size = source.gray.shape
+    size = source.codes.shape
     started = time.perf_counter()
     access_format = config.access_format.upper()
     access_format = "JPEG" if access_format == "JPG" else access_format
@@ -232,7 +234,7 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     clip_input = Reduction(size, max(1, min(size) // (2 * models.clip_image_size)))
     colour = ColorfulnessAccumulator()
     merge_device = models.device if models.device.type == "cuda" else None
-    merge = StripMerge(source.gray, chroma[0], source.bit_depth, config.merge, device=merge_device)
+    merge = StripMerge(source.codes, chroma[0], source.bit_depth, config.merge, device=merge_device)
     merge_seconds = 0.0
 
     def merged_strips() -> Iterator[np.ndarray]:
@@ -310,10 +312,22 @@ def _resolution(source: SourceImage) -> dict | None:
     return None if found is None else {"x": found.x, "y": found.y, "unit": found.unit}
 
 
-def _read_source(request: ItemRequest, limits: ReadLimits) -> tuple[bytes, SourceImage]:
-    """The source's bytes (a bounded read) and its decoded image; errors name the item and the (redacted) file."""
+def _read_source(request: ItemRequest, limits: ReadLimits, *,
+                 keep_bytes: bool = False) -> tuple[bytes | None, str, SourceImage]:
+    """The source's bytes (a bounded read) when ``keep_bytes`` (content credentials sign them), else None, so that
+    a large scan's file is not held beside its pixels; their sha256; the decoded image (its gray plane as codes, no
+    RGB copy: the method needs neither). Errors name the item and the (redacted) file."""
     data = storage.read_bytes(request.source_uri, limits)
-    return data, read_image(data, f"item '{request.item_id}': {redact(request.source_uri)}")
+    source = read_image(data, f"item '{request.item_id}': {redact(request.source_uri)}", keep_rgb=False)
+    return (data if keep_bytes else None), sha256_hex(data), source
+
+
+def _model_gray(source: SourceImage, pixels: int, multiple: int) -> np.ndarray:
+    """The gray image at model resolution: a large scan is first reduced by block means to at least three times the
+    model's size along each side (Pillow's ``reducing_gap``: the same result within a fraction of a code), then
+    resampled with Lanczos; never a full-size float copy of a scan that needs reducing."""
+    factor = max(1, int(math.sqrt(source.width * source.height / pixels) / 3))
+    return resize_for_model(source.reduced(factor), pixels, multiple)
 
 
 def _state_output(layout: ItemLayout) -> tuple[str, str]:
@@ -410,8 +424,7 @@ def colorize_item(
     try:
         # 1. Read the source (never written) and class it.
         started = time.perf_counter()
-        data, source = _read_source(request, limits)
-        source_sha256 = sha256_hex(data)
+        data, source_sha256, source = _read_source(request, limits, keep_bytes=signing is not None)
         read_seconds = time.perf_counter() - started
         if source.tone == "color" and not request.force:
             raise NotGrayscaleError(f"item '{request.item_id}': '{redact(request.source_uri)}' is a colour photograph; "
@@ -443,7 +456,7 @@ def colorize_item(
 
         # 4. The gray image at model resolution, and the convolutions in stage 1's memory layout before any
         #    model runs: a resumed item (stage 1 restored) then aligns in the same layout as an uninterrupted one.
-        gray = torch.from_numpy(resize_for_model(source.gray, models.working_pixels(config.model_pixels), models.vae_scale_factor))[None, None].float()
+        gray = torch.from_numpy(_model_gray(source, models.working_pixels(config.model_pixels), models.vae_scale_factor))[None, None].float()
         apply_memory_format([models.unet, models.vae], config.stage1.performance, models.device)
 
         # 5. The colour state: reuse a matching stored one, else fit it.
@@ -517,8 +530,7 @@ def recolor_item(
 
     # 2. The source, unchanged since the state was made.
     started = time.perf_counter()
-    data, source = _read_source(request, limits)
-    source_sha256 = sha256_hex(data)
+    data, source_sha256, source = _read_source(request, limits, keep_bytes=signing is not None)
     if previous.get("source_sha256") and previous["source_sha256"] != source_sha256:
         raise StateError(f"item '{request.item_id}': source '{redact(request.source_uri)}' changed since the colour "
                          "state was made; colourise it again")

@@ -137,7 +137,10 @@ def test_toned_source_gray_keeps_the_lightness_of_each_pixel():
     assert source.tone == "toned"
     source_l = lightness(torch.from_numpy(sepia / 255.0).permute(2, 0, 1))[0].numpy()
     gray_l = lightness(torch.from_numpy(np.repeat(source.gray[None], 3, axis=0)))[0].numpy()
-    assert np.abs(gray_l - source_l).max() < 1e-6
+    # The gray plane is kept as 16-bit codes: half a code moves L* by 0.0011 at most (where the sRGB
+    # curve is steepest), 250 times less than the 8-bit master's own quantisation.
+    assert source.codes.dtype == np.uint16
+    assert np.abs(gray_l - source_l).max() < 0.0012
 
 
 def test_exif_orientation_is_applied():

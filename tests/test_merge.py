@@ -174,13 +174,25 @@ def test_tiny_images_work():
     assert merged.max_delta_l < 0.01
 
 
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_merge_of_integer_codes_equals_the_merge_of_their_levels(bit_depth):
+    levels = 255 if bit_depth == 8 else 65535
+    rng = np.random.default_rng(bit_depth)
+    codes = rng.integers(0, levels + 1, (48, 72)).astype(np.uint8 if bit_depth == 8 else np.uint16)
+    chroma = torch.from_numpy(rng.uniform(-60, 60, (2, 8, 12)).astype(np.float32))
+    from_codes = merge_full_resolution(codes, chroma, bit_depth)
+    from_levels = merge_full_resolution(codes / float(levels), chroma, bit_depth)
+    np.testing.assert_array_equal(from_codes.rgb, from_levels.rgb)
+    assert from_codes.max_delta_l == from_levels.max_delta_l
+
+
 @pytest.mark.parametrize(
     ("gray", "chroma", "bit_depth", "match"),
     [
         (np.zeros((4, 4)), torch.zeros(2, 2, 2), 12, "bit_depth must be 8 or 16, got 12"),
         (np.zeros((4, 4, 3)), torch.zeros(2, 2, 2), 8, r"2-D float array .* shape \(4, 4, 3\)"),
         (np.full((4, 4), 1.5), torch.zeros(2, 2, 2), 8, r"\[1.5, 1.5\]"),
-        (np.zeros((4, 4), dtype=np.uint8), torch.zeros(2, 2, 2), 8, "uint8"),
+        (np.zeros((4, 4), dtype=np.int32), torch.zeros(2, 2, 2), 8, "int32"),
         (np.zeros((4, 4)), torch.zeros(3, 2, 2), 8, r"\(2, h, w\).*\(3, 2, 2\)"),
         (np.zeros((4, 4)), torch.full((2, 2, 2), float("nan")), 8, "NaN"),
     ],

@@ -27,6 +27,7 @@ import functools
 import io
 import math
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator
 
@@ -65,10 +66,17 @@ _ICC_LATTICE_STEP = 5
 # hour, minute, second): fixed, so derivatives are reproducible to the byte.
 SRGB_PROFILE_DATE = (2024, 1, 1, 0, 0, 0)
 # Pixels per batch in the float64 colour conversions (bounds working memory).
-_CHUNK_PIXELS = 1 << 20
+_CHUNK_PIXELS = 1 << 16
 # The access copy's downscale reduces by whole factors first while at least this many times the final size
 # is left, then resamples with Lanczos (Pillow's ``reducing_gap``; 2.0 is what its ``thumbnail`` uses).
 _REDUCING_GAP = 2.0
+# Largest source accepted, in pixels (ours): above the largest scans archives make (large-format negatives
+# at 600 dpi, about 120 Mpx), below Pillow's own hard limit (twice ``Image.MAX_IMAGE_PIXELS``, 179 Mpx).
+# Pillow's default (89 Mpx) would refuse a 100 Mpx scan; decoding keeps 2 bytes a pixel of it (300 MB here).
+MAX_SOURCE_PIXELS = 150_000_000
+# Compressed bytes tifffile copies out of the file at a time while decoding strips (its default, 256 MB, would
+# copy most of a large scan's file beside it).
+_TIFF_READ_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -114,9 +122,14 @@ class Resolution:
 
 @dataclass
 class SourceImage:
-    """A decoded source image, ready for the method."""
+    """A decoded source image, ready for the method.
 
-    gray: np.ndarray  # (H, W) float64 in [0, 1], sRGB-encoded gray levels
+    The gray plane is kept as integer codes (2 bytes a pixel at most, the size of
+    a 16-bit scan's own plane): a float copy of a 100-megapixel scan would take
+    800 MB. :attr:`gray` gives the float levels for callers that want them.
+    """
+
+    codes: np.ndarray  # (H, W) uint8 or uint16: sRGB-encoded gray levels times the dtype's largest value
     bit_depth: int  # 8 or 16: the bit depth of the source and of the master
     width: int  # pixels, after EXIF orientation
     height: int  # pixels, after EXIF orientation
@@ -126,6 +139,33 @@ class SourceImage:
     rgb: np.ndarray | None  # (H, W, 3) float32 sRGB in [0, 1] when the source had colour channels
     resolution: Resolution | None = None  # as the file states it (None: no physical unit given)
 
+    @property
+    def gray(self) -> np.ndarray:
+        """(H, W) float64 in [0, 1], sRGB-encoded gray levels (a new full-size array on every call)."""
+        return self.codes / float(np.iinfo(self.codes.dtype).max)
+
+    def reduced(self, factor: int) -> np.ndarray:
+        """(ceil(H / factor), ceil(W / factor)) float32 in [0, 1]: the mean of each factor x factor block (the
+        last row and column of blocks may be narrower), computed a strip at a time: the model-resolution copy's
+        first step, without a full-size float copy (Pillow's ``reducing_gap`` does the same before resampling)."""
+        factor = max(1, int(factor))
+        scale = 1.0 / float(np.iinfo(self.codes.dtype).max)
+        if factor == 1:  # exactly the float levels, as float32
+            return (self.codes * scale).astype(np.float32)
+        height, width = self.codes.shape
+        starts = np.arange(0, width, factor)
+        widths = np.minimum(starts + factor, width) - starts
+        out = np.empty((-(-height // factor), len(starts)), dtype=np.float32)
+        for index, top in enumerate(range(0, height, factor)):
+            block = self.codes[top : top + factor].sum(axis=0, dtype=np.float64)
+            out[index] = np.add.reduceat(block, starts) / (widths * _block_rows(top, factor, height)) * scale
+        return out
+
+
+def _block_rows(top: int, factor: int, height: int) -> int:
+    """Rows in the block of ``factor`` rows starting at ``top`` (the last may be short)."""
+    return min(factor, height - top)
+
 
 def read_image(
     data: bytes,
@@ -133,6 +173,7 @@ def read_image(
     *,
     max_pixels: int | None = None,
     tone_config: ToneConfig = ToneConfig(),
+    keep_rgb: bool = True,
 ) -> SourceImage:
     """Decode an archival source image from bytes.
 
@@ -143,11 +184,16 @@ def read_image(
     Args:
         data: the file's bytes.
         name: how to name the image in errors (its URI or item id).
-        max_pixels: largest width * height accepted; default Pillow's
-            ``Image.MAX_IMAGE_PIXELS``. Pillow's own guard (an error above twice
-            that global) stays on, so this can lower the limit; raising it past
-            that needs the operator to set ``Image.MAX_IMAGE_PIXELS`` at start-up.
+        max_pixels: largest width * height accepted; default
+            :data:`MAX_SOURCE_PIXELS`. Pillow's own guard (an error above twice
+            ``Image.MAX_IMAGE_PIXELS``) stays on, so this can lower the limit;
+            raising it past that needs the operator to set
+            ``Image.MAX_IMAGE_PIXELS`` at start-up. (Pillow's warning between
+            once and twice that global is not given: this limit is the one.)
         tone_config: thresholds for the gray / toned / colour class.
+        keep_rgb: keep the colour-managed RGB of a source with colour channels
+            (``rgb``, 12 bytes a pixel); False leaves it None, which is all the
+            colourisation needs (its gray plane and tone class).
 
     Returns:
         :class:`SourceImage`.
@@ -165,11 +211,13 @@ def read_image(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; "
             "DiffColor refuses to decode images that way (truncated files would pass)"
         )
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    limit = MAX_SOURCE_PIXELS if max_pixels is None else max_pixels
 
     # 1. Read the header only: format and size, before any pixel is decoded.
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise _bad(name, f"decompression bomb refused by Pillow ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -185,28 +233,36 @@ def read_image(
             f"{width}x{height} = {width * height} pixels exceeds the limit of {limit} (decompression bomb guard)",
         )
 
-    # 3. Decode everything now, so truncation and corruption surface here.
+    # 3. Decode everything now, so truncation and corruption surface here. 16-bit TIFFs (gray and RGB,
+    #    the scanners' masters) are decoded by tifffile a strip at a time straight into the gray plane
+    #    (Pillow would drop 16-bit RGB to 8 bits, and hold copies of a gray plane); the rest by Pillow.
+    format_name, mode = image.format, image.mode
     try:
         # Read before decoding: Pillow's TIFF decoder may apply and drop the tag.
         orientation = int(image.getexif().get(0x0112, 1) or 1)
-        image.load()
-        oriented = ImageOps.exif_transpose(image)
+        resolution = _resolution(image)
+        icc = image.info.get("icc_profile")
+        if _is_16bit_tiff(image):
+            image.close()
+            image = None
+            source = _read_16bit_tiff(data, name, orientation, icc, format_name, mode, tone_config, keep_rgb)
+        else:
+            image.load()
+            if orientation != 1:  # exif_transpose copies even when there is nothing to turn
+                image = ImageOps.exif_transpose(image)
     except MemoryError:
         raise
+    except BadImageError:
+        raise
     except Exception as exc:  # Pillow's decoders raise many types; all mean a bad file
-        raise _bad(name, f"truncated or corrupt {image.format} data ({type(exc).__name__}: {exc})") from exc
+        raise _bad(name, f"truncated or corrupt {format_name} data ({type(exc).__name__}: {exc})") from exc
 
-    # 4. Pixels as an array in [0, 1], colour-managed, alpha composited; the stated resolution, turned
-    #    with the pixels (EXIF orientations 5 to 8 swap the axes).
-    resolution = _resolution(image)
+    # 4. The gray plane (and RGB when kept), colour-managed, alpha composited; the stated resolution,
+    #    turned with the pixels (EXIF orientations 5 to 8 swap the axes).
     if resolution is not None and orientation in (5, 6, 7, 8):
         resolution = Resolution(resolution.y, resolution.x, resolution.unit)
-    if _is_16bit_rgb_tiff(image):
-        rgb16 = _read_16bit_rgb_tiff(data, name, orientation)
-        rgb16 = _convert_icc_16bit(rgb16, image.info.get("icc_profile"), name)
-        source = _from_rgb(rgb16, 16, image.format, image.mode, tone_config)
-    else:
-        source = _from_pillow(oriented, image.format, image.mode, name, tone_config)
+    if image is not None:
+        source = _from_pillow(image, format_name, mode, name, tone_config, keep_rgb)
     source.resolution = resolution
     return source
 
@@ -566,36 +622,33 @@ class Reduction:
 
 
 def _from_pillow(
-    image: Image.Image, format_name: str, original_mode: str, name: str, tone_config: ToneConfig
+    image: Image.Image, format_name: str, original_mode: str, name: str, tone_config: ToneConfig, keep_rgb: bool
 ) -> SourceImage:
-    """SourceImage from a decoded, oriented Pillow image (all but 16-bit RGB TIFF)."""
+    """SourceImage from a decoded, oriented Pillow image (all but 16-bit TIFF)."""
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        return _from_gray(np.asarray(image).astype(np.float64) / 65535.0, 16, format_name, original_mode)
+        return _from_codes(np.asarray(image).astype(np.uint16, copy=False), 16, format_name, original_mode)
     if mode == "I":
         values = np.asarray(image)
         low, high = int(values.min()), int(values.max())
         if low < 0 or high > 65535:
             raise _bad(name, f"32-bit integer pixels in [{low}, {high}] are outside the 16-bit range")
-        return _from_gray(values.astype(np.float64) / 65535.0, 16, format_name, original_mode)
+        return _from_codes(values.astype(np.uint16), 16, format_name, original_mode)
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
         if not (0.0 <= low and high <= 1.0):
             raise _bad(name, f"floating-point pixels in [{low}, {high}] are outside [0, 1]")
-        return _from_gray(values, 16, format_name, original_mode)
+        return _from_codes(_codes16(values), 16, format_name, original_mode)
     if mode in ("1", "L"):
-        return _from_gray(np.asarray(image.convert("L")).astype(np.float64) / 255.0, 8, format_name, original_mode)
+        return _from_codes(np.asarray(image.convert("L")), 8, format_name, original_mode)
     if mode in ("LA", "La"):
         gray_alpha = np.asarray(image.convert("LA")).astype(np.float64) / 255.0
         gray = _over_white(gray_alpha[..., :1], gray_alpha[..., 1:])[..., 0]
-        return _from_gray(gray, 8, format_name, original_mode)
+        return _from_codes(_codes16(gray), 8, format_name, original_mode)
     if mode in ("RGB", "RGBA", "RGBa", "RGBX", "CMYK", "P", "PA", "YCbCr"):
-        image = _to_srgb(image, name)
-        values = np.asarray(image).astype(np.float64) / 255.0
-        if values.shape[-1] == 4:
-            values = _over_white(values[..., :3], values[..., 3:])
-        return _from_rgb(values, 8, format_name, original_mode, tone_config)
+        values = np.asarray(_to_srgb(image, name))
+        return _from_rgb(values, 8, format_name, original_mode, tone_config, None, keep_rgb)
     raise _bad(name, f"pixel mode {mode!r} is not supported")
 
 
@@ -620,41 +673,93 @@ def _to_srgb(image: Image.Image, name: str) -> Image.Image:
     return image.convert(target_mode) if image.mode != target_mode else image
 
 
-def _is_16bit_rgb_tiff(image: Image.Image) -> bool:
+def _is_16bit_tiff(image: Image.Image) -> bool:
+    """A 16-bit unsigned TIFF, gray (black is zero, one sample) or RGB(A): what tifffile decodes for us."""
     if image.format != "TIFF":
         return False
     tags = image.tag_v2
     bits = tags.get(258, (8,))
     bits = bits if isinstance(bits, tuple) else (bits,)
-    return tags.get(262) == 2 and tags.get(277, 1) >= 3 and all(b == 16 for b in bits)
+    samples, photometric = tags.get(277, 1), tags.get(262)
+    if not all(b == 16 for b in bits) or tags.get(339, 1) not in (1, (1,) * len(bits)):
+        return False
+    return (photometric == 1 and samples == 1) or (photometric == 2 and samples >= 3)
 
 
-def _read_16bit_rgb_tiff(data: bytes, name: str, orientation: int) -> np.ndarray:
-    """First page of a 16-bit RGB(A) TIFF as (H, W, 3) float64 in [0, 1], oriented."""
+def _read_16bit_tiff(data: bytes, name: str, orientation: int, icc: bytes | None, format_name: str, mode: str,
+                     tone_config: ToneConfig, keep_rgb: bool) -> SourceImage:
+    """First page of a 16-bit gray or RGB(A) TIFF as a SourceImage, oriented.
+
+    Strips are decoded and converted one at a time (a few MB of the file copied
+    out at a time), so what stays is the gray plane; tiled and planar files are
+    decoded whole first. Every strip or tile must lie inside the file: tifffile
+    fills what is missing with zeros, where Pillow refuses a truncated file, and
+    so do we.
+    """
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             page = tiff.pages.first
-            values = page.asarray()
-            axes = page.axes
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                if count <= 0 or offset + count > len(data):
+                    raise _bad(name, f"truncated or corrupt TIFF data (a strip of {count} bytes at {offset} lies "
+                                     f"outside the file's {len(data)} bytes)")
+            height, width, samples = page.imagelength, page.imagewidth, page.samplesperpixel
+            if samples not in (1, 3, 4) or page.imagedepth != 1:
+                raise _bad(name, f"16-bit TIFF with {samples} samples per pixel and depth {page.imagedepth} is not "
+                                 "supported")
+            if page.is_tiled or (samples > 1 and page.planarconfig != 1):  # not whole rows per segment
+                values = page.asarray(buffersize=_TIFF_READ_BYTES)
+                if page.axes.startswith("S"):  # planar configuration: samples first
+                    values = np.moveaxis(values, 0, -1)
+                blocks = iter([(0, values.reshape(height, width, samples))])
+            else:
+                blocks = _tiff_strips(page, height, width, samples)
+            if samples == 1:
+                codes = np.empty((height, width), dtype=np.uint16)
+                for top, block in blocks:
+                    codes[top : top + len(block)] = block[..., 0]
+                source = _from_codes(codes, 16, format_name, mode)
+            else:
+                source = _from_rgb_blocks(blocks, height, width, format_name, mode, tone_config,
+                                          _icc_16bit_converter(icc, name), keep_rgb)
+    except BadImageError:
+        raise
+    except MemoryError:
+        raise
     except ValueError as exc:
         if "imagecodecs" in str(exc):
             # A deployment problem, not a bad image: fail loudly, do not class the item.
             raise RuntimeError(f"{name}: decoding this TIFF needs the 'imagecodecs' package ({exc})") from exc
-        raise _bad(name, f"corrupt 16-bit RGB TIFF ({exc})") from exc
+        raise _bad(name, f"corrupt 16-bit TIFF ({exc})") from exc
     except Exception as exc:  # tifffile/zlib raise many types on corrupt data
-        raise _bad(name, f"corrupt 16-bit RGB TIFF ({type(exc).__name__}: {exc})") from exc
-    if axes.startswith("S"):  # planar configuration: samples first
-        values = np.moveaxis(values, 0, -1)
-    if values.ndim != 3 or values.shape[-1] not in (3, 4) or values.dtype != np.uint16:
-        raise _bad(name, f"16-bit RGB TIFF decoded to an unexpected {values.dtype} array of shape {values.shape}")
-    unit = values.astype(np.float64) / 65535.0
-    if unit.shape[-1] == 4:
-        unit = _over_white(unit[..., :3], unit[..., 3:])
-    return _apply_orientation(unit, orientation)
+        raise _bad(name, f"corrupt 16-bit TIFF ({type(exc).__name__}: {exc})") from exc
+    return _oriented(source, orientation)
 
 
-def _convert_icc_16bit(rgb: np.ndarray, icc: bytes | None, name: str) -> np.ndarray:
-    """Apply an embedded ICC profile to float RGB through an 8-bit LittleCMS lattice.
+def _tiff_strips(page, height: int, width: int, samples: int):
+    """(top row, (rows, W, samples) uint16 codes) for each strip of a contiguous, untiled page, top to bottom."""
+    for segment, indices, _ in page.segments(buffersize=_TIFF_READ_BYTES, maxworkers=1):
+        top = indices[2]
+        block = segment[0, : height - top, :width].reshape(-1, width, samples)
+        if block.dtype.kind != "u" or block.dtype.itemsize != 2:
+            raise ValueError(f"16-bit TIFF strip decoded to {block.dtype}")
+        yield top, block.astype(np.uint16, copy=False)
+
+
+def _oriented(source: SourceImage, orientation: int) -> SourceImage:
+    """The source turned by its EXIF/TIFF orientation (a copy of the planes only when there is a turn)."""
+    if orientation in (1, 0):
+        return source
+    source.codes = np.ascontiguousarray(_apply_orientation(source.codes, orientation))
+    if source.rgb is not None:
+        source.rgb = np.ascontiguousarray(_apply_orientation(source.rgb, orientation))
+    source.height, source.width = source.codes.shape
+    return source
+
+
+def _icc_16bit_converter(icc: bytes | None, name: str):
+    """A function applying an embedded ICC profile to float RGB in [0, 1] through an 8-bit LittleCMS lattice
+    (None without a profile).
 
     Pillow drives LittleCMS at 8 bits per channel, so the transform is sampled on
     a lattice of 8-bit codes and interpolated trilinearly for the 16-bit pixels:
@@ -662,7 +767,7 @@ def _convert_icc_16bit(rgb: np.ndarray, icc: bytes | None, name: str) -> np.ndar
     16-bit transform.
     """
     if not icc:
-        return rgb
+        return None
     from scipy.interpolate import (
         RegularGridInterpolator,  # scikit-image's own dependency
     )
@@ -680,30 +785,66 @@ def _convert_icc_16bit(rgb: np.ndarray, icc: bytes | None, name: str) -> np.ndar
         raise _bad(name, f"embedded ICC profile cannot be applied ({exc})") from exc
     table = np.asarray(converted).reshape(grid.shape).astype(np.float64) / 255.0
 
-    # 2. Interpolate the pixels, in chunks of rows.
+    # 2. The pixels are interpolated a block at a time by the caller.
     axis = nodes.astype(np.float64) / 255.0
     interpolate = RegularGridInterpolator((axis, axis, axis), table, method="linear")
-    out = np.empty_like(rgb)
-    rows = max(1, _CHUNK_PIXELS // rgb.shape[1])
-    for top in range(0, rgb.shape[0], rows):
-        block = rgb[top : top + rows]
-        out[top : top + rows] = interpolate(block.reshape(-1, 3)).reshape(block.shape)
-    return np.clip(out, 0.0, 1.0)
+    return lambda rgb: np.clip(interpolate(rgb.reshape(-1, 3)).reshape(rgb.shape), 0.0, 1.0)
 
 
-def _from_gray(gray: np.ndarray, bit_depth: int, format_name: str, mode: str) -> SourceImage:
-    height, width = gray.shape
+def _codes16(gray: np.ndarray) -> np.ndarray:
+    """Gray levels in [0, 1] as 16-bit codes (half a code, 8e-6, at most from the level)."""
+    return np.round(np.clip(gray, 0.0, 1.0) * 65535.0).astype(np.uint16)
+
+
+def _from_codes(codes: np.ndarray, bit_depth: int, format_name: str, mode: str) -> SourceImage:
+    height, width = codes.shape
     return SourceImage(
-        gray=np.ascontiguousarray(gray, dtype=np.float64), bit_depth=bit_depth, width=width, height=height,
+        codes=np.ascontiguousarray(codes), bit_depth=bit_depth, width=width, height=height,
         format=format_name, tone="gray", mode=mode, rgb=None,
     )
 
 
-def _from_rgb(rgb: np.ndarray, bit_depth: int, format_name: str, mode: str, tone_config: ToneConfig) -> SourceImage:
-    height, width = rgb.shape[:2]
+def _from_rgb(values: np.ndarray, bit_depth: int, format_name: str, mode: str, tone_config: ToneConfig,
+              convert, keep_rgb: bool) -> SourceImage:
+    """SourceImage from (H, W, 3 or 4) uint8 sRGB codes (see :func:`_from_rgb_blocks`)."""
+    source = _from_rgb_blocks(iter([(0, values)]), values.shape[0], values.shape[1], format_name, mode, tone_config,
+                              convert, keep_rgb)
+    source.bit_depth = bit_depth
+    return source
+
+
+def _from_rgb_blocks(blocks, height: int, width: int, format_name: str, mode: str, tone_config: ToneConfig,
+                     convert, keep_rgb: bool) -> SourceImage:
+    """SourceImage from blocks of rows ``(top, (rows, W, 3 or 4) uint8/uint16 sRGB codes)`` (alpha straight),
+    converted a few rows at a time: colour-managed with ``convert`` (when given), composited over white, the gray
+    plane as 16-bit codes of the neutral gray with each pixel's L*. The tone is classed on the regular subsample
+    :func:`classify_tone` takes, gathered as the rows pass. Nothing float is full-size except ``rgb`` when kept;
+    the bit depth is the codes'."""
+    codes = np.empty((height, width), dtype=np.uint16)
+    rgb = np.empty((height, width, 3), dtype=np.float32) if keep_rgb else None
+    step = max(1, math.ceil(math.sqrt(height * width / tone_config.max_samples)))  # classify_tone's own sample
+    rows = max(1, _CHUNK_PIXELS // width)
+    sampled, scale, bit_depth = [], 1.0, 8
+
+    def unit(block: np.ndarray) -> np.ndarray:
+        block = block.astype(np.float64) * scale
+        if block.shape[-1] == 4:
+            block = _over_white(block[..., :3], block[..., 3:])
+        return block if convert is None else convert(block)
+
+    for top, block in blocks:
+        scale = 1.0 / float(np.iinfo(block.dtype).max)
+        bit_depth = 8 * block.dtype.itemsize
+        for start in range(0, len(block), rows):
+            at = top + start
+            part = unit(block[start : start + rows])
+            codes[at : at + len(part)] = _codes16(_gray_keeping_lightness(part))
+            if rgb is not None:
+                rgb[at : at + len(part)] = part
+        sampled.append(block[(np.arange(top, top + len(block)) % step) == 0, ::step])
     return SourceImage(
-        gray=_gray_keeping_lightness(rgb), bit_depth=bit_depth, width=width, height=height,
-        format=format_name, tone=classify_tone(rgb, tone_config), mode=mode, rgb=rgb.astype(np.float32),
+        codes=codes, bit_depth=bit_depth, width=width, height=height, format=format_name,
+        tone=classify_tone(unit(np.concatenate(sampled)), tone_config), mode=mode, rgb=rgb,
     )
 
 
@@ -714,12 +855,8 @@ def _gray_keeping_lightness(rgb: np.ndarray) -> np.ndarray:
     ``(g, g, g)`` has Y equal to ``g`` linearised (sRGB's Y row sums to 1), so
     the gray level of the same L* is the pixel's Y encoded with the sRGB curve.
     """
-    out = np.empty(rgb.shape[:2], dtype=np.float64)
-    rows = max(1, _CHUNK_PIXELS // rgb.shape[1])
-    for top in range(0, rgb.shape[0], rows):
-        luminance = skimage.color.rgb2xyz(np.asarray(rgb[top : top + rows], dtype=np.float64))[..., 1]
-        out[top : top + rows] = np.clip(_srgb_encode(luminance), 0.0, 1.0)
-    return out
+    luminance = skimage.color.rgb2xyz(np.asarray(rgb, dtype=np.float64))[..., 1]
+    return np.clip(_srgb_encode(luminance), 0.0, 1.0)
 
 
 def _srgb_encode(linear: np.ndarray) -> np.ndarray:

@@ -122,7 +122,9 @@ def merge_full_resolution(
 
     Args:
         gray: (H, W) float array in [0, 1], sRGB-encoded gray levels of the
-            original at its own resolution.
+            original at its own resolution; or its uint8/uint16 codes (levels
+            times 255 or 65535), which a strip at a time turns into levels:
+            a large scan then needs no full-size float copy.
         chroma_ab: (2, h, w) float tensor of a*, b* at model resolution (any device).
             Its aspect may differ slightly from the original's (rounding to
             multiples of 8); it is stretched to (H, W).
@@ -242,8 +244,11 @@ def _cell_means(gray: np.ndarray, chroma: torch.Tensor, strip_rows: int, cell: i
 
 
 def _strip(gray: np.ndarray, top: int, bottom: int, device: torch.device) -> torch.Tensor:
-    """Rows [top, bottom) of ``gray``, copied as float32 to ``device`` (the steps work on it in place)."""
-    return torch.from_numpy(np.array(gray[top:bottom], dtype=np.float32)).to(device)
+    """Rows [top, bottom) of ``gray`` as float32 levels on ``device`` (a copy: the steps work on it in place)."""
+    strip = gray[top:bottom]
+    if gray.dtype.kind == "u":  # codes: the levels they stand for, rounded to float32 as float64 levels would be
+        strip = strip / float(np.iinfo(gray.dtype).max)
+    return torch.from_numpy(np.array(strip, dtype=np.float32)).to(device)
 
 
 def _pow(values: torch.Tensor, exponent: float) -> torch.Tensor:
@@ -420,12 +425,13 @@ def _lightness_of_codes(codes: torch.Tensor, max_code: int) -> torch.Tensor:
 def _check_inputs(gray: np.ndarray, chroma_ab: torch.Tensor, bit_depth: int, config: MergeConfig) -> None:
     if isinstance(bit_depth, bool) or bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
-    if not isinstance(gray, np.ndarray) or gray.ndim != 2 or not np.issubdtype(gray.dtype, np.floating):
+    codes = isinstance(gray, np.ndarray) and gray.dtype in (np.uint8, np.uint16)
+    if not isinstance(gray, np.ndarray) or gray.ndim != 2 or not (np.issubdtype(gray.dtype, np.floating) or codes):
         described = f"{gray.dtype} array of shape {gray.shape}" if isinstance(gray, np.ndarray) else type(gray).__name__
-        raise ValueError(f"gray must be a 2-D float array in [0, 1], got {described}")
+        raise ValueError(f"gray must be a 2-D float array in [0, 1] or uint8/uint16 codes, got {described}")
     if gray.size == 0:
         raise ValueError(f"gray must not be empty, got shape {gray.shape}")
-    low, high = float(gray.min()), float(gray.max())
+    low, high = (0.0, 1.0) if codes else (float(gray.min()), float(gray.max()))  # every code is a level
     if not (0.0 <= low and high <= 1.0):
         raise ValueError(f"gray values must lie in [0, 1], got range [{low}, {high}]")
     if (
