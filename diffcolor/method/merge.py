@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -113,6 +114,7 @@ def merge_full_resolution(
     bit_depth: int,
     config: MergeConfig = MergeConfig(),
     device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> MergedImage:
     """Combine the original's full-resolution L* with model-resolution chroma.
 
@@ -126,6 +128,9 @@ def merge_full_resolution(
         config: filter and processing parameters.
         device: where the merge computes (``None``: the CPU). The image goes there
             strip by strip and the quantised codes come back.
+        progress: called as ``progress(rows_done, total_rows)`` after every strip of
+            both passes (``total_rows`` is twice the height); what it raises stops
+            the merge there.
 
     Returns:
         :class:`MergedImage` with the quantised RGB and its fidelity metrics, the
@@ -153,7 +158,7 @@ def merge_full_resolution(
 
     with torch.no_grad():
         # 3. First pass: the cell means of L*, L*^2, the bilinearly upsampled chroma p and L* p.
-        cell_means = _cell_means(gray, chroma, strip_rows, cell, device)
+        cell_means = _cell_means(gray, chroma, strip_rows, cell, device, progress)
 
         # 4. Guided-filter coefficients on the cell grid: (A_a, A_b, B_a, B_b).
         coefficients = _guided_coefficients(cell_means, (2 * radius + 1) / cell, config.eps * 100.0**2)
@@ -173,6 +178,8 @@ def merge_full_resolution(
             rgb[top:bottom] = codes.permute(1, 2, 0).to(torch.int32).cpu().numpy()
             fidelity.add(source_l, _lightness_of_codes(codes, max_code), ignore=reduced)
             clipped_count += clipped
+            if progress is not None:
+                progress(height + bottom, 2 * height)
 
     # 6. Fidelity of the quantised result against the source.
     numbers = fidelity.result()
@@ -186,7 +193,7 @@ def merge_full_resolution(
 
 
 def _cell_means(gray: np.ndarray, chroma: torch.Tensor, strip_rows: int, cell: int,
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """(6, H/cell, W/cell) means over ``cell`` x ``cell`` cells of L*, L*^2, the chroma p upsampled bilinearly
     to the full size, and L* p: the guided filter's statistics, gathered strip by strip (no full-size map)."""
     height, width = gray.shape
@@ -202,6 +209,8 @@ def _cell_means(gray: np.ndarray, chroma: torch.Tensor, strip_rows: int, cell: i
         maps[2:4] = _upsample_rows(chroma_columns, top, bottom, chroma.shape[1] / height)
         torch.mul(maps[2:4], source_l, out=maps[4:6])
         sums.append(F.avg_pool2d(maps[None], cell, ceil_mode=True)[0])
+        if progress is not None:
+            progress(bottom, 2 * height)
     return torch.cat(sums, dim=1)
 
 
