@@ -95,11 +95,14 @@ class _Bars:
         self.bars: dict = {}
 
     def __call__(self, phase: str, step: int, total: int) -> None:
-        if not self.enabled:
+        if not self.enabled or phase == "read":  # "read" gives the source's size, not a loop
             return
         from tqdm.auto import tqdm
 
         bar = self.bars.get(phase)
+        if bar is not None and step < bar.n:  # the phase again (the next version's merge): a new bar
+            bar.close()
+            bar = None
         if bar is None:
             bar = self.bars[phase] = tqdm(total=total, desc=f"{phase:>9}", unit="step", leave=True, file=sys.stderr)
             bar.n = step - 1

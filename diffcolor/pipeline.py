@@ -208,26 +208,32 @@ class _Source:
 
 
 def _write_version(models: Models, read: _Source, layout: ItemLayout, version: int, record: VersionRecord,
-                   chroma: torch.Tensor, confidence: float, prompt: str, config: PipelineConfig) -> VersionRecord:
+                   chroma: torch.Tensor, confidence: float, prompt: str, config: PipelineConfig,
+                   progress: Progress | None = None) -> VersionRecord:
     """Merges at full resolution, writes master and access copy (signed with content credentials when a key
-    is configured), fills the record's metrics and publishes it."""
+    is configured), fills the record's metrics and publishes it. ``progress`` follows the merge strip by strip
+    (phase ``merge``) and the start of each later phase (``master``, ``access``, ``write``)."""
     source = read.image
     # 1. Full-resolution merge: the source's L*, the model's chroma; on the item's GPU when it has one.
     started = time.perf_counter()
     merge_device = models.device if models.device.type == "cuda" else None
-    merged = merge_full_resolution(source.gray, chroma[0], source.bit_depth, config.merge, device=merge_device)
+    merged = merge_full_resolution(source.gray, chroma[0], source.bit_depth, config.merge, device=merge_device,
+                                   progress=_phase(progress, "merge"))
     record["seconds"]["merge"] = time.perf_counter() - started
 
     # 2. Master and access copy, with provenance embedded in both (docs/DESIGN.md §4.4); a JPEG gets
     #    shortened free texts if they do not fit.
     started = time.perf_counter()
     access_format = config.access_format.upper()
+    _begin(progress, "master")
     master = encode_master(merged.rgb, xmp=xmp_for_format(record, "TIFF"), resolution=source.resolution,
                            compression=config.master_compression)
+    _begin(progress, "access")
     access = encode_access(merged.rgb, format=access_format, max_side=config.access_max_side,
                            xmp=xmp_for_format(record, access_format), resolution=source.resolution)
     access_format = "JPEG" if access_format == "JPG" else access_format
     sidecar = None
+    _begin(progress, "write")
     if read.signing is not None:
         record["content_credentials"] = {"signed": True, "signer": read.signing.signer_name,
                                          "algorithm": read.signing.algorithm,
@@ -265,6 +271,24 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     )
     record["peak_memory_bytes"], record["peak_memory_kind"] = _peak_memory(models.device)
     return publish_record(layout, record)
+
+
+def _phase(progress: Progress | None, phase: str) -> Callable[[int, int], None] | None:
+    """``progress`` as a ``(step, total)`` callback of one phase (None stays None)."""
+    return None if progress is None else (lambda step, total: progress(phase, step, total))
+
+
+def _report_pixels(progress: Progress | None, source: SourceImage) -> None:
+    """Reports the source's size once it is read (phase ``read``, its pixels as step and total): a display
+    weighs the item's merge and encodes by it."""
+    if progress is not None:
+        progress("read", source.width * source.height, source.width * source.height)
+
+
+def _begin(progress: Progress | None, phase: str) -> None:
+    """Reports that ``phase`` (one that has no steps of its own) starts: step 0 of 1."""
+    if progress is not None:
+        progress(phase, 0, 1)
 
 
 def _readable_result(layout: ItemLayout) -> VersionRecord | None:
@@ -346,7 +370,8 @@ def _render_versions(models: Models, request: ItemRequest, source: _Source, layo
             record["seconds"]["render"] = time.perf_counter() - started
             record.update(kind="render", color_map=color_map or None, alpha=config.render.alpha, **_prompt_fields(wanted))
             chroma, confidence, prompt = render.alignment.chroma, render.alignment.mean_confidence, wanted.prompt
-        records.append(_write_version(models, source, layout, version, record, chroma, confidence, prompt, config))
+        records.append(_write_version(models, source, layout, version, record, chroma, confidence, prompt, config,
+                                      progress))
         version += 1
     if records[-1] is committed.get(records[-1].get("version_key")):
         publish_record(layout, records[-1])  # every version was committed before: result.json names the last again
@@ -369,8 +394,9 @@ def colorize_item(
     ``signing`` signs every derivative with content credentials
     (:mod:`diffcolor.archive.credentials`); None writes them unsigned.
 
-    ``progress(phase, step, total)`` follows the fit's loops and the versions
-    (phase ``versions``); whatever it raises interrupts the work there (the
+    ``progress(phase, step, total)`` follows the source's size once read (phase
+    ``read``), the fit's loops, the versions (phase ``versions``) and each one's
+    merge and writes (see :func:`_write_version`); whatever it raises interrupts the work there (the
     checkpoints and committed versions stay, so a rerun resumes). ``limits``
     bound the read of the source. Raises the item's error (BadImageError,
     InputUnavailableError, PromptError, ...) after recording a ``failed``
@@ -385,6 +411,7 @@ def colorize_item(
         data, source = _read_source(request, limits)
         source_sha256 = sha256_hex(data)
         read_seconds = time.perf_counter() - started
+        _report_pixels(progress, source)
         if source.tone == "color" and not request.force:
             raise NotGrayscaleError(f"item '{request.item_id}': '{redact(request.source_uri)}' is a colour photograph; "
                                     "use --force to colourise it anyway")
@@ -469,7 +496,8 @@ def recolor_item(
     No fine-tuning happens (``finetune_steps_run`` is 0). The previous versions
     stay; the same render asked again (same state, prompt, settings and seed)
     returns the version that has it instead of adding a duplicate.
-    ``progress(phase, step, total)`` is called before the version is written;
+    ``progress(phase, step, total)`` is called after the read, before the version
+    is written and during its merge and writes;
     whatever it raises stops the render there. Raises
     StateError when the item has no usable state, PromptError for a bad
     target, InputUnavailableError when the source is gone.
@@ -495,6 +523,7 @@ def recolor_item(
         raise StateError(f"item '{request.item_id}': source '{redact(request.source_uri)}' changed since the colour "
                          "state was made; colourise it again")
     seconds = {"read": time.perf_counter() - started}
+    _report_pixels(progress, source)
 
     # 3. The same render committed before (a retry after a failure that followed it) is the answer.
     wanted = resolve_target(models, state, target, color_map)
@@ -519,7 +548,7 @@ def recolor_item(
                   source=previous.get("source"), seconds=seconds, **_prompt_fields(wanted))
     record["outputs"]["state"], record["output_sha256"]["state"] = _state_output(layout)
     return _write_version(models, _Source(data, source, signing), layout, version, record, rendered.alignment.chroma,
-                          rendered.alignment.mean_confidence, wanted.prompt, config)
+                          rendered.alignment.mean_confidence, wanted.prompt, config, progress)
 
 
 def stored_config(state: ColorState) -> PipelineConfig:
