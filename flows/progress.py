@@ -23,23 +23,31 @@ Time left (:class:`WorkEstimate`). An item's work has two parts: the fit (stage
 1, alignment, stage 2, renders), whose cost does not depend on the scan's size,
 and the pixel work (read, full-resolution merge, encodes and writes), which
 grows with its pixels. The records of each finished item time both
-(``seconds``) and give its size (``source``), so the estimate learns the mean
-fit seconds per item F and the pixel seconds per pixel P from the items done.
-An item's expected work is F + P x its pixels: its own pixels once it reports
-them (phase ``read``, right after its source is read) or when a flow knows them
-before (a listener's ``size(item_id, pixels)``), else the mean size seen so far.
-The work left is the expected work of every item not started, plus for each
-item under way its expected work less the time it has run, but at least what
-its current loop's own pace says is left (a merge at 40 % after two minutes has
-three to go). The run's pace turns work into time: wall time elapsed over the
-work done (finished items' timed work plus the time of the items under way),
-which counts the workers running side by side and whatever the records do not
-time. The time left is the work left at that pace, never less than the longest
-item under way has left nor than the largest waiting item takes on its own: a
-large item left at the end is not shared out among idle workers. Until an item
-has finished with timed records it is items left over items per second; when
-every item left is under way and past what it was expected to take, it is
-unknown (``?``), not zero.
+(``seconds``) and give its size (``source``), so the estimate learns from the
+items done the mean fit seconds per item F and the read's, merge's and writes'
+seconds per pixel. An item's pixels are its own once it reports them (phase
+``read``, right after its source is read) or when a flow knows them before (a
+listener's ``size(item_id, pixels)``), else the mean size seen so far.
+
+- An item not started has F plus its pixels' read, merge and writes to do.
+- An item under way has what is left of its current phase, then the phases
+  after it: in the fit, the rest of F (at least what its loop's own pace says)
+  then its merge and writes; in its merge, what the merge's own pace says (a
+  merge at 40 % after two minutes has three to go), else its expected merge
+  less the time it has run, then its writes; in its writes, its expected writes
+  less the time they have run.
+
+The run's pace turns that work into time: wall time elapsed over the work done
+(finished items' timed work plus the time of the items under way), which
+counts the workers running side by side and whatever the records do not time.
+The time left is the work left at that pace, never less than the longest item
+under way has left nor than the largest waiting item takes on its own: a large
+item left at the end is not shared out among idle workers. Until an item has
+finished with timed records it is items left over items per second; when every
+item left is under way and past what it was expected to take, it is unknown
+(``?``), not zero. The per-pixel rates learned from small photographs carry
+their fixed overheads, so a large scan's first estimate errs long; its merge's
+own pace corrects it as soon as the merge reports.
 
 A display never fails a run: the flows ignore a listener that raises.
 """
@@ -54,7 +62,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-STAGES = {"read": "reading", "stage1": "colour prior", "embedding": "embedding", "finetune": "fine-tune",
+STAGES = {"read": "preparing", "stage1": "colour prior", "embedding": "embedding", "finetune": "fine-tune",
           "versions": "rendering", "merge": "merge", "master": "master encode", "access": "access encode",
           "write": "writing"}
 ITEM_LINES_UP_TO = 200  # runs of up to this many items get one log line per item; larger ones one per percent
@@ -72,21 +80,21 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
 
 
-def _timed_work(records: list[dict]) -> tuple[float, float, int] | None:
-    """(fit seconds, pixel seconds, pixels) of a finished item from its records' ``seconds`` and ``source``;
-    None when they time nothing (a skipped or failed item). Every version's record repeats the fit's and the
-    read's seconds: they count once, the renders, merges and writes once per version."""
+def _timed_work(records: list[dict]) -> tuple[float, dict[str, float], int] | None:
+    """(fit seconds, {"read", "merge", "write": seconds}, pixels) of a finished item from its records'
+    ``seconds`` and ``source``; None when they time nothing (a skipped or failed item). Every version's record
+    repeats the fit's and the read's seconds: they count once, the renders, merges and writes once per version."""
     timed = [record for record in records if record.get("status") == "done" and record.get("seconds")]
     if not timed:
         return None
-    fit = pixel = 0.0
+    fit, pixel = 0.0, dict.fromkeys(PIXEL_SECONDS, 0.0)
     for index, record in enumerate(timed):
         for key, value in record["seconds"].items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 continue
             if key in PIXEL_SECONDS:
                 if key != "read" or index == 0:
-                    pixel += value
+                    pixel[key] += value
             elif index == 0 or key == "render":
                 fit += value
     source = timed[0].get("source") or {}
@@ -102,13 +110,13 @@ class _UnderWay:
     """An item under way, as its steps tell it."""
 
     started: float  # when its first step arrived
-    pixels: int | None = None  # its source's size, once reported
     phase: str = ""
     phase_started: float = 0.0  # when the phase's first step arrived
     first_step: int = 0  # the phase's step then
     step: int = 0
     total: int = 0
     last_step: float = 0.0  # when the latest step arrived
+    writes_started: float = 0.0  # when the current version's master encode began
 
     def phase_left(self, now: float) -> float | None:
         """Seconds the current phase has left at its own pace since its first step; None without a pace."""
@@ -142,9 +150,9 @@ class WorkEstimate:
     under_way: dict = field(default_factory=dict)  # item id -> _UnderWay
     sizes: dict = field(default_factory=dict)  # item id -> pixels, of items not yet finished
     finished: OrderedDict = field(default_factory=OrderedDict)  # ids of the last FINISHED_KEPT finished items
-    fit_seconds: float = 0.0  # learned from the timed items: their fit seconds, pixel seconds and pixels
-    pixel_seconds: float = 0.0
-    timed_pixels: int = 0
+    fit_seconds: float = 0.0  # learned from the timed items: their fit seconds,
+    pixel_seconds: dict = field(default_factory=lambda: dict.fromkeys(PIXEL_SECONDS, 0.0))  # pixel work's,
+    timed_pixels: int = 0  # and pixels
     timed_items: int = 0
     work_done: float = 0.0  # seconds of work of the finished items (timed, else as they ran under way)
     seen_pixels: int = 0  # sizes reported so far, for the items of unknown size
@@ -185,6 +193,8 @@ class WorkEstimate:
                 self._size(item_id, total)
             if phase != item.phase or step < item.step:  # a new phase, or the same one again (the next version's)
                 item.phase, item.phase_started, item.first_step = phase, now, step
+                if phase == "master":
+                    item.writes_started = now
             item.step, item.total, item.last_step = step, total, now
             return item
 
@@ -206,13 +216,14 @@ class WorkEstimate:
             fit, pixel, measured = timed
             measured = measured or pixels or 0
             if measured:
-                self.pixel_seconds += pixel
+                for key, seconds in pixel.items():
+                    self.pixel_seconds[key] += seconds
                 self.timed_pixels += measured
             else:  # no size to share the pixel work by: it counts as the item's own
-                fit += pixel
+                fit += sum(pixel.values())
             self.fit_seconds += fit
             self.timed_items += 1
-            self.work_done += fit + pixel
+            self.work_done += fit + sum(pixel.values())
 
     def left(self) -> float | None:
         """Seconds the run has left; None when unknown."""
@@ -224,19 +235,30 @@ class WorkEstimate:
                     return None
                 return max(0, self.total - self.done) * elapsed / self.done
             fit = self.fit_seconds / self.timed_items
-            per_pixel = self.pixel_seconds / self.timed_pixels if self.timed_pixels else 0.0
+            per_pixel = {key: seconds / self.timed_pixels if self.timed_pixels else 0.0
+                         for key, seconds in self.pixel_seconds.items()}
             mean_pixels = (self.seen_pixels / self.seen_items if self.seen_items
                            else self.timed_pixels / self.timed_items)
 
             def expected(pixels: float | None) -> float:
-                return fit + per_pixel * (mean_pixels if pixels is None else pixels)
+                return fit + sum(per_pixel.values()) * (mean_pixels if pixels is None else pixels)
 
-            # 1. Items under way: expected work less their time so far, at least what their phase's pace says.
+            # 1. Items under way: what their phase has left (at its own pace when it has steps), and the rest.
             spent, under_way_left = 0.0, []
             for item_id, item in self.under_way.items():
                 spent += now - item.started
-                pace_left = item.phase_left(now) or 0.0
-                under_way_left.append(max(expected(self.sizes.get(item_id)) - (now - item.started), pace_left))
+                pixels = self.sizes.get(item_id, mean_pixels)
+                writes = per_pixel["write"] * pixels
+                if item.phase in ("master", "access", "write"):
+                    under_way_left.append(max(0.0, writes - (now - item.writes_started)))
+                elif item.phase == "merge":
+                    merge = item.phase_left(now)
+                    if merge is None:
+                        merge = max(0.0, per_pixel["merge"] * pixels - (now - item.phase_started))
+                    under_way_left.append(merge + writes)
+                else:  # the read, the fit's loops, a render: the fit's rest, then the merge and the writes
+                    under_way_left.append(max(0.0, fit - (now - item.started), item.phase_left(now) or 0.0)
+                                          + per_pixel["merge"] * pixels + writes)
             # 2. Items not started: their own size when known, else the mean.
             waiting = max(0, self.total - self.done - len(self.under_way))
             known = [pixels for item_id, pixels in self.sizes.items() if item_id not in self.under_way][:waiting]
