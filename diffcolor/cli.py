@@ -99,6 +99,7 @@ class _Bars:
             return
         from tqdm.auto import tqdm
 
+        self._end_stepless(but=phase)
         bar = self.bars.get(phase)
         if bar is not None and step < bar.n:  # the phase again (the next version's merge): a new bar
             bar.close()
@@ -110,7 +111,15 @@ class _Bars:
         if step >= total:
             bar.close()
 
+    def _end_stepless(self, but: str | None = None) -> None:
+        """Fills the bar of a phase with no steps of its own (an encode: 0 of 1) once another phase begins."""
+        for phase, bar in self.bars.items():
+            if phase != but and bar.total == 1 and bar.n < 1:
+                bar.update(1)
+                bar.close()
+
     def close(self) -> None:
+        self._end_stepless()
         for bar in self.bars.values():
             bar.close()
 
