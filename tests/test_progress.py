@@ -224,3 +224,25 @@ def test_on_a_terminal_the_merge_shows_its_percentage_and_the_run_bar_the_pixel_
         assert hours * 3600 + minutes * 60 + seconds >= 100 * 5 * 0.9
     finally:
         display.close()
+
+
+def test_the_single_image_bars_start_a_new_merge_per_version_and_fill_each_encode(capsys):
+    from diffcolor.cli import _Bars
+
+    bars = _Bars(True)
+    bars("read", 1_000_000, 1_000_000)  # the size, not a loop: no bar
+    seen = []
+    for version in (1, 2):
+        bars("versions", version, 2)
+        for rows in (400, 800, 1200, 1800):
+            bars("merge", rows, 1800)
+        seen.append(bars.bars["merge"])
+        for phase in ("master", "access", "write"):
+            bars(phase, 0, 1)
+            seen.append(bars.bars[phase])
+    bars.close()
+    assert "read" not in bars.bars
+    first_merge, second_merge = seen[0], seen[4]
+    assert first_merge is not second_merge and first_merge.n == second_merge.n == 1800
+    assert all(bar.n == bar.total == 1 for bar in seen if bar.total == 1)  # every encode's bar filled
+    capsys.readouterr()
