@@ -95,11 +95,15 @@ class _Bars:
         self.bars: dict = {}
 
     def __call__(self, phase: str, step: int, total: int) -> None:
-        if not self.enabled:
+        if not self.enabled or phase == "read":  # "read" gives the source's size, not a loop
             return
         from tqdm.auto import tqdm
 
+        self._end_stepless(but=phase)
         bar = self.bars.get(phase)
+        if bar is not None and step < bar.n:  # the phase again (the next version's merge): a new bar
+            bar.close()
+            bar = None
         if bar is None:
             bar = self.bars[phase] = tqdm(total=total, desc=f"{phase:>9}", unit="step", leave=True, file=sys.stderr)
             bar.n = step - 1
@@ -107,7 +111,15 @@ class _Bars:
         if step >= total:
             bar.close()
 
+    def _end_stepless(self, but: str | None = None) -> None:
+        """Fills the bar of a phase with no steps of its own (an encode: 0 of 1) once another phase begins."""
+        for phase, bar in self.bars.items():
+            if phase != but and bar.total == 1 and bar.n < 1:
+                bar.update(1)
+                bar.close()
+
     def close(self) -> None:
+        self._end_stepless()
         for bar in self.bars.values():
             bar.close()
 

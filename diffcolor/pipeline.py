@@ -210,9 +210,12 @@ class _Source:
 
 
 def _write_version(models: Models, read: _Source, layout: ItemLayout, version: int, record: VersionRecord,
-                   chroma: torch.Tensor, confidence: float, prompt: str, config: PipelineConfig) -> VersionRecord:
+                   chroma: torch.Tensor, confidence: float, prompt: str, config: PipelineConfig,
+                   progress: Progress | None = None) -> VersionRecord:
     """Merges at full resolution, writes master and access copy (signed with content credentials when a key
-    is configured), fills the record's metrics and publishes it.
+    is configured), fills the record's metrics and publishes it. ``progress`` follows the merge strip by strip
+    (phase ``merge``: the master's strips are encoded as they come) and the start of each later phase
+    (``access``, ``write``).
 
     The merge's strips go straight into the master's staging file (encoded as
     they come), the access copy's and CLIP's reductions and the colourfulness
@@ -234,7 +237,8 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     clip_input = Reduction(size, max(1, min(size) // (2 * models.clip_image_size)))
     colour = ColorfulnessAccumulator()
     merge_device = models.device if models.device.type == "cuda" else None
-    merge = StripMerge(source.codes, chroma[0], source.bit_depth, config.merge, device=merge_device)
+    merge = StripMerge(source.codes, chroma[0], source.bit_depth, config.merge, device=merge_device,
+                       progress=_phase(progress, "merge"))
     merge_seconds = 0.0
 
     def merged_strips() -> Iterator[np.ndarray]:
@@ -256,8 +260,10 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
         master.write(lambda stream: write_master_strips(
             stream, merged_strips(), size, np.uint8 if source.bit_depth == 8 else np.uint16,
             xmp_for_format(record, "TIFF"), resolution=source.resolution, compression=config.master_compression))
+        _begin(progress, "access")
         access_bytes = access.encode()
         sidecar = None
+        _begin(progress, "write")
         if read.signing is not None:
             record["content_credentials"] = {"signed": True, "signer": read.signing.signer_name,
                                              "algorithm": read.signing.algorithm,
@@ -295,6 +301,24 @@ def _write_version(models: Models, read: _Source, layout: ItemLayout, version: i
     )
     record["peak_memory_bytes"], record["peak_memory_kind"] = _peak_memory(models.device)
     return publish_record(layout, record)
+
+
+def _phase(progress: Progress | None, phase: str) -> Callable[[int, int], None] | None:
+    """``progress`` as a ``(step, total)`` callback of one phase (None stays None)."""
+    return None if progress is None else (lambda step, total: progress(phase, step, total))
+
+
+def _report_pixels(progress: Progress | None, source: SourceImage) -> None:
+    """Reports the source's size once it is read (phase ``read``, its pixels as step and total): a display
+    weighs the item's merge and encodes by it."""
+    if progress is not None:
+        progress("read", source.width * source.height, source.width * source.height)
+
+
+def _begin(progress: Progress | None, phase: str) -> None:
+    """Reports that ``phase`` (one that has no steps of its own) starts: step 0 of 1."""
+    if progress is not None:
+        progress(phase, 0, 1)
 
 
 def _readable_result(layout: ItemLayout) -> VersionRecord | None:
@@ -388,7 +412,8 @@ def _render_versions(models: Models, request: ItemRequest, source: _Source, layo
             record["seconds"]["render"] = time.perf_counter() - started
             record.update(kind="render", color_map=color_map or None, alpha=config.render.alpha, **_prompt_fields(wanted))
             chroma, confidence, prompt = render.alignment.chroma, render.alignment.mean_confidence, wanted.prompt
-        records.append(_write_version(models, source, layout, version, record, chroma, confidence, prompt, config))
+        records.append(_write_version(models, source, layout, version, record, chroma, confidence, prompt, config,
+                                      progress))
         version += 1
     if records[-1] is committed.get(records[-1].get("version_key")):
         publish_record(layout, records[-1])  # every version was committed before: result.json names the last again
@@ -411,8 +436,9 @@ def colorize_item(
     ``signing`` signs every derivative with content credentials
     (:mod:`diffcolor.archive.credentials`); None writes them unsigned.
 
-    ``progress(phase, step, total)`` follows the fit's loops and the versions
-    (phase ``versions``); whatever it raises interrupts the work there (the
+    ``progress(phase, step, total)`` follows the source's size once read (phase
+    ``read``), the fit's loops, the versions (phase ``versions``) and each one's
+    merge and writes (see :func:`_write_version`); whatever it raises interrupts the work there (the
     checkpoints and committed versions stay, so a rerun resumes). ``limits``
     bound the read of the source. Raises the item's error (BadImageError,
     InputUnavailableError, PromptError, ...) after recording a ``failed``
@@ -426,6 +452,7 @@ def colorize_item(
         started = time.perf_counter()
         data, source_sha256, source = _read_source(request, limits, keep_bytes=signing is not None)
         read_seconds = time.perf_counter() - started
+        _report_pixels(progress, source)
         if source.tone == "color" and not request.force:
             raise NotGrayscaleError(f"item '{request.item_id}': '{redact(request.source_uri)}' is a colour photograph; "
                                     "use --force to colourise it anyway")
@@ -510,7 +537,8 @@ def recolor_item(
     No fine-tuning happens (``finetune_steps_run`` is 0). The previous versions
     stay; the same render asked again (same state, prompt, settings and seed)
     returns the version that has it instead of adding a duplicate.
-    ``progress(phase, step, total)`` is called before the version is written;
+    ``progress(phase, step, total)`` is called after the read, before the version
+    is written and during its merge and writes;
     whatever it raises stops the render there. Raises
     StateError when the item has no usable state, PromptError for a bad
     target, InputUnavailableError when the source is gone.
@@ -535,6 +563,7 @@ def recolor_item(
         raise StateError(f"item '{request.item_id}': source '{redact(request.source_uri)}' changed since the colour "
                          "state was made; colourise it again")
     seconds = {"read": time.perf_counter() - started}
+    _report_pixels(progress, source)
 
     # 3. The same render committed before (a retry after a failure that followed it) is the answer.
     wanted = resolve_target(models, state, target, color_map)
@@ -559,7 +588,7 @@ def recolor_item(
                   source=previous.get("source"), seconds=seconds, **_prompt_fields(wanted))
     record["outputs"]["state"], record["output_sha256"]["state"] = _state_output(layout)
     return _write_version(models, _Source(data, source, signing), layout, version, record, rendered.alignment.chroma,
-                          rendered.alignment.mean_confidence, wanted.prompt, config)
+                          rendered.alignment.mean_confidence, wanted.prompt, config, progress)
 
 
 def stored_config(state: ColorState) -> PipelineConfig:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -117,6 +117,7 @@ def merge_full_resolution(
     bit_depth: int,
     config: MergeConfig = MergeConfig(),
     device: torch.device | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> MergedImage:
     """Combine the original's full-resolution L* with model-resolution chroma.
 
@@ -132,6 +133,9 @@ def merge_full_resolution(
         config: filter and processing parameters.
         device: where the merge computes (``None``: the CPU). The image goes there
             strip by strip and the quantised codes come back.
+        progress: called as ``progress(rows_done, total_rows)`` after every strip of
+            both passes (``total_rows`` is twice the height); what it raises stops
+            the merge there.
 
     Returns:
         :class:`MergedImage` with the quantised RGB and its fidelity metrics, the
@@ -142,7 +146,7 @@ def merge_full_resolution(
             float array in [0, 1], or a ``chroma_ab`` that is not a finite
             (2, h, w) float tensor.
     """
-    merge = StripMerge(gray, chroma_ab, bit_depth, config, device)
+    merge = StripMerge(gray, chroma_ab, bit_depth, config, device, progress)
     rgb = np.empty((*gray.shape, 3), dtype=np.uint8 if bit_depth == 8 else np.uint16)
     top = 0
     for strip in merge:
@@ -167,8 +171,10 @@ class StripMerge:
     image; :attr:`numbers` is set once the last strip is out. Same arguments, same checks, the same pixels."""
 
     def __init__(self, gray: np.ndarray, chroma_ab: torch.Tensor, bit_depth: int,
-                 config: MergeConfig = MergeConfig(), device: torch.device | str | None = None) -> None:
+                 config: MergeConfig = MergeConfig(), device: torch.device | str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         _check_inputs(gray, chroma_ab, bit_depth, config)
+        self.progress = progress
         self.gray, self.chroma_ab, self.bit_depth, self.config = gray, chroma_ab, bit_depth, config
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.height, self.width = gray.shape
@@ -190,7 +196,7 @@ class StripMerge:
 
         with torch.no_grad():
             # 3. First pass: the cell means of L*, L*^2, the bilinearly upsampled chroma p and L* p.
-            cell_means = _cell_means(gray, chroma, strip_rows, cell, device)
+            cell_means = _cell_means(gray, chroma, strip_rows, cell, device, self.progress)
 
             # 4. Guided-filter coefficients on the cell grid: (A_a, A_b, B_a, B_b).
             coefficients = _guided_coefficients(cell_means, (2 * radius + 1) / cell, config.eps * 100.0**2)
@@ -211,6 +217,8 @@ class StripMerge:
                 fidelity.add(source_l, _lightness_of_codes(codes, max_code), ignore=reduced)
                 clipped_count += clipped
                 strip = codes.permute(1, 2, 0).to(torch.int32).cpu().numpy().astype(out_dtype)
+            if self.progress is not None:
+                self.progress(height + bottom, 2 * height)
             yield strip
 
         # 6. Fidelity of the quantised result against the source.
@@ -224,7 +232,7 @@ class StripMerge:
 
 
 def _cell_means(gray: np.ndarray, chroma: torch.Tensor, strip_rows: int, cell: int,
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """(6, H/cell, W/cell) means over ``cell`` x ``cell`` cells of L*, L*^2, the chroma p upsampled bilinearly
     to the full size, and L* p: the guided filter's statistics, gathered strip by strip (no full-size map)."""
     height, width = gray.shape
@@ -240,6 +248,8 @@ def _cell_means(gray: np.ndarray, chroma: torch.Tensor, strip_rows: int, cell: i
         maps[2:4] = _upsample_rows(chroma_columns, top, bottom, chroma.shape[1] / height)
         torch.mul(maps[2:4], source_l, out=maps[4:6])
         sums.append(F.avg_pool2d(maps[None], cell, ceil_mode=True)[0])
+        if progress is not None:
+            progress(bottom, 2 * height)
     return torch.cat(sums, dim=1)
 
 
