@@ -442,37 +442,37 @@ class CollectionTable:
         self._collections: list[str] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
-        self._build = duckdb.connect(config=self._config())  # reads the runs, writes states
-        fs, _ = storage.filesystem(output)
-        self._local = storage._is_local(fs)
-        if not self._local:
-            self._build.register_filesystem(fs)
-        for macro in _MACROS:
-            self._build.execute(macro)
-        declared = declarations.with_columns(pa.table({"item_id": pa.array([], pa.string())})).select(list(_read()))
-        self._build.register("declared_arrow", declared)
-        self._build.execute("CREATE TEMP TABLE declared AS SELECT * FROM declared_arrow")
-        self._build.unregister("declared_arrow")
-        self._expected = self._expected_schema()
+        self._builder = None  # reads the runs, writes states: made when first needed (a restart may not)
+        self._local = storage._is_local(storage.filesystem(output)[0])
         self._con = None
         self._open()
         # a query still running when the interpreter exits aborts it: interrupt it
         atexit.register(_stop, weakref.ref(self))
 
-    def _config(self) -> dict:
-        return {"memory_limit": self._memory_limit, "temp_directory": self._spill.name,
-                "preserve_insertion_order": False, "autoinstall_known_extensions": False,
-                "autoload_known_extensions": False}
+    def _connect(self):
+        """A DuckDB connection in memory (spilling to this table's temporary folder) with the declared results
+        columns as the empty table ``temp.declared``."""
+        import duckdb
+
+        connection = duckdb.connect(config={
+            "memory_limit": self._memory_limit, "temp_directory": self._spill.name,
+            "preserve_insertion_order": False, "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False})
+        connection.execute("SET enable_progress_bar = false")
+        connection.execute(f"CREATE TEMP TABLE declared ({_declared_columns()})")
+        return connection
+
+    @property
+    def _build(self):
+        if self._builder is None:
+            self._builder = self._connect()
+            if not self._local:
+                self._builder.register_filesystem(storage.filesystem(self.output)[0])
+            for macro in _MACROS:
+                self._builder.execute(macro)
+        return self._builder
 
     # 1. The stored state: opened read-only, checked, or none.
-    def _expected_schema(self) -> dict[str, list]:
-        self._build.execute("ATTACH ':memory:' AS template")
-        for statement in _schema_sql("template"):
-            self._build.execute(statement)
-        expected = {name: self._build.execute(f"DESCRIBE template.{name}").fetchall()
-                    for name in ("items", "meta", "runs")}
-        self._build.execute("DETACH template")
-        return expected
 
     def _open(self) -> bool:
         """Opens the stored state when there is one that passes :meth:`_check`; else keeps the open one (if any)."""
@@ -486,15 +486,16 @@ class CollectionTable:
         if identity == self._identity:
             handle.close()
             return True
-        connection = duckdb.connect(config=self._config())
+        connection = self._connect()
         try:
+            expected = _expected_schema(connection)
             connection.execute(f"ATTACH {_literal(self.state_path)} AS state (READ_ONLY)")
             # what the file holds is data, never code or a path to read: no file access from here on
             connection.execute("SET enable_external_access = false")
             connection.execute("SET lock_configuration = true")
             if _identity(self.state_path) != identity:
                 raise StaleState("replaced while it was opened")
-            covered = self._check(connection)
+            covered = self._check(connection, expected)
         except (duckdb.Error, StaleState, OSError) as error:
             connection.close()
             handle.close()
@@ -508,20 +509,18 @@ class CollectionTable:
         self._identity, self._collections = identity, None
         return True
 
-    def _check(self, connection) -> list[tuple[str, str]]:
+    def _check(self, connection, expected: dict[str, list]) -> list[tuple[str, str]]:
         """The runs the attached state covers. Raises StaleState where it is not a state this code wrote for this
-        output: objects other than the three tables, other columns, another format or output, runs out of order."""
-        objects = connection.execute(
-            "SELECT (SELECT count(*) FROM duckdb_views() WHERE database_name = 'state' AND NOT internal)"
-            " + (SELECT count(*) FROM duckdb_functions() WHERE database_name = 'state' AND NOT internal)"
-            " + (SELECT count(*) FROM duckdb_constraints() WHERE database_name = 'state')"
-            " + (SELECT count(*) FROM duckdb_sequences() WHERE database_name = 'state')"
-            " + (SELECT count(*) FROM duckdb_indexes() WHERE database_name = 'state')").fetchone()[0]
+        output: other tables or columns, constraints, another format or output, runs out of order. (Views and
+        macros in it are never run: the queries name its tables, ``state.items``, and its macros are not on the
+        search path.)"""
         tables = sorted(name for (name,) in connection.execute(
             "SELECT table_name FROM duckdb_tables() WHERE database_name = 'state'").fetchall())
-        if objects or tables != sorted(self._expected):
-            raise StaleState(f"holds {tables} and {objects} other objects")
-        for name, columns in self._expected.items():
+        [(constraints,)] = connection.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE database_name = 'state'").fetchall()
+        if constraints or tables != sorted(expected):
+            raise StaleState(f"holds the tables {tables} and {constraints} constraints")
+        for name, columns in expected.items():
             if connection.execute(f"DESCRIBE state.{name}").fetchall() != columns:
                 raise StaleState(f"its {name} table has other columns")
         meta = dict(connection.execute("SELECT key, value FROM state.meta").fetchall())
@@ -681,6 +680,29 @@ class CollectionTable:
             return list(self._collections)
 
 
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.large_string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER",
+                 pa.float64(): "DOUBLE", pa.float32(): "FLOAT", pa.bool_(): "BOOLEAN"}
+
+
+def _declared_columns() -> str:
+    """The declared results columns this table reads, as SQL column definitions."""
+    schema = declarations.with_columns(pa.table({"item_id": pa.array([], pa.string())})).select(list(_read())).schema
+    unknown = [field for field in schema if field.type not in _DUCKDB_TYPES]
+    if unknown:
+        raise TypeError(f"no DuckDB type for the declared results column {unknown[0].name!r} ({unknown[0].type})")
+    return ", ".join(f'"{field.name}" {_DUCKDB_TYPES[field.type]}' for field in schema)
+
+
+def _expected_schema(connection) -> dict[str, list]:
+    """How DuckDB describes the stored state's tables, made in memory on ``connection``."""
+    connection.execute("ATTACH ':memory:' AS template")
+    for statement in _schema_sql("template"):
+        connection.execute(statement)
+    expected = {name: connection.execute(f"DESCRIBE template.{name}").fetchall() for name in ("items", "meta", "runs")}
+    connection.execute("DETACH template")
+    return expected
+
+
 def _fingerprint(uri: str) -> str | None:
     """The size and modification time (or ETag) of the file at ``uri``; None when there is none."""
     fs, path = storage.filesystem(uri)
@@ -738,7 +760,7 @@ def _page_sql(where: str) -> str:
 def _stop(table: weakref.ref) -> None:
     """Interrupts a query of ``table`` still running at exit."""
     running = table()
-    for connection in (running._build, running._con) if running is not None else ():
+    for connection in (running._builder, running._con) if running is not None else ():
         if connection is not None:
             try:
                 connection.interrupt()
