@@ -532,6 +532,17 @@ class CollectionTable:
             raise StaleState("its runs are out of order")
         return [(run, fingerprint) for _, run, fingerprint in runs]
 
+    def close(self) -> None:
+        """Closes the state and the query engine (the stored state stays for the next start)."""
+        with self._lock:
+            for connection in (self._con, self._builder):
+                if connection is not None:
+                    connection.close()
+            if self._handle is not None:
+                self._handle.close()
+            self._con = self._builder = self._handle = self._identity = None
+            self._covered = []
+
     # 2. The runs of the output, and which of them the state lacks.
     def refresh(self) -> None:
         """Re-lists ``runs/`` now and folds in any new run."""
