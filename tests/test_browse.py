@@ -348,3 +348,8 @@ def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tm
                 state_rows = _reference_of(output, list(key))
                 expected[key] = (state_rows.num_rows, json.loads(json.dumps(state_rows.slice(1, 15).to_pylist())))
             assert (total, rows) == expected[key], key
+
+
+def test_an_output_without_runs_is_an_empty_collection(tmp_path):
+    table = CollectionTable(str(tmp_path / "out"), state_folder=str(tmp_path / "state"))
+    assert table.page(Filters()) == (0, []) and table.collections() == [] and table.table().num_rows == 0

@@ -657,8 +657,9 @@ class CollectionTable:
             else:
                 self._build.execute(f"INSERT INTO state.items BY NAME {merged}", parameters)
             self._build.execute("DROP TABLE temp.plan; DROP TABLE temp.catalogues")
-        self._build.executemany("INSERT INTO state.runs VALUES (?, ?, ?)",
-                                [[base + index, run, fingerprint] for index, (run, _, fingerprint) in enumerate(files)])
+        if files:
+            self._build.executemany("INSERT INTO state.runs VALUES (?, ?, ?)", [
+                [base + index, run, fingerprint] for index, (run, _, fingerprint) in enumerate(files)])
 
     # 4. Pages.
     def table(self, *, refresh: bool = False) -> pa.Table:
