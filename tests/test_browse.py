@@ -353,3 +353,16 @@ def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tm
 def test_an_output_without_runs_is_an_empty_collection(tmp_path):
     table = CollectionTable(str(tmp_path / "out"), state_folder=str(tmp_path / "state"))
     assert table.page(Filters()) == (0, []) and table.collections() == [] and table.table().num_rows == 0
+
+
+def test_a_state_built_in_parts_equals_one_built_whole(tmp_path, monkeypatch):
+    output = str(tmp_path / "out")
+    _publish(output, _history(11, items=90, runs=3))
+    whole = CollectionTable(output, state_folder=str(tmp_path / "whole")).table().to_pylist()
+    monkeypatch.setattr(browse, "PART_ITEMS", 13)  # item id ranges of 13 items, folded one after the other
+    in_parts = CollectionTable(output, state_folder=str(tmp_path / "parts"))
+    assert in_parts.table().to_pylist() == whole == _reference(output).to_pylist()
+    write_results(_history(12, items=90, runs=1)[0], OutputLayout(output).run("20260109T000000Z-late").results,
+                  csv=False)
+    in_parts.refresh()  # a run folded into the stored state, in parts too
+    assert in_parts.table().to_pylist() == _reference(output).to_pylist()

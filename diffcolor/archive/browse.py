@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 _READ = ("item_id", "version", "status", "error_class", "error_message", "caption", "target_prompt", "smoke_run",
          "created_at", "decision", "decided_by", "decided_at", "record_json")
 CATALOGUE_FIRST = ("title", "accession_number", "creator", "date", "collection")
+PART_ITEMS = 200_000  # ours: items folded at once, so that a million-item state builds within the memory limit
 REFRESH_SECONDS = 2.0  # ours: at most one listing of runs/ per two seconds, however many pages are served
 
 
@@ -253,14 +254,15 @@ chosen AS (
            CASE WHEN best IS NOT NULL AND (old._best IS NULL OR best > old._best) THEN best END AS best_new
     FROM picked LEFT JOIN state.items AS old ON old.item_id = picked.item_id)
 SELECT item_id, latest, decided, best_old, best_new,
-       CASE WHEN best_new IS NOT NULL THEN best_new.ord WHEN best_old IS NOT NULL THEN NULL ELSE latest END AS own_new
+       CASE WHEN best_new IS NOT NULL THEN best_new.ord WHEN best_old IS NOT NULL THEN NULL ELSE latest END AS own_new,
+       (row_number() OVER (ORDER BY item_id) - 1) // $part_items AS part
 FROM chosen
 """
 _CATALOGUES_SQL = """
 CREATE OR REPLACE TEMP TABLE catalogues AS
 SELECT ord, json_extract(record_json, '$.catalogue') AS catalogue
 FROM (SELECT record_json, {ord} AS ord FROM {source})
-WHERE ord IN (SELECT own_new FROM temp.plan UNION ALL SELECT latest FROM temp.plan)
+WHERE ord IN (SELECT own_new FROM temp.plan WHERE part = $part UNION ALL SELECT latest FROM temp.plan WHERE part = $part)
 """
 _MERGED_SQL = """
 WITH {rows},
@@ -281,10 +283,14 @@ raw AS (
            CASE WHEN own_new IS NULL THEN old._own_catalogue ELSE own_catalogue.catalogue END AS _own_catalogue,
            CASE WHEN plan.latest IS NULL THEN old._latest_catalogue ELSE latest_catalogue.catalogue
                 END AS _latest_catalogue
-    FROM temp.plan AS plan LEFT JOIN state.items AS old ON old.item_id = plan.item_id
-    LEFT JOIN rows AS own ON own.ord = plan.own_new
-    LEFT JOIN (SELECT ord, status, error_message, created_at FROM rows) AS latest ON latest.ord = plan.latest
-    LEFT JOIN (SELECT ord, decision, version, decided_by, decided_at FROM rows) AS decided
+    FROM (SELECT * FROM temp.plan WHERE part = $part) AS plan
+    LEFT JOIN state.items AS old ON old.item_id = plan.item_id
+    LEFT JOIN (SELECT * FROM rows WHERE ord IN (SELECT own_new FROM temp.plan WHERE part = $part)) AS own
+        ON own.ord = plan.own_new
+    LEFT JOIN (SELECT ord, status, error_message, created_at FROM rows
+               WHERE ord IN (SELECT latest FROM temp.plan WHERE part = $part)) AS latest ON latest.ord = plan.latest
+    LEFT JOIN (SELECT ord, decision, version, decided_by, decided_at FROM rows
+               WHERE ord IN (SELECT decided FROM temp.plan WHERE part = $part)) AS decided
         ON decided.ord = plan.decided
     LEFT JOIN temp.catalogues AS own_catalogue ON own_catalogue.ord = plan.own_new
     LEFT JOIN temp.catalogues AS latest_catalogue ON latest_catalogue.ord = plan.latest),
@@ -632,8 +638,10 @@ class CollectionTable:
             for leftover in (staging, staging + ".wal"):
                 if os.path.exists(leftover):
                     os.remove(leftover)
-        if not self._open():
-            raise StaleState(f"the collection state just written to {self.state_path} does not check")
+        # another process may store its state meanwhile: whichever is there now is opened (a whole one, checked)
+        if not any(self._open() for _ in range(3)):
+            logger.warning("the collection state %s changed while it was opened; looking again at the next refresh",
+                           self.state_path)
 
     def _copy_open_state(self, staging: str) -> None:
         """Copies the open state's file (the one checked, whatever the path names now) to ``staging``."""
@@ -646,17 +654,23 @@ class CollectionTable:
         paths = [self._path(uri) for _, uri, _ in files]
         if paths:
             parameters = {"paths": paths, "base": base}
-            self._build.execute(_PLAN_SQL.format(rows=_ROWS.format(ord=_ORD, source=_SOURCE)), parameters)
-            self._build.execute(_CATALOGUES_SQL.format(ord=_ORD, source=_SOURCE), parameters)
+            self._build.execute(_PLAN_SQL.format(rows=_ROWS.format(ord=_ORD, source=_SOURCE)),
+                                {**parameters, "part_items": PART_ITEMS})
+            [(parts,)] = self._build.execute("SELECT coalesce(max(part) + 1, 0) FROM temp.plan").fetchall()
             merged = _merged_sql()
             if base:  # the items the new runs name are replaced
-                self._build.execute(f"CREATE OR REPLACE TEMP TABLE merged AS {merged}", parameters)
+                self._build.execute("CREATE OR REPLACE TEMP TABLE merged AS SELECT * FROM state.items LIMIT 0")
+            for part in range(parts):  # item id ranges of PART_ITEMS, each folded whole in bounded memory
+                self._build.execute(_CATALOGUES_SQL.format(ord=_ORD, source=_SOURCE), {**parameters, "part": part})
+                self._build.execute(f"INSERT INTO {'temp.merged' if base else 'state.items'} BY NAME {merged}",
+                                    {**parameters, "part": part})
+                if not base:
+                    self._build.execute("CHECKPOINT state")  # the part written out: its memory is free again
+            if base:
                 self._build.execute("DELETE FROM state.items WHERE item_id IN (SELECT item_id FROM temp.plan)")
-                self._build.execute("INSERT INTO state.items BY NAME SELECT * FROM temp.merged")
+                self._build.execute("INSERT INTO state.items BY NAME SELECT * FROM temp.merged ORDER BY item_id")
                 self._build.execute("DROP TABLE temp.merged")
-            else:
-                self._build.execute(f"INSERT INTO state.items BY NAME {merged}", parameters)
-            self._build.execute("DROP TABLE temp.plan; DROP TABLE temp.catalogues")
+            self._build.execute("DROP TABLE temp.plan; DROP TABLE IF EXISTS temp.catalogues")
         if files:
             self._build.executemany("INSERT INTO state.runs VALUES (?, ?, ?)", [
                 [base + index, run, fingerprint] for index, (run, _, fingerprint) in enumerate(files)])
