@@ -2,15 +2,25 @@
 
 Writes a generated output of records only (one run's results table and a
 later run that fails or skips one item in a hundred; no image or item
-folder), then measures the first page from a cold start in a fresh process
-(the application created, the collection table built, ``/api/items`` page 1
-served) with that process's peak resident memory, and times, through the
-application (FastAPI's TestClient), pages of the JSON API and of the HTML
-collection page, unfiltered and filtered, at the start and deep into the
-collection. Prints one line per measurement (median of the repeats);
-``--json PATH`` writes them too. ``--output DIR`` keeps the generated output
-there and reuses it when it is already there (a million records take minutes
-to generate).
+folder), then measures, each in a fresh process (the application created,
+``/api/items`` page 1 served) with that process's peak resident memory:
+
+- the first start ever (no stored collection state: every run read, the state
+  built and stored in the cache folder);
+- a restart (the stored state checked against the runs and opened): the
+  figure the goal of one second is about;
+- a restart after a new run was published (the new run folded into the stored
+  state first);
+
+and, in a running server, the first page that shows a run published while it
+runs. Then it times, through the application (FastAPI's TestClient), pages of
+the JSON API and of the HTML collection page, unfiltered and filtered, at the
+start and deep into the collection. Prints one line per measurement (median
+of the repeats); ``--json PATH`` writes them too. ``--output DIR`` keeps the
+generated output there and reuses it when it is already there (a million
+records take minutes to generate); its runs are linked into a scratch output
+for each bench, so the runs the bench publishes never change it. The
+collection states are kept in a temporary cache folder.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +59,26 @@ def later_records(count: int):
     for index in range(1, count, 101):
         yield {"item_id": f"item-{index:06d}", "version": 1 + index % 3, "status": "skipped_done",
                "created_at": "2026-01-02T00:00:00+00:00"}
+
+
+def new_run_records(count: int, run: int):
+    """A run published while the server runs: every hundredth item recoloured as a new version, every
+    thousandth one's decision."""
+    for index in range(50 + run, count, 100):
+        yield {"item_id": f"item-{index:06d}", "version": 4 + run, "status": "done", "caption": "a dog on a bench",
+               "clip_score": 30.0, "created_at": f"2026-01-0{3 + run}T00:00:00+00:00",
+               "catalogue": {"title": f"Photograph {index}", "collection": "recoloured"}}
+    for index in range(7, count, 1000):
+        yield {"item_id": f"item-{index:06d}", "version": 1 + index % 3, "status": "done", "decision": "approved",
+               "decided_by": "curator", "decided_at": f"2026-02-0{1 + run}T00:00:00+00:00"}
+
+
+def _publish_new_run(folder: str, items: int, run: int) -> None:
+    from diffcolor.archive.layout import OutputLayout
+    from diffcolor.archive.results import write_results
+
+    write_results(new_run_records(items, run), OutputLayout(folder).run(f"2026010{3 + run}T000000Z-new{run}").results,
+                  csv=False)
 
 
 def _first_page(output: str, expected: int) -> None:
@@ -105,9 +136,18 @@ def main(argv: list[str] | None = None) -> None:
         return _first_page(args.first_page, args.items)
 
     with tempfile.TemporaryDirectory() as temporary:
-        folder = args.output or temporary
+        folder = args.output or os.path.join(temporary, "generated")
         _generate(folder, args.items)
-        measured = _measure(folder, args.items, args.repeats)
+        scratch = os.path.join(temporary, "output")
+        for run in os.listdir(os.path.join(folder, "runs")):  # linked, not copied: the generated runs stay as they are
+            os.makedirs(os.path.join(scratch, "runs", run))
+            source, target = (os.path.join(base, "runs", run, "results.parquet") for base in (folder, scratch))
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+        os.environ["DIFFCOLOR_CACHE"] = os.path.join(temporary, "cache")  # this process's and its children's
+        measured = _measure(scratch, args.items, args.repeats)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(measured, file, indent=2)
@@ -116,20 +156,45 @@ def main(argv: list[str] | None = None) -> None:
 def _measure(folder: str, items: int, repeats: int) -> dict:
     from fastapi.testclient import TestClient
 
+    from diffcolor.archive import browse
+
     from review.app import ReviewConfig, create_app
 
-    cold = json.loads(subprocess.run([sys.executable, "-m", "review.bench", "--first-page", folder, "--items",
-                                      str(items)], check=True, capture_output=True, text=True).stdout)
+    def cold_start() -> dict:
+        return json.loads(subprocess.run([sys.executable, "-m", "review.bench", "--first-page", folder, "--items",
+                                          str(items)], check=True, capture_output=True, text=True).stdout)
+
+    first, cold = cold_start(), cold_start()
+    _publish_new_run(folder, items, 0)
+    after_run = cold_start()
     measured = {"items": items, "first_page_s": round(cold["first_page_s"], 3),
                 "first_page_cpu_s": round(cold["first_page_cpu_s"], 3), "cpus": os.cpu_count(),
                 "imports_s": round(cold["imports_s"], 3), "peak_rss_mib": round(cold["peak_rss_bytes"] / 2**20, 1),
+                "first_start_ever_s": round(first["first_page_s"], 3),
+                "first_start_ever_cpu_s": round(first["first_page_cpu_s"], 3),
+                "first_start_ever_peak_rss_mib": round(first["peak_rss_bytes"] / 2**20, 1),
+                "restart_after_new_run_s": round(after_run["first_page_s"], 3),
+                "restart_after_new_run_cpu_s": round(after_run["first_page_cpu_s"], 3),
+                "restart_after_new_run_peak_rss_mib": round(after_run["peak_rss_bytes"] / 2**20, 1),
                 "pages_ms": {}}
-    print(f"first page from a cold start (application created, table built, page served): "
-          f"{cold['first_page_s']:.2f} s ({cold['first_page_cpu_s']:.2f} s of CPU on {os.cpu_count()} CPUs), "
-          f"after {cold['imports_s']:.2f} s of imports; "
-          f"peak RSS {cold['peak_rss_bytes'] / 2**20:.0f} MiB")
+    for name, run in (("first start ever (state built from every run and stored)", first),
+                      ("restart (stored state checked and opened)", cold),
+                      ("restart after a new run (folded into the stored state first)", after_run)):
+        print(f"first page, {name}: {run['first_page_s']:.2f} s ({run['first_page_cpu_s']:.2f} s of CPU on "
+              f"{os.cpu_count()} CPUs), after {run['imports_s']:.2f} s of imports; "
+              f"peak RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB")
     client = TestClient(create_app(ReviewConfig(output=folder, token="b" * 32)), base_url="http://127.0.0.1")
     assert client.get("/api/items?limit=1").json()["total"] == items
+    # a run published while the server runs: the first page that shows it (the runs listed at once, not after the
+    # usual pause between listings)
+    _publish_new_run(folder, items, 1)
+    browse.REFRESH_SECONDS, pause = 0.0, browse.REFRESH_SECONDS
+    start = time.perf_counter()
+    page = client.get("/api/items?limit=48&collection=recoloured")
+    measured["page_after_new_run_s"] = round(time.perf_counter() - start, 3)
+    browse.REFRESH_SECONDS = pause
+    assert page.json()["total"] > 0, page.text[:200]
+    print(f"first page showing a run published while the server runs: {measured['page_after_new_run_s']:.2f} s")
     deep = (items // 48 - 1) * 48
     cases = {
         "API page 1": "/api/items?limit=48",

@@ -78,13 +78,6 @@ def test_the_query_gives_the_state_and_pages_of_the_in_memory_path(tmp_path, see
         total, rows = table.page(filters, offset=3, limit=7)
         assert (total, rows) == (matching.num_rows, matching.slice(3, 7).to_pylist()), filters
     assert table.collections() == ["a", "b"]
-    early = CollectionTable(output)  # pages served before the catalogues are built read their own rows' catalogues
-    early._fresh()
-    early._ready = lambda wait: False
-    for filters in FILTERS:
-        if not (filters.text or filters.collection):
-            matching = filter_table(expected, filters)
-            assert early.page(filters, offset=3, limit=7) == (matching.num_rows, matching.slice(3, 7).to_pylist())
 
 
 def test_a_new_run_is_folded_in_and_a_later_failure_never_hides_the_done_version(tmp_path):
@@ -174,3 +167,202 @@ def test_an_unreadable_results_file_is_left_out_with_a_warning(tmp_path, caplog)
     caplog.clear()
     table.refresh()
     assert table.page(Filters())[0] == 1 and "not a readable" not in caplog.text  # warned once
+
+
+def _runs_of(output: str) -> list[str]:
+    return [uri.rstrip("/").rsplit("/", 1)[-1] for uri in storage.list_folders(OutputLayout(output).runs)]
+
+
+def _reference_of(output: str, runs: list[str]) -> list:
+    """The in-memory path's state from the first ``runs`` of ``output`` only."""
+    return latest_per_item([declarations.with_columns(pq.read_table(io.BytesIO(storage.read_bytes(
+        OutputLayout(output).run(run).results)))).select(list(browse._read())) for run in runs])
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_runs_folded_in_one_at_a_time_give_the_state_of_a_full_rebuild(tmp_path, seed, monkeypatch):
+    output, history = str(tmp_path / "out"), _history(seed, items=60, runs=5)
+    history.insert(1, [{"item_id": "item-9999", "version": 1, "status": "done", "decision": "approved",
+                        "decided_by": "ann", "decided_at": "2026-02-01T00:00:00+00:00"}])  # decided, never attempted
+    history.append([{"item_id": "item-9999", "version": 1, "status": "failed", "error_message": "late",
+                     "created_at": "2026-01-09T00:00:00+00:00"}])
+    folded = []
+    store = CollectionTable._store
+    monkeypatch.setattr(CollectionTable, "_store", lambda self, files, base: (
+        folded.append((len(files), base is not None)), store(self, files, base))[1])
+    table = CollectionTable(output, state_folder=str(tmp_path / "state"))
+    for run, rows in enumerate(history):
+        write_results(rows, OutputLayout(output).run(f"2026010{run + 1}T000000Z-run{run}").results, csv=False)
+        table.refresh()
+        expected = _reference_of(output, _runs_of(output))
+        assert table.table().to_pylist() == expected.to_pylist(), run
+        total, rows = table.page(Filters(status="done"), offset=2, limit=9)
+        assert (total, rows) == (filter_table(expected, Filters(status="done")).num_rows,
+                                 filter_table(expected, Filters(status="done")).slice(2, 9).to_pylist())
+    assert folded == [(1, False)] + [(1, True)] * (len(history) - 1)  # each run folded into the stored state
+    rebuilt = CollectionTable(output, state_folder=str(tmp_path / "rebuilt")).table()
+    assert table.table().to_pylist() == rebuilt.to_pylist()
+    assert any(row["item_id"] == "item-9999" and row["status"] == "failed" for row in rebuilt.to_pylist())
+    assert len(folded) == len(history) + 1
+
+
+def test_a_restart_opens_the_stored_state_and_folds_in_only_the_runs_published_since(tmp_path, monkeypatch):
+    output, state = str(tmp_path / "out"), str(tmp_path / "state")
+    history = _history(6, items=50, runs=4)
+    _publish(output, history[:3])
+    first = CollectionTable(output, state_folder=state)
+    first.refresh()
+    read = []
+    fold = CollectionTable._fold
+    monkeypatch.setattr(CollectionTable, "_fold", lambda self, files, base: (
+        read.append(([run for run, _, _ in files], base)), fold(self, files, base))[1])
+    again = CollectionTable(output, state_folder=state)
+    assert again.table().to_pylist() == _reference(output).to_pylist() and read == []  # nothing read again
+    write_results(history[3], OutputLayout(output).run("20260104T000000Z-run3").results, csv=False)
+    restarted = CollectionTable(output, state_folder=state)
+    assert restarted.table().to_pylist() == _reference(output).to_pylist()
+    assert read == [(["20260104T000000Z-run3"], 3)]
+
+
+def _damage(path: str) -> None:
+    with open(path, "r+b") as file:
+        file.seek(0)
+        file.write(b"\0" * 4096 + b"not a database")
+
+
+def _with_a_view(path: str) -> None:
+    import duckdb
+
+    connection = duckdb.connect(path)
+    connection.execute("DROP TABLE items")
+    connection.execute("CREATE VIEW items AS SELECT * FROM read_text('/etc/hostname')")
+    connection.close()
+
+
+def _other_format(path: str) -> None:
+    import duckdb
+
+    connection = duckdb.connect(path)
+    connection.execute("UPDATE meta SET value = '0' WHERE key = 'format'")
+    connection.close()
+
+
+def _other_columns(path: str) -> None:
+    import duckdb
+
+    connection = duckdb.connect(path)
+    connection.execute("ALTER TABLE items ADD COLUMN extra VARCHAR DEFAULT 'x'")
+    connection.close()
+
+
+def _runs_dropped(path: str) -> None:
+    import duckdb
+
+    connection = duckdb.connect(path)
+    connection.execute("DELETE FROM items WHERE item_id < 'item-0020'")  # and the runs say nothing of it
+    connection.execute("UPDATE runs SET fingerprint = 'forged' WHERE seq = 0")
+    connection.close()
+
+
+@pytest.mark.parametrize("tamper", [_damage, _with_a_view, _other_format, _other_columns, _runs_dropped])
+def test_a_damaged_or_foreign_stored_state_is_rebuilt_from_the_runs(tmp_path, tamper, caplog):
+    output, state = str(tmp_path / "out"), str(tmp_path / "state")
+    _publish(output, _history(7, items=40, runs=3))
+    expected = _reference(output).to_pylist()
+    stored = CollectionTable(output, state_folder=state)
+    stored.refresh()
+    stored.close()
+    tamper(stored.state_path)
+    caplog.set_level("INFO")
+    table = CollectionTable(output, state_folder=state)
+    assert table.table().to_pylist() == expected
+    assert "is not used" in caplog.text or tamper is _runs_dropped
+    assert CollectionTable(output, state_folder=state).table().to_pylist() == expected  # and stored again, whole
+
+
+def test_a_results_file_replaced_since_the_state_was_stored_rebuilds_it(tmp_path):
+    output, state = str(tmp_path / "out"), str(tmp_path / "state")
+    _publish(output, _history(8, items=30, runs=2))
+    CollectionTable(output, state_folder=state).refresh()
+    write_results([{"item_id": "replaced", "version": 1, "status": "done", "created_at": "2026-01-01T00:00:00+00:00"}],
+                  OutputLayout(output).run("20260101T000000Z-run0").results, csv=False)
+    assert CollectionTable(output, state_folder=state).table().to_pylist() == _reference(output).to_pylist()
+
+
+def test_a_state_folder_others_may_write_is_not_used(tmp_path, caplog):
+    import os
+
+    output, shared = str(tmp_path / "out"), tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    _publish(output, _history(9, items=10, runs=1))
+    table = CollectionTable(output, state_folder=str(shared))
+    assert table.table().num_rows and not table.state_path.startswith(str(shared))
+    assert "only they can write" in caplog.text
+
+
+_READER = """
+import json, sys, time
+from diffcolor.archive.browse import CollectionTable, Filters
+import diffcolor.archive.browse as browse
+browse.REFRESH_SECONDS = 0.0
+table = CollectionTable(sys.argv[1], state_folder=sys.argv[2])
+seen, deadline = [], time.monotonic() + 60
+while time.monotonic() < deadline:
+    total, rows = table.page(Filters(), offset=1, limit=15)
+    seen.append([[run for run, _ in table._covered], total, rows])
+    if len(table._covered) == int(sys.argv[3]):
+        break
+print(json.dumps(seen))
+"""
+
+
+def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    output, state = str(tmp_path / "out"), str(tmp_path / "state")
+    history = _history(10, items=80, runs=5)
+    _publish(output, history[:1])
+    CollectionTable(output, state_folder=state).refresh()
+    readers = [subprocess.Popen([sys.executable, "-c", _READER, output, state, str(len(history))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) for _ in range(3)]
+    for run in range(1, len(history)):
+        time.sleep(0.3)
+        write_results(history[run], OutputLayout(output).run(f"2026010{run + 1}T000000Z-run{run}").results,
+                      csv=False)
+    expected = {}
+    for reader in readers:
+        out, err = reader.communicate(timeout=120)
+        assert reader.returncode == 0, err[-2000:]
+        seen = json.loads(out)
+        assert seen[-1][0] == _runs_of(output)  # every run folded in at last
+        for covered, total, rows in seen:
+            key = tuple(covered)
+            if key not in expected:
+                assert list(key) == _runs_of(output)[:len(key)]
+                state_rows = _reference_of(output, list(key))
+                expected[key] = (state_rows.num_rows, json.loads(json.dumps(state_rows.slice(1, 15).to_pylist())))
+            assert (total, rows) == expected[key], key
+
+
+def test_an_output_without_runs_is_an_empty_collection(tmp_path):
+    table = CollectionTable(str(tmp_path / "out"), state_folder=str(tmp_path / "state"))
+    assert table.page(Filters()) == (0, []) and table.collections() == [] and table.table().num_rows == 0
+
+
+def test_a_state_built_in_parts_equals_one_built_whole(tmp_path, monkeypatch):
+    output = str(tmp_path / "out")
+    _publish(output, _history(11, items=90, runs=3))
+    whole = CollectionTable(output, state_folder=str(tmp_path / "whole")).table().to_pylist()
+    monkeypatch.setattr(browse, "PART_ITEMS", 13)  # item id ranges of 13 items, folded one after the other
+    in_parts = CollectionTable(output, state_folder=str(tmp_path / "parts"))
+    assert in_parts.table().to_pylist() == whole == _reference(output).to_pylist()
+    write_results(_history(12, items=90, runs=1)[0], OutputLayout(output).run("20260109T000000Z-late").results,
+                  csv=False)
+    in_parts.refresh()  # a run folded into the stored state, in parts too
+    assert in_parts.table().to_pylist() == _reference(output).to_pylist()

@@ -16,24 +16,33 @@ its current state, which a later skip or failure never hides:
   ``collection``), from the latest attempt that has one;
 - the latest decision (``decision``, ``decided_version``, ``decided_by``, ``decided_at``).
 
-:class:`CollectionTable` queries the runs' results files where they lie
-(DuckDB over Parquet, local or through the output's fsspec filesystem): a
-refresh that finds a new run rebuilds the state inside DuckDB, and a page is
-one query with its filters, order and limit, so only the page's rows become
-Python objects (first page about 2 s at a million records on two busy cores,
-peak memory under 1 GiB: ``python -m review.bench --items 1000000``).
-:func:`latest_per_item` and :func:`filter_table` are the same rules over an
+:class:`CollectionTable` keeps this state in a DuckDB database file in a local
+cache folder (:func:`default_state_folder`), built from the runs' results
+files where they lie (DuckDB over Parquet, local or through the output's
+fsspec filesystem) and naming the runs it covers. A restart opens it after
+checking it against the runs (first page about 0.5 s at a million records on
+two busy cores); a new run is folded in from its own rows alone; a state that
+does not check (damaged, another format, a run changed or missing) is rebuilt
+from every run. A page is one query with its filters, order and limit, so only
+the page's rows become Python objects; peak memory stays under 1 GiB
+(``python -m review.bench --items 1000000``). :func:`latest_per_item` and
+:func:`filter_table` are the same rules over an
 in-memory Arrow table.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
+import os
+import shutil
+import stat
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 
@@ -49,6 +58,7 @@ logger = logging.getLogger(__name__)
 _READ = ("item_id", "version", "status", "error_class", "error_message", "caption", "target_prompt", "smoke_run",
          "created_at", "decision", "decided_by", "decided_at", "record_json")
 CATALOGUE_FIRST = ("title", "accession_number", "creator", "date", "collection")
+PART_ITEMS = 200_000  # ours: items folded at once, so that a million-item state builds within the memory limit
 REFRESH_SECONDS = 2.0  # ours: at most one listing of runs/ per two seconds, however many pages are served
 
 
@@ -192,66 +202,141 @@ def filter_table(table: pa.Table, filters: Filters) -> pa.Table:
     return table.filter(mask)
 
 
-# Each row's place in the history: its run's position (oldest first), then its row in the run's file.
-_ORD = "(list_position($paths, filename) - 1) * 4294967296 + file_row_number"
+# The stored state: a DuckDB database file per output root, in a local cache folder, holding per item its state
+# (the ``items`` table: what a page shows, and what folding in a later run needs) and the runs folded into it.
+# Bump STATE_FORMAT whenever these tables or the rules that fill them change: a file of another format is rebuilt.
+STATE_FORMAT = "1"
+_FOLDED = ("item_id", "decision", "decided_by", "decided_at", "record_json")
+_BEST = "STRUCT(version BIGINT, done BOOLEAN, ord BIGINT)"
+
+# Each row's place in the history: its run's position among the runs folded in (oldest first), then its row in
+# the run's file; a run published later takes the next positions, so a state folded from the first runs stays
+# valid when the later ones are folded into it.
+_ORD = "($base + list_position($paths, filename) - 1) * 4294967296 + file_row_number"
 _SOURCE = "read_parquet($paths, filename = true, file_row_number = true, union_by_name = true)"
 
-# The per-item state but the catalogue, in one pass over the narrow columns (record_json is not read): per item,
-# its latest attempt, its current version's row (the highest version done or skipped as done; its latest done row,
-# else its latest skip) and its latest decision (a review run's rows repeat a decided version: they carry
-# decisions, not outcomes).
-_ITEMS_SQL = """
-CREATE OR REPLACE TABLE items AS
-WITH rows AS NOT MATERIALIZED (
+
+def _own() -> list[str]:
+    """The columns of an item's current row that the table shows as they are (``status`` aside)."""
+    return [name for name in _read() if name not in _FOLDED]
+
+
+def _schema_sql(schema: str) -> list[str]:
+    """The stored state's tables in ``schema``: ``items`` (typed like the declared results columns), ``runs``
+    (position, run folder name, fingerprint of its results file) and ``meta`` (format and output root)."""
+    own = ", ".join(f'"{name}"' for name in _own())
+    return [f"""CREATE TABLE {schema}.items AS SELECT item_id, {own}, NULL::{_BEST} AS _best,
+                NULL::BIGINT AS _own_ord, NULL::BIGINT AS _latest_ord, status AS _latest_status,
+                error_message AS _latest_error, created_at AS _latest_at, decision, version AS decided_version,
+                decided_by, decided_at, NULL::BIGINT AS _decided_ord, NULL::JSON AS _own_catalogue,
+                NULL::JSON AS _latest_catalogue, NULL::VARCHAR AS catalogue_text, NULL::VARCHAR AS collection
+                FROM temp.declared LIMIT 0""",
+            f"CREATE TABLE {schema}.runs (seq BIGINT, run VARCHAR, fingerprint VARCHAR)",
+            f"CREATE TABLE {schema}.meta (key VARCHAR, value VARCHAR)"]
+
+
+# Folding runs into the state, from the new runs' results files where they lie. Per item, of the new rows: the
+# latest attempt, the best done one (the highest version done or skipped as done; its latest done row, else its
+# latest skip) and the latest decision (a review run's rows repeat a decided version: they carry decisions, not
+# outcomes), from the narrow columns; merged with the item's stored state: the better of the two current versions,
+# the new latest attempt and decision where there are new ones; an item never done shows its latest attempt. Then
+# the rows chosen are read whole (their record JSON only for their catalogues).
+_ROWS = """rows AS NOT MATERIALIZED (
     SELECT * EXCLUDE (record_json), {ord} AS ord
-    FROM (SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM declared)),
-picked AS MATERIALIZED (
-    SELECT item_id, latest, coalesce(best, latest) AS own, best IS NOT NULL AS done, decided
-    FROM (SELECT item_id, max(ord) FILTER (WHERE decision IS NULL) AS latest,
-                 arg_max(ord, {{'version': coalesce(version, 0), 'done': status = 'done', 'ord': ord}})
-                     FILTER (WHERE decision IS NULL AND status IN ('done', 'skipped_done')) AS best,
-                 max(ord) FILTER (WHERE decision IS NOT NULL) AS decided
-          FROM rows GROUP BY item_id)
-    WHERE latest IS NOT NULL)
-SELECT picked.item_id, {current},
-       CASE WHEN picked.latest <> picked.own THEN latest.status END AS latest_status,
-       CASE WHEN picked.latest <> picked.own THEN latest.error_message END AS latest_error,
-       CASE WHEN picked.latest <> picked.own THEN latest.created_at END AS latest_at,
-       decided.decision AS decision, decided.version AS decided_version, decided.decided_by AS decided_by,
-       decided.decided_at AS decided_at, picked.latest AS latest_ord, picked.own AS own_ord
-FROM picked JOIN rows AS own ON own.ord = picked.own
-JOIN (SELECT ord, status, error_message, created_at FROM rows) AS latest ON latest.ord = picked.latest
-LEFT JOIN (SELECT ord, decision, version, decided_by, decided_at FROM rows) AS decided ON decided.ord = picked.decided
+    FROM (SELECT * FROM {source} UNION ALL BY NAME SELECT * FROM temp.declared))"""
+_PLAN_SQL = """
+CREATE OR REPLACE TEMP TABLE plan AS
+WITH {rows},
+picked AS (
+    SELECT item_id, max(ord) FILTER (WHERE decision IS NULL) AS latest,
+           max({{'version': coalesce(version, 0)::BIGINT, 'done': status = 'done', 'ord': ord::BIGINT}})
+               FILTER (WHERE decision IS NULL AND status IN ('done', 'skipped_done')) AS best,
+           max(ord) FILTER (WHERE decision IS NOT NULL) AS decided
+    FROM rows GROUP BY item_id),
+chosen AS (
+    SELECT picked.*, old._best AS best_old,
+           CASE WHEN best IS NOT NULL AND (old._best IS NULL OR best > old._best) THEN best END AS best_new
+    FROM picked LEFT JOIN state.items AS old ON old.item_id = picked.item_id)
+SELECT item_id, latest, decided, best_old, best_new,
+       CASE WHEN best_new IS NOT NULL THEN best_new.ord WHEN best_old IS NOT NULL THEN NULL ELSE latest END AS own_new,
+       (row_number() OVER (ORDER BY item_id) - 1) // $part_items AS part
+FROM chosen
+"""
+_CATALOGUES_SQL = """
+CREATE OR REPLACE TEMP TABLE catalogues AS
+SELECT ord, json_extract(record_json, '$.catalogue') AS catalogue
+FROM (SELECT record_json, {ord} AS ord FROM {source})
+WHERE ord IN (SELECT own_new FROM temp.plan WHERE part = $part UNION ALL SELECT latest FROM temp.plan WHERE part = $part)
+"""
+_MERGED_SQL = """
+WITH {rows},
+raw AS (
+    SELECT plan.item_id, {own},
+           CASE WHEN own_new IS NULL THEN old.status WHEN coalesce(best_new, best_old) IS NOT NULL THEN 'done'
+                ELSE own.status END AS status,
+           coalesce(best_new, best_old) AS _best, coalesce(own_new, old._own_ord) AS _own_ord,
+           coalesce(plan.latest, old._latest_ord) AS _latest_ord,
+           CASE WHEN plan.latest IS NULL THEN old._latest_status ELSE latest.status END AS _latest_status,
+           CASE WHEN plan.latest IS NULL THEN old._latest_error ELSE latest.error_message END AS _latest_error,
+           CASE WHEN plan.latest IS NULL THEN old._latest_at ELSE latest.created_at END AS _latest_at,
+           CASE WHEN plan.decided IS NULL THEN old.decision ELSE decided.decision END AS decision,
+           CASE WHEN plan.decided IS NULL THEN old.decided_version ELSE decided.version END AS decided_version,
+           CASE WHEN plan.decided IS NULL THEN old.decided_by ELSE decided.decided_by END AS decided_by,
+           CASE WHEN plan.decided IS NULL THEN old.decided_at ELSE decided.decided_at END AS decided_at,
+           coalesce(plan.decided, old._decided_ord) AS _decided_ord,
+           CASE WHEN own_new IS NULL THEN old._own_catalogue ELSE own_catalogue.catalogue END AS _own_catalogue,
+           CASE WHEN plan.latest IS NULL THEN old._latest_catalogue ELSE latest_catalogue.catalogue
+                END AS _latest_catalogue
+    FROM (SELECT * FROM temp.plan WHERE part = $part) AS plan
+    LEFT JOIN state.items AS old ON old.item_id = plan.item_id
+    LEFT JOIN (SELECT * FROM rows WHERE ord IN (SELECT own_new FROM temp.plan WHERE part = $part)) AS own
+        ON own.ord = plan.own_new
+    LEFT JOIN (SELECT ord, status, error_message, created_at FROM rows
+               WHERE ord IN (SELECT latest FROM temp.plan WHERE part = $part)) AS latest ON latest.ord = plan.latest
+    LEFT JOIN (SELECT ord, decision, version, decided_by, decided_at FROM rows
+               WHERE ord IN (SELECT decided FROM temp.plan WHERE part = $part)) AS decided
+        ON decided.ord = plan.decided
+    LEFT JOIN temp.catalogues AS own_catalogue ON own_catalogue.ord = plan.own_new
+    LEFT JOIN temp.catalogues AS latest_catalogue ON latest_catalogue.ord = plan.latest),
+-- the catalogue describes the object, not a version: the latest attempt's when it has one, else the current row's;
+-- its text from the known fields alone (one parse) where it has no others
+mapped AS (
+    SELECT *, CASE WHEN json_type(shown) = 'OBJECT' THEN json_extract(shown, {known}) END AS known,
+           CASE WHEN json_type(shown) = 'OBJECT' THEN json_keys(shown) END AS keys
+    FROM (SELECT *, CASE WHEN catalogue_nonempty(_latest_catalogue) THEN _latest_catalogue
+                         ELSE _own_catalogue END AS shown FROM raw))
+SELECT * EXCLUDE (shown, known, keys),
+       CASE WHEN known IS NULL THEN ''
+            WHEN len(keys) = {present} THEN concat_ws('; ', {parts})
+            ELSE coalesce(catalogue_text(shown::MAP(VARCHAR, JSON)), '') END AS catalogue_text,
+       catalogue_value(known[{collection}]) AS collection
+FROM mapped ORDER BY item_id
 """
 
-# The catalogue shown for the items ``want`` names: the latest attempt's when it has one, else the current row's.
-_CATALOGUE_SQL = """
-WITH raw AS MATERIALIZED (
-    SELECT ord, record_json, json_extract(record_json, '$.catalogue') AS catalogue
-    FROM (SELECT record_json, {ord} AS ord FROM {source} {pushed})
-    WHERE ord IN (SELECT latest_ord FROM want UNION ALL SELECT own_ord FROM want)),
-chosen AS (
-    SELECT want.item_id, CASE WHEN latest.record_json IS DISTINCT FROM own.record_json
-                                   AND catalogue_nonempty(latest.catalogue)
-                              THEN latest.catalogue ELSE own.catalogue END AS catalogue
-    FROM want LEFT JOIN raw AS latest ON latest.ord = want.latest_ord LEFT JOIN raw AS own ON own.ord = want.own_ord),
-mapped AS (SELECT item_id, CASE WHEN json_type(catalogue) = 'OBJECT' THEN catalogue::MAP(VARCHAR, JSON) END AS m
-           FROM chosen)
-SELECT item_id, coalesce(catalogue_text(m), '') AS catalogue_text, catalogue_value(m['collection']) AS collection
-FROM mapped
-"""
+def _merged_sql() -> str:
+    """The query of the folded state of the items the new runs name (their current row first, then the stored
+    state's), ordered by item id."""
+    own = ", ".join(f'CASE WHEN own_new IS NULL THEN old."{name}" ELSE own."{name}" END AS "{name}"'
+                    for name in _own() if name != "status")
+    return _MERGED_SQL.format(
+        rows=_ROWS.format(ord=_ORD, source=_SOURCE), own=own, known=[f"$.{key}" for key in CATALOGUE_FIRST],
+        present=" + ".join(f"(known[{index}] IS NOT NULL)::INTEGER" for index in range(1, len(CATALOGUE_FIRST) + 1)),
+        parts=", ".join(f"'{key.replace('_', ' ')}: ' || catalogue_value(known[{index}])"
+                        for index, key in enumerate(CATALOGUE_FIRST, 1)),
+        collection=CATALOGUE_FIRST.index("collection") + 1)
+
 
 # A catalogue value (JSON) as Python's f"{value}" writes it (strings as they are, True/False); null for null or "".
-_MACROS = ("""CREATE OR REPLACE MACRO catalogue_value(v) AS CASE
+_MACROS = ("""CREATE OR REPLACE TEMP MACRO catalogue_value(v) AS CASE
                WHEN v IS NULL OR json_type(v) = 'NULL' THEN NULL
                WHEN json_type(v) = 'BOOLEAN' THEN CASE WHEN v::BOOLEAN THEN 'True' ELSE 'False' END
                ELSE nullif(json_extract_string(v, '$'), '') END""",
-           """CREATE OR REPLACE MACRO catalogue_nonempty(c) AS CASE json_type(c)
+           """CREATE OR REPLACE TEMP MACRO catalogue_nonempty(c) AS CASE json_type(c)
                WHEN 'OBJECT' THEN len(json_keys(c)) > 0 WHEN 'ARRAY' THEN json_array_length(c) > 0
                WHEN 'VARCHAR' THEN json_extract_string(c, '$') <> '' WHEN 'BIGINT' THEN c::DOUBLE <> 0
                WHEN 'UBIGINT' THEN c::DOUBLE <> 0 WHEN 'DOUBLE' THEN c::DOUBLE <> 0
                WHEN 'BOOLEAN' THEN c::BOOLEAN ELSE false END""",
-           f"""CREATE OR REPLACE MACRO catalogue_text(m) AS array_to_string(
+           f"""CREATE OR REPLACE TEMP MACRO catalogue_text(m) AS array_to_string(
                list_transform(list_filter(list_concat(
                    list_filter({list(CATALOGUE_FIRST)}, k -> list_contains(map_keys(m), k)),
                    list_sort(list_filter(map_keys(m), k -> NOT list_contains({list(CATALOGUE_FIRST)}, k)))),
@@ -259,21 +344,18 @@ _MACROS = ("""CREATE OR REPLACE MACRO catalogue_value(v) AS CASE
                    k -> replace(k, '_', ' ') || ': ' || catalogue_value(m[k])), '; ')""")
 
 
-def _items_sql(source: str) -> str:
-    """The query that builds the per-item state (the catalogue aside) from ``source`` (the rows of every run)."""
-    own = [name for name in _read() if name not in ("item_id", "decision", "decided_by", "decided_at", "record_json")]
-    current = ["CASE WHEN picked.done THEN 'done' ELSE own.status END AS status" if name == "status" else
-               f'own."{name}"' for name in own]
-    return _ITEMS_SQL.format(ord=_ORD, source=source, current=", ".join(current))
-
-
-def _catalogue_sql(*, pushed: str = "") -> str:
-    return _CATALOGUE_SQL.format(ord=_ORD, source=_SOURCE, pushed=pushed)
+def _shown() -> str:
+    """The columns a page shows, from the stored state (the latest attempt only where it is another row)."""
+    own = ", ".join(f'"{name}"' for name in _own())
+    return (f"item_id, {own}, CASE WHEN _latest_ord <> _own_ord THEN _latest_status END AS latest_status, "
+            "CASE WHEN _latest_ord <> _own_ord THEN _latest_error END AS latest_error, "
+            "CASE WHEN _latest_ord <> _own_ord THEN _latest_at END AS latest_at, "
+            "decision, decided_version, decided_by, decided_at, catalogue_text, collection")
 
 
 def _where(filters: Filters) -> tuple[str, list]:
     """The SQL condition and its parameters for ``filters``. Raises ValueError naming an unknown metric."""
-    conditions, values = ["true"], []
+    conditions, values = ["_latest_ord IS NOT NULL"], []  # an item with decisions only is not shown
     if filters.status:
         conditions.append("status = ?")
         values.append(filters.status)
@@ -303,49 +385,175 @@ def _where(filters: Filters) -> tuple[str, list]:
     return " AND ".join(conditions), values
 
 
+def default_state_folder() -> str:
+    """Where the collection states are kept: ``DIFFCOLOR_CACHE/review`` (else ``XDG_CACHE_HOME`` or
+    ``~/.cache``, then ``diffcolor/review``): a local folder of this user's, whatever the output's storage."""
+    root = os.environ.get("DIFFCOLOR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffcolor")
+    return os.path.join(root, "review")
+
+
+def _private(folder: str) -> bool:
+    """Whether ``folder`` (made if missing, owner only) is this user's and writable by no one else: a state file
+    another user could replace is not read."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        status = os.lstat(folder)
+    except OSError as error:
+        logger.warning("cannot use %s for the collection state: %s", folder, error)
+        return False
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o022:
+        logger.warning("%s is not a folder of this user's that only they can write: the collection state is kept "
+                       "in a temporary folder instead", folder)
+        return False
+    return True
+
+
+class StaleState(Exception):
+    """A stored state that is not one this module wrote for this output (another format, edited, damaged)."""
+
+
 class CollectionTable:
     """The browsable table of one output root, refreshed from new runs (at most every REFRESH_SECONDS).
 
-    The runs' results files are queried where they lie (DuckDB's ``read_parquet``,
-    through the output's fsspec filesystem when it is not local). A refresh that
-    finds a new run rebuilds the per-item state as a table inside DuckDB from the
-    narrow columns; the catalogues (parsed from each shown row's record JSON, the
-    costly part) are then built in the background. Until they are, a page reads
-    the record JSON of its own rows only (the scan skips to those rows), and a
-    filter by text or collection waits for them. A page is one query with the
-    filters, the order and the limit in it; only the page's rows become Python
-    objects.
+    The per-item state is stored in a DuckDB database file in a local cache folder
+    (:func:`default_state_folder`; ``state_folder`` chooses another), keyed by the
+    output root and naming the runs folded into it with their results files'
+    fingerprints (size and modification time or ETag). At start the stored state
+    is used when it is consistent with the output: the format this code writes,
+    only tables of the expected columns (no views, macros or constraints), its runs
+    still there unchanged and every other run later than them. A refresh that finds
+    new runs folds only those in (their rows read from the results files where they
+    lie, through the output's fsspec filesystem when not local); any other change
+    (a run gone, changed or inserted before the last one folded, a damaged file)
+    rebuilds the state from every run. A new state is written beside the stored
+    one under a private name and renamed over it, so processes sharing the folder
+    each read a whole state; pages are read with file access disabled, so a
+    tampered state file can make a page wrong but cannot make it read anything
+    else. A page is one query with its filters, order and limit; only the page's
+    rows become Python objects.
     """
 
-    def __init__(self, output: str, *, memory_limit: str = "512MB"):
+    def __init__(self, output: str, *, memory_limit: str = "512MB", state_folder: str | None = None):
         import duckdb
 
         self.output = output
         self._spill = tempfile.TemporaryDirectory(prefix="diffcolor-review-")  # removed with this table
-        self._runs: list[str] = []
+        folder = state_folder or default_state_folder()
+        folder = folder if _private(folder) else self._spill.name
+        key = hashlib.sha256(f"{STATE_FORMAT}\0{output}".encode()).hexdigest()[:32]
+        self.state_path = os.path.join(folder, f"collection-{key}.duckdb")
+        self._memory_limit = memory_limit
+        self._covered: list[tuple[str, str]] = []  # (run, fingerprint) folded into the open state, oldest first
+        self._verified = False  # whether the open state's runs were checked against the output
         self._unreadable: set[str] = set()
-        self._paths: list[str] = []
-        self._catalogues: threading.Thread | None = None
-        self._failed: BaseException | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open state file
+        self._handle = None  # the open state file (copied when new runs are folded in)
+        self._collections: list[str] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
-        self._con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": self._spill.name,
-                                           "preserve_insertion_order": False, "autoinstall_known_extensions": False,
-                                           "autoload_known_extensions": False})
-        fs, _ = storage.filesystem(output)
-        self._local = storage._is_local(fs)
-        if not self._local:
-            self._con.register_filesystem(fs)
-        for macro in _MACROS:
-            self._con.execute(macro)
-        declared = declarations.with_columns(pa.table({"item_id": pa.array([], pa.string())})).select(list(_read()))
-        self._con.register("declared_arrow", declared)
-        self._con.execute("CREATE TABLE declared AS SELECT * FROM declared_arrow")
-        self._con.unregister("declared_arrow")
-        self._build([])
-        # a query still running when the interpreter exits aborts it: interrupt it and wait
+        self._builder = None  # reads the runs, writes states: made when first needed (a restart may not)
+        self._local = storage._is_local(storage.filesystem(output)[0])
+        self._con = None
+        self._open()
+        # a query still running when the interpreter exits aborts it: interrupt it
         atexit.register(_stop, weakref.ref(self))
 
+    def _connect(self):
+        """A DuckDB connection in memory (spilling to this table's temporary folder) with the declared results
+        columns as the empty table ``temp.declared``."""
+        import duckdb
+
+        connection = duckdb.connect(config={
+            "memory_limit": self._memory_limit, "temp_directory": self._spill.name,
+            "preserve_insertion_order": False, "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False})
+        connection.execute("SET enable_progress_bar = false")
+        connection.execute(f"CREATE TEMP TABLE declared ({_declared_columns()})")
+        return connection
+
+    @property
+    def _build(self):
+        if self._builder is None:
+            self._builder = self._connect()
+            if not self._local:
+                self._builder.register_filesystem(storage.filesystem(self.output)[0])
+            for macro in _MACROS:
+                self._builder.execute(macro)
+        return self._builder
+
+    # 1. The stored state: opened read-only, checked, or none.
+
+    def _open(self) -> bool:
+        """Opens the stored state when there is one that passes :meth:`_check`; else keeps the open one (if any)."""
+        import duckdb
+
+        try:
+            handle = open(self.state_path, "rb")  # noqa: SIM115  (kept open: the file this state was read from)
+        except FileNotFoundError:
+            return False
+        identity = _identity(handle)
+        if identity == self._identity:
+            handle.close()
+            return True
+        connection = self._connect()
+        try:
+            expected = _expected_schema(connection)
+            connection.execute(f"ATTACH {_literal(self.state_path)} AS state (READ_ONLY)")
+            # what the file holds is data, never code or a path to read: no file access from here on
+            connection.execute("SET enable_external_access = false")
+            connection.execute("SET lock_configuration = true")
+            if _identity(self.state_path) != identity:
+                raise StaleState("replaced while it was opened")
+            covered = self._check(connection, expected)
+        except (duckdb.Error, StaleState, OSError) as error:
+            connection.close()
+            handle.close()
+            logger.info("the stored collection state %s is not used (%s)", self.state_path,
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return False
+        if self._con is not None:
+            self._con.close()
+            self._handle.close()
+        self._con, self._handle, self._covered, self._verified = connection, handle, covered, False
+        self._identity, self._collections = identity, None
+        return True
+
+    def _check(self, connection, expected: dict[str, list]) -> list[tuple[str, str]]:
+        """The runs the attached state covers. Raises StaleState where it is not a state this code wrote for this
+        output: other tables or columns, constraints, another format or output, runs out of order. (Views and
+        macros in it are never run: the queries name its tables, ``state.items``, and its macros are not on the
+        search path.)"""
+        tables = sorted(name for (name,) in connection.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = 'state'").fetchall())
+        [(constraints,)] = connection.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE database_name = 'state'").fetchall()
+        if constraints or tables != sorted(expected):
+            raise StaleState(f"holds the tables {tables} and {constraints} constraints")
+        for name, columns in expected.items():
+            if connection.execute(f"DESCRIBE state.{name}").fetchall() != columns:
+                raise StaleState(f"its {name} table has other columns")
+        meta = dict(connection.execute("SELECT key, value FROM state.meta").fetchall())
+        if meta != {"format": STATE_FORMAT, "output": self.output}:
+            raise StaleState(f"it is format {meta.get('format')!r} of {meta.get('output')!r}")
+        runs = connection.execute("SELECT seq, run, fingerprint FROM state.runs ORDER BY seq").fetchall()
+        if [seq for seq, _, _ in runs] != list(range(len(runs))) or [run for _, run, _ in runs] != sorted(
+                {run for _, run, _ in runs}):
+            raise StaleState("its runs are out of order")
+        return [(run, fingerprint) for _, run, fingerprint in runs]
+
+    def close(self) -> None:
+        """Closes the state and the query engine (the stored state stays for the next start)."""
+        with self._lock:
+            for connection in (self._con, self._builder):
+                if connection is not None:
+                    connection.close()
+            if self._handle is not None:
+                self._handle.close()
+            self._con = self._builder = self._handle = self._identity = None
+            self._covered = []
+
+    # 2. The runs of the output, and which of them the state lacks.
     def refresh(self) -> None:
         """Re-lists ``runs/`` now and folds in any new run."""
         with self._lock:
@@ -357,24 +565,44 @@ class CollectionTable:
                 self._refresh()
 
     def _refresh(self) -> None:
+        self._open()  # a state another process stored meanwhile
+        files = self._listed()
+        covered = [(run, fingerprint) for run, _, fingerprint in files]
+        if self._con is None or covered != self._covered:
+            if self._con is not None and covered[:len(self._covered)] == self._covered:
+                self._store(files[len(self._covered):], base=self._covered)
+            else:
+                self._store(files, base=None)
+        self._verified = True
+        self._checked = time.monotonic()
+
+    def _listed(self) -> list[tuple[str, str, str]]:
+        """``(run, results URI, fingerprint)`` of the runs with a readable results file, oldest first; the open
+        state's runs keep the fingerprints checked once (results files are published whole, never rewritten)."""
         try:  # a runs/ folder or run that is a link out of the output is not read (storage.confine)
             runs = storage.list_folders(storage.confine(self.output, OutputLayout(self.output).runs))
         except storage.OutsideRootError as error:
             logger.warning("%s", error)
             runs = []
+        known = dict(self._covered) if self._verified else {}
         files = []
         for run in sorted(runs):
+            name = run.rstrip("/").rsplit("/", 1)[-1]
             try:
                 uri = storage.confine(self.output, RunLayout(run).results)
             except storage.OutsideRootError as error:
                 logger.warning("%s", error)
                 continue
-            if run in self._runs or (run not in self._unreadable and storage.exists(uri) and self._readable(run, uri)):
-                files.append((run, uri))  # a run under way has no results yet: look again next time
-        if [run for run, _ in files] != self._runs:
-            self._build([storage.filesystem(uri)[1] if self._local else uri for _, uri in files])
-            self._runs = [run for run, _ in files]
-        self._checked = time.monotonic()
+            if name in known:
+                files.append((name, uri, known[name]))
+            elif name not in self._unreadable:
+                fingerprint = _fingerprint(uri)  # a run under way has no results yet: look again next time
+                if fingerprint is not None and (name in dict(self._covered) or self._readable(name, uri)):
+                    files.append((name, uri, fingerprint))
+        return files
+
+    def _path(self, uri: str) -> str:
+        return storage.filesystem(uri)[1] if self._local else uri
 
     def _readable(self, run: str, uri: str) -> bool:
         """Whether the results file of a new run is Parquet (its footer read); one that is not is left out, once
@@ -382,8 +610,7 @@ class CollectionTable:
         import duckdb
 
         try:
-            self._con.execute("SELECT count(*) FROM parquet_schema(?)",
-                              [storage.filesystem(uri)[1] if self._local else uri]).fetchall()
+            self._build.execute("SELECT count(*) FROM parquet_schema(?)", [self._path(uri)]).fetchall()
             return True
         except duckdb.Error as error:
             logger.warning("%s is not a readable results table, left out of the collection: %s", storage.redact(uri),
@@ -391,45 +618,68 @@ class CollectionTable:
             self._unreadable.add(run)
             return False
 
-    def _build(self, paths: list[str]) -> None:
-        """Rebuilds the ``items`` table from the results files ``paths`` (oldest run first), then, in the
-        background, its catalogues."""
-        if self._catalogues is not None:
-            self._catalogues.join()
-        self._con.execute("DROP TABLE IF EXISTS catalogues")
-        if not paths:
-            self._con.execute(_items_sql("(SELECT *, NULL::VARCHAR AS filename, NULL::BIGINT AS file_row_number "
-                                         "FROM declared)"), {"paths": []})
-            self._con.execute("CREATE TABLE catalogues (item_id VARCHAR, catalogue_text VARCHAR, collection VARCHAR)")
-            self._paths, self._catalogues = paths, None
-            return
-        self._con.execute(_items_sql(_SOURCE), {"paths": paths})
-        self._paths, self._failed = paths, None
-        cursor = self._con.cursor()
-
-        def build() -> None:
+    # 3. A new state: the stored one (or none) with the new runs folded in, stored whole under a private name,
+    # then renamed over the stored one.
+    def _store(self, files: list[tuple[str, str, str]], base: list[tuple[str, str]] | None) -> None:
+        staging = f"{self.state_path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        _remove_stale_staging(self.state_path)
+        try:
+            if base is not None:  # the open state's own file (the path may name a newer one by now)
+                self._copy_open_state(staging)
+            self._build.execute(f"ATTACH {_literal(staging)} AS state")
             try:
-                cursor.execute("CREATE TABLE catalogues AS " + _catalogue_sql().replace(
-                    "WITH raw", "WITH want AS (SELECT item_id, latest_ord, own_ord FROM items), raw", 1),
-                    {"paths": paths})
-            except BaseException as error:  # noqa: BLE001  (raised where the catalogues are needed)
-                self._failed = error
+                if base is None:
+                    for statement in _schema_sql("state"):
+                        self._build.execute(statement)
+                    self._build.execute("INSERT INTO state.meta VALUES ('format', ?), ('output', ?)",
+                                        [STATE_FORMAT, self.output])
+                self._fold(files, len(base or ()))
+                self._build.execute("CHECKPOINT state")
             finally:
-                cursor.close()
+                self._build.execute("DETACH state")
+            os.replace(staging, self.state_path)
+        finally:
+            for leftover in (staging, staging + ".wal"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+        # another process may store its state meanwhile: whichever is there now is opened (a whole one, checked)
+        if not any(self._open() for _ in range(3)):
+            logger.warning("the collection state %s changed while it was opened; looking again at the next refresh",
+                           self.state_path)
 
-        self._catalogues = threading.Thread(target=build, name="catalogues", daemon=True)
-        self._catalogues.start()
-        self._cursor = cursor
+    def _copy_open_state(self, staging: str) -> None:
+        """Copies the open state's file (the one checked, whatever the path names now) to ``staging``."""
+        self._handle.seek(0)
+        with open(staging, "xb") as target:
+            shutil.copyfileobj(self._handle, target, 1 << 20)
 
-    def _ready(self, wait: bool) -> bool:
-        """Whether the catalogues table is built (waiting for it when ``wait``)."""
-        if self._catalogues is not None and (wait or not self._catalogues.is_alive()):
-            self._catalogues.join()
-            self._catalogues = None
-            if self._failed is not None:
-                raise self._failed
-        return self._catalogues is None
+    def _fold(self, files: list[tuple[str, str, str]], base: int) -> None:
+        """Folds the runs ``files`` (oldest first, later than every run the attached state covers) into it."""
+        paths = [self._path(uri) for _, uri, _ in files]
+        if paths:
+            parameters = {"paths": paths, "base": base}
+            self._build.execute(_PLAN_SQL.format(rows=_ROWS.format(ord=_ORD, source=_SOURCE)),
+                                {**parameters, "part_items": PART_ITEMS})
+            [(parts,)] = self._build.execute("SELECT coalesce(max(part) + 1, 0) FROM temp.plan").fetchall()
+            merged = _merged_sql()
+            if base:  # the items the new runs name are replaced
+                self._build.execute("CREATE OR REPLACE TEMP TABLE merged AS SELECT * FROM state.items LIMIT 0")
+            for part in range(parts):  # item id ranges of PART_ITEMS, each folded whole in bounded memory
+                self._build.execute(_CATALOGUES_SQL.format(ord=_ORD, source=_SOURCE), {**parameters, "part": part})
+                self._build.execute(f"INSERT INTO {'temp.merged' if base else 'state.items'} BY NAME {merged}",
+                                    {**parameters, "part": part})
+                if not base:
+                    self._build.execute("CHECKPOINT state")  # the part written out: its memory is free again
+            if base:
+                self._build.execute("DELETE FROM state.items WHERE item_id IN (SELECT item_id FROM temp.plan)")
+                self._build.execute("INSERT INTO state.items BY NAME SELECT * FROM temp.merged ORDER BY item_id")
+                self._build.execute("DROP TABLE temp.merged")
+            self._build.execute("DROP TABLE temp.plan; DROP TABLE IF EXISTS temp.catalogues")
+        if files:
+            self._build.executemany("INSERT INTO state.runs VALUES (?, ?, ?)", [
+                [base + index, run, fingerprint] for index, (run, _, fingerprint) in enumerate(files)])
 
+    # 4. Pages.
     def table(self, *, refresh: bool = False) -> pa.Table:
         """The whole table as Arrow (every row: for tests and exports, not for pages)."""
         if refresh:
@@ -437,8 +687,7 @@ class CollectionTable:
         else:
             self._fresh()
         with self._lock:
-            self._ready(wait=True)
-            return _arrow(self._con.execute(f"SELECT {_SHOWN} FROM items LEFT JOIN catalogues USING (item_id) "
+            return _arrow(self._con.execute(f"SELECT {_shown()} FROM state.items WHERE _latest_ord IS NOT NULL "
                                             "ORDER BY item_id"))
 
     def page(self, filters: Filters, offset: int = 0, limit: int = 48) -> tuple[int, list[dict]]:
@@ -446,41 +695,84 @@ class CollectionTable:
         where, values = _where(filters)
         self._fresh()
         with self._lock:
-            if self._ready(wait=bool(filters.text or filters.collection)):
-                source = "items LEFT JOIN catalogues USING (item_id)"
-                [(total,)] = self._con.execute(f"SELECT count(*) FROM {source} WHERE {where}", values).fetchall()
-                return total, _arrow(self._con.execute(_page_sql(source, where, _SHOWN),
-                                                       [*values, max(0, limit), max(0, offset)])).to_pylist()
-            # the catalogues are still being built: this page's own, from its rows' record JSON only
-            [(total,)] = self._con.execute(f"SELECT count(*) FROM items WHERE {where}", values).fetchall()
-            rows = _arrow(self._con.execute(_page_sql("items", where, "*"), [*values, max(0, limit), max(0, offset)]))
-            self._con.register("want", rows.select(["item_id", "latest_ord", "own_ord"]))
-            try:
-                numbers = sorted({ord_ & 0xFFFFFFFF for ord_ in rows["latest_ord"].to_pylist() + rows["own_ord"]
-                                  .to_pylist()})
-                catalogues = _arrow(self._con.execute(_catalogue_sql(pushed="WHERE file_row_number = ANY($rows)"),
-                                                      {"paths": self._paths, "rows": numbers}))
-            finally:
-                self._con.unregister("want")
-        shown = dict(zip(catalogues["item_id"].to_pylist(), zip(catalogues["catalogue_text"].to_pylist(),
-                                                               catalogues["collection"].to_pylist())))
-        result = []
-        for row in rows.drop_columns(["latest_ord", "own_ord"]).to_pylist():
-            row["catalogue_text"], row["collection"] = shown.get(row["item_id"], ("", None))
-            result.append(row)
-        return total, result
+            [(total,)] = self._con.execute(f"SELECT count(*) FROM state.items WHERE {where}", values).fetchall()
+            rows = _arrow(self._con.execute(_page_sql(where), [*values, max(0, limit), max(0, offset)]))
+        return total, rows.to_pylist()
 
     def collections(self) -> list[str]:
         """The distinct collection names, for the filter's choices."""
         self._fresh()
         with self._lock:
-            self._ready(wait=True)
-            values = self._con.execute("SELECT DISTINCT collection FROM catalogues WHERE collection IS NOT NULL "
-                                       "AND collection <> ''").fetchall()
-        return sorted(value for (value,) in values)
+            if self._collections is None:
+                values = self._con.execute("SELECT DISTINCT collection FROM state.items WHERE collection IS NOT NULL"
+                                           " AND collection <> '' AND _latest_ord IS NOT NULL").fetchall()
+                self._collections = sorted(value for (value,) in values)
+            return list(self._collections)
 
 
-_SHOWN = "* EXCLUDE (latest_ord, own_ord)"
+_DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.large_string(): "VARCHAR", pa.int64(): "BIGINT", pa.int32(): "INTEGER",
+                 pa.float64(): "DOUBLE", pa.float32(): "FLOAT", pa.bool_(): "BOOLEAN"}
+
+
+def _declared_columns() -> str:
+    """The declared results columns this table reads, as SQL column definitions."""
+    schema = declarations.with_columns(pa.table({"item_id": pa.array([], pa.string())})).select(list(_read())).schema
+    unknown = [field for field in schema if field.type not in _DUCKDB_TYPES]
+    if unknown:
+        raise TypeError(f"no DuckDB type for the declared results column {unknown[0].name!r} ({unknown[0].type})")
+    return ", ".join(f'"{field.name}" {_DUCKDB_TYPES[field.type]}' for field in schema)
+
+
+def _expected_schema(connection) -> dict[str, list]:
+    """How DuckDB describes the stored state's tables, made in memory on ``connection``."""
+    connection.execute("ATTACH ':memory:' AS template")
+    for statement in _schema_sql("template"):
+        connection.execute(statement)
+    expected = {name: connection.execute(f"DESCRIBE template.{name}").fetchall() for name in ("items", "meta", "runs")}
+    connection.execute("DETACH template")
+    return expected
+
+
+def _fingerprint(uri: str) -> str | None:
+    """The size and modification time (or ETag) of the file at ``uri``; None when there is none."""
+    fs, path = storage.filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    except Exception as error:
+        if not storage._is_backend_error(error):
+            raise
+        raise storage.backend_error(uri, "checking", error, fs) from error
+    if info.get("type") not in (None, "file"):
+        return None
+    stamp = next((info[key] for key in ("ETag", "etag", "mtime", "LastModified", "last_modified") if info.get(key)),
+                 "")
+    return f"{info.get('size')}:{stamp}"
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (ATTACH takes no parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _identity(file) -> tuple[int, int]:
+    """(device, inode) of an open file or a path: which file it is, whatever its name."""
+    status = os.fstat(file.fileno()) if hasattr(file, "fileno") else os.stat(file)
+    return status.st_dev, status.st_ino
+
+
+def _remove_stale_staging(state_path: str, older_than: float = 3600.0) -> None:
+    """Removes the staging files a killed process left beside ``state_path`` (those older than an hour)."""
+    folder, name = os.path.split(state_path)
+    for leftover in os.listdir(folder):
+        if leftover.startswith(name + ".") and leftover.endswith((".tmp", ".tmp.wal")):
+            try:
+                if time.time() - os.lstat(os.path.join(folder, leftover)).st_mtime > older_than:
+                    os.remove(os.path.join(folder, leftover))
+            except OSError:
+                pass  # removed by another process meanwhile
 
 
 def _arrow(result) -> pa.Table:
@@ -489,18 +781,18 @@ def _arrow(result) -> pa.Table:
     return fetch()
 
 
-def _page_sql(source: str, where: str, shown: str) -> str:
+def _page_sql(where: str) -> str:
     """One page: its item ids found first (sorting the ids only, not the rows), then their rows."""
-    return (f"SELECT {shown} FROM {source} WHERE item_id IN (SELECT item_id FROM {source} WHERE {where} "
+    return (f"SELECT {_shown()} FROM state.items WHERE item_id IN (SELECT item_id FROM state.items WHERE {where} "
             "ORDER BY item_id LIMIT ? OFFSET ?) ORDER BY item_id")
 
 
 def _stop(table: weakref.ref) -> None:
+    """Interrupts a query of ``table`` still running at exit."""
     running = table()
-    thread = running._catalogues if running is not None else None
-    if thread is not None and thread.is_alive():
-        try:
-            running._cursor.interrupt()
-        except Exception:  # noqa: BLE001  (closed meanwhile)
-            pass
-        thread.join()
+    for connection in (running._builder, running._con) if running is not None else ():
+        if connection is not None:
+            try:
+                connection.interrupt()
+            except Exception:  # noqa: BLE001  (closed meanwhile)
+                pass
