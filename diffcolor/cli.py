@@ -670,7 +670,6 @@ def cmd_review(args) -> int:
     _quiet_prefect()
     import logging
     import shutil
-    import signal
 
     import uvicorn
 

@@ -435,8 +435,6 @@ class CollectionTable:
     """
 
     def __init__(self, output: str, *, memory_limit: str = "512MB", state_folder: str | None = None):
-        import duckdb
-
         self.output = output
         self._spill = tempfile.TemporaryDirectory(prefix="diffcolor-review-")  # removed with this table
         folder = state_folder or default_state_folder()

@@ -416,9 +416,10 @@ def write_master_strips(file: BinaryIO | str, strips: Iterable[np.ndarray], size
         for block in _row_blocks(strips, rows_per_strip, height, width, dtype):
             yield block.tobytes() if compress is None else compress(predict(block, axis=-2))
 
+    blocks = encoded()
     tifffile.imwrite(
         file,
-        encoded(),
+        blocks,
         shape=(height, width, 3),
         dtype=dtype,
         photometric="rgb",
@@ -430,6 +431,8 @@ def write_master_strips(file: BinaryIO | str, strips: Iterable[np.ndarray], size
         software=f"DiffColor Archive {__version__}",
         extratags=extratags,
     )
+    for _ in blocks:  # tifffile takes the strips it needs and stops: the rest runs the strips' own end and checks
+        raise ValueError(f"the strips hold more than the master's {height} rows")
 
 
 def _row_blocks(strips: Iterable[np.ndarray], rows: int, height: int, width: int, dtype) -> Iterator[np.ndarray]:

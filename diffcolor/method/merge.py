@@ -217,18 +217,18 @@ class StripMerge:
                 fidelity.add(source_l, _lightness_of_codes(codes, max_code), ignore=reduced)
                 clipped_count += clipped
                 strip = codes.permute(1, 2, 0).to(torch.int32).cpu().numpy().astype(out_dtype)
+            if bottom == height:  # 6. Fidelity of the quantised result against the source, set before the
+                #                         last strip goes out: a consumer that stops once it has every row has it.
+                numbers = fidelity.result()
+                self.numbers = MergeNumbers(
+                    gamut_clipped_fraction=clipped_count / (height * width),
+                    max_delta_l=numbers["max_delta_l"],
+                    mean_delta_l=numbers["mean_delta_l"],
+                    ssim_l=numbers["ssim_l"],
+                )
             if self.progress is not None:
                 self.progress(height + bottom, 2 * height)
             yield strip
-
-        # 6. Fidelity of the quantised result against the source.
-        numbers = fidelity.result()
-        self.numbers = MergeNumbers(
-            gamut_clipped_fraction=clipped_count / (height * width),
-            max_delta_l=numbers["max_delta_l"],
-            mean_delta_l=numbers["mean_delta_l"],
-            ssim_l=numbers["ssim_l"],
-        )
 
 
 def _cell_means(gray: np.ndarray, chroma: torch.Tensor, strip_rows: int, cell: int,
