@@ -437,3 +437,55 @@ def test_credentials_in_an_s3_uri_are_used_and_never_shown(s3_bucket, monkeypatc
         storage.read_bytes(f"{secret_uri}/item/missing.json")
     assert "CANARY-in-uri-3141" not in str(caught.value) and FAKE_ACCESS_KEY not in str(caught.value)
     assert "***@" in str(caught.value)
+
+
+def test_an_outputs_hash_is_read_in_chunks_within_the_read_limits(tmp_path, s3_bucket):
+    import hashlib
+
+    payload = _payload(3 * storage.READ_CHUNK_BYTES + 5, 4)
+    (tmp_path / "master.tif").write_bytes(payload)
+    storage.write_bytes(storage.join(s3_bucket, "master.tif"), payload)
+    for uri in (str(tmp_path / "master.tif"), storage.join(s3_bucket, "master.tif")):
+        assert storage.sha256_bounded(uri, storage.ReadLimits()) == hashlib.sha256(payload).hexdigest()
+    with pytest.raises(BadImageError, match="larger than the source limit"):
+        storage.sha256_bounded(str(tmp_path / "master.tif"), storage.ReadLimits(max_bytes=len(payload) - 1))
+    os.mkfifo(tmp_path / "pipe.tif")
+    with pytest.raises(InputUnavailableError, match="not a regular file"):
+        storage.sha256_bounded(str(tmp_path / "pipe.tif"), storage.ReadLimits(seconds=5))
+    with pytest.raises(InputUnavailableError):  # an output named by a URL is fetched as a source is: refused here
+        storage.sha256_bounded("http://127.0.0.1:9/master.tif", storage.ReadLimits(seconds=5))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_checking_a_large_versions_outputs_holds_none_of_them_whole(tmp_path):
+    # A committed version's 300 MB master (a 50 Mpx 16-bit scan's) is checked against its sha256 in another
+    # process: the check adds a few chunks to its memory, not the file (it read the file whole before).
+    import hashlib
+    import subprocess
+    import sys
+
+    master = tmp_path / "master.tif"
+    digest = hashlib.sha256()
+    with open(master, "wb") as stream:
+        for index in range(300):
+            chunk = bytes([index % 251]) * 2**20
+            stream.write(chunk)
+            digest.update(chunk)
+    record = {"outputs": {"master": str(master)}, "output_sha256": {"master": digest.hexdigest()}}
+    script = (
+        "import json, sys\n"
+        "from diffcolor.archive.items import outputs_whole\n"
+        "def status(field):\n"
+        "    return next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith(field))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = status('VmRSS')\n"
+        "whole = outputs_whole(json.loads(sys.argv[1]))\n"
+        "print(json.dumps({'whole': whole, 'added': status('VmHWM') - before}))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(record)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": root}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout)
+    assert measured["whole"] is True
+    assert measured["added"] <= 64 * 2**20, measured

@@ -371,6 +371,11 @@ def read_bytes(uri: str, limits: ReadLimits | None = None) -> bytes:
 
 def _read_bounded(uri: str, fs: fsspec.AbstractFileSystem, path: str, limits: ReadLimits) -> bytes:
     """Reads ``path`` in chunks, refusing special files, too many bytes and too much time."""
+    return b"".join(_bounded_chunks(uri, fs, path, limits))
+
+
+def _bounded_chunks(uri: str, fs: fsspec.AbstractFileSystem, path: str, limits: ReadLimits) -> Iterator[bytes]:
+    """The chunks of ``path`` as they are read, refusing special files, too many bytes and too much time."""
     deadline = time.monotonic() + limits.seconds
     if _is_local(fs):
         # Non-blocking open and fstat: a FIFO without a writer must not hang the worker, and a
@@ -387,11 +392,11 @@ def _read_bounded(uri: str, fs: fsspec.AbstractFileSystem, path: str, limits: Re
             raise _too_large(uri, size, limits)
         stream = fs.open(path, "rb")
     with stream:
-        chunks, total = [], 0
+        total = 0
         while True:
             chunk = stream.read(READ_CHUNK_BYTES)
             if not chunk:
-                return b"".join(chunks)
+                return
             total += len(chunk)
             if total > limits.max_bytes:
                 raise _too_large(uri, total, limits)
@@ -399,7 +404,7 @@ def _read_bounded(uri: str, fs: fsspec.AbstractFileSystem, path: str, limits: Re
                 raise InputUnavailableError(_redact(
                     f"'{uri}' was not read within {limits.seconds:g} s ({total} bytes so far); the source limit is "
                     f"{limits.seconds:g} s"))
-            chunks.append(chunk)
+            yield chunk
 
 
 def _too_large(uri: str, size: int, limits: ReadLimits) -> BadImageError:
@@ -930,6 +935,28 @@ def sha256_of(uri: str) -> str:
         with fs.open(path, "rb") as stream:
             for chunk in iter(lambda: stream.read(READ_CHUNK_BYTES), b""):
                 digest.update(chunk)
+    except Exception as error:
+        if not _is_backend_error(error):
+            raise
+        raise backend_error(uri, "reading", error, fs) from error
+    return digest.hexdigest()
+
+
+def sha256_bounded(uri: str, limits: ReadLimits) -> str:
+    """The sha256 (hex) of the regular file at ``uri``, read in chunks within ``limits`` (as :func:`read_bytes`
+    reads a source: a FIFO or device refused, never hung on): an output is checked without holding it whole.
+
+    Raises: as :func:`read_bytes` with ``limits``.
+    """
+    import hashlib
+
+    if outside.is_http(uri):  # fetched as a source is, through the outside-address checks
+        return hashlib.sha256(read_bytes(uri, limits)).hexdigest()
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+    try:
+        for chunk in _bounded_chunks(uri, fs, path, limits):
+            digest.update(chunk)
     except Exception as error:
         if not _is_backend_error(error):
             raise
