@@ -125,6 +125,34 @@ def test_the_same_recolour_asked_twice_is_one_version(models, smoke, tmp_path, g
     _check_outputs_match_records(prefix)
 
 
+def test_a_recolour_checks_only_the_version_it_might_reuse(models, smoke, tmp_path, gray_png, monkeypatch):
+    # An item with several versions (each a scan's master of hundreds of MB): a new recolour reads none of
+    # their outputs, the same recolour asked again reads only its own version's; a damaged one is made again.
+    prefix = tmp_path / "item"
+    colorize_item(models, ItemRequest(item_id="bench", source_uri=str(gray_png), caption=CAPTION), str(prefix), smoke)
+    recolor_item(models, str(prefix), color_map={"dog": "brown"})
+    recolor_item(models, str(prefix), color_map={"dog": "black"})
+    checked, real_hash = [], storage.sha256_bounded
+
+    def counted(uri, limits):
+        checked.append(uri)
+        return real_hash(uri, limits)
+
+    monkeypatch.setattr(storage, "sha256_bounded", counted)
+    new = recolor_item(models, str(prefix), color_map={"dog": "white"})
+    assert new["version"] == 4 and checked == []
+    again = recolor_item(models, str(prefix), color_map={"dog": "brown"})
+    assert again["version"] == 2
+    assert sorted(checked) == sorted(uri for role, uri in again["outputs"].items() if role != "state")
+    with open(again["outputs"]["master"], "r+b") as master:  # one byte of the reused version's master changed
+        master.seek(100)
+        master.write(b"\xff" if master.read(1) != b"\xff" else b"\x00")
+    redone = recolor_item(models, str(prefix), color_map={"dog": "brown"})
+    assert redone["version"] == 5 and redone["outputs"]["master"] != again["outputs"]["master"]
+    with open(redone["outputs"]["master"], "rb") as master:
+        assert hashlib.sha256(master.read()).hexdigest() == redone["output_sha256"]["master"]
+
+
 def test_a_colour_state_with_incomplete_metadata_is_a_named_state_error(tmp_path):
     from safetensors.torch import save
 

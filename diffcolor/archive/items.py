@@ -26,6 +26,7 @@ is redacted (:mod:`diffcolor.common.redact`) before it is written or returned.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 
 from diffcolor import __version__
@@ -39,23 +40,58 @@ from diffcolor.common.redact import redact, redact_value
 SOFTWARE = "diffcolor-archive"
 
 
-def committed_versions(layout: ItemLayout) -> dict[str, dict]:
+class CommittedVersions(Mapping[str, dict]):
+    """``version_key`` -> record of every done version whose outputs are all whole (step 2 of the protocol).
+
+    The records are read when it is made; a version's outputs are checked
+    against their sha256 only when its key is looked up (once), so that a
+    recolour of an item with many large versions reads only the version it
+    might reuse, not every master it has.
+    """
+
+    def __init__(self, records: dict[str, list[dict]]):
+        self._records = records  # key -> the done records that name it, in version order
+        self._whole: dict[str, dict | None] = {}  # key -> the latest of them whose outputs are whole, once checked
+
+    def _checked(self, key: str) -> dict | None:
+        if key not in self._whole:
+            self._whole[key] = next((record for record in reversed(self._records.get(key, [])) if outputs_whole(record)),
+                                    None)
+        return self._whole[key]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._records and self._checked(key) is not None
+
+    def __getitem__(self, key: str) -> dict:
+        record = self._checked(key) if isinstance(key, str) and key in self._records else None
+        if record is None:
+            raise KeyError(key)
+        return record
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key in list(self._records) if self._checked(key) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def committed_versions(layout: ItemLayout) -> CommittedVersions:
     """``version_key`` -> record of every done version whose outputs are all whole (step 2 of the protocol).
 
     A version whose record exists but cannot be read, or whose outputs are
     gone or no longer match their recorded sha256, is left out: its work is
-    done again, as a new version.
+    done again, as a new version. Outputs are checked when a key is looked up.
     """
-    committed = {}
+    records = {}
     for uri in layout.version_records():
         try:
             record = storage.read_json(uri)
         except (MissingObjectError, ValueError):  # gone since the listing, or not JSON any more
             continue
         key = record.get("version_key") if isinstance(record, dict) else None
-        if key and record.get("status") == "done" and outputs_whole(record):
-            committed[key] = record
-    return committed
+        if isinstance(key, str) and key and record.get("status") == "done":
+            records.setdefault(key, []).append(record)
+    return CommittedVersions(records)
 
 
 def outputs_whole(record: dict) -> bool:
