@@ -75,7 +75,6 @@ def _gone(pids: list[int], seconds: float = 30.0) -> bool:
     return False
 
 
-@pytest.mark.slow
 def test_a_second_recolour_on_a_warm_pool_loads_no_model(prefect_server, colourised, warm_pools):
     _recolour(colourised, "red")
     [pool] = warm_pools.pools()  # kept after the run
