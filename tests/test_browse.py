@@ -309,9 +309,10 @@ browse.REFRESH_SECONDS = 0.0
 table = CollectionTable(sys.argv[1], state_folder=sys.argv[2])
 seen, deadline = [], time.monotonic() + 60
 while time.monotonic() < deadline:
-    total, rows = table.page(Filters(), offset=1, limit=15)
-    seen.append([[run for run, _ in table._covered], total, rows])
-    if len(table._covered) == int(sys.argv[3]):
+    page = table.page(Filters(), offset=1, limit=15)
+    total, rows = page
+    seen.append([page.runs, total, rows])  # the runs the page shows: stored, folded in memory or read in place
+    if len(page.runs) == int(sys.argv[3]):
         break
 print(json.dumps(seen))
 """
@@ -366,3 +367,119 @@ def test_a_state_built_in_parts_equals_one_built_whole(tmp_path, monkeypatch):
                   csv=False)
     in_parts.refresh()  # a run folded into the stored state, in parts too
     assert in_parts.table().to_pylist() == _reference(output).to_pylist()
+
+
+@pytest.fixture
+def held(monkeypatch):
+    """Once ``release`` is cleared, background builds and folds wait for it (set again at teardown at the latest)
+    before they store; ``begun`` lists those held as they start."""
+    import threading
+
+    release, begun = threading.Event(), []
+    store = CollectionTable._store
+
+    def holding(self, files, base):
+        if not release.is_set():
+            begun.append(([run for run, _, _ in files], base is not None))
+        assert release.wait(60), "never released"
+        return store(self, files, base)
+
+    monkeypatch.setattr(CollectionTable, "_store", holding)
+    release.set()
+    yield release, begun
+    release.set()
+
+
+def _soon(condition, seconds: float = 20.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("seed", [13, 14])
+def test_unfiltered_pages_while_the_state_is_built_are_the_built_states_pages(tmp_path, monkeypatch, held, seed):
+    output = str(tmp_path / "out")
+    _publish(output, _history(seed, items=150, runs=5))  # items with up to five attempts and decisions each
+    expected = _reference(output)
+    release, begun = held
+    release.clear()
+    monkeypatch.setattr(browse, "IN_PLACE_TOP", 60)  # deeper pages group the ids instead of a top-N of rows
+    table = CollectionTable(output, state_folder=str(tmp_path / "state"))
+    in_place = {(offset, limit): table.page(Filters(), offset=offset, limit=limit)
+                for offset, limit in [(0, 7), (0, 48), (5, 13), (57, 9), (90, 30), (expected.num_rows - 2, 10),
+                                      (expected.num_rows + 5, 10)]}
+    assert _soon(lambda: begun) and begun == [(_runs_of(output), False)] and table.building  # in the background
+    for (offset, limit), page in in_place.items():
+        assert page.building and page.runs == _runs_of(output)
+        assert (page[0], page[1]) == (expected.num_rows, expected.slice(offset, limit).to_pylist()), (offset, limit)
+    with pytest.raises(browse.StillIndexing) as waited:  # a filtered page needs the state: it says so
+        table.page(Filters(status="done"), wait=0.2)
+    assert waited.value.error is None
+    release.set()
+    assert table.page(Filters(status="done"), offset=2, limit=5) == (
+        filter_table(expected, Filters(status="done")).num_rows,
+        filter_table(expected, Filters(status="done")).slice(2, 5).to_pylist())  # waited for the state
+    table.refresh()
+    assert not table.building and table.build_error is None
+    for (offset, limit), page in in_place.items():
+        built = table.page(Filters(), offset=offset, limit=limit)
+        assert not built.building and (built[0], built[1]) == (page[0], page[1])
+
+
+def test_a_new_runs_items_show_their_new_state_at_a_restart_before_the_fold_ends(tmp_path, held):
+    output, state = str(tmp_path / "out"), str(tmp_path / "state")
+    history = _history(15, items=40, runs=4)
+    _publish(output, history[:3])
+    CollectionTable(output, state_folder=state).refresh()
+    before = _reference(output)
+    history[3] += [{"item_id": "item-0000", "version": 9, "status": "done", "caption": "recoloured",
+                    "created_at": "2026-01-05T00:00:00+00:00", "catalogue": {"collection": "new"}},
+                   {"item_id": "item-0001", "version": 1, "status": "failed", "error_message": "late failure",
+                    "created_at": "2026-01-05T00:00:00+00:00"}]
+    write_results(history[3], OutputLayout(output).run("20260104T000000Z-run3").results, csv=False)
+    expected = _reference(output)
+    assert expected.slice(0, 9).to_pylist() != before.slice(0, 9).to_pylist()
+    release, begun = held
+    release.clear()
+    restarted = CollectionTable(output, state_folder=state)
+    page = restarted.page(Filters(), limit=9)
+    assert _soon(lambda: begun) and begun == [(["20260104T000000Z-run3"], True)]  # folded in the background
+    assert restarted.building
+    assert not page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(0, 9).to_pylist())
+    assert page[1][0]["version"] == 9 and page[1][1]["latest_error"] == "late failure"
+    for filters in FILTERS + [Filters(collection="new")]:  # every filter answered at once, right
+        matching = filter_table(expected, filters)
+        assert restarted.page(filters, offset=1, limit=6, wait=0) == (
+            matching.num_rows, matching.slice(1, 6).to_pylist()), filters
+    assert restarted.collections(wait=0) == sorted({row["collection"] for row in expected.to_pylist()} - {None})
+    release.set()
+    restarted.refresh()
+    assert not restarted.building and restarted.table().to_pylist() == expected.to_pylist()
+    assert CollectionTable(output, state_folder=state).table().to_pylist() == expected.to_pylist()  # stored
+
+
+def test_a_failed_background_build_is_logged_and_pages_are_still_served(tmp_path, monkeypatch, caplog):
+    output = str(tmp_path / "out")
+    _publish(output, _history(16, items=30, runs=2))
+    expected = _reference(output)
+    store = CollectionTable._store
+
+    def failing(self, files, base):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CollectionTable, "_store", failing)
+    table = CollectionTable(output, state_folder=str(tmp_path / "state"))
+    page = table.page(Filters(), offset=4, limit=5)
+    assert (page[0], page[1]) == (expected.num_rows, expected.slice(4, 5).to_pylist()) and page.building
+    with pytest.raises(browse.StillIndexing, match="No space left on device"):
+        table.page(Filters(status="done"))  # not waiting for a build that failed
+    assert table._task is None and "No space left on device" in table.build_error
+    assert "building the collection state" in caplog.text and "No space left on device" in caplog.text
+    assert table.page(Filters(), limit=3)[1] == expected.slice(0, 3).to_pylist()  # still served
+    monkeypatch.setattr(CollectionTable, "_store", store)
+    monkeypatch.setattr(browse, "RETRY_SECONDS", 0.0)
+    table.refresh()  # tried again
+    assert table.build_error is None and table.table().to_pylist() == expected.to_pylist()
