@@ -701,8 +701,9 @@ class CollectionTable:
         failed = None
         try:
             with self._lock:  # after the page being answered (its listing started this build)
-                pass
-            self._store(files, base)
+                closing = self._closing
+            if not closing:
+                self._store(files, base)
         except Exception as error:  # noqa: BLE001  (pages go on from the runs; tried again later)
             failed = (time.monotonic(), f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             if not self._closing:
