@@ -402,7 +402,9 @@ def _soon(condition, seconds: float = 20.0):
 @pytest.mark.parametrize("seed", [13, 14])
 def test_unfiltered_pages_while_the_state_is_built_are_the_built_states_pages(tmp_path, monkeypatch, held, seed):
     output = str(tmp_path / "out")
-    _publish(output, _history(seed, items=150, runs=5))  # items with up to five attempts and decisions each
+    history = _history(seed, items=150, runs=5)  # items with up to five attempts and decisions each
+    history[2].append({"item_id": "item-0000'); --", "version": 1, "status": "done", "created_at": "2026-01-03"})
+    _publish(output, history)
     expected = _reference(output)
     release, begun = held
     release.clear()
@@ -427,6 +429,20 @@ def test_unfiltered_pages_while_the_state_is_built_are_the_built_states_pages(tm
     for (offset, limit), page in in_place.items():
         built = table.page(Filters(), offset=offset, limit=limit)
         assert not built.building and (built[0], built[1]) == (page[0], page[1])
+
+
+def test_pages_while_the_state_is_built_read_the_results_on_s3(s3_bucket, held):
+    output = storage.join(s3_bucket, "out")
+    _publish(output, _history(17, items=40, runs=3))
+    expected = _reference(output)
+    release, _ = held
+    release.clear()
+    table = CollectionTable(output)
+    page = table.page(Filters(), offset=3, limit=8)
+    assert page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(3, 8).to_pylist())
+    release.set()
+    table.refresh()
+    assert table.page(Filters(), offset=3, limit=8) == page
 
 
 def test_a_new_runs_items_show_their_new_state_at_a_restart_before_the_fold_ends(tmp_path, held):
