@@ -5,13 +5,14 @@ later run that fails or skips one item in a hundred; no image or item
 folder), then measures, each in a fresh process (the application created,
 ``/api/items`` page 1 served) with that process's peak resident memory:
 
-- the first start ever (no stored collection state: every run read, the state
-  built and stored in the cache folder);
-- a restart (the stored state checked against the runs and opened): the
-  figure the goal of one second is about;
-- a restart after a new run was published (the new run folded into the stored
-  state first);
+- the first start ever (no stored collection state: the page read from the
+  runs in place while the state is built in the background);
+- a restart (the stored state checked against the runs and opened);
+- a restart after a new run was published (the new run's rows for the page's
+  items folded over the stored state, the run stored in the background);
 
+each also until its state is stored (time, CPU time and peak memory of the
+whole process, build included; the first page must then equal the state's),
 and, in a running server, the first page that shows a run published while it
 runs. Then it times, through the application (FastAPI's TestClient), pages of
 the JSON API and of the HTML collection page, unfiltered and filtered, at the
@@ -192,8 +193,8 @@ def _measure(folder: str, items: int, repeats: int) -> dict:
         measured[f"{key}_stored_peak_rss_mib"] = round(run["stored_peak_rss_bytes"] / 2**20, 1)
     for name, run in (("first start ever (state built from every run in the background)", first),
                       ("restart (stored state checked and opened)", cold),
-                      ("restart after a new run (folded in memory over the stored state, stored in the background)",
-                       after_run)):
+                      ("restart after a new run (the page's items folded over the stored state, the run stored in "
+                       "the background)", after_run)):
         print(f"first page, {name}: {run['first_page_s']:.2f} s ({run['first_page_cpu_s']:.2f} s of CPU on "
               f"{os.cpu_count()} CPUs){' read from the runs in place' if run['building'] else ''}, after "
               f"{run['imports_s']:.2f} s of imports; peak RSS {run['peak_rss_bytes'] / 2**20:.0f} MiB; state stored "

@@ -445,27 +445,45 @@ def test_pages_while_the_state_is_built_read_the_results_on_s3(s3_bucket, held):
     assert table.page(Filters(), offset=3, limit=8) == page
 
 
-def test_a_new_runs_items_show_their_new_state_at_a_restart_before_the_fold_ends(tmp_path, held):
+@pytest.mark.parametrize("seed", [15, 18])
+def test_a_new_runs_items_show_their_new_state_at_a_restart_before_the_fold_ends(tmp_path, monkeypatch, held, seed):
     output, state = str(tmp_path / "out"), str(tmp_path / "state")
-    history = _history(15, items=40, runs=4)
+    history = _history(seed, items=40, runs=4)
+    decided = {"version": 1, "status": "done", "decision": "approved", "decided_by": "ann",
+               "decided_at": "2026-02-01T00:00:00+00:00"}
+    history[2].append({"item_id": "item-0002a", **decided})  # decided, never attempted: not shown
     _publish(output, history[:3])
     CollectionTable(output, state_folder=state).refresh()
     before = _reference(output)
     history[3] += [{"item_id": "item-0000", "version": 9, "status": "done", "caption": "recoloured",
                     "created_at": "2026-01-05T00:00:00+00:00", "catalogue": {"collection": "new"}},
                    {"item_id": "item-0001", "version": 1, "status": "failed", "error_message": "late failure",
-                    "created_at": "2026-01-05T00:00:00+00:00"}]
+                    "created_at": "2026-01-05T00:00:00+00:00"},
+                   {"item_id": "item-0002a", "version": 1, "status": "done", "created_at": "2026-01-05"},  # now shown
+                   {"item_id": "item-0000b", "version": 1, "status": "failed", "created_at": "2026-01-05"},  # new
+                   {"item_id": "zz-last", "version": 1, "status": "done", "created_at": "2026-01-05"},
+                   {"item_id": "item-0003z", **decided}]  # a decision alone: not shown
     write_results(history[3], OutputLayout(output).run("20260104T000000Z-run3").results, csv=False)
     expected = _reference(output)
     assert expected.slice(0, 9).to_pylist() != before.slice(0, 9).to_pylist()
     release, begun = held
     release.clear()
+    in_place = CollectionTable._in_place
+    monkeypatch.setattr(CollectionTable, "_in_place", None)  # not read from every run: over the stored state
     restarted = CollectionTable(output, state_folder=state)
     page = restarted.page(Filters(), limit=9)
     assert _soon(lambda: begun) and begun == [(["20260104T000000Z-run3"], True)]  # folded in the background
     assert restarted.building
     assert not page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(0, 9).to_pylist())
-    assert page[1][0]["version"] == 9 and page[1][1]["latest_error"] == "late failure"
+    shown = {row["item_id"]: row for row in page[1]}
+    assert shown["item-0000"]["version"] == 9 and "item-0000b" in shown and "item-0002a" in shown
+    assert "late failure" in (shown["item-0001"]["latest_error"], shown["item-0001"]["error_message"])
+    for offset, limit in [(1, 5), (3, 30), (expected.num_rows - 3, 10), (expected.num_rows + 2, 5)]:
+        page = restarted.page(Filters(), offset=offset, limit=limit)  # the stored state and the new run's rows
+        assert not page.building and (page[0], page[1]) == (expected.num_rows,
+                                                            expected.slice(offset, limit).to_pylist())
+    assert restarted._overlay == []  # those pages did not fold the new run for every item it names
+    monkeypatch.setattr(CollectionTable, "_in_place", in_place)
     for filters in FILTERS + [Filters(collection="new")]:  # every filter answered at once, right
         matching = filter_table(expected, filters)
         assert restarted.page(filters, offset=1, limit=6, wait=0) == (

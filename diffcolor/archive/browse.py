@@ -23,8 +23,13 @@ fsspec filesystem) and naming the runs it covers. A restart opens it after
 checking it against the runs (first page about 0.5 s at a million records on
 two busy cores); a new run is folded in from its own rows alone; a state that
 does not check (damaged, another format, a run changed or missing) is rebuilt
-from every run. A page is one query with its filters, order and limit, so only
-the page's rows become Python objects; peak memory stays under 1 GiB
+from every run. Building and folding run in a background thread: meanwhile a
+few new runs are folded in memory over the stored state for the items they
+name, and without a usable state the unfiltered pages are read from the runs in
+place (the page's item ids, then the state of those items alone, by the
+build's own queries), so the first page of the very first start comes in well
+under a second too. A page is one query with its filters, order and limit, so
+only the page's rows become Python objects; peak memory stays under 1 GiB
 (``python -m review.bench --items 1000000``). :func:`latest_per_item` and
 :func:`filter_table` are the same rules over an
 in-memory Arrow table.
@@ -514,6 +519,7 @@ class CollectionTable:
         self._base_handle = None  # the stored state the background fold copies
         self._failed: tuple[float, str] | None = None  # (when, why) the last background build failed
         self._attempted: tuple[tuple, int] | None = None  # (runs, items with an attempt) for in-place pages
+        self._rows: dict[tuple[str, str], int] = {}  # rows of the results files (URI, fingerprint) read
         self._closing = False
         self._local = storage._is_local(storage.filesystem(output)[0])
         self._con = None
@@ -674,17 +680,17 @@ class CollectionTable:
         return self._task is None and self._current() and not self._overlay
 
     def _refresh(self) -> None:
-        """Lists the runs (lock held). New runs after the stored state's are shown at once through an overlay where
-        they are few; a stored state that lacks runs (or covers runs that changed) is built or folded in the
-        background."""
+        """Lists the runs (lock held). A stored state that lacks runs (or covers runs that changed) is built or
+        folded in the background; new runs after the stored state's, when few, are shown meanwhile over it (see
+        :meth:`page`)."""
         self._open()  # a state another process stored meanwhile
         files = self._listed()
         listed = [(run, fingerprint) for run, _, fingerprint in files]
         self._listing, self._checked = files, time.monotonic()
         if self._con is not None and listed[:len(self._covered)] == self._covered:
             self._verified, self._stale = True, False
-            if listed != self._covered + self._overlay:
-                self._show(files[len(self._covered):])
+            if self._overlay and listed[:len(self._covered) + len(self._overlay)] != self._covered + self._overlay:
+                self._show([])  # an overlay run gone or changed: the stored state alone
         else:
             self._stale = self._con is not None
             self._overlay = []
@@ -742,24 +748,34 @@ class CollectionTable:
                 raise StillIndexing(None)
             self._changed.wait(left)
 
+    def _new(self) -> list[tuple[str, str, str]] | None:
+        """The runs listed after the stored state's when they are few (at most OVERLAY_ROWS rows): shown over it
+        before they are folded in; else None (no state, a stale one, or many new rows)."""
+        if self._con is None or self._stale or self._listing is None:
+            return None
+        if self._listed_runs()[:len(self._covered)] != self._covered:
+            return None
+        new = self._listing[len(self._covered):]
+        rows = 0
+        for _, uri, fingerprint in new:
+            if (uri, fingerprint) not in self._rows:
+                [(count,)] = self._peek.execute("SELECT sum(num_rows) FROM parquet_file_metadata(?)",
+                                                [self._path(uri)]).fetchall()
+                self._rows[uri, fingerprint] = count or 0
+            rows += self._rows[uri, fingerprint]
+        return new if rows <= OVERLAY_ROWS else None
+
     def _show(self, new: list[tuple[str, str, str]]) -> None:
         """Opens the stored state again with the runs ``new`` (those after its own) folded in memory into
-        ``temp.overlay`` for the items they name, when they hold at most OVERLAY_ROWS rows; else leaves them to
-        the background fold (pages meanwhile as for a first build)."""
+        ``temp.overlay`` for the items they name (none: the stored state alone)."""
         import duckdb
 
-        if not new:  # the overlay's runs are stored now: the state alone
+        if not new:
             self._identity = None
             self._open()
             return
         connection = None
         try:
-            paths = [self._path(uri) for _, uri, _ in new]
-            [(rows,)] = self._peek.execute("SELECT sum(num_rows) FROM parquet_file_metadata($paths)",
-                                           {"paths": paths}).fetchall()
-            if (rows or 0) > OVERLAY_ROWS:
-                self._overlay = []
-                return
             connection = self._reader(PEEK_MEMORY)
             connection.execute(f"ATTACH {_literal(self.state_path)} AS state (READ_ONLY)")
             if _identity(self.state_path) != self._identity:
@@ -920,14 +936,67 @@ class CollectionTable:
         with self._lock:  # held from the listing on: a background build it starts begins once this page is served
             if time.monotonic() - self._checked > REFRESH_SECONDS:
                 self._refresh()
-            if not self._current() and filters == Filters():
+            new = None if self._current() else self._new()
+            if new is not None and filters == Filters():
+                total, rows = self._over_state(new, offset, limit)
+            elif not self._current() and new is None and filters == Filters():
                 total, rows = self._in_place(offset, limit)
             else:
-                self._wait(self._current, wait)
+                self._ready(wait)
                 items = self._items()
                 [(total,)] = self._con.execute(f"SELECT count(*) FROM {items} WHERE {where}", values).fetchall()
                 rows = _arrow(self._con.execute(_page_sql(where, items), [*values, limit, offset])).to_pylist()
-            return Page(total, rows, building=not self._current(), runs=[run for run, _ in self._listed_runs()])
+            building = not self._current() and self._new() is None
+            return Page(total, rows, building=building, runs=[run for run, _ in self._listed_runs()])
+
+    def _ready(self, wait: float | None) -> None:
+        """Makes the open connection show every run listed (lock held): new runs folded in memory over the stored
+        state where they are few, else once the background build is done (at most ``wait`` seconds)."""
+        if not self._current():
+            new = self._new()
+            if new is not None:
+                self._show(new)
+        self._wait(self._current, wait)
+
+    def _over_state(self, new: list[tuple[str, str, str]], offset: int, limit: int) -> tuple[int, list[dict]]:
+        """An unfiltered page from the stored state and the few runs ``new`` after it: the page's item ids (of
+        either), then those runs folded over the stored state for these items alone."""
+        import duckdb
+
+        paths = [self._path(uri) for _, uri, _ in new]
+        attempted = "SELECT item_id FROM state.items WHERE _latest_ord IS NOT NULL"
+        try:
+            self._peek.execute(f"ATTACH {_literal(self.state_path)} AS state (READ_ONLY)")
+            if _identity(self.state_path) != self._identity:
+                raise StaleState("replaced meanwhile")
+            self._peek.execute(f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT DISTINCT item_id FROM ({_ATTEMPTED})",
+                               {"paths": paths})
+            key = tuple(self._listed_runs())
+            if self._attempted is None or self._attempted[0] != key:
+                [(count,)] = self._peek.execute(f"SELECT (SELECT count(*) FROM ({attempted})) + (SELECT count(*) FROM "
+                                                f"temp.fresh WHERE item_id NOT IN ({attempted}))").fetchall()
+                self._attempted = (key, count)
+            wanted = offset + limit
+            ids = [item_id for (item_id,) in self._peek.execute(
+                f"SELECT item_id FROM (({attempted} ORDER BY item_id LIMIT $wanted) UNION (SELECT item_id FROM "
+                "temp.fresh ORDER BY item_id LIMIT $wanted)) ORDER BY item_id LIMIT $limit OFFSET $offset",
+                {"wanted": wanted, "limit": limit, "offset": offset}).fetchall()]
+            if not ids:
+                return self._attempted[1], []
+            self._fold_on(self._peek, new, len(self._covered), only=ids, overlay=True)
+            listed = ", ".join(_literal(item_id) for item_id in ids)
+            items = (f"(SELECT * FROM (SELECT * FROM state.items WHERE item_id IN ({listed})) ANTI JOIN temp.overlay "
+                     "USING (item_id) UNION ALL BY NAME SELECT * FROM temp.overlay)")
+            rows = _arrow(self._peek.execute(_page_sql("_latest_ord IS NOT NULL", items), [limit, 0]))
+            return self._attempted[1], rows.to_pylist()
+        except (duckdb.Error, StaleState, OSError) as error:
+            failed = str(error).splitlines()[0] if str(error) else type(error).__name__
+        finally:
+            self._peek.execute("DROP TABLE IF EXISTS temp.fresh; DROP TABLE IF EXISTS temp.overlay")
+            self._peek.execute("DETACH DATABASE IF EXISTS state")
+        logger.info("a page over the stored state was read from the runs instead (%s)", failed)
+        self._attempted = None
+        return self._in_place(offset, limit)
 
     def _in_place(self, offset: int, limit: int) -> tuple[int, list[dict]]:
         """An unfiltered page from the runs listed, in place: the page's item ids (a top-N of the attempted items'
@@ -976,7 +1045,7 @@ class CollectionTable:
         """The distinct collection names, for the filter's choices (as :meth:`page` waits for a filtered page)."""
         self._fresh()
         with self._lock:
-            self._wait(self._current, wait)
+            self._ready(wait)
             if self._collections is None:
                 values = self._con.execute(f"SELECT DISTINCT collection FROM {self._items()} WHERE collection IS NOT "
                                            "NULL AND collection <> '' AND _latest_ord IS NOT NULL").fetchall()
