@@ -517,3 +517,24 @@ def test_a_failed_background_build_is_logged_and_pages_are_still_served(tmp_path
     monkeypatch.setattr(browse, "RETRY_SECONDS", 0.0)
     table.refresh()  # tried again
     assert table.build_error is None and table.table().to_pylist() == expected.to_pylist()
+
+
+def test_a_run_removed_while_the_state_is_built_is_left_out_of_the_next_page_and_the_build(tmp_path, monkeypatch,
+                                                                                           held):
+    import shutil
+
+    output = str(tmp_path / "out")
+    _publish(output, _history(19, items=30, runs=3))
+    release, begun = held
+    release.clear()
+    table = CollectionTable(output, state_folder=str(tmp_path / "state"))
+    assert table.page(Filters(), limit=4).building and _soon(lambda: begun)
+    monkeypatch.setattr(browse, "REFRESH_SECONDS", 3600.0)  # the next page keeps the listing it has
+    shutil.rmtree(f"{output}/runs/20260102T000000Z-run1")
+    expected = _reference(output)
+    page = table.page(Filters(), offset=2, limit=6)  # the run's file is gone: listed again, read without it
+    assert page.runs == _runs_of(output) and (page[0], page[1]) == (expected.num_rows,
+                                                                     expected.slice(2, 6).to_pylist())
+    release.set()  # the build of the former runs fails; the one of the runs there now follows at once
+    assert _soon(lambda: table.build_error is None and not table.building)
+    assert table.table().to_pylist() == expected.to_pylist()

@@ -517,7 +517,7 @@ class CollectionTable:
         self._stale = False  # whether the open state covers runs that changed or are gone: not shown
         self._task: threading.Thread | None = None  # the background build or fold
         self._base_handle = None  # the stored state the background fold copies
-        self._failed: tuple[float, str] | None = None  # (when, why) the last background build failed
+        self._failed: tuple[float, str, list] | None = None  # (when, why, of which runs) the last build failed
         self._attempted: tuple[tuple, int] | None = None  # (runs, items with an attempt) for in-place pages
         self._rows: dict[tuple[str, str], int] = {}  # rows of the results files (URI, fingerprint) read
         self._closing = False
@@ -695,7 +695,7 @@ class CollectionTable:
             self._stale = self._con is not None
             self._overlay = []
         if self._task is None and (self._stale or self._con is None or self._covered != listed) and not (
-                self._failed and time.monotonic() - self._failed[0] < RETRY_SECONDS):
+                self._failed and self._failed[2] == listed and time.monotonic() - self._failed[0] < RETRY_SECONDS):
             base = None if self._stale or self._con is None else list(self._covered)
             self._base_handle = None if base is None else os.fdopen(os.dup(self._handle.fileno()), "rb")
             self._task = threading.Thread(target=self._background, args=(files[len(base or ()):], base),
@@ -711,10 +711,12 @@ class CollectionTable:
             if not closing:
                 self._store(files, base)
         except Exception as error:  # noqa: BLE001  (pages go on from the runs; tried again later)
-            failed = (time.monotonic(), f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            failed = (time.monotonic(), f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                      [*(base or ()), *((run, fingerprint) for run, _, fingerprint in files)])
             if not self._closing:
                 logger.error("building the collection state %s failed (pages are answered from the runs meanwhile; "
-                             "tried again in %.0f s): %s", self.state_path, RETRY_SECONDS, failed[1],
+                             "tried again in %.0f s or when the runs change): %s", self.state_path, RETRY_SECONDS,
+                             failed[1],
                              exc_info=not isinstance(error, OSError))
         with self._lock:
             self._task, self._failed = None, failed
@@ -736,8 +738,7 @@ class CollectionTable:
         deadline = None if wait is None else time.monotonic() + wait
         while not ready():
             if self._task is None:
-                if self._failed is None:
-                    self._refresh()  # nothing under way: list again (and start what is missing)
+                self._refresh()  # nothing under way: list again (and start what is missing, unless it just failed)
                 if ready():
                     return
                 if self._task is None:
@@ -931,16 +932,22 @@ class CollectionTable:
         """``(matching, rows)``: how many items pass ``filters`` and the ``limit`` rows from ``offset``, as a
         :class:`Page`. While the state is built, an unfiltered page is read from the runs in place; a filtered
         one waits for the state at most ``wait`` seconds (None: however long), then raises StillIndexing."""
+        import duckdb
+
         where, values = _where(filters)
         offset, limit = max(0, offset), max(0, limit)
         with self._lock:  # held from the listing on: a background build it starts begins once this page is served
             if time.monotonic() - self._checked > REFRESH_SECONDS:
                 self._refresh()
             new = None if self._current() else self._new()
-            if new is not None and filters == Filters():
-                total, rows = self._over_state(new, offset, limit)
-            elif not self._current() and new is None and filters == Filters():
-                total, rows = self._in_place(offset, limit)
+            if not self._current() and filters == Filters():
+                try:
+                    total, rows = self._over_state(new, offset, limit) if new else self._in_place(offset, limit)
+                except (OSError, duckdb.IOException) as error:  # a run gone since the listing: listed again
+                    logger.info("the runs changed while a page was read from them (%s)", str(error).splitlines()[0])
+                    self._refresh()
+                    new = None if self._current() else self._new()
+                    total, rows = self._over_state(new, offset, limit) if new else self._in_place(offset, limit)
             else:
                 self._ready(wait)
                 items = self._items()
