@@ -318,7 +318,8 @@ print(json.dumps(seen))
 """
 
 
-def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tmp_path):
+@pytest.mark.parametrize("stored", [True, False], ids=["restarts", "first-starts"])
+def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tmp_path, stored, caplog):
     import json
     import os
     import subprocess
@@ -328,7 +329,8 @@ def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tm
     output, state = str(tmp_path / "out"), str(tmp_path / "state")
     history = _history(10, items=80, runs=5)
     _publish(output, history[:1])
-    CollectionTable(output, state_folder=state).refresh()
+    if stored:  # else the readers start together without a state: each reads the runs and builds one meanwhile
+        CollectionTable(output, state_folder=state).refresh()
     readers = [subprocess.Popen([sys.executable, "-c", _READER, output, state, str(len(history))],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) for _ in range(3)]
@@ -349,6 +351,9 @@ def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tm
                 state_rows = _reference_of(output, list(key))
                 expected[key] = (state_rows.num_rows, json.loads(json.dumps(state_rows.slice(1, 15).to_pylist())))
             assert (total, rows) == expected[key], key
+    caplog.set_level("INFO")  # whatever state the readers stored (some stopped mid-build) is whole
+    assert CollectionTable(output, state_folder=state).table().to_pylist() == _reference(output).to_pylist()
+    assert "is not used" not in caplog.text
 
 
 def test_an_output_without_runs_is_an_empty_collection(tmp_path):
