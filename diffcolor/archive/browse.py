@@ -895,6 +895,8 @@ class CollectionTable:
                 connection.execute(f"CREATE OR REPLACE TEMP TABLE {into.split('.')[1]} AS SELECT * FROM state.items "
                                    "LIMIT 0")
             for part in range(parts):  # item id ranges of PART_ITEMS, each folded whole in bounded memory
+                if self._closing and connection is self._builder:
+                    raise InterruptedError("the collection table is closing")
                 connection.execute(_CATALOGUES_SQL.format(ord=_ORD, source=source), {**parameters, "part": part})
                 connection.execute(f"INSERT INTO {into} BY NAME {merged}", {**parameters, "part": part})
                 if into == "state.items" and only is None:
