@@ -543,3 +543,26 @@ def test_a_run_removed_while_the_state_is_built_is_left_out_of_the_next_page_and
     release.set()  # the build of the former runs fails; the one of the runs there now follows at once
     assert _soon(lambda: table.build_error is None and not table.building)
     assert table.table().to_pylist() == expected.to_pylist()
+
+
+def test_many_new_rows_at_a_restart_are_read_from_every_run_until_they_are_folded_in(tmp_path, monkeypatch, held):
+    output, state = str(tmp_path / "out"), str(tmp_path / "state")
+    history = _history(20, items=40, runs=3)
+    _publish(output, history[:2])
+    CollectionTable(output, state_folder=state).refresh()
+    write_results(history[2], OutputLayout(output).run("20260103T000000Z-run2").results, csv=False)
+    expected = _reference(output)
+    release, begun = held
+    release.clear()
+    monkeypatch.setattr(browse, "OVERLAY_ROWS", 5)  # more new rows than are folded in memory
+    monkeypatch.setattr(CollectionTable, "_over_state", None)
+    restarted = CollectionTable(output, state_folder=state)
+    page = restarted.page(Filters(), offset=2, limit=9)
+    assert page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(2, 9).to_pylist())
+    with pytest.raises(browse.StillIndexing):
+        restarted.page(Filters(status="done"), wait=0.1)
+    assert _soon(lambda: begun) and begun == [(["20260103T000000Z-run2"], True)]  # folded into the stored state
+    release.set()
+    assert restarted.page(Filters(status="done")) == (filter_table(expected, Filters(status="done")).num_rows,
+                                                      filter_table(expected, Filters(status="done")).slice(
+                                                          0, 48).to_pylist())
