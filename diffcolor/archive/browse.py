@@ -982,8 +982,11 @@ class CollectionTable:
                                {"paths": paths})
             key = tuple(self._listed_runs())
             if self._attempted is None or self._attempted[0] != key:
+                # the stored state's attempted items, and the new runs' less those among them (a semi join built
+                # on the new runs' few ids)
                 [(count,)] = self._peek.execute(f"SELECT (SELECT count(*) FROM ({attempted})) + (SELECT count(*) FROM "
-                                                f"temp.fresh WHERE item_id NOT IN ({attempted}))").fetchall()
+                                                f"temp.fresh) - (SELECT count(*) FROM ({attempted}) WHERE item_id IN "
+                                                "(SELECT item_id FROM temp.fresh))").fetchall()
                 self._attempted = (key, count)
             wanted = offset + limit
             ids = [item_id for (item_id,) in self._peek.execute(
