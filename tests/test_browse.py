@@ -436,7 +436,7 @@ def test_unfiltered_pages_while_the_state_is_built_are_the_built_states_pages(tm
         assert not built.building and (built[0], built[1]) == (page[0], page[1])
 
 
-def test_pages_while_the_state_is_built_read_the_results_on_s3(s3_bucket, held):
+def test_pages_while_the_state_is_built_read_the_results_on_s3(s3_bucket, held, caplog):
     output = storage.join(s3_bucket, "out")
     _publish(output, _history(17, items=40, runs=3))
     expected = _reference(output)
@@ -448,6 +448,14 @@ def test_pages_while_the_state_is_built_read_the_results_on_s3(s3_bucket, held):
     release.set()
     table.refresh()
     assert table.page(Filters(), offset=3, limit=8) == page
+    write_results(_history(18, items=40, runs=1)[0], OutputLayout(output).run("20260109T000000Z-late").results,
+                  csv=False)
+    expected = _reference(output)
+    release.clear()
+    caplog.set_level("INFO")
+    page = CollectionTable(output).page(Filters(), offset=3, limit=8)  # a restart: over the stored state
+    assert not page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(3, 8).to_pylist())
+    assert "read from the runs instead" not in caplog.text
 
 
 @pytest.mark.parametrize("seed", [15, 18])
