@@ -54,7 +54,7 @@ from PIL import Image
 from pydantic import AliasChoices, BaseModel, Field, StringConstraints, field_validator
 
 from diffcolor.archive import storage
-from diffcolor.archive.browse import CollectionTable, Filters, metrics
+from diffcolor.archive.browse import CollectionTable, Filters, StillIndexing, metrics
 from diffcolor.archive.decisions import (
     DECISIONS,
     MAX_NAME_CHARS,
@@ -85,6 +85,7 @@ from review.jobs import Jobs
 COOKIE = "diffcolor_review"
 THUMBNAIL_SIDE = 192
 PAGE_SIZE = 48
+INDEX_WAIT_SECONDS = 5.0  # ours: how long a filtered page waits for a collection state being built
 # Fields of a version record the pages show; never model_prompt or rewritten_caption (identifier tokens).
 SHOWN_FIELDS = ("version", "status", "created_at", "caption", "target_prompt", "color_map", "prompt_alignment",
                 "prompt_warning", "seed", "preset", "alpha", "finetune_steps_run", "smoke_run")
@@ -413,9 +414,18 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
                    decision: str | None = Query(None, description="approved, rejected or none"),
                    offset: int = Query(0, ge=0), limit: int = Query(PAGE_SIZE, ge=1, le=500),
                    ranges: tuple = Depends(metric_ranges)) -> dict:
-        """Items with their current state; metric ranges as ``min_METRIC`` / ``max_METRIC`` query parameters."""
-        total, rows = table.page(filters_of(status, collection, q, smoke, decision, ranges), offset, limit)
-        return {"total": total, "offset": offset, "limit": limit, "items": rows}
+        """Items with their current state; metric ranges as ``min_METRIC`` / ``max_METRIC`` query parameters.
+        ``building``: the collection is still being indexed (the unfiltered list is read from the runs meanwhile);
+        a filtered list that cannot wait for it has ``total`` null and no items (``indexing_error``: why the
+        indexing failed, if it did)."""
+        filters = filters_of(status, collection, q, smoke, decision, ranges)
+        try:
+            listing = table.page(filters, offset, limit, wait=INDEX_WAIT_SECONDS)
+        except StillIndexing as indexing:
+            return {"total": None, "offset": offset, "limit": limit, "items": [], "building": True,
+                    "indexing_error": indexing.error}
+        total, rows = listing
+        return {"total": total, "offset": offset, "limit": limit, "items": rows, "building": listing.building}
 
     @app.get("/api/items/{item_id}", dependencies=[Depends(may_read)], summary="One item: versions, decisions")
     def get_item(item_id: str) -> dict:
@@ -470,7 +480,7 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
     def decide(item_id: str, body: DecisionRequest) -> dict:
         entry = record_decision(output, _item_id(item_id), body.version, body.decision, body.decided_by, body.note)
         publish_review_run(output, [entry])
-        table.refresh()
+        table.refresh(wait=False)  # shown at once, stored in the background
         return entry
 
     # 4. Pages.
@@ -520,13 +530,22 @@ def create_app(config: ReviewConfig, jobs: Jobs | None = None) -> FastAPI:
                         q: str | None = None, smoke: str | None = None, decision: str | None = None,
                         page: int = Query(1, ge=1), ranges: tuple = Depends(metric_ranges)) -> str:
         filters = filters_of(status, collection, q, smoke, decision, ranges)
-        total, rows = table.page(filters, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+        indexing_error = None
+        try:
+            listing = table.page(filters, (page - 1) * PAGE_SIZE, PAGE_SIZE, wait=INDEX_WAIT_SECONDS)
+            (total, rows), building = listing, listing.building
+        except StillIndexing as indexing:
+            total, rows, building, indexing_error = None, [], True, indexing.error
+        try:
+            collections = table.collections(wait=0)
+        except StillIndexing:  # not known before the collection is indexed: the one chosen, if any
+            collections = [filters.collection] if filters.collection else []
         query = {key: value for key, value in request.query_params.items() if key != "page" and value}
         return render_page("collection.html", package="review", title="DiffColor review", rows=rows, total=total,
-                           page=page, pages=max(1, -(-total // PAGE_SIZE)), query=query, metrics=metrics(),
+                           page=page, pages=max(1, -(-(total or 0) // PAGE_SIZE)), query=query, metrics=metrics(),
                            card_metrics=[declared for declared in declarations.metrics() if declared.summary],
-                           collections=table.collections(), smoke_any=any(row.get("smoke_run") for row in rows),
-                           **page_context(request))
+                           collections=collections, smoke_any=any(row.get("smoke_run") for row in rows),
+                           building=building, indexing_error=indexing_error, **page_context(request))
 
     @app.get("/items/{item_id}", response_class=HTMLResponse, dependencies=[Depends(may_read)],
              include_in_schema=False)

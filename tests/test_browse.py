@@ -309,15 +309,17 @@ browse.REFRESH_SECONDS = 0.0
 table = CollectionTable(sys.argv[1], state_folder=sys.argv[2])
 seen, deadline = [], time.monotonic() + 60
 while time.monotonic() < deadline:
-    total, rows = table.page(Filters(), offset=1, limit=15)
-    seen.append([[run for run, _ in table._covered], total, rows])
-    if len(table._covered) == int(sys.argv[3]):
+    page = table.page(Filters(), offset=1, limit=15)
+    total, rows = page
+    seen.append([page.runs, total, rows])  # the runs the page shows: stored, folded in memory or read in place
+    if len(page.runs) == int(sys.argv[3]):
         break
 print(json.dumps(seen))
 """
 
 
-def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tmp_path):
+@pytest.mark.parametrize("stored", [True, False], ids=["restarts", "first-starts"])
+def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tmp_path, stored, caplog):
     import json
     import os
     import subprocess
@@ -327,7 +329,8 @@ def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tm
     output, state = str(tmp_path / "out"), str(tmp_path / "state")
     history = _history(10, items=80, runs=5)
     _publish(output, history[:1])
-    CollectionTable(output, state_folder=state).refresh()
+    if stored:  # else the readers start together without a state: each reads the runs and builds one meanwhile
+        CollectionTable(output, state_folder=state).refresh()
     readers = [subprocess.Popen([sys.executable, "-c", _READER, output, state, str(len(history))],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}) for _ in range(3)]
@@ -348,6 +351,9 @@ def test_readers_in_other_processes_see_whole_states_while_runs_are_published(tm
                 state_rows = _reference_of(output, list(key))
                 expected[key] = (state_rows.num_rows, json.loads(json.dumps(state_rows.slice(1, 15).to_pylist())))
             assert (total, rows) == expected[key], key
+    caplog.set_level("INFO")  # whatever state the readers stored (some stopped mid-build) is whole
+    assert CollectionTable(output, state_folder=state).table().to_pylist() == _reference(output).to_pylist()
+    assert "is not used" not in caplog.text
 
 
 def test_an_output_without_runs_is_an_empty_collection(tmp_path):
@@ -366,3 +372,205 @@ def test_a_state_built_in_parts_equals_one_built_whole(tmp_path, monkeypatch):
                   csv=False)
     in_parts.refresh()  # a run folded into the stored state, in parts too
     assert in_parts.table().to_pylist() == _reference(output).to_pylist()
+
+
+@pytest.fixture
+def held(monkeypatch):
+    """Once ``release`` is cleared, background builds and folds wait for it (set again at teardown at the latest)
+    before they store; ``begun`` lists those held as they start."""
+    import threading
+
+    release, begun = threading.Event(), []
+    store = CollectionTable._store
+
+    def holding(self, files, base):
+        if not release.is_set():
+            begun.append(([run for run, _, _ in files], base is not None))
+        assert release.wait(60), "never released"
+        return store(self, files, base)
+
+    monkeypatch.setattr(CollectionTable, "_store", holding)
+    release.set()
+    yield release, begun
+    release.set()
+
+
+def _soon(condition, seconds: float = 20.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("seed", [13, 14])
+def test_unfiltered_pages_while_the_state_is_built_are_the_built_states_pages(tmp_path, monkeypatch, held, seed):
+    output = str(tmp_path / "out")
+    history = _history(seed, items=150, runs=5)  # items with up to five attempts and decisions each
+    history[2].append({"item_id": "item-0000'); --", "version": 1, "status": "done", "created_at": "2026-01-03"})
+    _publish(output, history)
+    expected = _reference(output)
+    release, begun = held
+    release.clear()
+    monkeypatch.setattr(browse, "IN_PLACE_TOP", 60)  # deeper pages group the ids instead of a top-N of rows
+    table = CollectionTable(output, state_folder=str(tmp_path / "state"))
+    in_place = {(offset, limit): table.page(Filters(), offset=offset, limit=limit)
+                for offset, limit in [(0, 7), (0, 48), (5, 13), (57, 9), (90, 30), (expected.num_rows - 2, 10),
+                                      (expected.num_rows + 5, 10)]}
+    assert _soon(lambda: begun) and begun == [(_runs_of(output), False)] and table.building  # in the background
+    for (offset, limit), page in in_place.items():
+        assert page.building and page.runs == _runs_of(output)
+        assert (page[0], page[1]) == (expected.num_rows, expected.slice(offset, limit).to_pylist()), (offset, limit)
+    with pytest.raises(browse.StillIndexing) as waited:  # a filtered page needs the state: it says so
+        table.page(Filters(status="done"), wait=0.2)
+    assert waited.value.error is None
+    release.set()
+    assert table.page(Filters(status="done"), offset=2, limit=5) == (
+        filter_table(expected, Filters(status="done")).num_rows,
+        filter_table(expected, Filters(status="done")).slice(2, 5).to_pylist())  # waited for the state
+    table.refresh()
+    assert not table.building and table.build_error is None
+    for (offset, limit), page in in_place.items():
+        built = table.page(Filters(), offset=offset, limit=limit)
+        assert not built.building and (built[0], built[1]) == (page[0], page[1])
+
+
+def test_pages_while_the_state_is_built_read_the_results_on_s3(s3_bucket, held, caplog):
+    output = storage.join(s3_bucket, "out")
+    _publish(output, _history(17, items=40, runs=3))
+    expected = _reference(output)
+    release, _ = held
+    release.clear()
+    table = CollectionTable(output)
+    page = table.page(Filters(), offset=3, limit=8)
+    assert page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(3, 8).to_pylist())
+    release.set()
+    table.refresh()
+    assert table.page(Filters(), offset=3, limit=8) == page
+    write_results(_history(18, items=40, runs=1)[0], OutputLayout(output).run("20260109T000000Z-late").results,
+                  csv=False)
+    expected = _reference(output)
+    release.clear()
+    caplog.set_level("INFO")
+    page = CollectionTable(output).page(Filters(), offset=3, limit=8)  # a restart: over the stored state
+    assert not page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(3, 8).to_pylist())
+    assert "read from the runs instead" not in caplog.text
+
+
+@pytest.mark.parametrize("seed", [15, 18])
+def test_a_new_runs_items_show_their_new_state_at_a_restart_before_the_fold_ends(tmp_path, monkeypatch, held, seed):
+    output, state = str(tmp_path / "out"), str(tmp_path / "state")
+    history = _history(seed, items=40, runs=4)
+    decided = {"version": 1, "status": "done", "decision": "approved", "decided_by": "ann",
+               "decided_at": "2026-02-01T00:00:00+00:00"}
+    history[2].append({"item_id": "item-0002a", **decided})  # decided, never attempted: not shown
+    _publish(output, history[:3])
+    CollectionTable(output, state_folder=state).refresh()
+    before = _reference(output)
+    history[3] += [{"item_id": "item-0000", "version": 9, "status": "done", "caption": "recoloured",
+                    "created_at": "2026-01-05T00:00:00+00:00", "catalogue": {"collection": "new"}},
+                   {"item_id": "item-0001", "version": 1, "status": "failed", "error_message": "late failure",
+                    "created_at": "2026-01-05T00:00:00+00:00"},
+                   {"item_id": "item-0002a", "version": 1, "status": "done", "created_at": "2026-01-05"},  # now shown
+                   {"item_id": "item-0000b", "version": 1, "status": "failed", "created_at": "2026-01-05"},  # new
+                   {"item_id": "zz-last", "version": 1, "status": "done", "created_at": "2026-01-05"},
+                   {"item_id": "item-0003z", **decided}]  # a decision alone: not shown
+    write_results(history[3], OutputLayout(output).run("20260104T000000Z-run3").results, csv=False)
+    expected = _reference(output)
+    assert expected.slice(0, 9).to_pylist() != before.slice(0, 9).to_pylist()
+    release, begun = held
+    release.clear()
+    in_place = CollectionTable._in_place
+    monkeypatch.setattr(CollectionTable, "_in_place", None)  # not read from every run: over the stored state
+    restarted = CollectionTable(output, state_folder=state)
+    page = restarted.page(Filters(), limit=9)
+    assert _soon(lambda: begun) and begun == [(["20260104T000000Z-run3"], True)]  # folded in the background
+    assert restarted.building
+    assert not page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(0, 9).to_pylist())
+    shown = {row["item_id"]: row for row in page[1]}
+    assert shown["item-0000"]["version"] == 9 and "item-0000b" in shown and "item-0002a" in shown
+    assert "late failure" in (shown["item-0001"]["latest_error"], shown["item-0001"]["error_message"])
+    for offset, limit in [(1, 5), (3, 30), (expected.num_rows - 3, 10), (expected.num_rows + 2, 5)]:
+        page = restarted.page(Filters(), offset=offset, limit=limit)  # the stored state and the new run's rows
+        assert not page.building and (page[0], page[1]) == (expected.num_rows,
+                                                            expected.slice(offset, limit).to_pylist())
+    assert restarted._overlay == []  # those pages did not fold the new run for every item it names
+    monkeypatch.setattr(CollectionTable, "_in_place", in_place)
+    for filters in FILTERS + [Filters(collection="new")]:  # every filter answered at once, right
+        matching = filter_table(expected, filters)
+        assert restarted.page(filters, offset=1, limit=6, wait=0) == (
+            matching.num_rows, matching.slice(1, 6).to_pylist()), filters
+    assert restarted.collections(wait=0) == sorted({row["collection"] for row in expected.to_pylist()} - {None})
+    release.set()
+    restarted.refresh()
+    assert not restarted.building and restarted.table().to_pylist() == expected.to_pylist()
+    assert CollectionTable(output, state_folder=state).table().to_pylist() == expected.to_pylist()  # stored
+
+
+def test_a_failed_background_build_is_logged_and_pages_are_still_served(tmp_path, monkeypatch, caplog):
+    output = str(tmp_path / "out")
+    _publish(output, _history(16, items=30, runs=2))
+    expected = _reference(output)
+    store = CollectionTable._store
+
+    def failing(self, files, base):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CollectionTable, "_store", failing)
+    table = CollectionTable(output, state_folder=str(tmp_path / "state"))
+    page = table.page(Filters(), offset=4, limit=5)
+    assert (page[0], page[1]) == (expected.num_rows, expected.slice(4, 5).to_pylist()) and page.building
+    with pytest.raises(browse.StillIndexing, match="No space left on device"):
+        table.page(Filters(status="done"))  # not waiting for a build that failed
+    assert table._task is None and "No space left on device" in table.build_error
+    assert "building the collection state" in caplog.text and "No space left on device" in caplog.text
+    assert table.page(Filters(), limit=3)[1] == expected.slice(0, 3).to_pylist()  # still served
+    monkeypatch.setattr(CollectionTable, "_store", store)
+    monkeypatch.setattr(browse, "RETRY_SECONDS", 0.0)
+    table.refresh()  # tried again
+    assert table.build_error is None and table.table().to_pylist() == expected.to_pylist()
+
+
+def test_a_run_removed_while_the_state_is_built_is_left_out_of_the_next_page_and_the_build(tmp_path, monkeypatch,
+                                                                                           held):
+    import shutil
+
+    output = str(tmp_path / "out")
+    _publish(output, _history(19, items=30, runs=3))
+    release, begun = held
+    release.clear()
+    table = CollectionTable(output, state_folder=str(tmp_path / "state"))
+    assert table.page(Filters(), limit=4).building and _soon(lambda: begun)
+    monkeypatch.setattr(browse, "REFRESH_SECONDS", 3600.0)  # the next page keeps the listing it has
+    shutil.rmtree(f"{output}/runs/20260102T000000Z-run1")
+    expected = _reference(output)
+    page = table.page(Filters(), offset=2, limit=6)  # the run's file is gone: listed again, read without it
+    assert page.runs == _runs_of(output) and (page[0], page[1]) == (expected.num_rows,
+                                                                     expected.slice(2, 6).to_pylist())
+    release.set()  # the build of the former runs fails; the one of the runs there now follows at once
+    assert _soon(lambda: table.build_error is None and not table.building)
+    assert table.table().to_pylist() == expected.to_pylist()
+
+
+def test_many_new_rows_at_a_restart_are_read_from_every_run_until_they_are_folded_in(tmp_path, monkeypatch, held):
+    output, state = str(tmp_path / "out"), str(tmp_path / "state")
+    history = _history(20, items=40, runs=3)
+    _publish(output, history[:2])
+    CollectionTable(output, state_folder=state).refresh()
+    write_results(history[2], OutputLayout(output).run("20260103T000000Z-run2").results, csv=False)
+    expected = _reference(output)
+    release, begun = held
+    release.clear()
+    monkeypatch.setattr(browse, "OVERLAY_ROWS", 5)  # more new rows than are folded in memory
+    monkeypatch.setattr(CollectionTable, "_over_state", None)
+    restarted = CollectionTable(output, state_folder=state)
+    page = restarted.page(Filters(), offset=2, limit=9)
+    assert page.building and (page[0], page[1]) == (expected.num_rows, expected.slice(2, 9).to_pylist())
+    with pytest.raises(browse.StillIndexing):
+        restarted.page(Filters(status="done"), wait=0.1)
+    assert _soon(lambda: begun) and begun == [(["20260103T000000Z-run2"], True)]  # folded into the stored state
+    release.set()
+    assert restarted.page(Filters(status="done")) == (filter_table(expected, Filters(status="done")).num_rows,
+                                                      filter_table(expected, Filters(status="done")).slice(
+                                                          0, 48).to_pylist())

@@ -336,3 +336,30 @@ def test_readable_values_for_pages():
     assert readable("2026-13-45T00:00") == "2026-13-45T00:00" and readable("sha256:abc") == "sha256:abc"
     assert flat_rows({"b": {"c": {"d": 1.0}}, "a": [], "e": {}}) == [("a", ""), ("b.c.d", "1"), ("e", "–")]
     assert readable([{"x": 0.123456}]) == "x: 0.1235"
+
+
+def test_while_the_collection_is_indexed_the_pages_say_so_and_the_unfiltered_list_is_served(output, monkeypatch):
+    import threading
+
+    import review.app
+    from diffcolor.archive.browse import CollectionTable
+
+    release, store = threading.Event(), CollectionTable._store
+    monkeypatch.setattr(CollectionTable, "_store", lambda self, files, base: (release.wait(60), store(self, files,
+                                                                                                         base))[1])
+    monkeypatch.setattr(review.app, "INDEX_WAIT_SECONDS", 0.2)
+    try:
+        client, _, _ = _client(output)
+        listed = client.get("/api/items?limit=1&offset=1").json()  # read from the runs in place
+        assert (listed["total"], [item["item_id"] for item in listed["items"]], listed["building"]) == (
+            2, ["nostate"], True)
+        filtered = client.get("/api/items?collection=Dogs").json()
+        assert (filtered["total"], filtered["items"], filtered["building"]) == (None, [], True)
+        assert "still being indexed: this list is read from the runs" in client.get("/").text
+        assert "still being indexed: filtered lists show once it is done" in client.get("/?collection=Dogs").text
+    finally:
+        release.set()
+    client.app.state.table.refresh()
+    filtered = client.get("/api/items?collection=Dogs").json()
+    assert (filtered["total"], filtered["building"]) == (2, False)
+    assert "still being indexed" not in client.get("/").text

@@ -23,8 +23,13 @@ fsspec filesystem) and naming the runs it covers. A restart opens it after
 checking it against the runs (first page about 0.5 s at a million records on
 two busy cores); a new run is folded in from its own rows alone; a state that
 does not check (damaged, another format, a run changed or missing) is rebuilt
-from every run. A page is one query with its filters, order and limit, so only
-the page's rows become Python objects; peak memory stays under 1 GiB
+from every run. Building and folding run in a background thread: meanwhile a
+few new runs are folded in memory over the stored state for the items they
+name, and without a usable state the unfiltered pages are read from the runs in
+place (the page's item ids, then the state of those items alone, by the
+build's own queries), so the first page of the very first start comes in well
+under a second too. A page is one query with its filters, order and limit, so
+only the page's rows become Python objects; peak memory stays under 1 GiB
 (``python -m review.bench --items 1000000``). :func:`latest_per_item` and
 :func:`filter_table` are the same rules over an
 in-memory Arrow table.
@@ -60,6 +65,10 @@ _READ = ("item_id", "version", "status", "error_class", "error_message", "captio
 CATALOGUE_FIRST = ("title", "accession_number", "creator", "date", "collection")
 PART_ITEMS = 200_000  # ours: items folded at once, so that a million-item state builds within the memory limit
 REFRESH_SECONDS = 2.0  # ours: at most one listing of runs/ per two seconds, however many pages are served
+OVERLAY_ROWS = 200_000  # ours: new runs of at most this many rows are shown at once, folded in memory over the state
+RETRY_SECONDS = 60.0  # ours: a failed background build is tried again after a minute
+PEEK_MEMORY = "256MB"  # ours: DuckDB's limit for the pages read from the runs in place while the state is built
+IN_PLACE_TOP = 10_000  # ours: pages read in place up to this offset find their ids by a top-N of the rows
 
 
 def metrics() -> tuple[str, ...]:
@@ -216,6 +225,22 @@ _ORD = "($base + list_position($paths, filename) - 1) * 4294967296 + file_row_nu
 _SOURCE = "read_parquet($paths, filename = true, file_row_number = true, union_by_name = true)"
 
 
+def _source(only: list[str] | None) -> str:
+    """The runs' rows, or those of the items ``only`` names (their id range pushed down to the Parquet reader, which
+    skips the row groups outside it)."""
+    if only is None:
+        return _SOURCE
+    return (f"(SELECT * FROM {_SOURCE} WHERE item_id BETWEEN {_literal(min(only))} AND {_literal(max(only))} "
+            f"AND item_id IN ({', '.join(_literal(item_id) for item_id in only)}))")
+
+
+# The items a page of the whole collection shows, in item order, from the runs' results files where they lie: those
+# with an attempt (a row that is not a decision), the state's ``_latest_ord IS NOT NULL``.
+_ATTEMPTED = """SELECT item_id FROM (SELECT item_id, decision FROM (
+    SELECT * FROM read_parquet($paths, union_by_name = true) UNION ALL BY NAME SELECT * FROM temp.declared))
+WHERE decision IS NULL"""
+
+
 def _own() -> list[str]:
     """The columns of an item's current row that the table shows as they are (``status`` aside)."""
     return [name for name in _read() if name not in _FOLDED]
@@ -313,13 +338,13 @@ SELECT * EXCLUDE (shown, known, keys),
 FROM mapped ORDER BY item_id
 """
 
-def _merged_sql() -> str:
+def _merged_sql(source: str = _SOURCE) -> str:
     """The query of the folded state of the items the new runs name (their current row first, then the stored
     state's), ordered by item id."""
     own = ", ".join(f'CASE WHEN own_new IS NULL THEN old."{name}" ELSE own."{name}" END AS "{name}"'
                     for name in _own() if name != "status")
     return _MERGED_SQL.format(
-        rows=_ROWS.format(ord=_ORD, source=_SOURCE), own=own, known=[f"$.{key}" for key in CATALOGUE_FIRST],
+        rows=_ROWS.format(ord=_ORD, source=source), own=own, known=[f"$.{key}" for key in CATALOGUE_FIRST],
         present=" + ".join(f"(known[{index}] IS NOT NULL)::INTEGER" for index in range(1, len(CATALOGUE_FIRST) + 1)),
         parts=", ".join(f"'{key.replace('_', ' ')}: ' || catalogue_value(known[{index}])"
                         for index, key in enumerate(CATALOGUE_FIRST, 1)),
@@ -413,6 +438,30 @@ class StaleState(Exception):
     """A stored state that is not one this module wrote for this output (another format, edited, damaged)."""
 
 
+class StillIndexing(Exception):
+    """A page that needs the collection state, asked while it is built (``error``: None) or after its build
+    failed (``error``: why)."""
+
+    def __init__(self, error: str | None = None):
+        self.error = error
+        super().__init__(f"the collection state could not be built: {error}" if error else
+                         "the collection is still being indexed")
+
+
+class Page(tuple):
+    """``(matching, rows)`` of :meth:`CollectionTable.page`, with ``building`` (the collection is still being
+    indexed: the page was read from the runs in place, and filtered pages wait for the state) and ``runs`` (the
+    runs the page shows, oldest first)."""
+
+    building: bool
+    runs: list[str]
+
+    def __new__(cls, total: int, rows: list[dict], *, building: bool, runs: list[str]):
+        page = super().__new__(cls, (total, rows))
+        page.building, page.runs = building, runs
+        return page
+
+
 class CollectionTable:
     """The browsable table of one output root, refreshed from new runs (at most every REFRESH_SECONDS).
 
@@ -432,6 +481,16 @@ class CollectionTable:
     tampered state file can make a page wrong but cannot make it read anything
     else. A page is one query with its filters, order and limit; only the page's
     rows become Python objects.
+
+    Building or folding the stored state runs in a background thread, so pages are
+    served meanwhile and none shows an item's state wrong: new runs of at most
+    OVERLAY_ROWS rows are folded at once, in memory, for the items they name, over
+    the stored state (every page and filter answered at once); otherwise (the
+    first start, a state rebuilt) the unfiltered pages are answered from the runs
+    in place (the page's item ids first, then the state of those items alone, by
+    the same queries as the build), and other pages wait for the state or say
+    that it is being built (:class:`StillIndexing`). A build that fails is logged
+    and tried again after RETRY_SECONDS; the pages go on as while it ran.
     """
 
     def __init__(self, output: str, *, memory_limit: str = "512MB", state_folder: str | None = None):
@@ -450,20 +509,31 @@ class CollectionTable:
         self._collections: list[str] | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when a background build ends
         self._builder = None  # reads the runs, writes states: made when first needed (a restart may not)
+        self._peeker = None  # reads the runs for pages and listings while the builder works
+        self._listing: list[tuple[str, str, str]] | None = None  # the runs last listed (run, URI, fingerprint)
+        self._overlay: list[tuple[str, str]] = []  # runs after the stored state's, folded into temp.overlay of _con
+        self._stale = False  # whether the open state covers runs that changed or are gone: not shown
+        self._task: threading.Thread | None = None  # the background build or fold
+        self._base_handle = None  # the stored state the background fold copies
+        self._failed: tuple[float, str, list] | None = None  # (when, why, of which runs) the last build failed
+        self._attempted: tuple[tuple, int] | None = None  # (runs, items with an attempt) for in-place pages
+        self._rows: dict[tuple[str, str], int] = {}  # rows of the results files (URI, fingerprint) read
+        self._closing = False
         self._local = storage._is_local(storage.filesystem(output)[0])
         self._con = None
         self._open()
         # a query still running when the interpreter exits aborts it: interrupt it
         atexit.register(_stop, weakref.ref(self))
 
-    def _connect(self):
+    def _connect(self, memory_limit: str | None = None):
         """A DuckDB connection in memory (spilling to this table's temporary folder) with the declared results
         columns as the empty table ``temp.declared``."""
         import duckdb
 
         connection = duckdb.connect(config={
-            "memory_limit": self._memory_limit, "temp_directory": self._spill.name,
+            "memory_limit": memory_limit or self._memory_limit, "temp_directory": self._spill.name,
             "preserve_insertion_order": False, "autoinstall_known_extensions": False,
             "autoload_known_extensions": False})
         connection.execute("SET enable_progress_bar = false")
@@ -472,13 +542,26 @@ class CollectionTable:
 
     @property
     def _build(self):
+        """The connection the background thread builds and folds states on."""
         if self._builder is None:
-            self._builder = self._connect()
-            if not self._local:
-                self._builder.register_filesystem(storage.filesystem(self.output)[0])
-            for macro in _MACROS:
-                self._builder.execute(macro)
+            self._builder = self._reader()
         return self._builder
+
+    @property
+    def _peek(self):
+        """The connection pages read the runs in place on, and listings check new runs on (under the lock)."""
+        if self._peeker is None:
+            self._peeker = self._reader(PEEK_MEMORY)
+        return self._peeker
+
+    def _reader(self, memory_limit: str | None = None):
+        """A connection that reads the runs (through the output's filesystem) with the fold's macros."""
+        connection = self._connect(memory_limit)
+        if not self._local:
+            connection.register_filesystem(storage.filesystem(self.output)[0])
+        for macro in _MACROS:
+            connection.execute(macro)
+        return connection
 
     # 1. The stored state: opened read-only, checked, or none.
 
@@ -514,7 +597,7 @@ class CollectionTable:
             self._con.close()
             self._handle.close()
         self._con, self._handle, self._covered, self._verified = connection, handle, covered, False
-        self._identity, self._collections = identity, None
+        self._identity, self._collections, self._overlay, self._stale = identity, None, [], False
         return True
 
     def _check(self, connection, expected: dict[str, list]) -> list[tuple[str, str]]:
@@ -541,38 +624,175 @@ class CollectionTable:
         return [(run, fingerprint) for _, run, fingerprint in runs]
 
     def close(self) -> None:
-        """Closes the state and the query engine (the stored state stays for the next start)."""
+        """Closes the state and the query engine (the stored state stays for the next start); a background build
+        still running is interrupted (its partial file is removed)."""
         with self._lock:
-            for connection in (self._con, self._builder):
+            self._closing, task = True, self._task
+            if task is not None and self._builder is not None:
+                self._builder.interrupt()
+        if task is not None:
+            task.join(timeout=30)
+        with self._lock:
+            for connection in (self._con, self._builder, self._peeker):
                 if connection is not None:
                     connection.close()
             if self._handle is not None:
                 self._handle.close()
-            self._con = self._builder = self._handle = self._identity = None
-            self._covered = []
+            self._con = self._builder = self._peeker = self._handle = self._identity = None
+            self._covered, self._overlay = [], []
 
     # 2. The runs of the output, and which of them the state lacks.
-    def refresh(self) -> None:
-        """Re-lists ``runs/`` now and folds in any new run."""
+    @property
+    def building(self) -> bool:
+        """Whether the stored state lacks runs of the output (being built or folded in, in the background)."""
+        with self._lock:
+            return not self._settled()
+
+    @property
+    def build_error(self) -> str | None:
+        """Why the last background build failed, while it is not built again; else None."""
+        with self._lock:
+            return self._failed[1] if self._failed else None
+
+    def refresh(self, *, wait: bool = True) -> None:
+        """Re-lists ``runs/`` now and folds in any new run; with ``wait``, until the stored state covers them all
+        (raises :class:`StillIndexing` when its build fails)."""
         with self._lock:
             self._refresh()
+            if wait:
+                self._wait(self._settled, None)
 
     def _fresh(self) -> None:
         with self._lock:
             if time.monotonic() - self._checked > REFRESH_SECONDS:
                 self._refresh()
 
+    def _listed_runs(self) -> list[tuple[str, str]]:
+        return [(run, fingerprint) for run, _, fingerprint in self._listing or ()]
+
+    def _current(self) -> bool:
+        """Whether the open connection shows every run listed (the stored state, and the overlay's runs)."""
+        return (self._con is not None and not self._stale and self._listing is not None
+                and self._covered + self._overlay == self._listed_runs())
+
+    def _settled(self) -> bool:
+        """Whether the stored state covers every run listed, and no build runs."""
+        return self._task is None and self._current() and not self._overlay
+
     def _refresh(self) -> None:
+        """Lists the runs (lock held). A stored state that lacks runs (or covers runs that changed) is built or
+        folded in the background; new runs after the stored state's, when few, are shown meanwhile over it (see
+        :meth:`page`)."""
         self._open()  # a state another process stored meanwhile
         files = self._listed()
-        covered = [(run, fingerprint) for run, _, fingerprint in files]
-        if self._con is None or covered != self._covered:
-            if self._con is not None and covered[:len(self._covered)] == self._covered:
-                self._store(files[len(self._covered):], base=self._covered)
-            else:
-                self._store(files, base=None)
-        self._verified = True
-        self._checked = time.monotonic()
+        listed = [(run, fingerprint) for run, _, fingerprint in files]
+        self._listing, self._checked = files, time.monotonic()
+        if self._con is not None and listed[:len(self._covered)] == self._covered:
+            self._verified, self._stale = True, False
+            if self._overlay and listed[:len(self._covered) + len(self._overlay)] != self._covered + self._overlay:
+                self._show([])  # an overlay run gone or changed: the stored state alone
+        else:
+            self._stale = self._con is not None
+            self._overlay = []
+        if self._task is None and (self._stale or self._con is None or self._covered != listed) and not (
+                self._failed and self._failed[2] == listed and time.monotonic() - self._failed[0] < RETRY_SECONDS):
+            base = None if self._stale or self._con is None else list(self._covered)
+            self._base_handle = None if base is None else os.fdopen(os.dup(self._handle.fileno()), "rb")
+            self._task = threading.Thread(target=self._background, args=(files[len(base or ()):], base),
+                                          name="collection-state", daemon=True)
+            self._task.start()
+
+    def _background(self, files: list[tuple[str, str, str]], base: list[tuple[str, str]] | None) -> None:
+        """Stores the state with ``files`` folded into ``base`` (or built from them); logs a failure."""
+        failed = None
+        try:
+            with self._lock:  # after the page being answered (its listing started this build)
+                closing = self._closing
+            if not closing:
+                self._store(files, base)
+        except Exception as error:  # noqa: BLE001  (pages go on from the runs; tried again later)
+            failed = (time.monotonic(), f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                      [*(base or ()), *((run, fingerprint) for run, _, fingerprint in files)])
+            if not self._closing:
+                logger.error("building the collection state %s failed (pages are answered from the runs meanwhile; "
+                             "tried again in %.0f s or when the runs change): %s", self.state_path, RETRY_SECONDS,
+                             failed[1],
+                             exc_info=not isinstance(error, OSError))
+        with self._lock:
+            self._task, self._failed = None, failed
+            if self._base_handle is not None:
+                self._base_handle.close()
+                self._base_handle = None
+            try:
+                if not self._closing:
+                    self._refresh()  # the state stored (or another's), and what was published meanwhile
+            except Exception as error:  # noqa: BLE001  (the next page lists the runs again)
+                logger.warning("listing the runs of %s failed: %s", storage.redact(self.output), error)
+                self._checked = 0.0
+            finally:
+                self._changed.notify_all()
+
+    def _wait(self, ready, wait: float | None) -> None:
+        """Waits (lock held) until ``ready()``, at most ``wait`` seconds (None: however long the build takes).
+        Raises StillIndexing when the time is up, or when the build failed."""
+        deadline = None if wait is None else time.monotonic() + wait
+        while not ready():
+            if self._task is None:
+                self._refresh()  # nothing under way: list again (and start what is missing, unless it just failed)
+                if ready():
+                    return
+                if self._task is None:
+                    raise StillIndexing(self._failed[1] if self._failed else "the collection state could not be "
+                                        "opened")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise StillIndexing(None)
+            self._changed.wait(left)
+
+    def _new(self) -> list[tuple[str, str, str]] | None:
+        """The runs listed after the stored state's when they are few (at most OVERLAY_ROWS rows): shown over it
+        before they are folded in; else None (no state, a stale one, or many new rows)."""
+        if self._con is None or self._stale or self._listing is None:
+            return None
+        if self._listed_runs()[:len(self._covered)] != self._covered:
+            return None
+        new = self._listing[len(self._covered):]
+        rows = 0
+        for _, uri, fingerprint in new:
+            if (uri, fingerprint) not in self._rows:
+                [(count,)] = self._peek.execute("SELECT sum(num_rows) FROM parquet_file_metadata(?)",
+                                                [self._path(uri)]).fetchall()
+                self._rows[uri, fingerprint] = count or 0
+            rows += self._rows[uri, fingerprint]
+        return new if rows <= OVERLAY_ROWS else None
+
+    def _show(self, new: list[tuple[str, str, str]]) -> None:
+        """Opens the stored state again with the runs ``new`` (those after its own) folded in memory into
+        ``temp.overlay`` for the items they name (none: the stored state alone)."""
+        import duckdb
+
+        if not new:
+            self._identity = None
+            self._open()
+            return
+        connection = None
+        try:
+            connection = self._reader(PEEK_MEMORY)
+            connection.execute(f"ATTACH {_literal(self.state_path)} AS state (READ_ONLY)")
+            if _identity(self.state_path) != self._identity:
+                raise StaleState("replaced meanwhile")
+            self._fold_on(connection, new, len(self._covered), overlay=True)
+            connection.execute("SET enable_external_access = false")
+            connection.execute("SET lock_configuration = true")
+        except (duckdb.Error, StaleState, OSError) as error:
+            if connection is not None:
+                connection.close()
+            self._overlay = []
+            logger.info("the new runs are shown once folded into the stored state (%s)",
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return
+        self._con.close()
+        self._con, self._overlay, self._collections = connection, [(run, mark) for run, _, mark in new], None
 
     def _listed(self) -> list[tuple[str, str, str]]:
         """``(run, results URI, fingerprint)`` of the runs with a readable results file, oldest first; the open
@@ -608,7 +828,7 @@ class CollectionTable:
         import duckdb
 
         try:
-            self._build.execute("SELECT count(*) FROM parquet_schema(?)", [self._path(uri)]).fetchall()
+            self._peek.execute("SELECT count(*) FROM parquet_schema(?)", [self._path(uri)]).fetchall()
             return True
         except duckdb.Error as error:
             logger.warning("%s is not a readable results table, left out of the collection: %s", storage.redact(uri),
@@ -617,7 +837,7 @@ class CollectionTable:
             return False
 
     # 3. A new state: the stored one (or none) with the new runs folded in, stored whole under a private name,
-    # then renamed over the stored one.
+    # then renamed over the stored one (in the background thread).
     def _store(self, files: list[tuple[str, str, str]], base: list[tuple[str, str]] | None) -> None:
         staging = f"{self.state_path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         _remove_stale_staging(self.state_path)
@@ -641,69 +861,206 @@ class CollectionTable:
                 if os.path.exists(leftover):
                     os.remove(leftover)
         # another process may store its state meanwhile: whichever is there now is opened (a whole one, checked)
-        if not any(self._open() for _ in range(3)):
-            logger.warning("the collection state %s changed while it was opened; looking again at the next refresh",
-                           self.state_path)
+        with self._lock:
+            if not any(self._open() for _ in range(3)):
+                logger.warning("the collection state %s changed while it was opened; looking again at the next "
+                               "refresh", self.state_path)
 
     def _copy_open_state(self, staging: str) -> None:
-        """Copies the open state's file (the one checked, whatever the path names now) to ``staging``."""
-        self._handle.seek(0)
+        """Copies the stored state the fold started from (the one checked, whatever the path names now)."""
+        self._base_handle.seek(0)
         with open(staging, "xb") as target:
-            shutil.copyfileobj(self._handle, target, 1 << 20)
+            shutil.copyfileobj(self._base_handle, target, 1 << 20)
 
     def _fold(self, files: list[tuple[str, str, str]], base: int) -> None:
         """Folds the runs ``files`` (oldest first, later than every run the attached state covers) into it."""
+        self._fold_on(self._build, files, base)
+
+    def _fold_on(self, connection, files: list[tuple[str, str, str]], base: int, *, only: list[str] | None = None,
+                 overlay: bool = False) -> None:
+        """Folds ``files`` into the state attached to ``connection`` as ``state``: the items ``only`` names (else
+        every item), into ``temp.overlay`` with ``overlay`` (the attached state read only)."""
         paths = [self._path(uri) for _, uri, _ in files]
         if paths:
+            source = _source(only)
             parameters = {"paths": paths, "base": base}
-            self._build.execute(_PLAN_SQL.format(rows=_ROWS.format(ord=_ORD, source=_SOURCE)),
-                                {**parameters, "part_items": PART_ITEMS})
-            [(parts,)] = self._build.execute("SELECT coalesce(max(part) + 1, 0) FROM temp.plan").fetchall()
-            merged = _merged_sql()
-            if base:  # the items the new runs name are replaced
-                self._build.execute("CREATE OR REPLACE TEMP TABLE merged AS SELECT * FROM state.items LIMIT 0")
+            if only is not None:  # the few rows of these items, read once
+                connection.execute(f"CREATE OR REPLACE TEMP TABLE wanted AS SELECT * FROM {source}", {"paths": paths})
+                source = "temp.wanted"
+            connection.execute(_PLAN_SQL.format(rows=_ROWS.format(ord=_ORD, source=source)),
+                               {**parameters, "part_items": PART_ITEMS})
+            [(parts,)] = connection.execute("SELECT coalesce(max(part) + 1, 0) FROM temp.plan").fetchall()
+            merged, into = _merged_sql(source), "temp.overlay" if overlay else "temp.merged" if base else "state.items"
+            if into != "state.items":  # the items the new runs name are replaced
+                connection.execute(f"CREATE OR REPLACE TEMP TABLE {into.split('.')[1]} AS SELECT * FROM state.items "
+                                   "LIMIT 0")
             for part in range(parts):  # item id ranges of PART_ITEMS, each folded whole in bounded memory
-                self._build.execute(_CATALOGUES_SQL.format(ord=_ORD, source=_SOURCE), {**parameters, "part": part})
-                self._build.execute(f"INSERT INTO {'temp.merged' if base else 'state.items'} BY NAME {merged}",
-                                    {**parameters, "part": part})
-                if not base:
-                    self._build.execute("CHECKPOINT state")  # the part written out: its memory is free again
-            if base:
-                self._build.execute("DELETE FROM state.items WHERE item_id IN (SELECT item_id FROM temp.plan)")
-                self._build.execute("INSERT INTO state.items BY NAME SELECT * FROM temp.merged ORDER BY item_id")
-                self._build.execute("DROP TABLE temp.merged")
-            self._build.execute("DROP TABLE temp.plan; DROP TABLE IF EXISTS temp.catalogues")
-        if files:
-            self._build.executemany("INSERT INTO state.runs VALUES (?, ?, ?)", [
+                if self._closing and connection is self._builder:
+                    raise InterruptedError("the collection table is closing")
+                connection.execute(_CATALOGUES_SQL.format(ord=_ORD, source=source), {**parameters, "part": part})
+                connection.execute(f"INSERT INTO {into} BY NAME {merged}", {**parameters, "part": part})
+                if into == "state.items" and only is None:
+                    connection.execute("CHECKPOINT state")  # the part written out: its memory is free again
+            if into == "temp.merged":
+                connection.execute("DELETE FROM state.items WHERE item_id IN (SELECT item_id FROM temp.plan)")
+                connection.execute("INSERT INTO state.items BY NAME SELECT * FROM temp.merged ORDER BY item_id")
+                connection.execute("DROP TABLE temp.merged")
+            connection.execute("DROP TABLE temp.plan; DROP TABLE IF EXISTS temp.catalogues; "
+                               "DROP TABLE IF EXISTS temp.wanted")
+        if files and not overlay:
+            connection.executemany("INSERT INTO state.runs VALUES (?, ?, ?)", [
                 [base + index, run, fingerprint] for index, (run, _, fingerprint) in enumerate(files)])
 
     # 4. Pages.
+    def _items(self) -> str:
+        """The open state's items as SQL: the stored ones, those the overlay's runs name replaced."""
+        if not self._overlay:
+            return "state.items"
+        return ("(SELECT * FROM state.items ANTI JOIN temp.overlay USING (item_id) "
+                "UNION ALL BY NAME SELECT * FROM temp.overlay)")
+
     def table(self, *, refresh: bool = False) -> pa.Table:
-        """The whole table as Arrow (every row: for tests and exports, not for pages)."""
+        """The whole table as Arrow (every row: for tests and exports, not for pages), once the state is stored."""
         if refresh:
             self.refresh()
         else:
             self._fresh()
         with self._lock:
-            return _arrow(self._con.execute(f"SELECT {_shown()} FROM state.items WHERE _latest_ord IS NOT NULL "
+            self._wait(self._settled, None)
+            return _arrow(self._con.execute(f"SELECT {_shown()} FROM {self._items()} WHERE _latest_ord IS NOT NULL "
                                             "ORDER BY item_id"))
 
-    def page(self, filters: Filters, offset: int = 0, limit: int = 48) -> tuple[int, list[dict]]:
-        """``(matching, rows)``: how many items pass ``filters`` and the ``limit`` rows from ``offset``."""
-        where, values = _where(filters)
-        self._fresh()
-        with self._lock:
-            [(total,)] = self._con.execute(f"SELECT count(*) FROM state.items WHERE {where}", values).fetchall()
-            rows = _arrow(self._con.execute(_page_sql(where), [*values, max(0, limit), max(0, offset)]))
-        return total, rows.to_pylist()
+    def page(self, filters: Filters, offset: int = 0, limit: int = 48, *, wait: float | None = None) -> Page:
+        """``(matching, rows)``: how many items pass ``filters`` and the ``limit`` rows from ``offset``, as a
+        :class:`Page`. While the state is built, an unfiltered page is read from the runs in place; a filtered
+        one waits for the state at most ``wait`` seconds (None: however long), then raises StillIndexing."""
+        import duckdb
 
-    def collections(self) -> list[str]:
-        """The distinct collection names, for the filter's choices."""
+        where, values = _where(filters)
+        offset, limit = max(0, offset), max(0, limit)
+        with self._lock:  # held from the listing on: a background build it starts begins once this page is served
+            if time.monotonic() - self._checked > REFRESH_SECONDS:
+                self._refresh()
+            new = None if self._current() else self._new()
+            if not self._current() and filters == Filters():
+                try:
+                    total, rows = self._over_state(new, offset, limit) if new else self._in_place(offset, limit)
+                except (OSError, duckdb.IOException) as error:  # a run gone since the listing: listed again
+                    logger.info("the runs changed while a page was read from them (%s)", str(error).splitlines()[0])
+                    self._refresh()
+                    new = None if self._current() else self._new()
+                    total, rows = self._over_state(new, offset, limit) if new else self._in_place(offset, limit)
+            else:
+                self._ready(wait)
+                items = self._items()
+                [(total,)] = self._con.execute(f"SELECT count(*) FROM {items} WHERE {where}", values).fetchall()
+                rows = _arrow(self._con.execute(_page_sql(where, items), [*values, limit, offset])).to_pylist()
+            building = not self._current() and self._new() is None
+            return Page(total, rows, building=building, runs=[run for run, _ in self._listed_runs()])
+
+    def _ready(self, wait: float | None) -> None:
+        """Makes the open connection show every run listed (lock held): new runs folded in memory over the stored
+        state where they are few, else once the background build is done (at most ``wait`` seconds)."""
+        if not self._current():
+            new = self._new()
+            if new is not None:
+                self._show(new)
+        self._wait(self._current, wait)
+
+    def _over_state(self, new: list[tuple[str, str, str]], offset: int, limit: int) -> tuple[int, list[dict]]:
+        """An unfiltered page from the stored state and the few runs ``new`` after it: the page's item ids (of
+        either), then those runs folded over the stored state for these items alone."""
+        import duckdb
+
+        paths = [self._path(uri) for _, uri, _ in new]
+        attempted = "SELECT item_id FROM state.items WHERE _latest_ord IS NOT NULL"
+        try:
+            self._peek.execute(f"ATTACH {_literal(self.state_path)} AS state (READ_ONLY)")
+            if _identity(self.state_path) != self._identity:
+                raise StaleState("replaced meanwhile")
+            self._peek.execute(f"CREATE OR REPLACE TEMP TABLE fresh AS SELECT DISTINCT item_id FROM ({_ATTEMPTED})",
+                               {"paths": paths})
+            key = tuple(self._listed_runs())
+            if self._attempted is None or self._attempted[0] != key:
+                # the stored state's attempted items, and the new runs' less those among them (a semi join built
+                # on the new runs' few ids)
+                [(count,)] = self._peek.execute(f"SELECT (SELECT count(*) FROM ({attempted})) + (SELECT count(*) FROM "
+                                                f"temp.fresh) - (SELECT count(*) FROM ({attempted}) WHERE item_id IN "
+                                                "(SELECT item_id FROM temp.fresh))").fetchall()
+                self._attempted = (key, count)
+            wanted = offset + limit
+            ids = [item_id for (item_id,) in self._peek.execute(
+                f"SELECT item_id FROM (({attempted} ORDER BY item_id LIMIT $wanted) UNION (SELECT item_id FROM "
+                "temp.fresh ORDER BY item_id LIMIT $wanted)) ORDER BY item_id LIMIT $limit OFFSET $offset",
+                {"wanted": wanted, "limit": limit, "offset": offset}).fetchall()]
+            if not ids:
+                return self._attempted[1], []
+            self._fold_on(self._peek, new, len(self._covered), only=ids, overlay=True)
+            listed = ", ".join(_literal(item_id) for item_id in ids)
+            items = (f"(SELECT * FROM (SELECT * FROM state.items WHERE item_id IN ({listed})) ANTI JOIN temp.overlay "
+                     "USING (item_id) UNION ALL BY NAME SELECT * FROM temp.overlay)")
+            rows = _arrow(self._peek.execute(_page_sql("_latest_ord IS NOT NULL", items), [limit, 0]))
+            return self._attempted[1], rows.to_pylist()
+        except (duckdb.Error, StaleState, OSError) as error:
+            failed = str(error).splitlines()[0] if str(error) else type(error).__name__
+        finally:
+            self._peek.execute("DROP TABLE IF EXISTS temp.fresh; DROP TABLE IF EXISTS temp.overlay")
+            self._peek.execute("DETACH DATABASE IF EXISTS state")
+        logger.info("a page over the stored state was read from the runs instead (%s)", failed)
+        self._attempted = None
+        return self._in_place(offset, limit)
+
+    def _in_place(self, offset: int, limit: int) -> tuple[int, list[dict]]:
+        """An unfiltered page from the runs listed, in place: the page's item ids (a top-N of the attempted items'
+        ids), then the state of those items alone, folded from every run as the build folds it."""
+        files = self._listing or []
+        paths = [self._path(uri) for _, uri, _ in files]
+        if not paths:
+            return 0, []
+        key = tuple(self._listed_runs())
+        if self._attempted is None or self._attempted[0] != key:
+            [(count,)] = self._peek.execute(f"SELECT count(DISTINCT item_id) FROM ({_ATTEMPTED})",
+                                            {"paths": paths}).fetchall()
+            self._attempted = (key, count)
+        ids = self._page_ids(paths, offset, limit)
+        if not ids:
+            return self._attempted[1], []
+        self._peek.execute("ATTACH ':memory:' AS state")
+        try:
+            for statement in _schema_sql("state"):
+                self._peek.execute(statement)
+            self._fold_on(self._peek, files, 0, only=ids)
+            rows = _arrow(self._peek.execute(_page_sql("_latest_ord IS NOT NULL", "state.items"), [limit, 0]))
+        finally:
+            self._peek.execute("DETACH state")
+        return self._attempted[1], rows.to_pylist()
+
+    def _page_ids(self, paths: list[str], offset: int, limit: int) -> list[str]:
+        """The ids of the attempted items ``offset`` to ``offset + limit`` in item order: near the start, from the
+        smallest ids of the rows (a top-N, however many rows an item has, fetched again with more rows until
+        enough distinct ids are found); deeper, grouped by item."""
+        wanted = offset + limit
+        if wanted <= IN_PLACE_TOP:
+            fetch = 2 * wanted
+            while True:
+                found = [item_id for (item_id,) in self._peek.execute(
+                    f"{_ATTEMPTED} ORDER BY item_id LIMIT $fetch", {"paths": paths, "fetch": fetch}).fetchall()]
+                distinct = list(dict.fromkeys(found))
+                if len(distinct) >= wanted or len(found) < fetch:
+                    return distinct[offset:wanted]
+                fetch *= 4
+        return [item_id for (item_id,) in self._peek.execute(
+            f"SELECT item_id FROM ({_ATTEMPTED}) GROUP BY item_id ORDER BY item_id LIMIT $limit OFFSET $offset",
+            {"paths": paths, "limit": limit, "offset": offset}).fetchall()]
+
+    def collections(self, *, wait: float | None = None) -> list[str]:
+        """The distinct collection names, for the filter's choices (as :meth:`page` waits for a filtered page)."""
         self._fresh()
         with self._lock:
+            self._ready(wait)
             if self._collections is None:
-                values = self._con.execute("SELECT DISTINCT collection FROM state.items WHERE collection IS NOT NULL"
-                                           " AND collection <> '' AND _latest_ord IS NOT NULL").fetchall()
+                values = self._con.execute(f"SELECT DISTINCT collection FROM {self._items()} WHERE collection IS NOT "
+                                           "NULL AND collection <> '' AND _latest_ord IS NOT NULL").fetchall()
                 self._collections = sorted(value for (value,) in values)
             return list(self._collections)
 
@@ -779,18 +1136,25 @@ def _arrow(result) -> pa.Table:
     return fetch()
 
 
-def _page_sql(where: str) -> str:
-    """One page: its item ids found first (sorting the ids only, not the rows), then their rows."""
-    return (f"SELECT {_shown()} FROM state.items WHERE item_id IN (SELECT item_id FROM state.items WHERE {where} "
+def _page_sql(where: str, items: str = "state.items") -> str:
+    """One page of ``items``: its item ids found first (sorting the ids only, not the rows), then their rows."""
+    return (f"SELECT {_shown()} FROM {items} WHERE item_id IN (SELECT item_id FROM {items} WHERE {where} "
             "ORDER BY item_id LIMIT ? OFFSET ?) ORDER BY item_id")
 
 
 def _stop(table: weakref.ref) -> None:
-    """Interrupts a query of ``table`` still running at exit."""
+    """Interrupts a query of ``table`` still running at exit, and waits for its background build to end (a thread
+    still in the query engine when the interpreter ends would abort the process)."""
     running = table()
-    for connection in (running._builder, running._con) if running is not None else ():
+    if running is None:
+        return
+    running._closing = True
+    for connection in (running._builder, running._peeker, running._con):
         if connection is not None:
             try:
                 connection.interrupt()
             except Exception:  # noqa: BLE001  (closed meanwhile)
                 pass
+    task = running._task
+    if task is not None:
+        task.join(timeout=60)
