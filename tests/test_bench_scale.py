@@ -60,4 +60,7 @@ def test_every_part_at_small_sizes(tmp_path):
     assert all(figure["value"] is not None and figure["value"] > 0 for figure in report["figures"])
     names = [figure["figure"] for figure in report["figures"]]
     assert "recolor of 2 Mpx over a 512 px photograph" in names and "colorize of 4 Mpx, peak RSS" in names
+    goals = {figure["figure"]: figure["goal"] for figure in report["figures"]}
+    assert goals["recolor of 2 Mpx over a 512 px photograph"] == 2.0
+    assert goals["recolor of 4 Mpx, peak RSS"] == 1.5 and goals["second recolour from the review API over the first"] == 0.2
     assert any(name.startswith("review first page at 5,000 records") for name in names)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 PARTS = ("merge", "scan", "recolor", "review")
 GIB = 2**30
+RATIO_GOAL_MEGAPIXELS = 24.0  # the recolour's time goal is set for scans up to this size (docs/PERFORMANCE.md)
 
 
 def _commands(args: argparse.Namespace, folder: Path) -> dict[str, list[str]]:
@@ -61,10 +62,10 @@ def _commands(args: argparse.Namespace, folder: Path) -> dict[str, list[str]]:
     }
 
 
-def _figure(name: str, value: float | None, goal: float, unit: str, part: str, note: str = "") -> dict:
-    """One figure against its goal (every goal here is an upper bound)."""
-    return {"figure": name, "value": value, "goal": goal, "unit": unit, "met": value is not None and value <= goal,
-            "part": part, "note": note}
+def _figure(name: str, value: float | None, goal: float | None, unit: str, part: str, note: str = "") -> dict:
+    """One figure against its goal (every goal here is an upper bound; None: measured for information)."""
+    met = None if goal is None else value is not None and value <= goal
+    return {"figure": name, "value": value, "goal": goal, "unit": unit, "met": met, "part": part, "note": note}
 
 
 def figures(results: dict[str, dict]) -> list[dict]:
@@ -79,7 +80,9 @@ def figures(results: dict[str, dict]) -> list[dict]:
         photo = scan["photo"]["recolor_best_s"]
         for size in scan["scans"]:
             mpx, goal_gib = size["megapixels"], size["goal_peak_bytes"] / GIB
-            out.append(_figure(f"recolor of {mpx:.0f} Mpx over a 512 px photograph", size["ratio"], size["goal_ratio"],
+            # The time goal is the 24 Mpx scan's; a larger scan's ratio is shown, its goal is memory alone.
+            ratio_goal = size["goal_ratio"] if mpx <= RATIO_GOAL_MEGAPIXELS else None
+            out.append(_figure(f"recolor of {mpx:.0f} Mpx over a 512 px photograph", size["ratio"], ratio_goal,
                                "x", "scan", f"{size['recolor_best_s']:.1f} s vs {photo:.1f} s"))
             out.append(_figure(f"recolor of {mpx:.0f} Mpx, peak RSS", size["recolor_peak_rss_bytes"] / GIB, goal_gib,
                                "GiB", "scan"))
@@ -150,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     width = max([len(figure["figure"]) for figure in measured] + [6])
     print(f"\n{'figure':<{width}}  {'value':>10}  {'goal':>9}  met")
     for figure in measured:
-        goal = f"<= {figure['goal']:g}{'x' if figure['unit'] == 'x' else ' ' + figure['unit']}"
-        print(f"{figure['figure']:<{width}}  {_value(figure):>10}  {goal:>9}  {'yes' if figure['met'] else 'NO'}"
+        if figure["goal"] is None:
+            goal, met = "no goal", "-"
+        else:
+            goal = f"<= {figure['goal']:g}{'x' if figure['unit'] == 'x' else ' ' + figure['unit']}"
+            met = "yes" if figure["met"] else "NO"
+        print(f"{figure['figure']:<{width}}  {_value(figure):>10}  {goal:>9}  {met}"
               + (f"  ({figure['note']})" if figure["note"] else ""))
     for part in failed:
         print(f"{part}: the bench failed; no figures")
