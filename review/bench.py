@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from diffcolor.archive.layout import OutputLayout
+
 
 def generated_records(count: int, seed: int = 0):
     """``count`` done records with catalogue fields and metrics, like a collection run writes them."""
@@ -148,9 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.output or os.path.join(temporary, "generated")
         _generate(folder, args.items)
         scratch = os.path.join(temporary, "output")
-        for run in os.listdir(os.path.join(folder, "runs")):  # linked, not copied: the generated runs stay as they are
-            os.makedirs(os.path.join(scratch, "runs", run))
-            source, target = (os.path.join(base, "runs", run, "results.parquet") for base in (folder, scratch))
+        generated, linked = OutputLayout(folder), OutputLayout(scratch)
+        for run in os.listdir(generated.runs):  # linked, not copied: the generated runs stay as they are
+            os.makedirs(linked.run_prefix(run))
+            source, target = generated.run(run).results, linked.run(run).results
             try:
                 os.link(source, target)
             except OSError:

@@ -115,3 +115,34 @@ def test_a_pickled_model_is_refused_with_one_line_before_anything_is_unpickled(t
     with pytest.raises(ModelNotFoundError, match="pickled weight file") as info:
         load_models(str(folder))
     assert "\n" not in str(info.value) and f"{component}/" in str(info.value) and ".bin" in str(info.value)
+
+
+def test_models_loaded_in_threads_at_once_leave_the_default_device_alone(models):
+    # Two flow runs (or recolour jobs) of one process load their models at once. transformers builds under
+    # torch's device context, whose current device is one global: unserialised, the builds restored each
+    # other's saved device and left the whole process at "meta" (later tensors had no data).
+    import threading
+
+    import torch
+
+    from diffcolor.method.model_names import load_named_models
+
+    errors, loaded = [], []
+
+    def load() -> None:
+        try:
+            loaded.append(load_named_models("tiny"))
+        except BaseException as error:  # a thread's exception fails the test, not a warning
+            errors.append(error)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not any(thread.is_alive() for thread in threads)
+    assert errors == [] and len(loaded) == 9
+    assert torch.get_default_device() == torch.device("cpu")
+    assert torch.zeros(2).device.type == "cpu" and torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    assert all(parameter.device.type == "cpu" for parameter in loaded[-1].unet.parameters())

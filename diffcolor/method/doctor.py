@@ -45,7 +45,7 @@ from diffcolor.common.tensorfiles import (
     MAX_HEADER_BYTES,
     read_header,
 )
-from diffcolor.method.libraries import model_libraries
+from diffcolor.method.libraries import MODEL_BUILD_LOCK, model_libraries
 from diffcolor.method.model_names import TINY, resolve_model
 from diffcolor.method.models import (
     DEFAULT_CLIP,
@@ -535,7 +535,7 @@ def _meta_module(component: _Component):
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # "config attributes were passed but are not expected" is no problem here
     try:
-        with init_empty_weights():
+        with MODEL_BUILD_LOCK, init_empty_weights():  # one build at a time (diffcolor.method.libraries)
             if component.label in ("unet", "vae"):
                 from diffusers import AutoencoderKL, UNet2DConditionModel
 

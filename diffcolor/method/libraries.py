@@ -7,6 +7,13 @@ half-imported module and fail with ``ImportError: cannot import name
 'PNDMScheduler' from 'diffusers'``. Every entry point of the method that reaches
 a model class calls :func:`model_libraries` first: the first caller imports
 every class the method uses while the others wait; later calls return at once.
+
+Building a model is serialised too (:data:`MODEL_BUILD_LOCK`): transformers
+builds under torch's ``torch.device("meta")`` context, and that context's
+current device is one global of the process, saved on entry and restored on
+exit. Two threads building at once can restore each other's saved value and
+leave the whole process's default device at ``meta``: every tensor made
+afterwards has no data (``Cannot copy out of meta tensor``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import threading
 
 _LOCK = threading.Lock()
 _DONE = False
+# Held while a model is built or loaded (from_pretrained, a config's model, accelerate's empty weights).
+MODEL_BUILD_LOCK = threading.RLock()
 
 
 def model_libraries() -> None:

@@ -27,7 +27,7 @@ import torch
 
 from diffcolor.common.captions import PromptLimit
 from diffcolor.common.errors import ModelNotFoundError
-from diffcolor.method.libraries import model_libraries
+from diffcolor.method.libraries import MODEL_BUILD_LOCK, model_libraries
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # ours: CLIP ViT-L/14, the family of SD 1.x's text encoder
 # A bundle holding this file declares random weights: its outputs are labelled smoke runs, not colourisations.
@@ -309,8 +309,6 @@ def load_models(
 def _load_components(folder: Path, clip_folder: Path) -> dict:
     """Every component of the bundle and of CLIP, loaded with ``from_pretrained`` (CPU, fp32, as saved)."""
     model_libraries()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one bar per component is noise in batch logs
@@ -319,6 +317,14 @@ def _load_components(folder: Path, clip_folder: Path) -> dict:
     # whose config names float16 in float16, norms and embeddings included, and the first fp32 layer norm fails);
     # load_models then stores the frozen matrix weights in the device's dtype itself.
     fp32 = torch.float32
+    with MODEL_BUILD_LOCK:  # one build at a time in a process (see diffcolor.method.libraries)
+        return _from_pretrained(folder, clip_folder, fp32, clip_size, clip_mean, clip_std)
+
+
+def _from_pretrained(folder: Path, clip_folder: Path, fp32: torch.dtype, clip_size: int, clip_mean, clip_std) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
     return {
         "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True, torch_dtype=fp32),
         "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True, torch_dtype=fp32),

@@ -120,7 +120,9 @@ def run_command(args: list[str], env: dict) -> dict:
 
 def _phases(item: Path) -> dict:
     """The seconds per phase the item's latest record gives (read, render, merge, write)."""
-    record = json.loads((item / "result.json").read_text())
+    from diffcolor.archive.layout import ItemLayout
+
+    record = json.loads(Path(ItemLayout(str(item)).result).read_text())
     return {name: round(value, 3) for name, value in (record.get("seconds") or {}).items()}
 
 
