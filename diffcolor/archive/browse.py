@@ -57,6 +57,7 @@ import pyarrow.compute as pc
 from diffcolor.archive import storage
 from diffcolor.archive.layout import OutputLayout, RunLayout
 from diffcolor.common import record as declarations
+from diffcolor.common.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -413,9 +414,7 @@ def _where(filters: Filters) -> tuple[str, list]:
 def default_state_folder() -> str:
     """Where the collection states are kept: ``DIFFCOLOR_CACHE/review`` (else ``XDG_CACHE_HOME`` or
     ``~/.cache``, then ``diffcolor/review``): a local folder of this user's, whatever the output's storage."""
-    root = os.environ.get("DIFFCOLOR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffcolor")
-    return os.path.join(root, "review")
+    return os.path.join(cache_root(), "review")
 
 
 def _private(folder: str) -> bool:
@@ -1143,8 +1142,9 @@ def _page_sql(where: str, items: str = "state.items") -> str:
 
 
 def _stop(table: weakref.ref) -> None:
-    """Interrupts a query of ``table`` still running at exit, and waits for its background build to end (a thread
-    still in the query engine when the interpreter ends would abort the process)."""
+    """Interrupts a query of ``table`` still running at exit, waits for its background build to end and closes the
+    table (a thread still in the query engine, or a connection left open, when the interpreter ends aborted the
+    process: "terminate called without an active exception")."""
     running = table()
     if running is None:
         return
@@ -1158,3 +1158,7 @@ def _stop(table: weakref.ref) -> None:
     task = running._task
     if task is not None:
         task.join(timeout=60)
+    try:  # the connections closed now: the query engine's threads must not meet the interpreter's finalisation
+        running.close()
+    except Exception:  # noqa: BLE001  (closed meanwhile, or a build that did not end: nothing more to do at exit)
+        pass
