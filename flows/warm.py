@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from multiprocessing.managers import BaseManager
 from typing import Iterator
 
+from diffcolor.common.cache import cache_root
 from diffcolor.common.errors import UserError
 from flows.pool import DevicePool, ModelSpec
 
@@ -294,12 +295,19 @@ class RemotePool:
         return self._service().describe()
 
 
+def default_socket() -> str:
+    """The service's socket when none is named: in this user's cache folder (made owner-only when served), never a
+    shared folder where another user could create the name first."""
+    return os.path.join(cache_root(), "warm.sock")
+
+
 def serve(address: str, idle_seconds: float = DEFAULT_IDLE_SECONDS, max_pools: int = DEFAULT_MAX_POOLS,
           ready=None) -> None:
     """Serves warm pools on the Unix socket ``address`` until SIGTERM or SIGINT; its key is written beside it
     (``ADDRESS.key``, readable by this user only). The pools' workers exit with the service."""
     if len(os.fsencode(address)) > 100:  # a Unix socket's path has room for about 104 bytes
         raise UserError(f"the warm-pool socket path '{address}' is too long for a Unix socket (at most 100 bytes)")
+    os.makedirs(os.path.dirname(os.path.abspath(address)), mode=0o700, exist_ok=True)
     pools = WarmPools(idle_seconds, max_pools)
     service = _Service(pools)
 
@@ -390,8 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     beside = commands.add_parser("with", help="run a command (the Prefect worker) beside a warm-pool service, "
                                               f"{SERVICE_ENV} naming it: python -m flows.warm with -- prefect worker ...")
     for sub in (serving, beside):
-        sub.add_argument("--socket", required=sub is serving, default="/tmp/diffcolor-warm.sock", metavar="PATH",
-                         help=f"the socket to serve on; the flow runs find it in {SERVICE_ENV}")
+        sub.add_argument("--socket", required=sub is serving, default=default_socket(), metavar="PATH",
+                         help=f"the socket to serve on (default: warm.sock in this user's DiffColor cache folder); "
+                              f"the flow runs find it in {SERVICE_ENV}")
         sub.add_argument("--idle-seconds", type=float, default=DEFAULT_IDLE_SECONDS,
                          help="close a pool unused for this long (default %(default)g)")
         sub.add_argument("--max-pools", type=int, default=DEFAULT_MAX_POOLS,

@@ -208,21 +208,24 @@ def test_with_service_refuses_a_missing_command_in_one_line():
 
 def test_with_service_runs_the_command_beside_the_service_and_stops_it_after(tmp_path):
     # The containers' entry: the service first, the command with DIFFCOLOR_WARM_POOL naming it, SIGTERM to the
-    # command, the service gone after the command.
-    socket_path = f"/tmp/dcw-{os.getpid()}-{time.monotonic_ns()}.sock"
+    # command, the service gone after the command. No --socket: the socket is made in this user's cache folder,
+    # owner-only (never a name in a shared folder that another user could create first).
+    cache = tmp_path / "cache"
+    socket_path = str(cache / "warm.sock")
     script = ("import os, signal, sys, time; from pathlib import Path; address = os.environ['DIFFCOLOR_WARM_POOL']; "
               "assert Path(address + '.key').stat().st_mode & 0o077 == 0; "
               "Path(sys.argv[1]).write_text(address); time.sleep(120)")
     seen = tmp_path / "seen"
-    process = subprocess.Popen([sys.executable, "-m", "flows.warm", "with", "--socket", socket_path, "--",
-                                sys.executable, "-c", script, str(seen)], env=dict(os.environ, PYTHONPATH=str(REPO)),
+    process = subprocess.Popen([sys.executable, "-m", "flows.warm", "with", "--",
+                                sys.executable, "-c", script, str(seen)],
+                               env=dict(os.environ, PYTHONPATH=str(REPO), DIFFCOLOR_CACHE=str(cache)),
                                stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not seen.exists():
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
             time.sleep(0.2)
-        assert seen.read_text() == socket_path
+        assert seen.read_text() == socket_path and cache.stat().st_mode & 0o077 == 0
         service = [child for child in psutil.Process(process.pid).children() if "serve" in child.cmdline()]
         assert len(service) == 1
         process.send_signal(signal.SIGTERM)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from diffcolor import __version__
+from diffcolor.common.cache import cache_root
 from diffcolor.method.libraries import model_libraries
 from diffcolor.method.models import TINY_MARKER
 
@@ -56,10 +57,7 @@ sks
 
 def default_cache_dir() -> Path:
     """Where DiffColor keeps its own cached files (``DIFFCOLOR_CACHE`` overrides)."""
-    root = os.environ.get("DIFFCOLOR_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffcolor"
+    return Path(cache_root())
 
 
 def tiny_bundle_folder(cache_dir: Path | None = None) -> Path:
